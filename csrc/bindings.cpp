@@ -1,0 +1,136 @@
+// The pybind11 module fastkd._C: plain functions over data pointers, sizes, element strides,
+// dtype codes and (CUDA) a stream handle. No torch headers: tensors are allocated and checked
+// in Python (python/fastkd/ops/), which passes their data_ptr() here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/kd_loss_args.h"
+#include "cpu/kd_loss_cpu.h"
+#if defined(FASTKD_WITH_CUDA)
+#include "cuda/kd_loss_cuda.h"
+#endif
+
+namespace py = pybind11;
+using namespace fastkd;
+
+namespace {
+
+template <typename T> T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, int64_t s_inner,
+                        uintptr_t teacher, int teacher_dtype, int64_t t_outer, int64_t t_inner,
+                        int64_t inner_rows, int64_t n_rows, int64_t vocab, int64_t grad_vocab,
+                        uintptr_t labels, uintptr_t grad, uintptr_t loss, int divergence,
+                        float temperature, float softcap, float soft_weight, float hard_weight,
+                        int64_t ignore_index, float log_wp, float log_wq, float coef) {
+  if (divergence < kFKL || divergence > kSRKL)
+    throw std::invalid_argument("unknown divergence code " + std::to_string(divergence));
+  for (int code : {student_dtype, teacher_dtype})
+    if (code < kFloat32 || code > kFloat16)
+      throw std::invalid_argument("unknown dtype code " + std::to_string(code));
+  if (inner_rows < 1 || n_rows < 0 || vocab < 1 || grad_vocab < vocab)
+    throw std::invalid_argument("bad sizes: inner_rows=" + std::to_string(inner_rows) +
+                                " n_rows=" + std::to_string(n_rows) + " vocab=" +
+                                std::to_string(vocab) + " grad_vocab=" + std::to_string(grad_vocab));
+  KdLossArgs a{};
+  a.student = as_ptr<const void>(student);
+  a.teacher = as_ptr<const void>(teacher);
+  a.student_dtype = student_dtype;
+  a.teacher_dtype = teacher_dtype;
+  a.student_layout = {s_outer, s_inner};
+  a.teacher_layout = {t_outer, t_inner};
+  a.inner_rows = inner_rows;
+  a.n_rows = n_rows;
+  a.vocab = vocab;
+  a.grad_vocab = grad_vocab;
+  a.labels = as_ptr<const int64_t>(labels);
+  a.grad = as_ptr<void>(grad);
+  a.loss = as_ptr<float>(loss);
+  a.config.divergence = divergence;
+  a.config.temperature = temperature;
+  a.config.inv_temperature = 1.0f / temperature;
+  a.config.softcap = softcap;
+  a.config.soft_weight = soft_weight;
+  a.config.soft_grad_scale = soft_weight / temperature;
+  a.config.hard_weight = hard_weight;
+  a.config.ignore_index = ignore_index;
+  a.config.coefs = {log_wp, log_wq, coef};
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastkd native kernels (CPU, and CUDA when compiled with nvcc)";
+
+#define FASTKD_KD_ARGS                                                                       \
+  py::arg("student"), py::arg("student_dtype"), py::arg("s_outer"), py::arg("s_inner"),      \
+      py::arg("teacher"), py::arg("teacher_dtype"), py::arg("t_outer"), py::arg("t_inner"),  \
+      py::arg("inner_rows"), py::arg("n_rows"), py::arg("vocab"), py::arg("grad_vocab"),     \
+      py::arg("labels"), py::arg("grad"), py::arg("loss"), py::arg("divergence"),            \
+      py::arg("temperature"), py::arg("softcap"), py::arg("soft_weight"),                    \
+      py::arg("hard_weight"), py::arg("ignore_index"),                                       \
+      py::arg("log_wp"), py::arg("log_wq"), py::arg("coef")
+
+  m.def(
+      "kd_loss_forward_cpu",
+      [](uintptr_t student, int student_dtype, int64_t s_outer, int64_t s_inner,
+         uintptr_t teacher, int teacher_dtype, int64_t t_outer, int64_t t_inner,
+         int64_t inner_rows, int64_t n_rows, int64_t vocab, int64_t grad_vocab, uintptr_t labels,
+         uintptr_t grad, uintptr_t loss, int divergence, float temperature, float softcap,
+         float soft_weight, float hard_weight, int64_t ignore_index, float log_wp,
+         float log_wq, float coef, int num_threads) {
+        const KdLossArgs a = make_kd_args(
+            student, student_dtype, s_outer, s_inner, teacher, teacher_dtype, t_outer, t_inner,
+            inner_rows, n_rows, vocab, grad_vocab, labels, grad, loss, divergence, temperature,
+            softcap, soft_weight, hard_weight, ignore_index, log_wp, log_wq, coef);
+        py::gil_scoped_release release;
+        cpu::kd_loss_forward(a, num_threads);
+      },
+      FASTKD_KD_ARGS, py::arg("num_threads"),
+      "Fused kd_loss forward on CPU: writes per-row loss and dLoss_row/dstudent_logits.");
+
+#if defined(FASTKD_WITH_CUDA)
+  m.def(
+      "kd_loss_forward_cuda",
+      [](uintptr_t student, int student_dtype, int64_t s_outer, int64_t s_inner,
+         uintptr_t teacher, int teacher_dtype, int64_t t_outer, int64_t t_inner,
+         int64_t inner_rows, int64_t n_rows, int64_t vocab, int64_t grad_vocab, uintptr_t labels,
+         uintptr_t grad, uintptr_t loss, int divergence, float temperature, float softcap,
+         float soft_weight, float hard_weight, int64_t ignore_index, float log_wp,
+         float log_wq, float coef, uintptr_t stream) {
+        const KdLossArgs a = make_kd_args(
+            student, student_dtype, s_outer, s_inner, teacher, teacher_dtype, t_outer, t_inner,
+            inner_rows, n_rows, vocab, grad_vocab, labels, grad, loss, divergence, temperature,
+            softcap, soft_weight, hard_weight, ignore_index, log_wp, log_wq, coef);
+        const char* err = cuda::kd_loss_forward(a, reinterpret_cast<void*>(stream));
+        if (err) throw std::runtime_error(std::string("fastkd CUDA kd_loss: ") + err);
+      },
+      FASTKD_KD_ARGS, py::arg("stream"),
+      "Fused kd_loss forward on CUDA, enqueued on `stream` (cudaStream_t as an integer).");
+#endif
+#undef FASTKD_KD_ARGS
+
+  py::dict info;
+  info["cpu_isa"] = cpu::isa_level();
+#if defined(FASTKD_CPU_X86_LEVELS)
+  info["cpu_isa_builds"] = py::make_tuple("base", "avx2", "avx512");
+#else
+  info["cpu_isa_builds"] = py::make_tuple("base");
+#endif
+#if defined(FASTKD_WITH_CUDA)
+  info["cuda"] = true;
+  info["cuda_archs"] = FASTKD_CUDA_ARCHS_STR;
+  info["cuda_compiler_version"] = FASTKD_CUDA_COMPILER_VERSION;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+  info["cuda_compiler_version"] = "";
+#endif
+  info["compiler"] = __VERSION__;
+  m.attr("BUILD_INFO") = info;
+}

@@ -1,0 +1,277 @@
+// Fused softmax-divergence loss, CPU kernel. One row at a time per thread:
+//   load   : a = cap(z_s)/T, b = cap(z_t)/T into fp32 scratch rows, with their maxima;
+//   stats  : sum exp(a - ma), sum exp(b - mb) (and the fkl/rkl loss with the maxima fixed);
+//   terms  : (loss, dot) of jsd/tvd/skl/srkl from normalized log-probs;
+//   grad   : dL/dz_s written once in the student's dtype; columns past the common vocab get 0.
+// Scratch rows stay in cache for V up to a few 10^5, so the passes after the load are
+// arithmetic-bound; loops run over fixed-width lane arrays so that they vectorize with the same
+// summation order on every instruction set.
+//
+// This file is compiled once per instruction-set level with FASTKD_ISA naming the namespace
+// (see CMakeLists.txt); kd_loss_cpu_dispatch.cpp picks one at run time.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../common/kd_loss_args.h"
+#include "kd_loss_cpu.h"
+#include "parallel.h"
+#include "vec_math.h"
+
+namespace fastkd {
+namespace cpu {
+namespace FASTKD_ISA {
+namespace {
+
+using Math = CpuMath;
+constexpr int64_t kLanes = 16;
+
+float lane_sum(const float* v) {
+  float s = 0.0f;
+  for (int64_t j = 0; j < kLanes; ++j) s += v[j];
+  return s;
+}
+
+float lane_max(const float* v) {
+  float m = kNegInf;
+  for (int64_t j = 0; j < kLanes; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+
+// x_i = cap(load(z_i)) / T into `out`; d(cap)/dz into `dcap` when DCAP. Returns max_i x_i.
+template <typename T, bool CAP, bool DCAP>
+float load_row(const T* __restrict z, int64_t n, float inv_t, float cap, float* __restrict out,
+               float* __restrict dcap) {
+  float m[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) m[j] = kNegInf;
+  auto element = [&](int64_t i) {
+    float v = to_float(z[i]);
+    if (CAP) {
+      v = softcap<Math>(v, cap);
+      if (DCAP) {
+        const float r = v / cap;
+        dcap[i] = 1.0f - r * r;
+      }
+    }
+    return v * inv_t;
+  };
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float x = element(i + j);
+      out[i + j] = x;
+      m[j] = x > m[j] ? x : m[j];
+    }
+  }
+  float mx = lane_max(m);
+  for (int64_t i = body; i < n; ++i) {
+    const float x = element(i);
+    out[i] = x;
+    mx = x > mx ? x : mx;
+  }
+  return mx;
+}
+
+// dcap == nullptr: the capping derivative is not needed (teacher rows).
+template <typename T>
+float load_row_dispatch(const T* z, int64_t n, float inv_t, float cap, float* out, float* dcap) {
+  if (cap <= 0.0f) return load_row<T, false, false>(z, n, inv_t, cap, out, dcap);
+  return dcap ? load_row<T, true, true>(z, n, inv_t, cap, out, dcap)
+              : load_row<T, true, false>(z, n, inv_t, cap, out, dcap);
+}
+
+struct RowStats {
+  float sum_a, sum_b, kl_acc;
+};
+
+// sum exp(a - ma), sum exp(b - mb) and, for fkl/rkl, the shifted loss accumulator.
+template <int DIV>
+RowStats stats_pass(const float* __restrict a, const float* __restrict b, int64_t n, float ma,
+                    float mb) {
+  float sa[kLanes] = {}, sb[kLanes] = {}, kl[kLanes] = {};
+  auto element = [&](int64_t i, float& acc_a, float& acc_b, float& acc_kl) {
+    const float xa = a[i] - ma;
+    const float xb = b[i] - mb;
+    const float ea = Math::exp(xa);
+    const float eb = Math::exp(xb);
+    acc_a += ea;
+    acc_b += eb;
+    if (DIV == kFKL) acc_kl += shifted_kl_term(eb, xb, xa);
+    if (DIV == kRKL) acc_kl += shifted_kl_term(ea, xa, xb);
+  };
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) element(i + j, sa[j], sb[j], kl[j]);
+  RowStats r{lane_sum(sa), lane_sum(sb), lane_sum(kl)};
+  for (int64_t i = body; i < n; ++i) element(i, r.sum_a, r.sum_b, r.kl_acc);
+  return r;
+}
+
+// sum exp(T a - Lz): the T = 1 softmax normalizer of the capped student logits z' = T a.
+float tempered_sum(const float* __restrict a, int64_t n, float t, float ma) {
+  float s[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) s[j] += Math::exp(t * (a[i + j] - ma));
+  float r = lane_sum(s);
+  for (int64_t i = body; i < n; ++i) r += Math::exp(t * (a[i] - ma));
+  return r;
+}
+
+template <int DIV>
+Terms terms_pass(const float* __restrict a, const float* __restrict b, int64_t n, float la,
+                 float lb, const DivergenceCoefs& c) {
+  float loss[kLanes] = {}, dot[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const Terms t = divergence_terms<DIV, Math>(b[i + j] - lb, a[i + j] - la, c);
+      loss[j] += t.loss;
+      dot[j] += t.dot;
+    }
+  Terms r{lane_sum(loss), lane_sum(dot)};
+  for (int64_t i = body; i < n; ++i) {
+    const Terms t = divergence_terms<DIV, Math>(b[i] - lb, a[i] - la, c);
+    r.loss += t.loss;
+    r.dot += t.dot;
+  }
+  return r;
+}
+
+// Everything the gradient of one element needs besides its logits.
+struct GradRow {
+  float la, lb, loss, dot;
+  float soft_grad_scale;
+  float hard_weight, temperature, lz;  // CE: dCE/dz'_i = exp(T a_i - lz) - [i == y]
+  DivergenceCoefs coefs;
+};
+
+template <int DIV, bool CE, bool CAP>
+inline __attribute__((always_inline)) float grad_element(float a, float b, float dcap,
+                                                         const GradRow& r) {
+  float g = r.soft_grad_scale * divergence_grad<DIV, Math>(b - r.lb, a - r.la, r.loss, r.dot,
+                                                          r.coefs);
+  if (CE) g += r.hard_weight * Math::exp(r.temperature * a - r.lz);
+  if (CAP) g *= dcap;
+  return g;
+}
+
+template <int DIV, typename TS, bool CE, bool CAP>
+void grad_pass(const float* __restrict a, const float* __restrict b,
+               const float* __restrict dcap, int64_t n, const GradRow& r, TS* __restrict g) {
+  for (int64_t i = 0; i < n; ++i)
+    g[i] = from_float<TS>(grad_element<DIV, CE, CAP>(a[i], b[i], CAP ? dcap[i] : 1.0f, r));
+}
+
+template <int DIV, typename TS>
+void grad_pass_dispatch(const float* a, const float* b, const float* dcap, int64_t n,
+                        const GradRow& r, bool ce, bool cap, TS* g) {
+  if (ce) {
+    if (cap) grad_pass<DIV, TS, true, true>(a, b, dcap, n, r, g);
+    else grad_pass<DIV, TS, true, false>(a, b, dcap, n, r, g);
+  } else {
+    if (cap) grad_pass<DIV, TS, false, true>(a, b, dcap, n, r, g);
+    else grad_pass<DIV, TS, false, false>(a, b, dcap, n, r, g);
+  }
+}
+
+struct Scratch {
+  std::vector<float> a, b, dcap;
+  explicit Scratch(int64_t n, bool cap) : a(n), b(n), dcap(cap ? n : 0) {}
+};
+
+template <int DIV, typename TS, typename TT>
+void kd_row(const KdLossArgs& A, int64_t row, Scratch& s) {
+  const KdRowConfig& cfg = A.config;
+  const int64_t n = A.vocab;
+  TS* g = static_cast<TS*>(A.grad) + row * A.grad_vocab;
+  const int64_t label = A.labels ? A.labels[row] : cfg.ignore_index;
+  if (A.labels && label == cfg.ignore_index) {
+    A.loss[row] = 0.0f;
+    for (int64_t i = 0; i < A.grad_vocab; ++i) g[i] = from_float<TS>(0.0f);
+    return;
+  }
+  const TS* zs = static_cast<const TS*>(A.student) + row_offset(A.student_layout, A.inner_rows, row);
+  const TT* zt = static_cast<const TT*>(A.teacher) + row_offset(A.teacher_layout, A.inner_rows, row);
+  const bool cap = cfg.softcap > 0.0f;
+  const bool ce = A.labels && cfg.hard_weight > 0.0f;
+
+  float* dcap = cap ? s.dcap.data() : nullptr;
+  const float ma = load_row_dispatch(zs, n, cfg.inv_temperature, cfg.softcap, s.a.data(), dcap);
+  const float mb = load_row_dispatch(zt, n, cfg.inv_temperature, cfg.softcap, s.b.data(), nullptr);
+  const RowStats st = stats_pass<DIV>(s.a.data(), s.b.data(), n, ma, mb);
+  const float la = ma + Math::log(st.sum_a);
+  const float lb = mb + Math::log(st.sum_b);
+
+  Terms soft{0.0f, 0.0f};
+  if (DIV == kFKL) soft.loss = shifted_kl_finish<Math>(st.kl_acc, st.sum_b, st.sum_a);
+  else if (DIV == kRKL) soft.loss = shifted_kl_finish<Math>(st.kl_acc, st.sum_a, st.sum_b);
+  else soft = terms_pass<DIV>(s.a.data(), s.b.data(), n, la, lb, cfg.coefs);
+
+  GradRow r{la, lb, soft.loss, soft.dot, cfg.soft_grad_scale, cfg.hard_weight, cfg.temperature,
+            0.0f, cfg.coefs};
+  float loss = cfg.soft_weight * soft.loss;
+  const bool label_ok = label >= 0 && label < n;
+  if (ce) {
+    // z' = T a: LSE(z') = T ma + log sum exp(T (a - ma)).
+    const float sum_z =
+        cfg.temperature == 1.0f ? st.sum_a : tempered_sum(s.a.data(), n, cfg.temperature, ma);
+    r.lz = cfg.temperature * ma + Math::log(sum_z);
+    loss += label_ok ? cfg.hard_weight * (r.lz - cfg.temperature * s.a[label])
+                     : __builtin_nanf("");
+  }
+  A.loss[row] = loss;
+
+  grad_pass_dispatch<DIV, TS>(s.a.data(), s.b.data(), dcap, n, r, ce, cap, g);
+  if (ce && label_ok) {
+    const float gy = grad_element<DIV, true, false>(s.a[label], s.b[label], 1.0f, r) -
+                     cfg.hard_weight;
+    g[label] = from_float<TS>(cap ? gy * dcap[label] : gy);
+  }
+  for (int64_t i = n; i < A.grad_vocab; ++i) g[i] = from_float<TS>(0.0f);
+}
+
+template <int DIV, typename TS, typename TT>
+void run_rows(const KdLossArgs& A, int num_threads) {
+  // Below ~64k elements per thread, thread start-up costs more than it saves.
+  const int64_t min_rows = A.vocab > 0 ? (65536 + A.vocab - 1) / A.vocab : A.n_rows;
+  parallel_for(A.n_rows, num_threads, min_rows, [&](int64_t begin, int64_t end) {
+    Scratch s(A.vocab, A.config.softcap > 0.0f);
+    for (int64_t row = begin; row < end; ++row) kd_row<DIV, TS, TT>(A, row, s);
+  });
+}
+
+template <int DIV, typename TS>
+void dispatch_teacher(const KdLossArgs& A, int num_threads) {
+  switch (A.teacher_dtype) {
+    case kFloat32: return run_rows<DIV, TS, float>(A, num_threads);
+    case kBFloat16: return run_rows<DIV, TS, bf16_t>(A, num_threads);
+    default: return run_rows<DIV, TS, fp16_t>(A, num_threads);
+  }
+}
+
+template <int DIV>
+void dispatch_student(const KdLossArgs& A, int num_threads) {
+  switch (A.student_dtype) {
+    case kFloat32: return dispatch_teacher<DIV, float>(A, num_threads);
+    case kBFloat16: return dispatch_teacher<DIV, bf16_t>(A, num_threads);
+    default: return dispatch_teacher<DIV, fp16_t>(A, num_threads);
+  }
+}
+
+}  // namespace
+
+void kd_loss_forward(const KdLossArgs& A, int num_threads) {
+  switch (A.config.divergence) {
+    case kFKL: return dispatch_student<kFKL>(A, num_threads);
+    case kRKL: return dispatch_student<kRKL>(A, num_threads);
+    case kJSD: return dispatch_student<kJSD>(A, num_threads);
+    case kTVD: return dispatch_student<kTVD>(A, num_threads);
+    case kSKL: return dispatch_student<kSKL>(A, num_threads);
+    default: return dispatch_student<kSRKL>(A, num_threads);
+  }
+}
+
+}  // namespace FASTKD_ISA
+}  // namespace cpu
+}  // namespace fastkd

@@ -1,0 +1,50 @@
+// Run-time choice among the per-ISA builds of the CPU kernels (a wheel cannot assume the build
+// machine's processor): x86-64-v4 (AVX-512) where available, else x86-64-v3 (AVX2 + FMA), else
+// the baseline build.
+#include "kd_loss_cpu.h"
+
+namespace fastkd {
+namespace cpu {
+
+namespace {
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+#if defined(FASTKD_CPU_X86_LEVELS)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c"))
+    return Isa::kAvx2;
+#endif
+  return Isa::kBase;
+}
+
+Isa cached_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+}  // namespace
+
+void kd_loss_forward(const KdLossArgs& args, int num_threads) {
+  switch (cached_isa()) {
+#if defined(FASTKD_CPU_X86_LEVELS)
+    case Isa::kAvx512: return avx512::kd_loss_forward(args, num_threads);
+    case Isa::kAvx2: return avx2::kd_loss_forward(args, num_threads);
+#endif
+    default: return base::kd_loss_forward(args, num_threads);
+  }
+}
+
+const char* isa_level() {
+  switch (cached_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "base";
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastkd

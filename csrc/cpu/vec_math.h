@@ -1,0 +1,78 @@
+// exp and log for the CPU kernels, written as straight-line float/int arithmetic and selects so
+// that GCC/Clang vectorize the loops that call them without -ffast-math (glibc's vector expf is
+// only used under finite-math-only, which would make -inf logits undefined behaviour).
+// Special values are handled explicitly: exp(-inf) = 0, exp(+inf) = inf, log(0) = -inf,
+// log(x < 0) = NaN, NaN propagates. Results below 2^-126 flush to 0.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/dtype.h"
+
+namespace fastkd {
+namespace cpu {
+
+struct CpuMath {
+  // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2; exp(r) by a degree-7 polynomial
+  // (Cephes expf coefficients, ~1 ulp). 2^n is built in two halves so that n = 128 stays finite.
+  static inline __attribute__((always_inline)) float exp(float x) {
+    const float hi = 88.72283f;    // log(FLT_MAX)
+    const float lo = -87.33654f;   // log(2^-126)
+    float xc = x > hi ? hi : x;
+    xc = xc < lo ? lo : xc;
+    const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const float t = xc * 1.44269504088896341f + shifter;
+    const float n = t - shifter;
+    const int32_t ni = int32_t(float_bits(t) - float_bits(shifter));
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float poly = 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    const float er = poly * r * r + r + 1.0f;
+    const int32_t n_half = ni >> 1;
+    const float s1 = bits_float(uint32_t(n_half + 127) << 23);
+    const float s2 = bits_float(uint32_t(ni - n_half + 127) << 23);
+    float y = er * s1 * s2;
+    // A flat chain of selects on the input (not nested, not on computed values) is what GCC
+    // if-converts into blends.
+    y = x < lo ? 0.0f : y;
+    y = x > hi ? __builtin_huge_valf() : y;
+    return y;
+  }
+
+  // log(x) = e ln 2 + log(m), x = m 2^e with m in [sqrt(1/2), sqrt(2)); log(m) = log1p(m - 1)
+  // by the Cephes logf polynomial. Subnormal x is rescaled by 2^23 first.
+  static inline __attribute__((always_inline)) float log(float x) {
+    const float scale = x < 1.17549435e-38f ? 8388608.0f : 1.0f;
+    const float bias = x < 1.17549435e-38f ? 23.0f : 0.0f;
+    const int32_t ix = int32_t(float_bits(x * scale)) - 0x3f3504f3;  // bits of sqrt(1/2)
+    const float e = float(ix >> 23) - bias;
+    const float m = bits_float(uint32_t((ix & 0x007fffff) + 0x3f3504f3));
+    const float f = m - 1.0f;
+    const float z = f * f;
+    float poly = 7.0376836292e-2f;
+    poly = poly * f - 1.1514610310e-1f;
+    poly = poly * f + 1.1676998740e-1f;
+    poly = poly * f - 1.2420140846e-1f;
+    poly = poly * f + 1.4249322787e-1f;
+    poly = poly * f - 1.6668057665e-1f;
+    poly = poly * f + 2.0000714765e-1f;
+    poly = poly * f - 2.4999993993e-1f;
+    poly = poly * f + 3.3333331174e-1f;
+    float y = f * z * poly + e * -2.12194440e-4f - 0.5f * z;
+    y = f + y + e * 0.693359375f;
+    const float inf = __builtin_huge_valf();
+    y = x == inf ? inf : y;
+    y = x == 0.0f ? -inf : y;
+    y = x < 0.0f ? __builtin_nanf("") : y;
+    y = x != x ? x : y;
+    return y;
+  }
+};
+
+}  // namespace cpu
+}  // namespace fastkd

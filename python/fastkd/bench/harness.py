@@ -1,0 +1,149 @@
+"""Benchmark harness: time and peak memory of an op's implementations on the same inputs.
+
+Each case builds its inputs once, then runs every implementation (fastkd backends and peers such
+as torch eager, torch.compile and, on GPU, Liger-Kernel) for warm-up and timed repetitions of
+forward+backward. Results are ratios within one run, never absolute claims across machines.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["Impl", "Result", "format_table", "measure", "write_results"]
+
+
+@dataclass
+class Impl:
+    """One implementation: ``make()`` returns a zero-argument step that runs forward+backward
+    (or forward only) on the case's inputs and returns the loss."""
+
+    name: str
+    make: Callable[[], Callable[[], torch.Tensor]]
+    peer: bool = False          # a comparison point rather than a fastkd backend
+
+
+@dataclass
+class Result:
+    impl: str
+    peer: bool
+    time_ms: float | None = None        # median forward+backward
+    fwd_ms: float | None = None         # median forward only
+    peak_mb: float | None = None        # memory above the inputs during forward+backward
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_peak_reset() -> bool:
+    """Resets the process's peak resident set size (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def _time(step: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_mb(step: Callable[[], object], device: torch.device) -> float | None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if not _rss_peak_reset():
+        return None
+    base = _rss_kb("VmRSS")
+    step()
+    return max(_rss_kb("VmHWM") - base, 0) / 1024
+
+
+def measure(impls: list[Impl], device: torch.device, *, warmup: int = 2, reps: int = 5,
+            forward_only: dict[str, Callable[[], Callable[[], object]]] | None = None
+            ) -> list[Result]:
+    """Times each implementation; a failing one is reported with its error, not raised."""
+    results = []
+    for impl in impls:
+        res = Result(impl.name, impl.peer)
+        try:
+            step = impl.make()
+            res.peak_mb = _peak_mb(step, device)
+            res.time_ms = _time(step, device, warmup, reps)
+            if forward_only and impl.name in forward_only:
+                res.fwd_ms = _time(forward_only[impl.name](), device, warmup, reps)
+        except Exception as exc:  # a peer that cannot run here is a result, not a crash
+            res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(res)
+    return results
+
+
+def format_table(title: str, results: list[Result], extra_cols: tuple[str, ...] = ()) -> str:
+    """A markdown table; `vs best peer` is the best peer's time over this implementation's."""
+    peers = [r.time_ms for r in results if r.peer and r.time_ms is not None]
+    best_peer = min(peers) if peers else None
+    head = ["impl", "fwd+bwd ms", "fwd ms", "peak MB", "vs best peer", *extra_cols]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
+             "|" + "|".join("---" for _ in head) + "|"]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.impl} | failed: {r.error} |" + " |" * (len(head) - 2))
+            continue
+        ratio = f"{best_peer / r.time_ms:.2f}x" if best_peer and r.time_ms else "-"
+        cells = [r.impl, f"{r.time_ms:.2f}", f"{r.fwd_ms:.2f}" if r.fwd_ms else "-",
+                 f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-", ratio,
+                 *[str(r.extra.get(c, "-")) for c in extra_cols]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=lambda o: asdict(o) if isinstance(o, Result) else str(o))

@@ -1,0 +1,88 @@
+"""The ``fastkd`` command: ``info``, ``bench`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+__all__ = ["main"]
+
+
+def _cmd_info(args) -> int:
+    from . import build_info
+
+    print(json.dumps(build_info(), indent=2))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import KdCase, run_kd_loss_case
+    from .bench.harness import write_results
+
+    if args.op != "kd_loss":
+        print(f"unknown op {args.op!r}; available: kd_loss", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    payload = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "cases": []}
+    if args.device == "cuda":
+        payload["gpu"] = torch.cuda.get_device_name()
+    tables = []
+    for divergence in args.divergence:
+        for rows in args.rows:
+            for vocab in args.vocab:
+                case = KdCase(rows=rows, vocab=vocab, dtype=args.dtype, divergence=divergence,
+                              beta=args.beta, device=args.device)
+                results, table = run_kd_loss_case(case, warmup=args.warmup, reps=args.reps)
+                print(table + "\n", flush=True)
+                tables.append(table)
+                payload["cases"].append({"case": case.__dict__, "results": results})
+    if args.out:
+        write_results(args.out, payload)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n\n".join(tables) + "\n")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(steps=args.steps, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastkd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="what this installation compiled (build_info)")
+
+    bench = sub.add_parser("bench", help="time fastkd against torch eager/compile (and Liger on GPU)")
+    bench.add_argument("op", nargs="?", default="kd_loss")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--rows", type=int, nargs="+", default=[2048])
+    bench.add_argument("--vocab", type=int, nargs="+", default=[32000])
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--divergence", nargs="+", default=["fkl"])
+    bench.add_argument("--beta", type=float, default=0.5)
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--reps", type=int, default=5)
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bench.add_argument("--out", help="write the results as JSON here")
+    bench.add_argument("--markdown", help="write the tables as markdown here")
+
+    demo = sub.add_parser("demo", help="distill a small character model with every divergence")
+    demo.add_argument("--steps", type=int, default=100)
+    demo.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    return {"info": _cmd_info, "bench": _cmd_bench, "demo": _cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Backend names, availability and the choice made by ``backend="auto"``."""
+
+from __future__ import annotations
+
+import torch
+
+from ._native import native, native_error, triton_error
+
+__all__ = ["BACKENDS", "available_backends", "backend_error", "resolve_backend"]
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+# Preference of backend="auto" per op and device type, best first. Set from the benchmark
+# harness (`fastkd bench`): on CPU the C++ kernel beats torch eager and torch.compile; on CUDA
+# see benchmarks/results/ for the CUDA-vs-Triton comparison.
+AUTO_ORDER = {
+    "kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
+}
+
+# Native entry point each op needs, per backend.
+_NATIVE_SYMBOL = {
+    ("kd_loss", "cpu"): "kd_loss_forward_cpu",
+    ("kd_loss", "cuda"): "kd_loss_forward_cuda",
+}
+
+
+def backend_error(op: str, backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device``; None when it can."""
+    if op not in AUTO_ORDER:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(AUTO_ORDER)}")
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return triton_error(device)
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return f"backend {backend!r} runs on {backend} tensors; got device {device}"
+        if backend == "cuda" and not torch.cuda.is_available():
+            return "backend 'cuda' needs a CUDA device, and torch.cuda.is_available() is False"
+        mod = native()
+        if mod is None:
+            return native_error()
+        symbol = _NATIVE_SYMBOL[(op, backend)]
+        if not hasattr(mod, symbol):
+            if backend == "cuda":
+                return ("fastkd was built without CUDA kernels (no nvcc at build time, or "
+                        "FASTKD_CUDA=OFF); rebuild with nvcc on PATH")
+            return f"the extension lacks {symbol}; rebuild fastkd"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
+
+
+def available_backends(op: str, device: str | torch.device) -> list[str]:
+    """Backends that can run ``op`` on ``device`` here, in ``auto``'s order of preference."""
+    if op not in AUTO_ORDER:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(AUTO_ORDER)}")
+    device = torch.device(device)
+    order = AUTO_ORDER[op].get(device.type, ("torch",))
+    rest = [b for b in BACKENDS if b not in order]
+    return [b for b in (*order, *rest) if backend_error(op, b, device) is None]
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """The backend to run: ``auto`` resolved, or the one asked for, checked.
+
+    A constant for torch.compile: availability does not change while a program runs.
+    """
+    if backend == "auto":
+        for name in AUTO_ORDER[op].get(device.type, ("torch",)):
+            if backend_error(op, name, device) is None:
+                return name
+        return "torch"
+    err = backend_error(op, backend, device)
+    if err:
+        raise RuntimeError(f"fastkd {op}: backend {backend!r} cannot run here: {err}")
+    return backend

@@ -1,0 +1,70 @@
+"""The scalars of one fused kd_loss call, as every backend kernel receives them.
+
+Mirrors ``KdRowConfig`` in ``csrc/common/kd_math.h``. Built once per call by
+``fastkd.ops.kd_loss`` from the user's arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["DIVERGENCES", "KdConfig", "make_kd_config"]
+
+# Divergence codes shared with csrc/common/kd_math.h (enum Divergence).
+DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2, "tvd": 3, "skl": 4, "srkl": 5}
+
+
+@dataclass(frozen=True)
+class KdConfig:
+    divergence: int        # DIVERGENCES code (jsd with beta 0 / 1 is already mapped to fkl / rkl)
+    temperature: float     # T > 0
+    softcap: float         # c > 0 caps logits as c * tanh(z / c) before 1/T; 0 = no cap
+    soft_weight: float     # (1 - hard_weight) * (T^2 if t2_scale else 1)
+    hard_weight: float     # weight of CE(student logits at T = 1, labels); 0 = no CE term
+    ignore_index: int
+    log_wp: float          # log of the teacher's weight in the mixture m (jsd, skl, srkl)
+    log_wq: float          # log of the student's weight in m
+    coef: float            # jsd: beta; skl: 1 - alpha; srkl: alpha
+
+    @property
+    def soft_grad_scale(self) -> float:
+        """dL/dz_s = soft_grad_scale * dL_soft/da (a = z_s / T)."""
+        return self.soft_weight / self.temperature
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def make_kd_config(divergence: str, *, temperature: float, beta: float, alpha: float,
+                   softcap: float | None, hard_weight: float, t2_scale: bool,
+                   ignore_index: int) -> KdConfig:
+    """Resolves user arguments (already validated) into kernel scalars."""
+    name = divergence
+    # Mixtures at their edge weights are plain KLs; computing them as mixtures would divide by a
+    # mixture component that may underflow (q/m with m = p for srkl at alpha = 0).
+    if (name == "jsd" and beta == 0.0) or (name == "skl" and alpha == 0.0):
+        name = "fkl"  # jsd(beta=0) is exactly KL(p || q) (the TRL/Liger convention); skl(0) too
+    elif (name == "jsd" and beta == 1.0) or (name == "srkl" and alpha == 0.0):
+        name = "rkl"  # jsd(beta=1) and srkl(alpha=0) are exactly KL(q || p)
+    if name == "jsd":
+        log_wp, log_wq, coef = _log(beta), _log(1.0 - beta), beta
+    elif name == "skl":
+        log_wp, log_wq, coef = _log(alpha), _log(1.0 - alpha), 1.0 - alpha
+    elif name == "srkl":
+        log_wp, log_wq, coef = _log(1.0 - alpha), _log(alpha), alpha
+    else:
+        log_wp, log_wq, coef = 0.0, 0.0, 0.0
+    soft_weight = (1.0 - hard_weight) * (temperature * temperature if t2_scale else 1.0)
+    return KdConfig(
+        divergence=DIVERGENCES[name],
+        temperature=float(temperature),
+        softcap=float(softcap) if softcap is not None else 0.0,
+        soft_weight=float(soft_weight),
+        hard_weight=float(hard_weight),
+        ignore_index=int(ignore_index),
+        log_wp=log_wp,
+        log_wq=log_wq,
+        coef=float(coef),
+    )

@@ -1,0 +1,61 @@
+"""Access to the compiled extension ``fastkd._C`` and to Triton, with the reasons when absent.
+
+``import fastkd`` never fails for lack of either: backends that need them report what is missing
+when asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+__all__ = ["DTYPE_CODES", "native", "native_error", "triton_error", "triton_module"]
+
+# Element type codes shared with csrc/common/dtype.h (enum DType).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _load_native():
+    try:
+        return importlib.import_module("fastkd._C"), None
+    except ImportError as exc:  # a source checkout without a build, or a broken build
+        return None, f"the compiled extension fastkd._C could not be imported ({exc})"
+
+
+def native():
+    """The extension module, or None."""
+    return _load_native()[0]
+
+
+def native_error() -> str | None:
+    return _load_native()[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton():
+    try:
+        triton = importlib.import_module("triton")
+    except ImportError as exc:
+        return None, f"triton is not installed ({exc}); pip install 'fastkd[triton]'"
+    return triton, None
+
+
+def triton_module():
+    return _load_triton()[0]
+
+
+def triton_error(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on ``device`` (None if they can)."""
+    err = _load_triton()[1]
+    if err:
+        return err
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1, set before "
+            f"triton is imported); got device {device}")

@@ -1,0 +1,236 @@
+"""kd_loss: input checks, the fused custom op with its fake kernel and autograd, backend dispatch.
+
+The fused backends (``cpu``, ``triton``, ``cuda``) run one kernel that writes the per-token loss
+and dLoss_token/dstudent_logits in the forward; the backward only scales that stored gradient by
+the incoming gradient, in place. The ``torch`` backend is the plain-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..reference.kd_loss import kd_loss_reference, reduce_rows
+from ._backends import resolve_backend
+from ._kd_config import DIVERGENCES, KdConfig, make_kd_config
+from ._layout import row_layout
+from ._native import DTYPE_CODES, native
+
+__all__ = ["kd_loss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_FUSED_DTYPES = tuple(DTYPE_CODES)
+
+
+def _check_unit_interval(name: str, value) -> None:
+    if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
+
+
+def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, divergence,
+                  temperature, beta, alpha, ignore_index, hard_weight, softcap, reduction,
+                  num_items_in_batch) -> None:
+    for name, t in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point; got dtype {t.dtype}")
+        if t.dim() < 1 or t.shape[-1] < 1:
+            raise ValueError(f"{name} must have shape [..., V] with V >= 1; got {tuple(t.shape)}")
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same leading shape; got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.device != teacher.device:
+        raise ValueError(f"student_logits is on {student.device} but teacher_logits on {teacher.device}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose from {sorted(DIVERGENCES)}")
+    if not isinstance(temperature, numbers.Real) or not (0 < float(temperature) < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
+    _check_unit_interval("beta", beta)
+    _check_unit_interval("alpha", alpha)
+    _check_unit_interval("hard_weight", hard_weight)
+    if softcap is not None and (not isinstance(softcap, numbers.Real)
+                                or not (0 < float(softcap) < math.inf)):
+        raise ValueError(f"softcap must be None or a finite number > 0; got {softcap!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a scalar; got shape "
+                                 f"{tuple(num_items_in_batch.shape)}")
+        elif not isinstance(num_items_in_batch, numbers.Real) or not num_items_in_batch > 0:
+            raise ValueError(f"num_items_in_batch must be > 0; got {num_items_in_batch!r}")
+    if not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+    if labels is None:
+        if hard_weight > 0:
+            raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy term")
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor; got dtype {labels.dtype}")
+    if labels.shape != student.shape[:-1]:
+        raise ValueError(f"labels must have the logits' leading shape {tuple(student.shape[:-1])}; "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != student.device:
+        raise ValueError(f"labels are on {labels.device} but the logits on {student.device}")
+    # Range check where it costs no device sync (and outside torch.compile graphs, where it
+    # would be data-dependent control flow); elsewhere an out-of-range label with
+    # hard_weight > 0 yields a NaN loss for its token (the kernels never read past V).
+    if labels.device.type == "cpu" and labels.numel() > 0 and not torch.compiler.is_compiling():
+        vocab = min(student.shape[-1], teacher.shape[-1])
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            values = labels[bad].unique()[:5].tolist()
+            raise ValueError(
+                f"labels must lie in [0, {vocab}) (the common vocabulary min(V_s, V_t)) or equal "
+                f"ignore_index={ignore_index}; found {values}")
+
+
+# ---- the fused op ---------------------------------------------------------------------------
+
+def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+            cfg: KdConfig, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student)."""
+    lead = student.shape[:-1]
+    vs, vt = student.shape[-1], teacher.shape[-1]
+    vocab = min(vs, vt)
+    loss = torch.empty(lead, dtype=torch.float32, device=student.device)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    n_rows = loss.numel()
+    if n_rows == 0:
+        return loss, grad
+    s, inner_rows, s_layout = row_layout(student)
+    t, inner_rows, t_layout = row_layout(teacher, inner_rows)
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    if backend == "triton":
+        from ..triton.kd_loss import kd_loss_forward
+        kd_loss_forward(s, t, flat_labels, grad, loss, n_rows=n_rows, inner_rows=inner_rows,
+                        student_layout=s_layout, teacher_layout=t_layout, vocab=vocab,
+                        grad_vocab=vs, cfg=cfg)
+        return loss, grad
+    common = dict(
+        student=s.data_ptr(), student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
+        s_inner=s_layout.inner_stride, teacher=t.data_ptr(), teacher_dtype=DTYPE_CODES[t.dtype],
+        t_outer=t_layout.outer_stride, t_inner=t_layout.inner_stride, inner_rows=inner_rows,
+        n_rows=n_rows, vocab=vocab, grad_vocab=vs,
+        labels=0 if flat_labels is None else flat_labels.data_ptr(), grad=grad.data_ptr(),
+        loss=loss.data_ptr(), divergence=cfg.divergence, temperature=cfg.temperature,
+        softcap=cfg.softcap, soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight,
+        ignore_index=cfg.ignore_index, log_wp=cfg.log_wp, log_wq=cfg.log_wq, coef=cfg.coef)
+    if backend == "cpu":
+        native().kd_loss_forward_cpu(**common, num_threads=torch.get_num_threads())
+    else:
+        with torch.cuda.device(student.device):
+            stream = torch.cuda.current_stream(student.device).cuda_stream
+            native().kd_loss_forward_cuda(**common, stream=stream)
+    return loss, grad
+
+
+@torch.library.custom_op("fastkd::kd_loss_fused", mutates_args=())
+def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                  divergence: int, temperature: float, softcap: float, soft_weight: float,
+                  hard_weight: float, ignore_index: int, log_wp: float, log_wq: float,
+                  coef: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss (fp32, leading shape) and dLoss_token/dstudent (student's shape and dtype)."""
+    cfg = KdConfig(divergence, temperature, softcap, soft_weight, hard_weight, ignore_index,
+                   log_wp, log_wq, coef)
+    return _launch(student, teacher, labels, cfg, backend)
+
+
+@kd_loss_fused.register_fake
+def _(student, teacher, labels, divergence, temperature, softcap, soft_weight, hard_weight,
+      ignore_index, log_wp, log_wq, coef, backend):
+    loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
+    return loss, torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, grad_grad):
+    (grad,) = ctx.saved_tensors
+    scale = grad_loss.unsqueeze(-1)
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
+        # Traced graphs (functional/fake tensor subclasses) must not mutate saved activations;
+        # the compiler plans the buffer.
+        return grad * scale, None, None, None, None, None, None, None, None, None, None, None, None
+    # In eager mode, in place: the stored gradient becomes the returned one, so no second [N, V]
+    # buffer exists. A second backward through the same graph finds it modified and raises.
+    grad.mul_(scale)
+    return grad, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+kd_loss_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry point ---------------------------------------------------------------------
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+            divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
+            alpha: float = 0.1, labels: torch.Tensor | None = None, ignore_index: int = -100,
+            hard_weight: float = 0.0, t2_scale: bool = False, softcap: float | None = None,
+            reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
+            backend: str = "auto") -> torch.Tensor:
+    """Distillation loss between student and teacher logits, fused with the softmax.
+
+    Args:
+        student_logits: ``[..., V_s]`` float32/bfloat16/float16 (float64: ``torch`` backend).
+        teacher_logits: ``[..., V_t]``, same leading shape; no gradient flows to it through the
+            fused backends. Both are cut to the common prefix ``min(V_s, V_t)``; student columns
+            beyond it get zero gradient.
+        divergence: ``"fkl"`` KL(p||q), ``"rkl"`` KL(q||p), ``"jsd"`` (``beta``: beta KL(p||m) +
+            (1-beta) KL(q||m), m = beta p + (1-beta) q; beta=0 is exactly fkl, beta=1 rkl),
+            ``"tvd"`` (1/2 sum |p-q|), ``"skl"`` KL(p || alpha p + (1-alpha) q), ``"srkl"``
+            KL(q || (1-alpha) p + alpha q); p = softmax(teacher/T), q = softmax(student/T).
+        temperature: T > 0 applied to both models (after ``softcap``).
+        t2_scale: multiply the soft loss by T^2 (keeps gradient magnitudes comparable across T).
+        softcap: c > 0 maps logits z -> c tanh(z / c) for both models (Gemma-style heads).
+        labels: integer tensor of the leading shape; tokens equal to ``ignore_index`` contribute
+            nothing to loss or gradient.
+        hard_weight: h in [0, 1]; loss = (1-h) soft + h CE(student logits at T=1, labels).
+        reduction: ``"mean"`` over valid tokens (or divided by ``num_items_in_batch`` when
+            given, for gradient accumulation; 0 when no token is valid), ``"sum"``, or
+            ``"none"`` (per-token loss in the leading shape, 0 at ignored tokens).
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or the leading shape for
+        ``reduction="none"``. Units: nats per token (times T^2 with ``t2_scale``).
+    """
+    _check_inputs(student_logits, teacher_logits, labels, divergence=divergence,
+                  temperature=temperature, beta=beta, alpha=alpha, ignore_index=ignore_index,
+                  hard_weight=hard_weight, softcap=softcap, reduction=reduction,
+                  num_items_in_batch=num_items_in_batch)
+    device = student_logits.device
+    fusable = (student_logits.dtype in _FUSED_DTYPES and teacher_logits.dtype in _FUSED_DTYPES
+               and not (teacher_logits.requires_grad and torch.is_grad_enabled()))
+    if backend == "auto" and not fusable:
+        backend = "torch"
+    name = resolve_backend("kd_loss", backend, device)
+    kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                  labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
+                  t2_scale=t2_scale, softcap=softcap, reduction=reduction,
+                  num_items_in_batch=num_items_in_batch)
+    if name == "torch":
+        return kd_loss_reference(student_logits, teacher_logits, **kwargs)
+    if not fusable:
+        raise ValueError(
+            f"backend {name!r} takes float32/bfloat16/float16 logits and no gradient for the "
+            f"teacher; got student {student_logits.dtype}, teacher {teacher_logits.dtype} "
+            f"(teacher requires_grad={teacher_logits.requires_grad}); detach the teacher or use "
+            f"backend='torch'")
+    cfg = make_kd_config(divergence, temperature=temperature, beta=beta, alpha=alpha,
+                         softcap=softcap, hard_weight=hard_weight, t2_scale=t2_scale,
+                         ignore_index=ignore_index)
+    rows, _ = kd_loss_fused(student_logits, teacher_logits.detach(), labels, cfg.divergence,
+                            cfg.temperature, cfg.softcap, cfg.soft_weight, cfg.hard_weight,
+                            cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, name)
+    valid = None if labels is None else labels != ignore_index
+    return reduce_rows(rows, valid, reduction, num_items_in_batch)

@@ -1,0 +1,136 @@
+"""Plain-PyTorch kd_loss: the readable definition and the test oracle.
+
+Differentiable by autograd (w.r.t. both models' logits), float64-capable, written for clarity
+rather than memory: it materializes log-probabilities of both models. Conventions are those of
+``DESIGN.md``: ``p = softmax(cap(z_t) / T)``, ``q = softmax(cap(z_s) / T)``; the per-token loss is
+summed over the vocabulary; -inf logits are outside the support (0 * log 0 = 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["divergence_rows", "kd_loss_reference", "reduce_rows"]
+
+
+def _xlogy_ratio(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
+    """w * (log_w - log_v) with the term taken as 0 wherever w == 0."""
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    safe = torch.where(w > 0, log_w - log_v, zero)
+    return torch.where(w > 0, w * safe, zero)
+
+
+def _log(w: float) -> float:
+    return math.log(w) if w > 0 else -math.inf
+
+
+def _log_mixture(log_wp: float, lp: torch.Tensor, log_wq: float, lq: torch.Tensor) -> torch.Tensor:
+    """log(w_p p + w_q q) by logaddexp, finite where both p and q underflow.
+
+    Where both logs are -inf (no mass in either model) the mixture's log is set to 0: every
+    term that uses it there is weighted by p = q = 0, and logaddexp(-inf, -inf) would send NaN
+    into the backward pass.
+    """
+    terms = []
+    if log_wp > -math.inf:
+        terms.append(lp + log_wp)
+    if log_wq > -math.inf:
+        terms.append(lq + log_wq)
+    if len(terms) == 1:
+        return terms[0]
+    neg_inf = -math.inf
+    empty = (terms[0] == neg_inf) & (terms[1] == neg_inf)
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    return torch.logaddexp(torch.where(empty, zero, terms[0]), torch.where(empty, zero, terms[1]))
+
+
+def divergence_rows(lp: torch.Tensor, lq: torch.Tensor, divergence: str, *, beta: float = 0.5,
+                    alpha: float = 0.1) -> torch.Tensor:
+    """Per-row divergence between teacher log-probs ``lp`` and student log-probs ``lq``.
+
+    ``lp``, ``lq``: ``[N, V]`` normalized log-probabilities. Returns ``[N]``.
+    """
+    p, q = lp.exp(), lq.exp()
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "fkl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "rkl"
+    if divergence == "fkl":
+        return _xlogy_ratio(p, lp, lq).sum(-1)
+    if divergence == "rkl":
+        return _xlogy_ratio(q, lq, lp).sum(-1)
+    if divergence == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if divergence == "jsd":
+        lm = _log_mixture(_log(beta), lp, _log(1.0 - beta), lq)
+        return beta * _xlogy_ratio(p, lp, lm).sum(-1) + (1 - beta) * _xlogy_ratio(q, lq, lm).sum(-1)
+    if divergence == "skl":
+        lm = _log_mixture(_log(alpha), lp, _log(1.0 - alpha), lq)
+        return _xlogy_ratio(p, lp, lm).sum(-1)
+    if divergence == "srkl":
+        lm = _log_mixture(_log(1.0 - alpha), lp, _log(alpha), lq)
+        return _xlogy_ratio(q, lq, lm).sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def reduce_rows(rows: torch.Tensor, valid: torch.Tensor | None, reduction: str,
+                num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """Applies a kd_loss reduction to per-row losses ``rows`` (0 at ignored rows).
+
+    ``valid`` marks the rows that count for ``"mean"`` (None: all). A mean over no valid row
+    is 0, not NaN, so that a batch of padding contributes nothing.
+    """
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(device=rows.device, dtype=rows.dtype)
+        return total / num_items_in_batch
+    count = torch.tensor(rows.numel(), device=rows.device) if valid is None else valid.sum()
+    return total / count.clamp(min=1).to(rows.dtype)
+
+
+def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                      divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
+                      alpha: float = 0.1, labels: torch.Tensor | None = None,
+                      ignore_index: int = -100, hard_weight: float = 0.0, t2_scale: bool = False,
+                      softcap: float | None = None, reduction: str = "mean",
+                      num_items_in_batch: int | torch.Tensor | None = None,
+                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """kd_loss in plain PyTorch; same arguments and result as ``fastkd.kd_loss``.
+
+    Shapes: logits ``[..., V_s]`` and ``[..., V_t]`` with equal leading shapes; ``labels`` the
+    leading shape. Arithmetic runs in ``compute_dtype``, by default the wider of float32 and the
+    student's dtype (tests pass the input's low-precision dtype to measure torch's own error).
+    """
+    lead = student_logits.shape[:-1]
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    compute = compute_dtype
+    zs = student_logits[..., :vocab].reshape(-1, vocab).to(compute)
+    zt = teacher_logits[..., :vocab].reshape(-1, vocab).to(compute)
+    if softcap is not None:
+        zs = softcap * torch.tanh(zs / softcap)
+        zt = softcap * torch.tanh(zt / softcap)
+    lq = torch.log_softmax(zs / temperature, dim=-1)
+    lp = torch.log_softmax(zt / temperature, dim=-1)
+    soft = divergence_rows(lp, lq, divergence, beta=beta, alpha=alpha)
+    rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
+    valid = None
+    if labels is not None:
+        flat = labels.reshape(-1)
+        valid = flat != ignore_index
+        if hard_weight > 0:
+            target = torch.where(valid, flat, torch.zeros_like(flat))
+            ce = -torch.log_softmax(zs, dim=-1).gather(-1, target[:, None]).squeeze(-1)
+            rows = rows + hard_weight * ce
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+    rows = rows if compute == torch.float64 else rows.to(torch.float32)
+    out = reduce_rows(rows, valid, reduction, num_items_in_batch)
+    return out.reshape(lead) if reduction == "none" else out

@@ -1,0 +1,406 @@
+"""fastkd.kd_loss on every fused backend available here, against the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.reference import kd_loss_reference
+
+from conftest import HAS_CUDA, fused_backends
+
+# (divergence, extra kwargs): every divergence, and the mixture weights at their edges.
+DIVERGENCES = [
+    ("fkl", {}),
+    ("rkl", {}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 0.1}),
+    ("jsd", {"beta": 0.0}),
+    ("jsd", {"beta": 1.0}),
+    ("tvd", {}),
+    ("skl", {"alpha": 0.1}),
+    ("skl", {"alpha": 0.0}),
+    ("skl", {"alpha": 1.0}),
+    ("srkl", {"alpha": 0.1}),
+    ("srkl", {"alpha": 0.0}),
+    ("srkl", {"alpha": 1.0}),
+]
+DIV_IDS = [f"{d}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" if kw else d for d, kw in DIVERGENCES]
+
+OPTIONS = [
+    {},
+    {"temperature": 2.0},
+    {"temperature": 0.5, "t2_scale": True},
+    {"softcap": 4.0},
+    {"hard_weight": 0.3},
+    {"temperature": 1.7, "softcap": 3.0, "hard_weight": 0.5, "t2_scale": True},
+]
+
+# float32 inputs are held to torch's own float32 error (the reference evaluated in float32),
+# measured against the float64 reference on the same inputs: the fused result may be at most
+# ERR_FACTOR times worse, plus a floor of FLOOR_EPS float32 epsilons of the result's magnitude,
+# at least 1 (the scale of probabilities: e.g. srkl with alpha = 1 is exactly 0 but is computed
+# from terms q (1 - sum q) whose rounding is eps q; torch is sometimes exact by luck).
+ERR_FACTOR = 8.0
+FLOOR_EPS = 16.0
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def backend_params(small_ok: bool = True):
+    """(device, backend) pairs; Triton on CPU runs in its interpreter, so only on small cases."""
+    out = []
+    for device in DEVICES:
+        for backend in fused_backends(device):
+            if backend == "triton" and device == "cpu" and not small_ok:
+                continue
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            if backend == "triton":
+                marks.append(pytest.mark.triton)
+            out.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return out
+
+
+def make_logits(rows, vocab, *, scale=3.0, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*rows, vocab, generator=g) * scale).to(dtype).to(device)
+
+
+def make_labels(rows, vocab, *, ignore_every=4, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, rows, generator=g)
+    labels.view(-1)[::ignore_every] = -100
+    return labels.to(device)
+
+
+def run_fused(student, teacher, backend, **kw):
+    s = student.detach().clone().requires_grad_()
+    loss = fastkd.kd_loss(s, teacher, backend=backend, **kw)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), s.grad
+
+
+def run_reference(student, teacher, **kw):
+    s = student.detach().to(torch.float64).requires_grad_()
+    loss = kd_loss_reference(s, teacher.detach().to(torch.float64), **kw)
+    if not loss.requires_grad:  # e.g. skl with alpha = 1: KL(p || p), constant in the student
+        return loss, torch.zeros_like(s)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), s.grad
+
+
+def run_reference_fp32(student, teacher, **kw):
+    s = student.detach().float().requires_grad_()
+    loss = kd_loss_reference(s, teacher.detach().float(), compute_dtype=torch.float32, **kw)
+    if not loss.requires_grad:
+        return loss, torch.zeros_like(s)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), s.grad
+
+
+def assert_within_torch_error(name, value, exact, torch_value):
+    value, exact, torch_value = value.double().cpu(), exact.cpu(), torch_value.double().cpu()
+    assert torch.equal(torch.isnan(value), torch.isnan(exact)), f"{name}: NaN pattern differs"
+    finite = torch.isfinite(exact)
+    assert torch.equal(value[~finite], exact[~finite]), f"{name}: infinities differ"
+    if not finite.any():
+        return
+    v, e, tv = value[finite], exact[finite], torch_value[finite]
+    err = (v - e).abs().max().item()
+    torch_err = (tv - e).abs().max().item()
+    floor = FLOOR_EPS * torch.finfo(torch.float32).eps * max(e.abs().max().item(), 1.0)
+    assert err <= ERR_FACTOR * torch_err + floor, (
+        f"{name}: max error {err:.3g} vs torch float32 error {torch_err:.3g} (floor {floor:.3g})")
+
+
+def assert_close_fp32(student, teacher, backend, **kw):
+    loss, grad = run_fused(student, teacher, backend, **kw)
+    ref_loss, ref_grad = run_reference(student, teacher, **kw)
+    t32_loss, t32_grad = run_reference_fp32(student, teacher, **kw)
+    assert loss.dtype == torch.float32
+    assert grad.dtype == student.dtype and grad.shape == student.shape
+    assert_within_torch_error("loss", loss, ref_loss, t32_loss)
+    assert_within_torch_error("grad", grad, ref_grad, t32_grad)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
+def test_matches_reference(device, backend, divergence, dkw, options):
+    small = backend == "triton" and device == "cpu"
+    rows, vocab = ((3,), 37) if small else ((5, 9), 401)
+    s = make_logits(rows, vocab, device=device, seed=0)
+    t = make_logits(rows, vocab, device=device, seed=1)
+    labels = make_labels(rows, vocab, device=device) if options.get("hard_weight") or not small else None
+    assert_close_fp32(s, t, backend, divergence=divergence, labels=labels, reduction="sum",
+                      **dkw, **options)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
+@pytest.mark.parametrize("vocab", [1, 7, 4099, 1271])
+@pytest.mark.parametrize("divergence", ["fkl", "jsd", "srkl"])
+def test_odd_shapes(device, backend, vocab, divergence):
+    for rows in [(1,), (41,), (2, 3, 5)]:
+        s = make_logits(rows, vocab, device=device, seed=2)
+        t = make_logits(rows, vocab, device=device, seed=3)
+        assert_close_fp32(s, t, backend, divergence=divergence, reduction="none")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("vs,vt", [(300, 257), (257, 300)])
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "tvd"])
+def test_vocab_mismatch_cuts_to_common_prefix(device, backend, vs, vt, divergence):
+    s = make_logits((4,), vs, device=device, seed=4)
+    t = make_logits((4,), vt, device=device, seed=5)
+    labels = torch.tensor([0, 5, -100, 200], device=device)
+    assert_close_fp32(s, t, backend, divergence=divergence, labels=labels, hard_weight=0.2)
+    _, grad = run_fused(s, t, backend, divergence=divergence)
+    assert torch.all(grad[:, min(vs, vt):] == 0)
+
+
+def _plain_kl_equivalent(divergence, dkw):
+    """The plain KL a mixture divergence reduces to at its edge weights, else its own name."""
+    if divergence == "jsd":
+        return {0.0: "fkl", 1.0: "rkl"}.get(dkw["beta"], "jsd")
+    if divergence == "skl" and dkw["alpha"] == 0.0:
+        return "fkl"
+    if divergence == "srkl" and dkw["alpha"] == 0.0:
+        return "rkl"
+    return divergence
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
+def test_neg_inf_logits(device, backend, divergence, dkw):
+    """-inf marks tokens outside the support: 0 * log 0 = 0, never NaN, zero gradient there."""
+    vocab = 97
+    s = make_logits((6,), vocab, device=device, seed=6)
+    t = make_logits((6,), vocab, device=device, seed=7)
+    s[:, :10] = -math.inf  # shared -inf columns
+    t[:, :10] = -math.inf
+    mode = _plain_kl_equivalent(divergence, dkw)
+    if mode != "rkl":  # teacher-only -inf (KL(q||p) would be infinite)
+        t[0, 20:30] = -math.inf
+    if mode != "fkl":  # student-only -inf (KL(p||q) would be infinite)
+        s[1, 40:50] = -math.inf
+    loss, grad = run_fused(s, t, backend, divergence=divergence, reduction="none", **dkw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert torch.all(grad[:, :10] == 0)
+    assert_close_fp32(s, t, backend, divergence=divergence, reduction="none", **dkw)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"])
+def test_infinite_divergence_is_inf_not_nan(device, backend, divergence):
+    """Teacher mass where the student has none: fkl is +inf (and so on), never NaN."""
+    s = make_logits((2,), 33, device=device, seed=8)
+    t = make_logits((2,), 33, device=device, seed=9)
+    if divergence == "rkl":
+        t[:, 3] = -math.inf
+    else:
+        s[:, 3] = -math.inf
+    loss = fastkd.kd_loss(s, t, divergence=divergence, backend=backend, reduction="none")
+    if divergence in ("fkl", "rkl"):
+        assert torch.all(loss == math.inf)
+    else:
+        assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
+@pytest.mark.parametrize("scale,offset", [(1e4, 0.0), (1e-3, 0.0), (3.0, 1e4), (30.0, -5e3)])
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"])
+def test_extreme_logits(device, backend, scale, offset, divergence):
+    s = make_logits((7,), 513, scale=scale, device=device, seed=10) + offset
+    t = make_logits((7,), 513, scale=scale, device=device, seed=11) + offset
+    loss, grad = run_fused(s, t, backend, divergence=divergence, reduction="none")
+    ref_loss, ref_grad = run_reference(s, t, divergence=divergence, reduction="none")
+    # Logits of magnitude ~1e4 carry fp32 rounding of ~1e-3 in every logit difference.
+    atol = 1e-5 + 4e-7 * (scale + abs(offset))
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.cpu(), atol=atol * 10, rtol=1e-4)
+    grad, ref_grad, rtol = grad.double().cpu(), ref_grad.cpu(), 1e-3
+    if divergence == "tvd":
+        # tvd's gradient holds sign(q - p), which fp32 cannot resolve where |q - p| / q is below
+        # ~1e-6 (nearly equal logits at scale 1e-3): compare where the sign is well defined; the
+        # few ambiguous signs shift the row's <q, sign> term by ~q, hence the looser rtol.
+        lq = torch.log_softmax(s.double(), -1).cpu()
+        lp = torch.log_softmax(t.double(), -1).cpu()
+        clear = (lq - lp).abs() > 1e-4
+        grad, ref_grad, rtol = grad[clear], ref_grad[clear], 1e-2
+    torch.testing.assert_close(grad, ref_grad, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(device, backend, reduction):
+    s = make_logits((3, 4), 50, device=device)
+    t = make_logits((3, 4), 50, device=device, seed=1)
+    labels = torch.full((3, 4), -100, device=device)
+    loss, grad = run_fused(s, t, backend, labels=labels, hard_weight=0.5, reduction=reduction)
+    assert torch.all(loss == 0)
+    assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_reductions_and_num_items(device, backend):
+    s = make_logits((4, 6), 64, device=device)
+    t = make_logits((4, 6), 64, device=device, seed=1)
+    labels = make_labels((4, 6), 64, device=device)
+    for kw in [{"reduction": "mean"}, {"reduction": "sum"}, {"reduction": "none"},
+               {"reduction": "mean", "num_items_in_batch": 37},
+               {"reduction": "mean", "num_items_in_batch": torch.tensor(11)}]:
+        assert_close_fp32(s, t, backend, labels=labels, ignore_index=-100, **kw)
+    none = fastkd.kd_loss(s, t, labels=labels, reduction="none", backend=backend)
+    assert none.shape == (4, 6)
+    assert torch.all(none[labels == -100] == 0)
+    mean = fastkd.kd_loss(s, t, labels=labels, backend=backend)
+    torch.testing.assert_close(mean, none.sum() / (labels != -100).sum())
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_custom_ignore_index(device, backend):
+    s = make_logits((8,), 40, device=device)
+    t = make_logits((8,), 40, device=device, seed=1)
+    labels = torch.tensor([1, -1, 3, -1, 5, 6, -1, 8], device=device)
+    assert_close_fp32(s, t, backend, labels=labels, ignore_index=-1, hard_weight=0.25)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_non_contiguous_and_broadcast_inputs(device, backend):
+    base_s = make_logits((3, 6), 130, device=device)
+    base_t = make_logits((6, 3), 130, device=device, seed=1)
+    s = base_s[:, :-1, :]                      # row slice of [B, T, V]: two-level row layout
+    t = base_t.transpose(0, 1)[:, :-1, :]      # permuted rows
+    assert not s.is_contiguous() and not t.is_contiguous()
+    assert_close_fp32(s, t, backend, divergence="jsd", reduction="sum")
+    shared = make_logits((1, 5), 130, device=device, seed=2).expand(3, 5, 130)  # stride-0 rows
+    assert_close_fp32(s, shared, backend, divergence="fkl", reduction="sum")
+    strided = make_logits((3, 5), 260, device=device, seed=3)[..., ::2]         # strided columns
+    assert_close_fp32(strided, shared, backend, divergence="rkl", reduction="sum")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_stride_zero_grad_output(device, backend):
+    """reduction="none" then .sum() sends an expanded (stride-0) gradient into the backward."""
+    s = make_logits((4, 5), 70, device=device).requires_grad_()
+    t = make_logits((4, 5), 70, device=device, seed=1)
+    fastkd.kd_loss(s, t, reduction="none", backend=backend).sum().backward()
+    s_ref = s.detach().double().requires_grad_()
+    kd_loss_reference(s_ref, t.double(), reduction="none").sum().backward()
+    torch.testing.assert_close(s.grad.double(), s_ref.grad, atol=1e-7, rtol=1e-4)
+    # A non-uniform upstream gradient scales each row.
+    s.grad = None
+    w = torch.linspace(0, 2, 20, device=device).reshape(4, 5)
+    (fastkd.kd_loss(s, t, reduction="none", backend=backend) * w).sum().backward()
+    s_ref.grad = None
+    (kd_loss_reference(s_ref, t.double(), reduction="none") * w.double()).sum().backward()
+    torch.testing.assert_close(s.grad.double(), s_ref.grad, atol=1e-7, rtol=1e-4)
+
+
+LOW_PRECISION = [(torch.bfloat16, 1e-6), (torch.float16, 1e-6)]
+
+
+@pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
+@pytest.mark.parametrize("dtype,atol", LOW_PRECISION)
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"])
+def test_low_precision_error_within_torch_own(device, backend, dtype, atol, divergence):
+    """bf16/fp16 inputs: fp32 math inside, so the error against the exact value of the rounded
+    inputs is at most torch's own error when it computes in that dtype."""
+    s = make_logits((33,), 1031, dtype=dtype, device=device, seed=12)
+    t = make_logits((33,), 1031, dtype=dtype, device=device, seed=13)
+    labels = make_labels((33,), 1031, device=device)
+    kw = dict(divergence=divergence, labels=labels, hard_weight=0.1, temperature=1.5,
+              reduction="none")
+    loss, grad = run_fused(s, t, backend, **kw)
+    assert grad.dtype == dtype
+    ref_loss, ref_grad = run_reference(s, t, **kw)
+    s_low = s.detach().clone().requires_grad_()
+    low_loss = kd_loss_reference(s_low, t, compute_dtype=dtype, **kw)
+    low_loss.sum().backward()
+    err = (loss.double() - ref_loss).abs().max().item()
+    low_err = (low_loss.double() - ref_loss).abs().max().item()
+    assert err <= low_err + atol, (err, low_err)
+    gerr = (grad.double() - ref_grad).abs().max().item()
+    low_gerr = (s_low.grad.double() - ref_grad).abs().max().item()
+    # The stored gradient is the exact one rounded once to the input dtype.
+    ulp = torch.finfo(dtype).eps
+    assert gerr <= min(low_gerr, ulp * ref_grad.abs().max().item()) + atol, (gerr, low_gerr)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
+def test_mixed_dtypes(device, backend):
+    s = make_logits((9,), 300, device=device)
+    t = make_logits((9,), 300, dtype=torch.bfloat16, device=device, seed=1)
+    assert_close_fp32(s, t, backend, divergence="jsd")
+    s16 = s.to(torch.float16)
+    loss, grad = run_fused(s16, t, backend, divergence="fkl", reduction="none")
+    ref_loss, _ = run_reference(s16, t, divergence="fkl", reduction="none")
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.cpu(), atol=1e-5, rtol=1e-4)
+    assert grad.dtype == torch.float16
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_second_backward_through_same_graph_raises(device, backend):
+    s = make_logits((2,), 20, device=device).requires_grad_()
+    t = make_logits((2,), 20, device=device, seed=1)
+    loss = fastkd.kd_loss(s, t, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_auto_backend_picks_fused_on_cpu_and_torch_for_float64():
+    assert fastkd.available_backends("kd_loss", "cpu")[0] == "cpu"
+    s = make_logits((4,), 30, dtype=torch.float64).requires_grad_()
+    t = make_logits((4,), 30, dtype=torch.float64, seed=1)
+    loss = fastkd.kd_loss(s, t)
+    assert loss.dtype == torch.float64
+    with pytest.raises(ValueError, match="float32/bfloat16/float16"):
+        fastkd.kd_loss(s, t, backend="cpu")
+
+
+def test_teacher_requiring_grad():
+    s = make_logits((4,), 30).requires_grad_()
+    t = make_logits((4,), 30, seed=1).requires_grad_()
+    fastkd.kd_loss(s, t).backward()  # auto: the reference, which differentiates both
+    assert t.grad is not None and s.grad is not None
+    with pytest.raises(ValueError, match="detach the teacher"):
+        fastkd.kd_loss(s, t, backend="cpu")
+    with torch.no_grad():
+        fastkd.kd_loss(s, t, backend="cpu")
+
+
+def test_empty_input():
+    s = torch.zeros(0, 10, requires_grad=True)
+    t = torch.zeros(0, 10)
+    loss = fastkd.kd_loss(s, t, backend="cpu")
+    assert loss.item() == 0
+    loss.backward()
+    assert s.grad.shape == (0, 10)
+
+
+def test_kdloss_module_matches_function():
+    s = make_logits((2, 3), 50)
+    t = make_logits((2, 3), 50, seed=1)
+    labels = make_labels((2, 3), 50)
+    mod = fastkd.KDLoss(divergence="jsd", beta=0.3, temperature=2.0, hard_weight=0.2)
+    assert "jsd" in repr(mod)
+    torch.testing.assert_close(
+        mod(s, t, labels),
+        fastkd.kd_loss(s, t, labels=labels, divergence="jsd", beta=0.3, temperature=2.0,
+                       hard_weight=0.2))
+    with pytest.raises(ValueError, match="divergence"):
+        fastkd.KDLoss(divergence="kl")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_backend_on_a_large_row():
+    s = make_logits((4,), 128256, dtype=torch.bfloat16, device="cuda")
+    t = make_logits((4,), 128256, dtype=torch.bfloat16, device="cuda", seed=1)
+    for backend in fused_backends("cuda"):
+        loss, grad = run_fused(s, t, backend, divergence="jsd", reduction="none")
+        ref_loss, ref_grad = run_fused(s.cpu(), t.cpu(), "cpu", divergence="jsd", reduction="none")
+        torch.testing.assert_close(loss.cpu(), ref_loss, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grad.cpu().float(), ref_grad.float(), atol=1e-8, rtol=8e-3)
