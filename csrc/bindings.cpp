@@ -10,6 +10,7 @@
 
 #include "common/kd_loss_args.h"
 #include "cpu/kd_loss_cpu.h"
+#include "cpu/scale_rows.h"
 #if defined(FASTKD_WITH_CUDA)
 #include "cuda/kd_loss_cuda.h"
 #endif
@@ -26,7 +27,8 @@ KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, i
                         int64_t inner_rows, int64_t n_rows, int64_t vocab, int64_t grad_vocab,
                         uintptr_t labels, uintptr_t grad, uintptr_t loss, int divergence,
                         float temperature, float softcap, float soft_weight, float hard_weight,
-                        int64_t ignore_index, float log_wp, float log_wq, float coef) {
+                        float grad_scale, int64_t ignore_index, float log_wp, float log_wq,
+                        float coef) {
   if (divergence < kFKL || divergence > kSRKL)
     throw std::invalid_argument("unknown divergence code " + std::to_string(divergence));
   for (int code : {student_dtype, teacher_dtype})
@@ -55,8 +57,9 @@ KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, i
   a.config.inv_temperature = 1.0f / temperature;
   a.config.softcap = softcap;
   a.config.soft_weight = soft_weight;
-  a.config.soft_grad_scale = soft_weight / temperature;
+  a.config.soft_grad_scale = grad_scale * (soft_weight / temperature);
   a.config.hard_weight = hard_weight;
+  a.config.hard_grad_weight = grad_scale * hard_weight;
   a.config.ignore_index = ignore_index;
   a.config.coefs = {log_wp, log_wq, coef};
   return a;
@@ -73,7 +76,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("inner_rows"), py::arg("n_rows"), py::arg("vocab"), py::arg("grad_vocab"),     \
       py::arg("labels"), py::arg("grad"), py::arg("loss"), py::arg("divergence"),            \
       py::arg("temperature"), py::arg("softcap"), py::arg("soft_weight"),                    \
-      py::arg("hard_weight"), py::arg("ignore_index"),                                       \
+      py::arg("hard_weight"), py::arg("grad_scale"), py::arg("ignore_index"),                 \
       py::arg("log_wp"), py::arg("log_wq"), py::arg("coef")
 
   m.def(
@@ -82,17 +85,32 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t teacher, int teacher_dtype, int64_t t_outer, int64_t t_inner,
          int64_t inner_rows, int64_t n_rows, int64_t vocab, int64_t grad_vocab, uintptr_t labels,
          uintptr_t grad, uintptr_t loss, int divergence, float temperature, float softcap,
-         float soft_weight, float hard_weight, int64_t ignore_index, float log_wp,
+         float soft_weight, float hard_weight, float grad_scale, int64_t ignore_index, float log_wp,
          float log_wq, float coef, int num_threads) {
         const KdLossArgs a = make_kd_args(
             student, student_dtype, s_outer, s_inner, teacher, teacher_dtype, t_outer, t_inner,
             inner_rows, n_rows, vocab, grad_vocab, labels, grad, loss, divergence, temperature,
-            softcap, soft_weight, hard_weight, ignore_index, log_wp, log_wq, coef);
+            softcap, soft_weight, hard_weight, grad_scale, ignore_index, log_wp, log_wq, coef);
         py::gil_scoped_release release;
         cpu::kd_loss_forward(a, num_threads);
       },
       FASTKD_KD_ARGS, py::arg("num_threads"),
-      "Fused kd_loss forward on CPU: writes per-row loss and dLoss_row/dstudent_logits.");
+      "Fused kd_loss forward on CPU: writes per-row loss and grad_scale * dLoss_row/dstudent.");
+
+  m.def(
+      "scale_rows_cpu",
+      [](uintptr_t data, int dtype, int64_t n_rows, int64_t row_len, uintptr_t factors,
+         float unit, int num_threads) {
+        if (dtype < kFloat32 || dtype > kFloat16)
+          throw std::invalid_argument("unknown dtype code " + std::to_string(dtype));
+        py::gil_scoped_release release;
+        cpu::scale_rows(as_ptr<void>(data), dtype, n_rows, row_len, as_ptr<const float>(factors),
+                        unit, num_threads);
+      },
+      py::arg("data"), py::arg("dtype"), py::arg("n_rows"), py::arg("row_len"), py::arg("factors"),
+      py::arg("unit"), py::arg("num_threads"),
+      "In place: row r of a contiguous [n_rows, row_len] tensor times factors[r] / unit; rows "
+      "whose factor equals unit are not touched.");
 
 #if defined(FASTKD_WITH_CUDA)
   m.def(
@@ -101,12 +119,12 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t teacher, int teacher_dtype, int64_t t_outer, int64_t t_inner,
          int64_t inner_rows, int64_t n_rows, int64_t vocab, int64_t grad_vocab, uintptr_t labels,
          uintptr_t grad, uintptr_t loss, int divergence, float temperature, float softcap,
-         float soft_weight, float hard_weight, int64_t ignore_index, float log_wp,
+         float soft_weight, float hard_weight, float grad_scale, int64_t ignore_index, float log_wp,
          float log_wq, float coef, uintptr_t stream) {
         const KdLossArgs a = make_kd_args(
             student, student_dtype, s_outer, s_inner, teacher, teacher_dtype, t_outer, t_inner,
             inner_rows, n_rows, vocab, grad_vocab, labels, grad, loss, divergence, temperature,
-            softcap, soft_weight, hard_weight, ignore_index, log_wp, log_wq, coef);
+            softcap, soft_weight, hard_weight, grad_scale, ignore_index, log_wp, log_wq, coef);
         const char* err = cuda::kd_loss_forward(a, reinterpret_cast<void*>(stream));
         if (err) throw std::runtime_error(std::string("fastkd CUDA kd_loss: ") + err);
       },

@@ -260,6 +260,22 @@ def test_reductions_and_num_items(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("upstream", [1.0, 3.0, 0.0])
+def test_mean_gradient_under_upstream_scale(device, backend, upstream):
+    """The forward stores the mean's 1/#tokens in the gradient where it can; the backward then
+    rescales by upstream / that weight (and leaves rows alone when the ratio is 1)."""
+    s = make_logits((3, 7), 90, device=device).requires_grad_()
+    t = make_logits((3, 7), 90, device=device, seed=1)
+    labels = make_labels((3, 7), 90, device=device)
+    for kw in [{}, {"num_items_in_batch": 9}, {"labels": labels, "hard_weight": 0.3}]:
+        s.grad = None
+        (upstream * fastkd.kd_loss(s, t, backend=backend, **kw)).backward()
+        s_ref = s.detach().double().requires_grad_()
+        (upstream * kd_loss_reference(s_ref, t.double(), **kw)).backward()
+        torch.testing.assert_close(s.grad.double(), s_ref.grad, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_custom_ignore_index(device, backend):
     s = make_logits((8,), 40, device=device)
     t = make_logits((8,), 40, device=device, seed=1)

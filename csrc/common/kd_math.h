@@ -106,11 +106,10 @@ struct Terms {
   float dot;
 };
 
-// Terms-pass contribution of element i (needs lp, lq: the LSEs are final).
+// Terms-pass contribution of element i, given its log-probabilities and probabilities (the
+// LSEs are final; p = exp(lp), q = exp(lq), however the caller obtained them).
 template <int DIV, class Math>
-FASTKD_HD Terms divergence_terms(float lp, float lq, const DivergenceCoefs& c) {
-  const float p = Math::exp(lp);
-  const float q = Math::exp(lq);
+FASTKD_HD Terms divergence_terms(float lp, float lq, float p, float q, const DivergenceCoefs& c) {
   if (DIV == kFKL) return {xlogx_ratio(p, lp, lq), 0.0f};
   if (DIV == kRKL) return {xlogx_ratio(q, lq, lp), 0.0f};
   if (DIV == kTVD) return {0.5f * abs_f(q - p), q * sign_of_difference(lq, lp)};
@@ -125,15 +124,19 @@ FASTKD_HD Terms divergence_terms(float lp, float lq, const DivergenceCoefs& c) {
   return {DIV == kSKL ? xlogx_ratio(p, lp, lm) : xlogx_ratio(q, lq, lm), dot};
 }
 
+template <int DIV, class Math>
+FASTKD_HD Terms divergence_terms(float lp, float lq, const DivergenceCoefs& c) {
+  return divergence_terms<DIV, Math>(lp, lq, Math::exp(lp), Math::exp(lq), c);
+}
+
 // dL/da_i of the soft loss (before 1/T, t2 and softcap factors), given the row's loss and dot.
 //   fkl : q - p                       rkl : q (lq - lp - L)
 //   jsd : (1-b) q (lq - lm - dot)     tvd : q (sign(q-p) - dot) / 2
 //   skl : -(1-a) q (p/m - dot)        srkl: q ((lq - lm) - L - a (q/m - dot))
 template <int DIV, class Math>
-FASTKD_HD float divergence_grad(float lp, float lq, float loss, float dot,
+FASTKD_HD float divergence_grad(float lp, float lq, float p, float q, float loss, float dot,
                                 const DivergenceCoefs& c) {
-  const float q = Math::exp(lq);
-  if (DIV == kFKL) return q - Math::exp(lp);
+  if (DIV == kFKL) return q - p;
   float g;
   if (DIV == kRKL) {
     g = lq - lp - loss;
@@ -148,6 +151,13 @@ FASTKD_HD float divergence_grad(float lp, float lq, float loss, float dot,
   return lq > kLogMinProb ? q * g : 0.0f;
 }
 
+template <int DIV, class Math>
+FASTKD_HD float divergence_grad(float lp, float lq, float loss, float dot,
+                                const DivergenceCoefs& c) {
+  // p only enters fkl's gradient; the compiler drops the unused exp elsewhere.
+  return divergence_grad<DIV, Math>(lp, lq, Math::exp(lp), Math::exp(lq), loss, dot, c);
+}
+
 // Row-level scalars of one call.
 struct KdRowConfig {
   int divergence;
@@ -155,8 +165,9 @@ struct KdRowConfig {
   float temperature;
   float softcap;          // <= 0: no softcap
   float soft_weight;      // (1 - hard_weight) * (T^2 if t2_scale else 1): scales the soft loss
-  float soft_grad_scale;  // soft_weight / T: dL/dz = soft_grad_scale * dL_soft/da
-  float hard_weight;      // weight of CE(student at T = 1, label)
+  float soft_grad_scale;  // grad_scale * soft_weight / T: dL/dz = soft_grad_scale * dL_soft/da
+  float hard_weight;      // weight of CE(student at T = 1, label) in the loss
+  float hard_grad_weight; // grad_scale * hard_weight: its weight in the written gradient
   int64_t ignore_index;
   DivergenceCoefs coefs;
 };

@@ -1,6 +1,7 @@
 // Fused softmax-divergence loss, CPU kernel. One row at a time per thread:
 //   load   : a = cap(z_s)/T, b = cap(z_t)/T into fp32 scratch rows, with their maxima;
-//   stats  : sum exp(a - ma), sum exp(b - mb) (and the fkl/rkl loss with the maxima fixed);
+//   stats  : sum exp(a - ma), sum exp(b - mb) (and the fkl/rkl loss with the maxima fixed),
+//            keeping the exponentials, so that the later passes need no exp for p and q;
 //   terms  : (loss, dot) of jsd/tvd/skl/srkl from normalized log-probs;
 //   grad   : dL/dz_s written once in the student's dtype; columns past the common vocab get 0.
 // Scratch rows stay in cache for V up to a few 10^5, so the passes after the load are
@@ -84,20 +85,23 @@ struct RowStats {
   float sum_a, sum_b, kl_acc;
 };
 
-// sum exp(a - ma), sum exp(b - mb) and, for fkl/rkl, the shifted loss accumulator.
+// sum exp(a - ma), sum exp(b - mb) and, for fkl/rkl, the shifted loss accumulator. The
+// exponentials are kept in ea, eb: later passes get q and p from them without another exp.
 template <int DIV>
 RowStats stats_pass(const float* __restrict a, const float* __restrict b, int64_t n, float ma,
-                    float mb) {
+                    float mb, float* __restrict ea, float* __restrict eb) {
   float sa[kLanes] = {}, sb[kLanes] = {}, kl[kLanes] = {};
   auto element = [&](int64_t i, float& acc_a, float& acc_b, float& acc_kl) {
     const float xa = a[i] - ma;
     const float xb = b[i] - mb;
-    const float ea = Math::exp(xa);
-    const float eb = Math::exp(xb);
-    acc_a += ea;
-    acc_b += eb;
-    if (DIV == kFKL) acc_kl += shifted_kl_term(eb, xb, xa);
-    if (DIV == kRKL) acc_kl += shifted_kl_term(ea, xa, xb);
+    const float ea_i = Math::exp(xa);
+    const float eb_i = Math::exp(xb);
+    ea[i] = ea_i;
+    eb[i] = eb_i;
+    acc_a += ea_i;
+    acc_b += eb_i;
+    if (DIV == kFKL) acc_kl += shifted_kl_term(eb_i, xb, xa);
+    if (DIV == kRKL) acc_kl += shifted_kl_term(ea_i, xa, xb);
   };
   const int64_t body = n - n % kLanes;
   for (int64_t i = 0; i < body; i += kLanes)
@@ -118,20 +122,33 @@ float tempered_sum(const float* __restrict a, int64_t n, float t, float ma) {
   return r;
 }
 
+// A row after the stats pass: logits a, b with their LSEs la, lb, and exp(a - ma), exp(b - mb)
+// with the reciprocals of their sums, so that q = ea / sum_a and p = eb / sum_b.
+struct StatsRow {
+  const float* a;
+  const float* b;
+  const float* ea;
+  const float* eb;
+  float la, lb, inv_sum_a, inv_sum_b;
+};
+
 template <int DIV>
-Terms terms_pass(const float* __restrict a, const float* __restrict b, int64_t n, float la,
-                 float lb, const DivergenceCoefs& c) {
+Terms terms_pass(const StatsRow& row, int64_t n, const DivergenceCoefs& c) {
   float loss[kLanes] = {}, dot[kLanes] = {};
+  auto element = [&](int64_t i) {
+    return divergence_terms<DIV, Math>(row.b[i] - row.lb, row.a[i] - row.la,
+                                       row.eb[i] * row.inv_sum_b, row.ea[i] * row.inv_sum_a, c);
+  };
   const int64_t body = n - n % kLanes;
   for (int64_t i = 0; i < body; i += kLanes)
     for (int64_t j = 0; j < kLanes; ++j) {
-      const Terms t = divergence_terms<DIV, Math>(b[i + j] - lb, a[i + j] - la, c);
+      const Terms t = element(i + j);
       loss[j] += t.loss;
       dot[j] += t.dot;
     }
   Terms r{lane_sum(loss), lane_sum(dot)};
   for (int64_t i = body; i < n; ++i) {
-    const Terms t = divergence_terms<DIV, Math>(b[i] - lb, a[i] - la, c);
+    const Terms t = element(i);
     r.loss += t.loss;
     r.dot += t.dot;
   }
@@ -140,44 +157,49 @@ Terms terms_pass(const float* __restrict a, const float* __restrict b, int64_t n
 
 // Everything the gradient of one element needs besides its logits.
 struct GradRow {
-  float la, lb, loss, dot;
+  StatsRow stats;
+  float loss, dot;
   float soft_grad_scale;
-  float hard_weight, temperature, lz;  // CE: dCE/dz'_i = exp(T a_i - lz) - [i == y]
+  float hard_grad_weight, temperature, lz;  // CE: dCE/dz'_i = softmax(T a)_i - [i == y]
   DivergenceCoefs coefs;
 };
 
-template <int DIV, bool CE, bool CAP>
-inline __attribute__((always_inline)) float grad_element(float a, float b, float dcap,
+// CE: 0 none; 1 at T = 1, where softmax(T a) = q; 2 at T != 1, softmax(T a) = exp(T a - lz).
+template <int DIV, int CE, bool CAP>
+inline __attribute__((always_inline)) float grad_element(int64_t i, const float* dcap,
                                                          const GradRow& r) {
-  float g = r.soft_grad_scale * divergence_grad<DIV, Math>(b - r.lb, a - r.la, r.loss, r.dot,
-                                                          r.coefs);
-  if (CE) g += r.hard_weight * Math::exp(r.temperature * a - r.lz);
-  if (CAP) g *= dcap;
+  const StatsRow& s = r.stats;
+  const float q = s.ea[i] * s.inv_sum_a;
+  const float p = s.eb[i] * s.inv_sum_b;
+  float g = r.soft_grad_scale *
+            divergence_grad<DIV, Math>(s.b[i] - s.lb, s.a[i] - s.la, p, q, r.loss, r.dot, r.coefs);
+  if (CE == 1) g += r.hard_grad_weight * q;
+  if (CE == 2) g += r.hard_grad_weight * Math::exp(r.temperature * s.a[i] - r.lz);
+  if (CAP) g *= dcap[i];
   return g;
 }
 
-template <int DIV, typename TS, bool CE, bool CAP>
-void grad_pass(const float* __restrict a, const float* __restrict b,
-               const float* __restrict dcap, int64_t n, const GradRow& r, TS* __restrict g) {
-  for (int64_t i = 0; i < n; ++i)
-    g[i] = from_float<TS>(grad_element<DIV, CE, CAP>(a[i], b[i], CAP ? dcap[i] : 1.0f, r));
+template <int DIV, typename TS, int CE, bool CAP>
+void grad_pass(const float* __restrict dcap, int64_t n, const GradRow& r, TS* __restrict g) {
+  for (int64_t i = 0; i < n; ++i) g[i] = from_float<TS>(grad_element<DIV, CE, CAP>(i, dcap, r));
+}
+
+template <int DIV, typename TS, int CE>
+void grad_pass_cap(const float* dcap, int64_t n, const GradRow& r, TS* g) {
+  if (dcap) grad_pass<DIV, TS, CE, true>(dcap, n, r, g);
+  else grad_pass<DIV, TS, CE, false>(dcap, n, r, g);
 }
 
 template <int DIV, typename TS>
-void grad_pass_dispatch(const float* a, const float* b, const float* dcap, int64_t n,
-                        const GradRow& r, bool ce, bool cap, TS* g) {
-  if (ce) {
-    if (cap) grad_pass<DIV, TS, true, true>(a, b, dcap, n, r, g);
-    else grad_pass<DIV, TS, true, false>(a, b, dcap, n, r, g);
-  } else {
-    if (cap) grad_pass<DIV, TS, false, true>(a, b, dcap, n, r, g);
-    else grad_pass<DIV, TS, false, false>(a, b, dcap, n, r, g);
-  }
+void grad_pass_dispatch(const float* dcap, int64_t n, const GradRow& r, int ce, TS* g) {
+  if (ce == 1) grad_pass_cap<DIV, TS, 1>(dcap, n, r, g);
+  else if (ce == 2) grad_pass_cap<DIV, TS, 2>(dcap, n, r, g);
+  else grad_pass_cap<DIV, TS, 0>(dcap, n, r, g);
 }
 
 struct Scratch {
-  std::vector<float> a, b, dcap;
-  explicit Scratch(int64_t n, bool cap) : a(n), b(n), dcap(cap ? n : 0) {}
+  std::vector<float> a, b, ea, eb, dcap;
+  explicit Scratch(int64_t n, bool cap) : a(n), b(n), ea(n), eb(n), dcap(cap ? n : 0) {}
 };
 
 template <int DIV, typename TS, typename TT>
@@ -199,33 +221,37 @@ void kd_row(const KdLossArgs& A, int64_t row, Scratch& s) {
   float* dcap = cap ? s.dcap.data() : nullptr;
   const float ma = load_row_dispatch(zs, n, cfg.inv_temperature, cfg.softcap, s.a.data(), dcap);
   const float mb = load_row_dispatch(zt, n, cfg.inv_temperature, cfg.softcap, s.b.data(), nullptr);
-  const RowStats st = stats_pass<DIV>(s.a.data(), s.b.data(), n, ma, mb);
-  const float la = ma + Math::log(st.sum_a);
-  const float lb = mb + Math::log(st.sum_b);
+  const RowStats st = stats_pass<DIV>(s.a.data(), s.b.data(), n, ma, mb, s.ea.data(), s.eb.data());
+  const StatsRow row_stats{s.a.data(), s.b.data(), s.ea.data(), s.eb.data(),
+                           ma + Math::log(st.sum_a), mb + Math::log(st.sum_b),
+                           1.0f / st.sum_a, 1.0f / st.sum_b};
 
   Terms soft{0.0f, 0.0f};
   if (DIV == kFKL) soft.loss = shifted_kl_finish<Math>(st.kl_acc, st.sum_b, st.sum_a);
   else if (DIV == kRKL) soft.loss = shifted_kl_finish<Math>(st.kl_acc, st.sum_a, st.sum_b);
-  else soft = terms_pass<DIV>(s.a.data(), s.b.data(), n, la, lb, cfg.coefs);
+  else soft = terms_pass<DIV>(row_stats, n, cfg.coefs);
 
-  GradRow r{la, lb, soft.loss, soft.dot, cfg.soft_grad_scale, cfg.hard_weight, cfg.temperature,
-            0.0f, cfg.coefs};
+  GradRow r{row_stats, soft.loss, soft.dot, cfg.soft_grad_scale, cfg.hard_grad_weight,
+            cfg.temperature, 0.0f, cfg.coefs};
   float loss = cfg.soft_weight * soft.loss;
   const bool label_ok = label >= 0 && label < n;
+  int ce_mode = 0;
   if (ce) {
     // z' = T a: LSE(z') = T ma + log sum exp(T (a - ma)).
-    const float sum_z =
-        cfg.temperature == 1.0f ? st.sum_a : tempered_sum(s.a.data(), n, cfg.temperature, ma);
+    const bool unit_t = cfg.temperature == 1.0f;
+    const float sum_z = unit_t ? st.sum_a : tempered_sum(s.a.data(), n, cfg.temperature, ma);
     r.lz = cfg.temperature * ma + Math::log(sum_z);
+    ce_mode = unit_t ? 1 : 2;
     loss += label_ok ? cfg.hard_weight * (r.lz - cfg.temperature * s.a[label])
                      : __builtin_nanf("");
   }
   A.loss[row] = loss;
 
-  grad_pass_dispatch<DIV, TS>(s.a.data(), s.b.data(), dcap, n, r, ce, cap, g);
+  grad_pass_dispatch<DIV, TS>(dcap, n, r, ce_mode, g);
   if (ce && label_ok) {
-    const float gy = grad_element<DIV, true, false>(s.a[label], s.b[label], 1.0f, r) -
-                     cfg.hard_weight;
+    const float gy = (ce_mode == 1 ? grad_element<DIV, 1, false>(label, nullptr, r)
+                                   : grad_element<DIV, 2, false>(label, nullptr, r)) -
+                     cfg.hard_grad_weight;
     g[label] = from_float<TS>(cap ? gy * dcap[label] : gy);
   }
   for (int64_t i = n; i < A.grad_vocab; ++i) g[i] = from_float<TS>(0.0f);

@@ -684,8 +684,9 @@ __device__ __forceinline__ void kd_row(const KdLossArgs& A, const LaunchPlan& pl
   if (ctas > 1) __cluster_barrier_arrive();
 #endif
 
-  // Pass 3: dL/dz_s = (soft_grad_scale dL_soft/da + hard_weight (softmax(T a) - onehot(label)))
-  // * dcap, in the student's dtype.
+  // Pass 3: dL/dz_s = (soft_grad_scale dL_soft/da
+  //                    + hard_grad_weight (softmax(T a) - onehot(label))) * dcap,
+  // in the student's dtype.
   const int label_chunk = ce && label_ok ? int((label - geo.col0) / kChunk) : -1;
   const int label_elem = ce && label_ok ? int((label - geo.col0) % kChunk) : -1;
   for_each_chunk(
@@ -704,11 +705,11 @@ __device__ __forceinline__ void kd_row(const KdLossArgs& A, const LaunchPlan& pl
         if (ce) {
 #pragma unroll
           for (int e = 0; e < kChunk; ++e)
-            g.v[e] += cfg.hard_weight * CudaMath::exp(t * (c.zs.v[e] * inv_t) - rs.lz);
+            g.v[e] += cfg.hard_grad_weight * CudaMath::exp(t * (c.zs.v[e] * inv_t) - rs.lz);
         }
         if (u == label_chunk) {
 #pragma unroll
-          for (int e = 0; e < kChunk; ++e) g.v[e] -= e == label_elem ? cfg.hard_weight : 0.0f;
+          for (int e = 0; e < kChunk; ++e) g.v[e] -= e == label_elem ? cfg.hard_grad_weight : 0.0f;
         }
         if (cap > 0.0f) g = softcap_chain(g, c.zs, cap);
         const RawChunk out = encode(g, ds);

@@ -26,11 +26,7 @@ class KdConfig:
     log_wp: float          # log of the teacher's weight in the mixture m (jsd, skl, srkl)
     log_wq: float          # log of the student's weight in m
     coef: float            # jsd: beta; skl: 1 - alpha; srkl: alpha
-
-    @property
-    def soft_grad_scale(self) -> float:
-        """dL/dz_s = soft_grad_scale * dL_soft/da (a = z_s / T)."""
-        return self.soft_weight / self.temperature
+    grad_scale: float = 1.0  # the kernels write grad_scale * dLoss_row/dz_s (e.g. 1 / #tokens)
 
 
 def _log(x: float) -> float:
@@ -39,7 +35,7 @@ def _log(x: float) -> float:
 
 def make_kd_config(divergence: str, *, temperature: float, beta: float, alpha: float,
                    softcap: float | None, hard_weight: float, t2_scale: bool,
-                   ignore_index: int) -> KdConfig:
+                   ignore_index: int, grad_scale: float = 1.0) -> KdConfig:
     """Resolves user arguments (already validated) into kernel scalars."""
     name = divergence
     # Mixtures at their edge weights are plain KLs; computing them as mixtures would divide by a
@@ -67,4 +63,5 @@ def make_kd_config(divergence: str, *, temperature: float, beta: float, alpha: f
         log_wp=log_wp,
         log_wq=log_wq,
         coef=float(coef),
+        grad_scale=float(grad_scale),
     )

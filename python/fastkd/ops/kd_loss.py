@@ -1,8 +1,10 @@
 """kd_loss: input checks, the fused custom op with its fake kernel and autograd, backend dispatch.
 
 The fused backends (``cpu``, ``triton``, ``cuda``) run one kernel that writes the per-token loss
-and dLoss_token/dstudent_logits in the forward; the backward only scales that stored gradient by
-the incoming gradient, in place. The ``torch`` backend is the plain-PyTorch reference.
+and ``grad_scale * dLoss_token/dstudent_logits`` in the forward, ``grad_scale`` being the
+reduction's weight where it is known without a device sync (1/#tokens for a mean on CPU). The
+backward only rescales that stored gradient by ``incoming / grad_scale``, in place, and skips the
+rows where that ratio is 1 (on CPU). The ``torch`` backend is the plain-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
         labels=0 if flat_labels is None else flat_labels.data_ptr(), grad=grad.data_ptr(),
         loss=loss.data_ptr(), divergence=cfg.divergence, temperature=cfg.temperature,
         softcap=cfg.softcap, soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight,
-        ignore_index=cfg.ignore_index, log_wp=cfg.log_wp, log_wq=cfg.log_wq, coef=cfg.coef)
+        grad_scale=cfg.grad_scale, ignore_index=cfg.ignore_index, log_wp=cfg.log_wp,
+        log_wq=cfg.log_wq, coef=cfg.coef)
     if backend == "cpu":
         native().kd_loss_forward_cpu(**common, num_threads=torch.get_num_threads())
     else:
@@ -136,41 +139,75 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
 def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                   divergence: int, temperature: float, softcap: float, soft_weight: float,
                   hard_weight: float, ignore_index: int, log_wp: float, log_wq: float,
-                  coef: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss (fp32, leading shape) and dLoss_token/dstudent (student's shape and dtype)."""
+                  coef: float, grad_scale: float, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
+    shape and dtype). The second output is returned so that autograd can save it: the backward
+    rescales it in place and returns it as the student's gradient."""
     cfg = KdConfig(divergence, temperature, softcap, soft_weight, hard_weight, ignore_index,
-                   log_wp, log_wq, coef)
+                   log_wp, log_wq, coef, grad_scale)
     return _launch(student, teacher, labels, cfg, backend)
 
 
 @kd_loss_fused.register_fake
 def _(student, teacher, labels, divergence, temperature, softcap, soft_weight, hard_weight,
-      ignore_index, log_wp, log_wq, coef, backend):
+      ignore_index, log_wp, log_wq, coef, grad_scale, backend):
     loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
     return loss, torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.grad_scale = inputs[12]
     ctx.save_for_backward(output[1])
+
+
+_NO_GRADS = (None,) * 13
 
 
 def _backward(ctx, grad_loss, grad_grad):
     (grad,) = ctx.saved_tensors
-    scale = grad_loss.unsqueeze(-1)
     if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
         # Traced graphs (functional/fake tensor subclasses) must not mutate saved activations;
         # the compiler plans the buffer.
-        return grad * scale, None, None, None, None, None, None, None, None, None, None, None, None
+        return grad * (grad_loss / ctx.grad_scale).unsqueeze(-1), *_NO_GRADS
     # In eager mode, in place: the stored gradient becomes the returned one, so no second [N, V]
-    # buffer exists. A second backward through the same graph finds it modified and raises.
-    grad.mul_(scale)
-    return grad, None, None, None, None, None, None, None, None, None, None, None, None
+    # buffer exists. Its version is bumped even where no row changed, so that a second backward
+    # through the same graph always raises instead of rescaling twice.
+    mod = native()
+    if grad.device.type == "cpu" and mod is not None and grad.numel() > 0:
+        factors = grad_loss.reshape(-1).to(torch.float32).contiguous()
+        mod.scale_rows_cpu(data=grad.data_ptr(), dtype=DTYPE_CODES[grad.dtype],
+                           n_rows=factors.numel(), row_len=grad.shape[-1],
+                           factors=factors.data_ptr(), unit=ctx.grad_scale,
+                           num_threads=torch.get_num_threads())
+        torch.autograd.graph.increment_version(grad)
+    else:
+        grad.mul_((grad_loss / ctx.grad_scale).unsqueeze(-1))
+    return grad, *_NO_GRADS
 
 
 kd_loss_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- public entry point ---------------------------------------------------------------------
+
+def _grad_scale(student: torch.Tensor, labels, ignore_index: int, reduction: str,
+                num_items_in_batch) -> float:
+    """The reduction's weight of every row where it is known without a device sync or a
+    data-dependent branch in a traced graph (else 1; the backward applies the rest)."""
+    if reduction != "mean":
+        return 1.0
+    if isinstance(num_items_in_batch, numbers.Real):
+        return 1.0 / float(num_items_in_batch)
+    host = student.device.type == "cpu" and not torch.compiler.is_compiling()
+    if num_items_in_batch is not None:
+        on_host = host and num_items_in_batch.device.type == "cpu"
+        return 1.0 / float(num_items_in_batch) if on_host else 1.0
+    if labels is None:
+        rows = student.numel() // student.shape[-1]
+        return 1.0 / max(rows, 1) if isinstance(rows, int) else 1.0
+    return 1.0 / max(int((labels != ignore_index).sum()), 1) if host else 1.0
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
@@ -228,9 +265,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             f"backend='torch'")
     cfg = make_kd_config(divergence, temperature=temperature, beta=beta, alpha=alpha,
                          softcap=softcap, hard_weight=hard_weight, t2_scale=t2_scale,
-                         ignore_index=ignore_index)
+                         ignore_index=ignore_index,
+                         grad_scale=_grad_scale(student_logits, labels, ignore_index, reduction,
+                                                num_items_in_batch))
     rows, _ = kd_loss_fused(student_logits, teacher_logits.detach(), labels, cfg.divergence,
                             cfg.temperature, cfg.softcap, cfg.soft_weight, cfg.hard_weight,
-                            cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, name)
+                            cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, cfg.grad_scale,
+                            name)
     valid = None if labels is None else labels != ignore_index
     return reduce_rows(rows, valid, reduction, num_items_in_batch)

@@ -178,8 +178,8 @@ def _kd_loss_fwd_kernel(
     s_outer, s_inner, t_outer, t_inner, inner_rows,
     vocab,        # min(V_s, V_t): the columns the loss sees
     grad_vocab,   # V_s
-    temperature, inv_t, cap, soft_weight, soft_grad_scale, hard_weight, ignore_index,
-    log_wp, log_wq, coef,
+    temperature, inv_t, cap, soft_weight, soft_grad_scale, hard_weight, hard_grad_weight,
+    ignore_index, log_wp, log_wq, coef,
     DIV: tl.constexpr,
     CAP: tl.constexpr,         # softcap > 0
     HAS_LABELS: tl.constexpr,
@@ -289,7 +289,8 @@ def _kd_loss_fwd_kernel(
             loss += tl.where(label_ok, hard_weight * (lz - temperature * a_label), nan)
         tl.store(loss_ptr + row, loss)
 
-        # Grad pass: soft_grad_scale * dL_soft/da (+ hard_weight (softmax(z') - onehot)) * dcap.
+        # Grad pass: soft_grad_scale * dL_soft/da (+ hard_grad_weight (softmax(z') - onehot))
+        # * dcap; both weights carry the call's grad_scale.
         for start in range(0, grad_vocab, BLOCK_V):
             cols = start + offs
             mask = cols < vocab
@@ -298,8 +299,8 @@ def _kd_loss_fwd_kernel(
             g = soft_grad_scale * _divergence_grad(b - lb, a - la, soft, dot, log_wp, log_wq,
                                                    coef, DIV)
             if CE:
-                g += hard_weight * tl.exp(temperature * a - lz)
-                g = tl.where(cols == label, g - hard_weight, g)
+                g += hard_grad_weight * tl.exp(temperature * a - lz)
+                g = tl.where(cols == label, g - hard_grad_weight, g)
             if CAP:
                 g *= dcap
             g = tl.where(mask, g, 0.0)
@@ -308,7 +309,8 @@ def _kd_loss_fwd_kernel(
 
 def kd_loss_forward(student, teacher, labels, grad, loss, *, n_rows, inner_rows, student_layout,
                     teacher_layout, vocab, grad_vocab, cfg) -> None:
-    """Writes ``loss[r]`` and ``grad[r, :]`` (dLoss_r/dz_s) for every row ``r < n_rows``.
+    """Writes ``loss[r]`` and ``grad[r, :]`` (``cfg.grad_scale`` dLoss_r/dz_s) for every row
+    ``r < n_rows``.
 
     ``student``/``teacher`` are addressed through ``student_layout``/``teacher_layout`` (see
     ``fastkd.ops._layout``); ``labels`` is ``None`` or int64 ``[n_rows]``; ``cfg`` a ``KdConfig``.
@@ -319,17 +321,19 @@ def kd_loss_forward(student, teacher, labels, grad, loss, *, n_rows, inner_rows,
     num_warps = max(1, min(4, block_v // 256))
     has_labels = labels is not None
     ce = has_labels and cfg.hard_weight > 0.0
-    # 1/T and soft_weight/T rounded as the native binding computes them (fp32 division).
+    # 1/T and the gradient weights rounded as the native binding computes them (in fp32).
     t32 = np.float32(cfg.temperature)
     inv_t = float(np.float32(1.0) / t32)
-    soft_grad_scale = float(np.float32(cfg.soft_weight) / t32)
+    grad_scale = np.float32(cfg.grad_scale)
+    soft_grad_scale = float(grad_scale * (np.float32(cfg.soft_weight) / t32))
+    hard_grad_weight = float(grad_scale * np.float32(cfg.hard_weight))
     _kd_loss_fwd_kernel[(n_rows,)](
         student, teacher, labels, grad, loss,
         student_layout.outer_stride, student_layout.inner_stride,
         teacher_layout.outer_stride, teacher_layout.inner_stride, inner_rows,
         vocab, grad_vocab,
         cfg.temperature, inv_t, cfg.softcap, cfg.soft_weight, soft_grad_scale, cfg.hard_weight,
-        cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef,
+        hard_grad_weight, cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef,
         DIV=cfg.divergence,
         CAP=cfg.softcap > 0.0,
         HAS_LABELS=has_labels,
