@@ -12,9 +12,11 @@
 // (see CMakeLists.txt); kd_loss_cpu_dispatch.cpp picks one at run time.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../common/kd_loss_args.h"
+#include "huge_pages.h"
 #include "kd_loss_cpu.h"
 #include "parallel.h"
 #include "vec_math.h"
@@ -33,19 +35,34 @@ float lane_sum(const float* v) {
   return s;
 }
 
-float lane_max(const float* v) {
-  float m = kNegInf;
-  for (int64_t j = 0; j < kLanes; ++j) m = v[j] > m ? v[j] : m;
-  return m;
+// max_i x_i, NaN entries ignored (they reach the loss through the sums). Written with GCC/Clang
+// vector types: a select on scalar lanes is not turned into vmaxps without -ffinite-math-only.
+typedef float f32x8 __attribute__((vector_size(32)));
+
+float row_max(const float* __restrict x, int64_t n) {
+  const float ninf = kNegInf;
+  f32x8 m0 = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+  f32x8 m1 = m0;
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes) {
+    f32x8 v0, v1;
+    std::memcpy(&v0, x + i, sizeof(v0));
+    std::memcpy(&v1, x + i + 8, sizeof(v1));
+    m0 = v0 > m0 ? v0 : m0;
+    m1 = v1 > m1 ? v1 : m1;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  float mx = ninf;
+  for (int j = 0; j < 8; ++j) mx = m0[j] > mx ? m0[j] : mx;
+  for (int64_t i = body; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  return mx;
 }
 
 // x_i = cap(load(z_i)) / T into `out`; d(cap)/dz into `dcap` when DCAP. Returns max_i x_i.
 template <typename T, bool CAP, bool DCAP>
 float load_row(const T* __restrict z, int64_t n, float inv_t, float cap, float* __restrict out,
                float* __restrict dcap) {
-  float m[kLanes];
-  for (int64_t j = 0; j < kLanes; ++j) m[j] = kNegInf;
-  auto element = [&](int64_t i) {
+  for (int64_t i = 0; i < n; ++i) {
     float v = to_float(z[i]);
     if (CAP) {
       v = softcap<Math>(v, cap);
@@ -54,23 +71,9 @@ float load_row(const T* __restrict z, int64_t n, float inv_t, float cap, float* 
         dcap[i] = 1.0f - r * r;
       }
     }
-    return v * inv_t;
-  };
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const float x = element(i + j);
-      out[i + j] = x;
-      m[j] = x > m[j] ? x : m[j];
-    }
+    out[i] = v * inv_t;
   }
-  float mx = lane_max(m);
-  for (int64_t i = body; i < n; ++i) {
-    const float x = element(i);
-    out[i] = x;
-    mx = x > mx ? x : mx;
-  }
-  return mx;
+  return row_max(out, n);
 }
 
 // dcap == nullptr: the capping derivative is not needed (teacher rows).
@@ -261,6 +264,7 @@ template <int DIV, typename TS, typename TT>
 void run_rows(const KdLossArgs& A, int num_threads) {
   // Below ~64k elements per thread, thread start-up costs more than it saves.
   const int64_t min_rows = A.vocab > 0 ? (65536 + A.vocab - 1) / A.vocab : A.n_rows;
+  advise_huge_pages(A.grad, size_t(A.n_rows) * size_t(A.grad_vocab) * sizeof(TS));
   parallel_for(A.n_rows, num_threads, min_rows, [&](int64_t begin, int64_t end) {
     Scratch s(A.vocab, A.config.softcap > 0.0f);
     for (int64_t row = begin; row < end; ++row) kd_row<DIV, TS, TT>(A, row, s);

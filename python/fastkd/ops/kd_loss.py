@@ -159,6 +159,10 @@ def _(student, teacher, labels, divergence, temperature, softcap, soft_weight, h
 def _setup_context(ctx, inputs, output):
     ctx.grad_scale = inputs[12]
     ctx.save_for_backward(output[1])
+    # No gradient flows into the gradient buffer: without this, autograd would materialize a
+    # zero [N, V] tensor as its incoming gradient on every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 _NO_GRADS = (None,) * 13
@@ -166,6 +170,8 @@ _NO_GRADS = (None,) * 13
 
 def _backward(ctx, grad_loss, grad_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, *_NO_GRADS
     if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
         # Traced graphs (functional/fake tensor subclasses) must not mutate saved activations;
         # the compiler plans the buffer.
