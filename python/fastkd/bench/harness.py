@@ -64,12 +64,15 @@ def _rss_kb(field_name: str) -> int:
     raise KeyError(field_name)
 
 
-def _time(step: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
+def _time(step: Callable[[], object], device: torch.device, warmup: int, reps: int,
+          before_each: Callable[[], None]) -> float:
     for _ in range(warmup):
+        before_each()
         step()
     _sync(device)
     times = []
     for _ in range(reps):
+        before_each()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -84,7 +87,9 @@ def _time(step: Callable[[], object], device: torch.device, warmup: int, reps: i
     return statistics.median(times)
 
 
-def _peak_mb(step: Callable[[], object], device: torch.device) -> float | None:
+def _peak_mb(step: Callable[[], object], device: torch.device,
+             before_each: Callable[[], None]) -> float | None:
+    before_each()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -102,18 +107,22 @@ def _peak_mb(step: Callable[[], object], device: torch.device) -> float | None:
 
 
 def measure(impls: list[Impl], device: torch.device, *, warmup: int = 2, reps: int = 5,
-            forward_only: dict[str, Callable[[], Callable[[], object]]] | None = None
-            ) -> list[Result]:
-    """Times each implementation; a failing one is reported with its error, not raised."""
+            forward_only: dict[str, Callable[[], Callable[[], object]]] | None = None,
+            before_each: Callable[[], None] = lambda: None) -> list[Result]:
+    """Times each implementation; a failing one is reported with its error, not raised.
+
+    ``before_each`` runs before every step, outside the timing (e.g. dropping last step's
+    gradients, so that the peak memory counts a step's own allocations only).
+    """
     results = []
     for impl in impls:
         res = Result(impl.name, impl.peer)
         try:
             step = impl.make()
-            res.peak_mb = _peak_mb(step, device)
-            res.time_ms = _time(step, device, warmup, reps)
+            res.peak_mb = _peak_mb(step, device, before_each)
+            res.time_ms = _time(step, device, warmup, reps, before_each)
             if forward_only and impl.name in forward_only:
-                res.fwd_ms = _time(forward_only[impl.name](), device, warmup, reps)
+                res.fwd_ms = _time(forward_only[impl.name](), device, warmup, reps, before_each)
         except Exception as exc:  # a peer that cannot run here is a result, not a crash
             res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         finally:

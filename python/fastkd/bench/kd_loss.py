@@ -79,7 +79,6 @@ def _impls(case: KdCase, student: torch.Tensor, teacher: torch.Tensor):
     def train_step(fn):
         def make():
             def step():
-                student.grad = None
                 loss = fn(student, teacher)
                 loss.backward()
                 return loss
@@ -107,6 +106,7 @@ def _impls(case: KdCase, student: torch.Tensor, teacher: torch.Tensor):
 
     impls.append(Impl("torch eager", train_step(eager), peer=True))
     fwd["torch eager"] = fwd_step(eager)
+    torch._dynamo.reset()  # a fresh compile cache per case: cases share the function's code
     compiled = torch.compile(eager)
     impls.append(Impl("torch.compile", train_step(compiled), peer=True))
     fwd["torch.compile"] = fwd_step(compiled)
@@ -131,7 +131,11 @@ def run_kd_loss_case(case: KdCase, *, warmup: int = 2, reps: int = 5, seed: int 
     teacher = (torch.randn(shape, generator=g) * 2).to(case.torch_dtype).to(case.device)
     student.requires_grad_()
     impls, fwd = _impls(case, student, teacher)
-    results = measure(impls, torch.device(case.device), warmup=warmup, reps=reps, forward_only=fwd)
+    def drop_grad():
+        student.grad = None
+
+    results = measure(impls, torch.device(case.device), warmup=warmup, reps=reps, forward_only=fwd,
+                      before_each=drop_grad)
     extra_cols: tuple[str, ...] = ()
     if case.device == "cuda":
         itemsize = student.element_size()
