@@ -132,12 +132,24 @@ def _op_args(labels=True, dtype=torch.float32):
     s = logits(6, 33, 0, dtype=dtype).requires_grad_()
     t = logits(6, 33, 1, dtype=dtype)
     lab = torch.tensor([1, 2, -100, 4, 5, 6]) if labels else None
-    return (s, t, lab, 2, 1.5, 0.0, 0.5, 0.5, -100, math.log(0.5), math.log(0.5), 0.5, 1.0, "cpu")
+    return (s, t, lab, 2, 1.5, 0.0, 0.5, 0.5, -100, math.log(0.5), math.log(0.5), 0.5, 1.0, "cpu", True)
 
 
 @pytest.mark.parametrize("labels", [True, False])
 def test_opcheck(labels):
     torch.library.opcheck(torch.ops.fastkd.kd_loss_fused.default, _op_args(labels))
+
+
+def test_no_gradient_buffer_when_no_gradient_is_wanted():
+    s, t = logits(5, 40, 0), logits(5, 40, 1)
+    args = list(_op_args())
+    args[0], args[1], args[-1] = s, t, False
+    loss, grad = torch.ops.fastkd.kd_loss_fused.default(*args)
+    assert grad.numel() == 0
+    with_grad = fastkd.kd_loss(s.clone().requires_grad_(), t, divergence="jsd", reduction="none")
+    with torch.no_grad():
+        without = fastkd.kd_loss(s.clone().requires_grad_(), t, divergence="jsd", reduction="none")
+    torch.testing.assert_close(without, with_grad.detach())
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "jsd"])

@@ -33,7 +33,8 @@ struct KdLossArgs {
   int64_t vocab;        // common prefix min(V_s, V_t): the columns the loss sees
   int64_t grad_vocab;   // V_s: columns of a gradient row; [vocab, grad_vocab) are written as 0
   const int64_t* labels;  // [n_rows] or nullptr
-  void* grad;           // [n_rows, grad_vocab] contiguous, student dtype: dLoss_row/dz_s
+  void* grad;           // [n_rows, grad_vocab] contiguous, student dtype: grad_scale *
+                        // dLoss_row/dz_s; nullptr (CPU kernel only): loss only, no gradient
   float* loss;          // [n_rows] per-row loss, 0 at ignored rows
   KdRowConfig config;
 };

@@ -209,11 +209,12 @@ template <int DIV, typename TS, typename TT>
 void kd_row(const KdLossArgs& A, int64_t row, Scratch& s) {
   const KdRowConfig& cfg = A.config;
   const int64_t n = A.vocab;
-  TS* g = static_cast<TS*>(A.grad) + row * A.grad_vocab;
+  TS* g = A.grad ? static_cast<TS*>(A.grad) + row * A.grad_vocab : nullptr;
   const int64_t label = A.labels ? A.labels[row] : cfg.ignore_index;
   if (A.labels && label == cfg.ignore_index) {
     A.loss[row] = 0.0f;
-    for (int64_t i = 0; i < A.grad_vocab; ++i) g[i] = from_float<TS>(0.0f);
+    if (g)
+      for (int64_t i = 0; i < A.grad_vocab; ++i) g[i] = from_float<TS>(0.0f);
     return;
   }
   const TS* zs = static_cast<const TS*>(A.student) + row_offset(A.student_layout, A.inner_rows, row);
@@ -249,6 +250,7 @@ void kd_row(const KdLossArgs& A, int64_t row, Scratch& s) {
                      : __builtin_nanf("");
   }
   A.loss[row] = loss;
+  if (!g) return;
 
   grad_pass_dispatch<DIV, TS>(dcap, n, r, ce_mode, g);
   if (ce && label_ok) {
@@ -264,7 +266,7 @@ template <int DIV, typename TS, typename TT>
 void run_rows(const KdLossArgs& A, int num_threads) {
   // Below ~64k elements per thread, thread start-up costs more than it saves.
   const int64_t min_rows = A.vocab > 0 ? (65536 + A.vocab - 1) / A.vocab : A.n_rows;
-  advise_huge_pages(A.grad, size_t(A.n_rows) * size_t(A.grad_vocab) * sizeof(TS));
+  if (A.grad) advise_huge_pages(A.grad, size_t(A.n_rows) * size_t(A.grad_vocab) * sizeof(TS));
   parallel_for(A.n_rows, num_threads, min_rows, [&](int64_t begin, int64_t end) {
     Scratch s(A.vocab, A.config.softcap > 0.0f);
     for (int64_t row = begin; row < end; ++row) kd_row<DIV, TS, TT>(A, row, s);

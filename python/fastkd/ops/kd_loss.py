@@ -96,14 +96,22 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, diver
 
 # ---- the fused op ---------------------------------------------------------------------------
 
+def _grad_buffer(student: torch.Tensor, need_grad: bool, backend: str) -> torch.Tensor:
+    """The gradient output: like the student, or empty where no gradient is wanted and the
+    kernel can skip it (the CPU kernel; the GPU kernels always write one)."""
+    if need_grad or backend != "cpu":
+        return torch.empty_like(student, memory_format=torch.contiguous_format)
+    return student.new_empty((0,))
+
+
 def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-            cfg: KdConfig, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+            cfg: KdConfig, backend: str, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student)."""
     lead = student.shape[:-1]
     vs, vt = student.shape[-1], teacher.shape[-1]
     vocab = min(vs, vt)
     loss = torch.empty(lead, dtype=torch.float32, device=student.device)
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad = _grad_buffer(student, need_grad, backend)
     n_rows = loss.numel()
     if n_rows == 0:
         return loss, grad
@@ -121,7 +129,8 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
         s_inner=s_layout.inner_stride, teacher=t.data_ptr(), teacher_dtype=DTYPE_CODES[t.dtype],
         t_outer=t_layout.outer_stride, t_inner=t_layout.inner_stride, inner_rows=inner_rows,
         n_rows=n_rows, vocab=vocab, grad_vocab=vs,
-        labels=0 if flat_labels is None else flat_labels.data_ptr(), grad=grad.data_ptr(),
+        labels=0 if flat_labels is None else flat_labels.data_ptr(),
+        grad=grad.data_ptr() if grad.numel() else 0,
         loss=loss.data_ptr(), divergence=cfg.divergence, temperature=cfg.temperature,
         softcap=cfg.softcap, soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight,
         grad_scale=cfg.grad_scale, ignore_index=cfg.ignore_index, log_wp=cfg.log_wp,
@@ -139,21 +148,21 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
 def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                   divergence: int, temperature: float, softcap: float, soft_weight: float,
                   hard_weight: float, ignore_index: int, log_wp: float, log_wq: float,
-                  coef: float, grad_scale: float, backend: str
+                  coef: float, grad_scale: float, backend: str, need_grad: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
-    shape and dtype). The second output is returned so that autograd can save it: the backward
-    rescales it in place and returns it as the student's gradient."""
+    shape and dtype; empty on CPU when not ``need_grad``). The second output is returned so that
+    autograd can save it: the backward rescales it in place and returns it as the gradient."""
     cfg = KdConfig(divergence, temperature, softcap, soft_weight, hard_weight, ignore_index,
                    log_wp, log_wq, coef, grad_scale)
-    return _launch(student, teacher, labels, cfg, backend)
+    return _launch(student, teacher, labels, cfg, backend, need_grad)
 
 
 @kd_loss_fused.register_fake
 def _(student, teacher, labels, divergence, temperature, softcap, soft_weight, hard_weight,
-      ignore_index, log_wp, log_wq, coef, grad_scale, backend):
+      ignore_index, log_wp, log_wq, coef, grad_scale, backend, need_grad):
     loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
-    return loss, torch.empty_like(student, memory_format=torch.contiguous_format)
+    return loss, _grad_buffer(student, need_grad, backend)
 
 
 def _setup_context(ctx, inputs, output):
@@ -165,7 +174,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-_NO_GRADS = (None,) * 13
+_NO_GRADS = (None,) * 14
 
 
 def _backward(ctx, grad_loss, grad_grad):
@@ -277,6 +286,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     rows, _ = kd_loss_fused(student_logits, teacher_logits.detach(), labels, cfg.divergence,
                             cfg.temperature, cfg.softcap, cfg.soft_weight, cfg.hard_weight,
                             cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, cfg.grad_scale,
-                            name)
+                            name, torch.is_grad_enabled() and student_logits.requires_grad)
     valid = None if labels is None else labels != ignore_index
     return reduce_rows(rows, valid, reduction, num_items_in_batch)
