@@ -70,31 +70,23 @@ KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, i
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastkd native kernels (CPU, and CUDA when compiled with nvcc)";
 
-#define FASTKD_KD_ARGS                                                                       \
-  py::arg("student"), py::arg("student_dtype"), py::arg("s_outer"), py::arg("s_inner"),      \
-      py::arg("teacher"), py::arg("teacher_dtype"), py::arg("t_outer"), py::arg("t_inner"),  \
-      py::arg("inner_rows"), py::arg("n_rows"), py::arg("vocab"), py::arg("grad_vocab"),     \
-      py::arg("labels"), py::arg("grad"), py::arg("loss"), py::arg("divergence"),            \
-      py::arg("temperature"), py::arg("softcap"), py::arg("soft_weight"),                    \
-      py::arg("hard_weight"), py::arg("grad_scale"), py::arg("ignore_index"),                 \
-      py::arg("log_wp"), py::arg("log_wq"), py::arg("coef")
+  py::class_<KdLossArgs>(m, "KdLossArgs",
+                         "Pointers, sizes, strides, dtype codes and scalars of one kd_loss call.")
+      .def(py::init(&make_kd_args), py::arg("student"), py::arg("student_dtype"),
+           py::arg("s_outer"), py::arg("s_inner"), py::arg("teacher"), py::arg("teacher_dtype"),
+           py::arg("t_outer"), py::arg("t_inner"), py::arg("inner_rows"), py::arg("n_rows"),
+           py::arg("vocab"), py::arg("grad_vocab"), py::arg("labels"), py::arg("grad"),
+           py::arg("loss"), py::arg("divergence"), py::arg("temperature"), py::arg("softcap"),
+           py::arg("soft_weight"), py::arg("hard_weight"), py::arg("grad_scale"),
+           py::arg("ignore_index"), py::arg("log_wp"), py::arg("log_wq"), py::arg("coef"));
 
   m.def(
       "kd_loss_forward_cpu",
-      [](uintptr_t student, int student_dtype, int64_t s_outer, int64_t s_inner,
-         uintptr_t teacher, int teacher_dtype, int64_t t_outer, int64_t t_inner,
-         int64_t inner_rows, int64_t n_rows, int64_t vocab, int64_t grad_vocab, uintptr_t labels,
-         uintptr_t grad, uintptr_t loss, int divergence, float temperature, float softcap,
-         float soft_weight, float hard_weight, float grad_scale, int64_t ignore_index, float log_wp,
-         float log_wq, float coef, int num_threads) {
-        const KdLossArgs a = make_kd_args(
-            student, student_dtype, s_outer, s_inner, teacher, teacher_dtype, t_outer, t_inner,
-            inner_rows, n_rows, vocab, grad_vocab, labels, grad, loss, divergence, temperature,
-            softcap, soft_weight, hard_weight, grad_scale, ignore_index, log_wp, log_wq, coef);
+      [](const KdLossArgs& args, int num_threads) {
         py::gil_scoped_release release;
-        cpu::kd_loss_forward(a, num_threads);
+        cpu::kd_loss_forward(args, num_threads);
       },
-      FASTKD_KD_ARGS, py::arg("num_threads"),
+      py::arg("args"), py::arg("num_threads"),
       "Fused kd_loss forward on CPU: writes per-row loss and grad_scale * dLoss_row/dstudent.");
 
   m.def(
@@ -115,23 +107,13 @@ PYBIND11_MODULE(_C, m) {
 #if defined(FASTKD_WITH_CUDA)
   m.def(
       "kd_loss_forward_cuda",
-      [](uintptr_t student, int student_dtype, int64_t s_outer, int64_t s_inner,
-         uintptr_t teacher, int teacher_dtype, int64_t t_outer, int64_t t_inner,
-         int64_t inner_rows, int64_t n_rows, int64_t vocab, int64_t grad_vocab, uintptr_t labels,
-         uintptr_t grad, uintptr_t loss, int divergence, float temperature, float softcap,
-         float soft_weight, float hard_weight, float grad_scale, int64_t ignore_index, float log_wp,
-         float log_wq, float coef, uintptr_t stream) {
-        const KdLossArgs a = make_kd_args(
-            student, student_dtype, s_outer, s_inner, teacher, teacher_dtype, t_outer, t_inner,
-            inner_rows, n_rows, vocab, grad_vocab, labels, grad, loss, divergence, temperature,
-            softcap, soft_weight, hard_weight, grad_scale, ignore_index, log_wp, log_wq, coef);
-        const char* err = cuda::kd_loss_forward(a, reinterpret_cast<void*>(stream));
+      [](const KdLossArgs& args, uintptr_t stream) {
+        const char* err = cuda::kd_loss_forward(args, reinterpret_cast<void*>(stream));
         if (err) throw std::runtime_error(std::string("fastkd CUDA kd_loss: ") + err);
       },
-      FASTKD_KD_ARGS, py::arg("stream"),
+      py::arg("args"), py::arg("stream"),
       "Fused kd_loss forward on CUDA, enqueued on `stream` (cudaStream_t as an integer).");
 #endif
-#undef FASTKD_KD_ARGS
 
   py::dict info;
   info["cpu_isa"] = cpu::isa_level();

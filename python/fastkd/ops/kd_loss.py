@@ -124,7 +124,7 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
                         student_layout=s_layout, teacher_layout=t_layout, vocab=vocab,
                         grad_vocab=vs, cfg=cfg)
         return loss, grad
-    common = dict(
+    args = native().KdLossArgs(
         student=s.data_ptr(), student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
         s_inner=s_layout.inner_stride, teacher=t.data_ptr(), teacher_dtype=DTYPE_CODES[t.dtype],
         t_outer=t_layout.outer_stride, t_inner=t_layout.inner_stride, inner_rows=inner_rows,
@@ -136,11 +136,11 @@ def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
         grad_scale=cfg.grad_scale, ignore_index=cfg.ignore_index, log_wp=cfg.log_wp,
         log_wq=cfg.log_wq, coef=cfg.coef)
     if backend == "cpu":
-        native().kd_loss_forward_cpu(**common, num_threads=torch.get_num_threads())
+        native().kd_loss_forward_cpu(args, num_threads=torch.get_num_threads())
     else:
         with torch.cuda.device(student.device):
             stream = torch.cuda.current_stream(student.device).cuda_stream
-            native().kd_loss_forward_cuda(**common, stream=stream)
+            native().kd_loss_forward_cuda(args, stream=stream)
     return loss, grad
 
 
