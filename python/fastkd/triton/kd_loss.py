@@ -48,16 +48,20 @@ MAX_BLOCK_V = 2048
 @triton.jit
 def _load_row(ptr, cols, mask, inv_t, cap, CAP: tl.constexpr, DCAP: tl.constexpr):
     # cols, mask: any shape. Returns a = cap(z)/T (-inf where masked), and with DCAP also
-    # d cap(z)/dz = 1 - (cap(z)/c)^2; cap(z) = c tanh(z/c), tanh(x) = sign(x) (1 - e) / (1 + e),
-    # e = exp(-2|x|): exact at +-inf.
+    # d cap(z)/dz = 1 - (cap(z)/c)^2; cap(z) = c tanh(z/c) as in kd_math.h softcap: for
+    # |x| >= 1/8, tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|), exact at +-inf; below,
+    # the series x - x^3/3 + 2x^5/15 - 17x^7/315.
     z = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
     v = z
     dcap = 1.0
     if CAP:
         x = z / cap
-        e = tl.exp(-2.0 * tl.abs(x))
+        ax = tl.abs(x)
+        e = tl.exp(-2.0 * ax)
         t = (1.0 - e) / (1.0 + e)
-        v = cap * tl.where(x < 0.0, -t, t)
+        x2 = x * x
+        series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+        v = cap * tl.where(ax < 0.125, series, tl.where(x < 0.0, -t, t))
         r = v / cap
         dcap = 1.0 - r * r
     a = tl.where(mask, v * inv_t, NEG_INF)
