@@ -70,12 +70,6 @@ FASTKD_HD float xlogx_ratio(float p, float lp, float lq) {
   return lp > kLogMinProb ? p * (lp - lq) : 0.0f;
 }
 
-// Online log-sum-exp accumulator: running max and sum of exp(x - max).
-struct OnlineLse {
-  float max = kNegInf;
-  float sum = 0.0f;
-};
-
 // Stats-pass loss of fkl and rkl, in the shifted form that cancels no large numbers:
 //   fkl = sum_i e_b,i ((b_i - mb) - (a_i - ma)) / sb - log sb + log sa,   e_b,i = exp(b_i - mb)
 // (rkl swaps a and b). `shifted_kl_term` is one term of the sum; `finish` assembles the loss.
