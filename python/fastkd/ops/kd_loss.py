@@ -165,8 +165,11 @@ def _(student, teacher, labels, divergence, temperature, softcap, soft_weight, h
     return loss, _grad_buffer(student, need_grad, backend)
 
 
+_GRAD_SCALE_ARG = 12  # position of grad_scale in kd_loss_fused's arguments
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.grad_scale = inputs[12]
+    ctx.grad_scale = inputs[_GRAD_SCALE_ARG]
     ctx.save_for_backward(output[1])
     # No gradient flows into the gradient buffer: without this, autograd would materialize a
     # zero [N, V] tensor as its incoming gradient on every backward.
