@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 from ._build_info import build_info
-from .losses import KDLoss
-from .ops import available_backends, kd_loss
+from .losses import FusedLinearKDLoss, KDLoss
+from .ops import available_backends, fused_linear_kd_loss, kd_loss
 
-__all__ = ["KDLoss", "available_backends", "build_info", "kd_loss", "__version__"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "available_backends", "build_info",
+           "fused_linear_kd_loss", "kd_loss", "__version__"]

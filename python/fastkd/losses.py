@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops.fused_linear_kd_loss import fused_linear_kd_loss
 from .ops.kd_loss import kd_loss
 
-__all__ = ["KDLoss"]
+__all__ = ["FusedLinearKDLoss", "KDLoss"]
 
 
 class KDLoss(nn.Module):
@@ -36,6 +37,55 @@ class KDLoss(nn.Module):
                 num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, labels=labels,
                        num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearKDLoss(nn.Module):
+    """Module form of :func:`fastkd.fused_linear_kd_loss`; takes its keyword options (those of
+    :func:`fastkd.kd_loss` plus ``chunk_size``, ``memory_budget``, ``logit_scale``,
+    ``teacher_logit_scale`` and ``accum_dtype``).
+
+    ``forward(student_hidden [..., H_s], student_weight [V_s, H_s], teacher_hidden=None
+    [..., H_t], teacher_weight=None [V_t, H_t], *, teacher_logits=None [..., V_t],
+    student_bias=None, teacher_bias=None, labels=None, num_items_in_batch=None)`` returns the
+    reduced loss (float32), or the per-token loss for ``reduction="none"``. The module holds no
+    parameters: pass the heads' weights (e.g. ``model.lm_head.weight``) at each call.
+    """
+
+    def __init__(self, *, divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
+                 alpha: float = 0.1, ignore_index: int = -100, hard_weight: float = 0.0,
+                 t2_scale: bool = False, softcap: float | None = None, reduction: str = "mean",
+                 chunk_size: int | None = None, memory_budget: int | None = None,
+                 logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                 accum_dtype: torch.dtype | None = None, backend: str = "auto"):
+        super().__init__()
+        self.options = dict(divergence=divergence, temperature=temperature, beta=beta,
+                            alpha=alpha, ignore_index=ignore_index, hard_weight=hard_weight,
+                            t2_scale=t2_scale, softcap=softcap, reduction=reduction,
+                            chunk_size=chunk_size, memory_budget=memory_budget,
+                            logit_scale=logit_scale, teacher_logit_scale=teacher_logit_scale,
+                            accum_dtype=accum_dtype, backend=backend)
+        # Check the options now rather than at the first forward.
+        probe = torch.zeros(1, 1)
+        fused_linear_kd_loss(
+            probe, probe, probe, probe,
+            labels=torch.zeros(1, dtype=torch.long) if hard_weight > 0 else None,
+            **{**self.options, "backend": "torch"})
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: torch.Tensor | None = None,
+                teacher_weight: torch.Tensor | None = None, *,
+                teacher_logits: torch.Tensor | None = None,
+                student_bias: torch.Tensor | None = None,
+                teacher_bias: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
+                                    teacher_weight, teacher_logits=teacher_logits,
+                                    student_bias=student_bias, teacher_bias=teacher_bias,
+                                    labels=labels, num_items_in_batch=num_items_in_batch,
+                                    **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

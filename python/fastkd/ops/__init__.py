@@ -1,6 +1,7 @@
 """Op families: input checks, torch custom ops with fake kernels and autograd, backend dispatch."""
 
 from ._backends import available_backends
+from .fused_linear_kd_loss import fused_linear_kd_loss
 from .kd_loss import kd_loss
 
-__all__ = ["available_backends", "kd_loss"]
+__all__ = ["available_backends", "fused_linear_kd_loss", "kd_loss"]

@@ -15,12 +15,16 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 # see benchmarks/results/ for the CUDA-vs-Triton comparison.
 AUTO_ORDER = {
     "kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
+    # The row kernel of the chunked lm_head + loss: the same kernels as kd_loss.
+    "fused_linear_kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
 }
 
 # Native entry point each op needs, per backend.
 _NATIVE_SYMBOL = {
     ("kd_loss", "cpu"): "kd_loss_forward_cpu",
     ("kd_loss", "cuda"): "kd_loss_forward_cuda",
+    ("fused_linear_kd_loss", "cpu"): "kd_loss_forward_cpu",
+    ("fused_linear_kd_loss", "cuda"): "kd_loss_forward_cuda",
 }
 
 

@@ -9,89 +9,39 @@ rows where that ratio is 1 (on CPU). The ``torch`` backend is the plain-PyTorch 
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
 from ..reference.kd_loss import kd_loss_reference, reduce_rows
 from ._backends import resolve_backend
-from ._kd_config import DIVERGENCES, KdConfig, make_kd_config
+from ._checks import check_kd_options, check_labels, check_logits
+from ._kd_config import KdConfig, make_kd_config
 from ._layout import row_layout
 from ._native import DTYPE_CODES, native
 
 __all__ = ["kd_loss"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _FUSED_DTYPES = tuple(DTYPE_CODES)
-
-
-def _check_unit_interval(name: str, value) -> None:
-    if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
 
 
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, divergence,
                   temperature, beta, alpha, ignore_index, hard_weight, softcap, reduction,
                   num_items_in_batch) -> None:
-    for name, t in (("student_logits", student), ("teacher_logits", teacher)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point; got dtype {t.dtype}")
-        if t.dim() < 1 or t.shape[-1] < 1:
-            raise ValueError(f"{name} must have shape [..., V] with V >= 1; got {tuple(t.shape)}")
+    check_logits("student_logits", student)
+    check_logits("teacher_logits", teacher)
     if student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(
             f"student_logits and teacher_logits must have the same leading shape; got "
             f"{tuple(student.shape)} and {tuple(teacher.shape)}")
     if student.device != teacher.device:
         raise ValueError(f"student_logits is on {student.device} but teacher_logits on {teacher.device}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose from {sorted(DIVERGENCES)}")
-    if not isinstance(temperature, numbers.Real) or not (0 < float(temperature) < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
-    _check_unit_interval("beta", beta)
-    _check_unit_interval("alpha", alpha)
-    _check_unit_interval("hard_weight", hard_weight)
-    if softcap is not None and (not isinstance(softcap, numbers.Real)
-                                or not (0 < float(softcap) < math.inf)):
-        raise ValueError(f"softcap must be None or a finite number > 0; got {softcap!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}")
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(f"num_items_in_batch must be a scalar; got shape "
-                                 f"{tuple(num_items_in_batch.shape)}")
-        elif not isinstance(num_items_in_batch, numbers.Real) or not num_items_in_batch > 0:
-            raise ValueError(f"num_items_in_batch must be > 0; got {num_items_in_batch!r}")
-    if not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
-    if labels is None:
-        if hard_weight > 0:
-            raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy term")
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor; got dtype {labels.dtype}")
-    if labels.shape != student.shape[:-1]:
-        raise ValueError(f"labels must have the logits' leading shape {tuple(student.shape[:-1])}; "
-                         f"got {tuple(labels.shape)}")
-    if labels.device != student.device:
-        raise ValueError(f"labels are on {labels.device} but the logits on {student.device}")
-    # Range check where it costs no device sync (and outside torch.compile graphs, where it
-    # would be data-dependent control flow); elsewhere an out-of-range label with
-    # hard_weight > 0 yields a NaN loss for its token (the kernels never read past V).
-    if labels.device.type == "cpu" and labels.numel() > 0 and not torch.compiler.is_compiling():
-        vocab = min(student.shape[-1], teacher.shape[-1])
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            values = labels[bad].unique()[:5].tolist()
-            raise ValueError(
-                f"labels must lie in [0, {vocab}) (the common vocabulary min(V_s, V_t)) or equal "
-                f"ignore_index={ignore_index}; found {values}")
+    check_kd_options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                     ignore_index=ignore_index, hard_weight=hard_weight, softcap=softcap,
+                     reduction=reduction, num_items_in_batch=num_items_in_batch,
+                     has_labels=labels is not None)
+    check_labels(labels, student.shape[:-1], student.device,
+                 min(student.shape[-1], teacher.shape[-1]), ignore_index)
 
 
 # ---- the fused op ---------------------------------------------------------------------------
@@ -104,14 +54,23 @@ def _grad_buffer(student: torch.Tensor, need_grad: bool, backend: str) -> torch.
     return student.new_empty((0,))
 
 
-def _launch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-            cfg: KdConfig, backend: str, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student)."""
+def launch_kd_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                   cfg: KdConfig, backend: str, need_grad: bool, *,
+                   loss: torch.Tensor | None = None, grad: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student).
+
+    ``loss`` (contiguous fp32, the leading shape) and ``grad`` (contiguous, the student's shape)
+    may be given to write into; ``grad`` may be ``student`` itself when that is contiguous:
+    every kernel reads a row's logits before it writes that row's gradient.
+    """
     lead = student.shape[:-1]
     vs, vt = student.shape[-1], teacher.shape[-1]
     vocab = min(vs, vt)
-    loss = torch.empty(lead, dtype=torch.float32, device=student.device)
-    grad = _grad_buffer(student, need_grad, backend)
+    if loss is None:
+        loss = torch.empty(lead, dtype=torch.float32, device=student.device)
+    if grad is None:
+        grad = _grad_buffer(student, need_grad, backend)
     n_rows = loss.numel()
     if n_rows == 0:
         return loss, grad
@@ -155,7 +114,7 @@ def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     autograd can save it: the backward rescales it in place and returns it as the gradient."""
     cfg = KdConfig(divergence, temperature, softcap, soft_weight, hard_weight, ignore_index,
                    log_wp, log_wq, coef, grad_scale)
-    return _launch(student, teacher, labels, cfg, backend, need_grad)
+    return launch_kd_rows(student, teacher, labels, cfg, backend, need_grad)
 
 
 @kd_loss_fused.register_fake
@@ -209,21 +168,20 @@ kd_loss_fused.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public entry point ---------------------------------------------------------------------
 
-def _grad_scale(student: torch.Tensor, labels, ignore_index: int, reduction: str,
-                num_items_in_batch) -> float:
+def mean_grad_scale(n_rows: int, device: torch.device, labels, ignore_index: int,
+                    reduction: str, num_items_in_batch) -> float:
     """The reduction's weight of every row where it is known without a device sync or a
     data-dependent branch in a traced graph (else 1; the backward applies the rest)."""
     if reduction != "mean":
         return 1.0
     if isinstance(num_items_in_batch, numbers.Real):
         return 1.0 / float(num_items_in_batch)
-    host = student.device.type == "cpu" and not torch.compiler.is_compiling()
+    host = device.type == "cpu" and not torch.compiler.is_compiling()
     if num_items_in_batch is not None:
         on_host = host and num_items_in_batch.device.type == "cpu"
         return 1.0 / float(num_items_in_batch) if on_host else 1.0
     if labels is None:
-        rows = student.numel() // student.shape[-1]
-        return 1.0 / max(rows, 1) if isinstance(rows, int) else 1.0
+        return 1.0 / max(n_rows, 1) if isinstance(n_rows, int) else 1.0
     return 1.0 / max(int((labels != ignore_index).sum()), 1) if host else 1.0
 
 
@@ -281,11 +239,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             f"teacher; got student {student_logits.dtype}, teacher {teacher_logits.dtype} "
             f"(teacher requires_grad={teacher_logits.requires_grad}); detach the teacher or use "
             f"backend='torch'")
+    n_rows = student_logits.numel() // student_logits.shape[-1]
     cfg = make_kd_config(divergence, temperature=temperature, beta=beta, alpha=alpha,
                          softcap=softcap, hard_weight=hard_weight, t2_scale=t2_scale,
                          ignore_index=ignore_index,
-                         grad_scale=_grad_scale(student_logits, labels, ignore_index, reduction,
-                                                num_items_in_batch))
+                         grad_scale=mean_grad_scale(n_rows, device, labels, ignore_index,
+                                                    reduction, num_items_in_batch))
     rows, _ = kd_loss_fused(student_logits, teacher_logits.detach(), labels, cfg.divergence,
                             cfg.temperature, cfg.softcap, cfg.soft_weight, cfg.hard_weight,
                             cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, cfg.grad_scale,

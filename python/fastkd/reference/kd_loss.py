@@ -84,15 +84,20 @@ def reduce_rows(rows: torch.Tensor, valid: torch.Tensor | None, reduction: str,
     """
     if reduction == "none":
         return rows
-    total = rows.sum()
+    return reduce_total(rows.sum(), rows.numel(), valid, reduction, num_items_in_batch)
+
+
+def reduce_total(total: torch.Tensor, n_rows: int, valid: torch.Tensor | None, reduction: str,
+                 num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """``"sum"`` or ``"mean"`` of ``n_rows`` per-row losses whose sum is ``total`` (0-dim)."""
     if reduction == "sum":
         return total
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(device=rows.device, dtype=rows.dtype)
+            num_items_in_batch = num_items_in_batch.to(device=total.device, dtype=total.dtype)
         return total / num_items_in_batch
-    count = torch.tensor(rows.numel(), device=rows.device) if valid is None else valid.sum()
-    return total / count.clamp(min=1).to(rows.dtype)
+    count = torch.tensor(n_rows, device=total.device) if valid is None else valid.sum()
+    return total / count.clamp(min=1).to(total.dtype)
 
 
 def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,

@@ -1,0 +1,511 @@
+"""fused_linear_kd_loss: the lm_head of the student (and of an online teacher) fused with kd_loss.
+
+Tokens are processed in chunks. Per chunk of C rows:
+
+    z_s = s_s * (x_s W_s^T + b_s)          [C, V_s] fp32, straight from the matmul
+    z_t = s_t * (x_t W_t^T + b_t)          [C, V_t] fp32, no grad (or rows of dense logits)
+    loss rows and g = grad_scale * dL/dz_s  by the fused kd_loss row kernel, g written over z_s
+    grad_x[rows] = s_s * g W_s              [C, H_s]
+    grad_W      += s_s * g^T x_s            [V_s, H_s]     grad_b += s_s * sum_rows g
+
+so the gradients exist when the forward returns, and the backward only scales them by the
+incoming gradient (in place in eager mode). No [N, V] buffer of any dtype is allocated: the
+workspace is one chunk of logits per model, sized from a memory budget.
+
+``reduction="none"`` gets a per-token incoming gradient, which cannot rescale grad_W after the
+fact: there the forward computes the loss only and the backward runs the chunks again with each
+row's gradient weighted by its incoming value (one more pass of the two logits GEMMs).
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import torch
+
+from ..reference.fused_linear_kd_loss import fused_linear_kd_loss_reference
+from ..reference.kd_loss import reduce_total
+from ._backends import resolve_backend
+from ._checks import check_kd_options, check_labels
+from ._kd_config import KdConfig, make_kd_config
+from ._native import DTYPE_CODES
+from .kd_loss import launch_kd_rows, mean_grad_scale
+
+__all__ = ["default_memory_budget", "fused_linear_kd_loss", "resolve_chunk_size"]
+
+# Default workspace per chunk (the fp32 logits of both models, and on CUDA the low-precision
+# copy of the gradient fed to the GEMMs). On CPU a smaller chunk loses little GEMM efficiency.
+_MEMORY_BUDGET = {"cpu": 256 << 20, "cuda": 1 << 30}
+_FALLBACK_BUDGET = 256 << 20
+_CHUNK_MULTIPLE = 64  # chunks above this many rows are rounded down to a multiple of it
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes of chunk workspace used when ``memory_budget`` is not given."""
+    return _MEMORY_BUDGET.get(device.type, _FALLBACK_BUDGET)
+
+
+def resolve_chunk_size(n_rows: int, student_vocab: int, teacher_vocab: int | None,
+                       low_precision_grad: bool, memory_budget: int) -> int:
+    """Rows per chunk such that the chunk's workspace fits in ``memory_budget`` bytes.
+
+    Per row: 4 V_s bytes of student logits (overwritten by the gradient), 4 V_t of teacher
+    logits when they are computed here (``teacher_vocab`` not None), and 2 V_s for the
+    gradient's low-precision copy when the GEMMs run in bf16/fp16.
+    """
+    per_row = 4 * student_vocab + (4 * teacher_vocab if teacher_vocab else 0)
+    per_row += 2 * student_vocab if low_precision_grad else 0
+    rows = max(1, memory_budget // per_row)
+    if rows > _CHUNK_MULTIPLE:
+        rows -= rows % _CHUNK_MULTIPLE
+    return int(min(rows, max(n_rows, 1)))
+
+
+# ---- input checks ---------------------------------------------------------------------------
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def _check_tensor(name: str, t, *, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if _is_dtensor(t):
+        raise TypeError(
+            f"{name} is a DTensor (placements {tuple(t.placements)}); fused_linear_kd_loss needs "
+            f"the full tensor on every rank. Call it inside the FSDP-wrapped module's forward "
+            f"(FSDP2's fully_shard unshards parameters there; FSDP1: under "
+            f"FSDP.summon_full_params), or pass {name}.full_tensor()")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point; got dtype {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimension(s); got shape {tuple(t.shape)}")
+
+
+def _check_head(prefix: str, hidden, weight, bias) -> None:
+    """hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` or None, on one device."""
+    _check_tensor(f"{prefix}_hidden", hidden)
+    _check_tensor(f"{prefix}_weight", weight, dim=2)
+    if hidden.dim() < 1:
+        raise ValueError(f"{prefix}_hidden must have shape [..., H]; got a scalar")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{prefix}_weight must have shape [V, H] with V >= 1; got "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{prefix}_hidden [..., H] and {prefix}_weight [V, H] must agree on H; "
+                         f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor(f"{prefix}_bias", bias, dim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{prefix}_bias must have shape [V] = [{weight.shape[0]}] like "
+                             f"{prefix}_weight's rows; got {tuple(bias.shape)}")
+    for name, t in ((f"{prefix}_weight", weight), (f"{prefix}_bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but {prefix}_hidden on {hidden.device}")
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{name} and {prefix}_hidden must have one dtype (as F.linear "
+                            f"needs); got {t.dtype} and {hidden.dtype}")
+
+
+def _check_scale(name: str, value) -> None:
+    if not isinstance(value, numbers.Real) or not (0 < abs(float(value)) < float("inf")):
+        raise ValueError(f"{name} must be a finite nonzero number; got {value!r}")
+
+
+def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                  teacher_bias, teacher_logits, *, chunk_size, memory_budget, logit_scale,
+                  teacher_logit_scale, accum_dtype) -> None:
+    _check_head("student", student_hidden, student_weight, student_bias)
+    lead = student_hidden.shape[:-1]
+    device = student_hidden.device
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("give the teacher either as teacher_logits or as teacher_hidden and "
+                             "teacher_weight (and teacher_bias), not both")
+        _check_tensor("teacher_logits", teacher_logits)
+        if teacher_logits.dim() < 1 or teacher_logits.shape[:-1] != lead or \
+                teacher_logits.shape[-1] < 1:
+            raise ValueError(f"teacher_logits must have shape [..., V_t] with the leading shape "
+                             f"{tuple(lead)} of student_hidden; got {tuple(teacher_logits.shape)}")
+        if teacher_logits.device != device:
+            raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_hidden on "
+                             f"{device}")
+        if teacher_logit_scale != 1.0:
+            raise ValueError(f"teacher_logit_scale={teacher_logit_scale!r} applies to logits "
+                             f"computed from teacher_hidden; scale dense teacher_logits yourself")
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or "
+                             "teacher_logits")
+        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(f"teacher_hidden must have the leading shape {tuple(lead)} of "
+                             f"student_hidden; got {tuple(teacher_hidden.shape)}")
+        if teacher_hidden.device != device:
+            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden on "
+                             f"{device}")
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
+    if memory_budget is not None and (not isinstance(memory_budget, numbers.Integral)
+                                      or memory_budget < 1):
+        raise ValueError(f"memory_budget must be None or a number of bytes >= 1; got "
+                         f"{memory_budget!r}")
+    _check_scale("logit_scale", logit_scale)
+    _check_scale("teacher_logit_scale", teacher_logit_scale)
+    if accum_dtype not in (None, torch.float32):
+        raise ValueError(f"accum_dtype must be None (the weight's dtype) or torch.float32; got "
+                         f"{accum_dtype!r}")
+
+
+# ---- the chunked computation ----------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _has_fp32_out_mm(device_type: str) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for bf16 operands here: it
+    gives fp32 logits from a low-precision GEMM without rounding them to bf16 first."""
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The operand a GEMM with fp32 output reads: ``t`` itself when the device has a
+    low-precision GEMM with fp32 output (or ``t`` is fp32), else an fp32 copy."""
+    if t is None or t.dtype == torch.float32 or _has_fp32_out_mm(t.device.type):
+        return t
+    return t.float()
+
+
+def _logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                 scale: float) -> torch.Tensor:
+    """``out[:] = scale * (x w^T + b)`` in fp32: ``[C, H] x [V, H] -> [C, V]``."""
+    if x.dtype == torch.float32:
+        torch.mm(x, w.t(), out=out)
+    elif w.dtype == torch.float32:  # an fp32 copy of a low-precision weight (CPU)
+        torch.mm(x.float(), w.t(), out=out)
+    else:
+        out.copy_(torch.mm(x, w.t(), out_dtype=torch.float32))
+    if b is not None:
+        out.add_(b)
+    if scale != 1.0:
+        out.mul_(scale)
+    return out
+
+
+def _teacher_rows(teacher_logits: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    """Rows [begin, end) of dense teacher logits ``[..., V_t]`` flattened to ``[N, V_t]``: a view
+    where the layout allows one, else a gather of just those rows (never a copy of all N)."""
+    vocab = teacher_logits.shape[-1]
+    try:
+        return teacher_logits.view(-1, vocab)[begin:end]
+    except RuntimeError:
+        index = torch.unravel_index(torch.arange(begin, end, device=teacher_logits.device),
+                                    teacher_logits.shape[:-1])
+        return teacher_logits[index]
+
+
+def _run_chunks(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                teacher_logits, labels, row_scale, cfg: KdConfig, logit_scale: float,
+                teacher_logit_scale: float, chunk_size: int, accum_fp32: bool, backend: str,
+                need_hidden: bool, need_weight: bool, need_bias: bool):
+    """Loss rows ``[N]`` fp32 and the requested gradients (empty tensors for the others)."""
+    n_rows, vocab_s = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    need_grad = need_hidden or need_weight or need_bias
+    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    # GEMM operands: fp32 copies where no low-precision GEMM with fp32 output exists (CPU);
+    # there grad_W and grad_b accumulate in fp32 anyway, since the GEMMs produce fp32.
+    w_mm = _gemm_operand(weight)
+    tw_mm = _gemm_operand(teacher_weight)
+    grad_dtype = torch.float32 if w_mm.dtype == torch.float32 else weight.dtype
+    acc_dtype = torch.float32 if accum_fp32 or grad_dtype == torch.float32 else weight.dtype
+    grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight
+                   else weight.new_empty(0))
+    grad_bias = (torch.zeros(vocab_s, dtype=acc_dtype, device=device) if need_bias
+                 else weight.new_empty(0))
+    vocab_t = teacher_weight.shape[0] if teacher_logits is None else teacher_logits.shape[-1]
+    zs_buf = torch.empty(min(chunk_size, n_rows), vocab_s, dtype=torch.float32, device=device)
+    zt_buf = (torch.empty(min(chunk_size, n_rows), vocab_t, dtype=torch.float32, device=device)
+              if teacher_logits is None else None)
+
+    for begin in range(0, n_rows, chunk_size):
+        end = min(begin + chunk_size, n_rows)
+        x = hidden[begin:end]
+        zs = _logits_into(zs_buf[:end - begin], x, w_mm, bias, logit_scale)
+        if teacher_logits is None:
+            zt = _logits_into(zt_buf[:end - begin], teacher_hidden[begin:end], tw_mm,
+                              teacher_bias, teacher_logit_scale)
+        else:
+            zt = _teacher_rows(teacher_logits, begin, end)
+        launch_kd_rows(zs, zt, None if labels is None else labels[begin:end], cfg, backend,
+                       need_grad, loss=loss[begin:end],
+                       grad=zs if need_grad or backend != "cpu" else None)
+        if not need_grad:
+            continue
+        g = zs  # grad_scale * dL/dz_s, fp32, written over the logits
+        if row_scale is not None:
+            g.mul_(row_scale[begin:end, None])
+        if logit_scale != 1.0:
+            g.mul_(logit_scale)  # z_s = s (x W^T + b): the GEMMs need s * dL/dz_s
+        g_mm = g if grad_dtype == torch.float32 else g.to(grad_dtype)
+        if need_hidden:
+            x_grad = torch.mm(g_mm, w_mm)
+            grad_hidden[begin:end].copy_(x_grad)
+        if need_weight:
+            x_mm = x if x.dtype == grad_weight.dtype else x.to(grad_weight.dtype)
+            g_w = g_mm if g_mm.dtype == grad_weight.dtype else g
+            grad_weight.addmm_(g_w.t(), x_mm)
+        if need_bias:
+            grad_bias.add_(g.sum(0))
+    if need_weight and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if need_bias and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+# ---- the custom op --------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::fused_linear_kd_loss_fused", mutates_args=())
+def fused_linear_kd_loss_fused(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None,
+        teacher_bias: torch.Tensor | None, teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor | None, row_scale: torch.Tensor | None,
+        divergence: int, temperature: float, softcap: float, soft_weight: float,
+        hard_weight: float, ignore_index: int, log_wp: float, log_wq: float, coef: float,
+        grad_scale: float, logit_scale: float, teacher_logit_scale: float, chunk_size: int,
+        accum_fp32: bool, reduce: bool, backend: str, need_hidden: bool, need_weight: bool,
+        need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_hidden, grad_weight, grad_bias). ``hidden`` is ``[N, H_s]``, ``labels``
+    ``[N]`` int64, ``row_scale`` ``[N]`` fp32 (a weight per row's gradient) or None. The loss is
+    the fp32 sum of the rows when ``reduce`` (a scalar) else the rows ``[N]``; gradients are
+    ``grad_scale`` times those of the summed rows, empty where not requested."""
+    cfg = KdConfig(divergence, temperature, softcap, soft_weight, hard_weight, ignore_index,
+                   log_wp, log_wq, coef, grad_scale)
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, *grads = _run_chunks(hidden, weight, bias, teacher_hidden, teacher_weight,
+                                   teacher_bias, teacher_logits, labels, row_scale, cfg,
+                                   logit_scale, teacher_logit_scale, chunk_size, accum_fp32,
+                                   backend, need_hidden, need_weight, need_bias)
+    return (loss.sum() if reduce else loss), *grads
+
+
+@fused_linear_kd_loss_fused.register_fake
+def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels,
+      row_scale, divergence, temperature, softcap, soft_weight, hard_weight, ignore_index, log_wp,
+      log_wq, coef, grad_scale, logit_scale, teacher_logit_scale, chunk_size, accum_fp32, reduce,
+      backend, need_hidden, need_weight, need_bias):
+    loss = hidden.new_empty(() if reduce else hidden.shape[:1], dtype=torch.float32)
+    return (loss,
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            torch.empty_like(bias) if need_bias else weight.new_empty(0))
+
+
+# Positions in fused_linear_kd_loss_fused's arguments.
+_N_ARGS = 28
+_ROW_SCALE_ARG, _GRAD_SCALE_ARG, _REDUCE_ARG = 8, 18, 23
+_NEED_ARGS = slice(25, 28)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduce = inputs[_REDUCE_ARG]
+    ctx.grad_scale = inputs[_GRAD_SCALE_ARG]
+    grads = output[1:]
+    # No gradient flows into the gradient outputs (this also spares autograd materializing
+    # zero tensors as their incoming gradients).
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    if ctx.reduce:
+        ctx.save_for_backward(*grads)
+    else:
+        # reduction="none": the backward recomputes the chunks with per-row weights.
+        is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
+        ctx.inputs = [None if tensor else t for t, tensor in zip(inputs, is_tensor)]
+        ctx.tensor_positions = [i for i, tensor in enumerate(is_tensor) if tensor]
+        ctx.save_for_backward(*(t for t, tensor in zip(inputs, is_tensor) if tensor))
+
+
+def _scale_in_place(grads, factor: torch.Tensor, unit: float):
+    """``grads * factor / unit``; in place in eager mode, skipped on CPU where that is 1."""
+    if torch.compiler.is_compiling() or any(type(g) is not torch.Tensor for g in grads):
+        return [g * (factor / unit) for g in grads]
+    # unit is compared as the incoming gradient's float32 would carry it (e.g. 1/#tokens).
+    unit_as_factor = float(torch.tensor(unit, dtype=factor.dtype))
+    if factor.device.type == "cpu" and float(factor) == unit_as_factor:
+        scaled = grads
+    else:
+        scaled = [g.mul_(factor / unit) for g in grads]
+    # Bump the versions even where nothing changed, so that a second backward through the
+    # same graph raises instead of scaling twice.
+    for g in scaled:
+        torch.autograd.graph.increment_version(g)
+    return scaled
+
+
+def _backward(ctx, grad_loss, *unused):
+    needs = ctx.needs_input_grad[:3]
+    if grad_loss is None or not any(needs):
+        return (None,) * _N_ARGS
+    if ctx.reduce:
+        saved = ctx.saved_tensors
+        present = [g for g, need in zip(saved, needs) if need]
+        scaled = iter(_scale_in_place(present, grad_loss.to(torch.float32), ctx.grad_scale))
+        out = [next(scaled) if need else None for need in needs]
+        return (*out, *(None,) * (_N_ARGS - 3))
+    inputs = list(ctx.inputs)
+    for position, t in zip(ctx.tensor_positions, ctx.saved_tensors):
+        inputs[position] = t
+    inputs[_ROW_SCALE_ARG] = grad_loss.to(torch.float32).contiguous()
+    inputs[_NEED_ARGS] = needs
+    _, *grads = fused_linear_kd_loss_fused(*inputs)
+    out = [g if need else None for g, need in zip(grads, needs)]
+    return (*out, *(None,) * (_N_ARGS - 3))
+
+
+fused_linear_kd_loss_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry point ---------------------------------------------------------------------
+
+def _autocast(tensors, device_type: str):
+    """Casts floating tensors to the autocast dtype where autocast is on, as ``F.linear`` would
+    run under it (the casts are recorded by autograd)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.dtype != dtype else t for t in tensors]
+
+
+def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                         teacher_hidden: torch.Tensor | None = None,
+                         teacher_weight: torch.Tensor | None = None, *,
+                         teacher_logits: torch.Tensor | None = None,
+                         student_bias: torch.Tensor | None = None,
+                         teacher_bias: torch.Tensor | None = None,
+                         chunk_size: int | None = None, memory_budget: int | None = None,
+                         logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                         accum_dtype: torch.dtype | None = None,
+                         divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
+                         alpha: float = 0.1, labels: torch.Tensor | None = None,
+                         ignore_index: int = -100, hard_weight: float = 0.0,
+                         t2_scale: bool = False, softcap: float | None = None,
+                         reduction: str = "mean",
+                         num_items_in_batch: int | torch.Tensor | None = None,
+                         backend: str = "auto") -> torch.Tensor:
+    """kd_loss of the student's lm_head output against the teacher's, without materializing
+    either model's ``[N, V]`` logits.
+
+    Student logits are ``logit_scale * (student_hidden @ student_weight.T + student_bias)``,
+    computed chunk by chunk in fp32 (no low-precision rounding of the logits). The teacher is
+    either online, ``teacher_logit_scale * (teacher_hidden @ teacher_weight.T + teacher_bias)``
+    under no_grad, or dense offline ``teacher_logits``. Gradients reach ``student_hidden``,
+    ``student_weight`` and ``student_bias``, never the teacher.
+
+    Args:
+        student_hidden: ``[..., H_s]`` float32/bfloat16/float16 (float64: ``torch`` backend).
+        student_weight: ``[V_s, H_s]`` lm_head weight (tied embeddings work; it may be frozen).
+        teacher_hidden, teacher_weight: ``[..., H_t]`` (same leading shape; H_t may differ from
+            H_s) and ``[V_t, H_t]``.
+        teacher_logits: ``[..., V_t]`` instead of the two above.
+        student_bias, teacher_bias: ``[V_s]``, ``[V_t]`` or None.
+        chunk_size: tokens per chunk; by default the most whose workspace (fp32 logits of both
+            models, and on CUDA the gradient's bf16/fp16 copy) fits in ``memory_budget``.
+        memory_budget: bytes of that workspace; default 256 MiB on CPU, 1 GiB on CUDA.
+        logit_scale, teacher_logit_scale: multipliers of the heads' outputs (e.g. Cohere's
+            ``logit_scale``); applied before ``softcap`` and the temperature.
+        accum_dtype: None accumulates grad_W and grad_b over chunks in the weight's dtype where
+            the GEMMs run in it (CUDA); ``torch.float32`` accumulates in fp32 with fp32 GEMMs
+            for grad_W (more memory, slower). On CPU the GEMMs and accumulation are fp32.
+        divergence ... num_items_in_batch: as in :func:`fastkd.kd_loss`; labels and
+            reductions take the leading shape of ``student_hidden``.
+        backend: row kernel, as in :func:`fastkd.kd_loss`; ``"torch"`` is the plain
+            (unchunked) PyTorch path.
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or the leading shape for
+        ``reduction="none"``. With ``reduction="none"`` and gradients wanted, the backward
+        recomputes the logits once more (the per-token incoming gradient weights every row).
+    """
+    _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                  teacher_bias, teacher_logits, chunk_size=chunk_size, memory_budget=memory_budget,
+                  logit_scale=logit_scale, teacher_logit_scale=teacher_logit_scale,
+                  accum_dtype=accum_dtype)
+    check_kd_options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                     ignore_index=ignore_index, hard_weight=hard_weight, softcap=softcap,
+                     reduction=reduction, num_items_in_batch=num_items_in_batch,
+                     has_labels=labels is not None)
+    lead = student_hidden.shape[:-1]
+    device = student_hidden.device
+    vocab_s = student_weight.shape[0]
+    vocab_t = teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
+    check_labels(labels, lead, device, min(vocab_s, vocab_t), ignore_index, "student_hidden")
+
+    student_hidden, student_weight, student_bias = _autocast(
+        [student_hidden, student_weight, student_bias], device.type)
+    if teacher_logits is None:
+        teacher_hidden, teacher_weight, teacher_bias = _autocast(
+            [teacher_hidden, teacher_weight, teacher_bias], device.type)
+    kd_kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                     labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
+                     t2_scale=t2_scale, softcap=softcap, reduction=reduction,
+                     num_items_in_batch=num_items_in_batch)
+    operands = [student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                teacher_bias, teacher_logits]
+    fusable = all(t is None or t.dtype in DTYPE_CODES for t in operands)
+    if backend == "auto" and not fusable:
+        backend = "torch"
+    name = resolve_backend("fused_linear_kd_loss", backend, device)
+    if name == "torch":
+        return fused_linear_kd_loss_reference(
+            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
+            logit_scale=logit_scale, teacher_logit_scale=teacher_logit_scale, **kd_kwargs)
+    if not fusable:
+        raise ValueError(
+            f"backend {name!r} takes float32/bfloat16/float16 operands; got "
+            f"{[None if t is None else t.dtype for t in operands]}; use backend='torch'")
+
+    n_rows = lead.numel()
+    hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
+    t_hidden = (None if teacher_hidden is None
+                else teacher_hidden.detach().reshape(n_rows, teacher_hidden.shape[-1]))
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and t is not None and t.requires_grad
+            for t in (hidden, student_weight, student_bias)]
+    reduce = reduction != "none"
+    if chunk_size is None:
+        low_precision_grad = device.type == "cuda" and student_weight.dtype != torch.float32
+        chunk_size = resolve_chunk_size(
+            n_rows, vocab_s, vocab_t if teacher_logits is None else None, low_precision_grad,
+            memory_budget if memory_budget is not None else default_memory_budget(device))
+    cfg = make_kd_config(divergence, temperature=temperature, beta=beta, alpha=alpha,
+                         softcap=softcap, hard_weight=hard_weight, t2_scale=t2_scale,
+                         ignore_index=ignore_index,
+                         grad_scale=mean_grad_scale(n_rows, device, labels, ignore_index,
+                                                    reduction, num_items_in_batch))
+    loss, *_ = fused_linear_kd_loss_fused(
+        hidden, student_weight, student_bias, t_hidden,
+        None if teacher_weight is None else teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        None if teacher_logits is None else teacher_logits.detach(),
+        flat_labels, None, cfg.divergence, cfg.temperature, cfg.softcap, cfg.soft_weight,
+        cfg.hard_weight, cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, cfg.grad_scale,
+        float(logit_scale), float(teacher_logit_scale), int(chunk_size),
+        accum_dtype == torch.float32, reduce, name, *(need if reduce else (False,) * 3))
+    if not reduce:
+        return loss.reshape(lead)
+    valid = None if labels is None else labels != ignore_index
+    return reduce_total(loss, n_rows, valid, reduction, num_items_in_batch)
