@@ -41,5 +41,14 @@ python3 -m fastkd.cli bench kd_loss --device cuda --dtype bfloat16 --rows 8192 -
   --divergence fkl rkl jsd tvd --reps 10 --out "$OUT/bench_kd_loss.json" \
   --markdown "$OUT/bench_kd_loss.md" 2>&1 | tee "$OUT/bench_kd_loss.log" || status=1
 
+# 8 cases, each compiling its torch.compile and Liger peers afresh: compiling, not the timed
+# steps, dominates here, and 5 reps keep the step within a few minutes.
+step "fused_linear_kd_loss benchmark: bf16, H=4096, V=128256, online teacher"
+python3 -m fastkd.cli bench fused_linear_kd_loss --device cuda --dtype bfloat16 --hidden 4096 \
+  --vocab 128256 --rows 1024 2048 4096 8192 --teacher online --divergence jsd fkl --beta 0.5 \
+  --warmup 1 --reps 5 --out "$OUT/bench_fused_linear_kd_loss.json" \
+  --markdown "$OUT/bench_fused_linear_kd_loss.md" 2>&1 \
+  | tee "$OUT/bench_fused_linear_kd_loss.log" || status=1
+
 step "done (status $status); results in $OUT"
 exit $status

@@ -11,6 +11,8 @@ import torch
 
 __all__ = ["main"]
 
+_BENCH_OPS = ("kd_loss", "fused_linear_kd_loss")  # what `fastkd bench OP` measures
+
 
 def _cmd_info(args) -> int:
     from . import build_info
@@ -19,12 +21,28 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _bench_cases(args):
+    """(case, function measuring it) for each case that ``fastkd bench OP`` sweeps."""
+    from .bench import FusedLinearCase, KdCase, run_fused_linear_case, run_kd_loss_case
+
+    for divergence in args.divergence:
+        for rows in args.rows:
+            for vocab in args.vocab:
+                if args.op == "kd_loss":
+                    yield (KdCase(rows=rows, vocab=vocab, dtype=args.dtype, divergence=divergence,
+                                  beta=args.beta, device=args.device), run_kd_loss_case)
+                else:
+                    yield (FusedLinearCase(rows=rows, hidden=args.hidden, vocab=vocab,
+                                           dtype=args.dtype, divergence=divergence,
+                                           beta=args.beta, teacher=args.teacher,
+                                           device=args.device), run_fused_linear_case)
+
+
 def _cmd_bench(args) -> int:
-    from .bench import KdCase, run_kd_loss_case
     from .bench.harness import write_results
 
-    if args.op != "kd_loss":
-        print(f"unknown op {args.op!r}; available: kd_loss", file=sys.stderr)
+    if args.op not in _BENCH_OPS:
+        print(f"unknown op {args.op!r}; available: {', '.join(_BENCH_OPS)}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -33,15 +51,11 @@ def _cmd_bench(args) -> int:
     if args.device == "cuda":
         payload["gpu"] = torch.cuda.get_device_name()
     tables = []
-    for divergence in args.divergence:
-        for rows in args.rows:
-            for vocab in args.vocab:
-                case = KdCase(rows=rows, vocab=vocab, dtype=args.dtype, divergence=divergence,
-                              beta=args.beta, device=args.device)
-                results, table = run_kd_loss_case(case, warmup=args.warmup, reps=args.reps)
-                print(table + "\n", flush=True)
-                tables.append(table)
-                payload["cases"].append({"case": case.__dict__, "results": results})
+    for case, run_case in _bench_cases(args):
+        results, table = run_case(case, warmup=args.warmup, reps=args.reps)
+        print(table + "\n", flush=True)
+        tables.append(table)
+        payload["cases"].append({"case": case.__dict__, "results": results})
     if args.out:
         write_results(args.out, payload)
     if args.markdown:
@@ -63,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="what this installation compiled (build_info)")
 
     bench = sub.add_parser("bench", help="time fastkd against torch eager/compile (and Liger on GPU)")
-    bench.add_argument("op", nargs="?", default="kd_loss")
+    bench.add_argument("op", nargs="?", default="kd_loss", help=f"one of {', '.join(_BENCH_OPS)}")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--rows", type=int, nargs="+", default=[2048])
     bench.add_argument("--vocab", type=int, nargs="+", default=[32000])
+    bench.add_argument("--hidden", type=int, default=256,
+                       help="hidden size H of the lm_head (fused_linear_kd_loss)")
+    bench.add_argument("--teacher", default="online", choices=["online", "offline"],
+                       help="teacher as hidden states and an lm_head, or as dense logits "
+                            "(fused_linear_kd_loss)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--divergence", nargs="+", default=["fkl"])
     bench.add_argument("--beta", type=float, default=0.5)

@@ -1,6 +1,8 @@
 """The benchmark harness (`fastkd bench`, `python -m fastkd.bench`)."""
 
+from .fused_linear import FusedLinearCase, run_fused_linear_case
 from .harness import Impl, Result, format_table, measure
 from .kd_loss import KdCase, run_kd_loss_case
 
-__all__ = ["Impl", "KdCase", "Result", "format_table", "measure", "run_kd_loss_case"]
+__all__ = ["FusedLinearCase", "Impl", "KdCase", "Result", "format_table", "measure",
+           "run_fused_linear_case", "run_kd_loss_case"]

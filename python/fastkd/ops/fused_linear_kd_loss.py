@@ -10,7 +10,10 @@ Tokens are processed in chunks. Per chunk of C rows:
 
 so the gradients exist when the forward returns, and the backward only scales them by the
 incoming gradient (in place in eager mode). No [N, V] buffer of any dtype is allocated: the
-workspace is one chunk of logits per model, sized from a memory budget.
+workspace is one chunk of fp32 logits per model (plus, where the GEMMs run in bf16/fp16, the
+gradient's copy in that dtype), sized from a memory budget. Where no low-precision GEMM with fp32
+output exists (CPU), a bf16/fp16 head is multiplied through an fp32 copy of its weight, and
+grad_W accumulates in fp32: [V, H] fp32 buffers outside that budget.
 
 ``reduction="none"`` gets a per-token incoming gradient, which cannot rescale grad_W after the
 fact: there the forward computes the loss only and the backward runs the chunks again with each
@@ -38,7 +41,7 @@ __all__ = ["default_memory_budget", "fused_linear_kd_loss", "resolve_chunk_size"
 # copy of the gradient fed to the GEMMs). On CPU a smaller chunk loses little GEMM efficiency.
 _MEMORY_BUDGET = {"cpu": 256 << 20, "cuda": 1 << 30}
 _FALLBACK_BUDGET = 256 << 20
-_CHUNK_MULTIPLE = 64  # chunks above this many rows are rounded down to a multiple of it
+_CHUNK_ALIGN = 8  # chunk rows are rounded up to a multiple of this where the budget allows
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -48,7 +51,8 @@ def default_memory_budget(device: torch.device) -> int:
 
 def resolve_chunk_size(n_rows: int, student_vocab: int, teacher_vocab: int | None,
                        low_precision_grad: bool, memory_budget: int) -> int:
-    """Rows per chunk such that the chunk's workspace fits in ``memory_budget`` bytes.
+    """Rows per chunk such that the chunk's workspace fits in ``memory_budget`` bytes, with the
+    rows spread evenly over the fewest chunks (no small tail GEMM).
 
     Per row: 4 V_s bytes of student logits (overwritten by the gradient), 4 V_t of teacher
     logits when they are computed here (``teacher_vocab`` not None), and 2 V_s for the
@@ -56,10 +60,13 @@ def resolve_chunk_size(n_rows: int, student_vocab: int, teacher_vocab: int | Non
     """
     per_row = 4 * student_vocab + (4 * teacher_vocab if teacher_vocab else 0)
     per_row += 2 * student_vocab if low_precision_grad else 0
-    rows = max(1, memory_budget // per_row)
-    if rows > _CHUNK_MULTIPLE:
-        rows -= rows % _CHUNK_MULTIPLE
-    return int(min(rows, max(n_rows, 1)))
+    max_rows = max(1, memory_budget // per_row)
+    if n_rows <= max_rows:
+        return max(n_rows, 1)
+    n_chunks = -(-n_rows // max_rows)
+    rows = -(-n_rows // n_chunks)
+    aligned = -(-rows // _CHUNK_ALIGN) * _CHUNK_ALIGN  # GEMM-friendly row counts
+    return aligned if aligned <= max_rows else rows
 
 
 # ---- input checks ---------------------------------------------------------------------------
@@ -185,20 +192,30 @@ def _gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float()
 
 
-def _logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                 scale: float) -> torch.Tensor:
-    """``out[:] = scale * (x w^T + b)`` in fp32: ``[C, H] x [V, H] -> [C, V]``."""
-    if x.dtype == torch.float32:
-        torch.mm(x, w.t(), out=out)
-    elif w.dtype == torch.float32:  # an fp32 copy of a low-precision weight (CPU)
-        torch.mm(x.float(), w.t(), out=out)
-    else:
-        out.copy_(torch.mm(x, w.t(), out_dtype=torch.float32))
+def _chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float,
+                  buffer: torch.Tensor | None) -> torch.Tensor:
+    """``scale * (x w^T + b)`` in fp32: ``[C, H] x [V, H] -> [C, V]``, written into ``buffer``
+    (fp32 GEMMs) or returned fresh from a low-precision GEMM with fp32 output."""
+    if w.dtype != torch.float32:
+        logits = torch.mm(x, w.t(), out_dtype=torch.float32)
+    elif x.dtype == torch.float32:
+        logits = torch.mm(x, w.t(), out=buffer)
+    else:  # an fp32 copy of a low-precision weight (CPU)
+        logits = torch.mm(x.float(), w.t(), out=buffer)
     if b is not None:
-        out.add_(b)
+        logits.add_(b)
     if scale != 1.0:
-        out.mul_(scale)
-    return out
+        logits.mul_(scale)
+    return logits
+
+
+def _logits_buffer(rows: int, w: torch.Tensor | None) -> torch.Tensor | None:
+    """A reusable fp32 ``[rows, V]`` output for the fp32 GEMMs with ``w`` ``[V, H]`` (on CPU,
+    reusing it spares the page faults of a fresh allocation per chunk); None where the GEMM
+    allocates its own."""
+    if w is None or w.dtype != torch.float32:
+        return None
+    return torch.empty(rows, w.shape[0], dtype=torch.float32, device=w.device)
 
 
 def _teacher_rows(teacher_logits: torch.Tensor, begin: int, end: int) -> torch.Tensor:
@@ -233,18 +250,18 @@ def _run_chunks(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
                    else weight.new_empty(0))
     grad_bias = (torch.zeros(vocab_s, dtype=acc_dtype, device=device) if need_bias
                  else weight.new_empty(0))
-    vocab_t = teacher_weight.shape[0] if teacher_logits is None else teacher_logits.shape[-1]
-    zs_buf = torch.empty(min(chunk_size, n_rows), vocab_s, dtype=torch.float32, device=device)
-    zt_buf = (torch.empty(min(chunk_size, n_rows), vocab_t, dtype=torch.float32, device=device)
-              if teacher_logits is None else None)
+    zs_buf = _logits_buffer(min(chunk_size, n_rows), w_mm)
+    zt_buf = _logits_buffer(min(chunk_size, n_rows), tw_mm)
 
     for begin in range(0, n_rows, chunk_size):
         end = min(begin + chunk_size, n_rows)
         x = hidden[begin:end]
-        zs = _logits_into(zs_buf[:end - begin], x, w_mm, bias, logit_scale)
+        zs = _chunk_logits(x, w_mm, bias, logit_scale,
+                           None if zs_buf is None else zs_buf[:end - begin])
         if teacher_logits is None:
-            zt = _logits_into(zt_buf[:end - begin], teacher_hidden[begin:end], tw_mm,
-                              teacher_bias, teacher_logit_scale)
+            zt = _chunk_logits(teacher_hidden[begin:end], tw_mm, teacher_bias,
+                               teacher_logit_scale,
+                               None if zt_buf is None else zt_buf[:end - begin])
         else:
             zt = _teacher_rows(teacher_logits, begin, end)
         launch_kd_rows(zs, zt, None if labels is None else labels[begin:end], cfg, backend,
@@ -259,8 +276,10 @@ def _run_chunks(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
             g.mul_(logit_scale)  # z_s = s (x W^T + b): the GEMMs need s * dL/dz_s
         g_mm = g if grad_dtype == torch.float32 else g.to(grad_dtype)
         if need_hidden:
-            x_grad = torch.mm(g_mm, w_mm)
-            grad_hidden[begin:end].copy_(x_grad)
+            if grad_hidden.dtype == g_mm.dtype:
+                torch.mm(g_mm, w_mm, out=grad_hidden[begin:end])
+            else:  # fp32 GEMM on CPU for low-precision hidden states
+                grad_hidden[begin:end].copy_(torch.mm(g_mm, w_mm))
         if need_weight:
             x_mm = x if x.dtype == grad_weight.dtype else x.to(grad_weight.dtype)
             g_w = g_mm if g_mm.dtype == grad_weight.dtype else g
