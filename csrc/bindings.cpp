@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings.h"
 #include "common/kd_loss_args.h"
 #include "cpu/kd_loss_cpu.h"
 #include "cpu/scale_rows.h"
@@ -114,6 +115,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("args"), py::arg("stream"),
       "Fused kd_loss forward on CUDA, enqueued on `stream` (cudaStream_t as an integer).");
 #endif
+
+  bind_sample_teacher(m);
+  bind_sparse_kd_loss(m);
 
   py::dict info;
   info["cpu_isa"] = cpu::isa_level();

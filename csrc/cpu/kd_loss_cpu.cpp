@@ -9,7 +9,7 @@
 // summation order on every instruction set.
 //
 // This file is compiled once per instruction-set level with FASTKD_ISA naming the namespace
-// (see CMakeLists.txt); kd_loss_cpu_dispatch.cpp picks one at run time.
+// (see CMakeLists.txt); isa_dispatch.cpp picks one at run time.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -33,29 +33,6 @@ float lane_sum(const float* v) {
   float s = 0.0f;
   for (int64_t j = 0; j < kLanes; ++j) s += v[j];
   return s;
-}
-
-// max_i x_i, NaN entries ignored (they reach the loss through the sums). Written with GCC/Clang
-// vector types: a select on scalar lanes is not turned into vmaxps without -ffinite-math-only.
-typedef float f32x8 __attribute__((vector_size(32)));
-
-float row_max(const float* __restrict x, int64_t n) {
-  const float ninf = kNegInf;
-  f32x8 m0 = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
-  f32x8 m1 = m0;
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes) {
-    f32x8 v0, v1;
-    std::memcpy(&v0, x + i, sizeof(v0));
-    std::memcpy(&v1, x + i + 8, sizeof(v1));
-    m0 = v0 > m0 ? v0 : m0;
-    m1 = v1 > m1 ? v1 : m1;
-  }
-  m0 = m1 > m0 ? m1 : m0;
-  float mx = ninf;
-  for (int j = 0; j < 8; ++j) mx = m0[j] > mx ? m0[j] : mx;
-  for (int64_t i = body; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
-  return mx;
 }
 
 // x_i = cap(load(z_i)) / T into `out`; d(cap)/dz into `dcap` when DCAP. Returns max_i x_i.

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../common/dtype.h"
 
@@ -73,6 +74,30 @@ struct CpuMath {
     return y;
   }
 };
+
+// max_i x_i, NaN entries ignored. Written with GCC/Clang vector types: a select on scalar lanes
+// is not turned into vmaxps without -ffinite-math-only. Internal linkage: every per-ISA build
+// of a kernel gets its own copy.
+typedef float f32x8 __attribute__((vector_size(32)));
+
+static inline float row_max(const float* __restrict x, int64_t n) {
+  const float ninf = -__builtin_huge_valf();
+  f32x8 m0 = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+  f32x8 m1 = m0;
+  const int64_t body = n - n % 16;
+  for (int64_t i = 0; i < body; i += 16) {
+    f32x8 v0, v1;
+    std::memcpy(&v0, x + i, sizeof(v0));
+    std::memcpy(&v1, x + i + 8, sizeof(v1));
+    m0 = v0 > m0 ? v0 : m0;
+    m1 = v1 > m1 ? v1 : m1;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  float mx = ninf;
+  for (int j = 0; j < 8; ++j) mx = m0[j] > mx ? m0[j] : mx;
+  for (int64_t i = body; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  return mx;
+}
 
 }  // namespace cpu
 }  // namespace fastkd

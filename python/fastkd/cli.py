@@ -11,7 +11,7 @@ import torch
 
 __all__ = ["main"]
 
-_BENCH_OPS = ("kd_loss", "fused_linear_kd_loss")  # what `fastkd bench OP` measures
+_BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher")  # what `fastkd bench OP` measures
 
 
 def _cmd_info(args) -> int:
@@ -23,8 +23,16 @@ def _cmd_info(args) -> int:
 
 def _bench_cases(args):
     """(case, function measuring it) for each case that ``fastkd bench OP`` sweeps."""
-    from .bench import FusedLinearCase, KdCase, run_fused_linear_case, run_kd_loss_case
+    from .bench import (FusedLinearCase, KdCase, SampleCase, run_fused_linear_case,
+                        run_kd_loss_case, run_sample_teacher_case)
 
+    if args.op == "sample_teacher":
+        for rows in args.rows:
+            for vocab in args.vocab:
+                yield (SampleCase(rows=rows, vocab=vocab, dtype=args.dtype,
+                                  num_samples=args.num_samples, temperature=args.temperature,
+                                  device=args.device), run_sample_teacher_case)
+        return
     for divergence in args.divergence:
         for rows in args.rows:
             for vocab in args.vocab:
@@ -86,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--teacher", default="online", choices=["online", "offline"],
                        help="teacher as hidden states and an lm_head, or as dense logits "
                             "(fused_linear_kd_loss)")
+    bench.add_argument("--num-samples", type=int, default=50,
+                       help="draws per token (sample_teacher)")
+    bench.add_argument("--temperature", type=float, default=1.0,
+                       help="proposal temperature (sample_teacher)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--divergence", nargs="+", default=["fkl"])
     bench.add_argument("--beta", type=float, default=0.5)

@@ -133,11 +133,13 @@ def measure(impls: list[Impl], device: torch.device, *, warmup: int = 2, reps: i
     return results
 
 
-def format_table(title: str, results: list[Result], extra_cols: tuple[str, ...] = ()) -> str:
-    """A markdown table; `vs best peer` is the best peer's time over this implementation's."""
+def format_table(title: str, results: list[Result], extra_cols: tuple[str, ...] = (),
+                 time_label: str = "fwd+bwd ms") -> str:
+    """A markdown table; `vs best peer` is the best peer's time over this implementation's.
+    ``time_label`` names the timed step (forward+backward unless the op has no backward)."""
     peers = [r.time_ms for r in results if r.peer and r.time_ms is not None]
     best_peer = min(peers) if peers else None
-    head = ["impl", "fwd+bwd ms", "fwd ms", "peak MB", "vs best peer", *extra_cols]
+    head = ["impl", time_label, "fwd ms", "peak MB", "vs best peer", *extra_cols]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
              "|" + "|".join("---" for _ in head) + "|"]
     for r in results:

@@ -3,5 +3,8 @@
 from ._backends import available_backends
 from .fused_linear_kd_loss import fused_linear_kd_loss
 from .kd_loss import kd_loss
+from .sample_teacher import sample_teacher
+from .sparse_kd_loss import sparse_kd_loss
 
-__all__ = ["available_backends", "fused_linear_kd_loss", "kd_loss"]
+__all__ = ["available_backends", "fused_linear_kd_loss", "kd_loss", "sample_teacher",
+           "sparse_kd_loss"]

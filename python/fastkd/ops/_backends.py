@@ -17,7 +17,13 @@ AUTO_ORDER = {
     "kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     # The row kernel of the chunked lm_head + loss: the same kernels as kd_loss.
     "fused_linear_kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
+    # Sampling: the native kernel on CPU; elsewhere the reference sampler (same draws).
+    "sample_teacher": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    "sparse_kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
 }
+
+# Ops with a Triton kernel.
+_TRITON_OPS = {"kd_loss", "fused_linear_kd_loss", "sparse_kd_loss"}
 
 # Native entry point each op needs, per backend.
 _NATIVE_SYMBOL = {
@@ -25,6 +31,8 @@ _NATIVE_SYMBOL = {
     ("kd_loss", "cuda"): "kd_loss_forward_cuda",
     ("fused_linear_kd_loss", "cpu"): "kd_loss_forward_cpu",
     ("fused_linear_kd_loss", "cuda"): "kd_loss_forward_cuda",
+    ("sample_teacher", "cpu"): "sample_teacher_cpu",
+    ("sparse_kd_loss", "cpu"): "sparse_kd_loss_forward_cpu",
 }
 
 
@@ -35,6 +43,8 @@ def backend_error(op: str, backend: str, device: torch.device) -> str | None:
     if backend == "torch":
         return None
     if backend == "triton":
+        if op not in _TRITON_OPS:
+            return f"fastkd has no Triton kernel for {op}"
         return triton_error(device)
     if backend in ("cpu", "cuda"):
         if device.type != backend:
@@ -44,7 +54,9 @@ def backend_error(op: str, backend: str, device: torch.device) -> str | None:
         mod = native()
         if mod is None:
             return native_error()
-        symbol = _NATIVE_SYMBOL[(op, backend)]
+        symbol = _NATIVE_SYMBOL.get((op, backend))
+        if symbol is None:
+            return f"fastkd has no {backend} kernel for {op}"
         if not hasattr(mod, symbol):
             if backend == "cuda":
                 return ("fastkd was built without CUDA kernels (no nvcc at build time, or "

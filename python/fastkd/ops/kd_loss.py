@@ -46,7 +46,7 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, diver
 
 # ---- the fused op ---------------------------------------------------------------------------
 
-def _grad_buffer(student: torch.Tensor, need_grad: bool, backend: str) -> torch.Tensor:
+def grad_buffer(student: torch.Tensor, need_grad: bool, backend: str) -> torch.Tensor:
     """The gradient output: like the student, or empty where no gradient is wanted and the
     kernel can skip it (the CPU kernel; the GPU kernels always write one)."""
     if need_grad or backend != "cpu":
@@ -70,7 +70,7 @@ def launch_kd_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.T
     if loss is None:
         loss = torch.empty(lead, dtype=torch.float32, device=student.device)
     if grad is None:
-        grad = _grad_buffer(student, need_grad, backend)
+        grad = grad_buffer(student, need_grad, backend)
     n_rows = loss.numel()
     if n_rows == 0:
         return loss, grad
@@ -121,7 +121,7 @@ def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
 def _(student, teacher, labels, divergence, temperature, softcap, soft_weight, hard_weight,
       ignore_index, log_wp, log_wq, coef, grad_scale, backend, need_grad):
     loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
-    return loss, _grad_buffer(student, need_grad, backend)
+    return loss, grad_buffer(student, need_grad, backend)
 
 
 _GRAD_SCALE_ARG = 12  # position of grad_scale in kd_loss_fused's arguments
@@ -139,14 +139,14 @@ def _setup_context(ctx, inputs, output):
 _NO_GRADS = (None,) * 14
 
 
-def _backward(ctx, grad_loss, grad_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:
-        return None, *_NO_GRADS
+def rescale_grad_rows(grad: torch.Tensor, grad_loss: torch.Tensor,
+                      grad_scale: float) -> torch.Tensor:
+    """The stored ``grad`` ``[..., V]`` (grad_scale times the rows' gradients) times
+    ``grad_loss / grad_scale`` per row: the gradient to return from a backward."""
     if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
         # Traced graphs (functional/fake tensor subclasses) must not mutate saved activations;
         # the compiler plans the buffer.
-        return grad * (grad_loss / ctx.grad_scale).unsqueeze(-1), *_NO_GRADS
+        return grad * (grad_loss / grad_scale).unsqueeze(-1)
     # In eager mode, in place: the stored gradient becomes the returned one, so no second [N, V]
     # buffer exists. Its version is bumped even where no row changed, so that a second backward
     # through the same graph always raises instead of rescaling twice.
@@ -155,12 +155,19 @@ def _backward(ctx, grad_loss, grad_grad):
         factors = grad_loss.reshape(-1).to(torch.float32).contiguous()
         mod.scale_rows_cpu(data=grad.data_ptr(), dtype=DTYPE_CODES[grad.dtype],
                            n_rows=factors.numel(), row_len=grad.shape[-1],
-                           factors=factors.data_ptr(), unit=ctx.grad_scale,
+                           factors=factors.data_ptr(), unit=grad_scale,
                            num_threads=torch.get_num_threads())
         torch.autograd.graph.increment_version(grad)
     else:
-        grad.mul_((grad_loss / ctx.grad_scale).unsqueeze(-1))
-    return grad, *_NO_GRADS
+        grad.mul_((grad_loss / grad_scale).unsqueeze(-1))
+    return grad
+
+
+def _backward(ctx, grad_loss, grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, *_NO_GRADS
+    return rescale_grad_rows(grad, grad_loss, ctx.grad_scale), *_NO_GRADS
 
 
 kd_loss_fused.register_autograd(_backward, setup_context=_setup_context)

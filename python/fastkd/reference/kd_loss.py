@@ -15,7 +15,7 @@ import torch
 __all__ = ["divergence_rows", "kd_loss_reference", "reduce_rows"]
 
 
-def _xlogy_ratio(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
+def xlogy_ratio(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
     """w * (log_w - log_v) with the term taken as 0 wherever w == 0."""
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     safe = torch.where(w > 0, log_w - log_v, zero)
@@ -58,20 +58,20 @@ def divergence_rows(lp: torch.Tensor, lq: torch.Tensor, divergence: str, *, beta
     elif divergence == "jsd" and beta == 1.0:
         divergence = "rkl"
     if divergence == "fkl":
-        return _xlogy_ratio(p, lp, lq).sum(-1)
+        return xlogy_ratio(p, lp, lq).sum(-1)
     if divergence == "rkl":
-        return _xlogy_ratio(q, lq, lp).sum(-1)
+        return xlogy_ratio(q, lq, lp).sum(-1)
     if divergence == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     if divergence == "jsd":
         lm = _log_mixture(_log(beta), lp, _log(1.0 - beta), lq)
-        return beta * _xlogy_ratio(p, lp, lm).sum(-1) + (1 - beta) * _xlogy_ratio(q, lq, lm).sum(-1)
+        return beta * xlogy_ratio(p, lp, lm).sum(-1) + (1 - beta) * xlogy_ratio(q, lq, lm).sum(-1)
     if divergence == "skl":
         lm = _log_mixture(_log(alpha), lp, _log(1.0 - alpha), lq)
-        return _xlogy_ratio(p, lp, lm).sum(-1)
+        return xlogy_ratio(p, lp, lm).sum(-1)
     if divergence == "srkl":
         lm = _log_mixture(_log(1.0 - alpha), lp, _log(alpha), lq)
-        return _xlogy_ratio(q, lq, lm).sum(-1)
+        return xlogy_ratio(q, lq, lm).sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
 
 

@@ -2,6 +2,8 @@
 // machine's processor): x86-64-v4 (AVX-512) where available, else x86-64-v3 (AVX2 + FMA), else
 // the baseline build.
 #include "kd_loss_cpu.h"
+#include "sample_teacher_cpu.h"
+#include "sparse_kd_loss_cpu.h"
 
 namespace fastkd {
 namespace cpu {
@@ -35,6 +37,26 @@ void kd_loss_forward(const KdLossArgs& args, int num_threads) {
     case Isa::kAvx2: return avx2::kd_loss_forward(args, num_threads);
 #endif
     default: return base::kd_loss_forward(args, num_threads);
+  }
+}
+
+void sample_teacher(const SampleTeacherArgs& args, int num_threads) {
+  switch (cached_isa()) {
+#if defined(FASTKD_CPU_X86_LEVELS)
+    case Isa::kAvx512: return avx512::sample_teacher(args, num_threads);
+    case Isa::kAvx2: return avx2::sample_teacher(args, num_threads);
+#endif
+    default: return base::sample_teacher(args, num_threads);
+  }
+}
+
+void sparse_kd_loss_forward(const SparseKdLossArgs& args, int num_threads) {
+  switch (cached_isa()) {
+#if defined(FASTKD_CPU_X86_LEVELS)
+    case Isa::kAvx512: return avx512::sparse_kd_loss_forward(args, num_threads);
+    case Isa::kAvx2: return avx2::sparse_kd_loss_forward(args, num_threads);
+#endif
+    default: return base::sparse_kd_loss_forward(args, num_threads);
   }
 }
 

@@ -1,0 +1,180 @@
+"""sample_teacher: sparse teacher targets from dense teacher logits (random sampling or top-k).
+
+``method="random"`` runs the counter-based sampler (native kernel on CPU, the plain-PyTorch
+twin in ``reference/`` elsewhere): every draw is a pure function of (seed, global token index,
+draw index), so the targets do not depend on how tokens are batched. ``method="topk"`` is the
+biased baseline, in plain PyTorch on every device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..reference.sample_teacher import sample_teacher_reference
+from ..sparse.targets import METHODS, TAILS, SparseTargets
+from ._backends import resolve_backend
+from ._checks import check_logits
+from ._layout import row_layout
+from ._native import DTYPE_CODES, native
+
+__all__ = ["sample_teacher"]
+
+_MAX_SEED = 2**64
+
+
+def _check_inputs(logits, *, num_samples, method, k, temperature, seed, token_offset, tail,
+                  labels, ignore_index) -> None:
+    check_logits("teacher_logits", logits)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if not isinstance(temperature, numbers.Real) or not 0 < float(temperature) < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
+    if not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
+    if not isinstance(token_offset, numbers.Integral) or token_offset < 0:
+        raise ValueError(f"token_offset must be an int >= 0; got {token_offset!r}")
+    vocab = logits.shape[-1]
+    if method == "random":
+        if not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
+        if k is not None or tail is not None:
+            raise ValueError(f"k and tail apply to method='topk'; got k={k!r}, tail={tail!r}")
+        return
+    if not isinstance(k, numbers.Integral) or not 1 <= k <= vocab:
+        raise ValueError(f"method='topk' needs k in [1, V={vocab}]; got k={k!r}")
+    if tail not in TAILS:
+        raise ValueError(f"method='topk' needs tail in {TAILS}; got {tail!r}")
+    if temperature != 1.0:
+        raise ValueError(f"temperature applies to method='random' (its proposal); got "
+                         f"{temperature!r} with method='topk'")
+    if tail == "label":
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point:
+            raise TypeError("tail='label' needs integer labels of the logits' leading shape")
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(f"labels must have the leading shape {tuple(logits.shape[:-1])}; "
+                             f"got {tuple(labels.shape)}")
+        if labels.device.type == "cpu":
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+            if bool(bad.any()):
+                raise ValueError(f"labels must lie in [0, {vocab}) or equal "
+                                 f"ignore_index={ignore_index}; found "
+                                 f"{labels[bad].unique()[:5].tolist()}")
+
+
+def _sample_native(logits: torch.Tensor, num_samples: int, temperature: float, seed: int,
+                   token_offset: int, return_logprobs: bool):
+    lead = logits.shape[:-1]
+    shape = (*lead, num_samples)
+    ids = torch.empty(shape, dtype=torch.int32)
+    weights = torch.empty(shape, dtype=torch.float32)
+    logprobs = torch.empty(shape, dtype=torch.float32) if return_logprobs else None
+    n_rows = lead.numel()
+    invalid = torch.zeros(n_rows, dtype=torch.uint8)
+    if n_rows:
+        z, inner_rows, layout = row_layout(logits)
+        native().sample_teacher_cpu(
+            logits=z.data_ptr(), dtype=DTYPE_CODES[z.dtype], outer_stride=layout.outer_stride,
+            inner_stride=layout.inner_stride, inner_rows=inner_rows, n_rows=n_rows,
+            vocab=logits.shape[-1], temperature=float(temperature), num_samples=num_samples,
+            seed=int(seed), token_offset=int(token_offset), ids=ids.data_ptr(),
+            weights=weights.data_ptr(), logprobs=0 if logprobs is None else logprobs.data_ptr(),
+            invalid=invalid.data_ptr(), num_threads=torch.get_num_threads())
+    if bool(invalid.any()):
+        rows = invalid.nonzero()[:5, 0].tolist()
+        raise ValueError(f"teacher_logits has NaN or +inf entries (flat rows {rows}); -inf "
+                         f"marks tokens outside the support, NaN and +inf cannot be sampled")
+    return ids, weights, logprobs
+
+
+def _topk_targets(logits: torch.Tensor, k: int, tail: str, labels, ignore_index: int,
+                  return_logprobs: bool):
+    """(ids, weights, logprobs, tail_mass) of the k most probable ids, tail as documented in
+    ``fastkd.sparse.targets``; ids in decreasing probability, -1 where fewer than k have mass."""
+    z = logits.float()
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    values, ids = torch.topk(z, k, dim=-1)
+    log_p = values - lse
+    has_mass = values > -math.inf
+    p = torch.where(has_mass, log_p.exp(), 0.0)
+    # The mass outside the top k, 1 - sum(p), without cancellation: -expm1(LSE(log p)).
+    rest = (-torch.expm1(torch.logsumexp(log_p, -1))).clamp_min(0.0)
+    tail_mass = None
+    if tail == "renorm":
+        weights = torch.where(has_mass, torch.softmax(values, -1), 0.0)
+    elif tail == "bucket":
+        weights, tail_mass = p, rest
+    else:
+        label = labels.to(torch.int64)
+        live = label != ignore_index
+        hit = (ids == label[..., None]) & live[..., None]
+        weights = p + hit * rest[..., None]
+        extra = live & ~hit.any(-1)
+        ids = torch.cat([ids, torch.where(extra, label, -1)[..., None]], -1)
+        weights = torch.cat([weights, torch.where(extra, rest, 0.0)[..., None]], -1)
+        log_p = torch.cat([log_p, torch.zeros_like(rest)[..., None]], -1)
+        extra_lp = torch.where(extra, (z.gather(-1, label.clamp_min(0)[..., None])[..., 0]
+                                       - lse[..., 0]), 0.0)
+        log_p[..., -1] = extra_lp
+        has_mass = torch.cat([has_mass, extra[..., None]], -1)
+    ids = torch.where(has_mass, ids, -1).to(torch.int32)
+    logprobs = torch.where(has_mass, log_p, 0.0) if return_logprobs else None
+    return ids, weights.float(), logprobs, tail_mass
+
+
+def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int = 50,
+                   method: str = "random", k: int | None = None, temperature: float = 1.0,
+                   seed: int = 0, token_offset: int = 0, tail: str | None = None,
+                   labels: torch.Tensor | None = None, ignore_index: int = -100,
+                   return_logprobs: bool = False, backend: str = "auto") -> SparseTargets:
+    """Sparse targets of a teacher's distribution p = softmax(teacher_logits), per token.
+
+    Args:
+        teacher_logits: ``[..., V]`` float32/bfloat16/float16 (any layout; float64 runs the
+            ``torch`` backend). ``-inf`` entries have no mass; rows with NaN or +inf raise on
+            the ``cpu`` backend (elsewhere they get no draws: all ids -1).
+        num_samples: N draws per token (``"random"``), with replacement.
+        method: ``"random"`` (unbiased: the expected target is p) or ``"topk"``.
+        k: ids kept by ``"topk"``.
+        temperature: the proposal of ``"random"`` is softmax(z / T); for T != 1 the weights are
+            importance weights (count / N) p / r, still unbiased for p.
+        seed: 64-bit key of the sampler.
+        token_offset: global index of the first token: the draws of token i (flat row-major
+            index over the leading shape) are keyed by (seed, token_offset + i, draw), so a
+            batch split in two with the second part's offset moved on samples the same.
+        tail: ``"topk"`` only: ``"renorm"``, ``"bucket"`` or ``"label"`` (needs ``labels``).
+        return_logprobs: keep log p of every kept id.
+        backend: ``"auto"``, ``"cpu"`` (native) or ``"torch"`` (reference, any device).
+
+    Returns:
+        ``SparseTargets`` with leading shape ``[...]``: ``"random"`` has K = N slots (ids
+        ascending, then -1 padding); ``"topk"`` K = k (+1 for ``tail="label"``).
+    """
+    _check_inputs(teacher_logits, num_samples=num_samples, method=method, k=k,
+                  temperature=temperature, seed=seed, token_offset=token_offset, tail=tail,
+                  labels=labels, ignore_index=ignore_index)
+    vocab = teacher_logits.shape[-1]
+    common = dict(vocab_size=vocab, temperature=float(temperature), seed=int(seed),
+                  method=method)
+    if method == "topk":
+        ids, weights, logprobs, tail_mass = _topk_targets(
+            teacher_logits.detach(), k, tail, labels, ignore_index, return_logprobs)
+        return SparseTargets(ids, weights, logprobs, tail_mass, num_samples=int(k), tail=tail,
+                             **common)
+    if backend == "auto" and teacher_logits.dtype not in DTYPE_CODES:
+        backend = "torch"
+    name = resolve_backend("sample_teacher", backend, teacher_logits.device)
+    if name == "cpu":
+        if teacher_logits.dtype not in DTYPE_CODES:
+            raise ValueError(f"backend 'cpu' takes float32/bfloat16/float16 logits; got "
+                             f"{teacher_logits.dtype}; use backend='torch'")
+        ids, weights, logprobs = _sample_native(teacher_logits.detach(), int(num_samples),
+                                                temperature, seed, token_offset,
+                                                return_logprobs)
+    else:
+        ids, weights, logprobs = sample_teacher_reference(
+            teacher_logits.detach(), num_samples=int(num_samples), temperature=temperature,
+            seed=int(seed), token_offset=int(token_offset), return_logprobs=return_logprobs)
+    return SparseTargets(ids, weights, logprobs, None, num_samples=int(num_samples), **common)

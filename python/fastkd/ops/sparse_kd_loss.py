@@ -1,0 +1,218 @@
+"""sparse_kd_loss: distillation against sparse teacher targets (``SparseTargets``), fused with the
+student's softmax.
+
+Input checks, the fused custom op with its fake kernel and autograd, backend dispatch. As for
+``kd_loss``, the fused backends (``cpu``, ``triton``) write the per-token loss and
+``grad_scale * dLoss_token/dstudent_logits`` in one kernel, ``grad_scale`` being the mean's
+1/#tokens where it is known without a device sync; the backward is kd_loss's, which rescales
+that stored gradient (in place in eager mode). The ``torch`` backend is the plain-PyTorch
+reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference.kd_loss import reduce_rows
+from ..reference.sparse_kd_loss import sparse_kd_loss_reference
+from ..sparse.targets import SparseTargets
+from ._backends import resolve_backend
+from ._checks import check_kd_options, check_labels, check_logits
+from ._layout import row_layout
+from ._native import DTYPE_CODES, native
+from .kd_loss import grad_buffer, mean_grad_scale, rescale_grad_rows
+
+__all__ = ["sparse_kd_loss"]
+
+
+def _check_inputs(student: torch.Tensor, targets, labels, *, temperature, ignore_index,
+                  hard_weight, reduction, num_items_in_batch) -> None:
+    check_logits("student_logits", student)
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(f"targets must be a fastkd SparseTargets; got {type(targets).__name__}")
+    lead = student.shape[:-1]
+    if targets.lead_shape != lead:
+        raise ValueError(f"targets must have the leading shape {tuple(lead)} of student_logits; "
+                         f"got ids of shape {tuple(targets.ids.shape)}")
+    if targets.device != student.device:
+        raise ValueError(f"targets are on {targets.device} but student_logits on "
+                         f"{student.device}")
+    # kd_loss's options that sparse_kd_loss does not take are passed at their defaults.
+    check_kd_options(divergence="fkl", temperature=temperature, beta=0.5, alpha=0.1,
+                     ignore_index=ignore_index, hard_weight=hard_weight, softcap=None,
+                     reduction=reduction, num_items_in_batch=num_items_in_batch,
+                     has_labels=labels is not None)
+    vocab = min(student.shape[-1], targets.vocab_size)
+    check_labels(labels, lead, student.device, vocab, ignore_index)
+    # Range check of the ids where it costs no device sync (and outside traced graphs);
+    # elsewhere a token with an id >= V gets a NaN loss (the kernels never read past V).
+    ids = targets.ids
+    if ids.device.type == "cpu" and ids.numel() > 0 and not torch.compiler.is_compiling():
+        bad = (ids >= vocab) | (ids < -1)
+        if bool(bad.any()):
+            values = ids[bad].unique()[:5].tolist()
+            raise ValueError(
+                f"target ids must lie in [0, {vocab}) (V = min(V_s, targets.vocab_size) = "
+                f"min({student.shape[-1]}, {targets.vocab_size})) or be -1 (padding); found "
+                f"{values}")
+
+
+# ---- the fused op ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::sparse_kd_loss_fused", mutates_args=())
+def sparse_kd_loss_fused(student: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                         tail_mass: torch.Tensor | None, labels: torch.Tensor | None, vocab: int,
+                         temperature: float, soft_weight: float, hard_weight: float,
+                         ignore_index: int, grad_scale: float, backend: str, need_grad: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
+    shape and dtype; empty on CPU when not ``need_grad``), by one kernel. ``ids``/``weights``
+    are the targets' ``[..., K]`` int32/fp32 slots, ``tail_mass`` ``[...]`` fp32 or None."""
+    lead = student.shape[:-1]
+    loss = torch.empty(lead, dtype=torch.float32, device=student.device)
+    grad = grad_buffer(student, need_grad, backend)
+    n_rows = loss.numel()
+    if n_rows == 0:
+        return loss, grad
+    s, inner_rows, layout = row_layout(student)
+    k = ids.shape[-1]
+    flat_ids = ids.reshape(n_rows, k).contiguous()
+    flat_weights = weights.reshape(n_rows, k).contiguous()
+    flat_tail = None if tail_mass is None else tail_mass.reshape(-1).contiguous()
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    if backend == "triton":
+        from ..triton.sparse_kd_loss import sparse_kd_loss_forward
+        sparse_kd_loss_forward(s, flat_ids, flat_weights, flat_tail, flat_labels, grad, loss,
+                               n_rows=n_rows, inner_rows=inner_rows, layout=layout, vocab=vocab,
+                               grad_vocab=student.shape[-1], temperature=temperature,
+                               soft_weight=soft_weight, hard_weight=hard_weight,
+                               ignore_index=ignore_index, grad_scale=grad_scale)
+        return loss, grad
+    args = native().SparseKdLossArgs(
+        student=s.data_ptr(), student_dtype=DTYPE_CODES[s.dtype], s_outer=layout.outer_stride,
+        s_inner=layout.inner_stride, inner_rows=inner_rows, n_rows=n_rows, vocab=vocab,
+        grad_vocab=student.shape[-1], ids=flat_ids.data_ptr(), weights=flat_weights.data_ptr(),
+        num_slots=k, tail_mass=0 if flat_tail is None else flat_tail.data_ptr(),
+        labels=0 if flat_labels is None else flat_labels.data_ptr(),
+        grad=grad.data_ptr() if grad.numel() else 0, loss=loss.data_ptr(),
+        temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+        grad_scale=grad_scale, ignore_index=ignore_index)
+    native().sparse_kd_loss_forward_cpu(args, num_threads=torch.get_num_threads())
+    return loss, grad
+
+
+@sparse_kd_loss_fused.register_fake
+def _(student, ids, weights, tail_mass, labels, vocab, temperature, soft_weight, hard_weight,
+      ignore_index, grad_scale, backend, need_grad):
+    loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
+    return loss, grad_buffer(student, need_grad, backend)
+
+
+_GRAD_SCALE_ARG = 10  # position of grad_scale in sparse_kd_loss_fused's arguments
+_NO_GRADS = (None,) * 12
+
+
+def _setup_context(ctx, inputs, output):
+    # No gradient flows into the gradient buffer (else autograd would materialize a zero
+    # [N, V] incoming gradient for it on every backward).
+    ctx.grad_scale = inputs[_GRAD_SCALE_ARG]
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, *_NO_GRADS
+    return rescale_grad_rows(grad, grad_loss, ctx.grad_scale), *_NO_GRADS
+
+
+sparse_kd_loss_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry point ---------------------------------------------------------------------
+
+def sparse_kd_loss(student_logits: torch.Tensor, targets: SparseTargets, *,
+                   temperature: float = 1.0, labels: torch.Tensor | None = None,
+                   ignore_index: int = -100, hard_weight: float = 0.0, t2_scale: bool = False,
+                   reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """Distillation loss against sparse teacher targets, fused with the student's softmax.
+
+    With a = z/T over the first V = min(V_s, targets.vocab_size) student columns,
+    q = softmax(a), and the targets' weights w_k at ids s_k (padding skipped), a token's soft
+    loss is
+
+        L = sum_k w_k (log w_k - log q_{s_k})
+
+    (terms with w_k = 0 are 0). With weights summing to 1 (``"topk"`` targets, and
+    ``"random"`` ones sampled at T = 1) this is KL(t || q) for the target distribution t: >= 0,
+    and 0 where q equals t on its support. Importance weights (``"random"`` sampled at T != 1)
+    need not sum to 1; L is the same expression, whose expectation over the draws is the full
+    KL(p || q) plus a term independent of the student (so its gradient is unbiased), and it can
+    be slightly negative. ``tail="bucket"`` targets add ``w_b (log w_b - log q_b)``: the
+    teacher's tail mass w_b against the student's mass outside the ids, q_b = 1 - sum_k q_{s_k}
+    (where the ids cover all V columns the bucket is empty and w_b, then the rounding of
+    1 - sum_k w_k or teacher mass past V, is dropped).
+    The ``torch`` and ``cpu`` backends sum q_b over those columns, exact where the ids hold
+    nearly all of q; ``triton`` takes the ids' share out of the row's sum of exponentials,
+    clamped at 0, so that q_b carries the absolute error of that sum (a few 1e-7): a q_b of
+    that order is inexact and may read as 0 (loss +inf where w_b > 0). Gradients w.r.t. a
+    (then divided by T), W = sum_k w_k:
+    ``(W + w_b) q_j - w_j`` at the ids and ``(W + w_b - w_b / q_b) q_j`` elsewhere (the last
+    term taken as 0 where q_b = 0).
+
+    Args:
+        student_logits: ``[..., V_s]`` float32/bfloat16/float16 (float64: ``torch`` backend).
+            Columns from V on get zero gradient. -inf logits are allowed (a target id at one
+            makes the token's loss +inf).
+        targets: ``SparseTargets`` with the same leading shape, on the same device; ids must be
+            < V (checked for CPU tensors; elsewhere a token with such an id gets a NaN loss).
+            No gradient flows to them through the fused backends. Weights and tail masses <= 0
+            count as 0.
+        temperature: T > 0 of the student's softmax (the targets are a distribution already).
+        t2_scale: multiply the soft loss by T^2.
+        labels: integer tensor of the leading shape; tokens equal to ``ignore_index`` contribute
+            nothing to loss or gradient.
+        hard_weight: h in [0, 1]; loss = (1-h) soft + h CE(student logits at T=1, labels).
+        reduction: ``"mean"`` over valid tokens (or divided by ``num_items_in_batch``),
+            ``"sum"``, or ``"none"`` (per-token loss in the leading shape, 0 at ignored tokens).
+            A token whose targets are all padding (and which has no CE term) has loss 0 and no
+            gradient but still counts in the mean; mark such tokens in ``labels`` with
+            ``ignore_index`` to leave them out.
+        backend: ``"auto"`` (cpu on CPU, triton on CUDA, torch for float64), ``"torch"``,
+            ``"cpu"`` or ``"triton"``.
+
+    Returns:
+        float32 loss (float64 for float64 logits): a scalar, or the leading shape for
+        ``reduction="none"``. Units: nats per token (times T^2 with ``t2_scale``).
+    """
+    _check_inputs(student_logits, targets, labels, temperature=temperature,
+                  ignore_index=ignore_index, hard_weight=hard_weight, reduction=reduction,
+                  num_items_in_batch=num_items_in_batch)
+    device = student_logits.device
+    fusable = student_logits.dtype in DTYPE_CODES
+    if backend == "auto" and not fusable:
+        backend = "torch"
+    name = resolve_backend("sparse_kd_loss", backend, device)
+    kwargs = dict(temperature=temperature, labels=labels, ignore_index=ignore_index,
+                  hard_weight=hard_weight, t2_scale=t2_scale, reduction=reduction,
+                  num_items_in_batch=num_items_in_batch)
+    if name == "torch":
+        return sparse_kd_loss_reference(student_logits, targets, **kwargs)
+    if not fusable:
+        raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 student logits; got "
+                         f"{student_logits.dtype}; use backend='torch'")
+    n_rows = student_logits.numel() // student_logits.shape[-1]
+    soft_weight = (1.0 - hard_weight) * (temperature * temperature if t2_scale else 1.0)
+    grad_scale = mean_grad_scale(n_rows, device, labels, ignore_index, reduction,
+                                 num_items_in_batch)
+    rows, _ = sparse_kd_loss_fused(
+        student_logits, targets.ids, targets.weights.detach(),
+        None if targets.tail_mass is None else targets.tail_mass.detach(), labels,
+        min(student_logits.shape[-1], targets.vocab_size), float(temperature),
+        float(soft_weight), float(hard_weight), int(ignore_index), float(grad_scale), name,
+        torch.is_grad_enabled() and student_logits.requires_grad)
+    valid = None if labels is None else labels != ignore_index
+    return reduce_rows(rows, valid, reduction, num_items_in_batch)

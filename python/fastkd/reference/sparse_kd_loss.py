@@ -1,0 +1,91 @@
+"""Plain-PyTorch sparse_kd_loss: the readable definition and the test oracle.
+
+Differentiable by autograd, float64-capable. With a = z/T over the first V = min(V_s,
+targets.vocab_size) columns, log q = log_softmax(a), target weights w_k at ids s_k (padding
+slots skipped) and, for ``tail="bucket"`` targets, the teacher's tail mass w_b against the
+student's mass outside the ids q_b = sum_{j not in ids} q_j, the soft loss of a token is
+
+    L = sum_k w_k (log w_k - log q_{s_k})  [+ w_b (log w_b - log q_b)],
+
+terms with a zero weight being 0. log q_b is the log-sum-exp of log q over the columns outside
+the ids, so that it stays exact where the ids hold nearly all of q (1 - sum_k q_k would cancel);
+where the ids cover all V columns the bucket term is 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..sparse.targets import SparseTargets
+from .kd_loss import xlogy_ratio, reduce_rows
+
+__all__ = ["sparse_kd_loss_reference"]
+
+
+def _id_columns(ids: torch.Tensor, present: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N, V] bool: the columns named by the non-padding slots (``present``) of ``ids``."""
+    # Column V collects the padding slots, so that no scatter writes twice into a real column.
+    in_ids = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+    in_ids.scatter_(1, torch.where(present, ids, vocab), True)
+    return in_ids[:, :vocab]
+
+
+def _log_outside(lq: torch.Tensor, in_ids: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """log sum_{j not in ids} q_j from log-probs ``lq`` [N, V], -inf where no column outside the
+    ids has mass. Rows not in ``use`` (a bucket weight of 0) get 0."""
+    has_mass = (~in_ids & (lq > -math.inf)).any(-1)
+    live = use & has_mass
+    # Other rows take the log-sum-exp of zeros: one over only -inf entries has a NaN gradient.
+    zero = torch.zeros((), dtype=lq.dtype, device=lq.device)
+    lse = torch.logsumexp(torch.where(live[:, None], lq.masked_fill(in_ids, -math.inf), zero), -1)
+    return torch.where(live, lse, torch.where(has_mass, zero, -math.inf))
+
+
+def sparse_kd_loss_reference(student_logits: torch.Tensor, targets: SparseTargets, *,
+                             temperature: float = 1.0, labels: torch.Tensor | None = None,
+                             ignore_index: int = -100, hard_weight: float = 0.0,
+                             t2_scale: bool = False, reduction: str = "mean",
+                             num_items_in_batch: int | torch.Tensor | None = None,
+                             compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sparse_kd_loss in plain PyTorch; same arguments and result as ``fastkd.sparse_kd_loss``.
+
+    Shapes: logits ``[..., V_s]``; ``targets`` of the same leading shape; ``labels`` the leading
+    shape. Arithmetic runs in ``compute_dtype``, by default the wider of float32 and the
+    student's dtype (tests pass the input's low-precision dtype to measure torch's own error).
+    Weights and tail masses <= 0 count as 0.
+    """
+    lead = student_logits.shape[:-1]
+    vocab = min(student_logits.shape[-1], targets.vocab_size)
+    compute = compute_dtype or (torch.float64 if student_logits.dtype == torch.float64
+                                else torch.float32)
+    z = student_logits[..., :vocab].reshape(-1, vocab).to(compute)
+    lq = torch.log_softmax(z / temperature, dim=-1)
+    k = targets.num_slots
+    ids = targets.ids.reshape(-1, k).to(torch.int64)
+    present = ids >= 0
+    zero = torch.zeros((), dtype=compute, device=z.device)
+    w = torch.where(present, targets.weights.reshape(-1, k).to(compute), zero).clamp(min=0)
+    lq_ids = lq.gather(-1, torch.where(present, ids, 0))
+    soft = xlogy_ratio(w, w.log(), lq_ids).sum(-1)
+    if targets.tail_mass is not None:
+        in_ids = _id_columns(ids, present, vocab)
+        # Where the ids cover all V columns the bucket is empty and its mass (rounding of
+        # 1 - sum_k w_k, or teacher mass past V) is dropped, as kd_loss drops columns past V.
+        w_b = targets.tail_mass.reshape(-1).to(compute).clamp(min=0)
+        w_b = torch.where(in_ids.all(-1), zero, w_b)
+        soft = soft + xlogy_ratio(w_b, w_b.log(), _log_outside(lq, in_ids, w_b > 0))
+    rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
+    valid = None
+    if labels is not None:
+        flat = labels.reshape(-1)
+        valid = flat != ignore_index
+        if hard_weight > 0:
+            target = torch.where(valid, flat, torch.zeros_like(flat))
+            ce = -torch.log_softmax(z, dim=-1).gather(-1, target[:, None]).squeeze(-1)
+            rows = rows + hard_weight * ce
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+    rows = rows if compute == torch.float64 else rows.to(torch.float32)
+    out = reduce_rows(rows, valid, reduction, num_items_in_batch)
+    return out.reshape(lead) if reduction == "none" else out

@@ -1,0 +1,240 @@
+"""fastkd.sample_teacher: the counter-based sampler (native and reference), top-k targets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.reference.sample_teacher import philox4x32_10, sample_teacher_reference
+
+BACKENDS = fastkd.available_backends("sample_teacher", "cpu")
+
+
+def long_tailed_logits(rows: int, vocab: int, *, seed: int = 0, sharpness=(3.0, 10.0)):
+    """LM-like teacher logits: a Zipf-like prior -1.1 log(rank) over a per-row random ranking,
+    plus noise of per-row scale s ~ U(sharpness)."""
+    g = torch.Generator().manual_seed(seed)
+    prior = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+    ranks = torch.argsort(torch.rand(rows, vocab, generator=g), -1)
+    scale = torch.empty(rows, 1).uniform_(*sharpness, generator=g)
+    return prior[ranks] + scale * torch.randn(rows, vocab, generator=g)
+
+
+@pytest.mark.parametrize("counter,key,expected", [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_known_answers(counter, key, expected):
+    """Random123's known-answer vectors of Philox4x32-10."""
+    words = philox4x32_10(tuple(torch.tensor([c]) for c in counter), key)
+    assert tuple(int(w) for w in words) == expected
+
+
+def check_well_formed(targets, num_samples, vocab):
+    ids, weights = targets.ids, targets.weights
+    kept = ids >= 0
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert ids.shape[-1] == num_samples and torch.all(ids < vocab)
+    # ids ascending and distinct, padding at the end with weight 0
+    assert torch.all(kept[..., :-1] | ~kept[..., 1:])
+    both = kept[..., :-1] & kept[..., 1:]
+    assert torch.all((ids[..., 1:] > ids[..., :-1]) | ~both)
+    assert torch.all(weights[~kept] == 0) and torch.all(weights[kept] > 0)
+
+
+# (dtype, V, N, temperature)
+CASES = [
+    (torch.float32, 1, 5, 1.0),
+    (torch.float32, 7, 50, 1.0),
+    (torch.float32, 1271, 50, 1.0),
+    (torch.float32, 4099, 257, 1.0),
+    (torch.bfloat16, 1271, 50, 1.0),
+    (torch.float16, 1271, 12, 1.0),
+    (torch.float32, 1271, 50, 2.0),
+    (torch.float32, 1271, 50, 0.7),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,vocab,num_samples,temperature", CASES)
+def test_matches_reference(backend, dtype, vocab, num_samples, temperature):
+    """The native sampler makes the reference's draws: the same ids (a draw may only differ
+    where a uniform falls within float rounding of a cumulative-probability boundary) and
+    weights count / N (importance weights for T != 1, to fp32 rounding)."""
+    logits = long_tailed_logits(41, vocab, seed=vocab).to(dtype)
+    targets = fastkd.sample_teacher(logits, num_samples=num_samples, temperature=temperature,
+                                    seed=11, token_offset=5, backend=backend,
+                                    return_logprobs=True)
+    check_well_formed(targets, num_samples, vocab)
+    ids, weights, logprobs = sample_teacher_reference(
+        logits, num_samples=num_samples, temperature=temperature, seed=11, token_offset=5,
+        return_logprobs=True)
+    same = (targets.ids == ids).all(-1)
+    assert same.float().mean() >= 0.95, f"{int((~same).sum())} of 41 rows differ"
+    torch.testing.assert_close(targets.weights[same], weights[same], rtol=1e-5, atol=0)
+    torch.testing.assert_close(targets.logprobs[same], logprobs[same], rtol=1e-5, atol=1e-5)
+    if temperature == 1.0:
+        counts = targets.weights * num_samples
+        torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(counts.sum(-1), torch.full((41,), float(num_samples)))
+    assert targets.method == "random" and targets.num_samples == num_samples
+    assert targets.vocab_size == vocab and targets.seed == 11
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_draws_whatever_the_batch_split_or_layout(backend):
+    logits = long_tailed_logits(4 * 9, 2000, seed=3).reshape(4, 9, 2000)
+    whole = fastkd.sample_teacher(logits, seed=5, backend=backend)
+    for begin, end in [(0, 1), (1, 3), (3, 4)]:
+        part = fastkd.sample_teacher(logits[begin:end], seed=5, token_offset=begin * 9,
+                                     backend=backend)
+        assert torch.equal(part.ids, whole.ids[begin:end])
+        assert torch.equal(part.weights, whole.weights[begin:end])
+    # A non-contiguous copy of the same values samples the same.
+    strided = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    again = fastkd.sample_teacher(strided, seed=5, backend=backend)
+    assert torch.equal(again.ids, whole.ids) and torch.equal(again.weights, whole.weights)
+    other_seed = fastkd.sample_teacher(logits, seed=6, backend=backend)
+    assert not torch.equal(other_seed.ids, whole.ids)
+
+
+def _chi2_sf(stat: float, dof: int) -> float:
+    """P(chi^2_dof >= stat), the upper regularized incomplete gamma function."""
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
+                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_empirical_distribution_matches_softmax(backend, temperature):
+    """Pearson's chi-square test of 4000 x 50 draws from one distribution over 30 ids (with
+    a -inf id that must never be drawn), at a fixed seed."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(30, generator=g) * 1.5
+    logits[7] = -math.inf
+    rows, n = 4000, 50
+    targets = fastkd.sample_teacher(logits.expand(rows, 30), num_samples=n,
+                                    temperature=temperature, seed=123, backend=backend)
+    counts = torch.zeros(30, dtype=torch.float64)
+    kept = targets.ids >= 0
+    draws = (targets.weights * n).round() if temperature == 1.0 else None
+    if draws is None:  # importance weights: recover counts from w = (c / N) p / r
+        p = torch.softmax(logits.double(), -1)
+        r = torch.softmax(logits.double() / temperature, -1)
+        ratio = (p / r)[targets.ids.clamp_min(0).long()]
+        draws = (targets.weights.double() * n / ratio).round()
+    counts.index_add_(0, targets.ids[kept].long(), draws[kept].double())
+    assert counts[7] == 0 and counts.sum() == rows * n
+    expected = torch.softmax(logits.double() / temperature, -1) * rows * n
+    live = expected > 0
+    stat = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
+    assert _chi2_sf(stat, int(live.sum()) - 1) > 1e-3, stat
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_importance_weights_are_unbiased(backend):
+    """With a proposal at T = 2, the mean target over many tokens approaches p = softmax(z)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(40, generator=g) * 2
+    targets = fastkd.sample_teacher(logits.expand(20000, 40), num_samples=20, temperature=2.0,
+                                    seed=9, backend=backend)
+    dense = torch.zeros(20000, 40, dtype=torch.float64)
+    kept = targets.ids >= 0
+    dense[kept.nonzero()[:, 0], targets.ids[kept].long()] = targets.weights[kept].double()
+    mean = dense.mean(0)
+    p = torch.softmax(logits.double(), -1)
+    assert (mean - p).abs().max() < 0.01, (mean - p).abs().max()
+    assert abs(float(mean.sum()) - 1.0) < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_support_and_degenerate_rows(backend):
+    logits = torch.randn(3, 50)
+    logits[0, :] = -math.inf           # no mass: no draws
+    logits[1, :49] = -math.inf         # one id left: all draws on it
+    logits[2, ::2] = -math.inf         # never an id of zero probability
+    targets = fastkd.sample_teacher(logits, num_samples=16, backend=backend)
+    assert torch.all(targets.ids[0] == -1) and torch.all(targets.weights[0] == 0)
+    assert targets.ids[1, 0] == 49 and targets.weights[1, 0] == 1.0
+    assert torch.all(targets.ids[1, 1:] == -1)
+    kept = targets.ids[2][targets.ids[2] >= 0]
+    assert torch.all(kept % 2 == 1)
+
+
+def test_nan_or_positive_inf_raises_on_cpu():
+    logits = torch.randn(4, 10)
+    logits[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or \+inf.*rows \[2\]"):
+        fastkd.sample_teacher(logits, backend="cpu")
+    logits[2, 3] = math.inf
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        fastkd.sample_teacher(logits, backend="cpu")
+
+
+def test_topk_tails():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 30, generator=g) * 2
+    p = torch.softmax(logits.double(), -1)
+    top = torch.topk(p, 4, -1)
+    labels = torch.tensor([int(top.indices[0, 1]), 0, 29, -100, 5])
+    renorm = fastkd.sample_teacher(logits, method="topk", k=4, tail="renorm")
+    torch.testing.assert_close(renorm.weights.double(), top.values / top.values.sum(-1, True))
+    assert torch.equal(renorm.ids.long(), top.indices)
+    bucket = fastkd.sample_teacher(logits, method="topk", k=4, tail="bucket",
+                                   return_logprobs=True)
+    torch.testing.assert_close(bucket.weights.double(), top.values)
+    torch.testing.assert_close(bucket.tail_mass.double(), 1 - top.values.sum(-1))
+    torch.testing.assert_close(bucket.logprobs.double(), top.values.log())
+    label = fastkd.sample_teacher(logits, method="topk", k=4, tail="label", labels=labels)
+    assert label.num_slots == 5 and label.tail == "label"
+    dense = torch.zeros(5, 30, dtype=torch.float64)
+    kept = label.ids >= 0
+    dense[kept.nonzero()[:, 0], label.ids[kept].long()] = label.weights[kept].double()
+    for row in range(5):
+        want = torch.zeros(30, dtype=torch.float64)
+        want[top.indices[row]] = top.values[row]
+        if labels[row] != -100:
+            want[labels[row]] += 1 - top.values[row].sum()
+        torch.testing.assert_close(dense[row], want)
+    assert label.ids[0, 4] == -1  # the label is in the top 4: no extra slot
+
+
+def test_float64_and_other_devices_use_the_reference():
+    logits = long_tailed_logits(6, 300).double()
+    targets = fastkd.sample_teacher(logits, seed=4)
+    ids, weights, _ = sample_teacher_reference(logits, seed=4)
+    assert torch.equal(targets.ids, ids) and torch.equal(targets.weights, weights)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(num_samples=0), ValueError, "num_samples"),
+    (dict(method="topp"), ValueError, "method"),
+    (dict(method="topk"), ValueError, r"k in \[1, V=10\]"),
+    (dict(method="topk", k=11, tail="renorm"), ValueError, r"k in \[1, V=10\]"),
+    (dict(method="topk", k=3), ValueError, "tail"),
+    (dict(method="topk", k=3, tail="renorm", temperature=2.0), ValueError, "temperature"),
+    (dict(method="topk", k=3, tail="label"), TypeError, "labels"),
+    (dict(method="topk", k=3, tail="label", labels=torch.tensor([1, 2])), ValueError,
+     r"leading shape \(4,\)"),
+    (dict(method="topk", k=3, tail="label", labels=torch.tensor([1, 2, 3, 10])), ValueError,
+     r"\[10\]"),
+    (dict(k=3), ValueError, "method='topk'"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(token_offset=-2), ValueError, "token_offset"),
+    (dict(backend="triton"), RuntimeError, "no Triton kernel for sample_teacher"),
+])
+def test_bad_input_raises(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastkd.sample_teacher(torch.randn(4, 10), **kwargs)
+
+
+def test_integer_logits_raise():
+    with pytest.raises(TypeError, match="floating point"):
+        fastkd.sample_teacher(torch.ones(2, 3, dtype=torch.long))
