@@ -1,10 +1,10 @@
 """Op families: input checks, torch custom ops with fake kernels and autograd, backend dispatch."""
 
 from ._backends import available_backends
-from .fused_linear_kd_loss import fused_linear_kd_loss
+from .fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from .kd_loss import kd_loss
 from .sample_teacher import sample_teacher
 from .sparse_kd_loss import sparse_kd_loss
 
-__all__ = ["available_backends", "fused_linear_kd_loss", "kd_loss", "sample_teacher",
-           "sparse_kd_loss"]
+__all__ = ["available_backends", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss", "kd_loss",
+           "sample_teacher", "sparse_kd_loss"]

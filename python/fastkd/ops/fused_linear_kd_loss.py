@@ -27,15 +27,19 @@ import numbers
 
 import torch
 
-from ..reference.fused_linear_kd_loss import fused_linear_kd_loss_reference
+from ..reference.fused_linear_kd_loss import fused_linear_kd_loss_reference, linear_logits
 from ..reference.kd_loss import reduce_total
+from ..reference.sparse_kd_loss import sparse_kd_loss_reference
+from ..sparse.targets import SparseTargets
 from ._backends import resolve_backend
 from ._checks import check_kd_options, check_labels
 from ._kd_config import KdConfig, make_kd_config
 from ._native import DTYPE_CODES
 from .kd_loss import launch_kd_rows, mean_grad_scale
+from .sparse_kd_loss import check_sparse_options, check_targets, launch_sparse_rows
 
-__all__ = ["default_memory_budget", "fused_linear_kd_loss", "resolve_chunk_size"]
+__all__ = ["default_memory_budget", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss",
+           "resolve_chunk_size"]
 
 # Default workspace per chunk (the fp32 logits of both models, and on CUDA the low-precision
 # copy of the gradient fed to the GEMMs). On CPU a smaller chunk loses little GEMM efficiency.
@@ -156,14 +160,18 @@ def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, 
         if teacher_hidden.device != device:
             raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden on "
                              f"{device}")
+    _check_chunking(chunk_size, memory_budget, accum_dtype)
+    _check_scale("logit_scale", logit_scale)
+    _check_scale("teacher_logit_scale", teacher_logit_scale)
+
+
+def _check_chunking(chunk_size, memory_budget, accum_dtype) -> None:
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
     if memory_budget is not None and (not isinstance(memory_budget, numbers.Integral)
                                       or memory_budget < 1):
         raise ValueError(f"memory_budget must be None or a number of bytes >= 1; got "
                          f"{memory_budget!r}")
-    _check_scale("logit_scale", logit_scale)
-    _check_scale("teacher_logit_scale", teacher_logit_scale)
     if accum_dtype not in (None, torch.float32):
         raise ValueError(f"accum_dtype must be None (the weight's dtype) or torch.float32; got "
                          f"{accum_dtype!r}")
@@ -230,11 +238,15 @@ def _teacher_rows(teacher_logits: torch.Tensor, begin: int, end: int) -> torch.T
         return teacher_logits[index]
 
 
-def _run_chunks(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                teacher_logits, labels, row_scale, cfg: KdConfig, logit_scale: float,
-                teacher_logit_scale: float, chunk_size: int, accum_fp32: bool, backend: str,
-                need_hidden: bool, need_weight: bool, need_bias: bool):
-    """Loss rows ``[N]`` fp32 and the requested gradients (empty tensors for the others)."""
+def _run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
+                chunk_size: int, accum_fp32: bool, need_hidden: bool, need_weight: bool,
+                need_bias: bool):
+    """Loss rows ``[N]`` fp32 and the requested gradients (empty tensors for the others).
+
+    ``row_kernel(z_s, begin, end, loss, need_grad)`` runs the fused loss on the chunk's fp32
+    student logits ``z_s`` ``[end - begin, V_s]`` (rows begin..end of the batch), writing the
+    rows' loss into ``loss`` and, when ``need_grad``, grad_scale dL/dz_s over ``z_s``.
+    """
     n_rows, vocab_s = hidden.shape[0], weight.shape[0]
     device = hidden.device
     need_grad = need_hidden or need_weight or need_bias
@@ -243,7 +255,6 @@ def _run_chunks(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
     # GEMM operands: fp32 copies where no low-precision GEMM with fp32 output exists (CPU);
     # there grad_W and grad_b accumulate in fp32 anyway, since the GEMMs produce fp32.
     w_mm = _gemm_operand(weight)
-    tw_mm = _gemm_operand(teacher_weight)
     grad_dtype = torch.float32 if w_mm.dtype == torch.float32 else weight.dtype
     acc_dtype = torch.float32 if accum_fp32 or grad_dtype == torch.float32 else weight.dtype
     grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight
@@ -251,22 +262,13 @@ def _run_chunks(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
     grad_bias = (torch.zeros(vocab_s, dtype=acc_dtype, device=device) if need_bias
                  else weight.new_empty(0))
     zs_buf = _logits_buffer(min(chunk_size, n_rows), w_mm)
-    zt_buf = _logits_buffer(min(chunk_size, n_rows), tw_mm)
 
     for begin in range(0, n_rows, chunk_size):
         end = min(begin + chunk_size, n_rows)
         x = hidden[begin:end]
         zs = _chunk_logits(x, w_mm, bias, logit_scale,
                            None if zs_buf is None else zs_buf[:end - begin])
-        if teacher_logits is None:
-            zt = _chunk_logits(teacher_hidden[begin:end], tw_mm, teacher_bias,
-                               teacher_logit_scale,
-                               None if zt_buf is None else zt_buf[:end - begin])
-        else:
-            zt = _teacher_rows(teacher_logits, begin, end)
-        launch_kd_rows(zs, zt, None if labels is None else labels[begin:end], cfg, backend,
-                       need_grad, loss=loss[begin:end],
-                       grad=zs if need_grad or backend != "cpu" else None)
+        row_kernel(zs, begin, end, loss[begin:end], need_grad)
         if not need_grad:
             continue
         g = zs  # grad_scale * dL/dz_s, fp32, written over the logits
@@ -293,6 +295,48 @@ def _run_chunks(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
     return loss, grad_hidden, grad_weight, grad_bias
 
 
+def _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                        labels, cfg: KdConfig, teacher_logit_scale: float, chunk_size: int,
+                        backend: str):
+    """The row kernel of a dense teacher: its logits per chunk (computed from its hidden states
+    and head, or rows of the offline logits), then kd_loss's fused kernel."""
+    tw_mm = _gemm_operand(teacher_weight)
+    n_rows = (teacher_hidden if teacher_logits is None else teacher_logits).shape[0]
+    zt_buf = _logits_buffer(min(chunk_size, n_rows), tw_mm)
+
+    def run(zs, begin, end, loss, need_grad):
+        if teacher_logits is None:
+            zt = _chunk_logits(teacher_hidden[begin:end], tw_mm, teacher_bias,
+                               teacher_logit_scale,
+                               None if zt_buf is None else zt_buf[:end - begin])
+        else:
+            zt = _teacher_rows(teacher_logits, begin, end)
+        launch_kd_rows(zs, zt, None if labels is None else labels[begin:end], cfg, backend,
+                       need_grad, loss=loss, grad=zs if need_grad or backend != "cpu" else None)
+    return run
+
+
+def _sparse_teacher_rows(ids, weights, tail_mass, labels, *, vocab, temperature, soft_weight,
+                         hard_weight, ignore_index, grad_scale, backend):
+    """The row kernel of sparse targets ``ids``/``weights`` ``[N, K]``: sparse_kd_loss's.
+
+    The Triton kernel reads the ids' logits after it has written the row's gradient, so there
+    the gradient goes to its own buffer and is copied over the logits."""
+    in_place = backend == "cpu"
+
+    def run(zs, begin, end, loss, need_grad):
+        _, grad = launch_sparse_rows(
+            zs, ids[begin:end], weights[begin:end],
+            None if tail_mass is None else tail_mass[begin:end],
+            None if labels is None else labels[begin:end], vocab=vocab,
+            temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+            ignore_index=ignore_index, grad_scale=grad_scale, backend=backend,
+            need_grad=need_grad, loss=loss, grad=zs if in_place and need_grad else None)
+        if need_grad and not in_place:
+            zs.copy_(grad)
+    return run
+
+
 # ---- the custom op --------------------------------------------------------------------------
 
 @torch.library.custom_op("fastkd::fused_linear_kd_loss_fused", mutates_args=())
@@ -313,10 +357,10 @@ def fused_linear_kd_loss_fused(
     cfg = KdConfig(divergence, temperature, softcap, soft_weight, hard_weight, ignore_index,
                    log_wp, log_wq, coef, grad_scale)
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, *grads = _run_chunks(hidden, weight, bias, teacher_hidden, teacher_weight,
-                                   teacher_bias, teacher_logits, labels, row_scale, cfg,
-                                   logit_scale, teacher_logit_scale, chunk_size, accum_fp32,
-                                   backend, need_hidden, need_weight, need_bias)
+        rows = _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+                                   labels, cfg, teacher_logit_scale, chunk_size, backend)
+        loss, *grads = _run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
+                                   chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
     return (loss.sum() if reduce else loss), *grads
 
 
@@ -325,35 +369,15 @@ def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teache
       row_scale, divergence, temperature, softcap, soft_weight, hard_weight, ignore_index, log_wp,
       log_wq, coef, grad_scale, logit_scale, teacher_logit_scale, chunk_size, accum_fp32, reduce,
       backend, need_hidden, need_weight, need_bias):
+    return _fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
+
+
+def _fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias):
     loss = hidden.new_empty(() if reduce else hidden.shape[:1], dtype=torch.float32)
     return (loss,
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
             torch.empty_like(bias) if need_bias else weight.new_empty(0))
-
-
-# Positions in fused_linear_kd_loss_fused's arguments.
-_N_ARGS = 28
-_ROW_SCALE_ARG, _GRAD_SCALE_ARG, _REDUCE_ARG = 8, 18, 23
-_NEED_ARGS = slice(25, 28)
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.reduce = inputs[_REDUCE_ARG]
-    ctx.grad_scale = inputs[_GRAD_SCALE_ARG]
-    grads = output[1:]
-    # No gradient flows into the gradient outputs (this also spares autograd materializing
-    # zero tensors as their incoming gradients).
-    ctx.mark_non_differentiable(*grads)
-    ctx.set_materialize_grads(False)
-    if ctx.reduce:
-        ctx.save_for_backward(*grads)
-    else:
-        # reduction="none": the backward recomputes the chunks with per-row weights.
-        is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
-        ctx.inputs = [None if tensor else t for t, tensor in zip(inputs, is_tensor)]
-        ctx.tensor_positions = [i for i, tensor in enumerate(is_tensor) if tensor]
-        ctx.save_for_backward(*(t for t, tensor in zip(inputs, is_tensor) if tensor))
 
 
 def _scale_in_place(grads, factor: torch.Tensor, unit: float):
@@ -373,27 +397,85 @@ def _scale_in_place(grads, factor: torch.Tensor, unit: float):
     return scaled
 
 
-def _backward(ctx, grad_loss, *unused):
-    needs = ctx.needs_input_grad[:3]
-    if grad_loss is None or not any(needs):
-        return (None,) * _N_ARGS
-    if ctx.reduce:
-        saved = ctx.saved_tensors
-        present = [g for g, need in zip(saved, needs) if need]
-        scaled = iter(_scale_in_place(present, grad_loss.to(torch.float32), ctx.grad_scale))
-        out = [next(scaled) if need else None for need in needs]
-        return (*out, *(None,) * (_N_ARGS - 3))
-    inputs = list(ctx.inputs)
-    for position, t in zip(ctx.tensor_positions, ctx.saved_tensors):
-        inputs[position] = t
-    inputs[_ROW_SCALE_ARG] = grad_loss.to(torch.float32).contiguous()
-    inputs[_NEED_ARGS] = needs
-    _, *grads = fused_linear_kd_loss_fused(*inputs)
-    out = [g if need else None for g, need in zip(grads, needs)]
-    return (*out, *(None,) * (_N_ARGS - 3))
+def _register_autograd(op, *, n_args: int, row_scale_arg: int, grad_scale_arg: int,
+                       reduce_arg: int):
+    """Autograd of a chunked op whose first three inputs are (hidden, weight, bias), whose
+    last three are the need_hidden/need_weight/need_bias flags, and whose outputs are (loss,
+    grad_hidden, grad_weight, grad_bias). Reduced losses: the backward scales the gradients
+    made in the forward. reduction="none": it reruns the op with each row's gradient weighted
+    by its incoming gradient (``row_scale``)."""
+    no_grads = (None,) * (n_args - 3)
+
+    def setup_context(ctx, inputs, output):
+        ctx.reduce = inputs[reduce_arg]
+        ctx.grad_scale = inputs[grad_scale_arg]
+        grads = output[1:]
+        # No gradient flows into the gradient outputs (this also spares autograd materializing
+        # zero tensors as their incoming gradients).
+        ctx.mark_non_differentiable(*grads)
+        ctx.set_materialize_grads(False)
+        if ctx.reduce:
+            ctx.save_for_backward(*grads)
+        else:
+            is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
+            ctx.inputs = [None if tensor else t for t, tensor in zip(inputs, is_tensor)]
+            ctx.tensor_positions = [i for i, tensor in enumerate(is_tensor) if tensor]
+            ctx.save_for_backward(*(t for t, tensor in zip(inputs, is_tensor) if tensor))
+
+    def backward(ctx, grad_loss, *unused):
+        needs = ctx.needs_input_grad[:3]
+        if grad_loss is None or not any(needs):
+            return (None, None, None, *no_grads)
+        if ctx.reduce:
+            present = [g for g, need in zip(ctx.saved_tensors, needs) if need]
+            scaled = iter(_scale_in_place(present, grad_loss.to(torch.float32),
+                                          ctx.grad_scale))
+            return (*(next(scaled) if need else None for need in needs), *no_grads)
+        inputs = list(ctx.inputs)
+        for position, t in zip(ctx.tensor_positions, ctx.saved_tensors):
+            inputs[position] = t
+        inputs[row_scale_arg] = grad_loss.to(torch.float32).contiguous()
+        inputs[n_args - 3:] = needs
+        _, *grads = op(*inputs)
+        return (*(g if need else None for g, need in zip(grads, needs)), *no_grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-fused_linear_kd_loss_fused.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd(fused_linear_kd_loss_fused, n_args=28, row_scale_arg=8, grad_scale_arg=18,
+                   reduce_arg=23)
+
+
+@torch.library.custom_op("fastkd::fused_linear_sparse_kd_loss_fused", mutates_args=())
+def fused_linear_sparse_kd_loss_fused(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        ids: torch.Tensor, weights: torch.Tensor, tail_mass: torch.Tensor | None,
+        labels: torch.Tensor | None, row_scale: torch.Tensor | None, vocab: int,
+        temperature: float, soft_weight: float, hard_weight: float, ignore_index: int,
+        grad_scale: float, logit_scale: float, chunk_size: int, accum_fp32: bool, reduce: bool,
+        backend: str, need_hidden: bool, need_weight: bool, need_bias: bool
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As fused_linear_kd_loss_fused, against sparse targets ``ids``/``weights`` ``[N, K]``
+    (``tail_mass`` ``[N]`` or None) by sparse_kd_loss's row kernel."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        rows = _sparse_teacher_rows(ids, weights, tail_mass, labels, vocab=vocab,
+                                    temperature=temperature, soft_weight=soft_weight,
+                                    hard_weight=hard_weight, ignore_index=ignore_index,
+                                    grad_scale=grad_scale, backend=backend)
+        loss, *grads = _run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
+                                   chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
+    return (loss.sum() if reduce else loss), *grads
+
+
+@fused_linear_sparse_kd_loss_fused.register_fake
+def _(hidden, weight, bias, ids, weights, tail_mass, labels, row_scale, vocab, temperature,
+      soft_weight, hard_weight, ignore_index, grad_scale, logit_scale, chunk_size, accum_fp32,
+      reduce, backend, need_hidden, need_weight, need_bias):
+    return _fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
+
+
+_register_autograd(fused_linear_sparse_kd_loss_fused, n_args=22, row_scale_arg=7,
+                   grad_scale_arg=13, reduce_arg=17)
 
 
 # ---- public entry point ---------------------------------------------------------------------
@@ -524,6 +606,88 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         cfg.hard_weight, cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, cfg.grad_scale,
         float(logit_scale), float(teacher_logit_scale), int(chunk_size),
         accum_dtype == torch.float32, reduce, name, *(need if reduce else (False,) * 3))
+    if not reduce:
+        return loss.reshape(lead)
+    valid = None if labels is None else labels != ignore_index
+    return reduce_total(loss, n_rows, valid, reduction, num_items_in_batch)
+
+
+def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                targets: SparseTargets, *,
+                                student_bias: torch.Tensor | None = None,
+                                chunk_size: int | None = None, memory_budget: int | None = None,
+                                logit_scale: float = 1.0, accum_dtype: torch.dtype | None = None,
+                                temperature: float = 1.0, labels: torch.Tensor | None = None,
+                                ignore_index: int = -100, hard_weight: float = 0.0,
+                                t2_scale: bool = False, reduction: str = "mean",
+                                num_items_in_batch: int | torch.Tensor | None = None,
+                                backend: str = "auto") -> torch.Tensor:
+    """:func:`fastkd.sparse_kd_loss` of the student's lm_head output, without materializing its
+    ``[N, V]`` logits: chunked like :func:`fastkd.fused_linear_kd_loss` (same ``chunk_size``,
+    ``memory_budget``, ``logit_scale``, ``accum_dtype``, autocast and reduction behaviour).
+
+    Args:
+        student_hidden: ``[..., H]`` float32/bfloat16/float16 (float64: ``torch`` backend).
+        student_weight: ``[V_s, H]``; ``student_bias``: ``[V_s]`` or None.
+        targets: ``SparseTargets`` of leading shape ``[...]`` on the same device.
+        temperature ... num_items_in_batch: as in :func:`fastkd.sparse_kd_loss`.
+        backend: row kernel, ``"auto"``, ``"cpu"``, ``"triton"``, or ``"torch"`` (the plain
+            path: whole logits, then the sparse loss reference).
+
+    Returns:
+        float32 loss: a scalar, or the leading shape for ``reduction="none"``.
+    """
+    _check_head("student", student_hidden, student_weight, student_bias)
+    lead, device = student_hidden.shape[:-1], student_hidden.device
+    vocab = check_targets(targets, lead, device, student_weight.shape[0], "student_hidden")
+    check_sparse_options(temperature=temperature, ignore_index=ignore_index,
+                         hard_weight=hard_weight, reduction=reduction,
+                         num_items_in_batch=num_items_in_batch, has_labels=labels is not None)
+    check_labels(labels, lead, device, vocab, ignore_index, "student_hidden")
+    _check_chunking(chunk_size, memory_budget, accum_dtype)
+    _check_scale("logit_scale", logit_scale)
+    student_hidden, student_weight, student_bias = _autocast(
+        [student_hidden, student_weight, student_bias], device.type)
+    loss_kwargs = dict(temperature=temperature, labels=labels, ignore_index=ignore_index,
+                       hard_weight=hard_weight, t2_scale=t2_scale, reduction=reduction,
+                       num_items_in_batch=num_items_in_batch)
+    fusable = student_hidden.dtype in DTYPE_CODES
+    if backend == "auto" and not fusable:
+        backend = "torch"
+    name = resolve_backend("sparse_kd_loss", backend, device)
+    if name == "torch":
+        logits = linear_logits(student_hidden, student_weight, student_bias, logit_scale)
+        return sparse_kd_loss_reference(logits, targets, **loss_kwargs)
+    if not fusable:
+        raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 operands; got "
+                         f"{student_hidden.dtype}; use backend='torch'")
+
+    n_rows = lead.numel()
+    hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
+    k = targets.num_slots
+    ids = targets.ids.reshape(n_rows, k).contiguous()
+    weights = targets.weights.detach().reshape(n_rows, k).contiguous()
+    tail = (None if targets.tail_mass is None
+            else targets.tail_mass.detach().reshape(n_rows).contiguous())
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and t is not None and t.requires_grad
+            for t in (hidden, student_weight, student_bias)]
+    reduce = reduction != "none"
+    vocab_s = student_weight.shape[0]
+    if chunk_size is None:
+        low_precision_grad = device.type == "cuda" and student_weight.dtype != torch.float32
+        chunk_size = resolve_chunk_size(
+            n_rows, vocab_s, None, low_precision_grad,
+            memory_budget if memory_budget is not None else default_memory_budget(device))
+    soft_weight = (1.0 - hard_weight) * (temperature * temperature if t2_scale else 1.0)
+    grad_scale = mean_grad_scale(n_rows, device, labels, ignore_index, reduction,
+                                 num_items_in_batch)
+    loss, *_ = fused_linear_sparse_kd_loss_fused(
+        hidden, student_weight, student_bias, ids, weights, tail, flat_labels, None, vocab,
+        float(temperature), float(soft_weight), float(hard_weight), int(ignore_index),
+        float(grad_scale), float(logit_scale), int(chunk_size), accum_dtype == torch.float32,
+        reduce, name, *(need if reduce else (False,) * 3))
     if not reduce:
         return loss.reshape(lead)
     valid = None if labels is None else labels != ignore_index

@@ -22,28 +22,21 @@ from ._layout import row_layout
 from ._native import DTYPE_CODES, native
 from .kd_loss import grad_buffer, mean_grad_scale, rescale_grad_rows
 
-__all__ = ["sparse_kd_loss"]
+__all__ = ["check_sparse_options", "check_targets", "launch_sparse_rows", "sparse_kd_loss"]
 
 
-def _check_inputs(student: torch.Tensor, targets, labels, *, temperature, ignore_index,
-                  hard_weight, reduction, num_items_in_batch) -> None:
-    check_logits("student_logits", student)
+def check_targets(targets, lead: torch.Size, device: torch.device, student_vocab: int,
+                  what: str = "student_logits") -> int:
+    """``targets`` fit a student of leading shape ``lead`` and ``student_vocab`` columns on
+    ``device``; returns the vocabulary the loss sees, V = min(V_s, targets.vocab_size)."""
     if not isinstance(targets, SparseTargets):
         raise TypeError(f"targets must be a fastkd SparseTargets; got {type(targets).__name__}")
-    lead = student.shape[:-1]
     if targets.lead_shape != lead:
-        raise ValueError(f"targets must have the leading shape {tuple(lead)} of student_logits; "
+        raise ValueError(f"targets must have the leading shape {tuple(lead)} of {what}; "
                          f"got ids of shape {tuple(targets.ids.shape)}")
-    if targets.device != student.device:
-        raise ValueError(f"targets are on {targets.device} but student_logits on "
-                         f"{student.device}")
-    # kd_loss's options that sparse_kd_loss does not take are passed at their defaults.
-    check_kd_options(divergence="fkl", temperature=temperature, beta=0.5, alpha=0.1,
-                     ignore_index=ignore_index, hard_weight=hard_weight, softcap=None,
-                     reduction=reduction, num_items_in_batch=num_items_in_batch,
-                     has_labels=labels is not None)
-    vocab = min(student.shape[-1], targets.vocab_size)
-    check_labels(labels, lead, student.device, vocab, ignore_index)
+    if targets.device != device:
+        raise ValueError(f"targets are on {targets.device} but {what} on {device}")
+    vocab = min(student_vocab, targets.vocab_size)
     # Range check of the ids where it costs no device sync (and outside traced graphs);
     # elsewhere a token with an id >= V gets a NaN loss (the kernels never read past V).
     ids = targets.ids
@@ -53,24 +46,50 @@ def _check_inputs(student: torch.Tensor, targets, labels, *, temperature, ignore
             values = ids[bad].unique()[:5].tolist()
             raise ValueError(
                 f"target ids must lie in [0, {vocab}) (V = min(V_s, targets.vocab_size) = "
-                f"min({student.shape[-1]}, {targets.vocab_size})) or be -1 (padding); found "
+                f"min({student_vocab}, {targets.vocab_size})) or be -1 (padding); found "
                 f"{values}")
+    return vocab
+
+
+def check_sparse_options(*, temperature, ignore_index, hard_weight, reduction,
+                         num_items_in_batch, has_labels: bool) -> None:
+    # kd_loss's options that the sparse losses do not take are passed at their defaults.
+    check_kd_options(divergence="fkl", temperature=temperature, beta=0.5, alpha=0.1,
+                     ignore_index=ignore_index, hard_weight=hard_weight, softcap=None,
+                     reduction=reduction, num_items_in_batch=num_items_in_batch,
+                     has_labels=has_labels)
+
+
+def _check_inputs(student: torch.Tensor, targets, labels, *, temperature, ignore_index,
+                  hard_weight, reduction, num_items_in_batch) -> None:
+    check_logits("student_logits", student)
+    vocab = check_targets(targets, student.shape[:-1], student.device, student.shape[-1])
+    check_sparse_options(temperature=temperature, ignore_index=ignore_index,
+                         hard_weight=hard_weight, reduction=reduction,
+                         num_items_in_batch=num_items_in_batch, has_labels=labels is not None)
+    check_labels(labels, student.shape[:-1], student.device, vocab, ignore_index)
 
 
 # ---- the fused op ---------------------------------------------------------------------------
 
-@torch.library.custom_op("fastkd::sparse_kd_loss_fused", mutates_args=())
-def sparse_kd_loss_fused(student: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                         tail_mass: torch.Tensor | None, labels: torch.Tensor | None, vocab: int,
-                         temperature: float, soft_weight: float, hard_weight: float,
-                         ignore_index: int, grad_scale: float, backend: str, need_grad: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
-    shape and dtype; empty on CPU when not ``need_grad``), by one kernel. ``ids``/``weights``
-    are the targets' ``[..., K]`` int32/fp32 slots, ``tail_mass`` ``[...]`` fp32 or None."""
+def launch_sparse_rows(student: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       tail_mass: torch.Tensor | None, labels: torch.Tensor | None, *,
+                       vocab: int, temperature: float, soft_weight: float, hard_weight: float,
+                       ignore_index: int, grad_scale: float, backend: str, need_grad: bool,
+                       loss: torch.Tensor | None = None, grad: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student).
+
+    ``loss`` (contiguous fp32, the leading shape) and ``grad`` (contiguous, the student's
+    shape) may be given to write into. On ``cpu``, ``grad`` may be ``student`` itself when that
+    is contiguous (the kernel reads a row into scratch before writing its gradient); the Triton
+    kernel re-reads the ids' logits after writing the row, so its ``grad`` must not alias.
+    """
     lead = student.shape[:-1]
-    loss = torch.empty(lead, dtype=torch.float32, device=student.device)
-    grad = grad_buffer(student, need_grad, backend)
+    if loss is None:
+        loss = torch.empty(lead, dtype=torch.float32, device=student.device)
+    if grad is None:
+        grad = grad_buffer(student, need_grad, backend)
     n_rows = loss.numel()
     if n_rows == 0:
         return loss, grad
@@ -99,6 +118,21 @@ def sparse_kd_loss_fused(student: torch.Tensor, ids: torch.Tensor, weights: torc
         grad_scale=grad_scale, ignore_index=ignore_index)
     native().sparse_kd_loss_forward_cpu(args, num_threads=torch.get_num_threads())
     return loss, grad
+
+
+@torch.library.custom_op("fastkd::sparse_kd_loss_fused", mutates_args=())
+def sparse_kd_loss_fused(student: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                         tail_mass: torch.Tensor | None, labels: torch.Tensor | None, vocab: int,
+                         temperature: float, soft_weight: float, hard_weight: float,
+                         ignore_index: int, grad_scale: float, backend: str, need_grad: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
+    shape and dtype; empty on CPU when not ``need_grad``), by one kernel. ``ids``/``weights``
+    are the targets' ``[..., K]`` int32/fp32 slots, ``tail_mass`` ``[...]`` fp32 or None."""
+    return launch_sparse_rows(student, ids, weights, tail_mass, labels, vocab=vocab,
+                              temperature=temperature, soft_weight=soft_weight,
+                              hard_weight=hard_weight, ignore_index=ignore_index,
+                              grad_scale=grad_scale, backend=backend, need_grad=need_grad)
 
 
 @sparse_kd_loss_fused.register_fake
