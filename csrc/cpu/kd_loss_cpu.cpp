@@ -27,13 +27,6 @@ namespace FASTKD_ISA {
 namespace {
 
 using Math = CpuMath;
-constexpr int64_t kLanes = 16;
-
-float lane_sum(const float* v) {
-  float s = 0.0f;
-  for (int64_t j = 0; j < kLanes; ++j) s += v[j];
-  return s;
-}
 
 // x_i = cap(load(z_i)) / T into `out`; d(cap)/dz into `dcap` when DCAP. Returns max_i x_i.
 template <typename T, bool CAP, bool DCAP>
@@ -88,17 +81,6 @@ RowStats stats_pass(const float* __restrict a, const float* __restrict b, int64_
     for (int64_t j = 0; j < kLanes; ++j) element(i + j, sa[j], sb[j], kl[j]);
   RowStats r{lane_sum(sa), lane_sum(sb), lane_sum(kl)};
   for (int64_t i = body; i < n; ++i) element(i, r.sum_a, r.sum_b, r.kl_acc);
-  return r;
-}
-
-// sum exp(T a - Lz): the T = 1 softmax normalizer of the capped student logits z' = T a.
-float tempered_sum(const float* __restrict a, int64_t n, float t, float ma) {
-  float s[kLanes] = {};
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) s[j] += Math::exp(t * (a[i + j] - ma));
-  float r = lane_sum(s);
-  for (int64_t i = body; i < n; ++i) r += Math::exp(t * (a[i] - ma));
   return r;
 }
 

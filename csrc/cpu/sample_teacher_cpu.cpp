@@ -36,7 +36,6 @@ namespace {
 
 using Math = CpuMath;
 constexpr int64_t kBlock = 64;
-constexpr int64_t kLanes = 16;  // accumulator lanes of the vectorized sums
 
 struct Scratch {
   std::vector<float> e;         // exp(a - m), then reused

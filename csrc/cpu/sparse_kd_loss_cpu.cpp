@@ -34,13 +34,6 @@ namespace FASTKD_ISA {
 namespace {
 
 using Math = CpuMath;
-constexpr int64_t kLanes = 16;
-
-float lane_sum(const float* v) {
-  float s = 0.0f;
-  for (int64_t j = 0; j < kLanes; ++j) s += v[j];
-  return s;
-}
 
 // a_i = load(z_i) / T into `a`; returns max_i a_i (NaN entries ignored: they reach the loss
 // through the sum).
@@ -65,17 +58,6 @@ float exp_pass(const float* __restrict a, int64_t n, float m, float* __restrict 
     e[i] = Math::exp(a[i] - m);
     r += e[i];
   }
-  return r;
-}
-
-// sum exp(T (a_i - m)): the T = 1 softmax normalizer of z = T a, shifted by T m.
-float tempered_sum(const float* __restrict a, int64_t n, float t, float m) {
-  float s[kLanes] = {};
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) s[j] += Math::exp(t * (a[i + j] - m));
-  float r = lane_sum(s);
-  for (int64_t i = body; i < n; ++i) r += Math::exp(t * (a[i] - m));
   return r;
 }
 

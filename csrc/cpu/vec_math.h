@@ -75,6 +75,27 @@ struct CpuMath {
   }
 };
 
+// Accumulator lanes of the vectorized row sums: loops run over fixed-width lane arrays so that
+// they vectorize with the same summation order on every instruction set.
+constexpr int64_t kLanes = 16;
+
+static inline float lane_sum(const float* v) {
+  float s = 0.0f;
+  for (int64_t j = 0; j < kLanes; ++j) s += v[j];
+  return s;
+}
+
+// sum_i exp(t (a_i - m)): the T = 1 softmax normalizer of z = t a, shifted by t m.
+static inline float tempered_sum(const float* __restrict a, int64_t n, float t, float m) {
+  float s[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) s[j] += CpuMath::exp(t * (a[i + j] - m));
+  float r = lane_sum(s);
+  for (int64_t i = body; i < n; ++i) r += CpuMath::exp(t * (a[i] - m));
+  return r;
+}
+
 // max_i x_i, NaN entries ignored. Written with GCC/Clang vector types: a select on scalar lanes
 // is not turned into vmaxps without -ffinite-math-only. Internal linkage: every per-ISA build
 // of a kernel gets its own copy.

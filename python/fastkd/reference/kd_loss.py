@@ -12,7 +12,8 @@ import math
 
 import torch
 
-__all__ = ["divergence_rows", "kd_loss_reference", "reduce_rows"]
+__all__ = ["divergence_rows", "finish_rows", "kd_loss_reference", "reduce_rows", "reduce_total",
+           "xlogy_ratio"]
 
 
 def xlogy_ratio(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
@@ -127,15 +128,26 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     lp = torch.log_softmax(zt / temperature, dim=-1)
     soft = divergence_rows(lp, lq, divergence, beta=beta, alpha=alpha)
     rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
+    return finish_rows(rows, zs, lead, labels=labels, ignore_index=ignore_index,
+                       hard_weight=hard_weight, reduction=reduction,
+                       num_items_in_batch=num_items_in_batch)
+
+
+def finish_rows(rows: torch.Tensor, student_logits: torch.Tensor, lead: torch.Size, *, labels,
+                ignore_index: int, hard_weight: float, reduction: str,
+                num_items_in_batch) -> torch.Tensor:
+    """Adds ``hard_weight`` CE(student_logits ``[N, V]`` at T = 1, labels) to the weighted soft
+    losses ``rows`` ``[N]``, zeroes ignored rows (float32 unless computed in float64) and
+    applies the reduction; ``"none"`` comes back in the leading shape ``lead``."""
     valid = None
     if labels is not None:
         flat = labels.reshape(-1)
         valid = flat != ignore_index
         if hard_weight > 0:
             target = torch.where(valid, flat, torch.zeros_like(flat))
-            ce = -torch.log_softmax(zs, dim=-1).gather(-1, target[:, None]).squeeze(-1)
-            rows = rows + hard_weight * ce
+            log_q = torch.log_softmax(student_logits, dim=-1)
+            rows = rows - hard_weight * log_q.gather(-1, target[:, None]).squeeze(-1)
         rows = torch.where(valid, rows, torch.zeros_like(rows))
-    rows = rows if compute == torch.float64 else rows.to(torch.float32)
+    rows = rows if rows.dtype == torch.float64 else rows.to(torch.float32)
     out = reduce_rows(rows, valid, reduction, num_items_in_batch)
     return out.reshape(lead) if reduction == "none" else out

@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..sparse.targets import SparseTargets
-from .kd_loss import xlogy_ratio, reduce_rows
+from .kd_loss import finish_rows, xlogy_ratio
 
 __all__ = ["sparse_kd_loss_reference"]
 
@@ -77,15 +77,6 @@ def sparse_kd_loss_reference(student_logits: torch.Tensor, targets: SparseTarget
         w_b = torch.where(in_ids.all(-1), zero, w_b)
         soft = soft + xlogy_ratio(w_b, w_b.log(), _log_outside(lq, in_ids, w_b > 0))
     rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
-    valid = None
-    if labels is not None:
-        flat = labels.reshape(-1)
-        valid = flat != ignore_index
-        if hard_weight > 0:
-            target = torch.where(valid, flat, torch.zeros_like(flat))
-            ce = -torch.log_softmax(z, dim=-1).gather(-1, target[:, None]).squeeze(-1)
-            rows = rows + hard_weight * ce
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
-    rows = rows if compute == torch.float64 else rows.to(torch.float32)
-    out = reduce_rows(rows, valid, reduction, num_items_in_batch)
-    return out.reshape(lead) if reduction == "none" else out
+    return finish_rows(rows, z, lead, labels=labels, ignore_index=ignore_index,
+                       hard_weight=hard_weight, reduction=reduction,
+                       num_items_in_batch=num_items_in_batch)
