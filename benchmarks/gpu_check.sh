@@ -50,5 +50,18 @@ python3 -m fastkd.cli bench fused_linear_kd_loss --device cuda --dtype bfloat16 
   --markdown "$OUT/bench_fused_linear_kd_loss.md" 2>&1 \
   | tee "$OUT/bench_fused_linear_kd_loss.log" || status=1
 
+step "sparse_kd_loss benchmark: bf16, N=8192, V=128256, 50 draws"
+python3 -m fastkd.cli bench sparse_kd_loss --device cuda --dtype bfloat16 --rows 8192 \
+  --vocab 128256 --reps 10 --out "$OUT/bench_sparse_kd_loss.json" \
+  --markdown "$OUT/bench_sparse_kd_loss.md" 2>&1 | tee "$OUT/bench_sparse_kd_loss.log" || status=1
+
+# sample_teacher has no CUDA kernel yet: on CUDA fastkd.sample_teacher runs the plain-PyTorch
+# reference sampler (fastkd[torch] in the table), measured against softmax + torch.multinomial,
+# the baseline a CUDA kernel would have to beat.
+step "sample_teacher benchmark: fp32, N=8192, V=128256, 50 draws"
+python3 -m fastkd.cli bench sample_teacher --device cuda --rows 8192 --vocab 128256 --reps 5 \
+  --out "$OUT/bench_sample_teacher.json" --markdown "$OUT/bench_sample_teacher.md" 2>&1 \
+  | tee "$OUT/bench_sample_teacher.log" || status=1
+
 step "done (status $status); results in $OUT"
 exit $status

@@ -11,7 +11,8 @@ import torch
 
 __all__ = ["main"]
 
-_BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher")  # what `fastkd bench OP` measures
+# What `fastkd bench OP` measures.
+_BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss")
 
 
 def _cmd_info(args) -> int:
@@ -23,8 +24,8 @@ def _cmd_info(args) -> int:
 
 def _bench_cases(args):
     """(case, function measuring it) for each case that ``fastkd bench OP`` sweeps."""
-    from .bench import (FusedLinearCase, KdCase, SampleCase, run_fused_linear_case,
-                        run_kd_loss_case, run_sample_teacher_case)
+    from .bench import (FusedLinearCase, KdCase, SampleCase, SparseCase, run_fused_linear_case,
+                        run_kd_loss_case, run_sample_teacher_case, run_sparse_kd_loss_case)
 
     if args.op == "sample_teacher":
         for rows in args.rows:
@@ -32,6 +33,13 @@ def _bench_cases(args):
                 yield (SampleCase(rows=rows, vocab=vocab, dtype=args.dtype,
                                   num_samples=args.num_samples, temperature=args.temperature,
                                   device=args.device), run_sample_teacher_case)
+        return
+    if args.op == "sparse_kd_loss":
+        for rows in args.rows:
+            for vocab in args.vocab:
+                yield (SparseCase(rows=rows, vocab=vocab, dtype=args.dtype,
+                                  num_samples=args.num_samples, device=args.device),
+                       run_sparse_kd_loss_case)
         return
     for divergence in args.divergence:
         for rows in args.rows:
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="teacher as hidden states and an lm_head, or as dense logits "
                             "(fused_linear_kd_loss)")
     bench.add_argument("--num-samples", type=int, default=50,
-                       help="draws per token (sample_teacher)")
+                       help="draws per token (sample_teacher, sparse_kd_loss)")
     bench.add_argument("--temperature", type=float, default=1.0,
                        help="proposal temperature (sample_teacher)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
