@@ -10,7 +10,9 @@ import torch
 import fastkd
 from fastkd.reference.sample_teacher import philox4x32_10, sample_teacher_reference
 
-BACKENDS = fastkd.available_backends("sample_teacher", "cpu")
+# Triton runs in its interpreter here, too slowly for these sizes: test_sample_teacher_triton.py
+# covers it on small cases.
+BACKENDS = [b for b in fastkd.available_backends("sample_teacher", "cpu") if b != "triton"]
 
 
 def long_tailed_logits(rows: int, vocab: int, *, seed: int = 0, sharpness=(3.0, 10.0)):
@@ -228,7 +230,7 @@ def test_float64_and_other_devices_use_the_reference():
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(token_offset=-2), ValueError, "token_offset"),
-    (dict(backend="triton"), RuntimeError, "no Triton kernel for sample_teacher"),
+    (dict(backend="cuda"), RuntimeError, "backend 'cuda' runs on cuda tensors"),
 ])
 def test_bad_input_raises(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -17,13 +17,13 @@ AUTO_ORDER = {
     "kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     # The row kernel of the chunked lm_head + loss: the same kernels as kd_loss.
     "fused_linear_kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
-    # Sampling: the native kernel on CPU; elsewhere the reference sampler (same draws).
-    "sample_teacher": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    # Sampling: the native kernel on CPU, the Triton kernel on CUDA (same draws).
+    "sample_teacher": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     "sparse_kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
 }
 
 # Ops with a Triton kernel.
-_TRITON_OPS = {"kd_loss", "fused_linear_kd_loss", "sparse_kd_loss"}
+_TRITON_OPS = {"kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss"}
 
 # Native entry point each op needs, per backend.
 _NATIVE_SYMBOL = {

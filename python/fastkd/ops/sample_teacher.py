@@ -1,9 +1,9 @@
 """sample_teacher: sparse teacher targets from dense teacher logits (random sampling or top-k).
 
-``method="random"`` runs the counter-based sampler (native kernel on CPU, the plain-PyTorch
-twin in ``reference/`` elsewhere): every draw is a pure function of (seed, global token index,
-draw index), so the targets do not depend on how tokens are batched. ``method="topk"`` is the
-biased baseline, in plain PyTorch on every device.
+``method="random"`` runs the counter-based sampler (native kernel on CPU, Triton kernel on
+CUDA, the plain-PyTorch twin in ``reference/`` elsewhere): every draw is a pure function of
+(seed, global token index, draw index), so the targets do not depend on how tokens are batched.
+``method="topk"`` is the biased baseline, in plain PyTorch on every device.
 """
 
 from __future__ import annotations
@@ -64,24 +64,37 @@ def _check_inputs(logits, *, num_samples, method, k, temperature, seed, token_of
                                  f"{labels[bad].unique()[:5].tolist()}")
 
 
-def _sample_native(logits: torch.Tensor, num_samples: int, temperature: float, seed: int,
-                   token_offset: int, return_logprobs: bool):
+def _sample_fused(logits: torch.Tensor, backend: str, num_samples: int, temperature: float,
+                  seed: int, token_offset: int, return_logprobs: bool):
+    """The ``cpu`` (native) or ``triton`` sampler: outputs on the logits' device."""
     lead = logits.shape[:-1]
     shape = (*lead, num_samples)
-    ids = torch.empty(shape, dtype=torch.int32)
-    weights = torch.empty(shape, dtype=torch.float32)
-    logprobs = torch.empty(shape, dtype=torch.float32) if return_logprobs else None
+    device = logits.device
+    ids = torch.empty(shape, dtype=torch.int32, device=device)
+    weights = torch.empty(shape, dtype=torch.float32, device=device)
+    logprobs = (torch.empty(shape, dtype=torch.float32, device=device) if return_logprobs
+                else None)
     n_rows = lead.numel()
-    invalid = torch.zeros(n_rows, dtype=torch.uint8)
+    invalid = torch.zeros(n_rows, dtype=torch.uint8, device=device)
     if n_rows:
         z, inner_rows, layout = row_layout(logits)
-        native().sample_teacher_cpu(
-            logits=z.data_ptr(), dtype=DTYPE_CODES[z.dtype], outer_stride=layout.outer_stride,
-            inner_stride=layout.inner_stride, inner_rows=inner_rows, n_rows=n_rows,
-            vocab=logits.shape[-1], temperature=float(temperature), num_samples=num_samples,
-            seed=int(seed), token_offset=int(token_offset), ids=ids.data_ptr(),
-            weights=weights.data_ptr(), logprobs=0 if logprobs is None else logprobs.data_ptr(),
-            invalid=invalid.data_ptr(), num_threads=torch.get_num_threads())
+        if backend == "triton":
+            from ..triton.sample_teacher import sample_teacher_forward
+            sample_teacher_forward(z, ids, weights, logprobs, invalid, n_rows=n_rows,
+                                   inner_rows=inner_rows, layout=layout,
+                                   vocab=logits.shape[-1], temperature=float(temperature),
+                                   num_samples=num_samples, seed=int(seed),
+                                   token_offset=int(token_offset))
+        else:
+            native().sample_teacher_cpu(
+                logits=z.data_ptr(), dtype=DTYPE_CODES[z.dtype],
+                outer_stride=layout.outer_stride, inner_stride=layout.inner_stride,
+                inner_rows=inner_rows, n_rows=n_rows, vocab=logits.shape[-1],
+                temperature=float(temperature), num_samples=num_samples, seed=int(seed),
+                token_offset=int(token_offset), ids=ids.data_ptr(),
+                weights=weights.data_ptr(),
+                logprobs=0 if logprobs is None else logprobs.data_ptr(),
+                invalid=invalid.data_ptr(), num_threads=torch.get_num_threads())
     if bool(invalid.any()):
         rows = invalid.nonzero()[:5, 0].tolist()
         raise ValueError(f"teacher_logits has NaN or +inf entries (flat rows {rows}); -inf "
@@ -134,7 +147,7 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int = 50,
     Args:
         teacher_logits: ``[..., V]`` float32/bfloat16/float16 (any layout; float64 runs the
             ``torch`` backend). ``-inf`` entries have no mass; rows with NaN or +inf raise on
-            the ``cpu`` backend (elsewhere they get no draws: all ids -1).
+            the ``cpu`` and ``triton`` backends (on ``torch`` they get no draws: all ids -1).
         num_samples: N draws per token (``"random"``), with replacement.
         method: ``"random"`` (unbiased: the expected target is p) or ``"topk"``.
         k: ids kept by ``"topk"``.
@@ -146,7 +159,8 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int = 50,
             batch split in two with the second part's offset moved on samples the same.
         tail: ``"topk"`` only: ``"renorm"``, ``"bucket"`` or ``"label"`` (needs ``labels``).
         return_logprobs: keep log p of every kept id.
-        backend: ``"auto"``, ``"cpu"`` (native) or ``"torch"`` (reference, any device).
+        backend: ``"auto"``, ``"cpu"`` (native), ``"triton"`` or ``"torch"`` (reference, any
+            device).
 
     Returns:
         ``SparseTargets`` with leading shape ``[...]``: ``"random"`` has K = N slots (ids
@@ -166,13 +180,13 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int = 50,
     if backend == "auto" and teacher_logits.dtype not in DTYPE_CODES:
         backend = "torch"
     name = resolve_backend("sample_teacher", backend, teacher_logits.device)
-    if name == "cpu":
+    if name in ("cpu", "triton"):
         if teacher_logits.dtype not in DTYPE_CODES:
-            raise ValueError(f"backend 'cpu' takes float32/bfloat16/float16 logits; got "
+            raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 logits; got "
                              f"{teacher_logits.dtype}; use backend='torch'")
-        ids, weights, logprobs = _sample_native(teacher_logits.detach(), int(num_samples),
-                                                temperature, seed, token_offset,
-                                                return_logprobs)
+        ids, weights, logprobs = _sample_fused(teacher_logits.detach(), name, int(num_samples),
+                                               temperature, seed, token_offset,
+                                               return_logprobs)
     else:
         ids, weights, logprobs = sample_teacher_reference(
             teacher_logits.detach(), num_samples=int(num_samples), temperature=temperature,
