@@ -19,6 +19,8 @@ import fastkd
 from fastkd.reference.sample_teacher import (philox4x32_10, sample_teacher_reference,
                                              token_uniforms)
 
+from test_sample_teacher import check_well_formed as check_layout
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = [
@@ -39,17 +41,11 @@ def sample(logits, **kwargs):
 
 
 def check_well_formed(targets, num_samples, vocab, temperature=1.0):
-    ids, weights = targets.ids.cpu(), targets.weights.cpu()
-    kept = ids >= 0
-    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
-    assert ids.shape[-1] == num_samples and torch.all(ids < vocab)
-    # ids ascending and distinct, then -1 padding with weight 0
-    assert torch.all(kept[..., :-1] | ~kept[..., 1:])
-    both = kept[..., :-1] & kept[..., 1:]
-    assert torch.all((ids[..., 1:] > ids[..., :-1]) | ~both)
-    assert torch.all(weights[~kept] == 0) and torch.all(weights[kept] > 0)
+    """test_sample_teacher's layout checks, plus counts summing to N at T = 1."""
+    targets = targets.to("cpu")
+    check_layout(targets, num_samples, vocab)
     if temperature == 1.0:
-        counts = weights * num_samples
+        counts = targets.weights * num_samples
         torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
         torch.testing.assert_close(counts.sum(-1), torch.full(counts.shape[:-1],
                                                               float(num_samples)))
