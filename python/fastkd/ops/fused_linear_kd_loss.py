@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+from dataclasses import replace
 
 import torch
 
@@ -245,7 +246,9 @@ def _run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
 
     ``row_kernel(z_s, begin, end, loss, need_grad)`` runs the fused loss on the chunk's fp32
     student logits ``z_s`` ``[end - begin, V_s]`` (rows begin..end of the batch), writing the
-    rows' loss into ``loss`` and, when ``need_grad``, grad_scale dL/dz_s over ``z_s``.
+    rows' loss into ``loss`` and, when ``need_grad``, grad_scale * logit_scale * dL/dz_s over
+    ``z_s``: with z_s = s (x W^T + b) the GEMMs need s dL/dz_s, and the kernel's own gradient
+    scale applies s at no cost.
     """
     n_rows, vocab_s = hidden.shape[0], weight.shape[0]
     device = hidden.device
@@ -274,8 +277,6 @@ def _run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
         g = zs  # grad_scale * dL/dz_s, fp32, written over the logits
         if row_scale is not None:
             g.mul_(row_scale[begin:end, None])
-        if logit_scale != 1.0:
-            g.mul_(logit_scale)  # z_s = s (x W^T + b): the GEMMs need s * dL/dz_s
         g_mm = g if grad_dtype == torch.float32 else g.to(grad_dtype)
         if need_hidden:
             if grad_hidden.dtype == g_mm.dtype:
@@ -296,10 +297,12 @@ def _run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
 
 
 def _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                        labels, cfg: KdConfig, teacher_logit_scale: float, chunk_size: int,
-                        backend: str):
+                        labels, cfg: KdConfig, logit_scale: float, teacher_logit_scale: float,
+                        chunk_size: int, backend: str):
     """The row kernel of a dense teacher: its logits per chunk (computed from its hidden states
-    and head, or rows of the offline logits), then kd_loss's fused kernel."""
+    and head, or rows of the offline logits), then kd_loss's fused kernel, whose gradient
+    carries the student's ``logit_scale``."""
+    cfg = replace(cfg, grad_scale=cfg.grad_scale * logit_scale)
     tw_mm = _gemm_operand(teacher_weight)
     n_rows = (teacher_hidden if teacher_logits is None else teacher_logits).shape[0]
     zt_buf = _logits_buffer(min(chunk_size, n_rows), tw_mm)
@@ -358,7 +361,8 @@ def fused_linear_kd_loss_fused(
                    log_wp, log_wq, coef, grad_scale)
     with torch.autocast(hidden.device.type, enabled=False):
         rows = _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                                   labels, cfg, teacher_logit_scale, chunk_size, backend)
+                                   labels, cfg, logit_scale, teacher_logit_scale, chunk_size,
+                                   backend)
         loss, *grads = _run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
                                    chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
     return (loss.sum() if reduce else loss), *grads
@@ -461,7 +465,7 @@ def fused_linear_sparse_kd_loss_fused(
         rows = _sparse_teacher_rows(ids, weights, tail_mass, labels, vocab=vocab,
                                     temperature=temperature, soft_weight=soft_weight,
                                     hard_weight=hard_weight, ignore_index=ignore_index,
-                                    grad_scale=grad_scale, backend=backend)
+                                    grad_scale=grad_scale * logit_scale, backend=backend)
         loss, *grads = _run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
                                    chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
     return (loss.sum() if reduce else loss), *grads
