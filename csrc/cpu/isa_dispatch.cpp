@@ -3,6 +3,7 @@
 // the baseline build.
 #include "kd_loss_cpu.h"
 #include "sample_teacher_cpu.h"
+#include "sinkhorn_cpu.h"
 #include "sparse_kd_loss_cpu.h"
 
 namespace fastkd {
@@ -57,6 +58,16 @@ void sparse_kd_loss_forward(const SparseKdLossArgs& args, int num_threads) {
     case Isa::kAvx2: return avx2::sparse_kd_loss_forward(args, num_threads);
 #endif
     default: return base::sparse_kd_loss_forward(args, num_threads);
+  }
+}
+
+void sinkhorn(const SinkhornArgs& args, int num_threads) {
+  switch (cached_isa()) {
+#if defined(FASTKD_CPU_X86_LEVELS)
+    case Isa::kAvx512: return avx512::sinkhorn(args, num_threads);
+    case Isa::kAvx2: return avx2::sinkhorn(args, num_threads);
+#endif
+    default: return base::sinkhorn(args, num_threads);
   }
 }
 

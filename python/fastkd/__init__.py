@@ -4,11 +4,12 @@ __version__ = "0.1.0"
 
 from ._build_info import build_info
 from .losses import FusedLinearKDLoss, KDLoss
-from .ops import (available_backends, fused_linear_kd_loss, fused_linear_sparse_kd_loss,
-                  kd_loss, sample_teacher, sparse_kd_loss)
+from .ops import (SinkhornResult, available_backends, fused_linear_kd_loss,
+                  fused_linear_sparse_kd_loss, kd_loss, sample_teacher, sinkhorn, sinkhorn_loss,
+                  sparse_kd_loss)
 from .sparse import CacheCorruptError, SparseTargets, TeacherCache
 
-__all__ = ["CacheCorruptError", "FusedLinearKDLoss", "KDLoss", "SparseTargets", "TeacherCache",
-           "available_backends", "build_info", "fused_linear_kd_loss",
-           "fused_linear_sparse_kd_loss", "kd_loss", "sample_teacher", "sparse_kd_loss",
-           "__version__"]
+__all__ = ["CacheCorruptError", "FusedLinearKDLoss", "KDLoss", "SinkhornResult", "SparseTargets",
+           "TeacherCache", "available_backends", "build_info", "fused_linear_kd_loss",
+           "fused_linear_sparse_kd_loss", "kd_loss", "sample_teacher", "sinkhorn",
+           "sinkhorn_loss", "sparse_kd_loss", "__version__"]

@@ -4,7 +4,9 @@ from ._backends import available_backends
 from .fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from .kd_loss import kd_loss
 from .sample_teacher import sample_teacher
+from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_loss
 from .sparse_kd_loss import sparse_kd_loss
 
-__all__ = ["available_backends", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss", "kd_loss",
-           "sample_teacher", "sparse_kd_loss"]
+__all__ = ["SinkhornResult", "available_backends", "fused_linear_kd_loss",
+           "fused_linear_sparse_kd_loss", "kd_loss", "sample_teacher", "sinkhorn", "sinkhorn_loss",
+           "sparse_kd_loss"]

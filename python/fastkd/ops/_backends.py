@@ -20,10 +20,12 @@ AUTO_ORDER = {
     # Sampling: the native kernel on CPU, the Triton kernel on CUDA (same draws).
     "sample_teacher": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     "sparse_kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+    # Batched Sinkhorn: one thread (CPU) or one CTA (CUDA) per problem.
+    "sinkhorn": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
 }
 
 # Ops with a Triton kernel.
-_TRITON_OPS = {"kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss"}
+_TRITON_OPS = {"kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn"}
 
 # Native entry point each op needs, per backend.
 _NATIVE_SYMBOL = {
@@ -33,6 +35,8 @@ _NATIVE_SYMBOL = {
     ("fused_linear_kd_loss", "cuda"): "kd_loss_forward_cuda",
     ("sample_teacher", "cpu"): "sample_teacher_cpu",
     ("sparse_kd_loss", "cpu"): "sparse_kd_loss_forward_cpu",
+    ("sinkhorn", "cpu"): "sinkhorn_cpu",
+    ("sinkhorn", "cuda"): "sinkhorn_cuda",
 }
 
 
