@@ -27,7 +27,7 @@
 namespace fastkd {
 
 struct SinkhornArgs {
-  const void* cost;        // C[b, i, j] at b * cost_stride_b + i * cost_stride_i + j * cost_stride_j
+  const void* cost;        // C[b, i, j] at b cost_stride_b + i cost_stride_i + j cost_stride_j
   int cost_dtype;          // DType code (fp32, bf16, fp16)
   int64_t cost_stride_b;   // element strides; 0 broadcasts one cost over the batch
   int64_t cost_stride_i;

@@ -3,10 +3,11 @@
 from ._backends import available_backends
 from .fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from .kd_loss import kd_loss
+from .ot_losses import sequence_ot_loss, sinkd_loss
 from .sample_teacher import sample_teacher
 from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_loss
 from .sparse_kd_loss import sparse_kd_loss
 
 __all__ = ["SinkhornResult", "available_backends", "fused_linear_kd_loss",
-           "fused_linear_sparse_kd_loss", "kd_loss", "sample_teacher", "sinkhorn", "sinkhorn_loss",
-           "sparse_kd_loss"]
+           "fused_linear_sparse_kd_loss", "kd_loss", "sample_teacher", "sequence_ot_loss",
+           "sinkd_loss", "sinkhorn", "sinkhorn_loss", "sparse_kd_loss"]

@@ -2,9 +2,11 @@
 
 from .fused_linear_kd_loss import fused_linear_kd_loss_reference
 from .kd_loss import kd_loss_reference
+from .ot_losses import sequence_ot_loss_reference, sinkd_loss_reference
 from .sample_teacher import sample_teacher_reference
 from .sinkhorn import sinkhorn_reference
 from .sparse_kd_loss import sparse_kd_loss_reference
 
 __all__ = ["fused_linear_kd_loss_reference", "kd_loss_reference", "sample_teacher_reference",
-           "sinkhorn_reference", "sparse_kd_loss_reference"]
+           "sequence_ot_loss_reference", "sinkd_loss_reference", "sinkhorn_reference",
+           "sparse_kd_loss_reference"]
