@@ -3,14 +3,14 @@
 #   build fastkd with its CUDA kernels, run the GPU tests, run the GPU benchmarks against peers
 #   (torch eager, torch.compile, Liger-Kernel when importable), write logs and tables under OUT.
 # Usage: benchmarks/gpu_check.sh [OUT] [STEPS]   (OUT default: $OUT, else ./gpu_check_out)
-#   STEPS: a space-separated subset of "build tests kd_loss fused_linear sparse sample"
+#   STEPS: a space-separated subset of "build tests kd_loss fused_linear sparse sample sinkhorn"
 #   (default: all), so that the story can be split over calls on one machine; steps after
 #   "build" expect fastkd installed. Each benchmark step is cut off after STEP_TIMEOUT seconds.
-# Peer wheels (liger-kernel) are installed from ./.whl when that folder holds them.
+# Peer wheels (liger-kernel, geomloss) are installed from ./.whl when that folder holds them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_check_out}}"
-STEPS=" ${2:-build tests kd_loss fused_linear sparse sample} "
+STEPS=" ${2:-build tests kd_loss fused_linear sparse sample sinkhorn} "
 STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -81,6 +81,19 @@ if wanted sample; then
   bench sample_teacher --device cuda --rows 8192 --vocab 128256 --reps 5 \
     --out "$OUT/bench_sample_teacher.json" --markdown "$OUT/bench_sample_teacher.md" 2>&1 \
     | tee "$OUT/bench_sample_teacher.log" || status=1
+fi
+
+# The issue's two Sinkhorn regimes at eps = 0.05 to tol 1e-6: fastkd's cuda and triton kernels
+# against its batched plain-PyTorch solver (backend torch) and GeomLoss (tensorized).
+if wanted sinkhorn; then
+  for shape in "4096 64" "256 512"; do
+    set -- $shape
+    step "sinkhorn benchmark: $1 problems of $2x$2, eps 0.05, tol 1e-6"
+    bench sinkhorn --device cuda --batch "$1" --n "$2" --m "$2" --eps 0.05 --tol 1e-6 \
+      --peers torch geomloss --reps 5 --out "$OUT/bench_sinkhorn_$1x$2.json" \
+      --markdown "$OUT/bench_sinkhorn_$1x$2.md" 2>&1 | tee "$OUT/bench_sinkhorn_$1x$2.log" \
+      || status=1
+  done
 fi
 
 step "done (status $status); results in $OUT"

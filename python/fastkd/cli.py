@@ -12,7 +12,7 @@ import torch
 __all__ = ["main"]
 
 # What `fastkd bench OP` measures.
-_BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss")
+_BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn")
 
 
 def _cmd_info(args) -> int:
@@ -33,6 +33,14 @@ def _bench_cases(args):
                 yield (SampleCase(rows=rows, vocab=vocab, dtype=args.dtype,
                                   num_samples=args.num_samples, temperature=args.temperature,
                                   device=args.device), run_sample_teacher_case)
+        return
+    if args.op == "sinkhorn":
+        from .bench.sinkhorn import SinkhornCase, run_sinkhorn_case
+
+        yield (SinkhornCase(batch=args.batch, n=args.n, m=args.m, eps=args.eps, tol=args.tol,
+                            max_iters=args.max_iters, eps_scaling=args.eps_scaling,
+                            dtype=args.dtype, device=args.device, pot_limit=args.pot_limit,
+                            peers=tuple(args.peers)), run_sinkhorn_case)
         return
     if args.op == "sparse_kd_loss":
         for rows in args.rows:
@@ -106,6 +114,21 @@ def main(argv: list[str] | None = None) -> int:
                        help="draws per token (sample_teacher, sparse_kd_loss)")
     bench.add_argument("--temperature", type=float, default=1.0,
                        help="proposal temperature (sample_teacher)")
+    bench.add_argument("--batch", type=int, default=4096, help="problems (sinkhorn)")
+    bench.add_argument("--n", type=int, default=64, help="rows per problem (sinkhorn)")
+    bench.add_argument("--m", type=int, default=64, help="columns per problem (sinkhorn)")
+    bench.add_argument("--eps", type=float, default=0.05, help="regularization (sinkhorn)")
+    bench.add_argument("--tol", type=float, default=1e-6,
+                       help="L1 marginal error to stop at (sinkhorn)")
+    bench.add_argument("--max-iters", type=int, default=1000, help="iteration cap (sinkhorn)")
+    bench.add_argument("--eps-scaling", type=float, default=None,
+                       help="fastkd's eps-scaling factor kappa (sinkhorn)")
+    bench.add_argument("--pot-limit", type=int, default=256,
+                       help="problems POT's per-problem loop solves, its time scaled to the "
+                            "batch; 0: all (sinkhorn)")
+    bench.add_argument("--peers", nargs="+", default=["torch", "pot", "pot-batch", "geomloss"],
+                       choices=["torch", "pot", "pot-batch", "geomloss"],
+                       help="peers to time beside fastkd (sinkhorn)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--divergence", nargs="+", default=["fkl"])
     bench.add_argument("--beta", type=float, default=0.5)

@@ -116,10 +116,13 @@ def _validate_values(p: "_Problem") -> None:
     non-negative weights, equal positive masses per problem."""
     rows, cols = p.rows, p.cols
     if p.cost is not None:
-        inside = rows[:, :, None] & cols[:, None, :]
         cost = p.cost.detach()
-        _first_bad("cost", inside & ~torch.isfinite(cost), cost,
-                   "the cost must be finite inside each problem's sizes")
+        # The whole cost first (one bool per entry); the masks only where sizes leave entries
+        # out or something is not finite.
+        if p.n_sizes is not None or p.m_sizes is not None or not bool(torch.isfinite(cost).all()):
+            inside = rows[:, :, None] & cols[:, None, :]
+            _first_bad("cost", inside & ~torch.isfinite(cost), cost,
+                       "the cost must be finite inside each problem's sizes")
     else:
         _, x, y = p.features
         _first_bad("x", rows[:, :, None] & ~torch.isfinite(x.detach()), x.detach(),
