@@ -51,3 +51,20 @@ def assert_within_torch_error(name, value, exact, torch_value):
     floor = FLOOR_EPS * torch.finfo(torch.float32).eps * max(e.abs().max().item(), 1.0)
     assert err <= ERR_FACTOR * torch_err + floor, (
         f"{name}: max error {err:.3g} vs torch float32 error {torch_err:.3g} (floor {floor:.3g})")
+
+
+def extra_peak_kb(script: str, arg: str, env: dict | None = None) -> int:
+    """Runs ``script`` (which prints its peak RSS above a baseline, in kB, last) in a fresh
+    Python with ``arg`` as sys.argv[1]; skips the test where /proc/self/clear_refs cannot reset
+    the peak RSS (not Linux)."""
+    import subprocess
+    import sys
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    out = subprocess.run([sys.executable, "-c", script, arg], check=True, capture_output=True,
+                         text=True, env=None if env is None else {**os.environ, **env})
+    return int(out.stdout.strip().splitlines()[-1])

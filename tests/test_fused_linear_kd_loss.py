@@ -12,7 +12,7 @@ import fastkd
 from fastkd.ops.fused_linear_kd_loss import resolve_chunk_size
 from fastkd.reference import fused_linear_kd_loss_reference
 
-from conftest import HAS_CUDA, assert_within_torch_error
+from conftest import HAS_CUDA, assert_within_torch_error, extra_peak_kb
 
 # Deliberately odd sizes: N is not a multiple of the chunk, H_t != H_s, V_t != V_s.
 N, H_S, V_S, H_T, V_T = 37, 24, 101, 20, 97
@@ -481,19 +481,7 @@ def test_extra_peak_memory_below_a_quarter_of_plain_path():
     """N=4096, H=256, V=32000 fp32, online teacher: the fused op's peak memory above its inputs
     (gradients included) stays below a quarter of the plain path's, measured as the peak RSS of
     a fresh process."""
-    import subprocess
-    import sys
-
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    extra_kb = {}
-    for mode in ("fused", "plain"):
-        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, mode], check=True,
-                             capture_output=True, text=True)
-        extra_kb[mode] = int(out.stdout.strip().splitlines()[-1])
+    extra_kb = {mode: extra_peak_kb(_PEAK_SCRIPT, mode) for mode in ("fused", "plain")}
     # The plain path holds both [N, V] fp32 logits and their softmax intermediates: > 1 GB.
     assert extra_kb["plain"] > 1_000_000, extra_kb
     assert extra_kb["fused"] < extra_kb["plain"] / 4, extra_kb

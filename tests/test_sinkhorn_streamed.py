@@ -8,6 +8,8 @@ import fastkd
 from fastkd.ops import sinkhorn_features
 from fastkd.ops.sinkhorn_features import pairwise_cost
 
+from conftest import extra_peak_kb
+
 KINDS = ["l1", "l2", "sqeuclidean", "cosine"]
 
 
@@ -138,20 +140,7 @@ def test_streamed_peak_memory_below_the_cost():
     keeps freed blocks of this size in its heap once its dynamic mmap threshold has grown past
     them, which would count the allocator's cache as peak: a fixed threshold makes every large
     tensor its own mapping, returned when freed."""
-    import os
-    import subprocess
-    import sys
-
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    extra_kb = {}
-    for mode in ("streamed", "formed"):
-        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, mode], check=True,
-                             capture_output=True, text=True,
-                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
-        extra_kb[mode] = int(out.stdout.strip().splitlines()[-1])
+    extra_kb = {mode: extra_peak_kb(_PEAK_SCRIPT, mode, {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+                for mode in ("streamed", "formed")}
     assert extra_kb["formed"] > 144_000, extra_kb
     assert extra_kb["streamed"] < 144_000 / 2, extra_kb

@@ -369,7 +369,7 @@ def _solve(cost, a, b, *, eps, max_iters, tol, eps_scaling, check_every, n_sizes
            init_g, return_plan, validate, stream_cost, backend) -> _Solved:
     _check_options(eps, max_iters, tol, check_every, eps_scaling)
     p = _prepare(cost, a, b, n_sizes, m_sizes, x, y, validate, stream_cost, backend)
-    batch, n, m = p.rows.shape[0], p.rows.shape[1], p.cols.shape[1]
+    batch, m = p.rows.shape[0], p.cols.shape[1]
     init_g = _check_init_g(init_g, batch, m, p.single)
     kappa = 0.5 if eps_scaling is None else float(eps_scaling)
     if p.cost is None:

@@ -101,6 +101,22 @@ def _resident_update(c, p, w2, s, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _plan_tile(f, g, c, la2, lb2, s):
+    # P = 2^((f_i + g_j - C_ij) s + log2 a_i + log2 b_j), 0 where a weight is 0 (log2 -inf).
+    keep = (la2[:, None] > NEG_INF) & (lb2[None, :] > NEG_INF)
+    logit = (f[:, None] + g[None, :] - c) * s + la2[:, None] + lb2[None, :]
+    return tl.exp2(tl.where(keep, logit, NEG_INF))
+
+
+@triton.jit
+def _cost_tile(c_base, rows, cols, row_in, col_in, stride_i, stride_j):
+    # C[rows, cols] as fp32, 0 outside (row_in, col_in): never read there.
+    return tl.load(c_base + rows.to(tl.int64)[:, None] * stride_i
+                   + cols.to(tl.int64)[None, :] * stride_j,
+                   mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _sinkhorn_resident_kernel(
     cost_ptr,       # C[b, i, j] at b * stride_b + i * stride_i + j * stride_j, fp32/bf16/fp16
     log_a_ptr,      # [B, n] fp32
@@ -169,9 +185,7 @@ def _sinkhorn_resident_kernel(
         run = ~stop
 
     # P at the final (f, g, e); 0 where a weight is 0, and so outside the sizes.
-    keep = (la2[:, None] > NEG_INF) & (lb2[None, :] > NEG_INF)
-    logit = (f[:, None] + g[None, :] - c) * s + la2[:, None] + lb2[None, :]
-    p = tl.exp2(tl.where(keep, logit, NEG_INF))
+    p = _plan_tile(f, g, c, la2, lb2, s)
     n_keep = tl.where(nonempty, n_b, 0)
     m_keep = tl.where(nonempty, m_b, 0)
     tl.store(f_ptr + b * n + rows, tl.where(rows < n_keep, f, 0.0), mask=rows < n)
@@ -217,9 +231,7 @@ def _stream_f(c_base, stride_i, stride_j, la_row, lb_row, f_row, g_row, t_row, n
         for j0 in range(0, m_b, BLOCK_M):
             cols = j0 + offs_m
             col_in = cols < m_b
-            c = tl.load(c_base + rows.to(tl.int64)[:, None] * stride_i
-                        + cols.to(tl.int64)[None, :] * stride_j,
-                        mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+            c = _cost_tile(c_base, rows, cols, row_in, col_in, stride_i, stride_j)
             g = tl.load(g_row + cols, mask=col_in, other=0.0)
             lb2 = tl.load(lb_row + cols, mask=col_in, other=NEG_INF) * LOG2E
             mx, sm = _online_lse2(mx, sm, (g[None, :] - c) * s + lb2[None, :], 1)
@@ -249,9 +261,7 @@ def _stream_g(c_base, stride_i, stride_j, la_row, f_row, g_row, n_b, m_b, s,
         for i0 in range(0, n_b, BLOCK_N):
             rows = i0 + offs_n
             row_in = rows < n_b
-            c = tl.load(c_base + rows.to(tl.int64)[:, None] * stride_i
-                        + cols.to(tl.int64)[None, :] * stride_j,
-                        mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+            c = _cost_tile(c_base, rows, cols, row_in, col_in, stride_i, stride_j)
             f = tl.load(f_row + rows, mask=row_in, other=0.0)
             la2 = tl.load(la_row + rows, mask=row_in, other=NEG_INF) * LOG2E
             mx, sm = _online_lse2(mx, sm, (f[:, None] - c) * s + la2[:, None], 0)
@@ -352,14 +362,10 @@ def _sinkhorn_streamed_kernel(
         for j0 in range(0, m_end, BLOCK_M):
             cols = j0 + offs_m
             col_in = cols < m_b
-            c = tl.load(c_base + rows.to(tl.int64)[:, None] * stride_i
-                        + cols.to(tl.int64)[None, :] * stride_j,
-                        mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+            c = _cost_tile(c_base, rows, cols, row_in, col_in, stride_i, stride_j)
             g = tl.load(g_row + cols, mask=col_in, other=0.0)
             lb2 = tl.load(lb_row + cols, mask=col_in, other=NEG_INF) * LOG2E
-            keep = (la2[:, None] > NEG_INF) & (lb2[None, :] > NEG_INF)
-            logit = (f[:, None] + g[None, :] - c) * s + la2[:, None] + lb2[None, :]
-            p = tl.exp2(tl.where(keep, logit, NEG_INF))
+            p = _plan_tile(f, g, c, la2, lb2, s)
             transport += tl.sum(tl.sum(p * c, axis=1), axis=0)
             mass += tl.sum(tl.sum(p, axis=1), axis=0)
             if HAS_PLAN:
