@@ -1,9 +1,12 @@
-"""sample_teacher: sparse teacher targets from dense teacher logits (random sampling or top-k).
+"""sample_teacher: sparse teacher targets from dense teacher logits (random sampling, priority
+sampling or top-k).
 
 ``method="random"`` runs the counter-based sampler (native kernel on CPU, Triton kernel on
 CUDA, the plain-PyTorch twin in ``reference/`` elsewhere): every draw is a pure function of
 (seed, global token index, draw index), so the targets do not depend on how tokens are batched.
-``method="topk"`` is the biased baseline, in plain PyTorch on every device.
+``method="priority"`` (priority sampling: k distinct ids, unbiased weights) and ``method="topk"``
+(the biased baseline) run in plain PyTorch on every device; priority sampling keys its uniforms
+by (seed, global token index, vocabulary id), likewise independent of the batching.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numbers
 
 import torch
 
-from ..reference.sample_teacher import sample_teacher_reference
+from ..reference.sample_teacher import priority_sample_reference, sample_teacher_reference
 from ..sparse.targets import METHODS, TAILS, SparseTargets
 from ._backends import resolve_backend
 from ._checks import check_logits
@@ -42,6 +45,16 @@ def _check_inputs(logits, *, num_samples, method, k, temperature, seed, token_of
             raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
         if k is not None or tail is not None:
             raise ValueError(f"k and tail apply to method='topk'; got k={k!r}, tail={tail!r}")
+        return
+    if method == "priority":
+        if not isinstance(k, numbers.Integral) or not 1 <= k <= vocab:
+            raise ValueError(f"method='priority' needs k in [1, V={vocab}]; got k={k!r}")
+        if num_samples is not None or tail is not None:
+            raise ValueError(f"method='priority' keeps k ids and takes neither num_samples nor "
+                             f"tail; got num_samples={num_samples!r}, tail={tail!r}")
+        if temperature != 1.0:
+            raise ValueError(f"method='priority' samples p = softmax(z) itself: temperature "
+                             f"must be 1; got {temperature!r}")
         return
     if not isinstance(k, numbers.Integral) or not 1 <= k <= vocab:
         raise ValueError(f"method='topk' needs k in [1, V={vocab}]; got k={k!r}")
@@ -137,7 +150,7 @@ def _topk_targets(logits: torch.Tensor, k: int, tail: str, labels, ignore_index:
     return ids, weights.float(), logprobs, tail_mass
 
 
-def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int = 50,
+def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = None,
                    method: str = "random", k: int | None = None, temperature: float = 1.0,
                    seed: int = 0, token_offset: int = 0, tail: str | None = None,
                    labels: torch.Tensor | None = None, ignore_index: int = -100,
@@ -148,30 +161,60 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int = 50,
         teacher_logits: ``[..., V]`` float32/bfloat16/float16 (any layout; float64 runs the
             ``torch`` backend). ``-inf`` entries have no mass; rows with NaN or +inf raise on
             the ``cpu`` and ``triton`` backends (on ``torch`` they get no draws: all ids -1).
-        num_samples: N draws per token (``"random"``), with replacement.
-        method: ``"random"`` (unbiased: the expected target is p) or ``"topk"``.
-        k: ids kept by ``"topk"``.
+        num_samples: N draws per token (``"random"``, default 50), with replacement; must be
+            left None for ``"priority"``.
+        method: ``"random"`` (unbiased: the expected target is p), ``"priority"`` (unbiased,
+            k distinct ids, see below) or ``"topk"``.
+        k: ids kept by ``"topk"`` and ``"priority"`` (required there, 1 <= k <= V).
         temperature: the proposal of ``"random"`` is softmax(z / T); for T != 1 the weights are
-            importance weights (count / N) p / r, still unbiased for p.
-        seed: 64-bit key of the sampler.
+            importance weights (count / N) p / r, still unbiased for p. Must be 1 for the other
+            methods.
+        seed: 64-bit key of the samplers.
         token_offset: global index of the first token: the draws of token i (flat row-major
-            index over the leading shape) are keyed by (seed, token_offset + i, draw), so a
-            batch split in two with the second part's offset moved on samples the same.
+            index over the leading shape) are keyed by (seed, token_offset + i, draw) (by
+            (seed, token_offset + i, id) for ``"priority"``), so a batch split in two with the
+            second part's offset moved on samples the same.
         tail: ``"topk"`` only: ``"renorm"``, ``"bucket"`` or ``"label"`` (needs ``labels``).
         return_logprobs: keep log p of every kept id.
         backend: ``"auto"``, ``"cpu"`` (native), ``"triton"`` or ``"torch"`` (reference, any
-            device).
+            device); ``"random"`` only (``"priority"`` and ``"topk"`` are plain PyTorch).
 
     Returns:
         ``SparseTargets`` with leading shape ``[...]``: ``"random"`` has K = N slots (ids
-        ascending, then -1 padding); ``"topk"`` K = k (+1 for ``tail="label"``).
+        ascending, then -1 padding); ``"priority"`` K = k (ids ascending, then -1 padding where
+        fewer than k ids have p > 0); ``"topk"`` K = k (+1 for ``tail="label"``).
+
+    ``"priority"`` (Duffield, Lund & Thorup, JACM 2007): per token, uniforms u_i in (0, 1),
+    priorities q_i = p_i / u_i; the k ids of largest q are kept with weights max(p_i, tau), tau
+    the (k+1)-th largest priority (0 when k = V). For every f, sum over kept ids of w_i f(i) is
+    an unbiased estimate of sum_i p_i f(i), so ``sparse_kd_loss`` on these targets has an
+    unbiased gradient; the weights are >= p at their ids and sum to 1 only in expectation. Ids
+    with p = 0 are never kept. A uniform is drawn for every one of the V ids (V / 4
+    Philox calls per token, well above ``"random"``'s N / 4), in chunks of rows of about 2^15
+    (row, id) pairs (at least one row), so that the working memory is O(max(V, 2^15)) whatever
+    the batch. On CPU that is some 10 M ids per second; a batch of 2048 tokens at V = 32000
+    takes a few seconds.
+
+    Raises:
+        ValueError: bad arguments, or (``"priority"``) NaN or +inf teacher logits.
     """
+    if method == "random" and num_samples is None:
+        num_samples = 50
     _check_inputs(teacher_logits, num_samples=num_samples, method=method, k=k,
                   temperature=temperature, seed=seed, token_offset=token_offset, tail=tail,
                   labels=labels, ignore_index=ignore_index)
     vocab = teacher_logits.shape[-1]
     common = dict(vocab_size=vocab, temperature=float(temperature), seed=int(seed),
                   method=method)
+    if method == "priority":
+        ids, weights, logprobs, bad = priority_sample_reference(
+            teacher_logits.detach(), k=int(k), seed=int(seed), token_offset=int(token_offset),
+            return_logprobs=return_logprobs)
+        if bool(bad.any()):
+            rows = bad.reshape(-1).nonzero()[:5, 0].tolist()
+            raise ValueError(f"teacher_logits has NaN or +inf entries (flat rows {rows}); -inf "
+                             f"marks tokens outside the support, NaN and +inf cannot be sampled")
+        return SparseTargets(ids, weights, logprobs, None, num_samples=int(k), **common)
     if method == "topk":
         ids, weights, logprobs, tail_mass = _topk_targets(
             teacher_logits.detach(), k, tail, labels, ignore_index, return_logprobs)

@@ -6,30 +6,38 @@ Randomness: Philox4x32-10 (Salmon et al., SC 2011) keyed by the seed, with count
 uniform u = ((w >> 8) + 1/2) 2^-24 in (0, 1), then E_j = -log u (log in float32, as the kernels
 take it). For N draws, E_0 .. E_N give N sorted uniforms C_k / C_N (C the cumulative sums), and
 draw k picks the first id whose cumulative probability exceeds C_k / C_N.
+
+Priority sampling (``priority_sample_reference``) takes one uniform per (token, vocabulary id)
+from the same generator on stream 1 (counter word 3), so a token's priorities depend only on
+(seed, global token index, id).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["philox4x32_10", "sample_teacher_reference", "token_uniforms"]
+__all__ = ["philox4x32_10", "priority_sample_reference", "sample_teacher_reference",
+           "token_uniforms"]
 
 _MASK = 0xFFFFFFFF
 _MUL = (0xD2511F53, 0xCD9E8D57)
 _WEYL = (0x9E3779B9, 0xBB67AE85)
+# Uniforms generated per chunk of rows of priority sampling (at least one row): the chunk's
+# Philox words stay in tensors of about 64 kB, small enough for the CPU allocator to reuse
+# (larger ones are fresh mmaps whose page faults made the generator several times slower).
+_PRIORITY_CHUNK = 1 << 15
+_PRIORITY_STREAM = 1
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of a * b for 32-bit values held in int64 (16-bit limbs keep
-    every partial product below 2^63)."""
-    a_lo, a_hi = a & 0xFFFF, a >> 16
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    lo_lo = a_lo * b_lo
-    mid = a_hi * b_lo + a_lo * b_hi + (lo_lo >> 16)  # < 2^34
-    lo = ((mid & 0xFFFF) << 16) | (lo_lo & 0xFFFF)
-    hi = a_hi * b_hi + (mid >> 16)
-    return hi & _MASK, lo & _MASK
+    """(hi, lo) 32-bit halves of a * b for 32-bit values held in int64: with b = b1 2^16 + b0,
+    a b = m 2^16 + (a b0 mod 2^16) where m = a b1 + (a b0 >> 16) < 2^49 (no int64 overflow)."""
+    low = a * (b & 0xFFFF)
+    mid = a * (b >> 16) + (low >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
 
 
 def philox4x32_10(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -> list[torch.Tensor]:
@@ -44,14 +52,19 @@ def philox4x32_10(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -> li
     return [c0, c1, c2, c3]
 
 
-def token_uniforms(seed: int, tokens: torch.Tensor, n_draws: int) -> torch.Tensor:
-    """``[len(tokens), n_draws]`` float32 uniforms in (0, 1) of the given global token indices."""
+def token_uniforms(seed: int, tokens: torch.Tensor, n_draws: int, stream: int = 0) -> torch.Tensor:
+    """``[len(tokens), n_draws]`` float32 uniforms in (0, 1) of the given global token indices.
+
+    Draw j of a token is word j % 4 of Philox at counter (token lo, token hi, j // 4, stream):
+    one Philox call serves four consecutive draws. ``stream`` 0 feeds ``"random"``, 1 the
+    per-id priorities of ``"priority"``, so the two methods never share uniforms.
+    """
     tokens = tokens.to(torch.int64)[:, None]
-    draws = torch.arange(n_draws, dtype=torch.int64, device=tokens.device)[None, :]
-    zero = torch.zeros_like(tokens + draws)
-    counter = ((tokens & _MASK) + zero, (tokens >> 32) + zero, (draws >> 2) + zero, zero)
+    blocks = torch.arange((n_draws + 3) // 4, dtype=torch.int64, device=tokens.device)[None, :]
+    zero = torch.zeros_like(tokens + blocks)
+    counter = ((tokens & _MASK) + zero, (tokens >> 32) + zero, blocks + zero, zero + stream)
     words = torch.stack(philox4x32_10(counter, (seed & _MASK, (seed >> 32) & _MASK)), -1)
-    word = words.gather(-1, (draws & 3).expand_as(zero)[..., None])[..., 0]
+    word = words.reshape(tokens.shape[0], -1)[:, :n_draws]
     return ((word >> 8).to(torch.float32) + 0.5) * 2.0**-24
 
 
@@ -93,3 +106,64 @@ def sample_teacher_reference(teacher_logits: torch.Tensor, *, num_samples: int =
     shape = (*lead, num_samples)
     return (ids.reshape(shape), weights.reshape(shape),
             None if logprobs is None else logprobs.reshape(shape))
+
+
+def priority_sample_reference(teacher_logits: torch.Tensor, *, k: int, seed: int = 0,
+                              token_offset: int = 0, return_logprobs: bool = False):
+    """Priority-sampling targets (Duffield, Lund & Thorup, JACM 2007) of ``teacher_logits``.
+
+    Per token, with p = softmax(z) over the V ids and uniforms u_i in (0, 1) keyed by
+    (seed, token_offset + row, i): priorities q_i = p_i / u_i, keep the k ids of largest q
+    (never one with p_i = 0), tau = the (k+1)-th largest priority (0 if V = k or fewer than k+1
+    ids have mass) and weight w_i = max(p_i, tau). Then E[sum_kept w_i f(i)] = sum_i p_i f(i)
+    for every f: the expected weight vector is p, with exactly k distinct ids per token.
+    Rows are processed in chunks of about 2^15 (row, id) pairs (one row at least), so the
+    working memory is O(max(V, 2^15)) whatever the batch.
+
+    Args:
+        teacher_logits: ``[..., V]`` floating logits; -inf entries have no mass.
+        k: ids kept per token, 1 <= k <= V.
+
+    Returns:
+        ``(ids, weights, logprobs, bad_rows)``: ids ``[..., k]`` int32 ascending then -1
+        padding (where fewer than k ids have mass), weights ``[..., k]`` float32 (0 at padding),
+        logprobs ``[..., k]`` float32 log p of each kept id (0 at padding) or None, and
+        bad_rows ``[...]`` bool, rows with NaN or +inf logits (they get all padding).
+    """
+    lead, vocab = teacher_logits.shape[:-1], teacher_logits.shape[-1]
+    z = teacher_logits.reshape(-1, vocab)
+    rows, device = z.shape[0], z.device
+    ids = torch.full((rows, k), -1, dtype=torch.int32, device=device)
+    weights = torch.zeros(rows, k, dtype=torch.float32, device=device)
+    logprobs = torch.zeros(rows, k, dtype=torch.float32, device=device)
+    bad = torch.zeros(rows, dtype=torch.bool, device=device)
+    step = max(1, _PRIORITY_CHUNK // vocab)
+    # The (k+1)-th priority is the threshold; with k = V there is none (tau = 0).
+    n_top = min(k + 1, vocab)
+    columns = torch.arange(vocab, device=device)
+    # float32 arithmetic (float64 logits stay float64): its vectorized log and softmax are
+    # several times faster than float64's on CPU, and the weights are float32 anyway.
+    work = torch.float64 if z.dtype == torch.float64 else torch.float32
+    for r0 in range(0, rows, step):
+        zc = z[r0:r0 + step].to(work)
+        chunk_bad = (torch.isnan(zc) | (zc == math.inf)).any(-1)
+        log_p = torch.log_softmax(zc, -1).masked_fill(chunk_bad[:, None], -math.inf)
+        tokens = token_offset + r0 + torch.arange(zc.shape[0], device=device)
+        u = token_uniforms(seed, tokens, vocab, _PRIORITY_STREAM).to(work)
+        # log q = log p - log u: no underflow of p / u for tiny p; -inf exactly where p = 0.
+        log_q, top = torch.topk(log_p - torch.log(u), n_top, dim=-1)
+        tau = log_q[:, k].exp() if n_top > k else torch.zeros_like(log_q[:, 0])
+        log_q, top = log_q[:, :k], top[:, :k]
+        has_mass = log_q > -math.inf
+        # Kept ids ascending, padding last: sort by (no mass, id).
+        order = torch.argsort(torch.where(has_mass, top, vocab + columns[:k]), dim=-1)
+        top, has_mass = top.gather(1, order), has_mass.gather(1, order)
+        lp = log_p.gather(1, top)
+        w = torch.maximum(lp.exp(), tau[:, None])
+        ids[r0:r0 + step] = torch.where(has_mass, top, -1).to(torch.int32)
+        weights[r0:r0 + step] = torch.where(has_mass, w, 0.0).to(torch.float32)
+        logprobs[r0:r0 + step] = torch.where(has_mass, lp, 0.0).to(torch.float32)
+        bad[r0:r0 + step] = chunk_bad
+    shape = (*lead, k)
+    return (ids.reshape(shape), weights.reshape(shape),
+            logprobs.reshape(shape) if return_logprobs else None, bad.reshape(lead))

@@ -8,6 +8,9 @@ id (``-1`` = padding) and ``weights[r, k]`` its target weight (0 at padding). Me
   ``count / N``. With T = 1 the weights sum to 1 and their expectation is the teacher's
   distribution p = softmax(z); with T != 1 they are importance weights ``(count / N) p / r``
   (r = softmax(z / T) the proposal), whose expectation is again p.
+- ``"priority"``: priority sampling (Duffield, Lund & Thorup, JACM 2007) of k distinct ids
+  from p; each kept id has weight max(p_i, tau), tau the (k+1)-th largest priority p_i / u_i.
+  The weights are >= p at their ids, sum to 1 only in expectation, and their expectation is p.
 - ``"topk"``: the k most probable ids; ``tail`` says where the rest of the mass goes:
   ``"renorm"`` (top-k renormalized to sum 1), ``"bucket"`` (weights are p at the ids and
   ``tail_mass`` holds 1 - sum of them, matched against the student's mass outside the ids), or
@@ -22,7 +25,7 @@ import torch
 
 __all__ = ["METHODS", "SparseTargets", "TAILS"]
 
-METHODS = ("random", "topk")
+METHODS = ("random", "priority", "topk")
 TAILS = ("renorm", "bucket", "label")
 
 
@@ -37,11 +40,11 @@ class SparseTargets:
             temperature 1), 0 at padding; None when not kept.
         tail_mass: ``[...]`` float32 teacher mass outside ``ids`` (``tail="bucket"``), else None.
         vocab_size: the teacher's vocabulary size V (every id is < V).
-        num_samples: draws N (``"random"``) or k (``"topk"``).
+        num_samples: draws N (``"random"``) or k (``"priority"``, ``"topk"``).
         temperature: the proposal temperature T of ``"random"`` (1 otherwise).
-        seed: the sampler's seed (``"random"``).
-        method: ``"random"`` or ``"topk"``.
-        tail: ``"renorm"``, ``"bucket"`` or ``"label"`` for ``"topk"``; None for ``"random"``.
+        seed: the sampler's seed (``"random"``, ``"priority"``).
+        method: ``"random"``, ``"priority"`` or ``"topk"``.
+        tail: ``"renorm"``, ``"bucket"`` or ``"label"`` for ``"topk"``; None otherwise.
     """
 
     ids: torch.Tensor

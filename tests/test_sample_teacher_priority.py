@@ -1,0 +1,168 @@
+"""fastkd.sample_teacher(method="priority"): priority sampling (Duffield, Lund & Thorup, JACM
+2007) keeps exactly k distinct ids per token with weights whose expectation is p."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.sparse import TeacherCache
+
+from test_sample_teacher import long_tailed_logits
+
+
+def priority(logits, k, **kw):
+    return fastkd.sample_teacher(logits, method="priority", k=k, **kw)
+
+
+def dense(targets, vocab):
+    """``[rows, V]`` float64 weights of flattened targets (0 off the ids)."""
+    t = targets.reshape(-1)
+    out = torch.zeros(t.ids.shape[0], vocab + 1, dtype=torch.float64)
+    out.scatter_(1, torch.where(t.ids >= 0, t.ids.long(), vocab), t.weights.double())
+    return out[:, :vocab]
+
+
+def test_k_distinct_sorted_ids_with_padding():
+    logits = long_tailed_logits(64, 300, seed=1)
+    logits[:8, 3:] = -math.inf  # 3 ids with mass < k: padded, weights exactly p
+    t = priority(logits, 10, seed=5, return_logprobs=True)
+    ids, w = t.ids, t.weights
+    kept = ids >= 0
+    assert t.method == "priority" and t.num_samples == 10 and ids.shape == (64, 10)
+    assert torch.all(kept.sum(-1) == torch.where(torch.arange(64) < 8, 3, 10))
+    assert torch.all(kept[:, :-1] | ~kept[:, 1:])
+    assert torch.all((ids[:, 1:] > ids[:, :-1]) | ~(kept[:, 1:] & kept[:, :-1]))
+    p = torch.softmax(logits.double(), -1)
+    p_kept = p.gather(1, ids.long().clamp_min(0))
+    assert torch.all(p_kept[kept] > 0) and torch.all(w[~kept] == 0)
+    # w = max(p, tau) >= p, and logprobs are log p
+    assert torch.all(w[kept] >= (p_kept[kept] * (1 - 1e-6)).float())
+    torch.testing.assert_close(t.logprobs[kept].double(), p_kept[kept].log(), atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(w[:8].sum(-1), torch.ones(8))
+    # k = V keeps everything with weights p
+    full = priority(logits[8:10, :20], 20, seed=5)
+    torch.testing.assert_close(dense(full, 20), torch.softmax(logits[8:10, :20].double(), -1))
+
+
+def test_independent_of_batch_layout():
+    logits = long_tailed_logits(12, 97, seed=2).reshape(3, 4, 97)
+    batch = priority(logits, 7, seed=11, token_offset=40)
+    flat = logits.reshape(12, 97)
+    for i in range(12):
+        alone = priority(flat[i], 7, seed=11, token_offset=40 + i)
+        assert torch.equal(alone.ids, batch.ids.reshape(12, 7)[i])
+        assert torch.equal(alone.weights, batch.weights.reshape(12, 7)[i])
+    # a transposed (non-contiguous) view is read in its own row-major order
+    swapped = priority(logits.transpose(0, 1), 7, seed=11, token_offset=40)
+    again = priority(logits.transpose(0, 1).contiguous(), 7, seed=11, token_offset=40)
+    assert torch.equal(swapped.ids, again.ids)
+    assert not torch.equal(priority(logits, 7, seed=12, token_offset=40).ids, batch.ids)
+
+
+def test_expected_weights_are_p_and_topk_is_not():
+    """2000 independent draws (tokens) of the same long-tailed p over V = 50, k = 5: the mean
+    dense weight vector is p within 5 empirical standard errors per entry, and so is the mean
+    sum of weights around 1; renormalized top-5 misses p by far more."""
+    draws, vocab, k = 2000, 50, 5
+    p_logits = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float64)) * 1.5
+    logits = p_logits.expand(draws, vocab).contiguous()
+    p = torch.softmax(p_logits, -1)
+    w = dense(priority(logits, k, seed=3), vocab)
+    mean, se = w.mean(0), w.std(0) / math.sqrt(draws)
+    # 1e-7 for the entries that are always kept with weight p (no variance, float32 rounding)
+    bound = 5 * se + 1e-7
+    assert torch.all((mean - p).abs() <= bound), ((mean - p).abs() / bound).max()
+    total = w.sum(-1)
+    assert abs(float(total.mean()) - 1) <= 5 * float(total.std()) / math.sqrt(draws)
+    assert float(total.std()) > 0.01  # the sum is 1 only in expectation
+    top = dense(fastkd.sample_teacher(logits[:1], method="topk", k=k, tail="renorm"), vocab)[0]
+    assert ((top - p).abs() / bound).max() > 50
+
+
+ROWS, VOCAB, FEATURES = 2048, 8000, 16
+
+
+def _parameter_gradient(loss_fn, student_logits_fn):
+    bias = torch.zeros(VOCAB, requires_grad=True)
+    weight = torch.zeros(VOCAB, FEATURES, requires_grad=True)
+    loss_fn(student_logits_fn(bias, weight)).backward()
+    return torch.cat([bias.grad, weight.grad.flatten()]).double()
+
+
+def test_priority_gradient_is_unbiased_and_topk_is_not():
+    """Table 3 of "Sparse Logit Sampling" in miniature, as in test_sparse_unbiased.py (V = 8000
+    here): the batch gradient from priority targets with k = 12 lies within a few degrees of the
+    full-KD gradient with a norm ratio near 1; renormalized top-12 does not."""
+    g = torch.Generator().manual_seed(0)
+    prior = -1.1 * torch.log(torch.arange(1, VOCAB + 1, dtype=torch.float32))
+    context = torch.randn(ROWS, FEATURES, generator=g)
+    teacher_head = torch.randn(VOCAB, FEATURES, generator=g) * (2 / math.sqrt(FEATURES))
+    teacher_logits = prior + context @ teacher_head.T
+
+    def student_logits(bias, weight):  # an untrained student: half the prior, no context yet
+        return 0.5 * prior + bias + context @ weight.T
+
+    full = _parameter_gradient(
+        lambda z: fastkd.kd_loss(z, teacher_logits, divergence="fkl"), student_logits)
+    stats = {}
+    for name, targets in (
+            ("priority", priority(teacher_logits, 12, seed=0)),
+            ("top12", fastkd.sample_teacher(teacher_logits, method="topk", k=12, tail="renorm"))):
+        grad = _parameter_gradient(lambda z: fastkd.sparse_kd_loss(z, targets), student_logits)
+        cos = float(grad @ full / (grad.norm() * full.norm()))
+        stats[name] = (math.degrees(math.acos(min(cos, 1.0))), float(grad.norm() / full.norm()))
+    angle, ratio = stats["priority"]
+    assert angle < 6.0 and abs(ratio - 1) < 0.05, stats
+    top_angle, top_ratio = stats["top12"]
+    assert top_ratio > 1.3 and top_angle > 2 * angle, stats
+
+
+def test_sparse_kd_loss_backends_agree():
+    teacher = long_tailed_logits(40, 500, seed=3)
+    student = torch.randn(40, 500)
+    targets = priority(teacher, 16, seed=1)
+    losses = [fastkd.sparse_kd_loss(student, targets, backend=b, reduction="none")
+              for b in fastkd.available_backends("sparse_kd_loss", "cpu") if b != "triton"]
+    assert len(losses) >= 2
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0], rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_cache_round_trip(tmp_path):
+    targets = priority(long_tailed_logits(2 * 9, 300, seed=4).reshape(2, 9, 300), 8, seed=2,
+                       return_logprobs=True)
+    with TeacherCache.create(tmp_path / "c", vocab_size=300, num_samples=8, method="priority",
+                             seed=2) as writer:
+        writer.extend(targets)
+    read, lengths = TeacherCache.open(tmp_path / "c").batch([0, 1])
+    assert lengths.tolist() == [9, 9] and read.method == "priority"
+    k = read.num_slots
+    assert torch.equal(read.ids, targets.ids[..., :k])
+    assert torch.equal(read.weights.view(torch.int32), targets.weights[..., :k].view(torch.int32))
+    assert torch.equal(read.logprobs.view(torch.int32),
+                       targets.logprobs[..., :k].view(torch.int32))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(k=4, temperature=2.0), "temperature must be 1"),
+    (dict(), "needs k in"),
+    (dict(k=0), "needs k in"),
+    (dict(k=11), "needs k in"),
+    (dict(k=4, num_samples=4), "neither num_samples nor tail"),
+    (dict(k=4, tail="renorm"), "neither num_samples nor tail"),
+])
+def test_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fastkd.sample_teacher(torch.randn(3, 10), method="priority", **kw)
+
+
+def test_nan_logits_raise():
+    logits = torch.randn(3, 10)
+    logits[1, 2] = math.nan
+    with pytest.raises(ValueError, match=r"NaN or \+inf entries \(flat rows \[1\]\)"):
+        priority(logits, 4)
