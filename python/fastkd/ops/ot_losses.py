@@ -200,7 +200,7 @@ def sinkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             published code also multiplies the loss by a constant weight (0.0008 to 0.002
             across its versions), left to the caller here.
         n_iters: parity rounds (the published code runs 20: ``sinkhorn_loss(n_iters=20)``
-            overrides the helper's default of 10).
+            overrides its Sinkhorn function's default of 10).
         max_iters, tol, eps_scaling, check_every, backend: the converged solver's options
             (see ``fastkd.sinkhorn``); unused with ``parity=True``.
         value: ``"transport"`` (default, SinKD's <P, C>) or ``"objective"`` (the entropic
@@ -317,7 +317,7 @@ def sequence_ot_loss(student: torch.Tensor, teacher: torch.Tensor, *,
             (softmax(x / 2) of the top-50 sorted probabilities), cost="l1", eps=0.1,
             reduction="sum", and scale by its weights (0.001 * 0.1) yourself.
         n_iters: parity rounds (MultiLevelOT runs 10: ``sinkhorn_loss(n_iters=10)`` overrides
-            the helper's default of 20).
+            its Sinkhorn function's default of 20).
         max_iters, tol, eps_scaling, check_every, backend: the converged solver's options
             (see ``fastkd.sinkhorn``); unused with ``parity=True``.
         value: ``"transport"`` (default, <P, C>) or ``"objective"`` (entropic objective);
