@@ -473,6 +473,9 @@ def test_bad_cost_values_and_shapes():
         fastkd.sinkhorn(torch.tensor([[0.0, float("inf")], [1.0, 0.0]]))
     with pytest.raises(ValueError, match="finite"):
         fastkd.sinkhorn(torch.tensor([[0.0, float("nan")], [1.0, 0.0]]))
+    # Finite costs whose float32 sum overflows pass (the cheap check falls back to the exact
+    # one).
+    fastkd.sinkhorn(torch.full((3, 3), 3e38), eps=1e38, max_iters=1)
     with pytest.raises(ValueError, match=r"\[n, m\] or \[B, n, m\]"):
         fastkd.sinkhorn(torch.rand(2, 3, 4, 5))
     with pytest.raises(TypeError, match="floating"):

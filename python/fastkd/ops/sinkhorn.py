@@ -117,9 +117,11 @@ def _validate_values(p: "_Problem") -> None:
     rows, cols = p.rows, p.cols
     if p.cost is not None:
         cost = p.cost.detach()
-        # The whole cost first (one bool per entry); the masks only where sizes leave entries
-        # out or something is not finite.
-        if p.n_sizes is not None or p.m_sizes is not None or not bool(torch.isfinite(cost).all()):
+        # A NaN or inf anywhere makes the fp32 sum of the cost non-finite, and a sum of finite
+        # entries is finite unless it overflows: one cheap reduction decides, and the masked
+        # entry-by-entry check runs only where sizes leave entries out or the sum is not finite.
+        if (p.n_sizes is not None or p.m_sizes is not None
+                or not bool(torch.isfinite(cost.sum(dtype=torch.float32)))):
             inside = rows[:, :, None] & cols[:, None, :]
             _first_bad("cost", inside & ~torch.isfinite(cost), cost,
                        "the cost must be finite inside each problem's sizes")
