@@ -50,5 +50,13 @@ void parallel_for(int64_t n, int num_threads, int64_t min_per_thread, Body&& bod
     if (e) std::rethrow_exception(e);
 }
 
+// Rows of `row_len` elements each thread takes at least: below ~64k elements per thread, thread
+// start-up costs more than it saves. All `n_rows` (one thread) for empty rows. Internal linkage:
+// the per-ISA builds each get their own copy.
+static inline int64_t min_rows_per_thread(int64_t row_len, int64_t n_rows) {
+  constexpr int64_t kMinElementsPerThread = 65536;
+  return row_len > 0 ? (kMinElementsPerThread + row_len - 1) / row_len : n_rows;
+}
+
 }  // namespace cpu
 }  // namespace fastkd

@@ -185,7 +185,7 @@ void sample_row(const SampleTeacherArgs& A, int64_t row, Scratch& s) {
 
 template <typename T>
 void run_rows(const SampleTeacherArgs& A, int num_threads) {
-  const int64_t min_rows = A.vocab > 0 ? (65536 + A.vocab - 1) / A.vocab : A.n_rows;
+  const int64_t min_rows = min_rows_per_thread(A.vocab, A.n_rows);
   parallel_for(A.n_rows, num_threads, min_rows, [&](int64_t begin, int64_t end) {
     Scratch s(A.vocab, A.num_samples);
     for (int64_t row = begin; row < end; ++row) sample_row<T>(A, row, s);

@@ -11,7 +11,7 @@ namespace {
 template <typename T>
 void scale_rows_typed(T* data, int64_t n_rows, int64_t row_len, const float* factors, float unit,
                       int num_threads) {
-  const int64_t min_rows = row_len > 0 ? (65536 + row_len - 1) / row_len : n_rows;
+  const int64_t min_rows = min_rows_per_thread(row_len, n_rows);
   parallel_for(n_rows, num_threads, min_rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (factors[r] == unit) continue;

@@ -209,8 +209,7 @@ void sparse_row(const SparseKdLossArgs& A, int64_t row, Scratch& s) {
 
 template <typename TS>
 void run_rows(const SparseKdLossArgs& A, int num_threads) {
-  // Below ~64k elements per thread, thread start-up costs more than it saves.
-  const int64_t min_rows = A.vocab > 0 ? (65536 + A.vocab - 1) / A.vocab : A.n_rows;
+  const int64_t min_rows = min_rows_per_thread(A.vocab, A.n_rows);
   if (A.grad) advise_huge_pages(A.grad, size_t(A.n_rows) * size_t(A.grad_vocab) * sizeof(TS));
   parallel_for(A.n_rows, num_threads, min_rows, [&](int64_t begin, int64_t end) {
     Scratch s(A.vocab, A.num_slots);

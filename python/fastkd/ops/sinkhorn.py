@@ -81,12 +81,14 @@ def _check_sizes(name: str, sizes, batch: int, limit: int, device) -> torch.Tens
     if sizes.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) (one size per problem); got "
                          f"{tuple(sizes.shape)}")
-    sizes = sizes.to(device=device, dtype=torch.int32)
-    if sizes.numel() and not torch.compiler.is_compiling():
+    sizes = sizes.to(device=device, dtype=torch.int32).contiguous()
+    # Range check where it costs no device sync (problems on CPU, outside traced graphs); the
+    # GPU kernels clamp sizes to [0, n].
+    if sizes.device.type == "cpu" and sizes.numel() and not torch.compiler.is_compiling():
         lo, hi = int(sizes.min()), int(sizes.max())
         if lo < 0 or hi > limit:
             raise ValueError(f"{name} must lie in [0, {limit}]; got values from {lo} to {hi}")
-    return sizes.contiguous()
+    return sizes
 
 
 def _check_weights(name: str, w, batch: int, length: int, single: bool, like: torch.Tensor,

@@ -29,6 +29,8 @@ import numpy as np
 import triton
 import triton.language as tl
 
+from .kd_loss import write_zero_row
+
 __all__ = ["sparse_kd_loss_forward"]
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -90,10 +92,7 @@ def _sparse_kd_loss_fwd_kernel(
         ignored = label == ignore_index
     if ignored:
         tl.store(loss_ptr + row, 0.0)
-        for start in range(0, grad_vocab, BLOCK_V):
-            cols = start + offs
-            tl.store(g_ptr + cols, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty),
-                     mask=cols < grad_vocab)
+        write_zero_row(g_ptr, grad_vocab, BLOCK_V)
     else:
         # Stats pass. m: running maximum; f: m with -inf read as 0, so that a - f is -inf, never
         # NaN, while a row prefix is all -inf. [BLOCK_V] lanes: sums of exp(a - f).
