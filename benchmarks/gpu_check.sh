@@ -74,13 +74,23 @@ if wanted sparse; then
     | tee "$OUT/bench_sparse_kd_loss.log" || status=1
 fi
 
-# sample_teacher runs its Triton kernel on CUDA where one is available, else the plain-PyTorch
-# sampler (fastkd[torch]); the peer is softmax + torch.multinomial.
+# sample_teacher: every fastkd kernel available on CUDA (fastkd[cuda], the native kernel built in
+# the "build" step, and fastkd[triton]; the plain-PyTorch sampler fastkd[torch] only where neither
+# is), against softmax + torch.multinomial.
 if wanted sample; then
-  step "sample_teacher benchmark: fp32, N=8192, V=128256, 50 draws"
-  bench sample_teacher --device cuda --rows 8192 --vocab 128256 --reps 5 \
-    --out "$OUT/bench_sample_teacher.json" --markdown "$OUT/bench_sample_teacher.md" 2>&1 \
-    | tee "$OUT/bench_sample_teacher.log" || status=1
+  for dtype in bfloat16 float32; do
+    step "sample_teacher benchmark: $dtype, N=8192, V=128256, 50 draws"
+    bench sample_teacher --device cuda --dtype "$dtype" --rows 8192 --vocab 128256 --reps 5 \
+      --out "$OUT/bench_sample_teacher_$dtype.json" \
+      --markdown "$OUT/bench_sample_teacher_$dtype.md" 2>&1 \
+      | tee "$OUT/bench_sample_teacher_$dtype.log" || status=1
+  done
+  # Priority sampling runs plain PyTorch on CUDA (fastkd[torch]).
+  step "sample_teacher benchmark: priority k=64, bf16, N=2048, V=128256"
+  bench sample_teacher --device cuda --dtype bfloat16 --method priority --k 64 --rows 2048 \
+    --vocab 128256 --reps 3 --out "$OUT/bench_priority_sample.json" \
+    --markdown "$OUT/bench_priority_sample.md" 2>&1 \
+    | tee "$OUT/bench_priority_sample.log" || status=1
 fi
 
 # The two Sinkhorn regimes at eps = 0.05 to tol 1e-6: fastkd's cuda and triton kernels

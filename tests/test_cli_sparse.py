@@ -5,13 +5,13 @@ import json
 from fastkd.cli import main
 
 
-def _bench(op, tmp_path, capsys):
+def _bench(op, tmp_path, capsys, *extra):
     """Runs ``fastkd bench OP`` on a tiny CPU case; returns (printed table, markdown, results by
     impl)."""
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     assert main(["bench", op, "--device", "cpu", "--rows", "64", "--vocab", "500",
                  "--num-samples", "20", "--warmup", "0", "--reps", "1", "--out", str(out),
-                 "--markdown", str(md)]) == 0
+                 "--markdown", str(md), *extra]) == 0
     table = capsys.readouterr().out
     [case] = json.loads(out.read_text())["cases"]
     assert case["case"]["num_samples"] == 20
@@ -37,5 +37,14 @@ def test_bench_sample_teacher_writes_a_table_and_json(tmp_path, capsys):
     table, md, results = _bench("sample_teacher", tmp_path, capsys)
     assert md.startswith("### sample_teacher N=20")
     for impl in ("fastkd[cpu]", "torch softmax+multinomial"):
+        assert impl in table
+        assert results[impl]["error"] is None and results[impl]["time_ms"] > 0
+
+
+def test_bench_priority_sampling(tmp_path, capsys):
+    table, md, results = _bench("sample_teacher", tmp_path, capsys, "--method", "priority",
+                                "--k", "16")
+    assert md.startswith("### sample_teacher priority k=16 rows=64 V=500")
+    for impl in ("fastkd[cpu]", "torch softmax+rand+topk"):
         assert impl in table
         assert results[impl]["error"] is None and results[impl]["time_ms"] > 0

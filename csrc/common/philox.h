@@ -42,9 +42,11 @@ FASTKD_HD float uniform_open01(uint32_t word) {
 }
 
 // Four words for draws 4 b .. 4 b + 3 of token `token` under `seed`: counter
-// (token lo, token hi, b, 0), key (seed lo, seed hi).
-FASTKD_HD Philox4 token_draw_block(uint64_t seed, uint64_t token, uint32_t b) {
-  return philox4x32_10(Philox4{{uint32_t(token), uint32_t(token >> 32), b, 0u}},
+// (token lo, token hi, b, stream), key (seed lo, seed hi). Stream 0 feeds method="random",
+// stream 1 the per-id uniforms of method="priority", so the two never share uniforms.
+FASTKD_HD Philox4 token_draw_block(uint64_t seed, uint64_t token, uint32_t b,
+                                   uint32_t stream = 0u) {
+  return philox4x32_10(Philox4{{uint32_t(token), uint32_t(token >> 32), b, stream}},
                        uint32_t(seed), uint32_t(seed >> 32));
 }
 

@@ -2,6 +2,7 @@
 // machine's processor): x86-64-v4 (AVX-512) where available, else x86-64-v3 (AVX2 + FMA), else
 // the baseline build.
 #include "kd_loss_cpu.h"
+#include "priority_sample_cpu.h"
 #include "sample_teacher_cpu.h"
 #include "sinkhorn_cpu.h"
 #include "sparse_kd_loss_cpu.h"
@@ -48,6 +49,16 @@ void sample_teacher(const SampleTeacherArgs& args, int num_threads) {
     case Isa::kAvx2: return avx2::sample_teacher(args, num_threads);
 #endif
     default: return base::sample_teacher(args, num_threads);
+  }
+}
+
+void priority_sample(const PrioritySampleArgs& args, int num_threads) {
+  switch (cached_isa()) {
+#if defined(FASTKD_CPU_X86_LEVELS)
+    case Isa::kAvx512: return avx512::priority_sample(args, num_threads);
+    case Isa::kAvx2: return avx2::priority_sample(args, num_threads);
+#endif
+    default: return base::priority_sample(args, num_threads);
   }
 }
 

@@ -78,19 +78,6 @@ double exp_and_block_sums(float* e, int64_t n, float m, double* block) {
   return total;
 }
 
-// log sum_i exp(z_i) of the raw row (temperature 1), shifted by `shift` >= about max z.
-template <typename T>
-float row_lse(const T* __restrict z, int64_t n, float shift) {
-  float lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += Math::exp(to_float(z[i + j]) - shift);
-  double s = 0.0;
-  for (; i < n; ++i) s += Math::exp(to_float(z[i]) - shift);
-  for (int64_t j = 0; j < kLanes; ++j) s += lanes[j];
-  return shift + float(std::log(s));
-}
-
 template <typename T>
 void sample_row(const SampleTeacherArgs& A, int64_t row, Scratch& s) {
   const int n_draws = A.num_samples;
@@ -172,7 +159,7 @@ void sample_row(const SampleTeacherArgs& A, int64_t row, Scratch& s) {
   const bool tempered = A.inv_temperature != 1.0f;
   const float lse_a = m + float(std::log(total));
   // max z = T max a up to rounding: a safe shift for the sum of exp(z).
-  const float lse_z = tempered ? row_lse(z, n, m / A.inv_temperature) : lse_a;
+  const float lse_z = tempered ? float(shifted_lse(z, n, m / A.inv_temperature)) : lse_a;
   for (int j = 0; j < kept; ++j) {
     const float zj = to_float(z[ids[j]]);
     const float log_p = zj - lse_z;

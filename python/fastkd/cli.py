@@ -32,7 +32,8 @@ def _bench_cases(args):
             for vocab in args.vocab:
                 yield (SampleCase(rows=rows, vocab=vocab, dtype=args.dtype,
                                   num_samples=args.num_samples, temperature=args.temperature,
-                                  device=args.device), run_sample_teacher_case)
+                                  device=args.device, method=args.method, k=args.k),
+                   run_sample_teacher_case)
         return
     if args.op == "sinkhorn":
         from .bench.sinkhorn import SinkhornCase, run_sinkhorn_case
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="draws per token (sample_teacher, sparse_kd_loss)")
     bench.add_argument("--temperature", type=float, default=1.0,
                        help="proposal temperature (sample_teacher)")
+    bench.add_argument("--method", default="random", choices=["random", "priority"],
+                       help="sampling method (sample_teacher)")
+    bench.add_argument("--k", type=int, default=64,
+                       help="ids kept per token by --method priority (sample_teacher)")
     bench.add_argument("--batch", type=int, default=4096, help="problems (sinkhorn)")
     bench.add_argument("--n", type=int, default=64, help="rows per problem (sinkhorn)")
     bench.add_argument("--m", type=int, default=64, help="columns per problem (sinkhorn)")

@@ -1,8 +1,11 @@
-"""sample_teacher benchmark: fastkd's sampler against softmax + torch.multinomial.
+"""sample_teacher benchmark: fastkd's samplers against the same sampling in plain PyTorch.
 
-Both produce N draws with replacement per token from softmax(z / T) and group them by id: the
-peer sorts its N draws per row (distinct ids with counts follow from the sorted runs), fastkd
-emits (id, count) directly. Only a forward exists, so the timed step is the sampling alone.
+``method="random"``: N draws with replacement per token from softmax(z / T), grouped by id; the
+peer is softmax + torch.multinomial with its N draws sorted per row (distinct ids with counts
+follow from the sorted runs), fastkd emits (id, count) directly.
+``method="priority"``: k distinct ids per token; the peer is softmax, torch.rand and a top-(k+1)
+of p / u (torch's own generator, float32), fastkd's kernel ranks float64 keys of counter-based
+uniforms. Only a forward exists, so the timed step is the sampling alone.
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ class SampleCase:
     num_samples: int = 50
     temperature: float = 1.0
     device: str = "cpu"
+    method: str = "random"
+    k: int = 64
 
     def title(self) -> str:
-        return (f"sample_teacher N={self.num_samples} T={self.temperature} rows={self.rows} "
-                f"V={self.vocab} {self.dtype} on {self.device}")
+        what = (f"priority k={self.k}" if self.method == "priority"
+                else f"N={self.num_samples} T={self.temperature}")
+        return (f"sample_teacher {what} rows={self.rows} V={self.vocab} {self.dtype} on "
+                f"{self.device}")
 
 
 def plain_sample(logits: torch.Tensor, num_samples: int, temperature: float) -> torch.Tensor:
@@ -36,6 +43,15 @@ def plain_sample(logits: torch.Tensor, num_samples: int, temperature: float) -> 
     is a run."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     return torch.multinomial(probs, num_samples, replacement=True).sort(dim=-1).values
+
+
+def plain_priority_sample(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Priority sampling as written in plain PyTorch: ``(ids [rows, k], weights [rows, k])``, the
+    k largest p / u and weights max(p, tau)."""
+    p = torch.softmax(logits.float(), dim=-1)
+    q, ids = torch.topk(p / torch.rand_like(p), min(k + 1, p.shape[-1]), dim=-1)
+    tau = q[:, k:k + 1] if q.shape[-1] > k else torch.zeros_like(q[:, :1])
+    return ids[:, :k], torch.maximum(p.gather(1, ids[:, :k]), tau)
 
 
 def run_sample_teacher_case(case: SampleCase, *, warmup: int = 2, reps: int = 5,
@@ -49,17 +65,24 @@ def run_sample_teacher_case(case: SampleCase, *, warmup: int = 2, reps: int = 5,
     logits = prior[ranks] + 4 * torch.randn(case.rows, case.vocab, generator=g, device=device)
     logits = logits.to(getattr(torch, case.dtype))
     del ranks
-    kw = dict(num_samples=case.num_samples, temperature=case.temperature)
+    if case.method == "priority":
+        op, kw = "priority_sample", dict(method="priority", k=case.k)
+        peer = Impl("torch softmax+rand+topk",
+                    lambda: lambda: plain_priority_sample(logits, case.k), peer=True)
+    else:
+        op, kw = "sample_teacher", dict(num_samples=case.num_samples,
+                                        temperature=case.temperature)
+        peer = Impl("torch softmax+multinomial",
+                    lambda: lambda: plain_sample(logits, **kw), peer=True)
 
     # The reference sampler is the oracle, not a contender, where a kernel exists; where none
-    # does (CUDA), it is what fastkd runs, so it is measured.
-    backends = available_backends("sample_teacher", device)
+    # does, it is what fastkd runs, so it is measured.
+    backends = available_backends(op, device)
     kernels = [b for b in backends if b != "torch"] or backends
     impls = [Impl(f"fastkd[{backend}]",
                   (lambda b: lambda: lambda: sample_teacher(logits, backend=b, **kw))(backend))
              for backend in kernels]
-    impls.append(Impl("torch softmax+multinomial",
-                      lambda: lambda: plain_sample(logits, **kw), peer=True))
+    impls.append(peer)
     results = measure(impls, device, warmup=warmup, reps=reps)
     nbytes = logits.numel() * logits.element_size()
     for r in results:

@@ -17,11 +17,13 @@ AUTO_ORDER = {
     "kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     # The row kernel of the chunked lm_head + loss: the same kernels as kd_loss.
     "fused_linear_kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
-    # Sampling: the native kernel on CPU, the Triton kernel on CUDA (same draws).
-    "sample_teacher": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+    # Sampling: the native kernels first (the same draws on every backend).
+    "sample_teacher": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     "sparse_kd_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     # Batched Sinkhorn: one thread (CPU) or one CTA (CUDA) per problem.
     "sinkhorn": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
+    # sample_teacher(method="priority"): a native kernel on CPU, plain PyTorch elsewhere.
+    "priority_sample": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
 }
 
 # Ops with a Triton kernel.
@@ -34,9 +36,11 @@ _NATIVE_SYMBOL = {
     ("fused_linear_kd_loss", "cpu"): "kd_loss_forward_cpu",
     ("fused_linear_kd_loss", "cuda"): "kd_loss_forward_cuda",
     ("sample_teacher", "cpu"): "sample_teacher_cpu",
+    ("sample_teacher", "cuda"): "sample_teacher_cuda",
     ("sparse_kd_loss", "cpu"): "sparse_kd_loss_forward_cpu",
     ("sinkhorn", "cpu"): "sinkhorn_cpu",
     ("sinkhorn", "cuda"): "sinkhorn_cuda",
+    ("priority_sample", "cpu"): "priority_sample_cpu",
 }
 
 

@@ -1,12 +1,13 @@
 """sample_teacher: sparse teacher targets from dense teacher logits (random sampling, priority
 sampling or top-k).
 
-``method="random"`` runs the counter-based sampler (native kernel on CPU, Triton kernel on
-CUDA, the plain-PyTorch twin in ``reference/`` elsewhere): every draw is a pure function of
-(seed, global token index, draw index), so the targets do not depend on how tokens are batched.
-``method="priority"`` (priority sampling: k distinct ids, unbiased weights) and ``method="topk"``
-(the biased baseline) run in plain PyTorch on every device; priority sampling keys its uniforms
-by (seed, global token index, vocabulary id), likewise independent of the batching.
+``method="random"`` runs the counter-based sampler (native kernels on CPU and CUDA, a Triton
+kernel on CUDA, the plain-PyTorch twin in ``reference/`` anywhere): every draw is a pure function
+of (seed, global token index, draw index), so the targets do not depend on how tokens are
+batched. ``method="priority"`` (priority sampling: k distinct ids, unbiased weights) runs a
+native kernel on CPU and the plain-PyTorch sampler elsewhere; it keys its uniforms by (seed,
+global token index, vocabulary id), likewise independent of the batching. ``method="topk"`` (the
+biased baseline) is plain PyTorch on every device.
 """
 
 from __future__ import annotations
@@ -77,41 +78,89 @@ def _check_inputs(logits, *, num_samples, method, k, temperature, seed, token_of
                                  f"{labels[bad].unique()[:5].tolist()}")
 
 
-def _sample_fused(logits: torch.Tensor, backend: str, num_samples: int, temperature: float,
-                  seed: int, token_offset: int, return_logprobs: bool):
-    """The ``cpu`` (native) or ``triton`` sampler: outputs on the logits' device."""
-    lead = logits.shape[:-1]
-    shape = (*lead, num_samples)
+def _empty_targets(logits: torch.Tensor, slots: int, return_logprobs: bool):
+    """Uninitialized ``(ids, weights, logprobs or None)`` ``[..., slots]`` and ``invalid``
+    ``[rows]`` (uint8, zeros) on the logits' device, for a kernel to fill."""
+    shape = (*logits.shape[:-1], slots)
     device = logits.device
     ids = torch.empty(shape, dtype=torch.int32, device=device)
     weights = torch.empty(shape, dtype=torch.float32, device=device)
     logprobs = (torch.empty(shape, dtype=torch.float32, device=device) if return_logprobs
                 else None)
-    n_rows = lead.numel()
-    invalid = torch.zeros(n_rows, dtype=torch.uint8, device=device)
-    if n_rows:
-        z, inner_rows, layout = row_layout(logits)
-        if backend == "triton":
-            from ..triton.sample_teacher import sample_teacher_forward
-            sample_teacher_forward(z, ids, weights, logprobs, invalid, n_rows=n_rows,
-                                   inner_rows=inner_rows, layout=layout,
-                                   vocab=logits.shape[-1], temperature=float(temperature),
-                                   num_samples=num_samples, seed=int(seed),
-                                   token_offset=int(token_offset))
-        else:
-            native().sample_teacher_cpu(
-                logits=z.data_ptr(), dtype=DTYPE_CODES[z.dtype],
-                outer_stride=layout.outer_stride, inner_stride=layout.inner_stride,
-                inner_rows=inner_rows, n_rows=n_rows, vocab=logits.shape[-1],
-                temperature=float(temperature), num_samples=num_samples, seed=int(seed),
-                token_offset=int(token_offset), ids=ids.data_ptr(),
-                weights=weights.data_ptr(),
-                logprobs=0 if logprobs is None else logprobs.data_ptr(),
-                invalid=invalid.data_ptr(), num_threads=torch.get_num_threads())
+    invalid = torch.zeros(logits.shape[:-1].numel(), dtype=torch.uint8, device=device)
+    return ids, weights, logprobs, invalid
+
+
+def _raise_on_invalid_rows(invalid: torch.Tensor) -> None:
+    """ValueError naming the first flat rows flagged in ``invalid`` (NaN or +inf logits)."""
     if bool(invalid.any()):
         rows = invalid.nonzero()[:5, 0].tolist()
         raise ValueError(f"teacher_logits has NaN or +inf entries (flat rows {rows}); -inf "
                          f"marks tokens outside the support, NaN and +inf cannot be sampled")
+
+
+def _kernel_args(logits: torch.Tensor, ids, weights, logprobs, invalid, *, seed: int,
+                 token_offset: int) -> dict:
+    """Keyword arguments shared by the native samplers: the rows of ``logits`` (addressed by
+    their layout), the output pointers, seed and token offset."""
+    z, inner_rows, layout = row_layout(logits)
+    return dict(logits=z.data_ptr(), dtype=DTYPE_CODES[z.dtype],
+                outer_stride=layout.outer_stride, inner_stride=layout.inner_stride,
+                inner_rows=inner_rows, n_rows=invalid.numel(), vocab=logits.shape[-1],
+                seed=seed, token_offset=token_offset, ids=ids.data_ptr(),
+                weights=weights.data_ptr(),
+                logprobs=0 if logprobs is None else logprobs.data_ptr(),
+                invalid=invalid.data_ptr())
+
+
+def _sample_fused(logits: torch.Tensor, backend: str, num_samples: int, temperature: float,
+                  seed: int, token_offset: int, return_logprobs: bool):
+    """The ``cpu`` or ``cuda`` (native) or ``triton`` sampler: outputs on the logits' device."""
+    ids, weights, logprobs, invalid = _empty_targets(logits, num_samples, return_logprobs)
+    n_rows = invalid.numel()
+    if n_rows and backend == "triton":
+        from ..triton.sample_teacher import sample_teacher_forward
+        z, inner_rows, layout = row_layout(logits)
+        sample_teacher_forward(z, ids, weights, logprobs, invalid, n_rows=n_rows,
+                               inner_rows=inner_rows, layout=layout, vocab=logits.shape[-1],
+                               temperature=temperature, num_samples=num_samples, seed=seed,
+                               token_offset=token_offset)
+    elif n_rows:
+        args = _kernel_args(logits, ids, weights, logprobs, invalid, seed=seed,
+                            token_offset=token_offset)
+        args.update(temperature=temperature, num_samples=num_samples)
+        if backend == "cuda":
+            with torch.cuda.device(logits.device):
+                native().sample_teacher_cuda(
+                    **args, stream=torch.cuda.current_stream(logits.device).cuda_stream)
+        else:
+            native().sample_teacher_cpu(**args, num_threads=torch.get_num_threads())
+    _raise_on_invalid_rows(invalid)
+    return ids, weights, logprobs
+
+
+def _priority_sample(logits: torch.Tensor, backend: str, k: int, seed: int, token_offset: int,
+                     return_logprobs: bool):
+    """``(ids, weights, logprobs)`` of method="priority" from the native kernel (``cpu``) or the
+    plain-PyTorch sampler (``torch``, any device)."""
+    if backend == "auto" and logits.dtype not in DTYPE_CODES:
+        backend = "torch"
+    name = resolve_backend("priority_sample", backend, logits.device)
+    if name == "torch":
+        ids, weights, logprobs, bad = priority_sample_reference(
+            logits, k=k, seed=seed, token_offset=token_offset, return_logprobs=return_logprobs)
+        invalid = bad.reshape(-1)
+    else:
+        if logits.dtype not in DTYPE_CODES:
+            raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 logits; got "
+                             f"{logits.dtype}; use backend='torch'")
+        ids, weights, logprobs, invalid = _empty_targets(logits, k, return_logprobs)
+        if invalid.numel():
+            native().priority_sample_cpu(
+                **_kernel_args(logits, ids, weights, logprobs, invalid, seed=seed,
+                               token_offset=token_offset),
+                k=k, num_threads=torch.get_num_threads())
+    _raise_on_invalid_rows(invalid)
     return ids, weights, logprobs
 
 
@@ -160,7 +209,8 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = No
     Args:
         teacher_logits: ``[..., V]`` float32/bfloat16/float16 (any layout; float64 runs the
             ``torch`` backend). ``-inf`` entries have no mass; rows with NaN or +inf raise on
-            the ``cpu`` and ``triton`` backends (on ``torch`` they get no draws: all ids -1).
+            the ``cpu``, ``cuda`` and ``triton`` backends, and with ``"priority"`` on every
+            backend (``"random"`` on ``torch`` gives them no draws: all ids -1).
         num_samples: N draws per token (``"random"``, default 50), with replacement; must be
             left None for ``"priority"``.
         method: ``"random"`` (unbiased: the expected target is p), ``"priority"`` (unbiased,
@@ -176,8 +226,9 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = No
             second part's offset moved on samples the same.
         tail: ``"topk"`` only: ``"renorm"``, ``"bucket"`` or ``"label"`` (needs ``labels``).
         return_logprobs: keep log p of every kept id.
-        backend: ``"auto"``, ``"cpu"`` (native), ``"triton"`` or ``"torch"`` (reference, any
-            device); ``"random"`` only (``"priority"`` and ``"topk"`` are plain PyTorch).
+        backend: ``"auto"``, ``"cpu"`` or ``"cuda"`` (native), ``"triton"`` or ``"torch"``
+            (plain PyTorch, any device). ``"random"`` runs on all of them, ``"priority"`` on
+            ``"cpu"`` and ``"torch"``; ``"topk"`` is plain PyTorch whatever the backend.
 
     Returns:
         ``SparseTargets`` with leading shape ``[...]``: ``"random"`` has K = N slots (ids
@@ -186,14 +237,17 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = No
 
     ``"priority"`` (Duffield, Lund & Thorup, JACM 2007): per token, uniforms u_i in (0, 1),
     priorities q_i = p_i / u_i; the k ids of largest q are kept with weights max(p_i, tau), tau
-    the (k+1)-th largest priority (0 when k = V). For every f, sum over kept ids of w_i f(i) is
-    an unbiased estimate of sum_i p_i f(i), so ``sparse_kd_loss`` on these targets has an
-    unbiased gradient; the weights are >= p at their ids and sum to 1 only in expectation. Ids
-    with p = 0 are never kept. A uniform is drawn for every one of the V ids (V / 4
-    Philox calls per token, well above ``"random"``'s N / 4), in chunks of rows of about 2^15
-    (row, id) pairs (at least one row), so that the working memory is O(max(V, 2^15)) whatever
-    the batch. On CPU that is some 10 M ids per second; a batch of 2048 tokens at V = 32000
-    takes a few seconds.
+    the (k+1)-th largest priority (0 when fewer than k + 1 ids have mass). For every f, sum
+    over kept ids of w_i f(i) is an unbiased estimate of sum_i p_i f(i), so ``sparse_kd_loss``
+    on these targets has an unbiased gradient; the weights are >= p at their ids and sum to 1
+    only in expectation. Ids with p = 0 are never kept. Priorities are ranked in float64, equal
+    ones by id (smaller first), so both backends keep the same ids. A uniform belongs to every
+    one of the V ids (V / 4 Philox calls per token, well above ``"random"``'s N / 4): the
+    ``cpu`` kernel draws them in one pass with a heap of the k + 1 best priorities, skipping
+    blocks of four ids whose priority cannot enter it (2048 tokens at V = 32000 take about
+    0.5 s on two cores, the cost of the Philox calls where few blocks can be skipped); the
+    ``torch`` sampler works in chunks of rows (2^15 (row, id) pairs on CPU, 2^22 on CUDA), so
+    that its working memory is O(max(V, chunk)) whatever the batch.
 
     Raises:
         ValueError: bad arguments, or (``"priority"``) NaN or +inf teacher logits.
@@ -207,13 +261,8 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = No
     common = dict(vocab_size=vocab, temperature=float(temperature), seed=int(seed),
                   method=method)
     if method == "priority":
-        ids, weights, logprobs, bad = priority_sample_reference(
-            teacher_logits.detach(), k=int(k), seed=int(seed), token_offset=int(token_offset),
-            return_logprobs=return_logprobs)
-        if bool(bad.any()):
-            rows = bad.reshape(-1).nonzero()[:5, 0].tolist()
-            raise ValueError(f"teacher_logits has NaN or +inf entries (flat rows {rows}); -inf "
-                             f"marks tokens outside the support, NaN and +inf cannot be sampled")
+        ids, weights, logprobs = _priority_sample(teacher_logits.detach(), backend, int(k),
+                                                  int(seed), int(token_offset), return_logprobs)
         return SparseTargets(ids, weights, logprobs, None, num_samples=int(k), **common)
     if method == "topk":
         ids, weights, logprobs, tail_mass = _topk_targets(
@@ -223,13 +272,13 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = No
     if backend == "auto" and teacher_logits.dtype not in DTYPE_CODES:
         backend = "torch"
     name = resolve_backend("sample_teacher", backend, teacher_logits.device)
-    if name in ("cpu", "triton"):
+    if name in ("cpu", "cuda", "triton"):
         if teacher_logits.dtype not in DTYPE_CODES:
             raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 logits; got "
                              f"{teacher_logits.dtype}; use backend='torch'")
         ids, weights, logprobs = _sample_fused(teacher_logits.detach(), name, int(num_samples),
-                                               temperature, seed, token_offset,
-                                               return_logprobs)
+                                               float(temperature), int(seed),
+                                               int(token_offset), return_logprobs)
     else:
         ids, weights, logprobs = sample_teacher_reference(
             teacher_logits.detach(), num_samples=int(num_samples), temperature=temperature,

@@ -25,10 +25,12 @@ __all__ = ["philox4x32_10", "priority_sample_reference", "sample_teacher_referen
 _MASK = 0xFFFFFFFF
 _MUL = (0xD2511F53, 0xCD9E8D57)
 _WEYL = (0x9E3779B9, 0xBB67AE85)
-# Uniforms generated per chunk of rows of priority sampling (at least one row): the chunk's
-# Philox words stay in tensors of about 64 kB, small enough for the CPU allocator to reuse
-# (larger ones are fresh mmaps whose page faults made the generator several times slower).
-_PRIORITY_CHUNK = 1 << 15
+# (row, id) pairs per chunk of rows of priority sampling (at least one row). On CPU the chunk's
+# Philox words stay in tensors of about 64 kB, small enough for the allocator to reuse (larger
+# ones are fresh mmaps whose page faults made the generator several times slower); on a GPU,
+# whose caching allocator reuses blocks of any size, chunks of 2^22 pairs (32 MB per float64
+# temporary) keep the number of kernel launches per row small.
+_PRIORITY_CHUNK = {"cpu": 1 << 15, "cuda": 1 << 22}
 _PRIORITY_STREAM = 1
 
 
@@ -108,17 +110,32 @@ def sample_teacher_reference(teacher_logits: torch.Tensor, *, num_samples: int =
             None if logprobs is None else logprobs.reshape(shape))
 
 
+def _top_keys(key: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, keys)`` ``[rows, n]`` of the n largest keys of each row of ``key [rows, V]``, best
+    first, equal keys ranked by id (smaller first) also where they straddle the cut, as the
+    native kernel ranks them (``torch.topk`` leaves that choice open)."""
+    cut = torch.topk(key, n, dim=-1).values[:, -1:]
+    above = key > cut
+    at_cut = key == cut
+    room = n - above.sum(-1, keepdim=True)
+    chosen = above | (at_cut & (at_cut.cumsum(-1) <= room))
+    ids = chosen.nonzero()[:, 1].view(key.shape[0], n)  # ascending per row
+    order = torch.sort(key.gather(1, ids), dim=-1, descending=True, stable=True).indices
+    ids = ids.gather(1, order)
+    return ids, key.gather(1, ids)
+
+
 def priority_sample_reference(teacher_logits: torch.Tensor, *, k: int, seed: int = 0,
                               token_offset: int = 0, return_logprobs: bool = False):
     """Priority-sampling targets (Duffield, Lund & Thorup, JACM 2007) of ``teacher_logits``.
 
     Per token, with p = softmax(z) over the V ids and uniforms u_i in (0, 1) keyed by
-    (seed, token_offset + row, i): priorities q_i = p_i / u_i, keep the k ids of largest q
-    (never one with p_i = 0), tau = the (k+1)-th largest priority (0 if V = k or fewer than k+1
+    (seed, token_offset + row, i): priorities q_i = p_i / u_i (ranked in float64, equal ones by
+    id, smaller first), keep the k ids of largest q (never one with p_i = 0), tau = the (k+1)-th largest priority (0 if V = k or fewer than k+1
     ids have mass) and weight w_i = max(p_i, tau). Then E[sum_kept w_i f(i)] = sum_i p_i f(i)
     for every f: the expected weight vector is p, with exactly k distinct ids per token.
-    Rows are processed in chunks of about 2^15 (row, id) pairs (one row at least), so the
-    working memory is O(max(V, 2^15)) whatever the batch.
+    Rows are processed in chunks of about 2^15 (row, id) pairs on CPU, 2^22 on CUDA (one row at
+    least), so the working memory is O(max(V, chunk)) whatever the batch.
 
     Args:
         teacher_logits: ``[..., V]`` floating logits; -inf entries have no mass.
@@ -137,21 +154,23 @@ def priority_sample_reference(teacher_logits: torch.Tensor, *, k: int, seed: int
     weights = torch.zeros(rows, k, dtype=torch.float32, device=device)
     logprobs = torch.zeros(rows, k, dtype=torch.float32, device=device)
     bad = torch.zeros(rows, dtype=torch.bool, device=device)
-    step = max(1, _PRIORITY_CHUNK // vocab)
+    step = max(1, _PRIORITY_CHUNK.get(device.type, 1 << 15) // vocab)
     # The (k+1)-th priority is the threshold; with k = V there is none (tau = 0).
     n_top = min(k + 1, vocab)
     columns = torch.arange(vocab, device=device)
-    # float32 arithmetic (float64 logits stay float64): its vectorized log and softmax are
-    # several times faster than float64's on CPU, and the weights are float32 anyway.
-    work = torch.float64 if z.dtype == torch.float64 else torch.float32
     for r0 in range(0, rows, step):
-        zc = z[r0:r0 + step].to(work)
+        # Keys in float64, as the native kernel ranks them: float32 keys of neighbouring ids
+        # tie or swap within their rounding often enough to change which ids are kept.
+        zc = z[r0:r0 + step].to(torch.float64)
         chunk_bad = (torch.isnan(zc) | (zc == math.inf)).any(-1)
-        log_p = torch.log_softmax(zc, -1).masked_fill(chunk_bad[:, None], -math.inf)
+        # Rows with NaN or +inf, and rows without mass (log_softmax gives NaN there): no keys.
+        no_keys = chunk_bad[:, None] | (zc == -math.inf).all(-1, keepdim=True)
+        log_p = torch.log_softmax(zc, -1).masked_fill(no_keys, -math.inf)
         tokens = token_offset + r0 + torch.arange(zc.shape[0], device=device)
-        u = token_uniforms(seed, tokens, vocab, _PRIORITY_STREAM).to(work)
+        u = token_uniforms(seed, tokens, vocab, _PRIORITY_STREAM).to(torch.float64)
         # log q = log p - log u: no underflow of p / u for tiny p; -inf exactly where p = 0.
-        log_q, top = torch.topk(log_p - torch.log(u), n_top, dim=-1)
+        key = log_p - torch.log(u)
+        top, log_q = _top_keys(key, n_top)
         tau = log_q[:, k].exp() if n_top > k else torch.zeros_like(log_q[:, 0])
         log_q, top = log_q[:, :k], top[:, :k]
         has_mass = log_q > -math.inf
