@@ -96,7 +96,10 @@ fi
 # The two Sinkhorn regimes at eps = 0.05 to tol 1e-6: fastkd's cuda and triton kernels
 # against its batched plain-PyTorch solver (backend torch) and GeomLoss (tensorized).
 if wanted sinkhorn; then
-  for shape in "4096 64" "256 512"; do
+  # The last shape is sinkd_loss's: one large problem, where backend "auto" picks torch on a
+  # GPU (python/fastkd/ops/sinkhorn.py, _few_large_problems_on_gpu); the table shows whether the
+  # one-CTA-per-problem kernels lose there.
+  for shape in "4096 64" "256 512" "1 4096"; do
     set -- $shape
     step "sinkhorn benchmark: $1 problems of $2x$2, eps 0.05, tol 1e-6"
     bench sinkhorn --device cuda --batch "$1" --n "$2" --m "$2" --eps 0.05 --tol 1e-6 \

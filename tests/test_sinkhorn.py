@@ -488,3 +488,19 @@ def test_bad_cost_values_and_shapes():
         fastkd.sinkhorn_loss(torch.rand(3, 3), value="plan")
     with pytest.raises(ValueError, match="grad must be"):
         fastkd.sinkhorn_loss(torch.rand(3, 3), grad="implicit")
+
+
+@pytest.mark.gpu
+def test_auto_spreads_few_large_problems_over_the_gpu():
+    """backend="auto" on a GPU hands one large problem (one CTA of a kernel would hold it) to
+    the torch backend, and keeps many small ones, or few small ones, on the kernels."""
+    from fastkd.ops.sinkhorn import _few_large_problems_on_gpu
+
+    assert _few_large_problems_on_gpu(torch.empty(1, 1024, 1024, device="cuda"))
+    assert not _few_large_problems_on_gpu(torch.empty(4096, 64, 64, device="cuda"))
+    assert not _few_large_problems_on_gpu(torch.empty(1, 512, 512, device="cuda"))
+    assert not _few_large_problems_on_gpu(torch.empty(1, 1024, 1024))
+    cost = torch.rand(1, 1024, 1024, device="cuda")
+    auto = fastkd.sinkhorn(cost, eps=0.05, tol=1e-5)
+    plain = fastkd.sinkhorn(cost, eps=0.05, tol=1e-5, backend="torch")
+    assert torch.equal(auto.iters, plain.iters) and torch.equal(auto.f, plain.f)

@@ -26,6 +26,9 @@ __all__ = ["COSTS", "SinkhornResult", "pairwise_cost", "sinkhorn", "sinkhorn_los
 # Relative difference of the two marginals' masses accepted by the input check.
 MASS_RTOL = 1e-4
 
+# Entries per problem from which backend "auto" hands a batch of few problems on a GPU to the
+# torch backend (see _few_large_problems_on_gpu).
+_LARGE_PROBLEM_ENTRIES = 1 << 20
 # A named cost whose [B, n, m] tensor would exceed this is streamed by default (backend "auto").
 FEATURE_COST_BYTES = 256 << 20
 
@@ -358,9 +361,26 @@ def _streamed_ops(p: _Problem) -> StreamedFeatureCost:
     return StreamedFeatureCost(kind, x, y, p.rows, p.cols)
 
 
+def _few_large_problems_on_gpu(c: torch.Tensor) -> bool:
+    """True for a batch too small to occupy a GPU's SMs with problems too large for one SM.
+
+    The CUDA and Triton kernels give each problem one CTA (program): a single 4096 x 4096
+    problem, such as sinkd_loss's batch-level one, runs on one SM of a hundred-odd and reads
+    its 64 MB cost at that SM's bandwidth every half-iteration, while the torch backend spreads
+    each half-iteration over the whole GPU. Below about 1M entries per problem a half-iteration
+    of the kernel takes microseconds and beats the torch backend's launches. (Chosen from that
+    argument; benchmarks/gpu_check.sh measures the batch-1 case.)
+    """
+    if c.device.type != "cuda":
+        return False
+    batch, n, m = c.shape
+    sms = torch.cuda.get_device_properties(c.device).multi_processor_count
+    return 4 * batch < sms and n * m >= _LARGE_PROBLEM_ENTRIES
+
+
 def _kernel_backend(p: _Problem, backend: str) -> str:
     c = p.cost
-    if backend == "auto" and c.dtype not in DTYPE_CODES:
+    if backend == "auto" and (c.dtype not in DTYPE_CODES or _few_large_problems_on_gpu(c)):
         backend = "torch"
     name = resolve_backend("sinkhorn", backend, c.device)
     if name != "torch" and c.dtype not in DTYPE_CODES:
@@ -456,8 +476,10 @@ def sinkhorn(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
             backend is "auto" or "torch".
         validate: check values (finite costs, non-negative weights, equal masses), which costs
             one device synchronization; shapes and options are always checked.
-        backend: ``"auto"`` (cpu on CPU; cuda, then triton, on CUDA; torch for float64),
-            ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` (cpu on CPU; cuda, then triton, on CUDA, but torch there for a
+            batch of fewer than SMs / 4 problems of 2^20 entries or more, which one CTA per
+            problem cannot spread over the GPU; torch for float64), ``"torch"``, ``"cpu"``,
+            ``"triton"`` or ``"cuda"``.
 
     In float32 the potentials hold |C| 2^-24 of rounding, which the exponents (f + g - C)/eps
     carry divided by eps: the marginal error cannot go much below max|C| / eps * 1e-7, and a
