@@ -504,3 +504,39 @@ def test_auto_spreads_few_large_problems_over_the_gpu():
     auto = fastkd.sinkhorn(cost, eps=0.05, tol=1e-5)
     plain = fastkd.sinkhorn(cost, eps=0.05, tol=1e-5, backend="torch")
     assert torch.equal(auto.iters, plain.iters) and torch.equal(auto.f, plain.f)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("batch,n,m,kw", [
+    (1, 300, 257, dict()),
+    (1, 1, 70000, dict()),
+    (2, 401, 203, dict(eps_scaling=0.5, n_sizes=torch.tensor([401, 7]),
+                       m_sizes=torch.tensor([150, 203]))),
+    (1, 256, 256, dict(max_iters=3)),
+])
+def test_cpu_team_of_threads_solves_like_one_thread(restore_threads, batch, n, m, kw):
+    """Fewer problems than threads, each of 2^16 entries or more: all threads share each
+    problem's half-iterations, and every output equals the single-thread solve bit for bit."""
+    if "cpu" not in fastkd.available_backends("sinkhorn", "cpu"):
+        pytest.skip("needs the native CPU kernel")
+    g = torch.Generator().manual_seed(batch * n + m)
+    cost = torch.rand(batch, n, m, generator=g) * 3
+    init = torch.randn(batch, m, generator=g) * 0.1
+    results = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        results.append(fastkd.sinkhorn(cost, eps=0.05, tol=1e-6, init_g=init, return_plan=True,
+                                       backend="cpu", **kw))
+    one, team = results
+    for name in ("f", "g", "iters", "transport_cost", "objective", "plan", "marginal_error"):
+        assert torch.equal(getattr(one, name), getattr(team, name)), name
+    ref = fastkd.sinkhorn(cost.double(), eps=0.05, tol=1e-6, init_g=init.double(),
+                          backend="torch", **kw)
+    torch.testing.assert_close(team.transport_cost.double(), ref.transport_cost, rtol=1e-4,
+                               atol=1e-5)
