@@ -540,3 +540,18 @@ def test_cpu_team_of_threads_solves_like_one_thread(restore_threads, batch, n, m
                           backend="torch", **kw)
     torch.testing.assert_close(team.transport_cost.double(), ref.transport_cost, rtol=1e-4,
                                atol=1e-5)
+
+
+def test_empty_problem_keeps_eps_as_its_final_eps():
+    """sinkhorn_args.h: an empty problem (n_b = 0) never iterates, and its final e is eps even
+    with an eps-scaling start, on every backend."""
+    cost = torch.rand(2, 5, 4)
+    log_a, log_b = torch.zeros(2, 5), torch.zeros(2, 4)
+    sizes = torch.tensor([0, 5], dtype=torch.int32)
+    for backend in [b for b in fastkd.available_backends("sinkhorn", "cpu") if b != "triton"]:
+        out = torch.ops.fastkd.sinkhorn_solve(
+            cost, log_a, log_b, sizes, None, torch.full((2,), 3.0), None, 0.1, 0.5, 100, 1,
+            1e-6, False, backend)
+        iters, eps_final = out[2], out[4]
+        assert iters[0] == 0 and float(eps_final[0]) == pytest.approx(0.1), backend
+        assert iters[1] > 0 and float(eps_final[1]) == pytest.approx(0.1), backend

@@ -126,8 +126,9 @@ def run_sinkhorn(cost_ops, log_a: torch.Tensor, log_b: torch.Tensor, rows: torch
     if eps_start is None:
         e = torch.full((batch,), eps, dtype=torch.float32, device=device)
     else:
+        # An empty problem never iterates: its e stays eps (sinkhorn_args.h).
         start = eps_start.to(device=device, dtype=torch.float32)
-        e = torch.where(start > eps_final, start, eps_final)
+        e = torch.where((start > eps_final) & ~empty, start, eps_final)
 
     def row_error(f, g, e_):
         ec = e_.to(dtype)[:, None, None]
