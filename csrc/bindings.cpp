@@ -117,7 +117,6 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   bind_sample_teacher(m);
-  bind_priority_sample(m);
   bind_sparse_kd_loss(m);
   bind_sinkhorn(m);
 

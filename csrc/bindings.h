@@ -6,7 +6,6 @@
 
 namespace fastkd {
 
-void bind_priority_sample(pybind11::module_& m);  // priority_sample_bindings.cpp
 void bind_sample_teacher(pybind11::module_& m);   // sample_teacher_bindings.cpp
 void bind_sinkhorn(pybind11::module_& m);         // sinkhorn_bindings.cpp
 void bind_sparse_kd_loss(pybind11::module_& m);   // sparse_kd_loss_bindings.cpp

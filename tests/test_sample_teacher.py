@@ -139,13 +139,16 @@ def test_empirical_distribution_matches_softmax(backend, temperature):
     assert _chi2_sf(stat, int(live.sum()) - 1) > 1e-3, stat
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_importance_weights_are_unbiased(backend):
     """With a proposal at T = 2, the mean target over many tokens approaches p = softmax(z)."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    if backend not in fastkd.available_backends("sample_teacher", device):
+        pytest.skip(f"fastkd was built without its {backend} kernels")
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(40, generator=g) * 2
-    targets = fastkd.sample_teacher(logits.expand(20000, 40), num_samples=20, temperature=2.0,
-                                    seed=9, backend=backend)
+    targets = fastkd.sample_teacher(logits.expand(20000, 40).to(device), num_samples=20,
+                                    temperature=2.0, seed=9, backend=backend).to("cpu")
     dense = torch.zeros(20000, 40, dtype=torch.float64)
     kept = targets.ids >= 0
     dense[kept.nonzero()[:, 0], targets.ids[kept].long()] = targets.weights[kept].double()

@@ -20,6 +20,22 @@ enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 struct bf16_t { uint16_t bits; };
 struct fp16_t { uint16_t bits; };
 
+template <typename T>
+struct DTypeTag {
+  using type = T;
+};
+
+// fn(DTypeTag<T>{}) with T the element type of `code` (the bindings have checked the code; any
+// code past bf16 is fp16).
+template <class Fn>
+decltype(auto) visit_dtype(int code, Fn&& fn) {
+  switch (code) {
+    case kFloat32: return fn(DTypeTag<float>{});
+    case kBFloat16: return fn(DTypeTag<bf16_t>{});
+    default: return fn(DTypeTag<fp16_t>{});
+  }
+}
+
 FASTKD_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);

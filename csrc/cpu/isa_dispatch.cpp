@@ -52,7 +52,7 @@ void sample_teacher(const SampleTeacherArgs& args, int num_threads) {
   }
 }
 
-void priority_sample(const PrioritySampleArgs& args, int num_threads) {
+void priority_sample(const SampleTeacherArgs& args, int num_threads) {
   switch (cached_isa()) {
 #if defined(FASTKD_CPU_X86_LEVELS)
     case Isa::kAvx512: return avx512::priority_sample(args, num_threads);

@@ -58,5 +58,18 @@ static inline int64_t min_rows_per_thread(int64_t row_len, int64_t n_rows) {
   return row_len > 0 ? (kMinElementsPerThread + row_len - 1) / row_len : n_rows;
 }
 
+// row(r, scratch) for every row r of [0, n_rows) (rows of row_len elements), spread as
+// parallel_for does with min_rows_per_thread rows per thread at least; each thread makes its own
+// scratch by make_scratch().
+template <class MakeScratch, class Row>
+void for_each_row(int64_t n_rows, int64_t row_len, int num_threads, MakeScratch&& make_scratch,
+                  Row&& row) {
+  parallel_for(n_rows, num_threads, min_rows_per_thread(row_len, n_rows),
+               [&](int64_t begin, int64_t end) {
+                 auto scratch = make_scratch();
+                 for (int64_t r = begin; r < end; ++r) row(r, scratch);
+               });
+}
+
 }  // namespace cpu
 }  // namespace fastkd

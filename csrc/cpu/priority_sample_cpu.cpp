@@ -81,8 +81,8 @@ bool load_row(const T* __restrict z, int64_t n, float* __restrict x) {
 }
 
 template <typename T>
-void sample_row(const PrioritySampleArgs& A, int64_t row, Scratch& s) {
-  const int k = A.k;
+void sample_row(const SampleTeacherArgs& A, int64_t row, Scratch& s) {
+  const int k = A.num_samples;
   int32_t* ids = A.ids + row * k;
   float* weights = A.weights + row * k;
   float* logprobs = A.logprobs ? A.logprobs + row * k : nullptr;
@@ -168,23 +168,15 @@ void sample_row(const PrioritySampleArgs& A, int64_t row, Scratch& s) {
   }
 }
 
-template <typename T>
-void run_rows(const PrioritySampleArgs& A, int num_threads) {
-  const int64_t min_rows = min_rows_per_thread(A.vocab, A.n_rows);
-  parallel_for(A.n_rows, num_threads, min_rows, [&](int64_t begin, int64_t end) {
-    Scratch s(A.vocab, A.k);
-    for (int64_t row = begin; row < end; ++row) sample_row<T>(A, row, s);
-  });
-}
-
 }  // namespace
 
-void priority_sample(const PrioritySampleArgs& A, int num_threads) {
-  switch (A.dtype) {
-    case kFloat32: return run_rows<float>(A, num_threads);
-    case kBFloat16: return run_rows<bf16_t>(A, num_threads);
-    default: return run_rows<fp16_t>(A, num_threads);
-  }
+void priority_sample(const SampleTeacherArgs& A, int num_threads) {
+  visit_dtype(A.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    for_each_row(
+        A.n_rows, A.vocab, num_threads, [&] { return Scratch(A.vocab, A.num_samples); },
+        [&](int64_t row, Scratch& s) { sample_row<T>(A, row, s); });
+  });
 }
 
 }  // namespace FASTKD_ISA

@@ -207,24 +207,16 @@ void sparse_row(const SparseKdLossArgs& A, int64_t row, Scratch& s) {
   for (int64_t i = n; i < A.grad_vocab; ++i) g[i] = from_float<TS>(0.0f);
 }
 
-template <typename TS>
-void run_rows(const SparseKdLossArgs& A, int num_threads) {
-  const int64_t min_rows = min_rows_per_thread(A.vocab, A.n_rows);
-  if (A.grad) advise_huge_pages(A.grad, size_t(A.n_rows) * size_t(A.grad_vocab) * sizeof(TS));
-  parallel_for(A.n_rows, num_threads, min_rows, [&](int64_t begin, int64_t end) {
-    Scratch s(A.vocab, A.num_slots);
-    for (int64_t row = begin; row < end; ++row) sparse_row<TS>(A, row, s);
-  });
-}
-
 }  // namespace
 
 void sparse_kd_loss_forward(const SparseKdLossArgs& A, int num_threads) {
-  switch (A.student_dtype) {
-    case kFloat32: return run_rows<float>(A, num_threads);
-    case kBFloat16: return run_rows<bf16_t>(A, num_threads);
-    default: return run_rows<fp16_t>(A, num_threads);
-  }
+  visit_dtype(A.student_dtype, [&](auto tag) {
+    using TS = typename decltype(tag)::type;
+    if (A.grad) advise_huge_pages(A.grad, size_t(A.n_rows) * size_t(A.grad_vocab) * sizeof(TS));
+    for_each_row(
+        A.n_rows, A.vocab, num_threads, [&] { return Scratch(A.vocab, A.num_slots); },
+        [&](int64_t row, Scratch& s) { sparse_row<TS>(A, row, s); });
+  });
 }
 
 }  // namespace FASTKD_ISA
