@@ -37,7 +37,10 @@ def test_philox_known_answers(counter, key, expected):
     assert tuple(int(w) for w in words) == expected
 
 
-def check_well_formed(targets, num_samples, vocab):
+def check_well_formed(targets, num_samples, vocab, temperature=None):
+    """Ids in range, ascending and distinct, padding last with weight 0; at temperature 1 also
+    weights count / N with counts summing to N (targets on any device)."""
+    targets = targets.to("cpu")
     ids, weights = targets.ids, targets.weights
     kept = ids >= 0
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
@@ -47,6 +50,11 @@ def check_well_formed(targets, num_samples, vocab):
     both = kept[..., :-1] & kept[..., 1:]
     assert torch.all((ids[..., 1:] > ids[..., :-1]) | ~both)
     assert torch.all(weights[~kept] == 0) and torch.all(weights[kept] > 0)
+    if temperature == 1.0:
+        counts = weights * num_samples
+        torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(counts.sum(-1), torch.full(counts.shape[:-1],
+                                                              float(num_samples)))
 
 
 # (dtype, V, N, temperature)
@@ -72,7 +80,7 @@ def test_matches_reference(backend, dtype, vocab, num_samples, temperature):
     targets = fastkd.sample_teacher(logits, num_samples=num_samples, temperature=temperature,
                                     seed=11, token_offset=5, backend=backend,
                                     return_logprobs=True)
-    check_well_formed(targets, num_samples, vocab)
+    check_well_formed(targets, num_samples, vocab, temperature)
     ids, weights, logprobs = sample_teacher_reference(
         logits, num_samples=num_samples, temperature=temperature, seed=11, token_offset=5,
         return_logprobs=True)
@@ -80,10 +88,6 @@ def test_matches_reference(backend, dtype, vocab, num_samples, temperature):
     assert same.float().mean() >= 0.95, f"{int((~same).sum())} of 41 rows differ"
     torch.testing.assert_close(targets.weights[same], weights[same], rtol=1e-5, atol=0)
     torch.testing.assert_close(targets.logprobs[same], logprobs[same], rtol=1e-5, atol=1e-5)
-    if temperature == 1.0:
-        counts = targets.weights * num_samples
-        torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
-        torch.testing.assert_close(counts.sum(-1), torch.full((41,), float(num_samples)))
     assert targets.method == "random" and targets.num_samples == num_samples
     assert targets.vocab_size == vocab and targets.seed == 11
 

@@ -67,16 +67,6 @@ def differing_draws(a, b, logits, num_samples, temperature):
     return float((ca - cb).abs().sum() / 2) / (ca.shape[0] * num_samples)
 
 
-def check_targets(targets, num_samples, vocab, temperature):
-    """test_sample_teacher's layout checks, plus counts summing to N at T = 1."""
-    check_well_formed(targets, num_samples, vocab)
-    if temperature == 1.0:
-        counts = targets.weights * num_samples
-        torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
-        torch.testing.assert_close(counts.sum(-1), torch.full(counts.shape[:-1],
-                                                              float(num_samples)))
-
-
 def compare_rows(targets, other, *, min_same, rtol, atol):
     """At least `min_same` of the rows hold the same ids; their weights and log-probabilities
     agree to (rtol, atol)."""
@@ -93,7 +83,7 @@ def test_matches_reference(dtype, vocab, num_samples, temperature):
     kwargs = dict(num_samples=num_samples, temperature=temperature, seed=11, token_offset=5,
                   return_logprobs=True)
     targets = sample(logits, **kwargs)
-    check_targets(targets, num_samples, vocab, temperature)
+    check_well_formed(targets, num_samples, vocab, temperature)
     compare_rows(targets, sample_teacher_reference(logits, **kwargs), min_same=0.95, rtol=1e-5,
                  atol=1e-5)
     assert targets.method == "random" and targets.num_samples == num_samples
@@ -119,7 +109,7 @@ def test_large_vocabulary(dtype, vocab, num_samples, temperature):
     kwargs = dict(num_samples=num_samples, temperature=temperature, seed=1,
                   return_logprobs=True)
     targets = sample(logits, **kwargs)
-    check_targets(targets, num_samples, vocab, temperature)
+    check_well_formed(targets, num_samples, vocab, temperature)
     reference = sample_teacher_reference(logits, **kwargs)
     compare_rows(targets, reference, min_same=0.9, rtol=5e-5, atol=5e-5)
     assert differing_draws((targets.ids, targets.weights), reference, logits, num_samples,
@@ -136,7 +126,7 @@ def test_many_draws(dtype, vocab, num_samples, temperature):
     kwargs = dict(num_samples=num_samples, temperature=temperature, seed=4, token_offset=9,
                   return_logprobs=True)
     targets = sample(logits, **kwargs)
-    check_targets(targets, num_samples, vocab, temperature)
+    check_well_formed(targets, num_samples, vocab, temperature)
     reference = sample_teacher_reference(logits, **kwargs)
     compare_rows(targets, reference, min_same=0.8, rtol=1e-5, atol=1e-5)
     assert differing_draws((targets.ids, targets.weights), reference, logits, num_samples,

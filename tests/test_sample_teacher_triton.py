@@ -19,7 +19,7 @@ import fastkd
 from fastkd.reference.sample_teacher import (philox4x32_10, sample_teacher_reference,
                                              token_uniforms)
 
-from test_sample_teacher import check_well_formed as check_layout
+from test_sample_teacher import check_well_formed
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -38,17 +38,6 @@ def logits_for(rows: int, vocab: int, *, seed: int, scale: float = 3.0) -> torch
 
 def sample(logits, **kwargs):
     return fastkd.sample_teacher(logits.to(DEVICE), backend="triton", **kwargs)
-
-
-def check_well_formed(targets, num_samples, vocab, temperature=1.0):
-    """test_sample_teacher's layout checks, plus counts summing to N at T = 1."""
-    targets = targets.to("cpu")
-    check_layout(targets, num_samples, vocab)
-    if temperature == 1.0:
-        counts = targets.weights * num_samples
-        torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
-        torch.testing.assert_close(counts.sum(-1), torch.full(counts.shape[:-1],
-                                                              float(num_samples)))
 
 
 if INTERPRET:
@@ -144,7 +133,7 @@ def test_matches_cpu_and_reference(monkeypatch, vocab, num_samples, temperature,
 def test_half_precision_matches_reference(dtype):
     logits = logits_for(64, 5000, seed=1).to(dtype)
     targets = sample(logits, num_samples=50, seed=3)
-    check_well_formed(targets, 50, 5000)
+    check_well_formed(targets, 50, 5000, 1.0)
     ids, _, _ = sample_teacher_reference(logits, num_samples=50, seed=3)
     assert (targets.ids.cpu() == ids).all(-1).float().mean() >= 0.9
 

@@ -141,8 +141,12 @@ void solve_problem(const SinkhornArgs& a, int64_t b, Shared& s, float* buf, Team
   if (rank == 0) {
     if (!a.warm_start) for (int64_t j = 0; j < m; ++j) g[j] = 0.0f;
     for (int64_t i = 0; i < n; ++i) f[i] = 0.0f;
-    if (plan) for (int64_t k = 0; k < n * m; ++k) plan[k] = 0.0f;
     for (int64_t j = mb; j < m; ++j) g[j] = 0.0f;
+  }
+  if (plan) {  // all n rows, each thread its slice; the final pass fills [nb, mb] again
+    int64_t p0, p1;
+    team.slice(rank, n, &p0, &p1);
+    std::fill(plan + p0 * m, plan + p1 * m, 0.0f);
   }
   if (nb == 0 || mb == 0) {
     if (rank == 0) {
