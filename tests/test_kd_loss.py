@@ -186,6 +186,38 @@ def test_infinite_divergence_is_inf_not_nan(device, backend, divergence):
         assert torch.isfinite(loss).all()
 
 
+# (which model's row is spoiled, the value written into the compared logits of row 1).
+NO_DISTRIBUTION = [("student", -math.inf), ("teacher", -math.inf), ("both", -math.inf),
+                   ("student", math.nan), ("teacher", math.inf)]
+
+
+@pytest.mark.parametrize("device,backend",
+                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
+@pytest.mark.parametrize("side,value", NO_DISTRIBUTION, ids=lambda x: str(x))
+def test_row_without_distribution_is_nan(device, backend, divergence, dkw, side, value):
+    """A row where either model has no softmax (all -inf, or NaN / +inf logits) has loss NaN and
+    gradient NaN within the common vocabulary, as plain PyTorch gives; other rows are untouched,
+    columns past the common vocabulary get 0 and an ignored such row stays 0."""
+    s = make_logits((4,), 41, device=device, seed=10)
+    t = make_logits((4,), 37, device=device, seed=11)
+    for row in (1, 3):
+        if side in ("student", "both"):
+            s[row, :37] = -math.inf if value == -math.inf else s[row, :37]
+            s[row, 5] = value
+        if side in ("teacher", "both"):
+            t[row, :] = -math.inf if value == -math.inf else t[row]
+            t[row, 5] = value
+    labels = torch.tensor([2, 3, 4, -100], device=device)
+    kw = dict(divergence=divergence, labels=labels, reduction="none", hard_weight=0.25, **dkw)
+    loss, grad = run_fused(s, t, backend, **kw)
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1, :37]).all(), (loss, grad[1])
+    assert torch.all(grad[1, 37:] == 0)
+    assert loss[3] == 0 and torch.all(grad[3] == 0)
+    ok = torch.tensor([0, 2])
+    assert_close_fp32(s[ok], t[ok], backend, **{**kw, "labels": labels[ok]})
+
+
 @pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
 @pytest.mark.parametrize("scale,offset", [(1e4, 0.0), (1e-3, 0.0), (3.0, 1e4), (30.0, -5e3)])
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"])

@@ -18,6 +18,15 @@ enum Divergence : int { kFKL = 0, kRKL = 1, kJSD = 2, kTVD = 3, kSKL = 4, kSRKL 
 FASTKD_HD constexpr bool loss_in_stats_pass(int div) { return div == kFKL || div == kRKL; }
 
 constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kPosInf = __builtin_huge_valf();
+
+// Whether a row has a softmax on both sides, from its log-sum-exps LSE(a), LSE(b). Where the
+// compared logits of either model are all -inf, or hold NaN or +inf, that LSE is not finite: the
+// row's loss and its gradient within the common vocabulary are then NaN, as plain PyTorch gives
+// them (the comparisons are false for NaN as well).
+FASTKD_HD bool row_has_distribution(float la, float lb) {
+  return la > kNegInf && la < kPosInf && lb > kNegInf && lb < kPosInf;
+}
 
 // Scalars that shape the per-element terms of one call (identical for all rows).
 struct DivergenceCoefs {

@@ -188,6 +188,15 @@ void kd_row(const KdLossArgs& A, int64_t row, Scratch& s) {
   const StatsRow row_stats{s.a.data(), s.b.data(), s.ea.data(), s.eb.data(),
                            ma + Math::log(st.sum_a), mb + Math::log(st.sum_b),
                            1.0f / st.sum_a, 1.0f / st.sum_b};
+  if (!row_has_distribution(row_stats.la, row_stats.lb)) {
+    const float nan = __builtin_nanf("");
+    A.loss[row] = nan;
+    if (g) {
+      for (int64_t i = 0; i < n; ++i) g[i] = from_float<TS>(nan);
+      for (int64_t i = n; i < A.grad_vocab; ++i) g[i] = from_float<TS>(0.0f);
+    }
+    return;
+  }
 
   Terms soft{0.0f, 0.0f};
   if (DIV == kFKL) soft.loss = shifted_kl_finish<Math>(st.kl_acc, st.sum_b, st.sum_a);

@@ -673,8 +673,10 @@ __device__ __forceinline__ void kd_row(const KdLossArgs& A, const LaunchPlan& pl
     rs = group_broadcast(rs, warp_rows, &slots.row_after_terms);
   }
 
+  // NaN, added to the loss and to every gradient element, where the row has no softmax.
+  const float row_nan = row_has_distribution(rs.la, rs.lb) ? 0.0f : __int_as_float(0x7fc00000);
   if (rank == 0 && index == 0) {
-    float loss = cfg.soft_weight * rs.loss;
+    float loss = cfg.soft_weight * rs.loss + row_nan;
     if (ce)
       loss += label_ok ? cfg.hard_weight * (rs.lz - t * a_label) : __int_as_float(0x7fc00000);
     A.loss[row] = loss;
@@ -698,7 +700,8 @@ __device__ __forceinline__ void kd_row(const KdLossArgs& A, const LaunchPlan& pl
           const float lq = fmaf(c.zs.v[e], inv_t, -rs.la);
           const float lp = fmaf(c.zt.v[e], inv_t, -rs.lb);
           g.v[e] = cfg.soft_grad_scale *
-                   divergence_grad<DIV, CudaMath>(lp, lq, rs.loss, rs.dot, cfg.coefs);
+                       divergence_grad<DIV, CudaMath>(lp, lq, rs.loss, rs.dot, cfg.coefs) +
+                   row_nan;
         }
         // Options as chunk-level branches (per-element predication costs issue slots always).
         // CE: exp(T a - lz), which at T == 1 is exp(a - LSE(a)) (lz == la).

@@ -80,7 +80,6 @@ constexpr int kPerThread = 4;                 // scan elements per thread (chunk
 constexpr int kTile = kThreads * kPerThread;  // elements per block scan
 constexpr int kMaxVocab = INT_MAX - kWidth;   // columns are int, with a chunk of slack
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr float kPosInf = __builtin_huge_valf();
 
 // A thread's four draws take the four words of one Philox block.
 static_assert(kPerThread == 4, "draw tiles map one Philox block to each thread");

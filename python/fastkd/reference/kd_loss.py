@@ -128,9 +128,36 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     lp = torch.log_softmax(zt / temperature, dim=-1)
     soft = divergence_rows(lp, lq, divergence, beta=beta, alpha=alpha)
     rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
+    rows = _nan_where_no_distribution(rows, zs, zt, labels, ignore_index)
     return finish_rows(rows, zs, lead, labels=labels, ignore_index=ignore_index,
                        hard_weight=hard_weight, reduction=reduction,
                        num_items_in_batch=num_items_in_batch)
+
+
+def _nan_where_no_distribution(rows: torch.Tensor, zs: torch.Tensor, zt: torch.Tensor,
+                               labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Sets the loss ``rows`` ``[N]``, and the gradients reaching ``zs``/``zt`` ``[N, V]``, to NaN
+    in every counted row where either model has no softmax: its log-sum-exp is not finite (all
+    logits -inf, or NaN / +inf among them). Plain PyTorch gives NaN there too; the formulas
+    above would leave 0 in some divergences, a silent wrong answer. Ignored rows get gradient 0
+    (autograd would form 0 * NaN in such a row's log_softmax)."""
+    undefined = ~(torch.logsumexp(zs, -1).isfinite() & torch.logsumexp(zt, -1).isfinite())
+    ignored = torch.zeros_like(undefined)
+    if labels is not None:
+        ignored = labels.reshape(-1) == ignore_index
+        undefined &= ~ignored
+    nan = torch.full((), math.nan, dtype=rows.dtype, device=rows.device)
+
+    def fix_rows(grad: torch.Tensor | None) -> torch.Tensor | None:
+        if grad is None:
+            return None
+        grad = torch.where(ignored[:, None], torch.zeros_like(grad), grad)
+        return torch.where(undefined[:, None], nan.to(grad.dtype), grad)
+
+    for logits in (zs, zt):
+        if logits.requires_grad:
+            logits.register_hook(fix_rows)
+    return torch.where(undefined, nan, rows)
 
 
 def finish_rows(rows: torch.Tensor, student_logits: torch.Tensor, lead: torch.Size, *, labels,

@@ -284,7 +284,12 @@ def _kd_loss_fwd_kernel(
             soft = tl.sum(loss_acc, axis=0)
             dot = tl.sum(dot_acc, axis=0)
 
-        loss = soft_weight * soft
+        # NaN, added to the loss and to every gradient element, where the row has no softmax
+        # (LSE not finite: all -inf, or NaN / +inf logits), as kd_math.h row_has_distribution.
+        nan = tl.full([], NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+        defined = (la > NEG_INF) & (la < POS_INF) & (lb > NEG_INF) & (lb < POS_INF)
+        row_nan = tl.where(defined, 0.0, nan)
+        loss = soft_weight * soft + row_nan
         lz = 0.0
         if CE:
             # Hard CE at T = 1 on z' = T a: lz = LSE(z') = T ma + log sum exp(T (a - ma)).
@@ -295,7 +300,6 @@ def _kd_loss_fwd_kernel(
             label_ok = (label >= 0) & (label < vocab)
             a_label = _load_row(zs_ptr, tl.where(label_ok, label, 0), label_ok, inv_t, cap, CAP,
                                 False)
-            nan = tl.full([], NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
             loss += tl.where(label_ok, hard_weight * (lz - temperature * a_label), nan)
         tl.store(loss_ptr + row, loss)
 
@@ -307,7 +311,7 @@ def _kd_loss_fwd_kernel(
             a, dcap = _load_row(zs_ptr, cols, mask, inv_t, cap, CAP, True)
             b = _load_row(zt_ptr, cols, mask, inv_t, cap, CAP, False)
             g = soft_grad_scale * _divergence_grad(b - lb, a - la, soft, dot, log_wp, log_wq,
-                                                   coef, DIV)
+                                                   coef, DIV) + row_nan
             if CE:
                 g += hard_grad_weight * tl.exp(temperature * a - lz)
                 g = tl.where(cols == label, g - hard_grad_weight, g)
