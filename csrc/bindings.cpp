@@ -119,6 +119,7 @@ PYBIND11_MODULE(_C, m) {
   bind_sample_teacher(m);
   bind_sparse_kd_loss(m);
   bind_sinkhorn(m);
+  bind_uld_loss(m);
 
   py::dict info;
   info["cpu_isa"] = cpu::isa_level();

@@ -9,5 +9,6 @@ namespace fastkd {
 void bind_sample_teacher(pybind11::module_& m);   // sample_teacher_bindings.cpp
 void bind_sinkhorn(pybind11::module_& m);         // sinkhorn_bindings.cpp
 void bind_sparse_kd_loss(pybind11::module_& m);   // sparse_kd_loss_bindings.cpp
+void bind_uld_loss(pybind11::module_& m);         // uld_loss_bindings.cpp
 
 }  // namespace fastkd

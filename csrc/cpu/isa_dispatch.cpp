@@ -6,6 +6,7 @@
 #include "sample_teacher_cpu.h"
 #include "sinkhorn_cpu.h"
 #include "sparse_kd_loss_cpu.h"
+#include "uld_loss_cpu.h"
 
 namespace fastkd {
 namespace cpu {
@@ -79,6 +80,16 @@ void sinkhorn(const SinkhornArgs& args, int num_threads) {
     case Isa::kAvx2: return avx2::sinkhorn(args, num_threads);
 #endif
     default: return base::sinkhorn(args, num_threads);
+  }
+}
+
+void uld_loss_forward(const UldLossArgs& args, int num_threads) {
+  switch (cached_isa()) {
+#if defined(FASTKD_CPU_X86_LEVELS)
+    case Isa::kAvx512: return avx512::uld_loss_forward(args, num_threads);
+    case Isa::kAvx2: return avx2::uld_loss_forward(args, num_threads);
+#endif
+    default: return base::uld_loss_forward(args, num_threads);
   }
 }
 

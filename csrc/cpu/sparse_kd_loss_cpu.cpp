@@ -35,32 +35,6 @@ namespace {
 
 using Math = CpuMath;
 
-// a_i = load(z_i) / T into `a`; returns max_i a_i (NaN entries ignored: they reach the loss
-// through the sum).
-template <typename T>
-float load_row(const T* __restrict z, int64_t n, float inv_t, float* __restrict a) {
-  for (int64_t i = 0; i < n; ++i) a[i] = to_float(z[i]) * inv_t;
-  return row_max(a, n);
-}
-
-// e_i = exp(a_i - m) into `e`; returns sum_i e_i.
-float exp_pass(const float* __restrict a, int64_t n, float m, float* __restrict e) {
-  float s[kLanes] = {};
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const float v = Math::exp(a[i + j] - m);
-      e[i + j] = v;
-      s[j] += v;
-    }
-  float r = lane_sum(s);
-  for (int64_t i = body; i < n; ++i) {
-    e[i] = Math::exp(a[i] - m);
-    r += e[i];
-  }
-  return r;
-}
-
 // The gradient of a column outside the ids from e = exp(a - m) and a:
 //   k_off e + hard (softmax(z)_j)   with k_off = soft_grad_scale (c_in / S - w_b / S_out).
 // CE: 0 none; 1 at T = 1, where softmax(z) = e / S; 2 at T != 1, softmax(z)_j = exp(T a_j - lz).
@@ -137,14 +111,14 @@ void sparse_row(const SparseKdLossArgs& A, int64_t row, Scratch& s) {
   float* a = s.a.data();
   float* e = s.e.data();
   float* a_ids = s.a_ids.data();
-  const float m = load_row(z, n, A.inv_temperature, a);
+  const float m = load_scaled_row(z, n, A.inv_temperature, a);
   for (int64_t k = 0; k < k_slots; ++k) {
     const bool valid = ids[k] >= 0 && ids[k] < n;
     a_ids[k] = valid ? a[ids[k]] : kNegInf;
   }
   for (int64_t k = 0; k < k_slots; ++k)
     if (ids[k] >= 0 && ids[k] < n) a[ids[k]] = kNegInf;
-  const float sum_out = exp_pass(a, n, m, e);
+  const float sum_out = exp_sum_pass(a, n, m, e);
   for (int64_t k = 0; k < k_slots; ++k)
     if (ids[k] >= 0 && ids[k] < n) a[ids[k]] = a_ids[k];
 

@@ -121,6 +121,33 @@ static inline float row_max(const float* __restrict x, int64_t n) {
   return mx;
 }
 
+// a_i = load(z_i) * inv_t into `a`; returns max_i a_i (NaN entries ignored: they reach the
+// results through the sums).
+template <typename T>
+static inline float load_scaled_row(const T* __restrict z, int64_t n, float inv_t,
+                                    float* __restrict a) {
+  for (int64_t i = 0; i < n; ++i) a[i] = to_float(z[i]) * inv_t;
+  return row_max(a, n);
+}
+
+// e_i = exp(a_i - m) into `e` (which may be `a`); returns sum_i e_i.
+static inline float exp_sum_pass(const float* a, int64_t n, float m, float* e) {
+  float s[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float v = CpuMath::exp(a[i + j] - m);
+      e[i + j] = v;
+      s[j] += v;
+    }
+  float r = lane_sum(s);
+  for (int64_t i = body; i < n; ++i) {
+    e[i] = CpuMath::exp(a[i] - m);
+    r += e[i];
+  }
+  return r;
+}
+
 // log sum_i exp(x_i) as shift + log sum_i exp(x_i - shift), for a shift >= about max x (so no
 // term overflows); exps, when given, receives exp(x_i - shift). The sum is kept in double: in
 // fp32 the many tail terms of a long-tailed row each fall below half an ulp of the running sum

@@ -6,10 +6,10 @@ from ._build_info import build_info
 from .losses import FusedLinearKDLoss, KDLoss
 from .ops import (SinkhornResult, available_backends, fused_linear_kd_loss,
                   fused_linear_sparse_kd_loss, kd_loss, sample_teacher, sequence_ot_loss,
-                  sinkd_loss, sinkhorn, sinkhorn_loss, sparse_kd_loss)
+                  sinkd_loss, sinkhorn, sinkhorn_loss, sparse_kd_loss, uld_loss)
 from .sparse import CacheCorruptError, SparseTargets, TeacherCache
 
 __all__ = ["CacheCorruptError", "FusedLinearKDLoss", "KDLoss", "SinkhornResult", "SparseTargets",
            "TeacherCache", "available_backends", "build_info", "fused_linear_kd_loss",
            "fused_linear_sparse_kd_loss", "kd_loss", "sample_teacher", "sequence_ot_loss",
-           "sinkd_loss", "sinkhorn", "sinkhorn_loss", "sparse_kd_loss", "__version__"]
+           "sinkd_loss", "sinkhorn", "sinkhorn_loss", "sparse_kd_loss", "uld_loss", "__version__"]

@@ -12,7 +12,8 @@ import torch
 __all__ = ["main"]
 
 # What `fastkd bench OP` measures.
-_BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn")
+_BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn",
+              "uld_loss")
 
 
 def _cmd_info(args) -> int:
@@ -49,6 +50,14 @@ def _bench_cases(args):
                 yield (SparseCase(rows=rows, vocab=vocab, dtype=args.dtype,
                                   num_samples=args.num_samples, device=args.device),
                        run_sparse_kd_loss_case)
+        return
+    if args.op == "uld_loss":
+        from .bench.uld_loss import UldCase, run_uld_loss_case
+
+        for rows in args.rows:
+            for vocab in args.vocab:
+                yield (UldCase(rows=rows, vocab=vocab, teacher_vocab=args.teacher_vocab or vocab,
+                               dtype=args.dtype, device=args.device), run_uld_loss_case)
         return
     for divergence in args.divergence:
         for rows in args.rows:
@@ -111,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--teacher", default="online", choices=["online", "offline"],
                        help="teacher as hidden states and an lm_head, or as dense logits "
                             "(fused_linear_kd_loss)")
+    bench.add_argument("--teacher-vocab", type=int, default=0,
+                       help="the teacher's vocabulary; 0: the student's (uld_loss)")
     bench.add_argument("--num-samples", type=int, default=50,
                        help="draws per token (sample_teacher, sparse_kd_loss)")
     bench.add_argument("--temperature", type=float, default=1.0,

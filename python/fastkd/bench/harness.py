@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Impl", "Result", "format_table", "measure", "write_results"]
+__all__ = ["Impl", "Result", "add_loss_impl", "format_table", "measure", "write_results"]
 
 
 @dataclass
@@ -28,6 +28,27 @@ class Impl:
     name: str
     make: Callable[[], Callable[[], torch.Tensor]]
     peer: bool = False          # a comparison point rather than a fastkd backend
+
+
+def add_loss_impl(impls: list[Impl], forward_only: dict, name: str,
+                  loss_fn: Callable[[], torch.Tensor], *, peer: bool = False) -> None:
+    """Adds the implementation ``name`` of a loss to ``impls`` (its step: ``loss_fn()`` then
+    backward) and its forward-only step (under no_grad) to ``forward_only``."""
+    def train():
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            return loss
+        return step
+
+    def forward():
+        def step():
+            with torch.no_grad():
+                return loss_fn()
+        return step
+
+    impls.append(Impl(name, train, peer=peer))
+    forward_only[name] = forward
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..ops import available_backends, kd_loss
 from ..reference.kd_loss import kd_loss_reference
-from .harness import Impl, Result, format_table, measure
+from .harness import Result, add_loss_impl, format_table, measure
 
 __all__ = ["KdCase", "plain_kd_loss", "run_kd_loss_case"]
 
@@ -76,45 +76,24 @@ def _impls(case: KdCase, student: torch.Tensor, teacher: torch.Tensor):
     device = torch.device(case.device)
     kw = dict(divergence=case.divergence, beta=case.beta)
 
-    def train_step(fn):
-        def make():
-            def step():
-                loss = fn(student, teacher)
-                loss.backward()
-                return loss
-            return step
-        return make
-
-    def fwd_step(fn):
-        def make():
-            def step():
-                with torch.no_grad():
-                    return fn(student, teacher)
-            return step
-        return make
-
     impls, fwd = [], {}
     for backend in available_backends("kd_loss", device):
         if backend == "torch":
             continue
-        fn = (lambda b: lambda s, t: kd_loss(s, t, backend=b, **kw))(backend)
-        impls.append(Impl(f"fastkd[{backend}]", train_step(fn)))
-        fwd[f"fastkd[{backend}]"] = fwd_step(fn)
+        add_loss_impl(impls, fwd, f"fastkd[{backend}]",
+                      (lambda b: lambda: kd_loss(student, teacher, backend=b, **kw))(backend))
 
     def eager(s, t):
         return plain_kd_loss(s, t, case.divergence, case.beta)
 
-    impls.append(Impl("torch eager", train_step(eager), peer=True))
-    fwd["torch eager"] = fwd_step(eager)
+    add_loss_impl(impls, fwd, "torch eager", lambda: eager(student, teacher), peer=True)
     torch._dynamo.reset()  # a fresh compile cache per case: cases share the function's code
     compiled = torch.compile(eager)
-    impls.append(Impl("torch.compile", train_step(compiled), peer=True))
-    fwd["torch.compile"] = fwd_step(compiled)
+    add_loss_impl(impls, fwd, "torch.compile", lambda: compiled(student, teacher), peer=True)
     if device.type == "cuda":
         liger = _liger_loss(case.divergence, case.beta)
         if liger is not None:
-            impls.append(Impl("liger-kernel", train_step(liger), peer=True))
-            fwd["liger-kernel"] = fwd_step(liger)
+            add_loss_impl(impls, fwd, "liger-kernel", lambda: liger(student, teacher), peer=True)
     return impls, fwd
 
 

@@ -19,7 +19,7 @@ import torch
 from ..ops import available_backends, kd_loss, sample_teacher, sparse_kd_loss
 from ..sparse.cache import TeacherCache
 from ..sparse.targets import SparseTargets
-from .harness import Impl, Result, format_table, measure
+from .harness import Result, add_loss_impl, format_table, measure
 
 __all__ = ["SparseCase", "cache_bytes_per_token", "lm_like_logits", "plain_sparse_kd_loss",
            "run_sparse_kd_loss_case"]
@@ -111,46 +111,22 @@ def _impls(case: SparseCase, student: torch.Tensor, teacher: torch.Tensor,
     """(implementations, forward-only steps) for one case."""
     device = torch.device(case.device)
 
-    def train_step(fn):
-        def make():
-            def step():
-                loss = fn(student)
-                loss.backward()
-                return loss
-            return step
-        return make
-
-    def fwd_step(fn):
-        def make():
-            def step():
-                with torch.no_grad():
-                    return fn(student)
-            return step
-        return make
-
     impls, fwd = [], {}
     for backend in available_backends("sparse_kd_loss", device):
         if backend == "torch":
             continue
-        fn = (lambda b: lambda s: sparse_kd_loss(s, targets, backend=b))(backend)
-        impls.append(Impl(f"fastkd[{backend}]", train_step(fn)))
-        fwd[f"fastkd[{backend}]"] = fwd_step(fn)
+        add_loss_impl(impls, fwd, f"fastkd[{backend}]",
+                      (lambda b: lambda: sparse_kd_loss(student, targets, backend=b))(backend))
 
     def eager(s):
         return plain_sparse_kd_loss(s, targets.ids, targets.weights)
 
-    impls.append(Impl("torch eager (sparse)", train_step(eager), peer=True))
-    fwd["torch eager (sparse)"] = fwd_step(eager)
+    add_loss_impl(impls, fwd, "torch eager (sparse)", lambda: eager(student), peer=True)
     torch._dynamo.reset()  # a fresh compile cache per case: cases share the function's code
     compiled = torch.compile(eager)
-    impls.append(Impl("torch.compile (sparse)", train_step(compiled), peer=True))
-    fwd["torch.compile (sparse)"] = fwd_step(compiled)
-
-    def dense(s):
-        return kd_loss(s, teacher, divergence="fkl")
-
-    impls.append(Impl(_DENSE, train_step(dense), peer=True))
-    fwd[_DENSE] = fwd_step(dense)
+    add_loss_impl(impls, fwd, "torch.compile (sparse)", lambda: compiled(student), peer=True)
+    add_loss_impl(impls, fwd, _DENSE, lambda: kd_loss(student, teacher, divergence="fkl"),
+                  peer=True)
     return impls, fwd
 
 

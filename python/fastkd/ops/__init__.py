@@ -7,7 +7,8 @@ from .ot_losses import sequence_ot_loss, sinkd_loss
 from .sample_teacher import sample_teacher
 from .sinkhorn import SinkhornResult, sinkhorn, sinkhorn_loss
 from .sparse_kd_loss import sparse_kd_loss
+from .uld_loss import uld_loss
 
 __all__ = ["SinkhornResult", "available_backends", "fused_linear_kd_loss",
            "fused_linear_sparse_kd_loss", "kd_loss", "sample_teacher", "sequence_ot_loss",
-           "sinkd_loss", "sinkhorn", "sinkhorn_loss", "sparse_kd_loss"]
+           "sinkd_loss", "sinkhorn", "sinkhorn_loss", "sparse_kd_loss", "uld_loss"]

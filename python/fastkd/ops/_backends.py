@@ -24,6 +24,8 @@ AUTO_ORDER = {
     "sinkhorn": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     # sample_teacher(method="priority"): a native kernel on CPU, plain PyTorch elsewhere.
     "priority_sample": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    # uld_loss (sorted-probability L1): a native kernel on CPU, plain PyTorch elsewhere.
+    "uld_loss": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
 }
 
 # Ops with a Triton kernel.
@@ -41,6 +43,7 @@ _NATIVE_SYMBOL = {
     ("sinkhorn", "cpu"): "sinkhorn_cpu",
     ("sinkhorn", "cuda"): "sinkhorn_cuda",
     ("priority_sample", "cpu"): "priority_sample_cpu",
+    ("uld_loss", "cpu"): "uld_loss_forward_cpu",
 }
 
 

@@ -59,9 +59,10 @@ def check_kd_options(*, divergence, temperature, beta, alpha, ignore_index, hard
 
 
 def check_labels(labels, lead: torch.Size, device: torch.device, vocab: int,
-                 ignore_index: int, what: str = "the logits") -> None:
+                 ignore_index: int, what: str = "the logits",
+                 vocab_name: str = "the common vocabulary min(V_s, V_t)") -> None:
     """``labels`` (or None) is an integer tensor of shape ``lead`` on ``device`` whose entries
-    lie in [0, vocab) or equal ``ignore_index``."""
+    lie in [0, vocab) (``vocab_name`` in the message) or equal ``ignore_index``."""
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor):
@@ -81,5 +82,5 @@ def check_labels(labels, lead: torch.Size, device: torch.device, vocab: int,
         if bool(bad.any()):
             values = labels[bad].unique()[:5].tolist()
             raise ValueError(
-                f"labels must lie in [0, {vocab}) (the common vocabulary min(V_s, V_t)) or equal "
+                f"labels must lie in [0, {vocab}) ({vocab_name}) or equal "
                 f"ignore_index={ignore_index}; found {values}")

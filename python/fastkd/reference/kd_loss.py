@@ -12,8 +12,8 @@ import math
 
 import torch
 
-__all__ = ["divergence_rows", "finish_rows", "kd_loss_reference", "reduce_rows", "reduce_total",
-           "xlogy_ratio"]
+__all__ = ["divergence_rows", "finish_rows", "kd_loss_reference", "nan_where_no_distribution",
+           "reduce_rows", "reduce_total", "xlogy_ratio"]
 
 
 def xlogy_ratio(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
@@ -128,13 +128,13 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     lp = torch.log_softmax(zt / temperature, dim=-1)
     soft = divergence_rows(lp, lq, divergence, beta=beta, alpha=alpha)
     rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
-    rows = _nan_where_no_distribution(rows, zs, zt, labels, ignore_index)
+    rows = nan_where_no_distribution(rows, zs, zt, labels, ignore_index)
     return finish_rows(rows, zs, lead, labels=labels, ignore_index=ignore_index,
                        hard_weight=hard_weight, reduction=reduction,
                        num_items_in_batch=num_items_in_batch)
 
 
-def _nan_where_no_distribution(rows: torch.Tensor, zs: torch.Tensor, zt: torch.Tensor,
+def nan_where_no_distribution(rows: torch.Tensor, zs: torch.Tensor, zt: torch.Tensor,
                                labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
     """Sets the loss ``rows`` ``[N]``, and the gradients reaching ``zs``/``zt`` ``[N, V]``, to NaN
     in every counted row where either model has no softmax: its log-sum-exp is not finite (all

@@ -1,0 +1,199 @@
+"""uld_loss: Universal Logit Distillation's sorted-probability L1 loss, for a teacher and a
+student whose vocabularies differ (different tokenizers).
+
+Input checks, the fused custom op with its fake kernel and autograd, backend dispatch. As for
+``kd_loss``, the fused backend (``cpu``) writes the per-token loss and
+``grad_scale * dLoss_token/dstudent_logits`` in one kernel; the backward is kd_loss's, which
+rescales that stored gradient. The ``torch`` backend is the plain-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..reference.kd_loss import reduce_rows
+from ..reference.uld_loss import uld_loss_reference
+from ._backends import resolve_backend
+from ._checks import check_kd_options, check_labels, check_logits
+from ._layout import row_layout
+from ._native import DTYPE_CODES, native
+from .kd_loss import grad_buffer, mean_grad_scale, rescale_grad_rows
+
+__all__ = ["uld_loss"]
+
+
+def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, temperature,
+                  teacher_temperature, ignore_index, reduction, num_items_in_batch) -> None:
+    check_logits("student_logits", student)
+    check_logits("teacher_logits", teacher)
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"student_logits {tuple(student.shape)} and teacher_logits "
+                         f"{tuple(teacher.shape)} must have the same leading shape (aligned "
+                         f"positions); their vocabularies may differ")
+    if student.device != teacher.device:
+        raise ValueError(f"student_logits are on {student.device} but teacher_logits on "
+                         f"{teacher.device}")
+    # kd_loss's options that uld_loss does not take are passed at their defaults.
+    check_kd_options(divergence="fkl", temperature=temperature, beta=0.5, alpha=0.1,
+                     ignore_index=ignore_index, hard_weight=0.0, softcap=None,
+                     reduction=reduction, num_items_in_batch=num_items_in_batch,
+                     has_labels=labels is not None)
+    if teacher_temperature is not None and (
+            not isinstance(teacher_temperature, numbers.Real)
+            or not 0 < float(teacher_temperature) < math.inf):
+        raise ValueError(f"teacher_temperature must be None or a finite number > 0; got "
+                         f"{teacher_temperature!r}")
+    check_labels(labels, student.shape[:-1], student.device, student.shape[-1], ignore_index,
+                 vocab_name="the student's vocabulary")
+
+
+# ---- the fused op ---------------------------------------------------------------------------
+
+def launch_uld_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                    *, temperature: float, teacher_temperature: float, ignore_index: int,
+                    grad_scale: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the CPU kernel; returns (per-row loss fp32 [lead], grad like student, or empty)."""
+    lead = student.shape[:-1]
+    loss = torch.empty(lead, dtype=torch.float32, device=student.device)
+    grad = grad_buffer(student, need_grad, "cpu")
+    n_rows = loss.numel()
+    if n_rows == 0:
+        return loss, grad
+    s, inner_rows, s_layout = row_layout(student)
+    t, inner_rows, t_layout = row_layout(teacher, inner_rows)
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    args = native().UldLossArgs(
+        student=s.data_ptr(), student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
+        s_inner=s_layout.inner_stride, teacher=t.data_ptr(), teacher_dtype=DTYPE_CODES[t.dtype],
+        t_outer=t_layout.outer_stride, t_inner=t_layout.inner_stride, inner_rows=inner_rows,
+        n_rows=n_rows, student_vocab=student.shape[-1], teacher_vocab=teacher.shape[-1],
+        labels=0 if flat_labels is None else flat_labels.data_ptr(), ignore_index=ignore_index,
+        grad=grad.data_ptr() if grad.numel() else 0, loss=loss.data_ptr(),
+        student_temperature=temperature, teacher_temperature=teacher_temperature,
+        grad_scale=grad_scale)
+    native().uld_loss_forward_cpu(args, num_threads=torch.get_num_threads())
+    return loss, grad
+
+
+@torch.library.custom_op("fastkd::uld_loss_fused", mutates_args=())
+def uld_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                   temperature: float, teacher_temperature: float, ignore_index: int,
+                   grad_scale: float, backend: str, need_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
+    shape and dtype; empty when not ``need_grad``), by one kernel."""
+    return launch_uld_rows(student, teacher, labels, temperature=temperature,
+                           teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+                           grad_scale=grad_scale, need_grad=need_grad)
+
+
+@uld_loss_fused.register_fake
+def _(student, teacher, labels, temperature, teacher_temperature, ignore_index, grad_scale,
+      backend, need_grad):
+    loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
+    return loss, grad_buffer(student, need_grad, backend)
+
+
+_GRAD_SCALE_ARG = 6  # position of grad_scale in uld_loss_fused's arguments
+_NO_GRADS = (None,) * 8
+
+
+def _setup_context(ctx, inputs, output):
+    # No gradient flows into the gradient buffer (else autograd would materialize a zero
+    # [N, V] incoming gradient for it on every backward).
+    ctx.grad_scale = inputs[_GRAD_SCALE_ARG]
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, *_NO_GRADS
+    return rescale_grad_rows(grad, grad_loss, ctx.grad_scale), *_NO_GRADS
+
+
+uld_loss_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry point ---------------------------------------------------------------------
+
+def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+             temperature: float = 1.0, teacher_temperature: float | None = None,
+             labels: torch.Tensor | None = None, ignore_index: int = -100,
+             reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
+             backend: str = "auto") -> torch.Tensor:
+    """Universal Logit Distillation loss (Boizard et al., 2024): the L1 distance between the
+    student's and the teacher's probabilities, each sorted in descending order, the shorter
+    vocabulary padded with zeros. It ignores token identity, so teacher and student may use
+    different tokenizers.
+
+    Per token, with q = softmax(student / T) over V_s columns and p = softmax(teacher / T_t) over
+    V_t columns:
+
+        L = sum_{i < max(V_s, V_t)} |q_(i) - p_(i)|,      0 <= L <= 2,
+
+    q_(i) the i-th largest probability (0 past the vocabulary). L is 0 exactly when the sorted
+    vectors agree (p a permutation of q, up to zero padding). The gradient w.r.t. the student's
+    logits is q_j (h_j - <q, h>) / T with h_j = sign(q_j - p_(r_j)), r_j the rank of column j
+    (sign(0) = 0); equal probabilities are ranked by column, as a stable sort ranks them, so a
+    tie gets a definite subgradient. The teacher gets no gradient from the fused backend.
+
+    Positions must already be aligned: row r of the student and row r of the teacher are
+    compared. With different tokenizers, align the sequences first (the published method cuts
+    both answers to the shorter length, left-aligned); rows to leave out are marked in
+    ``labels`` with ``ignore_index``.
+
+    Args:
+        student_logits: ``[..., V_s]`` float32/bfloat16/float16 (float64: ``torch`` backend);
+            any strides, stride 0 included.
+        teacher_logits: ``[..., V_t]``, same leading shape; V_t may differ from V_s.
+        temperature: T > 0 of the student's softmax, and of the teacher's unless
+            ``teacher_temperature`` is given.
+        teacher_temperature: T_t > 0 of the teacher's softmax, or None for T.
+        labels: integer tensor of the leading shape (student token ids); tokens equal to
+            ``ignore_index`` contribute nothing to loss or gradient. Only used as a mask.
+        reduction: ``"mean"`` over valid tokens (or divided by ``num_items_in_batch`` when
+            given; 0 when no token is valid), ``"sum"``, or ``"none"`` (per-token loss in the
+            leading shape, 0 at ignored tokens).
+        backend: ``"auto"`` (cpu on CPU; torch elsewhere and for float64), ``"torch"`` or
+            ``"cpu"``.
+
+    A counted token where either model has no softmax (all logits -inf, or a NaN / +inf logit)
+    gets loss and gradient NaN, as in ``kd_loss``.
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or the leading shape for
+        ``reduction="none"``. Units: probability mass (L1), per token.
+    """
+    _check_inputs(student_logits, teacher_logits, labels, temperature=temperature,
+                  teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+                  reduction=reduction, num_items_in_batch=num_items_in_batch)
+    device = student_logits.device
+    fusable = student_logits.dtype in DTYPE_CODES and teacher_logits.dtype in DTYPE_CODES
+    if backend == "auto" and not fusable:
+        backend = "torch"
+    name = resolve_backend("uld_loss", backend, device)
+    kwargs = dict(temperature=temperature, teacher_temperature=teacher_temperature,
+                  labels=labels, ignore_index=ignore_index, reduction=reduction,
+                  num_items_in_batch=num_items_in_batch)
+    if name == "torch":
+        return uld_loss_reference(student_logits, teacher_logits, **kwargs)
+    if not fusable:
+        raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 logits; got "
+                         f"{student_logits.dtype} and {teacher_logits.dtype}; use "
+                         f"backend='torch'")
+    n_rows = student_logits.numel() // student_logits.shape[-1]
+    grad_scale = mean_grad_scale(n_rows, device, labels, ignore_index, reduction,
+                                 num_items_in_batch)
+    t_teacher = temperature if teacher_temperature is None else teacher_temperature
+    rows, _ = uld_loss_fused(
+        student_logits, teacher_logits.detach(), labels, float(temperature), float(t_teacher),
+        int(ignore_index), float(grad_scale), name,
+        torch.is_grad_enabled() and student_logits.requires_grad)
+    valid = None if labels is None else labels != ignore_index
+    return reduce_rows(rows, valid, reduction, num_items_in_batch)
