@@ -21,8 +21,6 @@ using namespace fastkd;
 
 namespace {
 
-template <typename T> T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
 KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, int64_t s_inner,
                         uintptr_t teacher, int teacher_dtype, int64_t t_outer, int64_t t_inner,
                         int64_t inner_rows, int64_t n_rows, int64_t vocab, int64_t grad_vocab,
@@ -32,9 +30,8 @@ KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, i
                         float coef) {
   if (divergence < kFKL || divergence > kSRKL)
     throw std::invalid_argument("unknown divergence code " + std::to_string(divergence));
-  for (int code : {student_dtype, teacher_dtype})
-    if (code < kFloat32 || code > kFloat16)
-      throw std::invalid_argument("unknown dtype code " + std::to_string(code));
+  check_dtype_code(student_dtype);
+  check_dtype_code(teacher_dtype);
   if (inner_rows < 1 || n_rows < 0 || vocab < 1 || grad_vocab < vocab)
     throw std::invalid_argument("bad sizes: inner_rows=" + std::to_string(inner_rows) +
                                 " n_rows=" + std::to_string(n_rows) + " vocab=" +
@@ -94,8 +91,7 @@ PYBIND11_MODULE(_C, m) {
       "scale_rows_cpu",
       [](uintptr_t data, int dtype, int64_t n_rows, int64_t row_len, uintptr_t factors,
          float unit, int num_threads) {
-        if (dtype < kFloat32 || dtype > kFloat16)
-          throw std::invalid_argument("unknown dtype code " + std::to_string(dtype));
+        check_dtype_code(dtype);
         py::gil_scoped_release release;
         cpu::scale_rows(as_ptr<void>(data), dtype, n_rows, row_len, as_ptr<const float>(factors),
                         unit, num_threads);

@@ -32,8 +32,7 @@ SampleTeacherArgs make_args(uintptr_t logits, int dtype, int64_t outer_stride,
                             int64_t vocab, float temperature, int slots, uint64_t seed,
                             int64_t token_offset, uintptr_t ids, uintptr_t weights,
                             uintptr_t logprobs, uintptr_t invalid) {
-  if (dtype < kFloat32 || dtype > kFloat16)
-    throw std::invalid_argument("unknown dtype code " + std::to_string(dtype));
+  check_dtype_code(dtype);
   if (inner_rows < 1 || n_rows < 0 || vocab < 1 || slots < 1 || !(temperature > 0))
     throw std::invalid_argument(
         "bad arguments: inner_rows=" + std::to_string(inner_rows) + " n_rows=" +

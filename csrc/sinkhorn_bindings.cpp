@@ -19,8 +19,6 @@ namespace fastkd {
 
 namespace {
 
-template <typename T> T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
 SinkhornArgs make_sinkhorn_args(uintptr_t cost, int cost_dtype, int64_t stride_b,
                                 int64_t stride_i, int64_t stride_j, uintptr_t log_a,
                                 uintptr_t log_b, uintptr_t n_sizes, uintptr_t m_sizes,
@@ -29,8 +27,7 @@ SinkhornArgs make_sinkhorn_args(uintptr_t cost, int cost_dtype, int64_t stride_b
                                 bool warm_start, uintptr_t f, uintptr_t g, uintptr_t iters,
                                 uintptr_t err, uintptr_t transport, uintptr_t mass,
                                 uintptr_t eps_final, uintptr_t plan) {
-  if (cost_dtype < kFloat32 || cost_dtype > kFloat16)
-    throw std::invalid_argument("unknown dtype code " + std::to_string(cost_dtype));
+  check_dtype_code(cost_dtype);
   if (batch < 0 || n < 0 || m < 0)
     throw std::invalid_argument("bad sizes: batch=" + std::to_string(batch) + " n=" +
                                 std::to_string(n) + " m=" + std::to_string(m));

@@ -15,8 +15,6 @@ namespace fastkd {
 
 namespace {
 
-template <typename T> T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
 cpu::SparseKdLossArgs make_sparse_args(uintptr_t student, int student_dtype, int64_t s_outer,
                                        int64_t s_inner, int64_t inner_rows, int64_t n_rows,
                                        int64_t vocab, int64_t grad_vocab, uintptr_t ids,
@@ -24,8 +22,7 @@ cpu::SparseKdLossArgs make_sparse_args(uintptr_t student, int student_dtype, int
                                        uintptr_t labels, uintptr_t grad, uintptr_t loss,
                                        float temperature, float soft_weight, float hard_weight,
                                        float grad_scale, int64_t ignore_index) {
-  if (student_dtype < kFloat32 || student_dtype > kFloat16)
-    throw std::invalid_argument("unknown dtype code " + std::to_string(student_dtype));
+  check_dtype_code(student_dtype);
   if (inner_rows < 1 || n_rows < 0 || vocab < 1 || grad_vocab < vocab || num_slots < 0)
     throw std::invalid_argument("bad sizes: inner_rows=" + std::to_string(inner_rows) +
                                 " n_rows=" + std::to_string(n_rows) + " vocab=" +

@@ -15,8 +15,6 @@ namespace fastkd {
 
 namespace {
 
-template <typename T> T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
 cpu::UldLossArgs make_uld_args(uintptr_t student, int student_dtype, int64_t s_outer,
                                int64_t s_inner, uintptr_t teacher, int teacher_dtype,
                                int64_t t_outer, int64_t t_inner, int64_t inner_rows,
@@ -24,9 +22,8 @@ cpu::UldLossArgs make_uld_args(uintptr_t student, int student_dtype, int64_t s_o
                                uintptr_t labels, int64_t ignore_index, uintptr_t grad,
                                uintptr_t loss, float student_temperature,
                                float teacher_temperature, float grad_scale) {
-  for (int code : {student_dtype, teacher_dtype})
-    if (code < kFloat32 || code > kFloat16)
-      throw std::invalid_argument("unknown dtype code " + std::to_string(code));
+  check_dtype_code(student_dtype);
+  check_dtype_code(teacher_dtype);
   // Column indices travel in 32 bits inside the sort's items.
   if (inner_rows < 1 || n_rows < 0 || student_vocab < 1 || teacher_vocab < 1 ||
       student_vocab > INT32_MAX || teacher_vocab > INT32_MAX)

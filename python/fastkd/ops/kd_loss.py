@@ -124,21 +124,6 @@ def _(student, teacher, labels, divergence, temperature, softcap, soft_weight, h
     return loss, grad_buffer(student, need_grad, backend)
 
 
-_GRAD_SCALE_ARG = 12  # position of grad_scale in kd_loss_fused's arguments
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.grad_scale = inputs[_GRAD_SCALE_ARG]
-    ctx.save_for_backward(output[1])
-    # No gradient flows into the gradient buffer: without this, autograd would materialize a
-    # zero [N, V] tensor as its incoming gradient on every backward.
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-_NO_GRADS = (None,) * 14
-
-
 def rescale_grad_rows(grad: torch.Tensor, grad_loss: torch.Tensor,
                       grad_scale: float) -> torch.Tensor:
     """The stored ``grad`` ``[..., V]`` (grad_scale times the rows' gradients) times
@@ -163,14 +148,31 @@ def rescale_grad_rows(grad: torch.Tensor, grad_loss: torch.Tensor,
     return grad
 
 
-def _backward(ctx, grad_loss, grad_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:
-        return None, *_NO_GRADS
-    return rescale_grad_rows(grad, grad_loss, ctx.grad_scale), *_NO_GRADS
+def register_stored_grad_autograd(op, *, n_args: int, grad_scale_arg: int) -> None:
+    """Autograd of a fused loss op whose outputs are (per-row loss, ``grad_scale`` times
+    dLoss_row/d(first argument)), ``grad_scale`` being its argument number ``grad_scale_arg``:
+    the backward rescales the stored gradient by the incoming one (``rescale_grad_rows``) and
+    returns it for the first argument, None for the other ``n_args - 1``."""
+    no_grads = (None,) * (n_args - 1)
+
+    def setup_context(ctx, inputs, output):
+        ctx.grad_scale = inputs[grad_scale_arg]
+        ctx.save_for_backward(output[1])
+        # No gradient flows into the gradient buffer: without this, autograd would materialize
+        # a zero [N, V] tensor as its incoming gradient on every backward.
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, grad_grad):
+        (grad,) = ctx.saved_tensors
+        if grad_loss is None:
+            return None, *no_grads
+        return rescale_grad_rows(grad, grad_loss, ctx.grad_scale), *no_grads
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-kd_loss_fused.register_autograd(_backward, setup_context=_setup_context)
+register_stored_grad_autograd(kd_loss_fused, n_args=15, grad_scale_arg=12)
 
 
 # ---- public entry point ---------------------------------------------------------------------

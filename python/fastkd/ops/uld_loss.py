@@ -20,7 +20,7 @@ from ._backends import resolve_backend
 from ._checks import check_kd_options, check_labels, check_logits
 from ._layout import row_layout
 from ._native import DTYPE_CODES, native
-from .kd_loss import grad_buffer, mean_grad_scale, rescale_grad_rows
+from .kd_loss import grad_buffer, mean_grad_scale, register_stored_grad_autograd
 
 __all__ = ["uld_loss"]
 
@@ -97,27 +97,7 @@ def _(student, teacher, labels, temperature, teacher_temperature, ignore_index, 
     return loss, grad_buffer(student, need_grad, backend)
 
 
-_GRAD_SCALE_ARG = 6  # position of grad_scale in uld_loss_fused's arguments
-_NO_GRADS = (None,) * 8
-
-
-def _setup_context(ctx, inputs, output):
-    # No gradient flows into the gradient buffer (else autograd would materialize a zero
-    # [N, V] incoming gradient for it on every backward).
-    ctx.grad_scale = inputs[_GRAD_SCALE_ARG]
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss, grad_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:
-        return None, *_NO_GRADS
-    return rescale_grad_rows(grad, grad_loss, ctx.grad_scale), *_NO_GRADS
-
-
-uld_loss_fused.register_autograd(_backward, setup_context=_setup_context)
+register_stored_grad_autograd(uld_loss_fused, n_args=9, grad_scale_arg=6)
 
 
 # ---- public entry point ---------------------------------------------------------------------
