@@ -3,14 +3,15 @@
 #   build fastkd with its CUDA kernels, run the GPU tests, run the GPU benchmarks against peers
 #   (torch eager, torch.compile, Liger-Kernel when importable), write logs and tables under OUT.
 # Usage: benchmarks/gpu_check.sh [OUT] [STEPS]   (OUT default: $OUT, else ./gpu_check_out)
-#   STEPS: a space-separated subset of "build tests kd_loss fused_linear sparse sample sinkhorn"
+#   STEPS: a space-separated subset of
+#   "build tests kd_loss fused_linear sparse sample sinkhorn uld"
 #   (default: all), so that the story can be split over calls on one machine; steps after
 #   "build" expect fastkd installed. Each benchmark step is cut off after STEP_TIMEOUT seconds.
 # Peer wheels (liger-kernel, geomloss) are installed from ./.whl when that folder holds them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_check_out}}"
-STEPS=" ${2:-build tests kd_loss fused_linear sparse sample sinkhorn} "
+STEPS=" ${2:-build tests kd_loss fused_linear sparse sample sinkhorn uld} "
 STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -107,6 +108,17 @@ if wanted sinkhorn; then
       --markdown "$OUT/bench_sinkhorn_$1x$2.md" 2>&1 | tee "$OUT/bench_sinkhorn_$1x$2.log" \
       || status=1
   done
+fi
+
+# Cross-tokenizer ULD at a Qwen2.5-sized student and a Llama-3-sized teacher: fastkd[triton]
+# (torch.sort of chunks, the Triton kernel over sorted rows) against the published plain-PyTorch
+# formulation, whose autograd holds fp32 probabilities, sorted copies and int64 indices (about
+# 32 bytes per student element by count: over 20 GB at 4096 rows).
+if wanted uld; then
+  step "uld_loss benchmark: bf16, N=4096, V_s=151936, V_t=128256"
+  bench uld_loss --device cuda --dtype bfloat16 --rows 4096 --vocab 151936 \
+    --teacher-vocab 128256 --reps 5 --out "$OUT/bench_uld_loss.json" \
+    --markdown "$OUT/bench_uld_loss.md" 2>&1 | tee "$OUT/bench_uld_loss.log" || status=1
 fi
 
 step "done (status $status); results in $OUT"

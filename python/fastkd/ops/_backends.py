@@ -24,12 +24,14 @@ AUTO_ORDER = {
     "sinkhorn": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     # sample_teacher(method="priority"): a native kernel on CPU, plain PyTorch elsewhere.
     "priority_sample": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
-    # uld_loss (sorted-probability L1): a native kernel on CPU, plain PyTorch elsewhere.
-    "uld_loss": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    # uld_loss (sorted-probability L1): a native kernel on CPU; on CUDA torch.sort and a
+    # Triton kernel over the sorted rows.
+    "uld_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
 }
 
 # Ops with a Triton kernel.
-_TRITON_OPS = {"kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn"}
+_TRITON_OPS = {"kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn",
+               "uld_loss"}
 
 # Native entry point each op needs, per backend.
 _NATIVE_SYMBOL = {

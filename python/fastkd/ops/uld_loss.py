@@ -2,9 +2,11 @@
 student whose vocabularies differ (different tokenizers).
 
 Input checks, the fused custom op with its fake kernel and autograd, backend dispatch. As for
-``kd_loss``, the fused backend (``cpu``) writes the per-token loss and
-``grad_scale * dLoss_token/dstudent_logits`` in one kernel; the backward is kd_loss's, which
-rescales that stored gradient. The ``torch`` backend is the plain-PyTorch reference.
+``kd_loss``, the fused backends write the per-token loss and
+``grad_scale * dLoss_token/dstudent_logits`` in the forward: ``cpu`` in one C++ kernel per row
+(its own radix sort), ``triton`` by torch.sort of a chunk of rows and one Triton kernel over the
+sorted rows. The backward is kd_loss's, which rescales that stored gradient. The ``torch``
+backend is the plain-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -54,17 +56,26 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, tempe
 
 def launch_uld_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                     *, temperature: float, teacher_temperature: float, ignore_index: int,
-                    grad_scale: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the CPU kernel; returns (per-row loss fp32 [lead], grad like student, or empty)."""
+                    grad_scale: float, backend: str, need_grad: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student; empty on CPU
+    when not ``need_grad``)."""
     lead = student.shape[:-1]
     loss = torch.empty(lead, dtype=torch.float32, device=student.device)
-    grad = grad_buffer(student, need_grad, "cpu")
+    grad = grad_buffer(student, need_grad, backend)
     n_rows = loss.numel()
     if n_rows == 0:
         return loss, grad
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    if backend == "triton":
+        from ..triton.uld_loss import uld_loss_forward
+        uld_loss_forward(student.reshape(n_rows, -1), teacher.reshape(n_rows, -1), flat_labels,
+                         grad.view(n_rows, -1), loss.view(-1), student_temperature=temperature,
+                         teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+                         grad_scale=grad_scale)
+        return loss, grad
     s, inner_rows, s_layout = row_layout(student)
     t, inner_rows, t_layout = row_layout(teacher, inner_rows)
-    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     args = native().UldLossArgs(
         student=s.data_ptr(), student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
         s_inner=s_layout.inner_stride, teacher=t.data_ptr(), teacher_dtype=DTYPE_CODES[t.dtype],
@@ -84,10 +95,11 @@ def uld_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.T
                    grad_scale: float, backend: str, need_grad: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
-    shape and dtype; empty when not ``need_grad``), by one kernel."""
+    shape and dtype; empty on CPU when not ``need_grad``), by one kernel (``triton``: after
+    torch.sort of each chunk of rows)."""
     return launch_uld_rows(student, teacher, labels, temperature=temperature,
                            teacher_temperature=teacher_temperature, ignore_index=ignore_index,
-                           grad_scale=grad_scale, need_grad=need_grad)
+                           grad_scale=grad_scale, backend=backend, need_grad=need_grad)
 
 
 @uld_loss_fused.register_fake
@@ -140,8 +152,11 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         reduction: ``"mean"`` over valid tokens (or divided by ``num_items_in_batch`` when
             given; 0 when no token is valid), ``"sum"``, or ``"none"`` (per-token loss in the
             leading shape, 0 at ignored tokens).
-        backend: ``"auto"`` (cpu on CPU; torch elsewhere and for float64), ``"torch"`` or
-            ``"cpu"``.
+        backend: ``"auto"`` (cpu on CPU, triton on CUDA, torch for float64), ``"torch"``,
+            ``"cpu"`` or ``"triton"``. The plain-PyTorch ``torch`` backend holds fp32
+            probabilities, their sorted copies and int64 sort indices for autograd (about 32
+            bytes per student element); ``triton`` sorts chunks of rows within a fixed
+            workspace (about 800 MB) and keeps only the gradient.
 
     A counted token where either model has no softmax (all logits -inf, or a NaN / +inf logit)
     gets loss and gradient NaN, as in ``kd_loss``.
