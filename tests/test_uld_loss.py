@@ -280,11 +280,17 @@ def test_stride_zero_grad_output_and_upstream_scale(backend):
     torch.testing.assert_close(y.grad, grad_sum * 3.0 / 12, atol=1e-7, rtol=1e-5)
 
 
-def test_teacher_gets_no_gradient_from_the_fused_backend():
+def test_teacher_requiring_grad():
+    """A teacher that requires grad: ``auto`` runs the differentiable reference, a fused backend
+    raises (it would give the teacher no gradient)."""
     s = make_logits((3,), 20, seed=28).requires_grad_()
     t = make_logits((3,), 30, seed=29).requires_grad_()
-    fastkd.uld_loss(s, t, backend="cpu").backward()
-    assert s.grad is not None and t.grad is None
+    fastkd.uld_loss(s, t).backward()
+    assert s.grad is not None and t.grad is not None and torch.isfinite(t.grad).all()
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        fastkd.uld_loss(s, t, backend="cpu")
+    with torch.no_grad():
+        assert torch.isfinite(fastkd.uld_loss(s, t, backend="cpu"))
 
 
 def test_auto_backend():
@@ -359,7 +365,7 @@ BAD_INPUTS = [
      r"\[0, 10\).*student's vocabulary.*\[10\]"),
     (lambda s, t: fastkd.uld_loss(s, t, reduction="avg"), ValueError, "reduction"),
     (lambda s, t: fastkd.uld_loss(s.double(), t, backend="cpu"), ValueError,
-     "float32/bfloat16/float16 logits; got torch.float64"),
+     "float32/bfloat16/float16 logits.*student torch.float64"),
     (lambda s, t: fastkd.uld_loss(s, t, backend="cuda"), RuntimeError, "cuda"),
     (lambda s, t: fastkd.uld_loss(s, t, backend="fast"), ValueError, "unknown backend"),
 ]

@@ -133,7 +133,9 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     vectors agree (p a permutation of q, up to zero padding). The gradient w.r.t. the student's
     logits is q_j (h_j - <q, h>) / T with h_j = sign(q_j - p_(r_j)), r_j the rank of column j
     (sign(0) = 0); equal probabilities are ranked by column, as a stable sort ranks them, so a
-    tie gets a definite subgradient. The teacher gets no gradient from the fused backend.
+    tie gets a definite subgradient. The fused backends give the teacher no gradient: pass it
+    detached or under no_grad (``backend="auto"`` runs the differentiable ``torch`` backend for
+    a teacher that requires grad).
 
     Positions must already be aligned: row r of the student and row r of the teacher are
     compared. With different tokenizers, align the sequences first (the published method cuts
@@ -169,7 +171,8 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                   teacher_temperature=teacher_temperature, ignore_index=ignore_index,
                   reduction=reduction, num_items_in_batch=num_items_in_batch)
     device = student_logits.device
-    fusable = student_logits.dtype in DTYPE_CODES and teacher_logits.dtype in DTYPE_CODES
+    fusable = (student_logits.dtype in DTYPE_CODES and teacher_logits.dtype in DTYPE_CODES
+               and not (teacher_logits.requires_grad and torch.is_grad_enabled()))
     if backend == "auto" and not fusable:
         backend = "torch"
     name = resolve_backend("uld_loss", backend, device)
@@ -179,9 +182,11 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     if name == "torch":
         return uld_loss_reference(student_logits, teacher_logits, **kwargs)
     if not fusable:
-        raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 logits; got "
-                         f"{student_logits.dtype} and {teacher_logits.dtype}; use "
-                         f"backend='torch'")
+        raise ValueError(
+            f"backend {name!r} takes float32/bfloat16/float16 logits and no gradient for the "
+            f"teacher; got student {student_logits.dtype}, teacher {teacher_logits.dtype} "
+            f"(teacher requires_grad={teacher_logits.requires_grad}); detach the teacher or use "
+            f"backend='torch'")
     n_rows = student_logits.numel() // student_logits.shape[-1]
     grad_scale = mean_grad_scale(n_rows, device, labels, ignore_index, reduction,
                                  num_items_in_batch)
