@@ -177,6 +177,23 @@ register_stored_grad_autograd(kd_loss_fused, n_args=15, grad_scale_arg=12)
 
 # ---- public entry point ---------------------------------------------------------------------
 
+def pick_backend(op: str, backend: str, student: torch.Tensor, teacher: torch.Tensor) -> str:
+    """The backend of a loss between ``student`` and ``teacher`` logits. The fused backends take
+    float32/bfloat16/float16 logits and give the teacher no gradient: ``auto`` picks ``torch``
+    otherwise, and a fused backend asked for by name raises."""
+    fusable = (student.dtype in _FUSED_DTYPES and teacher.dtype in _FUSED_DTYPES
+               and not (teacher.requires_grad and torch.is_grad_enabled()))
+    name = resolve_backend(op, "torch" if backend == "auto" and not fusable else backend,
+                           student.device)
+    if name != "torch" and not fusable:
+        raise ValueError(
+            f"backend {name!r} takes float32/bfloat16/float16 logits and no gradient for the "
+            f"teacher; got student {student.dtype}, teacher {teacher.dtype} "
+            f"(teacher requires_grad={teacher.requires_grad}); detach the teacher or use "
+            f"backend='torch'")
+    return name
+
+
 def mean_grad_scale(n_rows: int, device: torch.device, labels, ignore_index: int,
                     reduction: str, num_items_in_batch) -> float:
     """The reduction's weight of every row where it is known without a device sync or a
@@ -234,23 +251,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                   hard_weight=hard_weight, softcap=softcap, reduction=reduction,
                   num_items_in_batch=num_items_in_batch)
     device = student_logits.device
-    fusable = (student_logits.dtype in _FUSED_DTYPES and teacher_logits.dtype in _FUSED_DTYPES
-               and not (teacher_logits.requires_grad and torch.is_grad_enabled()))
-    if backend == "auto" and not fusable:
-        backend = "torch"
-    name = resolve_backend("kd_loss", backend, device)
+    name = pick_backend("kd_loss", backend, student_logits, teacher_logits)
     kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                   labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
                   t2_scale=t2_scale, softcap=softcap, reduction=reduction,
                   num_items_in_batch=num_items_in_batch)
     if name == "torch":
         return kd_loss_reference(student_logits, teacher_logits, **kwargs)
-    if not fusable:
-        raise ValueError(
-            f"backend {name!r} takes float32/bfloat16/float16 logits and no gradient for the "
-            f"teacher; got student {student_logits.dtype}, teacher {teacher_logits.dtype} "
-            f"(teacher requires_grad={teacher_logits.requires_grad}); detach the teacher or use "
-            f"backend='torch'")
     n_rows = student_logits.numel() // student_logits.shape[-1]
     cfg = make_kd_config(divergence, temperature=temperature, beta=beta, alpha=alpha,
                          softcap=softcap, hard_weight=hard_weight, t2_scale=t2_scale,

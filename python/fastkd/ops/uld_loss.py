@@ -18,11 +18,11 @@ import torch
 
 from ..reference.kd_loss import reduce_rows
 from ..reference.uld_loss import uld_loss_reference
-from ._backends import resolve_backend
 from ._checks import check_kd_options, check_labels, check_logits
 from ._layout import row_layout
 from ._native import DTYPE_CODES, native
-from .kd_loss import grad_buffer, mean_grad_scale, register_stored_grad_autograd
+from .kd_loss import (grad_buffer, mean_grad_scale, pick_backend,
+                      register_stored_grad_autograd)
 
 __all__ = ["uld_loss"]
 
@@ -171,22 +171,12 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                   teacher_temperature=teacher_temperature, ignore_index=ignore_index,
                   reduction=reduction, num_items_in_batch=num_items_in_batch)
     device = student_logits.device
-    fusable = (student_logits.dtype in DTYPE_CODES and teacher_logits.dtype in DTYPE_CODES
-               and not (teacher_logits.requires_grad and torch.is_grad_enabled()))
-    if backend == "auto" and not fusable:
-        backend = "torch"
-    name = resolve_backend("uld_loss", backend, device)
+    name = pick_backend("uld_loss", backend, student_logits, teacher_logits)
     kwargs = dict(temperature=temperature, teacher_temperature=teacher_temperature,
                   labels=labels, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch)
     if name == "torch":
         return uld_loss_reference(student_logits, teacher_logits, **kwargs)
-    if not fusable:
-        raise ValueError(
-            f"backend {name!r} takes float32/bfloat16/float16 logits and no gradient for the "
-            f"teacher; got student {student_logits.dtype}, teacher {teacher_logits.dtype} "
-            f"(teacher requires_grad={teacher_logits.requires_grad}); detach the teacher or use "
-            f"backend='torch'")
     n_rows = student_logits.numel() // student_logits.shape[-1]
     grad_scale = mean_grad_scale(n_rows, device, labels, ignore_index, reduction,
                                  num_items_in_batch)
