@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastkd
 from fastkd.reference import uld_loss_reference
@@ -84,7 +86,8 @@ def assert_matches_reference(student, teacher, backend, atol, rtol, **kw):
     allow = tie_allowance(student, teacher, temperature=kw.get("temperature", 1.0),
                           teacher_temperature=kw.get("teacher_temperature"), scale=scale)
     err = (grad.double() - ref_grad).abs()
-    bound = atol + COMPUTE_ATOL * scale + rtol * ref_grad.abs() + allow
+    # dL/dz = dL/da / T: the fp32 floor of dL/da is divided by T as well.
+    bound = atol + COMPUTE_ATOL * scale / kw.get("temperature", 1.0) + rtol * ref_grad.abs() + allow
     worst = torch.argmax(err - bound).item()
     assert torch.all(err <= bound), (
         f"grad: error {err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} "
@@ -199,6 +202,27 @@ def test_properties(backend):
     loss_s, grad_s = run(s[:, perm_s], t, backend, reduction="none")
     torch.testing.assert_close(loss_s, loss, atol=2e-6, rtol=0)
     torch.testing.assert_close(grad_s, grad[:, perm_s], atol=1e-6, rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 300), st.integers(1, 300), st.integers(0, 10_000),
+       st.floats(0.25, 4.0), st.floats(-50.0, 50.0))
+def test_properties_on_random_cases(rows, vs, vt, seed, temperature, shift):
+    """On the CPU kernel: 0 <= L <= 2, L = 0 against itself, invariance to a constant added to
+    the student's rows, and agreement with the float64 reference."""
+    s = make_logits((rows,), vs, seed=seed, scale=4.0)
+    t = make_logits((rows,), vt, seed=seed + 1, scale=4.0)
+    kw = dict(temperature=temperature, reduction="none")
+    loss, grad = run(s, t, "cpu", **kw)
+    assert torch.all(loss >= 0) and torch.all(loss <= 2 + 1e-6)
+    self_loss, _ = run(s, s, "cpu", **kw)
+    assert torch.all(self_loss <= 1e-6)
+    # s + shift rounds each logit by up to half an ulp of |s| + |shift|: q moves by about that
+    # much / T, relative, and L by up to twice it.
+    shifted, _ = run(s + shift, t, "cpu", **kw)
+    input_rounding = 2.0**-24 * (s.abs().max().item() + abs(shift)) / temperature
+    torch.testing.assert_close(shifted, loss, atol=2e-6 + 4 * input_rounding, rtol=0)
+    assert_matches_reference(s, t, "cpu", 0.0, 1e-5, **kw)
 
 
 def test_reference_gradcheck_float64():
