@@ -1,6 +1,6 @@
-"""fastkd.uld_loss (Universal Logit Distillation's sorted-probability L1): the CPU kernel against
-the float64 reference, closed forms, properties, odd and adversarial inputs, the custom op's
-registration, torch.compile and input errors."""
+"""fastkd.uld_loss (Universal Logit Distillation's sorted-probability L1): the fused kernels (cpu;
+triton in its interpreter, and on a GPU) against the float64 reference, closed forms, properties,
+odd and adversarial inputs, the custom op's registration, torch.compile and input errors."""
 
 from __future__ import annotations
 
@@ -80,9 +80,11 @@ def assert_matches_reference(student, teacher, backend, atol, rtol, **kw):
     assert loss.dtype == torch.float32 and grad.dtype == student.dtype
     assert grad.shape == student.shape
     torch.testing.assert_close(loss.double(), ref_loss, atol=2e-6, rtol=1e-5, equal_nan=True)
-    scale = 1.0
+    scale = 1.0  # the reduction's weight of each row's gradient
     if kw.get("reduction", "mean") == "mean":
-        scale = 1.0 / max(student[..., 0].numel(), 1)
+        labels = kw.get("labels")
+        count = student[..., 0].numel() if labels is None else int((labels != -100).sum())
+        scale = 1.0 / (kw.get("num_items_in_batch") or max(count, 1))
     allow = tie_allowance(student, teacher, temperature=kw.get("temperature", 1.0),
                           teacher_temperature=kw.get("teacher_temperature"), scale=scale)
     err = (grad.double() - ref_grad).abs()
