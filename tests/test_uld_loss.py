@@ -319,6 +319,20 @@ def test_teacher_requiring_grad():
         assert torch.isfinite(fastkd.uld_loss(s, t, backend="cpu"))
 
 
+def test_uld_loss_module_matches_function():
+    s = make_logits((2, 3), 40, seed=38)
+    t = make_logits((2, 3), 29, seed=39)
+    labels = torch.tensor([[1, -100, 3], [4, 5, 6]])
+    module = fastkd.ULDLoss(temperature=1.5, teacher_temperature=2.0, reduction="sum")
+    assert "teacher_temperature=2.0" in repr(module)
+    torch.testing.assert_close(
+        module(s, t, labels=labels),
+        fastkd.uld_loss(s, t, labels=labels, temperature=1.5, teacher_temperature=2.0,
+                        reduction="sum"))
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        fastkd.ULDLoss(teacher_temperature=0.0)
+
+
 def test_auto_backend():
     assert fastkd.available_backends("uld_loss", "cpu")[0] == "cpu"
     s = make_logits((3,), 20, seed=30).double()

@@ -7,8 +7,9 @@ from torch import nn
 
 from .ops.fused_linear_kd_loss import fused_linear_kd_loss
 from .ops.kd_loss import kd_loss
+from .ops.uld_loss import uld_loss
 
-__all__ = ["FusedLinearKDLoss", "KDLoss"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "ULDLoss"]
 
 
 class KDLoss(nn.Module):
@@ -86,6 +87,33 @@ class FusedLinearKDLoss(nn.Module):
                                     student_bias=student_bias, teacher_bias=teacher_bias,
                                     labels=labels, num_items_in_batch=num_items_in_batch,
                                     **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class ULDLoss(nn.Module):
+    """Module form of :func:`fastkd.uld_loss`; takes the same keyword arguments.
+
+    ``forward(student_logits [..., V_s], teacher_logits [..., V_t], labels=None)`` (aligned
+    positions, vocabularies of any sizes) returns the reduced loss (float32), or the per-token
+    loss for ``reduction="none"``.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, teacher_temperature: float | None = None,
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.options = dict(temperature=temperature, teacher_temperature=teacher_temperature,
+                            ignore_index=ignore_index, reduction=reduction, backend=backend)
+        # Check the options now rather than at the first forward.
+        probe = torch.zeros(1, 1)
+        uld_loss(probe, probe, **{**self.options, "backend": "torch"})
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: torch.Tensor | None = None,
+                num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        return uld_loss(student_logits, teacher_logits, labels=labels,
+                        num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
