@@ -31,19 +31,20 @@ namespace FASTKD_ISA {
 namespace {
 
 struct Scratch {
-  std::vector<float> q, p, sign;
+  std::vector<float> logits, q, p, sign;
   std::vector<uint64_t> student_items, student_tmp;  // key << 32 | column
   std::vector<uint32_t> teacher_keys, teacher_tmp;
   Scratch(int64_t vs, int64_t vt)
-      : q(vs), p(vt), sign(vs), student_items(vs), student_tmp(vs), teacher_keys(vt),
-        teacher_tmp(vt) {}
+      : logits(vs > vt ? vs : vt), q(vs), p(vt), sign(vs), student_items(vs), student_tmp(vs),
+        teacher_keys(vt), teacher_tmp(vt) {}
 };
 
-// softmax(load(z) * inv_t) into `probs`; returns the row's LSE (of the scaled logits).
+// softmax(load(z) * inv_t) into `probs`, through the scaled logits in `logits`; returns the row's
+// LSE (of the scaled logits).
 template <typename T>
-float softmax_row(const T* z, int64_t n, float inv_t, float* probs) {
-  const float m = load_scaled_row(z, n, inv_t, probs);
-  const float sum = exp_sum_pass(probs, n, m, probs);
+float softmax_row(const T* z, int64_t n, float inv_t, float* logits, float* probs) {
+  const float m = load_scaled_row(z, n, inv_t, logits);
+  const float sum = exp_sum_pass(logits, n, m, probs);
   const float inv_sum = 1.0f / sum;
   for (int64_t i = 0; i < n; ++i) probs[i] *= inv_sum;
   return m + CpuMath::log(sum);
@@ -70,8 +71,8 @@ void uld_row(const UldLossArgs& A, int64_t row, Scratch& s) {
                  row_offset(A.teacher_layout, A.inner_rows, row);
   float* q = s.q.data();
   float* p = s.p.data();
-  const float la = softmax_row(zs, vs, A.inv_student_temperature, q);
-  const float lb = softmax_row(zt, vt, A.inv_teacher_temperature, p);
+  const float la = softmax_row(zs, vs, A.inv_student_temperature, s.logits.data(), q);
+  const float lb = softmax_row(zt, vt, A.inv_teacher_temperature, s.logits.data(), p);
   if (!row_has_distribution(la, lb)) {
     A.loss[row] = __builtin_nanf("");
     if (g) fill_row(g, vs, __builtin_nanf(""));

@@ -130,8 +130,9 @@ static inline float load_scaled_row(const T* __restrict z, int64_t n, float inv_
   return row_max(a, n);
 }
 
-// e_i = exp(a_i - m) into `e` (which may be `a`); returns sum_i e_i.
-static inline float exp_sum_pass(const float* a, int64_t n, float m, float* e) {
+// e_i = exp(a_i - m) into `e`; returns sum_i e_i.
+static inline float exp_sum_pass(const float* __restrict a, int64_t n, float m,
+                                 float* __restrict e) {
   float s[kLanes] = {};
   const int64_t body = n - n % kLanes;
   for (int64_t i = 0; i < body; i += kLanes)

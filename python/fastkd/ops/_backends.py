@@ -25,7 +25,8 @@ AUTO_ORDER = {
     # sample_teacher(method="priority"): a native kernel on CPU, plain PyTorch elsewhere.
     "priority_sample": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
     # uld_loss (sorted-probability L1): a native kernel on CPU; on CUDA torch.sort and a
-    # Triton kernel over the sorted rows.
+    # Triton kernel over the sorted rows, first for its bounded memory (the plain-PyTorch
+    # reference keeps tens of bytes per element); its speed on a GPU is not yet measured.
     "uld_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
 }
 

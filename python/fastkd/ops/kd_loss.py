@@ -225,8 +225,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             fused backends. Both are cut to the common prefix ``min(V_s, V_t)``; student columns
             beyond it get zero gradient. ``-inf`` logits mark tokens outside the support
             (0 log 0 = 0). A counted token where either model has no softmax over the prefix
-            (all ``-inf``, or a NaN / ``+inf`` logit) gets loss NaN and gradient NaN, as plain
-            PyTorch gives; an ignored one stays 0.
+            (all ``-inf``, or a NaN / ``+inf`` logit, after ``softcap`` where set: it maps
+            +-inf to +-c) gets loss NaN and gradient NaN, as plain PyTorch gives; an ignored
+            one stays 0.
         divergence: ``"fkl"`` KL(p||q), ``"rkl"`` KL(q||p), ``"jsd"`` (``beta``: beta KL(p||m) +
             (1-beta) KL(q||m), m = beta p + (1-beta) q; beta=0 is exactly fkl, beta=1 rkl),
             ``"tvd"`` (1/2 sum |p-q|), ``"skl"`` KL(p || alpha p + (1-alpha) q), ``"srkl"``

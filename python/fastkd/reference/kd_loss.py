@@ -12,8 +12,8 @@ import math
 
 import torch
 
-__all__ = ["divergence_rows", "finish_rows", "kd_loss_reference", "nan_where_no_distribution",
-           "reduce_rows", "reduce_total", "xlogy_ratio"]
+__all__ = ["divergence_rows", "finish_rows", "kd_loss_reference", "mask_ignored_rows",
+           "nan_where_no_distribution", "reduce_rows", "reduce_total", "xlogy_ratio"]
 
 
 def xlogy_ratio(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
@@ -119,45 +119,47 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if compute_dtype is None:
         compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     compute = compute_dtype
-    zs = student_logits[..., :vocab].reshape(-1, vocab).to(compute)
-    zt = teacher_logits[..., :vocab].reshape(-1, vocab).to(compute)
+    zs = mask_ignored_rows(student_logits[..., :vocab].reshape(-1, vocab).to(compute), labels,
+                           ignore_index)
+    zt = mask_ignored_rows(teacher_logits[..., :vocab].reshape(-1, vocab).to(compute), labels,
+                           ignore_index)
     if softcap is not None:
         zs = softcap * torch.tanh(zs / softcap)
         zt = softcap * torch.tanh(zt / softcap)
-    lq = torch.log_softmax(zs / temperature, dim=-1)
-    lp = torch.log_softmax(zt / temperature, dim=-1)
+    a, b = zs / temperature, zt / temperature
+    lq = torch.log_softmax(a, dim=-1)
+    lp = torch.log_softmax(b, dim=-1)
     soft = divergence_rows(lp, lq, divergence, beta=beta, alpha=alpha)
     rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
-    rows = nan_where_no_distribution(rows, zs, zt, labels, ignore_index)
+    rows = nan_where_no_distribution(rows, a, b)
     return finish_rows(rows, zs, lead, labels=labels, ignore_index=ignore_index,
                        hard_weight=hard_weight, reduction=reduction,
                        num_items_in_batch=num_items_in_batch)
 
 
-def nan_where_no_distribution(rows: torch.Tensor, zs: torch.Tensor, zt: torch.Tensor,
-                               labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
-    """Sets the loss ``rows`` ``[N]``, and the gradients reaching ``zs``/``zt`` ``[N, V]``, to NaN
-    in every counted row where either model has no softmax: its log-sum-exp is not finite (all
-    logits -inf, or NaN / +inf among them). Plain PyTorch gives NaN there too; the formulas
-    above would leave 0 in some divergences, a silent wrong answer. Ignored rows get gradient 0
-    (autograd would form 0 * NaN in such a row's log_softmax)."""
-    undefined = ~(torch.logsumexp(zs, -1).isfinite() & torch.logsumexp(zt, -1).isfinite())
-    ignored = torch.zeros_like(undefined)
-    if labels is not None:
-        ignored = labels.reshape(-1) == ignore_index
-        undefined &= ~ignored
-    nan = torch.full((), math.nan, dtype=rows.dtype, device=rows.device)
+def mask_ignored_rows(z: torch.Tensor, labels: torch.Tensor | None,
+                      ignore_index: int) -> torch.Tensor:
+    """``z`` ``[N, V]`` with the rows of ignored tokens set to 0. Their loss is dropped anyway;
+    logits without a softmax there (all -inf, say) would send 0 * NaN into the backward."""
+    if labels is None:
+        return z
+    ignored = (labels.reshape(-1) == ignore_index)[:, None]
+    return torch.where(ignored, torch.zeros((), dtype=z.dtype, device=z.device), z)
 
-    def fix_rows(grad: torch.Tensor | None) -> torch.Tensor | None:
-        if grad is None:
-            return None
-        grad = torch.where(ignored[:, None], torch.zeros_like(grad), grad)
-        return torch.where(undefined[:, None], nan.to(grad.dtype), grad)
 
-    for logits in (zs, zt):
-        if logits.requires_grad:
-            logits.register_hook(fix_rows)
-    return torch.where(undefined, nan, rows)
+def nan_where_no_distribution(rows: torch.Tensor, a: torch.Tensor,
+                              b: torch.Tensor) -> torch.Tensor:
+    """The per-row losses ``rows`` ``[N]``, NaN where the scaled logits ``a`` or ``b`` ``[N, V]``
+    of either model have no softmax: a log-sum-exp that is not finite (all -inf, or NaN / +inf
+    among them). The formulas above would leave a finite loss there in some divergences, a
+    silent wrong answer; plain PyTorch gives NaN. The NaN enters through a term whose gradient
+    is NaN in those rows only, so the gradients reaching ``a`` and ``b`` are NaN there as well.
+    Callers mask ignored rows first (``mask_ignored_rows``)."""
+    undefined = ~(torch.logsumexp(a, -1).isfinite() & torch.logsumexp(b, -1).isfinite())
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    poison = math.nan * (torch.where(undefined[:, None], a, zero).sum(-1)
+                         + torch.where(undefined[:, None], b, zero).sum(-1))
+    return torch.where(undefined, poison, rows)
 
 
 def finish_rows(rows: torch.Tensor, student_logits: torch.Tensor, lead: torch.Size, *, labels,

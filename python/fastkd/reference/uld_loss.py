@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kd_loss import nan_where_no_distribution, reduce_rows
+from .kd_loss import mask_ignored_rows, nan_where_no_distribution, reduce_rows
 
 __all__ = ["sorted_l1_rows", "uld_loss_reference"]
 
@@ -51,8 +51,10 @@ def uld_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     t_teacher = temperature if teacher_temperature is None else teacher_temperature
     zs = student_logits.reshape(-1, student_logits.shape[-1]).to(compute_dtype) / temperature
     zt = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(compute_dtype) / t_teacher
+    zs = mask_ignored_rows(zs, labels, ignore_index)
+    zt = mask_ignored_rows(zt, labels, ignore_index)
     rows = sorted_l1_rows(torch.softmax(zs, dim=-1), torch.softmax(zt, dim=-1))
-    rows = nan_where_no_distribution(rows, zs, zt, labels, ignore_index)
+    rows = nan_where_no_distribution(rows, zs, zt)
     valid = None
     if labels is not None:
         valid = labels.reshape(-1) != ignore_index

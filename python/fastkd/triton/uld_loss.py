@@ -19,12 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .kd_loss import write_zero_row
+from .kd_loss import NAN_BITS, write_zero_row
 
 __all__ = ["uld_loss_forward"]
-
-# Quiet NaN as its fp32 bits (a float NaN global would fail the JIT's NaN != NaN global check).
-NAN_BITS = tl.constexpr(0x7FC00000)
 
 MAX_BLOCK_V = 2048
 # Elements (rows x (V_s + V_t)) sorted at a time: about 24 bytes each of workspace, so 800 MB.
