@@ -446,6 +446,28 @@ def test_torch_compile_of_a_model_calling_the_loss():
     torch.testing.assert_close(student.weight.grad, eager_grad)
 
 
+def test_torch_compile_of_the_reference_backend_with_nan_rows():
+    """The torch backend (float64 here) traces whole, the NaN rule for rows without a softmax
+    included, and gives what eager gives."""
+    s = make_logits((4,), 30, seed=46).double()
+    s[1] = -math.inf
+    t = make_logits((4,), 20, seed=47).double()
+    labels = torch.tensor([1, 2, -100, 3])
+
+    def step(x):
+        return fastkd.uld_loss(x, t, labels=labels, reduction="none")
+
+    eager_s = s.clone().requires_grad_()
+    eager = step(eager_s)
+    eager.sum().backward()
+    compiled_s = s.clone().requires_grad_()
+    compiled = torch.compile(step, fullgraph=True)(compiled_s)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, equal_nan=True)
+    torch.testing.assert_close(compiled_s.grad, eager_s.grad, equal_nan=True)
+    assert torch.isnan(compiled[1]) and torch.isnan(compiled_s.grad[1]).all()
+
+
 BAD_INPUTS = [
     (lambda s, t: fastkd.uld_loss(s, t[:2]), ValueError,
      r"\(3, 10\) and teacher_logits \(2, 12\).*same leading shape"),
