@@ -8,8 +8,10 @@
 // and dL/dz_s = dL/da / T_s. The teacher gets no gradient. Equal probabilities are ranked by
 // column (a stable sort), so that a tie gives the subgradient torch.sort(stable=True) gives.
 // Passes over a row:
-//   load, exp : q and p in fp32 scratch rows (a row's LSE not finite: loss and gradient NaN);
-//   sort      : (key, column) pairs of q and keys of p by a radix sort, O(V) (radix_sort.h);
+//   load, exp : exp(a - max) and exp(b - max) in fp32 scratch rows (a row's LSE not finite: loss
+//               and gradient NaN);
+//   sort      : q and p normalized while their keys are built, then (key, column) pairs of q and
+//               keys of p sorted by a radix sort, O(V) (radix_sort.h);
 //   walk      : the two sorted lists side by side: L, h at each student column, <q, h>;
 //   grad      : grad_scale / T_s * q_j (h_j - <q, h>) in the student's dtype.
 //
@@ -39,15 +41,18 @@ struct Scratch {
         teacher_keys(vt), teacher_tmp(vt) {}
 };
 
-// softmax(load(z) * inv_t) into `probs`, through the scaled logits in `logits`; returns the row's
-// LSE (of the scaled logits).
+// A row's softmax before normalization: the LSE of the scaled logits and 1 / sum of exps. The
+// probabilities exps[i] * inv_sum are formed in the pass that builds the sort keys.
+struct ExpRow {
+  float lse, inv_sum;
+};
+
+// exp(load(z) * inv_t - max) into `exps`, through the scaled logits in `logits`.
 template <typename T>
-float softmax_row(const T* z, int64_t n, float inv_t, float* logits, float* probs) {
+ExpRow exp_row(const T* z, int64_t n, float inv_t, float* logits, float* exps) {
   const float m = load_scaled_row(z, n, inv_t, logits);
-  const float sum = exp_sum_pass(logits, n, m, probs);
-  const float inv_sum = 1.0f / sum;
-  for (int64_t i = 0; i < n; ++i) probs[i] *= inv_sum;
-  return m + CpuMath::log(sum);
+  const float sum = exp_sum_pass(logits, n, m, exps);
+  return {m + CpuMath::log(sum), 1.0f / sum};
 }
 
 template <typename TS>
@@ -71,19 +76,23 @@ void uld_row(const UldLossArgs& A, int64_t row, Scratch& s) {
                  row_offset(A.teacher_layout, A.inner_rows, row);
   float* q = s.q.data();
   float* p = s.p.data();
-  const float la = softmax_row(zs, vs, A.inv_student_temperature, s.logits.data(), q);
-  const float lb = softmax_row(zt, vt, A.inv_teacher_temperature, s.logits.data(), p);
-  if (!row_has_distribution(la, lb)) {
+  const ExpRow a = exp_row(zs, vs, A.inv_student_temperature, s.logits.data(), q);
+  const ExpRow b = exp_row(zt, vt, A.inv_teacher_temperature, s.logits.data(), p);
+  if (!row_has_distribution(a.lse, b.lse)) {
     A.loss[row] = __builtin_nanf("");
     if (g) fill_row(g, vs, __builtin_nanf(""));
     return;
   }
 
+  // q = exps / sum (kept for the gradient pass) and the sort keys, in one pass per model.
   uint64_t* items = s.student_items.data();
-  for (int64_t j = 0; j < vs; ++j) items[j] = uint64_t(descending_key(q[j])) << 32 | uint64_t(j);
+  for (int64_t j = 0; j < vs; ++j) {
+    q[j] *= a.inv_sum;
+    items[j] = uint64_t(descending_key(q[j])) << 32 | uint64_t(j);
+  }
   radix_sort(items, s.student_tmp.data(), vs, [](uint64_t x) { return uint32_t(x >> 32); });
   uint32_t* keys = s.teacher_keys.data();
-  for (int64_t j = 0; j < vt; ++j) keys[j] = descending_key(p[j]);
+  for (int64_t j = 0; j < vt; ++j) keys[j] = descending_key(p[j] * b.inv_sum);
   radix_sort(keys, s.teacher_tmp.data(), vt, [](uint32_t k) { return k; });
 
   // Ranks past the shorter list compare against 0: |q_(i)| or |p_(i)|, with h = +1 (or 0).
