@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from fastkd.cli import main
 
 
@@ -30,3 +33,29 @@ def test_demo_distills(capsys):
     out = capsys.readouterr().out
     for name in ("fkl", "rkl", "jsd", "tvd", "skl", "srkl"):
         assert f"\n{name} " in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--steps", "0"], "--steps: must be an integer >= 1; got 0"),
+    (["demo", "--steps", "-5"], "--steps: must be an integer >= 1; got -5"),
+    (["demo", "--steps", "x"], "--steps: 'x' is not an integer"),
+    (["bench", "nope"], "invalid choice: 'nope'"),
+    (["bench", "--rows", "0"], "--rows: must be an integer >= 1"),
+    (["bench", "--divergence", "kl"], "invalid choice: 'kl'"),
+    (["bench", "sinkhorn", "--eps-scaling", "2"], r"--eps-scaling: must be a finite number in"),
+    (["bench", "--beta", "nan"], "--beta: must be a finite number in [0.0, 1.0]"),
+    (["bench", "--device", "tpu"], "--device: 'tpu' is not a torch device"),
+    (["bench", "--device", "meta"], "--device: fastkd runs on cpu or cuda devices"),
+])
+def test_bad_arguments_name_the_option_and_the_range(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_bench_on_cuda_without_cuda_says_what_is_missing(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cuda"])
+    assert "CUDA is not available here" in capsys.readouterr().err

@@ -25,5 +25,7 @@ def test_bench_fused_linear_writes_a_table_and_json(tmp_path, capsys, teacher):
 
 
 def test_bench_rejects_an_unknown_op(capsys):
-    assert main(["bench", "no_such_op", "--device", "cpu"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "no_such_op", "--device", "cpu"])
+    assert exit_info.value.code == 2
     assert "fused_linear_kd_loss" in capsys.readouterr().err

@@ -43,6 +43,18 @@ BAD_INPUTS = [
     (dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, r"\[0, 10\).*\[10\]"),
     (dict(labels=torch.tensor([0, -5, 1, 2])), ValueError, r"found \[-5\]"),
     (dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=torch.tensor(-4.0)), ValueError, r"num_items_in_batch.*-4"),
+    (dict(num_items_in_batch=torch.tensor(0)), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=math.inf), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=torch.tensor([2, 3])), ValueError, r"scalar.*\(2,\)"),
+    (dict(num_items_in_batch=torch.tensor(True)), TypeError, "num_items_in_batch"),
+    (dict(softcap=1e-50), ValueError, r"softcap.*2\*\*-126.*1e-50"),
+    (dict(temperature=1e-50), ValueError, r"temperature.*1e-50"),
+    (dict(temperature=1e50), ValueError, r"temperature.*1e\+50"),
+    (dict(ignore_index=2**63), ValueError, r"ignore_index.*9223372036854775808"),
+    (dict(ignore_index=1.5), ValueError, "ignore_index"),
+    (dict(labels=torch.tensor([0, 1, 2, 3], dtype=torch.uint8)), ValueError,
+     r"torch.uint8 hold \[0, 255\].*ignore_index=-100"),
     (dict(backend="gpu"), ValueError, "unknown backend 'gpu'"),
 ]
 

@@ -176,14 +176,50 @@ def test_support_and_degenerate_rows(backend):
     assert torch.all(kept % 2 == 1)
 
 
-def test_nan_or_positive_inf_raises_on_cpu():
+SAMPLERS = [dict(backend=b) for b in BACKENDS] + [
+    dict(method="priority", k=3, num_samples=None, backend=b) for b in ("cpu", "torch")] + [
+    dict(method="topk", k=3, tail=tail) for tail in ("renorm", "bucket", "label")]
+
+
+@pytest.mark.parametrize("kwargs", SAMPLERS, ids=lambda kw: "-".join(map(str, kw.values())))
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_or_positive_inf_raises_with_every_method(kwargs, bad):
+    """One rule for every sampler: NaN and +inf logits cannot be sampled."""
     logits = torch.randn(4, 10)
-    logits[2, 3] = float("nan")
+    logits[2, 3] = bad
+    labels = torch.tensor([1, 2, 3, -100]) if kwargs.get("tail") == "label" else None
     with pytest.raises(ValueError, match=r"NaN or \+inf.*rows \[2\]"):
-        fastkd.sample_teacher(logits, backend="cpu")
-    logits[2, 3] = math.inf
-    with pytest.raises(ValueError, match=r"rows \[2\]"):
-        fastkd.sample_teacher(logits, backend="cpu")
+        fastkd.sample_teacher(logits, labels=labels, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", SAMPLERS, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_a_row_without_mass_keeps_no_id(kwargs):
+    """A row of -inf logits has no distribution: no id, weight 0 and (bucket) tail mass 0,
+    never NaN; the other rows are untouched."""
+    logits = torch.randn(3, 10)
+    logits[1] = -math.inf
+    labels = torch.tensor([1, 2, 3]) if kwargs.get("tail") == "label" else None
+    targets = fastkd.sample_teacher(logits, labels=labels, **kwargs)
+    assert (targets.ids[1] == -1).all() and (targets.weights[1] == 0).all()
+    if targets.tail_mass is not None:
+        assert targets.tail_mass[1] == 0 and targets.tail_mass.isfinite().all()
+    assert targets.weights.isfinite().all() and (targets.ids[[0, 2]] >= 0).any(-1).all()
+
+
+def test_token_offset_up_to_the_end_of_the_counter():
+    """The last token's global index may reach 2^63 - 1 and no further; there, every backend
+    still draws the same ids."""
+    logits = long_tailed_logits(4, 300)
+    last = 2**63 - 4
+    for kwargs in (dict(), dict(method="priority", k=5, num_samples=None)):
+        a = fastkd.sample_teacher(logits, token_offset=last, backend="cpu", **kwargs)
+        b = fastkd.sample_teacher(logits, token_offset=last, backend="torch", **kwargs)
+        assert torch.equal(a.ids, b.ids) and (a.ids >= 0).sum() > 4 * 2
+        # Random weights are count / N in both; priority weights max(p, tau) to float32
+        # rounding, as in the priority sampler's own tests.
+        torch.testing.assert_close(a.weights, b.weights, rtol=1e-6, atol=0)
+        with pytest.raises(ValueError, match=r"token_offset.*\[0, 9223372036854775804\]"):
+            fastkd.sample_teacher(logits, token_offset=last + 1, **kwargs)
 
 
 def test_topk_tails():
@@ -237,6 +273,14 @@ def test_float64_and_other_devices_use_the_reference():
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(token_offset=-2), ValueError, "token_offset"),
+    (dict(token_offset=2**63), ValueError, r"token_offset must be an int in \[0, "),
+    (dict(token_offset=1.5), ValueError, "token_offset"),
+    (dict(num_samples=2**31), ValueError, r"num_samples must be an int in \[1, 2147483647\]"),
+    (dict(num_samples=True), ValueError, "num_samples"),
+    (dict(seed=2**64), ValueError, "seed"),
+    (dict(temperature=1e-50), ValueError, "temperature"),
+    (dict(method="topk", k=3, tail="label", labels=torch.tensor([1, 2, 3, 4], dtype=torch.uint8)),
+     ValueError, "cannot equal ignore_index=-100"),
     (dict(backend="cuda"), RuntimeError, "backend 'cuda' runs on cuda tensors"),
 ])
 def test_bad_input_raises(kwargs, exc, match):

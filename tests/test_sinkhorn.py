@@ -459,6 +459,15 @@ def test_torch_compile():
     ({"b": torch.ones(4) / 4}, ValueError, r"\(5,\)"),
     ({"n_sizes": torch.tensor([9, 1])}, ValueError, r"n_sizes must lie in \[0, 4\]"),
     ({"n_sizes": torch.tensor([1])}, ValueError, r"shape \(2,\)"),
+    # Checked before the int32 cast, which would wrap 2^32 + 2 to 2 and -(2^32) + 3 to 3.
+    ({"n_sizes": torch.tensor([2**32 + 2, 3])}, ValueError, r"n_sizes must lie in \[0, 4\]"),
+    ({"m_sizes": torch.tensor([-(2**32) + 3, 3])}, ValueError, r"m_sizes must lie in \[0, 5\]"),
+    ({"max_iters": 2**31}, ValueError, r"max_iters must be an int in \[1, 2147483647\]"),
+    ({"check_every": 2**31}, ValueError, r"check_every must be an int in \[1, 2147483647\]"),
+    ({"max_iters": 10.0}, ValueError, "max_iters"),
+    ({"eps": 1e-50}, ValueError, r"eps must be a number in \[2\*\*-126"),
+    ({"tol": 1e-50}, ValueError, "tol"),
+    ({"eps_scaling": 1e-50}, ValueError, "eps_scaling"),
     ({"x": torch.ones(2, 4, 3)}, ValueError, "named cost"),
     ({"backend": "nope"}, ValueError, "unknown backend"),
 ])

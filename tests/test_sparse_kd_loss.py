@@ -5,6 +5,7 @@ sampled targets), the custom op's registration, torch.compile and input errors."
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -446,9 +447,79 @@ def test_kernels_give_nan_for_an_id_past_the_vocabulary(backend):
         True)
     ref, ref_grad = run_reference(s, targets, reduction="none")
     assert loss[1].isnan() and not loss[[0, 2]].isnan().any()
+    assert grad[1].isnan().all()
     torch.testing.assert_close(loss[[0, 2]].double(), ref[[0, 2]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad[[0, 2]].double(), ref_grad[[0, 2]], atol=1e-6, rtol=1e-5)
-    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", ["counts", "bucket"])
+def test_duplicate_ids_add_their_weights(backend, kind):
+    """Equal ids in a row are one target holding the sum of their weights, on every backend:
+    each kept id's weight split over two slots of the same id gives the loss and gradient of
+    the targets with each id once (halves are exact in float32), and an uneven three-way split
+    matches the float64 reference's dense definition."""
+    s = make_logits((5,), 30, seed=31)
+    labels = make_labels((5,), 30)
+    targets = make_targets((5,), 30, kind, seed=32)
+    ids, w = targets.ids, targets.weights
+    halves = replace(targets, ids=torch.cat([ids, ids], -1), weights=torch.cat([w / 2, w / 2], -1))
+    loss, grad = run_fused(s, halves, backend, labels=labels, reduction="none")
+    once, once_grad = run_fused(s, targets, backend, labels=labels, reduction="none")
+    torch.testing.assert_close(loss, once, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(grad, once_grad, rtol=2e-6, atol=1e-8)
+    thirds = replace(targets, ids=torch.cat([ids, ids.flip(-1), ids], -1),
+                     weights=torch.cat([w * 0.2, w.flip(-1) * 0.5, w * 0.3], -1))
+    assert_close_fp32(s, thirds, backend, labels=labels, reduction="none")
+
+
+SPOILINGS = ["nan_weight", "inf_weight", "nan_tail", "inf_tail"]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("spoil", SPOILINGS)
+def test_nan_or_inf_targets_give_nan_for_counted_tokens(backend, spoil):
+    """The sparse ops' NaN rule: a NaN or +inf weight or tail mass makes a counted token's loss
+    and gradient NaN, as kd_loss does for a row without a softmax; an ignored token stays 0,
+    and a NaN on a padding slot is no target at all."""
+    s = make_logits((5,), 30, seed=33)
+    targets = make_targets((5,), 30, "bucket", seed=34)
+    labels = make_labels((5,), 30, ignore_every=10)
+    labels[3] = -100
+    w, tail = targets.weights.clone(), targets.tail_mass.clone()
+    bad = math.nan if spoil.startswith("nan") else math.inf
+    for row in (1, 3):
+        if spoil.endswith("weight"):
+            w[row, (targets.ids[row] >= 0).nonzero()[0, 0]] = bad
+        else:
+            tail[row] = bad
+    w[4, (targets.ids[4] < 0).nonzero()[0, 0]] = math.nan   # a padding slot
+    spoiled = replace(targets, weights=w, tail_mass=tail)
+    loss, grad = run_fused(s, spoiled, backend, labels=labels, reduction="none")
+    assert loss[1].isnan() and grad[1].isnan().all()
+    assert loss[3] == 0 and (grad[3] == 0).all()
+    ref, ref_grad = run_reference(s, spoiled, labels=labels, reduction="none")
+    assert ref[1].isnan() and ref_grad[1].isnan().all() and ref[3] == 0
+    clean = [0, 2, 4]
+    expected, expected_grad = run_reference(s, targets, labels=labels, reduction="none")
+    torch.testing.assert_close(loss[clean].double(), expected[clean], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad[clean].double(), expected_grad[clean], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("bucket", [False, True])
+def test_targets_without_slots(backend, bucket):
+    """K = 0: no target ids; with a bucket the whole teacher mass is matched against the
+    student's whole mass (q_b = 1): w_b log w_b, gradient 0."""
+    s = make_logits((3,), 12, seed=35)
+    targets = SparseTargets(ids=torch.zeros(3, 0, dtype=torch.int32), weights=torch.zeros(3, 0),
+                            tail_mass=torch.full((3,), 0.5) if bucket else None, vocab_size=12,
+                            method="topk" if bucket else "random",
+                            tail="bucket" if bucket else None)
+    loss, grad = run_fused(s, targets, backend, reduction="none")
+    expected = torch.full((3,), 0.5 * math.log(0.5) if bucket else 0.0)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, torch.zeros_like(s), atol=1e-7, rtol=0)
 
 
 def test_torch_compile_of_a_model_calling_the_loss():

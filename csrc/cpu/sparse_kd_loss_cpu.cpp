@@ -5,7 +5,7 @@
 //   dL/da_j = c_in q_j - w_j                  for j in ids,      c_in = W + w_b
 //           = (c_in - w_b / q_b) q_j          for j not in ids
 // (w_b = 0 without a bucket, or where the ids cover all V columns; terms with a zero weight are
-// 0). Passes over the row:
+// 0). The ids of a row are distinct (the Python side merges equal ones). Passes over the row:
 //   load   : a into an fp32 scratch row, with its maximum m;
 //   gather : a at the ids, whose scratch entries are then set to -inf for the sum pass;
 //   sum    : e_j = exp(a_j - m), kept, and S_out = their sum, which skips the ids: the bucket's
@@ -69,6 +69,9 @@ float off_id_value(const OffIdGrad& r, int ce, float e, float a) {
   return r.value<0>(e, a);
 }
 
+// x where it is finite or -inf, NaN where it is NaN or +inf.
+inline float nan_unless_finite(float x) { return x < kPosInf ? x : __builtin_nanf(""); }
+
 struct Scratch {
   std::vector<float> a, e, a_ids;
   Scratch(int64_t n, int64_t k) : a(n), e(n), a_ids(k) {}
@@ -100,8 +103,8 @@ void sparse_row(const SparseKdLossArgs& A, int64_t row, Scratch& s) {
   // Ignored tokens, and tokens with neither a target nor a CE term (all-padding targets: W = 0
   // makes L and its gradient 0 without reading the logits).
   const bool ignored = A.labels && label == A.ignore_index;
-  if (ignored || (n_ids == 0 && !bucket && !ce)) {
-    A.loss[row] = bad_id && !ignored ? nan : 0.0f;
+  if (ignored || (n_ids == 0 && !bad_id && !bucket && !ce)) {
+    A.loss[row] = 0.0f;
     if (g) zero_grad_row(g, A.grad_vocab);
     return;
   }
@@ -127,22 +130,26 @@ void sparse_row(const SparseKdLossArgs& A, int64_t row, Scratch& s) {
   for (int64_t k = 0; k < k_slots; ++k) sum_in += Math::exp(a_ids[k] - m);
   const float sum = sum_out + sum_in;
   const float log_sum = Math::log(sum);
+  // Weights <= 0 count as 0; a NaN or +inf one (or an id >= V) makes the row's loss and,
+  // through c_in, every gradient entry NaN: the NaN rule of the sparse ops.
   float total_w = 0.0f, soft = 0.0f;
   for (int64_t k = 0; k < k_slots; ++k) {
-    if (ids[k] < 0 || ids[k] >= n || !(w[k] > 0.0f)) continue;
-    total_w += w[k];
-    soft += w[k] * (Math::log(w[k]) - ((a_ids[k] - m) - log_sum));
+    const float wk = nan_unless_finite(w[k]);
+    if (ids[k] < 0 || ids[k] >= n || wk <= 0.0f) continue;
+    total_w += wk;
+    soft += wk * (Math::log(wk) - ((a_ids[k] - m) - log_sum));
   }
   // Where the (distinct) ids cover all V columns the bucket is empty and its mass (rounding of
   // 1 - sum_k w_k, or teacher mass past V) is dropped.
   float w_b = 0.0f, k_bucket = 0.0f;
-  if (bucket && A.tail_mass[row] > 0.0f && n_ids < n) {
-    w_b = A.tail_mass[row];
+  const float tail = bucket ? nan_unless_finite(A.tail_mass[row]) : 0.0f;
+  if (bucket && !(tail <= 0.0f) && n_ids < n) {
+    w_b = tail;
     soft += w_b * (Math::log(w_b) - (Math::log(sum_out) - log_sum));
     // q_j / q_b = e_j / S_out; where S_out = 0 every e_j outside the ids is 0 as well.
     if (sum_out > 0.0f) k_bucket = w_b / sum_out;
   }
-  const float c_in = total_w + w_b;
+  const float c_in = bad_id ? nan : total_w + w_b;
   const float inv_sum = 1.0f / sum;
   float loss = A.soft_weight * soft;
 

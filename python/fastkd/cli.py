@@ -4,16 +4,75 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 
 import torch
+
+from .ops._kd_config import DIVERGENCES
 
 __all__ = ["main"]
 
 # What `fastkd bench OP` measures.
 _BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn",
               "uld_loss")
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _number(low: float, high: float = math.inf, *, low_open: bool = True,
+            high_open: bool = True):
+    """An argparse type: a finite number in the interval from ``low`` to ``high`` (open or
+    closed at either end)."""
+    interval = (f"{'(' if low_open else '['}{low}, "
+                f"{'inf' if high == math.inf else high}{')' if high_open else ']'}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}; "
+                                             f"got {text}")
+        return value
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: a torch device that exists on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, "
+                                         f"cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                "CUDA is not available here (torch.cuda.is_available() is False: no GPU, or a "
+                "CPU build of torch); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has "
+                                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"fastkd runs on cpu or cuda devices; got {text!r}")
+    return text
 
 
 def _cmd_info(args) -> int:
@@ -75,9 +134,6 @@ def _bench_cases(args):
 def _cmd_bench(args) -> int:
     from .bench.harness import write_results
 
-    if args.op not in _BENCH_OPS:
-        print(f"unknown op {args.op!r}; available: {', '.join(_BENCH_OPS)}", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     payload = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -111,52 +167,58 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="what this installation compiled (build_info)")
 
     bench = sub.add_parser("bench", help="time fastkd against torch eager/compile (and Liger on GPU)")
-    bench.add_argument("op", nargs="?", default="kd_loss", help=f"one of {', '.join(_BENCH_OPS)}")
-    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--rows", type=int, nargs="+", default=[2048])
-    bench.add_argument("--vocab", type=int, nargs="+", default=[32000])
-    bench.add_argument("--hidden", type=int, default=256,
+    bench.add_argument("op", nargs="?", default="kd_loss", choices=_BENCH_OPS,
+                       help="the op to time (default kd_loss)")
+    bench.add_argument("--device", type=_device,
+                       default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--rows", type=_int_at_least(1), nargs="+", default=[2048])
+    bench.add_argument("--vocab", type=_int_at_least(1), nargs="+", default=[32000])
+    bench.add_argument("--hidden", type=_int_at_least(1), default=256,
                        help="hidden size H of the lm_head (fused_linear_kd_loss)")
     bench.add_argument("--teacher", default="online", choices=["online", "offline"],
                        help="teacher as hidden states and an lm_head, or as dense logits "
                             "(fused_linear_kd_loss)")
-    bench.add_argument("--teacher-vocab", type=int, default=0,
+    bench.add_argument("--teacher-vocab", type=_int_at_least(0), default=0,
                        help="the teacher's vocabulary; 0: the student's (uld_loss)")
-    bench.add_argument("--num-samples", type=int, default=50,
+    bench.add_argument("--num-samples", type=_int_at_least(1), default=50,
                        help="draws per token (sample_teacher, sparse_kd_loss)")
-    bench.add_argument("--temperature", type=float, default=1.0,
+    bench.add_argument("--temperature", type=_number(0.0), default=1.0,
                        help="proposal temperature (sample_teacher)")
     bench.add_argument("--method", default="random", choices=["random", "priority"],
                        help="sampling method (sample_teacher)")
-    bench.add_argument("--k", type=int, default=64,
+    bench.add_argument("--k", type=_int_at_least(1), default=64,
                        help="ids kept per token by --method priority (sample_teacher)")
-    bench.add_argument("--batch", type=int, default=4096, help="problems (sinkhorn)")
-    bench.add_argument("--n", type=int, default=64, help="rows per problem (sinkhorn)")
-    bench.add_argument("--m", type=int, default=64, help="columns per problem (sinkhorn)")
-    bench.add_argument("--eps", type=float, default=0.05, help="regularization (sinkhorn)")
-    bench.add_argument("--tol", type=float, default=1e-6,
+    bench.add_argument("--batch", type=_int_at_least(1), default=4096, help="problems (sinkhorn)")
+    bench.add_argument("--n", type=_int_at_least(1), default=64, help="rows per problem (sinkhorn)")
+    bench.add_argument("--m", type=_int_at_least(1), default=64, help="columns per problem (sinkhorn)")
+    bench.add_argument("--eps", type=_number(0.0), default=0.05,
+                       help="regularization (sinkhorn)")
+    bench.add_argument("--tol", type=_number(0.0, low_open=False), default=1e-6,
                        help="L1 marginal error to stop at (sinkhorn)")
-    bench.add_argument("--max-iters", type=int, default=1000, help="iteration cap (sinkhorn)")
-    bench.add_argument("--eps-scaling", type=float, default=None,
+    bench.add_argument("--max-iters", type=_int_at_least(1), default=1000,
+                       help="iteration cap (sinkhorn)")
+    bench.add_argument("--eps-scaling", type=_number(0.0, 1.0), default=None,
                        help="fastkd's eps-scaling factor kappa (sinkhorn)")
-    bench.add_argument("--pot-limit", type=int, default=256,
+    bench.add_argument("--pot-limit", type=_int_at_least(0), default=256,
                        help="problems POT's per-problem loop solves, its time scaled to the "
                             "batch; 0: all (sinkhorn)")
     bench.add_argument("--peers", nargs="+", default=["torch", "pot", "pot-batch", "geomloss"],
                        choices=["torch", "pot", "pot-batch", "geomloss"],
                        help="peers to time beside fastkd (sinkhorn)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    bench.add_argument("--divergence", nargs="+", default=["fkl"])
-    bench.add_argument("--beta", type=float, default=0.5)
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--reps", type=int, default=5)
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bench.add_argument("--divergence", nargs="+", default=["fkl"], choices=sorted(DIVERGENCES))
+    bench.add_argument("--beta", type=_number(0.0, 1.0, low_open=False, high_open=False),
+                       default=0.5)
+    bench.add_argument("--warmup", type=_int_at_least(0), default=2)
+    bench.add_argument("--reps", type=_int_at_least(1), default=5)
+    bench.add_argument("--threads", type=_int_at_least(0), default=0,
+                       help="torch threads (0: torch's default)")
     bench.add_argument("--out", help="write the results as JSON here")
     bench.add_argument("--markdown", help="write the tables as markdown here")
 
     demo = sub.add_parser("demo", help="distill a small character model with every divergence")
-    demo.add_argument("--steps", type=int, default=100)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=_int_at_least(1), default=100)
+    demo.add_argument("--seed", type=_int_at_least(0), default=0)
 
     args = parser.parse_args(argv)
     return {"info": _cmd_info, "bench": _cmd_bench, "demo": _cmd_demo}[args.command](args)

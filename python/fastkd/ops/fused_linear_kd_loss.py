@@ -33,11 +33,12 @@ from ..reference.kd_loss import reduce_total
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
 from ._backends import resolve_backend
-from ._checks import check_kd_options, check_labels
+from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN, check_kd_options, check_labels
 from ._kd_config import KdConfig, make_kd_config
 from ._native import DTYPE_CODES
 from .kd_loss import launch_kd_rows, mean_grad_scale
-from .sparse_kd_loss import check_sparse_options, check_targets, launch_sparse_rows
+from .sparse_kd_loss import (check_sparse_options, check_targets, launch_sparse_rows,
+                             merge_duplicate_ids)
 
 __all__ = ["default_memory_budget", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss",
            "resolve_chunk_size"]
@@ -125,8 +126,12 @@ def _check_head(prefix: str, hidden, weight, bias) -> None:
 
 
 def _check_scale(name: str, value) -> None:
-    if not isinstance(value, numbers.Real) or not (0 < abs(float(value)) < float("inf")):
-        raise ValueError(f"{name} must be a finite nonzero number; got {value!r}")
+    # The scale enters the row kernels' float32 gradient weight: its magnitude must survive the
+    # cast as the other kernel floats do (_checks.check_kernel_float).
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+            or not KERNEL_FLOAT_MIN <= abs(float(value)) <= KERNEL_FLOAT_MAX):
+        raise ValueError(f"{name} must be a nonzero number of magnitude in [2**-126, 2**126] "
+                         f"(the kernels take it as a float32); got {value!r}")
 
 
 def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -534,7 +539,11 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
             the GEMMs run in it (CUDA); ``torch.float32`` accumulates in fp32 with fp32 GEMMs
             for grad_W (more memory, slower). On CPU the GEMMs and accumulation are fp32.
         divergence ... num_items_in_batch: as in :func:`fastkd.kd_loss`; labels and
-            reductions take the leading shape of ``student_hidden``.
+            reductions take the leading shape of ``student_hidden``. The default divergence is
+            ``"fkl"``; Liger-Kernel's ``LigerFusedLinearJSD`` computes JSD (its default
+            ``jsd_beta=0.5``): pass ``divergence="jsd", beta=0.5`` for the same loss. Where the
+            vocabularies differ, both heads' logits are cut to the common prefix
+            ``min(V_s, V_t)`` (Liger zero-pads the student's logits to the teacher's size).
         backend: row kernel, as in :func:`fastkd.kd_loss`; ``"torch"`` is the plain
             (unchunked) PyTorch path.
 
@@ -669,8 +678,9 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
     n_rows = lead.numel()
     hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
     k = targets.num_slots
-    ids = targets.ids.reshape(n_rows, k).contiguous()
-    weights = targets.weights.detach().reshape(n_rows, k).contiguous()
+    ids, weights = merge_duplicate_ids(targets.ids.reshape(n_rows, k),
+                                       targets.weights.detach().reshape(n_rows, k))
+    ids, weights = ids.contiguous(), weights.contiguous()
     tail = (None if targets.tail_mass is None
             else targets.tail_mass.detach().reshape(n_rows).contiguous())
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()

@@ -18,6 +18,7 @@ from ._backends import resolve_backend
 from ._checks import check_kd_options, check_labels, check_logits
 from ._kd_config import KdConfig, make_kd_config
 from ._layout import row_layout
+from ._launch import launch
 from ._native import DTYPE_CODES, native
 
 __all__ = ["kd_loss"]
@@ -83,23 +84,21 @@ def launch_kd_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.T
                         student_layout=s_layout, teacher_layout=t_layout, vocab=vocab,
                         grad_vocab=vs, cfg=cfg)
         return loss, grad
-    args = native().KdLossArgs(
-        student=s.data_ptr(), student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
-        s_inner=s_layout.inner_stride, teacher=t.data_ptr(), teacher_dtype=DTYPE_CODES[t.dtype],
+    fields = dict(
+        student=s, student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
+        s_inner=s_layout.inner_stride, teacher=t, teacher_dtype=DTYPE_CODES[t.dtype],
         t_outer=t_layout.outer_stride, t_inner=t_layout.inner_stride, inner_rows=inner_rows,
-        n_rows=n_rows, vocab=vocab, grad_vocab=vs,
-        labels=0 if flat_labels is None else flat_labels.data_ptr(),
-        grad=grad.data_ptr() if grad.numel() else 0,
-        loss=loss.data_ptr(), divergence=cfg.divergence, temperature=cfg.temperature,
-        softcap=cfg.softcap, soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight,
-        grad_scale=cfg.grad_scale, ignore_index=cfg.ignore_index, log_wp=cfg.log_wp,
-        log_wq=cfg.log_wq, coef=cfg.coef)
+        n_rows=n_rows, vocab=vocab, grad_vocab=vs, labels=flat_labels, grad=grad, loss=loss,
+        divergence=cfg.divergence, temperature=cfg.temperature, softcap=cfg.softcap,
+        soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight, grad_scale=cfg.grad_scale,
+        ignore_index=cfg.ignore_index, log_wp=cfg.log_wp, log_wq=cfg.log_wq, coef=cfg.coef)
     if backend == "cpu":
-        native().kd_loss_forward_cpu(args, num_threads=torch.get_num_threads())
+        launch("kd_loss_forward_cpu", args="KdLossArgs", **fields,
+               run=dict(num_threads=torch.get_num_threads()))
     else:
         with torch.cuda.device(student.device):
             stream = torch.cuda.current_stream(student.device).cuda_stream
-            native().kd_loss_forward_cuda(args, stream=stream)
+            launch("kd_loss_forward_cuda", args="KdLossArgs", **fields, run=dict(stream=stream))
     return loss, grad
 
 
@@ -138,10 +137,9 @@ def rescale_grad_rows(grad: torch.Tensor, grad_loss: torch.Tensor,
     mod = native()
     if grad.device.type == "cpu" and mod is not None and grad.numel() > 0:
         factors = grad_loss.reshape(-1).to(torch.float32).contiguous()
-        mod.scale_rows_cpu(data=grad.data_ptr(), dtype=DTYPE_CODES[grad.dtype],
-                           n_rows=factors.numel(), row_len=grad.shape[-1],
-                           factors=factors.data_ptr(), unit=grad_scale,
-                           num_threads=torch.get_num_threads())
+        launch("scale_rows_cpu", data=grad, dtype=DTYPE_CODES[grad.dtype],
+               n_rows=factors.numel(), row_len=grad.shape[-1], factors=factors,
+               unit=grad_scale, run=dict(num_threads=torch.get_num_threads()))
         torch.autograd.graph.increment_version(grad)
     else:
         grad.mul_((grad_loss / grad_scale).unsqueeze(-1))
@@ -222,25 +220,34 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     Args:
         student_logits: ``[..., V_s]`` float32/bfloat16/float16 (float64: ``torch`` backend).
         teacher_logits: ``[..., V_t]``, same leading shape; no gradient flows to it through the
-            fused backends. Both are cut to the common prefix ``min(V_s, V_t)``; student columns
+            fused backends. Both are cut to the common prefix ``min(V_s, V_t)`` (Liger-Kernel
+            zero-pads the student's logits to the teacher's size instead); student columns
             beyond it get zero gradient. ``-inf`` logits mark tokens outside the support
             (0 log 0 = 0). A counted token where either model has no softmax over the prefix
             (all ``-inf``, or a NaN / ``+inf`` logit, after ``softcap`` where set: it maps
             +-inf to +-c) gets loss NaN and gradient NaN, as plain PyTorch gives; an ignored
             one stays 0.
-        divergence: ``"fkl"`` KL(p||q), ``"rkl"`` KL(q||p), ``"jsd"`` (``beta``: beta KL(p||m) +
+        divergence: ``"fkl"`` KL(p||q) (the default; Liger-Kernel's fused JSD losses default
+            to JSD instead), ``"rkl"`` KL(q||p), ``"jsd"`` (``beta``: beta KL(p||m) +
             (1-beta) KL(q||m), m = beta p + (1-beta) q; beta=0 is exactly fkl, beta=1 rkl),
             ``"tvd"`` (1/2 sum |p-q|), ``"skl"`` KL(p || alpha p + (1-alpha) q), ``"srkl"``
             KL(q || (1-alpha) p + alpha q); p = softmax(teacher/T), q = softmax(student/T).
-        temperature: T > 0 applied to both models (after ``softcap``).
+        temperature: T applied to both models (after ``softcap``), in [2^-126, 2^126]: the
+            kernels take T and 1/T as float32 (every positive float option has this range).
         t2_scale: multiply the soft loss by T^2 (keeps gradient magnitudes comparable across T).
-        softcap: c > 0 maps logits z -> c tanh(z / c) for both models (Gemma-style heads).
-        labels: integer tensor of the leading shape; tokens equal to ``ignore_index`` contribute
-            nothing to loss or gradient.
+        softcap: c in [2^-126, 2^126] maps logits z -> c tanh(z / c) for both models
+            (Gemma-style heads).
+        labels: integer tensor of the leading shape, of a dtype that can hold ``ignore_index``
+            (int64 or int32 for the default -100; uint8 labels are refused there); tokens
+            equal to ``ignore_index`` contribute nothing to loss or gradient.
+        ignore_index: an int64 value.
         hard_weight: h in [0, 1]; loss = (1-h) soft + h CE(student logits at T=1, labels).
         reduction: ``"mean"`` over valid tokens (or divided by ``num_items_in_batch`` when
             given, for gradient accumulation; 0 when no token is valid), ``"sum"``, or
             ``"none"`` (per-token loss in the leading shape, 0 at ignored tokens).
+        num_items_in_batch: a number in [2^-126, 2^126] or a one-element tensor; a CPU tensor
+            is checked likewise, a device tensor is not read on the host (no sync): there a
+            count <= 0 gives a NaN loss.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:

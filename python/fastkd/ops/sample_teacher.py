@@ -20,9 +20,11 @@ import torch
 from ..reference.sample_teacher import priority_sample_reference, sample_teacher_reference
 from ..sparse.targets import METHODS, TAILS, SparseTargets
 from ._backends import resolve_backend
-from ._checks import check_logits
+from ._checks import (INT32_MAX, INT64_MAX, check_int, check_kernel_float, check_labels,
+                      check_logits)
 from ._layout import row_layout
-from ._native import DTYPE_CODES, native
+from ._launch import launch
+from ._native import DTYPE_CODES
 
 __all__ = ["sample_teacher"]
 
@@ -34,22 +36,25 @@ def _check_inputs(logits, *, num_samples, method, k, temperature, seed, token_of
     check_logits("teacher_logits", logits)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if not isinstance(temperature, numbers.Real) or not 0 < float(temperature) < math.inf:
-        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
-    if not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
+    check_kernel_float("temperature", temperature)
+    if (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)
+            or not 0 <= seed < _MAX_SEED):
         raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}")
-    if not isinstance(token_offset, numbers.Integral) or token_offset < 0:
-        raise ValueError(f"token_offset must be an int >= 0; got {token_offset!r}")
+    # Draws are keyed by the global token index token_offset + i, a signed 64-bit counter in
+    # every backend: the last token's index must not pass 2^63 - 1.
+    tokens = logits.numel() // logits.shape[-1]
+    check_int("token_offset", token_offset, 0, INT64_MAX - max(tokens - 1, 0))
     vocab = logits.shape[-1]
     if method == "random":
-        if not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
+        check_int("num_samples", num_samples, 1, INT32_MAX)
         if k is not None or tail is not None:
             raise ValueError(f"k and tail apply to method='topk'; got k={k!r}, tail={tail!r}")
         return
     if method == "priority":
-        if not isinstance(k, numbers.Integral) or not 1 <= k <= vocab:
-            raise ValueError(f"method='priority' needs k in [1, V={vocab}]; got k={k!r}")
+        if (not isinstance(k, numbers.Integral) or isinstance(k, bool)
+                or not 1 <= k <= min(vocab, INT32_MAX)):
+            raise ValueError(f"method='priority' needs k in [1, V={vocab}] (at most "
+                             f"{INT32_MAX}); got k={k!r}")
         if num_samples is not None or tail is not None:
             raise ValueError(f"method='priority' keeps k ids and takes neither num_samples nor "
                              f"tail; got num_samples={num_samples!r}, tail={tail!r}")
@@ -57,7 +62,7 @@ def _check_inputs(logits, *, num_samples, method, k, temperature, seed, token_of
             raise ValueError(f"method='priority' samples p = softmax(z) itself: temperature "
                              f"must be 1; got {temperature!r}")
         return
-    if not isinstance(k, numbers.Integral) or not 1 <= k <= vocab:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= vocab:
         raise ValueError(f"method='topk' needs k in [1, V={vocab}]; got k={k!r}")
     if tail not in TAILS:
         raise ValueError(f"method='topk' needs tail in {TAILS}; got {tail!r}")
@@ -65,17 +70,11 @@ def _check_inputs(logits, *, num_samples, method, k, temperature, seed, token_of
         raise ValueError(f"temperature applies to method='random' (its proposal); got "
                          f"{temperature!r} with method='topk'")
     if tail == "label":
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point:
+        if labels is None:
             raise TypeError("tail='label' needs integer labels of the logits' leading shape")
-        if labels.shape != logits.shape[:-1]:
-            raise ValueError(f"labels must have the leading shape {tuple(logits.shape[:-1])}; "
-                             f"got {tuple(labels.shape)}")
-        if labels.device.type == "cpu":
-            bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-            if bool(bad.any()):
-                raise ValueError(f"labels must lie in [0, {vocab}) or equal "
-                                 f"ignore_index={ignore_index}; found "
-                                 f"{labels[bad].unique()[:5].tolist()}")
+        check_int("ignore_index", ignore_index, -INT64_MAX - 1, INT64_MAX)
+        check_labels(labels, logits.shape[:-1], logits.device, vocab, ignore_index,
+                     vocab_name="the teacher's vocabulary")
 
 
 def _empty_targets(logits: torch.Tensor, slots: int, return_logprobs: bool):
@@ -91,26 +90,42 @@ def _empty_targets(logits: torch.Tensor, slots: int, return_logprobs: bool):
     return ids, weights, logprobs, invalid
 
 
-def _raise_on_invalid_rows(invalid: torch.Tensor) -> None:
-    """ValueError naming the first flat rows flagged in ``invalid`` (NaN or +inf logits)."""
-    if bool(invalid.any()):
-        rows = invalid.nonzero()[:5, 0].tolist()
-        raise ValueError(f"teacher_logits has NaN or +inf entries (flat rows {rows}); -inf "
-                         f"marks tokens outside the support, NaN and +inf cannot be sampled")
+def _raise_on_invalid_rows(invalid: torch.Tensor, logits: torch.Tensor | None = None,
+                           temperature: float = 1.0) -> None:
+    """ValueError naming the first flat rows flagged in ``invalid``: NaN or +inf logits, or
+    (``logits`` given) finite ones that overflow float32 once divided by ``temperature``."""
+    if not bool(invalid.any()):
+        return
+    rows = invalid.nonzero()[:5, 0].tolist()
+    if logits is not None:
+        flagged = logits.reshape(-1, logits.shape[-1])[rows].double()
+        if not (flagged.isnan() | (flagged == math.inf)).any():
+            top = float(flagged.abs().nan_to_num(0.0, 0.0, 0.0).max())
+            raise ValueError(
+                f"teacher_logits / temperature overflows float32 in flat rows {rows} "
+                f"(max |z| = {top:.6g}, temperature = {temperature!r}, float32 max 3.4e38); "
+                f"use a larger temperature")
+    raise ValueError(f"teacher_logits has NaN or +inf entries (flat rows {rows}); -inf "
+                     f"marks tokens outside the support, NaN and +inf cannot be sampled")
 
 
-def _kernel_args(logits: torch.Tensor, ids, weights, logprobs, invalid, *, seed: int,
-                 token_offset: int) -> dict:
-    """Keyword arguments shared by the native samplers: the rows of ``logits`` (addressed by
-    their layout), the output pointers, seed and token offset."""
+def _nan_or_posinf_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` bool: the rows of ``logits`` holding a NaN or +inf (their LSE is NaN or +inf),
+    which no sampler can sample."""
+    lse = torch.logsumexp(logits.reshape(-1, logits.shape[-1]).float(), -1)
+    return torch.isnan(lse) | (lse == math.inf)
+
+
+def _kernel_fields(logits: torch.Tensor, ids, weights, logprobs, invalid, *, seed: int,
+                   token_offset: int) -> dict:
+    """Fields shared by the native samplers for ``launch``: the rows of ``logits`` (addressed
+    by their layout; a contiguous copy where the layout needs one, held by ``launch`` with the
+    other tensors until the kernel returns), the outputs, seed and token offset."""
     z, inner_rows, layout = row_layout(logits)
-    return dict(logits=z.data_ptr(), dtype=DTYPE_CODES[z.dtype],
-                outer_stride=layout.outer_stride, inner_stride=layout.inner_stride,
-                inner_rows=inner_rows, n_rows=invalid.numel(), vocab=logits.shape[-1],
-                seed=seed, token_offset=token_offset, ids=ids.data_ptr(),
-                weights=weights.data_ptr(),
-                logprobs=0 if logprobs is None else logprobs.data_ptr(),
-                invalid=invalid.data_ptr())
+    return dict(logits=z, dtype=DTYPE_CODES[z.dtype], outer_stride=layout.outer_stride,
+                inner_stride=layout.inner_stride, inner_rows=inner_rows, n_rows=invalid.numel(),
+                vocab=logits.shape[-1], seed=seed, token_offset=token_offset, ids=ids,
+                weights=weights, logprobs=logprobs, invalid=invalid)
 
 
 def _sample_fused(logits: torch.Tensor, backend: str, num_samples: int, temperature: float,
@@ -126,16 +141,17 @@ def _sample_fused(logits: torch.Tensor, backend: str, num_samples: int, temperat
                                temperature=temperature, num_samples=num_samples, seed=seed,
                                token_offset=token_offset)
     elif n_rows:
-        args = _kernel_args(logits, ids, weights, logprobs, invalid, seed=seed,
-                            token_offset=token_offset)
-        args.update(temperature=temperature, num_samples=num_samples)
+        fields = _kernel_fields(logits, ids, weights, logprobs, invalid, seed=seed,
+                                token_offset=token_offset)
         if backend == "cuda":
             with torch.cuda.device(logits.device):
-                native().sample_teacher_cuda(
-                    **args, stream=torch.cuda.current_stream(logits.device).cuda_stream)
+                launch("sample_teacher_cuda", **fields, temperature=temperature,
+                       num_samples=num_samples,
+                       run=dict(stream=torch.cuda.current_stream(logits.device).cuda_stream))
         else:
-            native().sample_teacher_cpu(**args, num_threads=torch.get_num_threads())
-    _raise_on_invalid_rows(invalid)
+            launch("sample_teacher_cpu", **fields, temperature=temperature,
+                   num_samples=num_samples, run=dict(num_threads=torch.get_num_threads()))
+    _raise_on_invalid_rows(invalid, logits, temperature)
     return ids, weights, logprobs
 
 
@@ -156,10 +172,10 @@ def _priority_sample(logits: torch.Tensor, backend: str, k: int, seed: int, toke
                              f"{logits.dtype}; use backend='torch'")
         ids, weights, logprobs, invalid = _empty_targets(logits, k, return_logprobs)
         if invalid.numel():
-            native().priority_sample_cpu(
-                **_kernel_args(logits, ids, weights, logprobs, invalid, seed=seed,
-                               token_offset=token_offset),
-                k=k, num_threads=torch.get_num_threads())
+            launch("priority_sample_cpu",
+                   **_kernel_fields(logits, ids, weights, logprobs, invalid, seed=seed,
+                                    token_offset=token_offset),
+                   k=k, run=dict(num_threads=torch.get_num_threads()))
     _raise_on_invalid_rows(invalid)
     return ids, weights, logprobs
 
@@ -170,12 +186,17 @@ def _topk_targets(logits: torch.Tensor, k: int, tail: str, labels, ignore_index:
     ``fastkd.sparse.targets``; ids in decreasing probability, -1 where fewer than k have mass."""
     z = logits.float()
     lse = torch.logsumexp(z, -1, keepdim=True)
+    # The samplers' rule: NaN and +inf logits cannot be sampled (LSE is NaN or +inf there); a
+    # row of -inf only has no mass and keeps no id.
+    _raise_on_invalid_rows((torch.isnan(lse) | (lse == math.inf)).reshape(-1))
+    row_has_mass = lse[..., 0] > -math.inf
     values, ids = torch.topk(z, k, dim=-1)
     log_p = values - lse
     has_mass = values > -math.inf
     p = torch.where(has_mass, log_p.exp(), 0.0)
     # The mass outside the top k, 1 - sum(p), without cancellation: -expm1(LSE(log p)).
-    rest = (-torch.expm1(torch.logsumexp(log_p, -1))).clamp_min(0.0)
+    rest = torch.where(row_has_mass,
+                       (-torch.expm1(torch.logsumexp(log_p, -1))).clamp_min(0.0), 0.0)
     tail_mass = None
     if tail == "renorm":
         weights = torch.where(has_mass, torch.softmax(values, -1), 0.0)
@@ -183,7 +204,7 @@ def _topk_targets(logits: torch.Tensor, k: int, tail: str, labels, ignore_index:
         weights, tail_mass = p, rest
     else:
         label = labels.to(torch.int64)
-        live = label != ignore_index
+        live = (label != ignore_index) & row_has_mass
         hit = (ids == label[..., None]) & live[..., None]
         weights = p + hit * rest[..., None]
         extra = live & ~hit.any(-1)
@@ -208,9 +229,9 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = No
 
     Args:
         teacher_logits: ``[..., V]`` float32/bfloat16/float16 (any layout; float64 runs the
-            ``torch`` backend). ``-inf`` entries have no mass; rows with NaN or +inf raise on
-            the ``cpu``, ``cuda`` and ``triton`` backends, and with ``"priority"`` on every
-            backend (``"random"`` on ``torch`` gives them no draws: all ids -1).
+            ``torch`` backend). ``-inf`` entries have no mass, and a row of only ``-inf`` keeps
+            no id (all ids -1, weights 0, tail mass 0); a row with a NaN or +inf raises
+            ValueError, with every method on every backend.
         num_samples: N draws per token (``"random"``, default 50), with replacement; must be
             left None for ``"priority"``.
         method: ``"random"`` (unbiased: the expected target is p), ``"priority"`` (unbiased,
@@ -250,7 +271,7 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = No
     that its working memory is O(max(V, chunk)) whatever the batch.
 
     Raises:
-        ValueError: bad arguments, or (``"priority"``) NaN or +inf teacher logits.
+        ValueError: bad arguments, or NaN or +inf teacher logits.
     """
     if method == "random" and num_samples is None:
         num_samples = 50
@@ -280,6 +301,7 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = No
                                                float(temperature), int(seed),
                                                int(token_offset), return_logprobs)
     else:
+        _raise_on_invalid_rows(_nan_or_posinf_rows(teacher_logits.detach()))
         ids, weights, logprobs = sample_teacher_reference(
             teacher_logits.detach(), num_samples=int(num_samples), temperature=temperature,
             seed=int(seed), token_offset=int(token_offset), return_logprobs=return_logprobs)

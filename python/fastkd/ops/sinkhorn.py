@@ -17,7 +17,9 @@ import torch
 from ..reference.sinkhorn import (log_weights, plan_from_potentials, sinkhorn_reference,
                                   valid_mask)
 from ._backends import resolve_backend
-from ._native import DTYPE_CODES, native
+from ._checks import FLOAT32_MAX, INT32_MAX, check_int, check_kernel_float
+from ._launch import launch
+from ._native import DTYPE_CODES
 from .sinkhorn_features import (COSTS, StreamedFeatureCost, pairwise_cost, solve_streamed,
                                 streamed_ot_value)
 
@@ -60,18 +62,14 @@ def _check_number(name: str, value, *, low: float, low_open: bool = True,
                          f"{high}{')' if high_open else ']'}; got {value!r}")
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
-
-
 def _check_options(eps, max_iters, tol, check_every, eps_scaling) -> None:
-    _check_number("eps", eps, low=0.0)
-    _check_int("max_iters", max_iters, 1)
-    _check_int("check_every", check_every, 1)
-    _check_number("tol", tol, low=0.0, low_open=False)
+    check_kernel_float("eps", eps, high=FLOAT32_MAX)
+    check_int("max_iters", max_iters, 1, INT32_MAX)
+    check_int("check_every", check_every, 1, INT32_MAX)
+    check_kernel_float("tol", tol, allow_zero=True, high=FLOAT32_MAX)
     if eps_scaling is not None:
         _check_number("eps_scaling", eps_scaling, low=0.0, high=1.0)
+        check_kernel_float("eps_scaling", eps_scaling, high=1.0)
 
 
 def _check_sizes(name: str, sizes, batch: int, limit: int, device) -> torch.Tensor | None:
@@ -84,14 +82,14 @@ def _check_sizes(name: str, sizes, batch: int, limit: int, device) -> torch.Tens
     if sizes.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) (one size per problem); got "
                          f"{tuple(sizes.shape)}")
-    sizes = sizes.to(device=device, dtype=torch.int32).contiguous()
-    # Range check where it costs no device sync (problems on CPU, outside traced graphs); the
-    # GPU kernels clamp sizes to [0, n].
+    # Range check in the sizes' own dtype, before the int32 cast that would wrap 2^32 + 2 to 2,
+    # where it costs no device sync (problems on CPU, outside traced graphs); elsewhere sizes
+    # are clamped to [0, limit] before the cast, as the GPU kernels clamp them.
     if sizes.device.type == "cpu" and sizes.numel() and not torch.compiler.is_compiling():
         lo, hi = int(sizes.min()), int(sizes.max())
         if lo < 0 or hi > limit:
             raise ValueError(f"{name} must lie in [0, {limit}]; got values from {lo} to {hi}")
-    return sizes
+    return sizes.clamp(0, limit).to(device=device, dtype=torch.int32).contiguous()
 
 
 def _check_weights(name: str, w, batch: int, length: int, single: bool, like: torch.Tensor,
@@ -286,22 +284,19 @@ def _launch(cost, log_a, log_b, n_sizes, m_sizes, eps_start, init_g, *, eps, kap
                          max_iters=max_iters, check_every=check_every, tol=tol,
                          warm_start=init_g is not None)
     else:
-        def ptr(t):
-            return 0 if t is None else t.data_ptr()
-        args = native().SinkhornArgs(
-            cost=cost.data_ptr(), cost_dtype=DTYPE_CODES[cost.dtype], stride_b=cost.stride(0),
-            stride_i=cost.stride(1), stride_j=cost.stride(2), log_a=log_a.data_ptr(),
-            log_b=log_b.data_ptr(), n_sizes=ptr(n_sizes), m_sizes=ptr(m_sizes),
-            eps_start=ptr(eps_start), batch=batch, n=n, m=m, eps=eps, kappa=kappa,
-            max_iters=max_iters, check_every=check_every, tol=tol,
-            warm_start=init_g is not None, f=f.data_ptr(), g=g.data_ptr(),
-            iters=iters.data_ptr(), err=err.data_ptr(), transport=transport.data_ptr(),
-            mass=mass.data_ptr(), eps_final=eps_final.data_ptr(), plan=ptr(plan))
+        fields = dict(
+            cost=cost, cost_dtype=DTYPE_CODES[cost.dtype], stride_b=cost.stride(0),
+            stride_i=cost.stride(1), stride_j=cost.stride(2), log_a=log_a, log_b=log_b,
+            n_sizes=n_sizes, m_sizes=m_sizes, eps_start=eps_start, batch=batch, n=n, m=m,
+            eps=eps, kappa=kappa, max_iters=max_iters, check_every=check_every, tol=tol,
+            warm_start=init_g is not None, f=f, g=g, iters=iters, err=err,
+            transport=transport, mass=mass, eps_final=eps_final, plan=plan)
         if backend == "cuda":
             stream = torch.cuda.current_stream(device).cuda_stream
-            native().sinkhorn_cuda(args, stream=stream)
+            launch("sinkhorn_cuda", args="SinkhornArgs", **fields, run=dict(stream=stream))
         else:
-            native().sinkhorn_cpu(args, num_threads=torch.get_num_threads())
+            launch("sinkhorn_cpu", args="SinkhornArgs", **fields,
+                   run=dict(num_threads=torch.get_num_threads()))
     return f, g, iters, err, eps_final, transport, mass, plan if return_plan else f.new_empty(0)
 
 

@@ -19,10 +19,12 @@ from ..sparse.targets import SparseTargets
 from ._backends import resolve_backend
 from ._checks import check_kd_options, check_labels, check_logits
 from ._layout import row_layout
-from ._native import DTYPE_CODES, native
+from ._launch import launch
+from ._native import DTYPE_CODES
 from .kd_loss import grad_buffer, mean_grad_scale, register_stored_grad_autograd
 
-__all__ = ["check_sparse_options", "check_targets", "launch_sparse_rows", "sparse_kd_loss"]
+__all__ = ["check_sparse_options", "check_targets", "launch_sparse_rows", "merge_duplicate_ids",
+           "sparse_kd_loss"]
 
 
 def check_targets(targets, lead: torch.Size, device: torch.device, student_vocab: int,
@@ -49,6 +51,32 @@ def check_targets(targets, lead: torch.Size, device: torch.device, student_vocab
                 f"min({student_vocab}, {targets.vocab_size})) or be -1 (padding); found "
                 f"{values}")
     return vocab
+
+
+def merge_duplicate_ids(ids: torch.Tensor, weights: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets ``ids``/``weights`` ``[..., K]`` with every id at most once per row: the
+    weights of equal ids are added (each clamped at 0 first, as the loss counts weights <= 0
+    as 0; NaN and +inf are kept for the kernels' NaN rule), in the slot of the first of them
+    after sorting; the other slots become padding (id -1, weight 0). Slots come back in
+    ascending id order. The fused kernels assume distinct ids (they gather and overwrite the
+    id columns of a row once per slot); a few [..., K] operations make that hold for any input.
+    """
+    k = ids.shape[-1]
+    if k < 2:
+        return ids, weights
+    ids, order = ids.sort(-1)
+    weights = weights.gather(-1, order)
+    weights = torch.where(weights <= 0, 0.0, weights)
+    repeat = (ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)
+    if not torch.compiler.is_compiling() and ids.device.type == "cpu" and not bool(repeat.any()):
+        return ids, weights
+    first = torch.cat([torch.ones_like(repeat[..., :1]), ~repeat], -1)
+    slot = torch.arange(k, device=ids.device).expand_as(ids)
+    run_start = torch.where(first, slot, 0).cummax(-1).values
+    merged = torch.zeros_like(weights).scatter_add_(-1, run_start, weights)
+    keep = first & (ids >= 0)
+    return torch.where(keep, ids, -1), torch.where(keep, merged, 0.0)
 
 
 def check_sparse_options(*, temperature, ignore_index, hard_weight, reduction,
@@ -107,16 +135,14 @@ def launch_sparse_rows(student: torch.Tensor, ids: torch.Tensor, weights: torch.
                                soft_weight=soft_weight, hard_weight=hard_weight,
                                ignore_index=ignore_index, grad_scale=grad_scale)
         return loss, grad
-    args = native().SparseKdLossArgs(
-        student=s.data_ptr(), student_dtype=DTYPE_CODES[s.dtype], s_outer=layout.outer_stride,
-        s_inner=layout.inner_stride, inner_rows=inner_rows, n_rows=n_rows, vocab=vocab,
-        grad_vocab=student.shape[-1], ids=flat_ids.data_ptr(), weights=flat_weights.data_ptr(),
-        num_slots=k, tail_mass=0 if flat_tail is None else flat_tail.data_ptr(),
-        labels=0 if flat_labels is None else flat_labels.data_ptr(),
-        grad=grad.data_ptr() if grad.numel() else 0, loss=loss.data_ptr(),
-        temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-        grad_scale=grad_scale, ignore_index=ignore_index)
-    native().sparse_kd_loss_forward_cpu(args, num_threads=torch.get_num_threads())
+    launch("sparse_kd_loss_forward_cpu", args="SparseKdLossArgs",
+           student=s, student_dtype=DTYPE_CODES[s.dtype], s_outer=layout.outer_stride,
+           s_inner=layout.inner_stride, inner_rows=inner_rows, n_rows=n_rows, vocab=vocab,
+           grad_vocab=student.shape[-1], ids=flat_ids, weights=flat_weights, num_slots=k,
+           tail_mass=flat_tail, labels=flat_labels, grad=grad, loss=loss,
+           temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+           grad_scale=grad_scale, ignore_index=ignore_index,
+           run=dict(num_threads=torch.get_num_threads()))
     return loss, grad
 
 
@@ -182,9 +208,12 @@ def sparse_kd_loss(student_logits: torch.Tensor, targets: SparseTargets, *,
             Columns from V on get zero gradient. -inf logits are allowed (a target id at one
             makes the token's loss +inf).
         targets: ``SparseTargets`` with the same leading shape, on the same device; ids must be
-            < V (checked for CPU tensors; elsewhere a token with such an id gets a NaN loss).
-            No gradient flows to them through the fused backends. Weights and tail masses <= 0
-            count as 0.
+            < V (checked for CPU tensors; elsewhere a token with such an id gets a NaN loss and
+            gradient). Equal ids in a row are one target with the sum of their weights. No
+            gradient flows to the targets through the fused backends. Weights and tail masses
+            <= 0 count as 0; a counted token with a NaN or +inf weight or tail mass gets loss
+            NaN and gradient NaN (an ignored one stays 0): the NaN rule of ``kd_loss``, where
+            the targets play the teacher's part.
         temperature: T > 0 of the student's softmax (the targets are a distribution already).
         t2_scale: multiply the soft loss by T^2.
         labels: integer tensor of the leading shape; tokens equal to ``ignore_index`` contribute
@@ -222,8 +251,9 @@ def sparse_kd_loss(student_logits: torch.Tensor, targets: SparseTargets, *,
     soft_weight = (1.0 - hard_weight) * (temperature * temperature if t2_scale else 1.0)
     grad_scale = mean_grad_scale(n_rows, device, labels, ignore_index, reduction,
                                  num_items_in_batch)
+    ids, weights = merge_duplicate_ids(targets.ids, targets.weights.detach())
     rows, _ = sparse_kd_loss_fused(
-        student_logits, targets.ids, targets.weights.detach(),
+        student_logits, ids, weights,
         None if targets.tail_mass is None else targets.tail_mass.detach(), labels,
         min(student_logits.shape[-1], targets.vocab_size), float(temperature),
         float(soft_weight), float(hard_weight), int(ignore_index), float(grad_scale), name,

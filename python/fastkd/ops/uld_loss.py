@@ -11,16 +11,15 @@ backend is the plain-PyTorch reference.
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 
 from ..reference.kd_loss import reduce_rows
 from ..reference.uld_loss import uld_loss_reference
-from ._checks import check_kd_options, check_labels, check_logits
+from ._checks import check_kd_options, check_kernel_float, check_labels, check_logits
 from ._layout import row_layout
-from ._native import DTYPE_CODES, native
+from ._launch import launch
+from ._native import DTYPE_CODES
 from .kd_loss import (grad_buffer, mean_grad_scale, pick_backend,
                       register_stored_grad_autograd)
 
@@ -43,11 +42,8 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, tempe
                      ignore_index=ignore_index, hard_weight=0.0, softcap=None,
                      reduction=reduction, num_items_in_batch=num_items_in_batch,
                      has_labels=labels is not None)
-    if teacher_temperature is not None and (
-            not isinstance(teacher_temperature, numbers.Real)
-            or not 0 < float(teacher_temperature) < math.inf):
-        raise ValueError(f"teacher_temperature must be None or a finite number > 0; got "
-                         f"{teacher_temperature!r}")
+    if teacher_temperature is not None:
+        check_kernel_float("teacher_temperature", teacher_temperature)
     check_labels(labels, student.shape[:-1], student.device, student.shape[-1], ignore_index,
                  vocab_name="the student's vocabulary")
 
@@ -76,16 +72,14 @@ def launch_uld_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.
         return loss, grad
     s, inner_rows, s_layout = row_layout(student)
     t, inner_rows, t_layout = row_layout(teacher, inner_rows)
-    args = native().UldLossArgs(
-        student=s.data_ptr(), student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
-        s_inner=s_layout.inner_stride, teacher=t.data_ptr(), teacher_dtype=DTYPE_CODES[t.dtype],
-        t_outer=t_layout.outer_stride, t_inner=t_layout.inner_stride, inner_rows=inner_rows,
-        n_rows=n_rows, student_vocab=student.shape[-1], teacher_vocab=teacher.shape[-1],
-        labels=0 if flat_labels is None else flat_labels.data_ptr(), ignore_index=ignore_index,
-        grad=grad.data_ptr() if grad.numel() else 0, loss=loss.data_ptr(),
-        student_temperature=temperature, teacher_temperature=teacher_temperature,
-        grad_scale=grad_scale)
-    native().uld_loss_forward_cpu(args, num_threads=torch.get_num_threads())
+    launch("uld_loss_forward_cpu", args="UldLossArgs",
+           student=s, student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
+           s_inner=s_layout.inner_stride, teacher=t, teacher_dtype=DTYPE_CODES[t.dtype],
+           t_outer=t_layout.outer_stride, t_inner=t_layout.inner_stride, inner_rows=inner_rows,
+           n_rows=n_rows, student_vocab=student.shape[-1], teacher_vocab=teacher.shape[-1],
+           labels=flat_labels, ignore_index=ignore_index, grad=grad, loss=loss,
+           student_temperature=temperature, teacher_temperature=teacher_temperature,
+           grad_scale=grad_scale, run=dict(num_threads=torch.get_num_threads()))
     return loss, grad
 
 

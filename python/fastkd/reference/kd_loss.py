@@ -13,7 +13,8 @@ import math
 import torch
 
 __all__ = ["divergence_rows", "finish_rows", "kd_loss_reference", "mask_ignored_rows",
-           "nan_where_no_distribution", "reduce_rows", "reduce_total", "xlogy_ratio"]
+           "nan_rows", "nan_where_no_distribution", "reduce_rows", "reduce_total",
+           "xlogy_ratio"]
 
 
 def xlogy_ratio(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,10 @@ def reduce_total(total: torch.Tensor, n_rows: int, valid: torch.Tensor | None, r
         return total
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(device=total.device, dtype=total.dtype)
+            # A device tensor's value is not checked on the host (a sync): a count that is not
+            # > 0 makes the loss NaN rather than negative or infinite.
+            count = num_items_in_batch.to(device=total.device, dtype=total.dtype).reshape(())
+            return total / torch.where(count > 0, count, torch.nan)
         return total / num_items_in_batch
     count = torch.tensor(n_rows, device=total.device) if valid is None else valid.sum()
     return total / count.clamp(min=1).to(total.dtype)
@@ -156,9 +160,14 @@ def nan_where_no_distribution(rows: torch.Tensor, a: torch.Tensor,
     is NaN in those rows only, so the gradients reaching ``a`` and ``b`` are NaN there as well.
     Callers mask ignored rows first (``mask_ignored_rows``)."""
     undefined = ~(torch.logsumexp(a, -1).isfinite() & torch.logsumexp(b, -1).isfinite())
-    zero = torch.zeros((), dtype=a.dtype, device=a.device)
-    poison = math.nan * (torch.where(undefined[:, None], a, zero).sum(-1)
-                         + torch.where(undefined[:, None], b, zero).sum(-1))
+    return nan_rows(rows, undefined, a, b)
+
+
+def nan_rows(rows: torch.Tensor, undefined: torch.Tensor, *logits: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``[N]`` with NaN where ``undefined`` ``[N]``, entered through a term whose
+    gradient with respect to each of ``logits`` ``[N, V]`` is NaN in those rows only."""
+    zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    poison = math.nan * sum(torch.where(undefined[:, None], x, zero).sum(-1) for x in logits)
     return torch.where(undefined, poison, rows)
 
 

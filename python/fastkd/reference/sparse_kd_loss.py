@@ -7,9 +7,15 @@ student's mass outside the ids q_b = sum_{j not in ids} q_j, the soft loss of a 
 
     L = sum_k w_k (log w_k - log q_{s_k})  [+ w_b (log w_b - log q_b)],
 
-terms with a zero weight being 0. log q_b is the log-sum-exp of log q over the columns outside
-the ids, so that it stays exact where the ids hold nearly all of q (1 - sum_k q_k would cancel);
-where the ids cover all V columns the bucket term is 0.
+terms with a zero weight being 0. Equal ids in a row add up: the targets are the distribution
+t_j = sum_{k: s_k = j} w_k, and the sum above runs over the distinct ids. log q_b is the
+log-sum-exp of log q over the columns outside the ids, so that it stays exact where the ids
+hold nearly all of q (1 - sum_k q_k would cancel); where the ids cover all V columns the bucket
+term is 0.
+
+NaN rule (every sparse op follows it): weights and tail masses <= 0 count as 0; a counted token
+with a NaN or +inf weight or tail mass, or an id >= V, gets loss NaN and gradient NaN; an
+ignored token stays 0.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import math
 import torch
 
 from ..sparse.targets import SparseTargets
-from .kd_loss import finish_rows, xlogy_ratio
+from .kd_loss import finish_rows, mask_ignored_rows, nan_rows, xlogy_ratio
 
 __all__ = ["sparse_kd_loss_reference"]
 
@@ -54,29 +60,41 @@ def sparse_kd_loss_reference(student_logits: torch.Tensor, targets: SparseTarget
     Shapes: logits ``[..., V_s]``; ``targets`` of the same leading shape; ``labels`` the leading
     shape. Arithmetic runs in ``compute_dtype``, by default the wider of float32 and the
     student's dtype (tests pass the input's low-precision dtype to measure torch's own error).
-    Weights and tail masses <= 0 count as 0.
     """
     lead = student_logits.shape[:-1]
     vocab = min(student_logits.shape[-1], targets.vocab_size)
     compute = compute_dtype or (torch.float64 if student_logits.dtype == torch.float64
                                 else torch.float32)
-    z = student_logits[..., :vocab].reshape(-1, vocab).to(compute)
-    lq = torch.log_softmax(z / temperature, dim=-1)
-    k = targets.num_slots
-    ids = targets.ids.reshape(-1, k).to(torch.int64)
+    z = mask_ignored_rows(student_logits[..., :vocab].reshape(-1, vocab).to(compute), labels,
+                          ignore_index)
+    a = z / temperature
+    lq = torch.log_softmax(a, dim=-1)
+    n, k = z.shape[0], targets.num_slots
+    ids = targets.ids.reshape(n, k).to(torch.int64)
     present = ids >= 0
+    inside = present & (ids < vocab)
     zero = torch.zeros((), dtype=compute, device=z.device)
-    w = torch.where(present, targets.weights.reshape(-1, k).to(compute), zero).clamp(min=0)
-    lq_ids = lq.gather(-1, torch.where(present, ids, 0))
-    soft = xlogy_ratio(w, w.log(), lq_ids).sum(-1)
+    nan = torch.full((), math.nan, dtype=compute, device=z.device)
+    w = targets.weights.reshape(n, k).to(compute)
+    w = torch.where(inside & (w > 0), w, torch.where(inside & w.isnan(), nan, zero))
+    # The target distribution over the V columns: the weights of equal ids add up.
+    t = torch.zeros(n, vocab + 1, dtype=compute, device=z.device).scatter_add_(
+        1, torch.where(inside, ids, vocab), w)[:, :vocab]
+    soft = xlogy_ratio(t, t.log(), lq).sum(-1)
+    undefined = (present & (ids >= vocab)).any(-1) | (t.isnan() | (t == math.inf)).any(-1)
     if targets.tail_mass is not None:
-        in_ids = _id_columns(ids, present, vocab)
+        in_ids = _id_columns(ids, inside, vocab)
         # Where the ids cover all V columns the bucket is empty and its mass (rounding of
         # 1 - sum_k w_k, or teacher mass past V) is dropped, as kd_loss drops columns past V.
-        w_b = targets.tail_mass.reshape(-1).to(compute).clamp(min=0)
-        w_b = torch.where(in_ids.all(-1), zero, w_b)
+        w_b = targets.tail_mass.reshape(-1).to(compute)
+        w_b = torch.where(in_ids.all(-1) | (w_b <= 0), zero, w_b)
+        undefined = undefined | w_b.isnan() | (w_b == math.inf)
+        w_b = torch.where(w_b.isfinite(), w_b, zero)
         soft = soft + xlogy_ratio(w_b, w_b.log(), _log_outside(lq, in_ids, w_b > 0))
+    if labels is not None:
+        undefined = undefined & (labels.reshape(-1) != ignore_index)
     rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
+    rows = nan_rows(rows, undefined, a)
     return finish_rows(rows, z, lead, labels=labels, ignore_index=ignore_index,
                        hard_weight=hard_weight, reduction=reduction,
                        num_items_in_batch=num_items_in_batch)

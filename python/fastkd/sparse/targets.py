@@ -34,7 +34,8 @@ class SparseTargets:
     """Sparse teacher targets for tokens of leading shape ``[...]``.
 
     Attributes:
-        ids: ``[..., K]`` int32 vocabulary ids, ``-1`` at padding; distinct within a row.
+        ids: ``[..., K]`` int32 vocabulary ids, ``-1`` at padding. The samplers keep each id
+            once per row; where an id repeats, the losses add its weights.
         weights: ``[..., K]`` float32 target weights, 0 at padding.
         logprobs: ``[..., K]`` float32 teacher log-probabilities log softmax(z)[id] (at
             temperature 1), 0 at padding; None when not kept.
@@ -84,8 +85,10 @@ class SparseTargets:
             raise ValueError(f"topk targets need tail in {TAILS}; got {self.tail!r}")
         if (self.tail == "bucket") != (self.tail_mass is not None):
             raise ValueError("tail_mass is given exactly for tail='bucket' targets")
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be an int >= 1; got {self.vocab_size!r}")
+        if (not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool)
+                or not 1 <= self.vocab_size <= 2**31):
+            raise ValueError(f"vocab_size must be an int in [1, 2**31] (ids are int32); got "
+                             f"{self.vocab_size!r}")
 
     @property
     def lead_shape(self) -> torch.Size:

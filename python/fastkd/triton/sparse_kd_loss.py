@@ -34,6 +34,7 @@ from .kd_loss import write_zero_row
 __all__ = ["sparse_kd_loss_forward"]
 
 NEG_INF = tl.constexpr(float("-inf"))
+POS_INF = tl.constexpr(float("inf"))
 # Quiet NaN as its fp32 bits (a float NaN global would fail the JIT's NaN != NaN global check).
 NAN_BITS = tl.constexpr(0x7FC00000)
 
@@ -115,6 +116,7 @@ def _sparse_kd_loss_fwd_kernel(
 
         # Slots pass: sum_k w_k (log w_k - log q_k) with log q_k = (a_k - f) - log S, over the
         # slots with w_k > 0; W; S_in. An id >= V makes the loss NaN and is skipped.
+        nan = tl.full([], NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
         soft = tl.zeros([], tl.float32)
         total_w = tl.zeros([], tl.float32)
         sum_in = tl.zeros([], tl.float32)
@@ -130,7 +132,9 @@ def _sparse_kd_loss_fwd_kernel(
             n_bad += tl.sum((ids >= vocab).to(tl.int32), axis=0)
             a_k = _load_scaled(zs_ptr, tl.where(valid, ids, 0), valid, inv_t)
             sum_in += tl.sum(tl.exp(a_k - f), axis=0)
-            pos = valid & (w > 0.0)
+            # Weights <= 0 count as 0; NaN and +inf ones make the row NaN (the NaN rule).
+            w = tl.where(w < POS_INF, w, nan)
+            pos = valid & ~(w <= 0.0)
             w_in = tl.where(pos, w, 1.0)
             lq_in = tl.where(pos, (a_k - f) - log_sum, 0.0)
             soft += tl.sum(tl.where(pos, w_in * (tl.log(w_in) - lq_in), 0.0), axis=0)
@@ -140,19 +144,21 @@ def _sparse_kd_loss_fwd_kernel(
         if BUCKET:
             # q_b = S_out / S, S_out = S - S_in clamped at 0; q_j / q_b = e_j / S_out. Where the
             # (distinct) ids cover all V columns the bucket is empty and w_b is dropped.
-            w_b = tl.where(n_ids < vocab, tl.maximum(tl.load(tail_ptr + row), 0.0), 0.0)
+            tail = tl.load(tail_ptr + row)
+            tail = tl.where(tail < POS_INF, tail, nan)
+            w_b = tl.where((n_ids < vocab) & ~(tail <= 0.0), tail, 0.0)
             sum_out = tl.maximum(sum_all - sum_in, 0.0)
-            has_b = w_b > 0.0
+            has_b = ~(w_b <= 0.0)
             w_b_in = tl.where(has_b, w_b, 1.0)
             log_qb = tl.where(has_b, _log_or_neg_inf(sum_out) - log_sum, 0.0)
             soft += tl.where(has_b, w_b_in * (tl.log(w_b_in) - log_qb), 0.0)
             k_bucket = tl.where(has_b & (sum_out > 0.0),
                                 w_b / tl.where(sum_out > 0.0, sum_out, 1.0), 0.0)
-        c_in = total_w + w_b
+        # An id >= V makes every gradient entry NaN through c_in, as it makes the loss NaN.
+        c_in = tl.where(n_bad > 0, nan, total_w + w_b)
         inv_sum = 1.0 / sum_all
 
         loss = soft_weight * soft
-        nan = tl.full([], NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
         lz = 0.0
         if CE:
             # Hard CE at T = 1 on z = T a: lz = LSE(z) = T f + log sum exp(T (a - f)).

@@ -1,0 +1,57 @@
+"""The one place where tensors become raw pointers for the native kernels.
+
+The extension ``fastkd._C`` includes no torch headers: it takes data pointers as integers. An
+integer does not keep its tensor alive, so a pointer taken from a temporary (a contiguous copy
+made for the kernel, say) dangles as soon as the temporary's last reference goes, and the kernel
+reads freed memory. ``launch`` therefore takes the tensors themselves, turns them into pointers
+inside its own frame and holds them there until the kernel has returned. Ops pass tensors, never
+``data_ptr()`` values (a test scans the package for that).
+
+On CUDA the kernels run asynchronously on the current stream; a tensor released after the launch
+returns to torch's caching allocator, which hands its memory out again only to work ordered
+after the kernel on that stream, so holding the tensors until the launch returns is enough there
+too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._native import native
+
+__all__ = ["launch"]
+
+
+def _pointer(value, held: list):
+    """``value``'s data pointer (0 for None or an empty tensor) if it is a tensor, else itself."""
+    if value is None:
+        return 0
+    if isinstance(value, torch.Tensor):
+        held.append(value)
+        return value.data_ptr() if value.numel() else 0
+    return value
+
+
+def launch(kernel: str, *, args: str | None = None, run: dict | None = None, **fields) -> None:
+    """Calls ``fastkd._C.<kernel>`` with the tensors in ``fields`` passed as data pointers.
+
+    Args:
+        kernel: name of the extension function.
+        args: name of the extension's argument struct (e.g. ``"KdLossArgs"``) built from
+            ``fields`` and passed first; without it ``fields`` are the kernel's own keyword
+            arguments.
+        run: further keyword arguments of the kernel (thread count, stream), passed as they are.
+        fields: tensors (passed as pointers; None and empty tensors as null pointers) and
+            scalars.
+    """
+    mod = native()
+    held: list[torch.Tensor] = []
+    converted = {name: _pointer(value, held) for name, value in fields.items()}
+    extra = run or {}
+    if args is None:
+        getattr(mod, kernel)(**converted, **extra)
+    else:
+        getattr(mod, kernel)(getattr(mod, args)(**converted), **extra)
+    # `held` references every tensor whose pointer reached the kernel until this point, after it
+    # returned.
+    del held
