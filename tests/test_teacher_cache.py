@@ -267,7 +267,7 @@ def test_killed_writer_resumes(tmp_path):
         assert w.num_sequences == 4
         for s in seqs[w.num_sequences:]:
             w.append(s)
-    assert sorted(os.listdir(path)) == ["manifest.json"] + [
+    assert sorted(os.listdir(path)) == [".lock", "manifest.json"] + [
         f"shard-{i:06d}.fkd" for i in range(len(manifest(path)["shards"]))]
     cache = TeacherCache.open(path)
     assert len(cache) == len(seqs)
