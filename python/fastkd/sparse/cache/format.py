@@ -309,7 +309,8 @@ def read_manifest(path: str) -> tuple[dict, Encoding, int]:
     except FileNotFoundError:
         raise FileNotFoundError(f"no teacher cache at {path}: {MANIFEST} is missing") from None
     with f:
-        raw = f.read(MAX_MANIFEST_BYTES + 1)
+        # read(n) allocates n bytes up front, so n is the file's size, not the cap.
+        raw = f.read(min(os.fstat(f.fileno()).st_size, MAX_MANIFEST_BYTES) + 1)
     if len(raw) > MAX_MANIFEST_BYTES:
         raise CacheCorruptError(f"{file} is over {MAX_MANIFEST_BYTES} bytes, more than a "
                                 f"manifest of {MAX_SHARDS} shards takes")
