@@ -507,8 +507,8 @@ def test_fault_at_every_call_keeps_a_resumable_cache(tmp_path, monkeypatch):
     bit-exact, and a resumed writer completes it to what an uninterrupted run writes."""
     seqs, ref, calls = small_reference(tmp_path, monkeypatch)
     # The manifest at create, then 4 shards and their manifests; each file and the directory
-    # after each rename are synced.
-    assert calls["replace"] == 9 and calls["fsync"] == 18
+    # after each rename are synced, and the parent of the new cache directory.
+    assert calls["replace"] == 9 and calls["fsync"] == 1 + 18
     # Each call gets one fault before it and the other after it; alternating in pairs of calls
     # gives file and directory fsyncs, and shard and manifest renames, both kinds.
     faults = [OSError(errno.EIO, "injected"), KeyboardInterrupt()]
@@ -567,8 +567,8 @@ def test_kill_9_at_any_moment_keeps_a_resumable_cache(tmp_path, monkeypatch):
 def test_second_writer_is_refused(tmp_path, monkeypatch):
     seqs, ref, _ = small_reference(tmp_path, monkeypatch)
     path = tmp_path / "c"
-    w = create(path, seqs[0], shard_tokens=6)
-    w.append(seqs[0])
+    first = create(path, seqs[0], shard_tokens=6)
+    first.append(seqs[0])
     with pytest.raises(CacheLockedError, match=f"{path}.*another TeacherCacheWriter"):
         create(path, seqs[0], shard_tokens=6, resume=True)
 
@@ -581,15 +581,15 @@ def test_second_writer_is_refused(tmp_path, monkeypatch):
             return 1
         # The child's copy of the parent's writer is disowned: it writes nothing.
         with pytest.raises(RuntimeError, match="inherited through fork"):
-            w.append(seqs[1])
+            first.append(seqs[1])
         return 0
 
     assert run_in_child(second_process) == 0
     with pytest.raises(CacheLockedError):  # the child left the parent's lock in place
         create(path, seqs[0], resume=True)
     for s in seqs[1:4]:
-        w.append(s)
-    w.close()
+        first.append(s)
+    first.close()
     assert len(TeacherCache.open(path)) == 4
 
     # Released on close (above), on leaving `with` by an exception, and when dropped unclosed.

@@ -153,7 +153,13 @@ class TeacherCacheWriter:
         # Refuse someone else's directory before creating anything in it.
         if os.path.isdir(path) and not _may_hold_cache(os.listdir(path)):
             raise FileExistsError(f"{path} is neither empty nor a teacher cache")
+        created, missing = [], os.path.abspath(path)
+        while not os.path.isdir(missing):
+            created.append(missing)
+            missing = os.path.dirname(missing)
         os.makedirs(path, exist_ok=True)
+        for directory in created:  # so that the new directories outlive a power loss
+            _fsync_dir(os.path.dirname(directory))
         self._lock_fd = _lock(path)
         _WRITERS.add(self)
         try:
