@@ -1,12 +1,13 @@
 """TeacherCache: read access to a teacher cache by sequence index. Readers take no lock: a writer
-only ever adds files and replaces the manifest atomically, so a reader sees the shards of one
-committed manifest."""
+never changes or removes a shard that a manifest lists and replaces the manifest atomically, so a
+reader sees one committed manifest and the shards it lists."""
 
 from __future__ import annotations
 
 import hashlib
 import numbers
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from ..targets import SparseTargets
 from .format import (HASH_CHUNK, HEADER, IDENTITY_FIELDS, MAGIC, SHARD_VERSION,
                      CacheCorruptError, Encoding, layout, open_regular, read_manifest,
                      unpack_words)
+
+if TYPE_CHECKING:
+    from .writer import TeacherCacheWriter
 
 # Tokens per step of the offset check: its memory is 8 bytes a token of a step (8 MiB), whatever
 # size a shard claims.
