@@ -74,8 +74,8 @@ MAGIC = b"FKDCSHRD"
 HEADER = struct.Struct("<8sIIQQQ")
 SHARD_NAME = re.compile(r"shard-\d{6}\.fkd")
 # A writer's temporary file: the final name, 16 random hex digits (so no two writes share a
-# name) and ".tmp"; version-1 writers used the name without the random part. Nothing else in a
-# cache directory is ever removed.
+# name) and ".tmp"; version-1 writers used the name without the random part. A resuming writer
+# removes these and the shards its manifest does not list, and nothing else.
 TEMP_NAME = re.compile(r"\.(?:shard-\d{6}\.fkd|manifest\.json)(?:\.[0-9a-f]{16})?\.tmp")
 HASH_CHUNK = 1 << 24
 
@@ -84,8 +84,8 @@ MAX_VOCAB_SIZE = 2**31        # ids are int32 in SparseTargets, so the largest i
 MAX_NUM_SAMPLES = 2**31 - 1   # the samplers take N (and k) as a 32-bit int
 MAX_SEED = 2**64              # the samplers' key is a uint64
 MAX_SLOTS = 2**32 - 1         # K, slots per token: the widest slot count is a uint32
-# Tokens per sequence and shard_tokens stay below 2^31, so a shard (written once it reaches
-# shard_tokens) holds fewer than 2^32 tokens, which a reader checks before opening it.
+# A shard is written once it reaches shard_tokens (<= 2^31), so with sequences of < 2^31 tokens
+# it holds < 2^32, which a reader checks before opening it.
 MAX_SEQUENCE_TOKENS = 2**31 - 1
 MAX_SHARD_TOKENS = 2**31
 MAX_TOKENS_PER_SHARD = 2**32 - 1
@@ -309,11 +309,12 @@ def read_manifest(path: str) -> tuple[dict, Encoding, int]:
     except FileNotFoundError:
         raise FileNotFoundError(f"no teacher cache at {path}: {MANIFEST} is missing") from None
     with f:
-        # read(n) allocates n bytes up front, so n is the file's size, not the cap.
-        raw = f.read(min(os.fstat(f.fileno()).st_size, MAX_MANIFEST_BYTES) + 1)
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise CacheCorruptError(f"{file} is over {MAX_MANIFEST_BYTES} bytes, more than a "
-                                f"manifest of {MAX_SHARDS} shards takes")
+        size = os.fstat(f.fileno()).st_size
+        # read(n) allocates n bytes up front, so n is the file's size, once it is within the cap.
+        raw = f.read(size + 1) if size <= MAX_MANIFEST_BYTES else b""
+    if not 0 < len(raw) <= MAX_MANIFEST_BYTES:
+        raise CacheCorruptError(f"{file} has {size} bytes; a manifest has 1 to "
+                                f"{MAX_MANIFEST_BYTES} (that of {MAX_SHARDS} shards)")
     try:
         manifest = json.loads(raw, object_pairs_hook=_unique_keys)
         enc = _validate_manifest(manifest)
