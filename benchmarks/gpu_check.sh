@@ -4,14 +4,14 @@
 #   (torch eager, torch.compile, Liger-Kernel when importable), write logs and tables under OUT.
 # Usage: benchmarks/gpu_check.sh [OUT] [STEPS]   (OUT default: $OUT, else ./gpu_check_out)
 #   STEPS: a space-separated subset of
-#   "build tests kd_loss fused_linear sparse sample sinkhorn uld"
+#   "build tests kd_loss fused_linear sparse sample sinkhorn uld distill"
 #   (default: all), so that the story can be split over calls on one machine; steps after
 #   "build" expect fastkd installed. Each benchmark step is cut off after STEP_TIMEOUT seconds.
 # Peer wheels (liger-kernel, geomloss) are installed from ./.whl when that folder holds them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_check_out}}"
-STEPS=" ${2:-build tests kd_loss fused_linear sparse sample sinkhorn uld} "
+STEPS=" ${2:-build tests kd_loss fused_linear sparse sample sinkhorn uld distill} "
 STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -58,7 +58,7 @@ if wanted kd_loss; then
 fi
 
 # Each case compiles its torch.compile and Liger peers afresh, which dominates the step: two
-# cases (the issue's largest, BT = 8192, and a smaller one) keep it within a few minutes.
+# cases (BT = 8192 and a smaller one) keep it within a few minutes.
 if wanted fused_linear; then
   step "fused_linear_kd_loss benchmark: bf16, H=4096, V=128256, online teacher, jsd"
   bench fused_linear_kd_loss --device cuda --dtype bfloat16 --hidden 4096 --vocab 128256 \
@@ -94,7 +94,7 @@ if wanted sample; then
     | tee "$OUT/bench_priority_sample.log" || status=1
 fi
 
-# The issue's two Sinkhorn regimes at eps = 0.05 to tol 1e-6: fastkd's cuda and triton kernels
+# Two Sinkhorn regimes at eps = 0.05 to tol 1e-6: fastkd's cuda and triton kernels
 # against its batched plain-PyTorch solver (backend torch) and GeomLoss (tensorized).
 if wanted sinkhorn; then
   # The last shape is sinkd_loss's: one large problem, where backend "auto" picks torch on a
@@ -119,6 +119,16 @@ if wanted uld; then
   bench uld_loss --device cuda --dtype bfloat16 --rows 4096 --vocab 151936 \
     --teacher-vocab 128256 --reps 5 --out "$OUT/bench_uld_loss.json" \
     --markdown "$OUT/bench_uld_loss.md" 2>&1 | tee "$OUT/bench_uld_loss.log" || status=1
+fi
+
+# The trainer end to end at a GPU size: corpus, tokenizer, a Llama-style teacher of about 30M
+# parameters trained from scratch, five students (CE, online fkl and jsd, two caches), bf16
+# autocast; the table's training tokens/s are the GPU figures. Needs transformers.
+if wanted distill; then
+  step "fastkd demo --size medium"
+  timeout "${DISTILL_TIMEOUT:-540}" python3 -m fastkd.cli demo --size medium \
+    --out "$OUT/demo" --no-progress 2>&1 | tee "$OUT/demo.log" || status=1
+  cp "$OUT"/demo/medium-seed0/results.md "$OUT/demo_results.md" 2>/dev/null || status=1
 fi
 
 step "done (status $status); results in $OUT"

@@ -68,3 +68,12 @@ def extra_peak_kb(script: str, arg: str, env: dict | None = None) -> int:
     out = subprocess.run([sys.executable, "-c", script, arg], check=True, capture_output=True,
                          text=True, env=None if env is None else {**os.environ, **env})
     return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The trainer tests' corpus, tokenizer and tiny model configs (``train_setup.TinySetup``)."""
+    pytest.importorskip("transformers")
+    from train_setup import build_tiny_setup
+
+    return build_tiny_setup(str(tmp_path_factory.mktemp("tiny-lm")))

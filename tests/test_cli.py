@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from fastkd.cli import main
 
 
@@ -28,17 +27,23 @@ def test_bench_writes_a_table_and_json(tmp_path, capsys):
     assert md.read_text().startswith("### kd_loss jsd")
 
 
-def test_demo_distills(capsys):
-    assert main(["demo", "--steps", "3"]) == 0
-    out = capsys.readouterr().out
-    for name in ("fkl", "rkl", "jsd", "tvd", "skl", "srkl"):
-        assert f"\n{name} " in out
+def test_distill_reports_a_config_error_and_exits_2(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nstudent = "nope"\n[data]\ntrain = ["x.txt"]\n'
+                      '[objective]\nkind = "ce"\n[train]\nstpes = 3\n')
+    assert main(["distill", str(config)]) == 2
+    assert "unknown key train.stpes; did you mean train.steps?" in capsys.readouterr().err
+    config.write_text('[model]\nstudent = "nope"\n[data]\ntrain = ["x.txt"]\n'
+                      '[objective]\nkind = "ce"\n')
+    assert main(["distill", str(config), "--set", "train.steps=3"]) == 2
+    assert "model.student: no such file or directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["demo", "--steps", "0"], "--steps: must be an integer >= 1; got 0"),
-    (["demo", "--steps", "-5"], "--steps: must be an integer >= 1; got -5"),
-    (["demo", "--steps", "x"], "--steps: 'x' is not an integer"),
+    (["demo", "--seed", "-5"], "--seed: must be an integer >= 0; got -5"),
+    (["demo", "--seed", "x"], "--seed: 'x' is not an integer"),
+    (["demo", "--size", "huge"], "--size: invalid choice: 'huge'"),
     (["bench", "nope"], "invalid choice: 'nope'"),
     (["bench", "--rows", "0"], "--rows: must be an integer >= 1"),
     (["bench", "--divergence", "kl"], "invalid choice: 'kl'"),

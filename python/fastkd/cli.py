@@ -1,4 +1,4 @@
-"""The ``fastkd`` command: ``info``, ``bench`` and ``demo``."""
+"""The ``fastkd`` command: ``distill``, ``cache``, ``eval``, ``demo``, ``bench`` and ``info``."""
 
 from __future__ import annotations
 
@@ -154,10 +154,46 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from .demo import run_demo
+def _train_module():
+    try:
+        from . import train
+    except ImportError as exc:
+        raise SystemExit(f"fastkd: the trainer needs the [train] extra ({exc}); "
+                         f"pip install 'fastkd[train]'") from None
+    return train
 
-    return run_demo(steps=args.steps, seed=args.seed)
+
+def _run_config_command(args, function) -> int:
+    train = _train_module()
+    try:
+        result = function(args.config, args.set or None)
+    except train.ConfigError as exc:
+        print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    return _run_config_command(args, _train_module().distill)
+
+
+def _cmd_cache(args) -> int:
+    return _run_config_command(args, _train_module().build_cache)
+
+
+def _cmd_eval(args) -> int:
+    train = _train_module()
+    return _run_config_command(
+        args, lambda config, overrides: train.evaluate_run(config, overrides, model=args.model))
+
+
+def _cmd_demo(args) -> int:
+    from .train.demo import run_demo
+
+    _train_module()
+    run_demo(out=args.out, size=args.size, seed=args.seed, progress=not args.no_progress)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,12 +252,29 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", help="write the results as JSON here")
     bench.add_argument("--markdown", help="write the tables as markdown here")
 
-    demo = sub.add_parser("demo", help="distill a small character model with every divergence")
-    demo.add_argument("--steps", type=_int_at_least(1), default=100)
+    for name, help_text in (("distill", "train a student from a config (TOML or YAML)"),
+                            ("cache", "write the teacher cache of a config's training data"),
+                            ("eval", "evaluate a trained student on a config's held-out data")):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("config", help="the config file (TOML, or YAML by extension)")
+        command.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                             help="override a config value (repeatable), e.g. --set train.lr=1e-3")
+        if name == "eval":
+            command.add_argument("--model", help="the model folder to evaluate (default: the "
+                                                 "run's output.dir/model, else model.student)")
+
+    demo = sub.add_parser("demo", help="a distillation study end to end: corpus, tokenizer, "
+                                       "teacher, five students, one table")
+    demo.add_argument("--size", choices=["small", "medium", "large"], default="small",
+                      help="small fits two CPU cores in minutes; medium and large are for a GPU")
+    demo.add_argument("--out", default="fastkd-demo", help="output folder (reused by reruns)")
     demo.add_argument("--seed", type=_int_at_least(0), default=0)
+    demo.add_argument("--no-progress", action="store_true", help="no progress lines")
 
     args = parser.parse_args(argv)
-    return {"info": _cmd_info, "bench": _cmd_bench, "demo": _cmd_demo}[args.command](args)
+    commands = {"info": _cmd_info, "bench": _cmd_bench, "demo": _cmd_demo,
+                "distill": _cmd_distill, "cache": _cmd_cache, "eval": _cmd_eval}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

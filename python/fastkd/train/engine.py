@@ -1,0 +1,40 @@
+"""One micro-batch of the student: its forward and the objective's loss in one module call."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .models import CausalLM
+from .objectives import Objective
+
+__all__ = ["StudentStep"]
+
+
+class StudentStep(nn.Module):
+    """The student and its objective as one module, the unit DDP and FSDP wrap: ``forward``
+    computes the final hidden states and, from them and the head, the micro-batch's loss, so
+    that a sharded head is gathered while the fused loss reads it and DDP sees every parameter
+    used within its forward.
+
+    ``forward(batch, teacher_inputs, num_items)`` -> the micro-batch's loss sum divided by
+    ``num_items`` (a 0-d float32 tensor), the step's counted tokens over all micro-batches and
+    ranks.
+    """
+
+    def __init__(self, student: CausalLM, objective: Objective,
+                 autocast: torch.dtype | None = None):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.autocast = autocast
+
+    def forward(self, batch: dict, teacher_inputs: dict, num_items: torch.Tensor) -> torch.Tensor:
+        device = batch["input_ids"].device
+        ctx = (torch.autocast(device.type, dtype=self.autocast) if self.autocast is not None
+               else contextlib.nullcontext())
+        with ctx:
+            hidden = self.student(batch["input_ids"], batch["attention_mask"])
+        return self.objective.loss(hidden, self.student.head(), batch, teacher_inputs, num_items)

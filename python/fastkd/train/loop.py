@@ -1,0 +1,346 @@
+"""``fastkd distill``: the training loop.
+
+A step takes ``micro_batch_size * grad_accum * world_size`` sequences (``data.StepSampler``).
+Its loss is normalized by the number of counted tokens of the whole step, summed over its
+micro-batches and all-reduced over ranks before the first backward, so that the step's gradient
+is that of one big batch's mean whatever the split: each micro-batch's loss is its token sum
+divided by that count, times the world size (DDP and FSDP average gradients over ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import torch
+
+from ..sparse.cache import TeacherCache
+from . import checkpoint as ckpt
+from .config import Config
+from .data import StepSampler, collate
+from .distributed import Distributed, gradient_sync, init_distributed, unsharded_root, wrap_student
+from .engine import StudentStep
+from .evaluate import evaluate
+from .objectives import make_objective
+from .report import JsonlLog, Progress, markdown_table, plot_curves, read_jsonl
+from .run_files import RunLock, export_model, write_json_atomic
+from .setup import as_config, cache_fingerprint, load_data, load_models
+
+__all__ = ["distill"]
+
+
+def _autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
+    choice = config.train.precision
+    if choice == "bfloat16" or (choice == "auto" and device.type == "cuda"
+                                and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def _lr_lambda(config: Config):
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio``."""
+    t = config.train
+    total, warm, floor = t.steps, t.warmup_steps, t.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(total - warm, 1)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def _optimizer(module: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases and other vectors)."""
+    t = config.train
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM ask the run to stop after the current step (with a checkpoint); a second
+    SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class _Run:
+    def __init__(self, config: Config, dist_info: Distributed, callbacks):
+        self.config, self.dist, self.callbacks = config, dist_info, list(callbacks or [])
+        c = config
+        self.out = c.output.dir
+        self.ckpt_dir = os.path.join(self.out, "checkpoints")
+        device = dist_info.device
+        self.autocast = _autocast_dtype(c, device)
+        torch.manual_seed(c.train.seed)
+        self.data = load_data(c)
+        needs_teacher = c.objective.kind == "kd" or bool(c.model.teacher)
+        self.student, self.teacher = load_models(c, device, with_teacher=needs_teacher)
+        cache = self._open_cache() if c.objective.kind == "sparse" else None
+        self.objective = make_objective(c.objective, teacher=self.teacher, cache=cache,
+                                        autocast=self.autocast)
+        self.step_module = StudentStep(self.student, self.objective, self.autocast)
+        if c.train.compile:
+            self.student.compile()
+        self.module = wrap_student(self.step_module, dist_info, c.train.distributed)
+        self.optimizer = _optimizer(self.module, c)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(c))
+        self.sampler = StepSampler(len(self.data.train), micro_batch_size=c.train.micro_batch_size,
+                                   grad_accum=c.train.grad_accum,
+                                   world_size=dist_info.world_size, rank=dist_info.rank,
+                                   seed=c.train.seed, shuffle=c.data.shuffle)
+        self.step = 0
+        self.evals: list[dict] = []
+        # Dropout and other randomness differ per rank; the initialization above did not.
+        torch.manual_seed(c.train.seed + 1 + dist_info.rank)
+
+    def _open_cache(self) -> TeacherCache:
+        c = self.config
+        vocab = self.student.vocab_size
+        if not os.path.isdir(c.cache.path):
+            raise FileNotFoundError(f"cache.path: no teacher cache at {c.cache.path}; write it "
+                                    f"with `fastkd cache` on this config first")
+        cache = TeacherCache.open(c.cache.path)
+        meta = cache.metadata
+        expected = cache_fingerprint(self.data)
+        if meta["tokenizer_fingerprint"] != expected:
+            have = dict(p.split("=", 1) for p in meta["tokenizer_fingerprint"].split(";")
+                        if "=" in p)
+            want = dict(p.split("=", 1) for p in expected.split(";"))
+            what = [k for k in want if have.get(k) != want[k]] or ["its fingerprint"]
+            raise ValueError(f"the teacher cache at {c.cache.path} was written for other "
+                             f"{' and '.join(what)} (tokenizer and training sequences in order "
+                             f"must be the ones of this config); rebuild it with `fastkd cache`")
+        if meta["vocab_size"] != vocab:
+            raise ValueError(f"the teacher cache at {c.cache.path} has vocab_size "
+                             f"{meta['vocab_size']}; the student's head has {vocab}")
+        if len(cache) < len(self.data.train):
+            raise ValueError(f"the teacher cache at {c.cache.path} holds {len(cache)} of the "
+                             f"{len(self.data.train)} training sequences: finish it with "
+                             f"`fastkd cache` (it resumes)")
+        return cache
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def _full_states(self):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model = get_model_state_dict(self.module, options=options)
+        optim = get_optimizer_state_dict(self.module, self.optimizer, options=options)
+        return model, optim
+
+    def save(self) -> None:
+        model, optim = self._full_states()
+        main = self.dist.is_main
+        trainer = {"scheduler": self.scheduler.state_dict(), "evals": json.dumps(self.evals)}
+        ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state=model if main else None,
+                             optimizer_state=optim if main else None, trainer_state=trainer,
+                             rank=self.dist.rank, world_size=self.dist.world_size,
+                             barrier=self.dist.barrier, keep=self.config.checkpoint.keep)
+
+    def resume(self) -> bool:
+        if self.config.checkpoint.resume == "never":
+            return False
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = ckpt.load_checkpoint(path, self.dist.rank)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.module, state["model"], options=options)
+        set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
+                                 options=options)
+        self.scheduler.load_state_dict(state["trainer"]["scheduler"])
+        self.step = int(state["trainer"]["step"])
+        self.evals = json.loads(state["trainer"]["evals"])
+        ckpt.set_rng_state(state["rng"])
+        return True
+
+    # ---- steps --------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        c, device = self.config, self.dist.device
+        t0 = time.perf_counter()
+        micro = self.sampler.step_indices(self.step)
+        batches = [collate([self.data.train[i] for i in idx]) for idx in micro]
+        counted = sum(int((b["labels"] != -100).sum()) for b in batches)
+        num_items = int(self.dist.all_reduce_sum(
+            torch.tensor([counted], dtype=torch.float64, device=device)).item())
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        world = self.dist.world_size
+        for j, (idx, cpu_batch) in enumerate(zip(micro, batches)):
+            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+            teacher_inputs = self.objective.prepare(batch, idx)
+            with gradient_sync(self.module, j == len(micro) - 1):
+                loss = self.module(batch, teacher_inputs, max(num_items, 1))
+                (loss * world).backward()
+            total += loss.detach().double()
+        grad_norm = None
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if c.train.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.train.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss_value = float(self.dist.all_reduce_sum(total))
+        seconds = time.perf_counter() - t0
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "tokens": num_items,
+                  "tokens_per_s": num_items / seconds if seconds > 0 else None,
+                  "seconds": seconds}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        return record
+
+    def run_eval(self) -> dict:
+        c = self.config
+        with unsharded_root(self.module):
+            metrics = evaluate(self.student, self.data.eval, teacher=self.teacher,
+                               batch_size=c.eval.batch_size, max_batches=c.eval.max_batches,
+                               ece_bins=c.eval.ece_bins, device=self.dist.device,
+                               autocast=self.autocast, rank=self.dist.rank,
+                               world_size=self.dist.world_size, all_reduce=self._reduce_cpu)
+        metrics["step"] = self.step
+        self.evals = [e for e in self.evals if e["step"] != self.step] + [metrics]
+        return metrics
+
+    def _reduce_cpu(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dist.enabled:
+            t.copy_(self.dist.all_reduce_sum(t.to(self.dist.device)).cpu())
+        return t
+
+    # ---- the run ------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        c, main = self.config, self.dist.is_main
+        log = JsonlLog(os.path.join(self.out, "log.jsonl"))
+        if main:
+            ckpt.remove_partial(self.ckpt_dir)
+        self.dist.barrier()
+        resumed = self.resume()
+        if main:
+            write_json_atomic(os.path.join(self.out, "config.json"), c.to_dict())
+            log.truncate_after(self.step)
+        progress = Progress(c.train.steps, start=self.step, enabled=main and c.output.progress,
+                            every=c.output.log_every)
+        stop = None
+        tokens0, seconds0, steps0 = 0, 0.0, self.step
+        with _StopSignals() as signals:
+            while self.step < c.train.steps:
+                record = self.train_step()
+                tokens0 += record["tokens"]
+                seconds0 += record["seconds"]
+                if c.eval.every and self.step % c.eval.every == 0:
+                    record["eval"] = self.run_eval()
+                if main:
+                    log.write(record)
+                progress.update(self.step, loss=record["loss"],
+                                tok_s=int(record["tokens_per_s"] or 0))
+                asked = any(cb(self.step, record) for cb in self.callbacks)
+                stop = signals.requested or ("callback" if asked else None)
+                if self.dist.any(stop is not None):
+                    stop = stop or "another rank"
+                    break
+                if c.checkpoint.every and self.step % c.checkpoint.every == 0:
+                    self.save()
+        self.save()
+        # Training tokens/s: the counted tokens over the time of the optimizer steps themselves
+        # (teacher forward included; evaluations and checkpoints not).
+        result = {"output_dir": self.out, "step": self.step, "resumed": resumed,
+                  "stopped": stop, "tokens_per_s": tokens0 / seconds0 if seconds0 else None,
+                  "steps_run": self.step - steps0}
+        if stop is not None:
+            return result
+        final = self.run_eval() if not self.evals or self.evals[-1]["step"] != self.step \
+            else self.evals[-1]
+        result["eval"] = final
+        if main:
+            export_model(self.student, self.data.tokenizer, os.path.join(self.out, "model"),
+                         self._full_states()[0])
+            self._write_report(log.path, result)
+        else:
+            self._full_states()  # the gather is collective under FSDP
+        return result
+
+    def _write_report(self, log_path: str, result: dict) -> None:
+        c = self.config
+        records = read_jsonl(log_path)
+        write_json_atomic(os.path.join(self.out, "results.json"), result)
+        columns = [("step", "step", ""), ("ce", "held-out CE", ".4f"), ("ppl", "ppl", ".2f"),
+                   ("kl", "KL(teacher||student)", ".4f"), ("agreement", "top-1 agreement", ".3f"),
+                   ("ece", "ECE", ".4f"), ("tokens", "eval tokens", "")]
+        table = markdown_table(self.evals, columns)
+        speed = result["tokens_per_s"]
+        header = (f"# {c.objective.kind} run: {os.path.basename(os.path.abspath(self.out))}\n\n"
+                  f"Training tokens/s: {'-' if speed is None else f'{speed:.0f}'}\n\n")
+        with open(os.path.join(self.out, "results.md"), "w", encoding="utf-8") as f:
+            f.write(header + table + "\n")
+        if c.output.plots:
+            plot_curves({"train loss": [(r["step"], r["loss"]) for r in records]},
+                        os.path.join(self.out, "train_loss.png"), title="training loss",
+                        ylabel="nats per token")
+            if self.evals:
+                series = {"held-out CE": [(e["step"], e["ce"]) for e in self.evals]}
+                if "kl" in self.evals[0]:
+                    series["KL(teacher||student)"] = [(e["step"], e["kl"]) for e in self.evals]
+                plot_curves(series, os.path.join(self.out, "eval.png"), title="held-out",
+                            ylabel="nats per token")
+
+
+def distill(config, overrides=None, *, callbacks=None) -> dict:
+    """Runs ``fastkd distill``: trains the student of ``config`` (a ``Config``, a config file or
+    a nested dict; ``overrides`` as ``--set`` strings or a dict) and writes its output folder
+    (resolved config, JSONL log, checkpoints, final model, eval results, plots).
+
+    ``callbacks``: functions ``(step, record) -> bool`` called after every step on every rank;
+    True asks the run to stop there with a checkpoint, as SIGINT does.
+
+    Returns a dict with the final step, evaluation metrics (absent when stopped early), training
+    tokens/s and whether the run resumed or stopped.
+    """
+    config = as_config(config, overrides)
+    dist_info = init_distributed(config.train.device)
+    try:
+        with RunLock(config.output.dir, enabled=dist_info.is_main):
+            return _Run(config, dist_info, callbacks).run()
+    finally:
+        dist_info.close()

@@ -1,0 +1,156 @@
+"""Training objectives: what a micro-batch's loss is, from the student's final hidden states and
+head, without a tokens x vocab tensor.
+
+Every objective returns the micro-batch's summed per-token loss divided by ``num_items``, the
+number of counted tokens of the whole optimizer step (all micro-batches, all ranks), so that the
+gradients summed over the step equal those of one big batch's mean. A new objective subclasses
+``Objective`` and registers its ``kind`` in ``OBJECTIVES``; the trainer gives it the batch, the
+student and whatever ``teacher_inputs`` its ``prepare`` returned outside the student's forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..ops.fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from ..sparse.targets import SparseTargets
+from .config import ObjectiveConfig
+from .models import CausalLM, Head
+
+__all__ = ["CrossEntropy", "OBJECTIVES", "Objective", "OnlineKD", "SparseKD", "make_objective"]
+
+IGNORE_INDEX = -100
+
+
+def label_targets(labels: torch.Tensor, vocab_size: int) -> SparseTargets:
+    """The one-hot targets of ``labels`` ``[B, T]`` (-100: none): KL(one-hot || q) is exactly the
+    cross-entropy -log q(label), so the fused sparse loss computes CE without logits."""
+    ids = torch.where(labels == IGNORE_INDEX, -1, labels).to(torch.int32)[..., None]
+    return SparseTargets(ids=ids, weights=(ids >= 0).float(), vocab_size=vocab_size,
+                         num_samples=1, method="topk", tail="renorm")
+
+
+def _student_softcap(head: Head, what: str) -> None:
+    if head.softcap is not None:
+        raise ValueError(f"{what} has no final-logit softcap option yet; the student's head "
+                         f"caps logits at {head.softcap} (Gemma-2/3): use objective.kind = "
+                         f"'kd', which applies it")
+
+
+class Objective:
+    """One kind of training loss. ``prepare`` runs outside the student's forward (teacher
+    forward under no_grad, cache lookups) and returns its ``teacher_inputs``; ``loss`` runs
+    inside it, where a sharded head is gathered."""
+
+    kind = ""
+    needs_teacher = False
+
+    def __init__(self, config: ObjectiveConfig):
+        self.config = config
+
+    def prepare(self, batch: dict, indices: list[int]) -> dict:
+        return {}
+
+    def loss(self, hidden: torch.Tensor, head: Head, batch: dict, teacher_inputs: dict,
+             num_items: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CrossEntropy(Objective):
+    """The data's next tokens only: the baseline every comparison shows."""
+
+    kind = "ce"
+
+    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+        _student_softcap(head, "the fused cross-entropy")
+        labels = batch["labels"]
+        return fused_linear_sparse_kd_loss(
+            hidden, head.weight, label_targets(labels, head.weight.shape[0]),
+            student_bias=head.bias, logit_scale=head.logit_scale, labels=labels,
+            num_items_in_batch=num_items, backend=self.config.backend)
+
+
+class OnlineKD(Objective):
+    """An online teacher: its final hidden states under no_grad, then ``fused_linear_kd_loss``
+    of both heads with every kd_loss option."""
+
+    kind = "kd"
+    needs_teacher = True
+
+    def __init__(self, config: ObjectiveConfig, teacher: CausalLM, autocast: torch.dtype | None):
+        super().__init__(config)
+        self.teacher = teacher
+        self.autocast = autocast
+
+    def prepare(self, batch, indices):
+        with torch.no_grad():
+            with _autocast(batch["input_ids"].device, self.autocast):
+                hidden = self.teacher(batch["input_ids"], batch["attention_mask"])
+        return {"hidden": hidden}
+
+    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+        c = self.config
+        t_head = self.teacher.head()
+        softcap = c.softcap
+        if softcap is None:
+            if head.softcap != t_head.softcap:
+                raise ValueError(f"the student's and the teacher's heads cap logits differently "
+                                 f"({head.softcap} and {t_head.softcap}); set objective.softcap "
+                                 f"to apply one cap to both")
+            softcap = head.softcap
+        return fused_linear_kd_loss(
+            hidden, head.weight, teacher_inputs["hidden"], t_head.weight,
+            student_bias=head.bias, teacher_bias=t_head.bias, logit_scale=head.logit_scale,
+            teacher_logit_scale=t_head.logit_scale, softcap=softcap, divergence=c.divergence,
+            temperature=c.temperature, beta=c.beta, alpha=c.alpha, t2_scale=c.t2_scale,
+            hard_weight=c.hard_weight, labels=batch["labels"], num_items_in_batch=num_items,
+            backend=c.backend)
+
+
+class SparseKD(Objective):
+    """Offline: the sparse teacher targets of a ``TeacherCache`` (written by ``fastkd cache``
+    over the same sequences), through ``fused_linear_sparse_kd_loss``."""
+
+    kind = "sparse"
+
+    def __init__(self, config: ObjectiveConfig, cache):
+        super().__init__(config)
+        self.cache = cache
+
+    def prepare(self, batch, indices):
+        targets, lengths = self.cache.batch(indices)
+        seq_len = batch["labels"].shape[1]
+        if targets.ids.shape[1] != seq_len or bool((lengths != seq_len).any()):
+            raise ValueError(f"the cache holds sequences of lengths {lengths.tolist()} where the "
+                             f"data has {seq_len} tokens each: it was written for other data")
+        return {"targets": targets.to(batch["labels"].device)}
+
+    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+        _student_softcap(head, "the fused sparse loss")
+        c = self.config
+        return fused_linear_sparse_kd_loss(
+            hidden, head.weight, teacher_inputs["targets"], student_bias=head.bias,
+            logit_scale=head.logit_scale, temperature=c.temperature, t2_scale=c.t2_scale,
+            hard_weight=c.hard_weight, labels=batch["labels"], num_items_in_batch=num_items,
+            backend=c.backend)
+
+
+OBJECTIVES = {cls.kind: cls for cls in (CrossEntropy, OnlineKD, SparseKD)}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_objective(config: ObjectiveConfig, *, teacher: CausalLM | None = None, cache=None,
+                   autocast: torch.dtype | None = None) -> Objective:
+    """The objective of ``config.kind`` with what it needs."""
+    if config.kind == "kd":
+        return OnlineKD(config, teacher, autocast)
+    if config.kind == "sparse":
+        return SparseKD(config, cache)
+    return CrossEntropy(config)

@@ -1,0 +1,81 @@
+"""What a run is built from: its config, tokenizer, data, models and the teacher cache's identity.
+Shared by ``distill``, ``build_cache`` and ``evaluate_run`` so that all three see the same
+sequences in the same order."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config, load_config
+from .data import SequenceDataset, read_documents, split_documents, tokenize_documents
+from .models import CausalLM, load_causal_lm
+from .tokenizer import load_tokenizer, tokenizer_fingerprint
+
+__all__ = ["RunData", "as_config", "cache_fingerprint", "load_data", "load_models",
+           "teacher_dtype"]
+
+
+def as_config(config, overrides=None) -> Config:
+    """A ``Config`` from a Config, a config file path or a nested dict, with ``overrides``."""
+    return load_config(config, overrides)
+
+
+@dataclass
+class RunData:
+    tokenizer: object
+    train: SequenceDataset
+    eval: SequenceDataset
+    tokenizer_fingerprint: str
+
+
+def load_data(config: Config) -> RunData:
+    """The tokenizer and the tokenized training and held-out sequences of ``config``."""
+    path = config.model.tokenizer or config.model.student
+    if os.path.isfile(path):
+        path = os.path.dirname(path)
+    tokenizer = load_tokenizer(path)
+    d = config.data
+    keys = dict(format=d.format, text_key=d.text_key, prompt_key=d.prompt_key,
+                completion_key=d.completion_key)
+    docs = read_documents(d.train, **keys)
+    if d.eval:
+        train_docs, eval_docs = docs, read_documents(d.eval, **keys)
+    else:
+        train_docs, eval_docs = split_documents(docs, eval_fraction=d.eval_fraction,
+                                                seed=config.train.seed)
+    train = tokenize_documents(train_docs, tokenizer, seq_len=d.seq_len)
+    held_out = tokenize_documents(eval_docs, tokenizer, seq_len=d.seq_len)
+    if len(train) == 0:
+        raise ValueError(f"data.train yields no training sequence of {d.seq_len} tokens")
+    return RunData(tokenizer, train, held_out, tokenizer_fingerprint(tokenizer))
+
+
+def teacher_dtype(config: Config, device: torch.device) -> torch.dtype:
+    choice = config.model.teacher_dtype
+    if choice == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, choice)
+
+
+def load_models(config: Config, device: torch.device, *, with_teacher: bool
+                ) -> tuple[CausalLM, CausalLM | None]:
+    """The student (trainable, fp32 master weights) and, when asked for and configured, the
+    teacher (eval mode, no gradients, in ``model.teacher_dtype``)."""
+    student = load_causal_lm(config.model.student, seed=config.train.seed).to(device)
+    teacher = None
+    if with_teacher and config.model.teacher:
+        teacher = load_causal_lm(config.model.teacher, dtype=teacher_dtype(config, device),
+                                 seed=config.train.seed).to(device)
+        teacher.eval()
+        teacher.requires_grad_(False)
+    return student, teacher
+
+
+def cache_fingerprint(data: RunData) -> str:
+    """What a teacher cache's targets refer to: the tokenizer and the exact training sequences
+    (their tokens and order), recorded in the cache as its ``tokenizer_fingerprint``."""
+    return f"tokenizer={data.tokenizer_fingerprint};data={data.train.fingerprint}"
