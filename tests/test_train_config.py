@@ -62,6 +62,10 @@ def test_yaml_file(paths):
     ({"model": {"teacher": None}}, r'"kd" needs model.teacher'),
     ({"data": {"train": [1]}}, r"data.train\[0\] = 1 .*a string"),
     ({"train": "fast"}, r"train must be a table of keys"),
+    ({"train": {"adam_beta1": 1.0}}, r"train.adam_beta1 = 1.0 .*\[0.0, 1.0\)"),
+    ({"objective": {"kind": "sparse", "temperature": 2.0}, "cache": {"path": "c"}},
+     r"objective.temperature = 2.0 applies to kind = \"kd\""),
+    ({"data": {"format": "text"}}, r"data.format = 'text' .*'auto', 'txt', 'jsonl'"),
 ])
 def test_bad_values_name_the_key_value_and_what_is_allowed(paths, tree, message):
     base = _base(paths)
@@ -112,3 +116,13 @@ def test_example_configs_are_valid():
     for name in names:
         config = load_config(os.path.join(root, name), check_paths=False)
         assert config.model.student and config.data.train, name
+
+
+def test_data_format_reaches_the_reader(paths):
+    """Every data.format the config admits is one the reader takes."""
+    from fastkd.train.data import read_documents
+
+    for fmt in ("auto", "txt"):
+        config = load_config({**_base(paths), "data": {"train": [str(paths / "train.txt")],
+                                                       "format": fmt}})
+        assert read_documents(config.data.train, format=config.data.format)[0].text == "hello"

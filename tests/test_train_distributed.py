@@ -52,18 +52,28 @@ def _result(out: str):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_process(tiny, tmp_path, strategy):
+    """Also the evaluation: one held-out sequence per batch, an odd count of them, so that one
+    rank runs a pass with nothing to count (FSDP's layer forwards are collectives)."""
     steps = {"steps": 3, "micro_batch_size": 2}
+    evaluation = {"batch_size": 1, "max_batches": 0}
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": f"def f{i}(x):", "completion":
+                                            f" return x + {i}"}) + "\n" for i in range(3)))
+    data = {"eval": [str(held_out)]}
     single = str(tmp_path / "single")
-    distill(tiny.config(single, train={**steps, "grad_accum": 2},
+    distill(tiny.config(single, train={**steps, "grad_accum": 2}, eval=evaluation, data=data,
                         objective={"kind": "kd", "divergence": "jsd"}))
     multi = str(tmp_path / f"two-{strategy}")
     _torchrun(tmp_path, tiny.config(multi, train={**steps, "grad_accum": 1,
-                                                  "distributed": strategy},
-                                    objective={"kind": "kd", "divergence": "jsd"}), 2)
+                                                  "distributed": strategy}, eval=evaluation,
+                                    data=data, objective={"kind": "kd", "divergence": "jsd"}), 2)
     (l1, p1), (l2, p2) = _result(single), _result(multi)
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6)
     assert p1.keys() == p2.keys()
     for key in p1:
         torch.testing.assert_close(p2[key], p1[key], rtol=1e-4, atol=1e-6, msg=key)
-    result = json.loads(open(os.path.join(multi, "results.json")).read())
-    assert result["eval"]["tokens"] > 0
+    one, two = (json.loads(open(os.path.join(out, "results.json")).read())["eval"]
+                for out in (single, multi))
+    assert two["tokens"] == one["tokens"] > 0
+    for key in ("ce", "kl", "agreement", "ece"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key

@@ -34,7 +34,8 @@ def _params(out: str) -> dict[str, torch.Tensor]:
 def _hand_written_run(tree: dict, steps: int) -> tuple[list[float], dict]:
     """The same training written plainly: full logits from the models' own forward, the
     torch-reference kd_loss summed per micro-batch over the step's counted tokens, AdamW with
-    decay on matrices, linear warmup then cosine to 10 %, clipping at norm 1."""
+    decay on matrices, linear warmup then cosine reaching 10 % at the last step, clipping at
+    norm 1."""
     config = load_config(tree)
     t = config.train
     torch.manual_seed(t.seed)
@@ -50,7 +51,7 @@ def _hand_written_run(tree: dict, steps: int) -> tuple[list[float], dict]:
     def lr_factor(step):
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
-        progress = (step - t.warmup_steps) / (t.steps - t.warmup_steps)
+        progress = (step - t.warmup_steps) / (t.steps - t.warmup_steps - 1)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     sampler = StepSampler(len(data.train), micro_batch_size=t.micro_batch_size,
@@ -104,16 +105,74 @@ def test_micro_batch_split_does_not_change_the_step(tiny, tmp_path):
 
 
 def test_resumed_run_equals_the_uninterrupted_one(tiny, tmp_path):
+    """With attention dropout on, so that the student trains in training mode and the restored
+    RNG states decide the masks after the resume."""
+    model = {"student": tiny.student_dropout}
     whole = str(tmp_path / "whole")
-    distill(tiny.config(whole, train={"steps": 5}))
+    distill(tiny.config(whole, train={"steps": 5}, model=model))
     part = str(tmp_path / "part")
-    stopped = distill(tiny.config(part, train={"steps": 5}), callbacks=[lambda s, r: s == 2])
+    stopped = distill(tiny.config(part, train={"steps": 5}, model=model),
+                      callbacks=[lambda s, r: s == 2])
     assert stopped["stopped"] == "callback" and stopped["step"] == 2 and "eval" not in stopped
-    resumed = distill(tiny.config(part, train={"steps": 5}))
+    resumed = distill(tiny.config(part, train={"steps": 5}, model=model))
     assert resumed["resumed"] and resumed["steps_run"] == 3
     assert _losses(part) == _losses(whole)
     for key, value in _params(whole).items():
         assert torch.equal(_params(part)[key], value), key
+    # Dropout was on: the same run without it trains differently.
+    plain = str(tmp_path / "plain")
+    distill(tiny.config(plain, train={"steps": 5}))
+    assert _losses(plain) != _losses(whole)
+
+
+def test_student_trains_in_training_mode_with_fp32_weights(tiny, tmp_path, monkeypatch):
+    from fastkd.train.engine import StudentStep
+
+    seen = []
+    forward = StudentStep.forward
+
+    def spy(self, batch, teacher_inputs, num_items):
+        seen.append((self.student.training, self.student.model.training,
+                     {p.dtype for p in self.student.parameters()}))
+        return forward(self, batch, teacher_inputs, num_items)
+    monkeypatch.setattr(StudentStep, "forward", spy)
+    distill(tiny.config(str(tmp_path / "run"), train={"steps": 1},
+                        model={"teacher_dtype": "bfloat16"}))
+    assert seen and all(s == (True, True, {torch.float32}) for s in seen)
+
+
+def test_bf16_teacher_evaluates_and_writes_a_cache(tiny, tmp_path):
+    """A bf16 teacher (the default on a GPU with bf16) gives fp32 logits for evaluation and
+    sampling, from the GEMM."""
+    tree = tiny.config(str(tmp_path / "run"), train={"steps": 1},
+                       model={"teacher_dtype": "bfloat16"},
+                       cache={"path": str(tmp_path / "cache"), "num_samples": 8})
+    assert math.isfinite(distill(tree)["eval"]["kl"])
+    assert build_cache(tree)["sequences"] > 0
+
+
+def test_each_step_is_checkpointed_once_and_pruning_keeps_the_newest(tiny, tmp_path):
+    from fastkd.train import checkpoint as ckpt
+
+    out = str(tmp_path / "run")
+    distill(tiny.config(out, train={"steps": 3}, checkpoint={"every": 1, "keep": 2}))
+    root = os.path.join(out, "checkpoints")
+    assert ckpt.checkpoint_dirs(root) == ["step-000002", "step-000003"]
+    again = distill(tiny.config(out, train={"steps": 3}, checkpoint={"every": 1, "keep": 1}))
+    assert again["resumed"] and again["steps_run"] == 0
+    assert os.path.basename(ckpt.latest_checkpoint(root)) == "step-000003"
+    with pytest.raises(FileExistsError, match='resume = "never"'):
+        distill(tiny.config(out, train={"steps": 2}, checkpoint={"resume": "never"}))
+    assert os.path.basename(ckpt.latest_checkpoint(root)) == "step-000003"
+
+
+def test_a_run_without_held_out_data_trains_and_exports(tiny, tmp_path):
+    out = str(tmp_path / "run")
+    result = distill(tiny.config(out, train={"steps": 2}, data={"eval_fraction": 0.0},
+                                 eval={"every": 1}))
+    assert result["eval"] is None and result["step"] == 2
+    assert os.path.isfile(os.path.join(out, "model", "model.safetensors"))
+    assert "No held-out evaluation" in open(os.path.join(out, "results.md")).read()
 
 
 def test_an_interrupted_checkpoint_leaves_the_previous_one(tiny, tmp_path, monkeypatch):

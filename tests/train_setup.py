@@ -16,6 +16,7 @@ class TinySetup:
     tokenizer: str
     teacher: str
     student: str
+    student_dropout: str      # the student with attention dropout 0.2
     vocab_size: int
 
     def config(self, out: str, **sections) -> dict:
@@ -35,10 +36,12 @@ class TinySetup:
         return tree
 
 
-def _llama(path: str, vocab: int, hidden: int, layers: int, tokenizer) -> str:
+def _llama(path: str, vocab: int, hidden: int, layers: int, tokenizer,
+           dropout: float = 0.0) -> str:
     from transformers import LlamaConfig
 
     LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                attention_dropout=dropout,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=None,
                 eos_token_id=tokenizer.eos_token_id,
@@ -60,5 +63,7 @@ def build_tiny_setup(root: str) -> TinySetup:
     vocab = len(tokenizer)
     return TinySetup(root, corpus, tok_dir,
                      _llama(os.path.join(root, "teacher"), vocab, 32, 2, tokenizer),
-                     _llama(os.path.join(root, "student"), vocab, 16, 1, tokenizer), vocab)
+                     _llama(os.path.join(root, "student"), vocab, 16, 1, tokenizer),
+                     _llama(os.path.join(root, "student-dropout"), vocab, 16, 1, tokenizer,
+                            dropout=0.2), vocab)
 

@@ -165,11 +165,17 @@ def _train_module():
 
 def _run_config_command(args, function) -> int:
     train = _train_module()
+    from .train.run_files import RunLockedError
+
     try:
         result = function(args.config, args.set or None)
     except train.ConfigError as exc:
         print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError, FileExistsError, RunLockedError) as exc:
+        # Bad data, models, caches or output folders: the message says which and why.
+        print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=1, default=str))
     return 0
 

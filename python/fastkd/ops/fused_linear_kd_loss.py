@@ -40,8 +40,8 @@ from .kd_loss import launch_kd_rows, mean_grad_scale
 from .sparse_kd_loss import (check_sparse_options, check_targets, launch_sparse_rows,
                              merge_duplicate_ids)
 
-__all__ = ["default_memory_budget", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss",
-           "resolve_chunk_size"]
+__all__ = ["chunk_logits", "default_memory_budget", "fused_linear_kd_loss",
+           "fused_linear_sparse_kd_loss", "gemm_operand", "resolve_chunk_size"]
 
 # Default workspace per chunk (the fp32 logits of both models, and on CUDA the low-precision
 # copy of the gradient fed to the GEMMs). On CPU a smaller chunk loses little GEMM efficiency.
@@ -198,7 +198,7 @@ def _has_fp32_out_mm(device_type: str) -> bool:
         return False
 
 
-def _gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
+def gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
     """The operand a GEMM with fp32 output reads: ``t`` itself when the device has a
     low-precision GEMM with fp32 output (or ``t`` is fp32), else an fp32 copy."""
     if t is None or t.dtype == torch.float32 or _has_fp32_out_mm(t.device.type):
@@ -206,8 +206,8 @@ def _gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float()
 
 
-def _chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float,
-                  buffer: torch.Tensor | None) -> torch.Tensor:
+def chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float,
+                 buffer: torch.Tensor | None) -> torch.Tensor:
     """``scale * (x w^T + b)`` in fp32: ``[C, H] x [V, H] -> [C, V]``, written into ``buffer``
     (fp32 GEMMs) or returned fresh from a low-precision GEMM with fp32 output."""
     if w.dtype != torch.float32:
@@ -262,7 +262,7 @@ def _run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
     grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     # GEMM operands: fp32 copies where no low-precision GEMM with fp32 output exists (CPU);
     # there grad_W and grad_b accumulate in fp32 anyway, since the GEMMs produce fp32.
-    w_mm = _gemm_operand(weight)
+    w_mm = gemm_operand(weight)
     grad_dtype = torch.float32 if w_mm.dtype == torch.float32 else weight.dtype
     acc_dtype = torch.float32 if accum_fp32 or grad_dtype == torch.float32 else weight.dtype
     grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight
@@ -274,7 +274,7 @@ def _run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
     for begin in range(0, n_rows, chunk_size):
         end = min(begin + chunk_size, n_rows)
         x = hidden[begin:end]
-        zs = _chunk_logits(x, w_mm, bias, logit_scale,
+        zs = chunk_logits(x, w_mm, bias, logit_scale,
                            None if zs_buf is None else zs_buf[:end - begin])
         row_kernel(zs, begin, end, loss[begin:end], need_grad)
         if not need_grad:
@@ -308,13 +308,13 @@ def _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_lo
     and head, or rows of the offline logits), then kd_loss's fused kernel, whose gradient
     carries the student's ``logit_scale``."""
     cfg = replace(cfg, grad_scale=cfg.grad_scale * logit_scale)
-    tw_mm = _gemm_operand(teacher_weight)
+    tw_mm = gemm_operand(teacher_weight)
     n_rows = (teacher_hidden if teacher_logits is None else teacher_logits).shape[0]
     zt_buf = _logits_buffer(min(chunk_size, n_rows), tw_mm)
 
     def run(zs, begin, end, loss, need_grad):
         if teacher_logits is None:
-            zt = _chunk_logits(teacher_hidden[begin:end], tw_mm, teacher_bias,
+            zt = chunk_logits(teacher_hidden[begin:end], tw_mm, teacher_bias,
                                teacher_logit_scale,
                                None if zt_buf is None else zt_buf[:end - begin])
         else:

@@ -4,7 +4,7 @@ readable, and read without unpickling arbitrary objects.
 Layout under a run's ``checkpoints/`` folder::
 
     step-000120/            one complete checkpoint
-        model.safetensors   the student's full state dict (tied tensors stored once)
+        model.safetensors   the student's full state dict (tensors sharing storage stored once)
         optimizer.pt        the optimizer's full state dict, keyed by parameter name
         trainer.pt          step, scheduler, data position, metrics so far
         rng-rank0.pt ...    every rank's random number generator states
@@ -27,6 +27,8 @@ import shutil
 
 import numpy as np
 import torch
+
+from .._fsync import fsync_dir, fsync_file
 
 __all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "remove_partial",
            "rng_state", "save_checkpoint", "set_rng_state"]
@@ -60,33 +62,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _torch_save(obj, path: str) -> None:
     torch.save(obj, path)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _save_tensors(state: dict[str, torch.Tensor], path: str) -> None:
-    """``state`` in safetensors, each storage once: tied tensors (an embedding shared with the
-    head) become aliases listed in the file's metadata."""
+    """``state`` in safetensors, each storage once: tensors sharing one (an embedding tied to
+    the head, in an unsharded state dict) become aliases listed in the file's metadata; tied
+    tensors gathered as separate copies (FSDP) are stored twice and load equal."""
     from safetensors.torch import save_file
 
     unique: dict[str, torch.Tensor] = {}
@@ -101,7 +85,7 @@ def _save_tensors(state: dict[str, torch.Tensor], path: str) -> None:
         seen[ident] = key
         unique[key] = tensor.detach().contiguous()
     save_file(unique, path, metadata={"aliases": json.dumps(aliases)})
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _load_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -116,12 +100,16 @@ def _load_tensors(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _step_of(name: str) -> int:
+    return int(_STEP_DIR.fullmatch(name).group(1))
+
+
 def checkpoint_dirs(root: str) -> list[str]:
     """Names of the complete checkpoints under ``root``, oldest first."""
     if not os.path.isdir(root):
         return []
     names = [n for n in os.listdir(root) if _STEP_DIR.fullmatch(n)]
-    return sorted(names, key=lambda n: int(_STEP_DIR.fullmatch(n).group(1)))
+    return sorted(names, key=_step_of)
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -164,6 +152,10 @@ def save_checkpoint(root: str, step: int, *, model_state: dict | None, optimizer
     # One writer per run folder (the run holds its lock), so the temporary name needs no PID: a
     # folder of that name is a killed writer's leftover.
     tmp = os.path.join(root, f".tmp-{name}")
+    if os.path.isdir(final):
+        # Replacing it would delete the folder `latest` may name before the new one is in
+        # place; a run saves each step once (the trainer skips a step already saved).
+        raise FileExistsError(f"checkpoint {final} exists already")
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,19 +169,19 @@ def save_checkpoint(root: str, step: int, *, model_state: dict | None, optimizer
                     os.path.join(tmp, "trainer.pt"))
     barrier()
     if rank == 0:
-        _fsync_dir(tmp)
-        if os.path.isdir(final):  # a checkpoint of this step from an earlier, resumed run
-            shutil.rmtree(final)
+        fsync_dir(tmp)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         pointer_tmp = os.path.join(root, f".{LATEST}.{os.getpid()}")
         with open(pointer_tmp, "w", encoding="utf-8") as f:
             f.write(name)
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer_tmp, os.path.join(root, LATEST))
-        _fsync_dir(root)
-        for old in checkpoint_dirs(root)[:-keep]:
+        fsync_dir(root)
+        # Older steps only: never the checkpoint just written, whatever else the folder holds.
+        older = [n for n in checkpoint_dirs(root) if _step_of(n) < step]
+        for old in older[:max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
     return final

@@ -50,7 +50,7 @@ class DataConfig:
     eval: list[str] = field(default_factory=list, metadata={"path": True})
     eval_fraction: float = field(default=0.05, metadata={"range": (0.0, 0.5)})
     seq_len: int = field(default=512, metadata={"range": (2, None)})
-    format: Literal["auto", "text", "jsonl"] = "auto"
+    format: Literal["auto", "txt", "jsonl"] = "auto"
     text_key: str = "text"
     prompt_key: str = "prompt"
     completion_key: str = "completion"
@@ -102,11 +102,12 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"range": (1, None)})
     lr: float = field(default=3e-4, metadata={"range": (0.0, None)})
     weight_decay: float = field(default=0.01, metadata={"range": (0.0, None)})
-    adam_beta1: float = field(default=0.9, metadata={"range": (0.0, 1.0)})
-    adam_beta2: float = field(default=0.95, metadata={"range": (0.0, 1.0)})
+    adam_beta1: float = field(default=0.9, metadata={"range": (0.0, 1.0), "high_open": True})
+    adam_beta2: float = field(default=0.95, metadata={"range": (0.0, 1.0), "high_open": True})
     adam_eps: float = field(default=1e-8, metadata={"range": (0.0, None)})
     warmup_steps: int = field(default=0, metadata={"range": (0, None)})
-    # The cosine schedule decays from lr to min_lr_ratio * lr at the last step.
+    # Linear warmup to lr over warmup_steps, then a cosine decay reaching min_lr_ratio * lr at
+    # the last step.
     min_lr_ratio: float = field(default=0.1, metadata={"range": (0.0, 1.0)})
     # Gradient clipping by global norm; None or 0 turns it off.
     max_grad_norm: float | None = field(default=1.0, metadata={"range": (0.0, None)})
@@ -128,6 +129,9 @@ class EvalConfig:
     max_batches: int = field(default=0, metadata={"range": (0, None)})
     # Bins of the expected calibration error.
     ece_bins: int = field(default=15, metadata={"range": (1, None)})
+    # With model.teacher set, also KL(teacher || student) and top-1 agreement; for "ce" and
+    # "sparse" runs this loads the teacher (on every rank) for evaluation only.
+    teacher_metrics: bool = True
 
 
 @dataclass
@@ -189,6 +193,11 @@ class Config:
         if self.objective.kind == "ce" and self.objective.hard_weight > 0:
             raise ConfigError('objective.hard_weight applies to kind = "kd" or "sparse"; '
                               'kind = "ce" is the hard loss alone')
+        if self.objective.kind in ("ce", "sparse") and self.objective.temperature != 1.0:
+            raise ConfigError(f"objective.temperature = {self.objective.temperature!r} applies to "
+                              f"kind = \"kd\" (both models' softmax); a {self.objective.kind} "
+                              f"run's targets are at temperature 1 (the data's tokens, or the "
+                              f"cache's samples of the teacher's distribution)")
         if self.objective.kind == "sparse" and not self.cache.path:
             raise ConfigError('objective.kind = "sparse" needs cache.path (written by '
                               '`fastkd cache`)')
@@ -265,12 +274,13 @@ def _range_text(meta: dict) -> str:
         return ""
     if high is None:
         return f" >= {low}"
-    return f" in [{low}, {high}]"
+    return f" in [{low}, {high}{')' if meta.get('high_open') else ']'}"
 
 
 def _check_range(key: str, value, meta: dict) -> None:
     low, high = meta.get("range", (None, None))
-    if (low is not None and value < low) or (high is not None and value > high):
+    above = high is not None and (value >= high if meta.get("high_open") else value > high)
+    if (low is not None and value < low) or above:
         raise ConfigError(_bad(key, value, "a number" + _range_text(meta)))
 
 
@@ -380,8 +390,8 @@ def load_config(source: str | os.PathLike | dict | Config | None = None,
                 overrides: list[str] | dict | None = None, *, check_paths: bool = True) -> Config:
     """A checked ``Config`` from a config file (TOML, or YAML by its extension), a nested dict,
     a ``Config`` or None (the defaults), with ``overrides`` (``--set`` strings or a nested dict)
-    applied. Relative paths in a file are taken from the file's folder, elsewhere from the
-    current directory."""
+    applied. Relative paths are taken from the config file's folder, those given in
+    ``overrides`` included; without a file, from the current directory."""
     base_dir = os.getcwd()
     if isinstance(source, Config):
         tree = source.to_dict()

@@ -43,6 +43,13 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_sum_cpu(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU ``tensor`` summed over ranks in place, through this rank's device (NCCL reduces
+        device tensors only)."""
+        if self.enabled:
+            tensor.copy_(self.all_reduce_sum(tensor.to(self.device)).cpu())
+        return tensor
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (a signal seen by one rank stops all at one
         step)."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from .models import CausalLM
 from .objectives import Objective
+from .setup import autocast_context
 
 __all__ = ["StudentStep"]
 
@@ -32,9 +31,6 @@ class StudentStep(nn.Module):
         self.autocast = autocast
 
     def forward(self, batch: dict, teacher_inputs: dict, num_items: torch.Tensor) -> torch.Tensor:
-        device = batch["input_ids"].device
-        ctx = (torch.autocast(device.type, dtype=self.autocast) if self.autocast is not None
-               else contextlib.nullcontext())
-        with ctx:
+        with autocast_context(batch["input_ids"].device, self.autocast):
             hidden = self.student(batch["input_ids"], batch["attention_mask"])
         return self.objective.loss(hidden, self.student.head(), batch, teacher_inputs, num_items)

@@ -48,7 +48,7 @@ def _lr_lambda(config: Config):
     def factor(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
-        progress = (step - warm) / max(total - warm, 1)
+        progress = (step - warm) / max(total - warm - 1, 1)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return factor
 
@@ -102,8 +102,9 @@ class _Run:
         self.autocast = _autocast_dtype(c, device)
         torch.manual_seed(c.train.seed)
         self.data = load_data(c)
-        needs_teacher = c.objective.kind == "kd" or bool(c.model.teacher)
-        self.student, self.teacher = load_models(c, device, with_teacher=needs_teacher)
+        self.eval_teacher = bool(c.model.teacher) and c.eval.teacher_metrics
+        self.student, self.teacher = load_models(
+            c, device, with_teacher=c.objective.kind == "kd" or self.eval_teacher)
         cache = self._open_cache() if c.objective.kind == "sparse" else None
         self.objective = make_objective(c.objective, teacher=self.teacher, cache=cache,
                                         autocast=self.autocast)
@@ -118,6 +119,7 @@ class _Run:
                                    world_size=dist_info.world_size, rank=dist_info.rank,
                                    seed=c.train.seed, shuffle=c.data.shuffle)
         self.step = 0
+        self.saved_step = -1
         self.evals: list[dict] = []
         # Dropout and other randomness differ per rank; the initialization above did not.
         torch.manual_seed(c.train.seed + 1 + dist_info.rank)
@@ -163,6 +165,9 @@ class _Run:
         return model, optim
 
     def save(self) -> None:
+        """Checkpoint of the current step, once per step."""
+        if self.saved_step == self.step:
+            return
         model, optim = self._full_states()
         main = self.dist.is_main
         trainer = {"scheduler": self.scheduler.state_dict(), "evals": json.dumps(self.evals)}
@@ -170,13 +175,16 @@ class _Run:
                              optimizer_state=optim if main else None, trainer_state=trainer,
                              rank=self.dist.rank, world_size=self.dist.world_size,
                              barrier=self.dist.barrier, keep=self.config.checkpoint.keep)
+        self.saved_step = self.step
 
     def resume(self) -> bool:
-        if self.config.checkpoint.resume == "never":
-            return False
         path = ckpt.latest_checkpoint(self.ckpt_dir)
         if path is None:
             return False
+        if self.config.checkpoint.resume == "never":
+            raise FileExistsError(f"{self.out} holds checkpoints of an earlier run and "
+                                  f"checkpoint.resume = \"never\": choose another output.dir, "
+                                  f"or delete {self.ckpt_dir} to start over")
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -192,6 +200,7 @@ class _Run:
         self.step = int(state["trainer"]["step"])
         self.evals = json.loads(state["trainer"]["evals"])
         ckpt.set_rng_state(state["rng"])
+        self.saved_step = self.step
         return True
 
     # ---- steps --------------------------------------------------------------------------
@@ -231,22 +240,23 @@ class _Run:
             record["grad_norm"] = grad_norm
         return record
 
-    def run_eval(self) -> dict:
+    def run_eval(self) -> dict | None:
+        """Held-out metrics at this step (None when the held-out split has no labelled
+        token)."""
         c = self.config
         with unsharded_root(self.module):
-            metrics = evaluate(self.student, self.data.eval, teacher=self.teacher,
+            metrics = evaluate(self.student, self.data.eval,
+                               teacher=self.teacher if self.eval_teacher else None,
                                batch_size=c.eval.batch_size, max_batches=c.eval.max_batches,
                                ece_bins=c.eval.ece_bins, device=self.dist.device,
                                autocast=self.autocast, rank=self.dist.rank,
-                               world_size=self.dist.world_size, all_reduce=self._reduce_cpu)
+                               world_size=self.dist.world_size,
+                               all_reduce=self.dist.all_reduce_sum_cpu)
+        if metrics is None:
+            return None
         metrics["step"] = self.step
         self.evals = [e for e in self.evals if e["step"] != self.step] + [metrics]
         return metrics
-
-    def _reduce_cpu(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dist.enabled:
-            t.copy_(self.dist.all_reduce_sum(t.to(self.dist.device)).cpu())
-        return t
 
     # ---- the run ------------------------------------------------------------------------
 
@@ -270,7 +280,9 @@ class _Run:
                 tokens0 += record["tokens"]
                 seconds0 += record["seconds"]
                 if c.eval.every and self.step % c.eval.every == 0:
-                    record["eval"] = self.run_eval()
+                    metrics = self.run_eval()
+                    if metrics is not None:
+                        record["eval"] = metrics
                 if main:
                     log.write(record)
                 progress.update(self.step, loss=record["loss"],
@@ -290,15 +302,16 @@ class _Run:
                   "steps_run": self.step - steps0}
         if stop is not None:
             return result
-        final = self.run_eval() if not self.evals or self.evals[-1]["step"] != self.step \
-            else self.evals[-1]
-        result["eval"] = final
+        # The model first: an evaluation that fails must not cost the trained weights.
+        state = self._full_states()[0]  # a collective gather under FSDP: every rank calls it
         if main:
             export_model(self.student, self.data.tokenizer, os.path.join(self.out, "model"),
-                         self._full_states()[0])
+                         state)
+        del state
+        done = self.evals and self.evals[-1]["step"] == self.step
+        result["eval"] = self.evals[-1] if done else self.run_eval()
+        if main:
             self._write_report(log.path, result)
-        else:
-            self._full_states()  # the gather is collective under FSDP
         return result
 
     def _write_report(self, log_path: str, result: dict) -> None:
@@ -308,7 +321,8 @@ class _Run:
         columns = [("step", "step", ""), ("ce", "held-out CE", ".4f"), ("ppl", "ppl", ".2f"),
                    ("kl", "KL(teacher||student)", ".4f"), ("agreement", "top-1 agreement", ".3f"),
                    ("ece", "ECE", ".4f"), ("tokens", "eval tokens", "")]
-        table = markdown_table(self.evals, columns)
+        table = (markdown_table(self.evals, columns) if self.evals else
+                 "No held-out evaluation: the held-out split has no labelled token.")
         speed = result["tokens_per_s"]
         header = (f"# {c.objective.kind} run: {os.path.basename(os.path.abspath(self.out))}\n\n"
                   f"Training tokens/s: {'-' if speed is None else f'{speed:.0f}'}\n\n")

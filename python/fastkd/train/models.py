@@ -85,6 +85,30 @@ class Head:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
 
+    def for_float_logits(self) -> "Head":
+        """This head with the weight that an fp32-output GEMM reads: itself where the device has
+        a low-precision GEMM with fp32 output (CUDA) or the weight is fp32, else an fp32 copy
+        (a bf16 head on CPU), made once for many :meth:`float_logits` calls."""
+        from ..ops.fused_linear_kd_loss import gemm_operand
+
+        bias = None if self.bias is None else self.bias.float()
+        return replace(self, weight=gemm_operand(self.weight.detach()), bias=bias)
+
+    def float_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` -> ``[..., V]`` fp32 logits straight from the GEMM (no rounding to a
+        bf16/fp16 weight's dtype), scaled and capped in fp32: the logits the fused losses see.
+        Call it on :meth:`for_float_logits`'s head to avoid a weight copy per call."""
+        from ..ops.fused_linear_kd_loss import chunk_logits, gemm_operand
+
+        w = gemm_operand(self.weight)
+        x = hidden.reshape(-1, hidden.shape[-1])
+        x = x.to(w.dtype) if w.dtype != torch.float32 else x.float()
+        bias = None if self.bias is None else self.bias.float()
+        z = chunk_logits(x, w, bias, self.logit_scale, None)
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z.reshape(*hidden.shape[:-1], z.shape[-1])
+
 
 class _Projection(nn.Module):
     """A head given as a tensor: a parameter stays one (tied or trained), a plain tensor becomes

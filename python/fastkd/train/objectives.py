@@ -4,24 +4,23 @@ head, without a tokens x vocab tensor.
 Every objective returns the micro-batch's summed per-token loss divided by ``num_items``, the
 number of counted tokens of the whole optimizer step (all micro-batches, all ranks), so that the
 gradients summed over the step equal those of one big batch's mean. A new objective subclasses
-``Objective`` and registers its ``kind`` in ``OBJECTIVES``; the trainer gives it the batch, the
-student and whatever ``teacher_inputs`` its ``prepare`` returned outside the student's forward.
+``Objective``, builds itself from the run in ``create`` and is listed in ``OBJECTIVES`` under its
+``kind`` (and in ``ObjectiveConfig.kind``); the trainer gives it the batch, the student and
+whatever ``teacher_inputs`` its ``prepare`` returned outside the student's forward.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
 from ..ops.fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from ..sparse.targets import SparseTargets
 from .config import ObjectiveConfig
+from .data import IGNORE_INDEX
 from .models import CausalLM, Head
+from .setup import autocast_context
 
 __all__ = ["CrossEntropy", "OBJECTIVES", "Objective", "OnlineKD", "SparseKD", "make_objective"]
-
-IGNORE_INDEX = -100
 
 
 def label_targets(labels: torch.Tensor, vocab_size: int) -> SparseTargets:
@@ -45,10 +44,16 @@ class Objective:
     inside it, where a sharded head is gathered."""
 
     kind = ""
-    needs_teacher = False
 
     def __init__(self, config: ObjectiveConfig):
         self.config = config
+
+    @classmethod
+    def create(cls, config: ObjectiveConfig, *, teacher: CausalLM | None, cache,
+               autocast: torch.dtype | None) -> "Objective":
+        """The objective of a run: its config and what the run loaded (the teacher, the
+        teacher cache, the autocast dtype), each taken where the objective needs it."""
+        return cls(config)
 
     def prepare(self, batch: dict, indices: list[int]) -> dict:
         return {}
@@ -77,16 +82,19 @@ class OnlineKD(Objective):
     of both heads with every kd_loss option."""
 
     kind = "kd"
-    needs_teacher = True
 
     def __init__(self, config: ObjectiveConfig, teacher: CausalLM, autocast: torch.dtype | None):
         super().__init__(config)
         self.teacher = teacher
         self.autocast = autocast
 
+    @classmethod
+    def create(cls, config, *, teacher, cache, autocast):
+        return cls(config, teacher, autocast)
+
     def prepare(self, batch, indices):
         with torch.no_grad():
-            with _autocast(batch["input_ids"].device, self.autocast):
+            with autocast_context(batch["input_ids"].device, self.autocast):
                 hidden = self.teacher(batch["input_ids"], batch["attention_mask"])
         return {"hidden": hidden}
 
@@ -119,6 +127,10 @@ class SparseKD(Objective):
         super().__init__(config)
         self.cache = cache
 
+    @classmethod
+    def create(cls, config, *, teacher, cache, autocast):
+        return cls(config, cache)
+
     def prepare(self, batch, indices):
         targets, lengths = self.cache.batch(indices)
         seq_len = batch["labels"].shape[1]
@@ -132,25 +144,15 @@ class SparseKD(Objective):
         c = self.config
         return fused_linear_sparse_kd_loss(
             hidden, head.weight, teacher_inputs["targets"], student_bias=head.bias,
-            logit_scale=head.logit_scale, temperature=c.temperature, t2_scale=c.t2_scale,
-            hard_weight=c.hard_weight, labels=batch["labels"], num_items_in_batch=num_items,
-            backend=c.backend)
+            logit_scale=head.logit_scale, hard_weight=c.hard_weight, labels=batch["labels"],
+            num_items_in_batch=num_items, backend=c.backend)
 
 
 OBJECTIVES = {cls.kind: cls for cls in (CrossEntropy, OnlineKD, SparseKD)}
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def make_objective(config: ObjectiveConfig, *, teacher: CausalLM | None = None, cache=None,
                    autocast: torch.dtype | None = None) -> Objective:
-    """The objective of ``config.kind`` with what it needs."""
-    if config.kind == "kd":
-        return OnlineKD(config, teacher, autocast)
-    if config.kind == "sparse":
-        return SparseKD(config, cache)
-    return CrossEntropy(config)
+    """The objective registered under ``config.kind``, built with what it needs."""
+    return OBJECTIVES[config.kind].create(config, teacher=teacher, cache=cache,
+                                          autocast=autocast)

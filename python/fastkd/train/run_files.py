@@ -7,7 +7,11 @@ import json
 import os
 import shutil
 
-__all__ = ["RunLock", "export_model", "write_json_atomic"]
+__all__ = ["RunLock", "RunLockedError", "export_model", "write_json_atomic"]
+
+
+class RunLockedError(RuntimeError):
+    """Another run holds the output folder's lock."""
 
 
 class RunLock:
@@ -30,7 +34,7 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RuntimeError(f"another fastkd run is writing {self.folder} (its .lock is "
+            raise RunLockedError(f"another fastkd run is writing {self.folder} (its .lock is "
                                f"held); wait for it or choose another output.dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -4,6 +4,7 @@ sequences in the same order."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -14,8 +15,26 @@ from .data import SequenceDataset, read_documents, split_documents, tokenize_doc
 from .models import CausalLM, load_causal_lm
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["RunData", "as_config", "cache_fingerprint", "load_data", "load_models",
+__all__ = ["LOGITS_WORKSPACE_BYTES", "RunData", "as_config", "autocast_context",
+           "cache_fingerprint", "load_data", "load_models", "load_teacher", "logit_rows",
            "teacher_dtype"]
+
+# fp32 logits of one chunk of tokens (evaluation, cache writing): the only [rows, V] tensors
+# outside the fused losses, sized like their default CPU budget.
+LOGITS_WORKSPACE_BYTES = 256 << 20
+
+
+def logit_rows(vocab: int, models: int = 1) -> int:
+    """Tokens per chunk whose fp32 logits of ``models`` heads of ``vocab`` columns (and as many
+    working copies) fit in ``LOGITS_WORKSPACE_BYTES``."""
+    return max(1, LOGITS_WORKSPACE_BYTES // (8 * vocab * models))
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def as_config(config, overrides=None) -> Config:
@@ -61,18 +80,27 @@ def teacher_dtype(config: Config, device: torch.device) -> torch.dtype:
     return getattr(torch, choice)
 
 
+def load_teacher(config: Config, device: torch.device) -> CausalLM | None:
+    """The teacher of ``config`` (None without one): eval mode, no gradients, in
+    ``model.teacher_dtype``."""
+    if not config.model.teacher:
+        return None
+    teacher = load_causal_lm(config.model.teacher, dtype=teacher_dtype(config, device),
+                             seed=config.train.seed).to(device)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 def load_models(config: Config, device: torch.device, *, with_teacher: bool
                 ) -> tuple[CausalLM, CausalLM | None]:
-    """The student (trainable, fp32 master weights) and, when asked for and configured, the
-    teacher (eval mode, no gradients, in ``model.teacher_dtype``)."""
-    student = load_causal_lm(config.model.student, seed=config.train.seed).to(device)
-    teacher = None
-    if with_teacher and config.model.teacher:
-        teacher = load_causal_lm(config.model.teacher, dtype=teacher_dtype(config, device),
-                                 seed=config.train.seed).to(device)
-        teacher.eval()
-        teacher.requires_grad_(False)
-    return student, teacher
+    """The student in training mode with float32 master weights (whatever dtype its checkpoint
+    holds; bf16 compute comes from autocast) and, when asked for, the teacher
+    (``load_teacher``)."""
+    student = load_causal_lm(config.model.student, dtype=torch.float32,
+                             seed=config.train.seed).to(device)
+    student.train()
+    return student, load_teacher(config, device) if with_teacher else None
 
 
 def cache_fingerprint(data: RunData) -> str:

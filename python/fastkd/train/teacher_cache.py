@@ -22,22 +22,19 @@ from ..sparse.targets import SparseTargets
 from .data import collate
 from .distributed import init_distributed
 from .report import Progress
-from .setup import as_config, cache_fingerprint, load_data, load_models
+from .setup import as_config, cache_fingerprint, load_data, load_teacher, logit_rows
 
 __all__ = ["build_cache"]
-
-# fp32 teacher logits per chunk of tokens.
-_WORKSPACE_BYTES = 256 << 20
 
 
 def _sample_rows(hidden: torch.Tensor, head, *, method: str, num_samples: int, k: int,
                  seed: int, token_offset: int) -> SparseTargets:
-    """Sparse targets of ``head``'s logits of ``hidden`` ``[N, H]``, chunk by chunk."""
-    vocab = head.weight.shape[0]
-    rows = max(1, _WORKSPACE_BYTES // (4 * vocab))
+    """Sparse targets of ``head``'s fp32 logits of ``hidden`` ``[N, H]``, chunk by chunk
+    (``head`` prepared by ``Head.for_float_logits``)."""
+    rows = logit_rows(head.weight.shape[0])
     pieces = []
     for start in range(0, hidden.shape[0], rows):
-        logits = head.logits(hidden[start:start + rows].float()).float()
+        logits = head.float_logits(hidden[start:start + rows])
         if method == "random":
             pieces.append(sample_teacher(logits, num_samples=num_samples, seed=seed,
                                          token_offset=token_offset + start))
@@ -69,8 +66,8 @@ def build_cache(config, overrides=None) -> dict:
                            "without torchrun")
     device = dist_info.device
     data = load_data(config)
-    _, teacher = load_models(config, device, with_teacher=True)
-    head = teacher.head()
+    teacher = load_teacher(config, device)
+    head = teacher.head().for_float_logits()
     seq_len = config.data.seq_len
     method = c.method
     n = c.num_samples if method == "random" else c.k

@@ -20,6 +20,7 @@ import weakref
 
 import numpy as np
 
+from ..._fsync import fsync_dir
 from ..targets import SparseTargets
 from .format import (FORMAT, FORMAT_VERSION, IDENTITY_FIELDS, LIMITS, LOCK, MANIFEST,
                      MAX_SEQUENCE_TOKENS, MAX_SHARDS, MAX_SLOTS, SHARD_NAME, TARGET_FIELDS,
@@ -61,15 +62,6 @@ def _lock(path: str) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _fsync_dir(directory: str) -> None:
-    # A rename is durable only once its directory is synced (POSIX).
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path: str) -> None:
@@ -159,7 +151,7 @@ class TeacherCacheWriter:
             missing = os.path.dirname(missing)
         os.makedirs(path, exist_ok=True)
         for directory in created:  # so that the new directories outlive a power loss
-            _fsync_dir(os.path.dirname(directory))
+            fsync_dir(os.path.dirname(directory))
         self._lock_fd = _lock(path)
         _WRITERS.add(self)
         try:
@@ -349,7 +341,7 @@ class TeacherCacheWriter:
         # or a retry sees: a retry writes the same name again.
         tmp, size, sha = _write_temp(self.path, name, chunks)
         _install(tmp, os.path.join(self.path, name))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         record = {"file": name, "first_sequence": self.committed_sequences, **counts,
                   "bytes": size, "sha256": sha}
         self._write_manifest({**self._manifest, "logprobs": logprobs,
@@ -364,7 +356,7 @@ class TeacherCacheWriter:
         _install(tmp, os.path.join(self.path, MANIFEST))
         self._manifest, self._buffer = manifest, []
         self.broken = "syncing the cache directory after replacing the manifest failed"
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self.broken = None
 
 
