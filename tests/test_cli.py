@@ -64,3 +64,17 @@ def test_bench_on_cuda_without_cuda_says_what_is_missing(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--device", "cuda"])
     assert "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_bench_distill_step_agrees_with_its_peers(capsys):
+    """The trainer's step and the peers on the same models give the same first-step loss (TRL's
+    own generalized JSD where trl is installed)."""
+    pytest.importorskip("transformers")
+    assert main(["bench", "distill_step", "--device", "cpu", "--rows", "64", "--seq-len", "32",
+                 "--vocab", "500", "--hidden", "32", "--teacher-hidden", "64", "--warmup", "0",
+                 "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    note = out.split("First-step loss (nats per token): ")[1].split(".\n")[0]
+    values = [float(part.rsplit(" ", 1)[1]) for part in note.rstrip(".").split(", ")]
+    assert len(values) >= 2 and max(values) - min(values) <= 1e-5 * max(values)
+    assert "failed" not in out

@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 # What `fastkd bench OP` measures.
 _BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn",
-              "uld_loss")
+              "uld_loss", "distill_step")
 
 
 def _int_at_least(low: int):
@@ -109,6 +109,16 @@ def _bench_cases(args):
                 yield (SparseCase(rows=rows, vocab=vocab, dtype=args.dtype,
                                   num_samples=args.num_samples, device=args.device),
                        run_sparse_kd_loss_case)
+        return
+    if args.op == "distill_step":
+        from .bench.distill_step import DistillStepCase, run_distill_step_case
+
+        for rows in args.rows:
+            for vocab in args.vocab:
+                yield (DistillStepCase(rows=rows, seq_len=args.seq_len, vocab=vocab,
+                                       student_hidden=args.hidden,
+                                       teacher_hidden=args.teacher_hidden, beta=args.beta,
+                                       device=args.device), run_distill_step_case)
         return
     if args.op == "uld_loss":
         from .bench.uld_loss import UldCase, run_uld_loss_case
@@ -216,7 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--rows", type=_int_at_least(1), nargs="+", default=[2048])
     bench.add_argument("--vocab", type=_int_at_least(1), nargs="+", default=[32000])
     bench.add_argument("--hidden", type=_int_at_least(1), default=256,
-                       help="hidden size H of the lm_head (fused_linear_kd_loss)")
+                       help="hidden size H of the lm_head (fused_linear_kd_loss; the "
+                            "student's in distill_step)")
+    bench.add_argument("--teacher-hidden", type=_int_at_least(1), default=512,
+                       help="the teacher's hidden size (distill_step; the student's is --hidden)")
+    bench.add_argument("--seq-len", type=_int_at_least(1), default=512,
+                       help="tokens per sequence; --rows tokens per step (distill_step)")
     bench.add_argument("--teacher", default="online", choices=["online", "offline"],
                        help="teacher as hidden states and an lm_head, or as dense logits "
                             "(fused_linear_kd_loss)")
