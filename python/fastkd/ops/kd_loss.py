@@ -83,6 +83,7 @@ def launch_kd_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.T
                         student_layout=s_layout, teacher_layout=t_layout, vocab=vocab,
                         grad_vocab=vs, cfg=cfg)
         return loss, grad
+    w_p, w_q = cfg.mixture_weights
     args = native().KdLossArgs(
         student=s.data_ptr(), student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
         s_inner=s_layout.inner_stride, teacher=t.data_ptr(), teacher_dtype=DTYPE_CODES[t.dtype],
@@ -93,7 +94,7 @@ def launch_kd_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.T
         loss=loss.data_ptr(), divergence=cfg.divergence, temperature=cfg.temperature,
         softcap=cfg.softcap, soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight,
         grad_scale=cfg.grad_scale, ignore_index=cfg.ignore_index, log_wp=cfg.log_wp,
-        log_wq=cfg.log_wq, coef=cfg.coef)
+        log_wq=cfg.log_wq, w_p=w_p, w_q=w_q)
     if backend == "cpu":
         native().kd_loss_forward_cpu(args, num_threads=torch.get_num_threads())
     else:

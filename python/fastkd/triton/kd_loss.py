@@ -128,7 +128,7 @@ def _sign_of_difference(lq, lp):
 
 
 @triton.jit
-def _divergence_terms(lp, lq, log_wp, log_wq, coef, DIV: tl.constexpr):
+def _divergence_terms(lp, lq, log_wp, log_wq, w_p, w_q, DIV: tl.constexpr):
     # Terms-pass contribution (loss, dot) of [BLOCK_V] elements (kd_math.h divergence_terms).
     p = tl.exp(lp)
     q = tl.exp(lq)
@@ -139,7 +139,7 @@ def _divergence_terms(lp, lq, log_wp, log_wq, coef, DIV: tl.constexpr):
         lm = _logaddexp(log_wp + lp, log_wq + lq)
         if DIV == JSD:
             dot = _xlogx_ratio(q, lq, lm)
-            loss = coef * _xlogx_ratio(p, lp, lm) + (1.0 - coef) * dot
+            loss = w_p * _xlogx_ratio(p, lp, lm) + w_q * dot
         else:
             # dot = sum q r with r = p/m (skl) or q/m (srkl).
             if DIV == SKL:
@@ -153,11 +153,11 @@ def _divergence_terms(lp, lq, log_wp, log_wq, coef, DIV: tl.constexpr):
 
 
 @triton.jit
-def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, coef, DIV: tl.constexpr):
+def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, w_q, DIV: tl.constexpr):
     # dL_soft/da of [BLOCK_V] elements (kd_math.h divergence_grad):
     #   fkl : q - p                       rkl : q (lq - lp - L)
-    #   jsd : (1-b) q (lq - lm - dot)     tvd : q (sign(q-p) - dot) / 2
-    #   skl : -(1-a) q (p/m - dot)        srkl: q ((lq - lm) - L - a (q/m - dot))
+    #   jsd : wq q (lq - lm - dot)        tvd : q (sign(q-p) - dot) / 2
+    #   skl : -wq q (p/m - dot)           srkl: q ((lq - lm) - L - wq (q/m - dot))
     # 0 where q counts as 0; logs read there as 0 so that no inf - inf is formed.
     q = tl.exp(lq)
     if DIV == FKL:
@@ -172,11 +172,11 @@ def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, coef, DIV: tl.constexpr)
         else:
             lm_in = tl.where(pos, _logaddexp(log_wp + lp, log_wq + lq), 0.0)
             if DIV == JSD:
-                h = (1.0 - coef) * (lq_in - lm_in - dot)
+                h = w_q * (lq_in - lm_in - dot)
             elif DIV == SKL:
-                h = -coef * (_mix_ratio(lp, lm_in) - dot)
+                h = -w_q * (_mix_ratio(lp, lm_in) - dot)
             else:
-                h = (lq_in - lm_in) - loss - coef * (_mix_ratio(lq_in, lm_in) - dot)
+                h = (lq_in - lm_in) - loss - w_q * (_mix_ratio(lq_in, lm_in) - dot)
         g = tl.where(pos, q * h, 0.0)
     return g
 
@@ -192,7 +192,7 @@ def _kd_loss_fwd_kernel(
     vocab,        # min(V_s, V_t): the columns the loss sees
     grad_vocab,   # V_s
     temperature, inv_t, cap, soft_weight, soft_grad_scale, hard_weight, hard_grad_weight,
-    ignore_index, log_wp, log_wq, coef,
+    ignore_index, log_wp, log_wq, w_p, w_q,  # m = w_p p + w_q q (jsd, skl, srkl)
     DIV: tl.constexpr,
     CAP: tl.constexpr,         # softcap > 0
     HAS_LABELS: tl.constexpr,
@@ -278,7 +278,8 @@ def _kd_loss_fwd_kernel(
                 mask = cols < vocab
                 a = _load_row(zs_ptr, cols, mask, inv_t, cap, CAP, False)
                 b = _load_row(zt_ptr, cols, mask, inv_t, cap, CAP, False)
-                t_loss, t_dot = _divergence_terms(b - lb, a - la, log_wp, log_wq, coef, DIV)
+                t_loss, t_dot = _divergence_terms(b - lb, a - la, log_wp, log_wq, w_p, w_q,
+                                                  DIV)
                 loss_acc += t_loss
                 dot_acc += t_dot
             soft = tl.sum(loss_acc, axis=0)
@@ -311,7 +312,7 @@ def _kd_loss_fwd_kernel(
             a, dcap = _load_row(zs_ptr, cols, mask, inv_t, cap, CAP, True)
             b = _load_row(zt_ptr, cols, mask, inv_t, cap, CAP, False)
             g = soft_grad_scale * _divergence_grad(b - lb, a - la, soft, dot, log_wp, log_wq,
-                                                   coef, DIV) + row_nan
+                                                   w_q, DIV) + row_nan
             if CE:
                 g += hard_grad_weight * tl.exp(temperature * a - lz)
                 g = tl.where(cols == label, g - hard_grad_weight, g)
@@ -335,7 +336,11 @@ def kd_loss_forward(student, teacher, labels, grad, loss, *, n_rows, inner_rows,
     num_warps = max(1, min(4, block_v // 256))
     has_labels = labels is not None
     ce = has_labels and cfg.hard_weight > 0.0
-    # 1/T and the gradient weights rounded as the native binding computes them (in fp32).
+    # 1/T and the gradient weights rounded as the native binding computes them (in fp32), and
+    # the mixture's weights and logs rounded to fp32 as a GPU takes them (the interpreter would
+    # compute with Python's doubles).
+    w_p, w_q = (float(np.float32(w)) for w in cfg.mixture_weights)
+    log_wp, log_wq = float(np.float32(cfg.log_wp)), float(np.float32(cfg.log_wq))
     t32 = np.float32(cfg.temperature)
     inv_t = float(np.float32(1.0) / t32)
     grad_scale = np.float32(cfg.grad_scale)
@@ -347,7 +352,7 @@ def kd_loss_forward(student, teacher, labels, grad, loss, *, n_rows, inner_rows,
         teacher_layout.outer_stride, teacher_layout.inner_stride, inner_rows,
         vocab, grad_vocab,
         cfg.temperature, inv_t, cfg.softcap, cfg.soft_weight, soft_grad_scale, cfg.hard_weight,
-        hard_grad_weight, cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef,
+        hard_grad_weight, cfg.ignore_index, log_wp, log_wq, w_p, w_q,
         DIV=cfg.divergence,
         CAP=cfg.softcap > 0.0,
         HAS_LABELS=has_labels,
