@@ -32,11 +32,13 @@ using Math = CpuMath;
 
 constexpr bool is_mixture(int div) { return div == kJSD || div == kSKL || div == kSRKL; }
 
-// x_i = cap(load(z_i)) / T into `out`; d(cap)/dz into `dcap` when DCAP. Returns max_i x_i.
+// x_i = cap(load(z_i)) / T into `out`; d(cap)/dz into `dcap` when DCAP. Returns max_i x_i, taken
+// over each block of 16 right after it is written, in L1 (a separate pass that read the row
+// back from L2 cost 0.9 of fkl's 10.7 instructions per element).
 template <typename T, bool CAP, bool DCAP>
 float load_row(const T* __restrict z, int64_t n, float inv_t, float cap, float* __restrict out,
                float* __restrict dcap) {
-  for (int64_t i = 0; i < n; ++i) {
+  auto element = [&](int64_t i) {
     float v = to_float(z[i]);
     if (CAP) {
       v = softcap<Math>(v, cap);
@@ -46,8 +48,15 @@ float load_row(const T* __restrict z, int64_t n, float inv_t, float cap, float* 
       }
     }
     out[i] = v * inv_t;
+  };
+  MaxLanes mx;
+  const int64_t body = n - n % 16;
+  for (int64_t i = 0; i < body; i += 16) {
+    for (int64_t j = 0; j < 16; ++j) element(i + j);
+    mx.add16(out + i);
   }
-  return row_max(out, n);
+  for (int64_t i = body; i < n; ++i) element(i);
+  return mx.finish(out + body, n - body);
 }
 
 // dcap == nullptr: the capping derivative is not needed (teacher rows).
@@ -64,27 +73,36 @@ struct RowStats {
 
 // sum exp(a - ma), sum exp(b - mb) and, for fkl/rkl, the shifted loss accumulator. The
 // exponentials are kept in ea, eb: later passes get q and p from them without another exp.
+// Each block of kLanes elements is computed first and then added into LaneSums from memory (in
+// L1): with the sums as lane arrays updated inside the element loop, GCC kept them in memory
+// and ran that loop twice per block (3 % more time, 0.3 more instructions per element).
 template <int DIV>
 RowStats stats_pass(const float* __restrict a, const float* __restrict b, int64_t n, float ma,
                     float mb, float* __restrict ea, float* __restrict eb) {
-  float sa[kLanes] = {}, sb[kLanes] = {}, kl[kLanes] = {};
-  auto element = [&](int64_t i, float& acc_a, float& acc_b, float& acc_kl) {
+  auto element = [&](int64_t i) {
     const float xa = a[i] - ma;
     const float xb = b[i] - mb;
-    const float ea_i = Math::exp(xa);
-    const float eb_i = Math::exp(xb);
-    ea[i] = ea_i;
-    eb[i] = eb_i;
-    acc_a += ea_i;
-    acc_b += eb_i;
-    if (DIV == kFKL) acc_kl += shifted_kl_term(eb_i, xb, xa);
-    if (DIV == kRKL) acc_kl += shifted_kl_term(ea_i, xa, xb);
+    ea[i] = Math::exp_nonpositive(xa);
+    eb[i] = Math::exp_nonpositive(xb);
+    if (DIV == kFKL) return shifted_kl_term(eb[i], xb, xa);
+    if (DIV == kRKL) return shifted_kl_term(ea[i], xa, xb);
+    return 0.0f;
   };
+  LaneSums sa, sb, kl;
   const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) element(i + j, sa[j], sb[j], kl[j]);
-  RowStats r{lane_sum(sa), lane_sum(sb), lane_sum(kl)};
-  for (int64_t i = body; i < n; ++i) element(i, r.sum_a, r.sum_b, r.kl_acc);
+  for (int64_t i = 0; i < body; i += kLanes) {
+    float klb[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) klb[j] = element(i + j);
+    sa.add(ea + i);
+    sb.add(eb + i);
+    if (loss_in_stats_pass(DIV)) kl.add(klb);
+  }
+  RowStats r{sa.sum(), sb.sum(), kl.sum()};
+  for (int64_t i = body; i < n; ++i) {
+    r.kl_acc += element(i);
+    r.sum_a += ea[i];
+    r.sum_b += eb[i];
+  }
   return r;
 }
 
