@@ -156,8 +156,8 @@ FASTKD_HD float mixture_log_ratio(float d, const DivergenceCoefs& c) {
 }
 
 // The mixture from d and tau as the caller formed it. tau is NaN where neither model has mass
-// at the element (all its terms are then discarded): read as 1, so that every field stays
-// finite.
+// at the element (all its terms are then discarded) and may exceed 1 by rounding where lam is
+// near 0: both read as 1, so that every field stays finite.
 FASTKD_HD Mixture mixture(float d, float tau, const DivergenceCoefs& c) {
   const float lam = mixture_log_ratio(d, c);
   const bool p_leads = lam > 0.0f;
