@@ -27,7 +27,7 @@ KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, i
                         uintptr_t labels, uintptr_t grad, uintptr_t loss, int divergence,
                         float temperature, float softcap, float soft_weight, float hard_weight,
                         float grad_scale, int64_t ignore_index, float log_wp, float log_wq,
-                        float coef) {
+                        float w_p, float w_q) {
   if (divergence < kFKL || divergence > kSRKL)
     throw std::invalid_argument("unknown divergence code " + std::to_string(divergence));
   check_dtype_code(student_dtype);
@@ -59,7 +59,7 @@ KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, i
   a.config.hard_weight = hard_weight;
   a.config.hard_grad_weight = grad_scale * hard_weight;
   a.config.ignore_index = ignore_index;
-  a.config.coefs = {log_wp, log_wq, coef};
+  a.config.coefs = {log_wp, log_wq, w_p, w_q};
   return a;
 }
 
@@ -76,7 +76,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("vocab"), py::arg("grad_vocab"), py::arg("labels"), py::arg("grad"),
            py::arg("loss"), py::arg("divergence"), py::arg("temperature"), py::arg("softcap"),
            py::arg("soft_weight"), py::arg("hard_weight"), py::arg("grad_scale"),
-           py::arg("ignore_index"), py::arg("log_wp"), py::arg("log_wq"), py::arg("coef"));
+           py::arg("ignore_index"), py::arg("log_wp"), py::arg("log_wq"), py::arg("w_p"),
+           py::arg("w_q"));
 
   m.def(
       "kd_loss_forward_cpu",

@@ -116,6 +116,38 @@ def test_matches_reference(device, backend, divergence, dkw, options):
                       **dkw, **options)
 
 
+# Mixture weights near 0 and 1. Near 1, 1 - w formed in float32 from a float32 w would carry w's
+# rounding (a relative 1.3e-5 in 1 - beta at beta = 0.999, 1.7e-4 at 0.9999), scaling the whole
+# gradient; near either edge some gradients are small differences of nearly equal terms.
+WEIGHT_EDGES = [(d, {k: w}) for d, k in [("jsd", "beta"), ("skl", "alpha"), ("srkl", "alpha")]
+                for w in (0.999, 0.9999, 1e-4, 1e-3)]
+WEIGHT_EDGE_IDS = [f"{d}-{k}{w}" for d, kw in WEIGHT_EDGES for k, w in kw.items()]
+
+
+def assert_relative_within_torch_error(name, value, exact, torch_value):
+    """assert_within_torch_error on values divided by the largest exact one: the absolute floor
+    would pass anything below it, such as a whole gradient off by a relative 1e-5."""
+    scale = exact.abs().max().item()
+    assert_within_torch_error(f"{name} / max|{name}|", value / scale, exact / scale,
+                              torch_value / scale)
+
+
+@pytest.mark.parametrize("device,backend",
+                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize("divergence,dkw", WEIGHT_EDGES, ids=WEIGHT_EDGE_IDS)
+def test_mixture_weight_edges(device, backend, divergence, dkw):
+    # Few elements: the largest of torch's own errors grows with their number, and at
+    # (5, 9) x 401 it would admit the gradient scaled by 1 - 1.3e-5 (beta = 0.999).
+    s = make_logits((3,), 37, device=device, seed=14)
+    t = make_logits((3,), 37, device=device, seed=15)
+    kw = dict(divergence=divergence, reduction="none", **dkw)
+    loss, grad = run_fused(s, t, backend, **kw)
+    ref_loss, ref_grad = run_reference(s, t, **kw)
+    t32_loss, t32_grad = run_reference_fp32(s, t, **kw)
+    assert_relative_within_torch_error("loss", loss, ref_loss, t32_loss)
+    assert_relative_within_torch_error("grad", grad, ref_grad, t32_grad)
+
+
 @pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
 @pytest.mark.parametrize("vocab", [1, 7, 4099, 1271])
 @pytest.mark.parametrize("divergence", ["fkl", "jsd", "srkl"])

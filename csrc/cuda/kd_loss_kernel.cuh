@@ -653,8 +653,8 @@ __device__ __forceinline__ void kd_row(const KdLossArgs& A, const LaunchPlan& pl
             const float lp = fmaf(c.zt.v[e], inv_t, -rs.lb);
             const float lq = fmaf(c.zs.v[e], inv_t, -rs.la);
             const Terms x = divergence_terms<DIV, CudaMath>(lp, lq, cfg.coefs);
-            // Columns outside the row are excluded explicitly: a term at lp = lq = -inf need
-            // not be 0 (e.g. q * exp(lp - lm) with lm = -inf).
+            // Columns outside the row are excluded explicitly rather than through the value
+            // the terms take at lp = lq = -inf.
             const bool inside = e >= c.lo && e < c.hi;
             tm.loss += inside ? x.loss : 0.0f;
             tm.dot += inside ? x.dot : 0.0f;

@@ -84,6 +84,7 @@ def launch_kd_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.T
                         student_layout=s_layout, teacher_layout=t_layout, vocab=vocab,
                         grad_vocab=vs, cfg=cfg)
         return loss, grad
+    w_p, w_q = cfg.mixture_weights
     fields = dict(
         student=s, student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
         s_inner=s_layout.inner_stride, teacher=t, teacher_dtype=DTYPE_CODES[t.dtype],
@@ -91,7 +92,7 @@ def launch_kd_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.T
         n_rows=n_rows, vocab=vocab, grad_vocab=vs, labels=flat_labels, grad=grad, loss=loss,
         divergence=cfg.divergence, temperature=cfg.temperature, softcap=cfg.softcap,
         soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight, grad_scale=cfg.grad_scale,
-        ignore_index=cfg.ignore_index, log_wp=cfg.log_wp, log_wq=cfg.log_wq, coef=cfg.coef)
+        ignore_index=cfg.ignore_index, log_wp=cfg.log_wp, log_wq=cfg.log_wq, w_p=w_p, w_q=w_q)
     if backend == "cpu":
         launch("kd_loss_forward_cpu", args="KdLossArgs", **fields,
                run=dict(num_threads=torch.get_num_threads()))

@@ -99,26 +99,67 @@ def _shifted_kl_block(acc, s_inc, bad, x, y, ex, xs, ys, rx, dm):
 
 
 @triton.jit
-def _logaddexp(x, y):
-    # log(exp(x) + exp(y)) = hi + log(1 + exp(lo - hi)); -inf when both are -inf (hi read as 0
-    # inside the exp, so that no -inf - -inf is formed).
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
-    return hi + tl.log(1.0 + tl.exp(lo - tl.where(hi == NEG_INF, 0.0, hi)))
+def _log1p_unit(t):
+    # log(1 + t) for t in [0, 1], within 1.4 ulp also for small t (kd_math.h log1p_unit): the
+    # Cephes logf polynomial, by Estrin's scheme, in f = t, or in f = (t - 1) / 2 plus ln 2
+    # above sqrt(2) - 1.
+    high = t > 0.41421356
+    f = tl.where(high, 0.5 * (t - 1.0), t)
+    e = tl.where(high, 1.0, 0.0)
+    z = f * f
+    p01 = -2.4999993993e-1 * f + 3.3333331174e-1
+    p23 = -1.6668057665e-1 * f + 2.0000714765e-1
+    p45 = -1.2420140846e-1 * f + 1.4249322787e-1
+    p67 = -1.1514610310e-1 * f + 1.1676998740e-1
+    p4567 = (7.0376836292e-2 * z + p67) * z + p45
+    poly = (p23 * z + p01) + p4567 * (z * z)
+    y = f * z * poly + e * -2.12194440e-4 - 0.5 * z
+    return f + y + e * 0.693359375
 
 
 @triton.jit
-def _xlogx_ratio(w, lw, lv):
-    # w * (lw - lv), 0 where w counts as 0 (0 * log 0 = 0 even where lv = -inf).
-    pos = lw > LOG_MIN_PROB
-    return w * (tl.where(pos, lw, 0.0) - tl.where(pos, lv, 0.0))
+def _mixture(lp, lq, log_wp, log_wq):
+    # The mixture m = w_p p + w_q q of [BLOCK_V] elements (kd_math.h mixture): from
+    # lam = log(w_p p / (w_q q)) and tau = exp(-|lam|), the lesser weighted term over the greater,
+    # returns (lq - lm, lp - lm, w_p p / m, w_q q / m, g = log(m / (w_q q)) - w_p p / m). -inf
+    # log-probabilities read as -1e30 (the same tau, 0, and no inf - inf: the elements where
+    # they matter are discarded by the callers).
+    lp = tl.maximum(lp, -1e30)
+    lq = tl.maximum(lq, -1e30)
+    d = lp - lq
+    lam = d + (log_wp - log_wq)
+    p_leads = lam > 0.0
+    t = tl.exp(-tl.abs(lam))
+    l1 = _log1p_unit(t)
+    lead_share = 1.0 / (1.0 + t)
+    minor_share = t * lead_share
+    dq = tl.where(p_leads, -(d + log_wp), -log_wq) - l1
+    dp = tl.where(p_leads, -log_wp, d - log_wq) - l1
+    p_share = tl.where(p_leads, lead_share, minor_share)
+    q_share = tl.where(p_leads, minor_share, lead_share)
+    # Where q's term leads, g = -log(1 - u) - u, u = minor_share: below u = 1/8 the series
+    # sum_{k>=2} u^k / k to k = 9, which keeps the digits that l1 - u loses as u -> 0.
+    u = minor_share
+    series = u * u * (0.5 + u * (1.0 / 3.0 + u * (0.25 + u * (0.2 + u * (
+        1.0 / 6.0 + u * (1.0 / 7.0 + u * (0.125 + u / 9.0)))))))
+    g = tl.where(p_leads, lam + l1 - lead_share, tl.where(u < 0.125, series, l1 - u))
+    return dq, dp, p_share, q_share, g
 
 
 @triton.jit
-def _mix_ratio(lw, lm):
-    # w / m = exp(lw - lm) for a mixture component w; 0 where w counts as 0 (lm may be -inf).
-    keep = lw > LOG_MIN_PROB
-    return tl.exp(tl.where(keep, lw, NEG_INF) - tl.where(keep, lm, 0.0))
+def _mixture_keep(dq, p_share, q_share, g, w_p, w_q, DIV: tl.constexpr):
+    # What the gradient of a mixture element needs besides q (kd_math.h mixture_keep): jsd:
+    # lq - lm; skl: the share of the lighter-weighted model in m; srkl: g.
+    if DIV == JSD:
+        keep = dq
+    elif DIV == SKL:
+        if w_p < w_q:
+            keep = p_share
+        else:
+            keep = q_share
+    else:
+        keep = g
+    return keep
 
 
 @triton.jit
@@ -128,36 +169,34 @@ def _sign_of_difference(lq, lp):
 
 
 @triton.jit
-def _divergence_terms(lp, lq, log_wp, log_wq, coef, DIV: tl.constexpr):
-    # Terms-pass contribution (loss, dot) of [BLOCK_V] elements (kd_math.h divergence_terms).
+def _divergence_terms(lp, lq, log_wp, log_wq, w_p, w_q, DIV: tl.constexpr):
+    # Terms-pass contribution (loss, dot) of [BLOCK_V] elements (kd_math.h divergence_terms);
+    # the mixtures' dot is the sum of q times _mixture_keep.
     p = tl.exp(lp)
     q = tl.exp(lq)
     if DIV == TVD:
         loss = 0.5 * tl.abs(q - p)
         dot = q * _sign_of_difference(lq, lp)
     else:
-        lm = _logaddexp(log_wp + lp, log_wq + lq)
+        dq, dp, p_share, q_share, g = _mixture(lp, lq, log_wp, log_wq)
+        has_p = lp > LOG_MIN_PROB
+        has_q = lq > LOG_MIN_PROB
+        dot = tl.where(has_q, q * _mixture_keep(dq, p_share, q_share, g, w_p, w_q, DIV), 0.0)
         if DIV == JSD:
-            dot = _xlogx_ratio(q, lq, lm)
-            loss = coef * _xlogx_ratio(p, lp, lm) + (1.0 - coef) * dot
+            loss = w_p * tl.where(has_p, p * dp, 0.0) + w_q * dot
+        elif DIV == SKL:
+            loss = tl.where(has_p, p * dp, 0.0)
         else:
-            # dot = sum q r with r = p/m (skl) or q/m (srkl).
-            if DIV == SKL:
-                loss = _xlogx_ratio(p, lp, lm)
-                r = _mix_ratio(lp, lm)
-            else:
-                loss = _xlogx_ratio(q, lq, lm)
-                r = _mix_ratio(lq, lm)
-            dot = tl.where(lq > LOG_MIN_PROB, q * r, 0.0)
+            loss = tl.where(has_q, q * dq, 0.0)
     return loss, dot
 
 
 @triton.jit
-def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, coef, DIV: tl.constexpr):
-    # dL_soft/da of [BLOCK_V] elements (kd_math.h divergence_grad):
+def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, w_p, w_q, DIV: tl.constexpr):
+    # dL_soft/da of [BLOCK_V] elements (kd_math.h plain_grad, mixture_grad):
     #   fkl : q - p                       rkl : q (lq - lp - L)
-    #   jsd : (1-b) q (lq - lm - dot)     tvd : q (sign(q-p) - dot) / 2
-    #   skl : -(1-a) q (p/m - dot)        srkl: q ((lq - lm) - L - a (q/m - dot))
+    #   jsd : wq q (lq - lm - dot)        tvd : q (sign(q-p) - dot) / 2
+    #   skl : -(wq/wp) q (p_share - dot) = (wq/wp) q (q_share - dot)      srkl: q (dot - g)
     # 0 where q counts as 0; logs read there as 0 so that no inf - inf is formed.
     q = tl.exp(lq)
     if DIV == FKL:
@@ -170,13 +209,17 @@ def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, coef, DIV: tl.constexpr)
         elif DIV == TVD:
             h = 0.5 * (_sign_of_difference(lq, lp) - dot)
         else:
-            lm_in = tl.where(pos, _logaddexp(log_wp + lp, log_wq + lq), 0.0)
+            dq, dp, p_share, q_share, gm = _mixture(lp, lq, log_wp, log_wq)
+            keep = _mixture_keep(dq, p_share, q_share, gm, w_p, w_q, DIV)
             if DIV == JSD:
-                h = (1.0 - coef) * (lq_in - lm_in - dot)
+                h = w_q * (keep - dot)
             elif DIV == SKL:
-                h = -coef * (_mix_ratio(lp, lm_in) - dot)
+                k = w_q / w_p
+                if w_p < w_q:
+                    k = -k
+                h = k * (keep - dot)
             else:
-                h = (lq_in - lm_in) - loss - coef * (_mix_ratio(lq_in, lm_in) - dot)
+                h = dot - keep
         g = tl.where(pos, q * h, 0.0)
     return g
 
@@ -192,7 +235,7 @@ def _kd_loss_fwd_kernel(
     vocab,        # min(V_s, V_t): the columns the loss sees
     grad_vocab,   # V_s
     temperature, inv_t, cap, soft_weight, soft_grad_scale, hard_weight, hard_grad_weight,
-    ignore_index, log_wp, log_wq, coef,
+    ignore_index, log_wp, log_wq, w_p, w_q,  # m = w_p p + w_q q (jsd, skl, srkl)
     DIV: tl.constexpr,
     CAP: tl.constexpr,         # softcap > 0
     HAS_LABELS: tl.constexpr,
@@ -278,7 +321,8 @@ def _kd_loss_fwd_kernel(
                 mask = cols < vocab
                 a = _load_row(zs_ptr, cols, mask, inv_t, cap, CAP, False)
                 b = _load_row(zt_ptr, cols, mask, inv_t, cap, CAP, False)
-                t_loss, t_dot = _divergence_terms(b - lb, a - la, log_wp, log_wq, coef, DIV)
+                t_loss, t_dot = _divergence_terms(b - lb, a - la, log_wp, log_wq, w_p, w_q,
+                                                  DIV)
                 loss_acc += t_loss
                 dot_acc += t_dot
             soft = tl.sum(loss_acc, axis=0)
@@ -311,7 +355,7 @@ def _kd_loss_fwd_kernel(
             a, dcap = _load_row(zs_ptr, cols, mask, inv_t, cap, CAP, True)
             b = _load_row(zt_ptr, cols, mask, inv_t, cap, CAP, False)
             g = soft_grad_scale * _divergence_grad(b - lb, a - la, soft, dot, log_wp, log_wq,
-                                                   coef, DIV) + row_nan
+                                                   w_p, w_q, DIV) + row_nan
             if CE:
                 g += hard_grad_weight * tl.exp(temperature * a - lz)
                 g = tl.where(cols == label, g - hard_grad_weight, g)
@@ -335,7 +379,11 @@ def kd_loss_forward(student, teacher, labels, grad, loss, *, n_rows, inner_rows,
     num_warps = max(1, min(4, block_v // 256))
     has_labels = labels is not None
     ce = has_labels and cfg.hard_weight > 0.0
-    # 1/T and the gradient weights rounded as the native binding computes them (in fp32).
+    # 1/T and the gradient weights rounded as the native binding computes them (in fp32), and
+    # the mixture's weights and logs rounded to fp32 as a GPU takes them (the interpreter would
+    # compute with Python's doubles).
+    w_p, w_q = (float(np.float32(w)) for w in cfg.mixture_weights)
+    log_wp, log_wq = float(np.float32(cfg.log_wp)), float(np.float32(cfg.log_wq))
     t32 = np.float32(cfg.temperature)
     inv_t = float(np.float32(1.0) / t32)
     grad_scale = np.float32(cfg.grad_scale)
@@ -347,7 +395,7 @@ def kd_loss_forward(student, teacher, labels, grad, loss, *, n_rows, inner_rows,
         teacher_layout.outer_stride, teacher_layout.inner_stride, inner_rows,
         vocab, grad_vocab,
         cfg.temperature, inv_t, cfg.softcap, cfg.soft_weight, soft_grad_scale, cfg.hard_weight,
-        hard_grad_weight, cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef,
+        hard_grad_weight, cfg.ignore_index, log_wp, log_wq, w_p, w_q,
         DIV=cfg.divergence,
         CAP=cfg.softcap > 0.0,
         HAS_LABELS=has_labels,
