@@ -129,6 +129,6 @@ def run_distill_step_case(case: DistillStepCase, *, warmup: int = 1, reps: int =
 
     results = measure(impls, device, warmup=warmup, reps=reps, before_each=drop_grads)
     losses = ", ".join(f"{name} {value:.8g}" for name, value in first.items())
-    missing = "" if trl_loss is not None else " TRL is not installed here: no TRL row."
+    missing = "" if trl_loss is not None else "\n\nTRL is not installed here: no TRL row."
     note = f"\n\nFirst-step loss (nats per token): {losses}.{missing}"
     return results, format_table(case.title(), results, time_label="step ms") + note
