@@ -3,6 +3,12 @@
 Each case builds its inputs once, then runs every implementation (fastkd backends and peers such
 as torch eager, torch.compile and, on GPU, Liger-Kernel) for warm-up and timed repetitions of
 forward+backward. Results are ratios within one run, never absolute claims across machines.
+
+Timing: on CPU each repetition is one ``torch.utils.benchmark.Timer`` call (with the process's
+thread count: the Timer's default of one thread would time a different kernel schedule), so
+the per-step setup runs untimed; on CUDA ``triton.testing.do_bench`` (its 25 ms warm-up and
+100 ms of repetitions, the L2 cache flushed before each), or CUDA events without Triton. A
+table reports the median and the interquartile range.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ import gc
 import json
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -56,6 +61,7 @@ class Result:
     impl: str
     peer: bool
     time_ms: float | None = None        # median forward+backward
+    time_iqr: tuple[float, float] | None = None  # its 25th and 75th percentiles
     fwd_ms: float | None = None         # median forward only
     peak_mb: float | None = None        # memory above the inputs during forward+backward
     error: str | None = None
@@ -85,27 +91,54 @@ def _rss_kb(field_name: str) -> int:
     raise KeyError(field_name)
 
 
+def _quartiles(times: list[float]) -> tuple[float, float, float]:
+    """(median, 25th, 75th percentile) of at least one time."""
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return statistics.median(times), q1, q3
+
+
 def _time(step: Callable[[], object], device: torch.device, warmup: int, reps: int,
-          before_each: Callable[[], None]) -> float:
+          before_each: Callable[[], None]) -> tuple[float, float, float]:
+    """(median, 25th, 75th percentile) of ``step``'s time in ms."""
+    if device.type == "cuda":
+        return _time_cuda(step, device, warmup, reps, before_each)
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="step()", setup="before_each()", num_threads=torch.get_num_threads(),
+                  globals={"step": step, "before_each": before_each})
     for _ in range(warmup):
+        timer.timeit(1)
+    return _quartiles([timer.timeit(1).median * 1e3 for _ in range(reps)])
+
+
+def _time_cuda(step: Callable[[], object], device: torch.device, warmup: int, reps: int,
+               before_each: Callable[[], None]) -> tuple[float, float, float]:
+    def run():
         before_each()
         step()
+
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        median, q1, q3 = do_bench(run, quantiles=[0.5, 0.25, 0.75])
+        return median, q1, q3
+    for _ in range(warmup):
+        run()
     _sync(device)
     times = []
     for _ in range(reps):
         before_each()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return _quartiles(times)
 
 
 def _peak_mb(step: Callable[[], object], device: torch.device,
@@ -141,9 +174,11 @@ def measure(impls: list[Impl], device: torch.device, *, warmup: int = 2, reps: i
         try:
             step = impl.make()
             res.peak_mb = _peak_mb(step, device, before_each)
-            res.time_ms = _time(step, device, warmup, reps, before_each)
+            res.time_ms, *iqr = _time(step, device, warmup, reps, before_each)
+            res.time_iqr = tuple(iqr)
             if forward_only and impl.name in forward_only:
-                res.fwd_ms = _time(forward_only[impl.name](), device, warmup, reps, before_each)
+                res.fwd_ms = _time(forward_only[impl.name](), device, warmup, reps,
+                                   before_each)[0]
         except Exception as exc:  # a peer that cannot run here is a result, not a crash
             res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         finally:
@@ -156,8 +191,9 @@ def measure(impls: list[Impl], device: torch.device, *, warmup: int = 2, reps: i
 
 def format_table(title: str, results: list[Result], extra_cols: tuple[str, ...] = (),
                  time_label: str = "fwd+bwd ms") -> str:
-    """A markdown table; `vs best peer` is the best peer's time over this implementation's.
-    ``time_label`` names the timed step (forward+backward unless the op has no backward)."""
+    """A markdown table; `vs best peer` is the best peer's median time over this
+    implementation's. ``time_label`` names the timed step (forward+backward unless the op has no
+    backward); its column gives the median and, in brackets, the interquartile range."""
     peers = [r.time_ms for r in results if r.peer and r.time_ms is not None]
     best_peer = min(peers) if peers else None
     head = ["impl", time_label, "fwd ms", "peak MB", "vs best peer", *extra_cols]
@@ -168,7 +204,8 @@ def format_table(title: str, results: list[Result], extra_cols: tuple[str, ...] 
             lines.append(f"| {r.impl} | failed: {r.error} |" + " |" * (len(head) - 2))
             continue
         ratio = f"{best_peer / r.time_ms:.2f}x" if best_peer and r.time_ms else "-"
-        cells = [r.impl, f"{r.time_ms:.2f}", f"{r.fwd_ms:.2f}" if r.fwd_ms else "-",
+        spread = f" [{r.time_iqr[0]:.2f}–{r.time_iqr[1]:.2f}]" if r.time_iqr else ""
+        cells = [r.impl, f"{r.time_ms:.2f}{spread}", f"{r.fwd_ms:.2f}" if r.fwd_ms else "-",
                  f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-", ratio,
                  *[str(r.extra.get(c, "-")) for c in extra_cols]]
         lines.append("| " + " | ".join(cells) + " |")

@@ -306,6 +306,7 @@ def run_sinkhorn_case(case: SinkhornCase, *, warmup: int = 2, reps: int = 5, see
             continue
         summaries[s.name] = summary = s.summarize(outputs.pop(s.name))
         r.time_ms *= s.time_scale
+        r.time_iqr = tuple(t * s.time_scale for t in r.time_iqr)
         r.extra["iters (mean)"] = "-" if summary.iters is None else f"{summary.iters:.1f}"
         r.extra["converged"] = "-" if summary.converged is None else f"{summary.converged:.3f}"
     fastkd = [r for r in results if not r.peer and r.time_ms]
