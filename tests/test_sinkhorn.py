@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastkd
+from fastkd.ops._registry import backend_spec, interpreted, kernel_backends
 from fastkd.ops.sinkhorn import pairwise_cost
 from fastkd.reference.sinkhorn import sinkhorn_reference
 
@@ -17,11 +18,12 @@ ot = pytest.importorskip("ot")
 
 
 def _backends():
-    names = [b for b in fastkd.available_backends("sinkhorn", "cpu") if b != "triton"]
+    names = [b for b in fastkd.available_backends("sinkhorn", "cpu")
+             if not interpreted("sinkhorn", b, "cpu")]
     cases = [("cpu", b) for b in names]
     if HAS_CUDA:
         cases += [pytest.param("cuda", b, marks=pytest.mark.gpu)
-                  for b in fastkd.available_backends("sinkhorn", "cuda") if b != "torch"]
+                  for b in kernel_backends("sinkhorn", "cuda")]
     return cases
 
 
@@ -118,7 +120,7 @@ def test_one_dimensional_w1_as_eps_goes_to_zero(device, backend):
 @pytest.mark.parametrize("n,m", [(1, 1), (1, 7), (7, 1), (13, 29), (64, 64), (97, 33)])
 @pytest.mark.parametrize("eps", [0.05, 0.5])
 def test_matches_pot(device, backend, dtype, n, m, eps):
-    if dtype == torch.float64 and backend != "torch":
+    if dtype == torch.float64 and not backend_spec("sinkhorn", backend).float64:
         pytest.skip("float64 runs on the torch backend")
     cost, a, b = _problem(3, n, m, seed=n * 1000 + m, dtype=dtype, device=device)
     tol = 1e-10 if dtype == torch.float64 else 1e-6
