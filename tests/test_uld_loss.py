@@ -113,7 +113,8 @@ def _table_params():
                 if interpreted("uld_loss", backend, "cpu") and (
                         dtype != torch.float32 or rows * (vs + vt) > 20000):
                     continue
-                marks = [pytest.mark.triton] if backend_spec("uld_loss", backend).needs_triton else []
+                triton = backend_spec("uld_loss", backend).needs_triton
+                marks = [pytest.mark.triton] if triton else []
                 name = f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, lead))}-{vs}-{vt}"
                 out.append(pytest.param(backend, dtype, atol, rtol, lead, vs, vt, marks=marks,
                                         id=name))
