@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastkd
+from fastkd.ops._registry import backend_spec, interpreted
 from fastkd.reference import kd_loss_reference
 
 from conftest import HAS_CUDA, assert_within_torch_error, fused_backends
@@ -47,10 +48,10 @@ def backend_params(small_ok: bool = True):
     out = []
     for device in DEVICES:
         for backend in fused_backends(device):
-            if backend == "triton" and device == "cpu" and not small_ok:
+            if interpreted("kd_loss", backend, device) and not small_ok:
                 continue
             marks = [pytest.mark.gpu] if device == "cuda" else []
-            if backend == "triton":
+            if backend_spec("kd_loss", backend).needs_triton:
                 marks.append(pytest.mark.triton)
             out.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return out
@@ -107,7 +108,7 @@ def assert_close_fp32(student, teacher, backend, **kw):
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
 def test_matches_reference(device, backend, divergence, dkw, options):
-    small = backend == "triton" and device == "cpu"
+    small = interpreted("kd_loss", backend, device)
     rows, vocab = ((3,), 37) if small else ((5, 9), 401)
     s = make_logits(rows, vocab, device=device, seed=0)
     t = make_logits(rows, vocab, device=device, seed=1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastkd
+from fastkd.ops._registry import backend_spec, interpreted, kernel_backends
 from fastkd.ops.sinkhorn import pairwise_cost
 from fastkd.reference.sinkhorn import sinkhorn_reference
 
@@ -17,11 +18,12 @@ ot = pytest.importorskip("ot")
 
 
 def _backends():
-    names = [b for b in fastkd.available_backends("sinkhorn", "cpu") if b != "triton"]
+    names = [b for b in fastkd.available_backends("sinkhorn", "cpu")
+             if not interpreted("sinkhorn", b, "cpu")]
     cases = [("cpu", b) for b in names]
     if HAS_CUDA:
         cases += [pytest.param("cuda", b, marks=pytest.mark.gpu)
-                  for b in fastkd.available_backends("sinkhorn", "cuda") if b != "torch"]
+                  for b in kernel_backends("sinkhorn", "cuda")]
     return cases
 
 
@@ -118,7 +120,7 @@ def test_one_dimensional_w1_as_eps_goes_to_zero(device, backend):
 @pytest.mark.parametrize("n,m", [(1, 1), (1, 7), (7, 1), (13, 29), (64, 64), (97, 33)])
 @pytest.mark.parametrize("eps", [0.05, 0.5])
 def test_matches_pot(device, backend, dtype, n, m, eps):
-    if dtype == torch.float64 and backend != "torch":
+    if dtype == torch.float64 and not backend_spec("sinkhorn", backend).float64:
         pytest.skip("float64 runs on the torch backend")
     cost, a, b = _problem(3, n, m, seed=n * 1000 + m, dtype=dtype, device=device)
     tol = 1e-10 if dtype == torch.float64 else 1e-6
@@ -557,7 +559,8 @@ def test_empty_problem_keeps_eps_as_its_final_eps():
     cost = torch.rand(2, 5, 4)
     log_a, log_b = torch.zeros(2, 5), torch.zeros(2, 4)
     sizes = torch.tensor([0, 5], dtype=torch.int32)
-    for backend in [b for b in fastkd.available_backends("sinkhorn", "cpu") if b != "triton"]:
+    for backend in [b for b in fastkd.available_backends("sinkhorn", "cpu")
+                    if not interpreted("sinkhorn", b, "cpu")]:
         out = torch.ops.fastkd.sinkhorn_solve(
             cost, log_a, log_b, sizes, None, torch.full((2,), 3.0), None, 0.1, 0.5, 100, 1,
             1e-6, False, backend)

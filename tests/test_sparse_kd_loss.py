@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastkd
+from fastkd.ops._registry import backend_spec, interpreted
 from fastkd.ops.sparse_kd_loss import sparse_kd_loss
 from fastkd.reference.sparse_kd_loss import sparse_kd_loss_reference
 from fastkd.sparse import SparseTargets
@@ -24,9 +25,11 @@ def backend_params(small_ok: bool = True, fused_only: bool = False):
     """Backends on CPU; Triton runs in its interpreter, so only on small cases."""
     out = []
     for backend in BACKENDS:
-        if (backend == "triton" and not small_ok) or (backend == "torch" and fused_only):
+        spec = backend_spec("sparse_kd_loss", backend)
+        if (interpreted("sparse_kd_loss", backend, "cpu") and not small_ok) or (
+                spec.is_reference and fused_only):
             continue
-        marks = [pytest.mark.triton] if backend == "triton" else []
+        marks = [pytest.mark.triton] if spec.needs_triton else []
         out.append(pytest.param(backend, marks=marks, id=backend))
     return out
 
@@ -127,7 +130,7 @@ OPTIONS = [
 @pytest.mark.parametrize("options", OPTIONS,
                          ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
 def test_matches_reference(backend, kind, options):
-    small = backend == "triton"
+    small = interpreted("sparse_kd_loss", backend, "cpu")
     lead, vocab = ((3,), 37) if small else ((5, 9), 401)
     s = make_logits(lead, vocab, seed=0)
     targets = make_targets(lead, vocab, kind, seed=1, temperature=options.get("temperature", 1))

@@ -12,13 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkd
+from fastkd.ops._registry import backend_spec, interpreted
 from fastkd.reference import uld_loss_reference
 
 # Backends run against the float64 reference: the fused kernels, and the reference itself in
 # float32 (what backend="torch" runs). Triton runs here in its interpreter: small fp32 cases only
 # (the GPU test at the end covers the rest).
 _AVAILABLE = fastkd.available_backends("uld_loss", "cpu")
-BACKENDS = [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else [], id=b)
+BACKENDS = [pytest.param(b, marks=[pytest.mark.triton] if backend_spec("uld_loss", b).needs_triton
+                         else [], id=b)
             for b in _AVAILABLE]
 
 # (dtype, atol, rtol) of the gradient as rounded to the input dtype: atol is that dtype's
@@ -108,9 +110,11 @@ def _table_params():
         for dtype, atol, rtol in DTYPES:
             for lead, vs, vt in SHAPES:
                 rows = math.prod(lead)
-                if backend == "triton" and (dtype != torch.float32 or rows * (vs + vt) > 20000):
+                if interpreted("uld_loss", backend, "cpu") and (
+                        dtype != torch.float32 or rows * (vs + vt) > 20000):
                     continue
-                marks = [pytest.mark.triton] if backend == "triton" else []
+                triton = backend_spec("uld_loss", backend).needs_triton
+                marks = [pytest.mark.triton] if triton else []
                 name = f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, lead))}-{vs}-{vt}"
                 out.append(pytest.param(backend, dtype, atol, rtol, lead, vs, vt, marks=marks,
                                         id=name))
@@ -321,7 +325,8 @@ def test_non_contiguous_and_broadcast_inputs(backend):
                          [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
                           (torch.float16, torch.bfloat16)], ids=str)
 def test_mixed_dtypes(backend, student_dtype, teacher_dtype):
-    if backend == "triton" and torch.float32 not in (student_dtype, teacher_dtype):
+    if interpreted("uld_loss", backend, "cpu") and torch.float32 not in (student_dtype,
+                                                                         teacher_dtype):
         pytest.skip("the Triton interpreter runs fp32 cases only")
     s = make_logits((3,), 90, dtype=student_dtype, seed=40)
     t = make_logits((3,), 70, dtype=teacher_dtype, seed=41)

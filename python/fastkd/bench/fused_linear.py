@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import available_backends, fused_linear_kd_loss
+from ..ops import fused_linear_kd_loss
+from ..ops._registry import kernel_backends
 from .harness import Impl, Result, format_table, measure
 from .kd_loss import plain_kd_loss
 
@@ -105,8 +106,7 @@ def _impls(case: FusedLinearCase, hidden: torch.Tensor, weight: torch.Tensor,
                                                      **kw)
 
     impls = [Impl(f"fastkd[{backend}]", train_step(fastkd_loss(backend)))
-             for backend in available_backends("fused_linear_kd_loss", device)
-             if backend != "torch"]
+             for backend in kernel_backends("fused_linear_kd_loss", device)]
 
     def eager_online(x, w, tx, tw):
         with torch.no_grad():

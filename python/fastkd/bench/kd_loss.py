@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import available_backends, kd_loss
+from ..ops import kd_loss
+from ..ops._registry import kernel_backends
 from ..reference.kd_loss import kd_loss_reference
 from .harness import Result, add_loss_impl, format_table, measure
 
@@ -77,9 +78,7 @@ def _impls(case: KdCase, student: torch.Tensor, teacher: torch.Tensor):
     kw = dict(divergence=case.divergence, beta=case.beta)
 
     impls, fwd = [], {}
-    for backend in available_backends("kd_loss", device):
-        if backend == "torch":
-            continue
+    for backend in kernel_backends("kd_loss", device):
         add_loss_impl(impls, fwd, f"fastkd[{backend}]",
                       (lambda b: lambda: kd_loss(student, teacher, backend=b, **kw))(backend))
 

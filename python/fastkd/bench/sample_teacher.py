@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import available_backends, sample_teacher
+from ..ops._registry import kernel_backends
 from .harness import Impl, Result, format_table, measure
 
 __all__ = ["SampleCase", "run_sample_teacher_case"]
@@ -77,8 +78,7 @@ def run_sample_teacher_case(case: SampleCase, *, warmup: int = 2, reps: int = 5,
 
     # The reference sampler is the oracle, not a contender, where a kernel exists; where none
     # does, it is what fastkd runs, so it is measured.
-    backends = available_backends(op, device)
-    kernels = [b for b in backends if b != "torch"] or backends
+    kernels = kernel_backends(op, device) or available_backends(op, device)
     impls = [Impl(f"fastkd[{backend}]",
                   (lambda b: lambda: lambda: sample_teacher(logits, backend=b, **kw))(backend))
              for backend in kernels]

@@ -19,7 +19,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from ..ops import available_backends, sinkhorn
+from ..ops import sinkhorn
+from ..ops._registry import kernel_backends
 from ..ops.sinkhorn import pairwise_cost
 from .harness import Impl, Result, format_table, measure
 
@@ -99,8 +100,7 @@ class _Solver(NamedTuple):
 def _fastkd_solvers(case: SinkhornCase, cost: torch.Tensor) -> list[_Solver]:
     device = torch.device(case.device)
     # Triton runs on CPU only under its interpreter: nothing to time.
-    kernels = [b for b in available_backends("sinkhorn", device)
-               if b != "torch" and not (b == "triton" and device.type == "cpu")]
+    kernels = kernel_backends("sinkhorn", device, interpreted_ok=False)
     kw = dict(eps=case.eps, tol=case.tol, max_iters=case.max_iters,
               eps_scaling=case.eps_scaling)
 

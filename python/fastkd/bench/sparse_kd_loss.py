@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..ops import available_backends, kd_loss, sample_teacher, sparse_kd_loss
+from ..ops import kd_loss, sample_teacher, sparse_kd_loss
+from ..ops._registry import kernel_backends
 from ..sparse.cache import TeacherCache
 from ..sparse.targets import SparseTargets
 from .harness import Result, add_loss_impl, format_table, measure
@@ -112,9 +113,7 @@ def _impls(case: SparseCase, student: torch.Tensor, teacher: torch.Tensor,
     device = torch.device(case.device)
 
     impls, fwd = [], {}
-    for backend in available_backends("sparse_kd_loss", device):
-        if backend == "torch":
-            continue
+    for backend in kernel_backends("sparse_kd_loss", device):
         add_loss_impl(impls, fwd, f"fastkd[{backend}]",
                       (lambda b: lambda: sparse_kd_loss(student, targets, backend=b))(backend))
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import available_backends, uld_loss
+from ..ops import uld_loss
+from ..ops._registry import kernel_backends
 from .harness import Result, add_loss_impl, format_table, measure
 from .sparse_kd_loss import lm_like_logits
 
@@ -57,9 +58,7 @@ def run_uld_loss_case(case: UldCase, *, warmup: int = 2, reps: int = 5, seed: in
     student = (torch.randn(case.rows, case.vocab, generator=g, device=device) * 2
                ).to(case.torch_dtype).requires_grad_()
     impls, fwd = [], {}
-    for backend in available_backends("uld_loss", device):
-        if backend == "torch":
-            continue
+    for backend in kernel_backends("uld_loss", device):
         add_loss_impl(impls, fwd, f"fastkd[{backend}]",
                       (lambda b: lambda: uld_loss(student, teacher, backend=b))(backend))
     add_loss_impl(impls, fwd, "torch eager", lambda: plain_uld_loss(student, teacher), peer=True)

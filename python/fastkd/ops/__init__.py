@@ -1,6 +1,6 @@
 """Op families: input checks, torch custom ops with fake kernels and autograd, backend dispatch."""
 
-from ._backends import available_backends
+from ._registry import available_backends
 from .fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from .kd_loss import kd_loss
 from .ot_losses import sequence_ot_loss, sinkd_loss

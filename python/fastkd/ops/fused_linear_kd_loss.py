@@ -32,16 +32,26 @@ from ..reference.fused_linear_kd_loss import fused_linear_kd_loss_reference, lin
 from ..reference.kd_loss import reduce_total
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
-from ._backends import resolve_backend
 from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN, check_kd_options, check_labels
 from ._kd_config import KdConfig, make_kd_config
-from ._native import DTYPE_CODES
+from ._registry import (accepts, backend_spec, native_backend, reference_backend, register_op,
+                        resolve_backend, triton_backend)
 from .kd_loss import launch_kd_rows, mean_grad_scale
 from .sparse_kd_loss import (check_sparse_options, check_targets, launch_sparse_rows,
                              merge_duplicate_ids)
 
 __all__ = ["chunk_logits", "default_memory_budget", "fused_linear_kd_loss",
            "fused_linear_sparse_kd_loss", "gemm_operand", "resolve_chunk_size"]
+
+# The row kernel of the chunked lm_head + loss: the same kernels as kd_loss, each writing a
+# chunk's gradient over its logits. fused_linear_sparse_kd_loss runs sparse_kd_loss's kernels.
+register_op("fused_linear_kd_loss", [
+    reference_backend(),
+    native_backend("cpu", "kd_loss_forward_cpu", skips_unneeded_grad=True,
+                   grad_may_alias_input=True),
+    native_backend("cuda", "kd_loss_forward_cuda", grad_may_alias_input=True),
+    triton_backend("kd_loss", grad_may_alias_input=True),
+], auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")})
 
 # Default workspace per chunk (the fp32 logits of both models, and on CUDA the low-precision
 # copy of the gradient fed to the GEMMs). On CPU a smaller chunk loses little GEMM efficiency.
@@ -320,7 +330,9 @@ def _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_lo
         else:
             zt = _teacher_rows(teacher_logits, begin, end)
         launch_kd_rows(zs, zt, None if labels is None else labels[begin:end], cfg, backend,
-                       need_grad, loss=loss, grad=zs if need_grad or backend != "cpu" else None)
+                       need_grad, loss=loss,
+                       grad=zs if need_grad or not backend_spec(
+                           "fused_linear_kd_loss", backend).skips_unneeded_grad else None)
     return run
 
 
@@ -330,7 +342,7 @@ def _sparse_teacher_rows(ids, weights, tail_mass, labels, *, vocab, temperature,
 
     The Triton kernel reads the ids' logits after it has written the row's gradient, so there
     the gradient goes to its own buffer and is copied over the logits."""
-    in_place = backend == "cpu"
+    in_place = backend_spec("sparse_kd_loss", backend).grad_may_alias_input
 
     def run(zs, begin, end, loss, need_grad):
         _, grad = launch_sparse_rows(
@@ -577,16 +589,14 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                      num_items_in_batch=num_items_in_batch)
     operands = [student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                 teacher_bias, teacher_logits]
-    fusable = all(t is None or t.dtype in DTYPE_CODES for t in operands)
-    if backend == "auto" and not fusable:
-        backend = "torch"
-    name = resolve_backend("fused_linear_kd_loss", backend, device)
+    dtypes = tuple(t.dtype for t in operands if t is not None)
+    name = resolve_backend("fused_linear_kd_loss", backend, device, dtypes=dtypes)
     if name == "torch":
         return fused_linear_kd_loss_reference(
             student_hidden, student_weight, teacher_hidden, teacher_weight,
             teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
             logit_scale=logit_scale, teacher_logit_scale=teacher_logit_scale, **kd_kwargs)
-    if not fusable:
+    if not accepts("fused_linear_kd_loss", name, dtypes=dtypes):
         raise ValueError(
             f"backend {name!r} takes float32/bfloat16/float16 operands; got "
             f"{[None if t is None else t.dtype for t in operands]}; use backend='torch'")
@@ -664,14 +674,12 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
     loss_kwargs = dict(temperature=temperature, labels=labels, ignore_index=ignore_index,
                        hard_weight=hard_weight, t2_scale=t2_scale, reduction=reduction,
                        num_items_in_batch=num_items_in_batch)
-    fusable = student_hidden.dtype in DTYPE_CODES
-    if backend == "auto" and not fusable:
-        backend = "torch"
-    name = resolve_backend("sparse_kd_loss", backend, device)
+    dtypes = (student_hidden.dtype,)
+    name = resolve_backend("sparse_kd_loss", backend, device, dtypes=dtypes)
     if name == "torch":
         logits = linear_logits(student_hidden, student_weight, student_bias, logit_scale)
         return sparse_kd_loss_reference(logits, targets, **loss_kwargs)
-    if not fusable:
+    if not accepts("sparse_kd_loss", name, dtypes=dtypes):
         raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 operands; got "
                          f"{student_hidden.dtype}; use backend='torch'")
 

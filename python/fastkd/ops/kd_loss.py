@@ -14,16 +14,27 @@ import numbers
 import torch
 
 from ..reference.kd_loss import kd_loss_reference, reduce_rows
-from ._backends import resolve_backend
 from ._checks import check_kd_options, check_labels, check_logits
 from ._kd_config import KdConfig, make_kd_config
 from ._layout import row_layout
 from ._launch import launch
 from ._native import DTYPE_CODES, native
+from ._registry import (accepts, backend_spec, native_backend, reference_backend,
+                        register_op, resolve_backend, triton_backend)
 
 __all__ = ["kd_loss"]
 
-_FUSED_DTYPES = tuple(DTYPE_CODES)
+# Preference of backend="auto", best first. Set from the benchmark harness (`fastkd bench`): on
+# CPU the C++ kernel beats torch eager and torch.compile; on CUDA see benchmarks/results/ for
+# the CUDA-vs-Triton comparison. Every kernel reads a row's logits before it writes that row's
+# gradient, so the gradient may overwrite the student's logits.
+register_op("kd_loss", [
+    reference_backend(),
+    native_backend("cpu", "kd_loss_forward_cpu", skips_unneeded_grad=True,
+                   grad_may_alias_input=True),
+    native_backend("cuda", "kd_loss_forward_cuda", grad_may_alias_input=True),
+    triton_backend("kd_loss", grad_may_alias_input=True),
+], auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")})
 
 
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, divergence,
@@ -47,10 +58,11 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, diver
 
 # ---- the fused op ---------------------------------------------------------------------------
 
-def grad_buffer(student: torch.Tensor, need_grad: bool, backend: str) -> torch.Tensor:
-    """The gradient output: like the student, or empty where no gradient is wanted and the
-    kernel can skip it (the CPU kernel; the GPU kernels always write one)."""
-    if need_grad or backend != "cpu":
+def grad_buffer(student: torch.Tensor, need_grad: bool, backend: str,
+                op: str = "kd_loss") -> torch.Tensor:
+    """The gradient output: like the student, or empty where no gradient is wanted and
+    ``op``'s ``backend`` kernel can skip it."""
+    if need_grad or not backend_spec(op, backend).skips_unneeded_grad:
         return torch.empty_like(student, memory_format=torch.contiguous_format)
     return student.new_empty((0,))
 
@@ -180,11 +192,10 @@ def pick_backend(op: str, backend: str, student: torch.Tensor, teacher: torch.Te
     """The backend of a loss between ``student`` and ``teacher`` logits. The fused backends take
     float32/bfloat16/float16 logits and give the teacher no gradient: ``auto`` picks ``torch``
     otherwise, and a fused backend asked for by name raises."""
-    fusable = (student.dtype in _FUSED_DTYPES and teacher.dtype in _FUSED_DTYPES
-               and not (teacher.requires_grad and torch.is_grad_enabled()))
-    name = resolve_backend(op, "torch" if backend == "auto" and not fusable else backend,
-                           student.device)
-    if name != "torch" and not fusable:
+    inputs = dict(dtypes=(student.dtype, teacher.dtype),
+                  teacher_grad=teacher.requires_grad and torch.is_grad_enabled())
+    name = resolve_backend(op, backend, student.device, **inputs)
+    if not accepts(op, name, **inputs):
         raise ValueError(
             f"backend {name!r} takes float32/bfloat16/float16 logits and no gradient for the "
             f"teacher; got student {student.dtype}, teacher {teacher.dtype} "

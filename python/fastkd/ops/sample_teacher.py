@@ -19,14 +19,28 @@ import torch
 
 from ..reference.sample_teacher import priority_sample_reference, sample_teacher_reference
 from ..sparse.targets import METHODS, TAILS, SparseTargets
-from ._backends import resolve_backend
 from ._checks import (INT32_MAX, INT64_MAX, check_int, check_kernel_float, check_labels,
                       check_logits)
 from ._layout import row_layout
 from ._launch import launch
 from ._native import DTYPE_CODES
+from ._registry import (accepts, backend_spec, native_backend, reference_backend, register_op,
+                        resolve_backend, triton_backend)
 
 __all__ = ["sample_teacher"]
+
+# method="random": the native kernels first (the same draws on every backend).
+register_op("sample_teacher", [
+    reference_backend(),
+    native_backend("cpu", "sample_teacher_cpu"),
+    native_backend("cuda", "sample_teacher_cuda"),
+    triton_backend("sample_teacher"),
+], auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")})
+# method="priority": a native kernel on CPU, plain PyTorch elsewhere.
+register_op("priority_sample", [
+    reference_backend(),
+    native_backend("cpu", "priority_sample_cpu"),
+], auto={"cpu": ("cpu", "torch"), "cuda": ("torch",)})
 
 _MAX_SEED = 2**64
 
@@ -159,15 +173,13 @@ def _priority_sample(logits: torch.Tensor, backend: str, k: int, seed: int, toke
                      return_logprobs: bool):
     """``(ids, weights, logprobs)`` of method="priority" from the native kernel (``cpu``) or the
     plain-PyTorch sampler (``torch``, any device)."""
-    if backend == "auto" and logits.dtype not in DTYPE_CODES:
-        backend = "torch"
-    name = resolve_backend("priority_sample", backend, logits.device)
-    if name == "torch":
+    name = resolve_backend("priority_sample", backend, logits.device, dtypes=(logits.dtype,))
+    if backend_spec("priority_sample", name).is_reference:
         ids, weights, logprobs, bad = priority_sample_reference(
             logits, k=k, seed=seed, token_offset=token_offset, return_logprobs=return_logprobs)
         invalid = bad.reshape(-1)
     else:
-        if logits.dtype not in DTYPE_CODES:
+        if not accepts("priority_sample", name, dtypes=(logits.dtype,)):
             raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 logits; got "
                              f"{logits.dtype}; use backend='torch'")
         ids, weights, logprobs, invalid = _empty_targets(logits, k, return_logprobs)
@@ -290,11 +302,10 @@ def sample_teacher(teacher_logits: torch.Tensor, *, num_samples: int | None = No
             teacher_logits.detach(), k, tail, labels, ignore_index, return_logprobs)
         return SparseTargets(ids, weights, logprobs, tail_mass, num_samples=int(k), tail=tail,
                              **common)
-    if backend == "auto" and teacher_logits.dtype not in DTYPE_CODES:
-        backend = "torch"
-    name = resolve_backend("sample_teacher", backend, teacher_logits.device)
-    if name in ("cpu", "cuda", "triton"):
-        if teacher_logits.dtype not in DTYPE_CODES:
+    dtypes = (teacher_logits.dtype,)
+    name = resolve_backend("sample_teacher", backend, teacher_logits.device, dtypes=dtypes)
+    if not backend_spec("sample_teacher", name).is_reference:
+        if not accepts("sample_teacher", name, dtypes=dtypes):
             raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 logits; got "
                              f"{teacher_logits.dtype}; use backend='torch'")
         ids, weights, logprobs = _sample_fused(teacher_logits.detach(), name, int(num_samples),

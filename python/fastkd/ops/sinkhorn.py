@@ -16,14 +16,24 @@ import torch
 
 from ..reference.sinkhorn import (log_weights, plan_from_potentials, sinkhorn_reference,
                                   valid_mask)
-from ._backends import resolve_backend
 from ._checks import FLOAT32_MAX, INT32_MAX, check_int, check_kernel_float
 from ._launch import launch
 from ._native import DTYPE_CODES
+from ._registry import (accepts, native_backend, reference_backend, register_op,
+                        resolve_backend, supports, triton_backend)
 from .sinkhorn_features import (COSTS, StreamedFeatureCost, pairwise_cost, solve_streamed,
                                 streamed_ot_value)
 
 __all__ = ["COSTS", "SinkhornResult", "pairwise_cost", "sinkhorn", "sinkhorn_loss"]
+
+# Batched Sinkhorn: one thread (CPU) or one CTA (CUDA) per problem. A streamed feature cost is
+# solved by plain PyTorch ops only.
+register_op("sinkhorn", [
+    reference_backend(streams_features=True),
+    native_backend("cpu", "sinkhorn_cpu"),
+    native_backend("cuda", "sinkhorn_cuda"),
+    triton_backend("sinkhorn"),
+], auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")})
 
 # Relative difference of the two marginals' masses accepted by the input check.
 MASS_RTOL = 1e-4
@@ -178,9 +188,9 @@ def _prepare(cost, a, b, n_sizes, m_sizes, x, y, validate, stream_cost, backend)
         x3, y3 = (x[None], y[None]) if x.dim() == 2 else (x, y)
         stream = stream_cost
         if stream is None:
-            stream = (backend in ("auto", "torch")
+            stream = (supports("sinkhorn", backend, "streams_features")
                       and 4 * x3.shape[0] * x3.shape[1] * y3.shape[1] > FEATURE_COST_BYTES)
-        if stream and backend not in ("auto", "torch"):
+        if stream and not supports("sinkhorn", backend, "streams_features"):
             raise ValueError(f"a streamed feature cost runs on plain PyTorch ops; got "
                              f"backend={backend!r} (use 'auto' or 'torch', or "
                              f"stream_cost=False to form the cost)")
@@ -319,8 +329,8 @@ def sinkhorn_solve(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
 def _(cost, log_a, log_b, n_sizes, m_sizes, eps_start, init_g, eps, kappa, max_iters,
       check_every, tol, return_plan, backend):
     batch, n, m = cost.shape
-    dtype = torch.float64 if (backend == "torch" and cost.dtype == torch.float64) else \
-        torch.float32
+    dtype = torch.float64 if (supports("sinkhorn", backend, "float64")
+                              and cost.dtype == torch.float64) else torch.float32
     vec = [cost.new_empty(batch, dtype=dtype) for _ in range(4)]
     plan = cost.new_empty((batch, n, m) if return_plan else (0,), dtype=dtype)
     return (cost.new_empty(batch, n, dtype=dtype), cost.new_empty(batch, m, dtype=dtype),
@@ -376,10 +386,9 @@ def _few_large_problems_on_gpu(c: torch.Tensor) -> bool:
 
 def _kernel_backend(p: _Problem, backend: str) -> str:
     c = p.cost
-    if backend == "auto" and (c.dtype not in DTYPE_CODES or _few_large_problems_on_gpu(c)):
-        backend = "torch"
-    name = resolve_backend("sinkhorn", backend, c.device)
-    if name != "torch" and c.dtype not in DTYPE_CODES:
+    name = resolve_backend("sinkhorn", backend, c.device, dtypes=(c.dtype,),
+                           prefer_reference=_few_large_problems_on_gpu(c))
+    if not accepts("sinkhorn", name, dtypes=(c.dtype,)):
         raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 costs; got {c.dtype}; "
                          f"use backend='torch'")
     return name
@@ -524,8 +533,8 @@ def sinkhorn_loss_envelope(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 def _(cost, a, b, n_sizes, m_sizes, eps_start, eps, kappa, max_iters, check_every, tol, value,
       backend):
     batch, n, m = cost.shape
-    dtype = torch.float64 if (backend == "torch" and cost.dtype == torch.float64) else \
-        torch.float32
+    dtype = torch.float64 if (supports("sinkhorn", backend, "float64")
+                              and cost.dtype == torch.float64) else torch.float32
     return (cost.new_empty(batch, dtype=dtype), cost.new_empty(batch, n, dtype=dtype),
             cost.new_empty(batch, m, dtype=dtype), cost.new_empty(batch, dtype=dtype))
 

@@ -16,15 +16,25 @@ import torch
 from ..reference.kd_loss import reduce_rows
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
-from ._backends import resolve_backend
 from ._checks import check_kd_options, check_labels, check_logits
 from ._layout import row_layout
 from ._launch import launch
 from ._native import DTYPE_CODES
+from ._registry import (accepts, native_backend, reference_backend, register_op,
+                        resolve_backend, triton_backend)
 from .kd_loss import grad_buffer, mean_grad_scale, register_stored_grad_autograd
 
 __all__ = ["check_sparse_options", "check_targets", "launch_sparse_rows", "merge_duplicate_ids",
            "sparse_kd_loss"]
+
+# No CUDA kernel: Triton on GPUs. The CPU kernel reads a row into scratch before it writes the
+# row's gradient; the Triton kernel re-reads the ids' logits after writing it.
+register_op("sparse_kd_loss", [
+    reference_backend(),
+    native_backend("cpu", "sparse_kd_loss_forward_cpu", skips_unneeded_grad=True,
+                   grad_may_alias_input=True),
+    triton_backend("sparse_kd_loss"),
+], auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")})
 
 
 def check_targets(targets, lead: torch.Size, device: torch.device, student_vocab: int,
@@ -117,7 +127,7 @@ def launch_sparse_rows(student: torch.Tensor, ids: torch.Tensor, weights: torch.
     if loss is None:
         loss = torch.empty(lead, dtype=torch.float32, device=student.device)
     if grad is None:
-        grad = grad_buffer(student, need_grad, backend)
+        grad = grad_buffer(student, need_grad, backend, "sparse_kd_loss")
     n_rows = loss.numel()
     if n_rows == 0:
         return loss, grad
@@ -165,7 +175,7 @@ def sparse_kd_loss_fused(student: torch.Tensor, ids: torch.Tensor, weights: torc
 def _(student, ids, weights, tail_mass, labels, vocab, temperature, soft_weight, hard_weight,
       ignore_index, grad_scale, backend, need_grad):
     loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
-    return loss, grad_buffer(student, need_grad, backend)
+    return loss, grad_buffer(student, need_grad, backend, "sparse_kd_loss")
 
 
 register_stored_grad_autograd(sparse_kd_loss_fused, n_args=13, grad_scale_arg=10)
@@ -235,16 +245,14 @@ def sparse_kd_loss(student_logits: torch.Tensor, targets: SparseTargets, *,
                   ignore_index=ignore_index, hard_weight=hard_weight, reduction=reduction,
                   num_items_in_batch=num_items_in_batch)
     device = student_logits.device
-    fusable = student_logits.dtype in DTYPE_CODES
-    if backend == "auto" and not fusable:
-        backend = "torch"
-    name = resolve_backend("sparse_kd_loss", backend, device)
+    dtypes = (student_logits.dtype,)
+    name = resolve_backend("sparse_kd_loss", backend, device, dtypes=dtypes)
     kwargs = dict(temperature=temperature, labels=labels, ignore_index=ignore_index,
                   hard_weight=hard_weight, t2_scale=t2_scale, reduction=reduction,
                   num_items_in_batch=num_items_in_batch)
     if name == "torch":
         return sparse_kd_loss_reference(student_logits, targets, **kwargs)
-    if not fusable:
+    if not accepts("sparse_kd_loss", name, dtypes=dtypes):
         raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 student logits; got "
                          f"{student_logits.dtype}; use backend='torch'")
     n_rows = student_logits.numel() // student_logits.shape[-1]

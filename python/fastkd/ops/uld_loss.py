@@ -20,10 +20,20 @@ from ._checks import check_kd_options, check_kernel_float, check_labels, check_l
 from ._layout import row_layout
 from ._launch import launch
 from ._native import DTYPE_CODES
+from ._registry import native_backend, reference_backend, register_op, triton_backend
 from .kd_loss import (grad_buffer, mean_grad_scale, pick_backend,
                       register_stored_grad_autograd)
 
 __all__ = ["uld_loss"]
+
+# A native kernel on CPU; on CUDA torch.sort and a Triton kernel over the sorted rows, first for
+# its bounded memory (the plain-PyTorch reference keeps tens of bytes per element); its speed on
+# a GPU is not yet measured.
+register_op("uld_loss", [
+    reference_backend(),
+    native_backend("cpu", "uld_loss_forward_cpu", skips_unneeded_grad=True),
+    triton_backend("uld_loss"),
+], auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")})
 
 
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, temperature,
@@ -58,7 +68,7 @@ def launch_uld_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.
     when not ``need_grad``)."""
     lead = student.shape[:-1]
     loss = torch.empty(lead, dtype=torch.float32, device=student.device)
-    grad = grad_buffer(student, need_grad, backend)
+    grad = grad_buffer(student, need_grad, backend, "uld_loss")
     n_rows = loss.numel()
     if n_rows == 0:
         return loss, grad
@@ -100,7 +110,7 @@ def uld_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.T
 def _(student, teacher, labels, temperature, teacher_temperature, ignore_index, grad_scale,
       backend, need_grad):
     loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
-    return loss, grad_buffer(student, need_grad, backend)
+    return loss, grad_buffer(student, need_grad, backend, "uld_loss")
 
 
 register_stored_grad_autograd(uld_loss_fused, n_args=9, grad_scale_arg=6)

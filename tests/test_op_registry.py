@@ -1,0 +1,239 @@
+"""The op registry's declarations, and torch.library.opcheck over every fastkd custom op.
+
+Each custom op (``torch.ops.fastkd.*``) gets small CPU inputs from ``SAMPLES`` and is checked on
+every backend that runs it here by each of opcheck's tests: its schema, its autograd
+registration, its fake kernel against the real one, and AOT dispatch with dynamic shapes.
+
+The fused loss ops return their stored gradient (``grad_scale`` times the rows' gradients) as
+outputs, and their eager backward rescales those very tensors in place by the incoming gradient,
+so that no second [N, V] buffer exists (``rescale_grad_rows``; traced graphs rescale out of
+place). opcheck's AOT test compares the eager outputs with the compiled ones after running the
+backward of both, so there the eager gradient outputs have been rescaled and the compiled ones
+have not: those cases are expected failures of that test, and
+``test_rescaled_gradients_match_compiled`` compares their gradients with AOT's instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch.testing._internal.optests.generate_tests import OpCheckError
+
+import fastkd
+from fastkd.ops._kd_config import make_kd_config
+from fastkd.ops._registry import (BACKENDS, accepts, backend_spec, interpreted, kernel_backends,
+                                  ops, resolve_backend)
+from fastkd.reference.sinkhorn import log_weights
+
+
+def _fastkd_custom_ops() -> list[str]:
+    return sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("fastkd::"))
+
+
+def _rand(*shape, seed, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 2).requires_grad_(requires_grad)
+
+
+def _labels(rows, vocab, seed):
+    labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(seed))
+    labels[0] = -100
+    return labels
+
+
+def _kd_scalars():
+    cfg = make_kd_config("jsd", temperature=2.0, beta=0.3, alpha=0.1, softcap=None,
+                         hard_weight=0.25, t2_scale=False, ignore_index=-100, grad_scale=0.25)
+    return (cfg.divergence, cfg.temperature, cfg.softcap, cfg.soft_weight, cfg.hard_weight,
+            cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, cfg.grad_scale)
+
+
+def _sparse_targets(rows, k, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(rows)]).int()
+    weights = torch.rand(rows, k, generator=g)
+    return ids, weights / weights.sum(-1, keepdim=True)
+
+
+# Each sample function gives (arguments, whether the eager backward rescales outputs in place)
+# per case. The fused ops are called with need_grad (need_hidden, ...) True exactly when the
+# student's input requires grad, and so are they here.
+
+def _kd_loss_fused(backend):
+    return [((_rand(4, 11, seed=0, requires_grad=need_grad), _rand(4, 9, seed=1),
+              _labels(4, 9, 2), *_kd_scalars(), backend, need_grad), need_grad)
+            for need_grad in (True, False)]
+
+
+def _sparse_kd_loss_fused(backend):
+    ids, weights = _sparse_targets(4, 3, 9, seed=3)
+    return [((_rand(4, 11, seed=0, requires_grad=need_grad), ids, weights, None,
+              _labels(4, 9, 2), 9, 1.5, 0.75, 0.25, -100, 0.25, backend, need_grad), need_grad)
+            for need_grad in (True, False)]
+
+
+def _uld_loss_fused(backend):
+    return [((_rand(4, 11, seed=0, requires_grad=need_grad), _rand(4, 7, seed=1),
+              _labels(4, 11, 2), 1.5, 2.0, -100, 0.25, backend, need_grad), need_grad)
+            for need_grad in (True, False)]
+
+
+def _fused_linear_kd_loss_fused(backend):
+    hidden = _rand(6, 5, seed=0, requires_grad=True)
+    weight = _rand(11, 5, seed=1, requires_grad=True)
+    bias = _rand(11, seed=2, requires_grad=True)
+    online = (_rand(6, 4, seed=3), _rand(9, 4, seed=4), None, None)
+    offline = (None, None, None, _rand(6, 9, seed=5))
+    tail = (_labels(6, 9, 6), None, *_kd_scalars(), 1.0, 1.0, 4, True)
+    # reduce=False (reduction="none") computes the loss only; its backward runs the chunks again.
+    return [((hidden, weight, bias, *teacher, *tail, True, backend, True, True, True), True)
+            for teacher in (online, offline)] + [
+        ((hidden, weight, None, *offline, *tail, False, backend, False, False, False), False)]
+
+
+def _fused_linear_sparse_kd_loss_fused(backend):
+    ids, weights = _sparse_targets(6, 3, 9, seed=3)
+    return [((_rand(6, 5, seed=0, requires_grad=True), _rand(11, 5, seed=1, requires_grad=True),
+              None, ids, weights, None, _labels(6, 9, 2), None, 9, 1.5, 0.75, 0.25, -100, 0.25,
+              1.0, 4, True, reduce, backend, reduce, reduce, False), reduce)
+            for reduce in (True, False)]
+
+
+def _sinkhorn_problem():
+    cost = _rand(2, 4, 5, seed=0).abs()
+    a = torch.full((2, 4), 0.25)
+    b = torch.full((2, 5), 0.2)
+    return cost, a, b
+
+
+def _sinkhorn_solve(backend):
+    cost, a, b = _sinkhorn_problem()
+    return [((cost, log_weights(a), log_weights(b), None, None, None, init_g, 0.1, 0.5, 50, 5,
+              1e-6, plan, backend), False)
+            for init_g, plan in ((None, True), (torch.zeros(2, 5), False))]
+
+
+def _sinkhorn_loss_envelope(backend):
+    cost, a, b = _sinkhorn_problem()
+    return [((cost.requires_grad_(), a.requires_grad_(), b, None, None, None, 0.1, 0.5, 50, 5,
+              1e-6, value, backend), False) for value in ("objective", "transport")]
+
+
+# Custom op -> (the registered op whose backends it runs; "kernels" where the custom op takes
+# only the kernel backends, the reference being plain PyTorch outside it, else "all"; a function
+# of a backend giving its cases).
+SAMPLES = {
+    "kd_loss_fused": ("kd_loss", "kernels", _kd_loss_fused),
+    "sparse_kd_loss_fused": ("sparse_kd_loss", "kernels", _sparse_kd_loss_fused),
+    "uld_loss_fused": ("uld_loss", "kernels", _uld_loss_fused),
+    "fused_linear_kd_loss_fused": ("fused_linear_kd_loss", "kernels",
+                                   _fused_linear_kd_loss_fused),
+    "fused_linear_sparse_kd_loss_fused": ("sparse_kd_loss", "kernels",
+                                          _fused_linear_sparse_kd_loss_fused),
+    "sinkhorn_solve": ("sinkhorn", "all", _sinkhorn_solve),
+    "sinkhorn_loss_envelope": ("sinkhorn", "all", _sinkhorn_loss_envelope),
+}
+
+
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor",
+                 "test_aot_dispatch_dynamic")
+
+_RESCALED_IN_PLACE = pytest.mark.xfail(
+    raises=OpCheckError, strict=True,
+    reason="the eager backward rescales the op's gradient outputs in place; opcheck compares "
+           "outputs after the backward (see the module docstring)")
+
+
+def _samples():
+    """(custom op, case id, arguments, rescaled in place, marks) of every case."""
+    out = []
+    for name in _fastkd_custom_ops():
+        if name not in SAMPLES:
+            continue  # test_every_custom_op_has_samples reports it
+        op, which, make = SAMPLES[name]
+        backends = (kernel_backends(op, "cpu") if which == "kernels"
+                    else fastkd.available_backends(op, "cpu"))
+        for backend in backends:
+            marks = [pytest.mark.triton] if backend_spec(op, backend).needs_triton else []
+            for i, (args, rescaled) in enumerate(make(backend)):
+                out.append((name, f"{name}-{backend}-{i}", args, rescaled, marks))
+    return out
+
+
+def _opcheck_cases():
+    return [pytest.param(name, args, check, id=f"{case}-{check}", marks=marks + (
+                [_RESCALED_IN_PLACE] if rescaled and check == "test_aot_dispatch_dynamic"
+                else []))
+            for name, case, args, rescaled, marks in _samples() for check in OPCHECK_TESTS]
+
+
+def test_every_custom_op_has_samples():
+    assert _fastkd_custom_ops(), "import fastkd registered no torch.ops.fastkd custom op"
+    assert set(_fastkd_custom_ops()) == set(SAMPLES)
+
+
+@pytest.mark.parametrize("name,args,check", _opcheck_cases())
+def test_opcheck(name, args, check):
+    torch.library.opcheck(getattr(torch.ops.fastkd, name).default, args, test_utils=check)
+
+
+@pytest.mark.parametrize("name,args", [
+    pytest.param(name, args, id=case, marks=marks)
+    for name, case, args, rescaled, marks in _samples() if rescaled])
+def test_rescaled_gradients_match_compiled(name, args):
+    op = getattr(torch.ops.fastkd, name).default
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def grads(f):
+        # The loss is the only differentiable output.
+        return torch.autograd.grad(f(*args)[0].sum(), inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(op, backend="aot_eager", dynamic=True, fullgraph=True)
+    torch.testing.assert_close(grads(compiled), grads(op))
+
+
+# ---- the declarations -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", sorted(ops()))
+def test_declarations_are_consistent(op):
+    spec = ops()[op]
+    assert spec.backends["torch"].is_reference
+    for name, backend in spec.backends.items():
+        assert name in BACKENDS and backend.name == name
+        if backend.triton_module is not None:
+            assert importlib.util.find_spec(f"fastkd.triton.{backend.triton_module}"), name
+        if backend.native_symbol is not None:
+            assert backend.devices == (name,), name
+        assert backend.is_reference or backend.dtypes is not None, name
+    for order in spec.auto.values():
+        assert order[-1] == "torch", "auto ends at the reference, which runs anywhere"
+
+
+@pytest.mark.parametrize("op", sorted(ops()))
+def test_auto_takes_the_reference_for_inputs_no_kernel_accepts(op):
+    cpu = torch.device("cpu")
+    assert resolve_backend(op, "auto", cpu, dtypes=(torch.float64,)) == "torch"
+    assert resolve_backend(op, "auto", cpu, prefer_reference=True) == "torch"
+    assert resolve_backend(op, "auto", cpu) == fastkd.available_backends(op, cpu)[0]
+    for backend in fastkd.available_backends(op, cpu):
+        assert accepts(op, backend, dtypes=(torch.float32,))
+        assert accepts(op, backend, dtypes=(torch.float64,)) == backend_spec(op, backend).float64
+
+
+def test_interpreted_backends():
+    assert interpreted("kd_loss", "triton", "cpu")
+    assert not interpreted("kd_loss", "triton", "cuda")
+    assert not interpreted("kd_loss", "cpu", "cpu")
+
+
+def test_unknown_op_and_backend():
+    with pytest.raises(ValueError, match="unknown op"):
+        fastkd.available_backends("nope", "cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("kd_loss", "nope", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="no Triton kernel for priority_sample"):
+        resolve_backend("priority_sample", "triton", torch.device("cpu"))
