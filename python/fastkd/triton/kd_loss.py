@@ -6,7 +6,7 @@ lp = b - lb with la, lb the log-sum-exps. One program per row, in up to three pa
 vocabulary in BLOCK_V chunks:
   stats : online max and sum-of-exp of a and b (and of T*a for the hard CE), plus the fkl/rkl
           loss in the shifted online form;
-  terms : (loss, dot) sums of jsd/tvd/skl/srkl, which need the final log-sum-exps;
+  terms : (loss, dot) sums of the divergences other than fkl/rkl, which need the final LSEs;
   grad  : dLoss_row/dz_s written once in the student's dtype, zeros past the common vocabulary.
 All arithmetic is fp32. Guards are tl.where selects whose guarded expressions also read masked
 inputs, so that legal -inf logits form no inf - inf or 0 * inf: the interpreter (numpy) computes
@@ -19,15 +19,17 @@ import numpy as np
 import triton
 import triton.language as tl
 
+from ..divergences import DIVERGENCES
+
 __all__ = ["kd_loss_forward", "write_zero_row"]
 
-# Divergence codes of csrc/common/kd_math.h (enum Divergence).
-FKL = tl.constexpr(0)
-RKL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-TVD = tl.constexpr(3)
-SKL = tl.constexpr(4)
-SRKL = tl.constexpr(5)
+# Divergence codes, from fastkd.DIVERGENCES.
+FKL = tl.constexpr(DIVERGENCES["fkl"].code)
+RKL = tl.constexpr(DIVERGENCES["rkl"].code)
+JSD = tl.constexpr(DIVERGENCES["jsd"].code)
+TVD = tl.constexpr(DIVERGENCES["tvd"].code)
+SKL = tl.constexpr(DIVERGENCES["skl"].code)
+SRKL = tl.constexpr(DIVERGENCES["srkl"].code)
 
 # Probabilities below 2^-126 count as exactly 0 (kd_math.h kLogMinProb): every guard tests a
 # log-probability against this, never the probability, so that results do not depend on how exp
