@@ -81,6 +81,7 @@ DIVERGENCES: Mapping[str, Divergence] = _divergences(
         parameters=("alpha",),
         edge_cases=(EdgeCase("alpha", 0.0, "rkl"),),
         mixture_weights=lambda alpha: (1.0 - alpha, alpha)),
+    Divergence("hellinger", 6, "squared Hellinger distance 1 - sum sqrt(p q)"),
 )
 """name -> ``Divergence``, in code order."""
 

@@ -30,6 +30,7 @@ JSD = tl.constexpr(DIVERGENCES["jsd"].code)
 TVD = tl.constexpr(DIVERGENCES["tvd"].code)
 SKL = tl.constexpr(DIVERGENCES["skl"].code)
 SRKL = tl.constexpr(DIVERGENCES["srkl"].code)
+HELLINGER = tl.constexpr(DIVERGENCES["hellinger"].code)
 
 # Probabilities below 2^-126 count as exactly 0 (kd_math.h kLogMinProb): every guard tests a
 # log-probability against this, never the probability, so that results do not depend on how exp
@@ -171,14 +172,27 @@ def _sign_of_difference(lq, lp):
 
 
 @triton.jit
+def _sqrt_prob(l):
+    # sqrt of a probability from its log, 0 where it counts as 0 (kd_math.h sqrt_prob).
+    keep = l > LOG_MIN_PROB
+    return tl.where(keep, tl.exp(0.5 * tl.where(keep, l, 0.0)), 0.0)
+
+
+@triton.jit
 def _divergence_terms(lp, lq, log_wp, log_wq, w_p, w_q, DIV: tl.constexpr):
     # Terms-pass contribution (loss, dot) of [BLOCK_V] elements (kd_math.h divergence_terms);
-    # the mixtures' dot is the sum of q times _mixture_keep.
+    # the mixtures' dot is the sum of q times _mixture_keep; hellinger's terms are
+    # (sqrt p - sqrt q)^2 / 2 (no cancellation against 1) and its dot S = sum sqrt(p q).
     p = tl.exp(lp)
     q = tl.exp(lq)
     if DIV == TVD:
         loss = 0.5 * tl.abs(q - p)
         dot = q * _sign_of_difference(lq, lp)
+    elif DIV == HELLINGER:
+        rp = _sqrt_prob(lp)
+        rq = _sqrt_prob(lq)
+        loss = 0.5 * (rp - rq) * (rp - rq)
+        dot = rp * rq
     else:
         dq, dp, p_share, q_share, g = _mixture(lp, lq, log_wp, log_wq)
         has_p = lp > LOG_MIN_PROB
@@ -199,6 +213,7 @@ def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, w_p, w_q, DIV: tl.conste
     #   fkl : q - p                       rkl : q (lq - lp - L)
     #   jsd : wq q (lq - lm - dot)        tvd : q (sign(q-p) - dot) / 2
     #   skl : -(wq/wp) q (p_share - dot) = (wq/wp) q (q_share - dot)      srkl: q (dot - g)
+    #   hellinger : q (S - sqrt(p / q)) / 2, sqrt(p / q) = 0 where p counts as 0
     # 0 where q counts as 0; logs read there as 0 so that no inf - inf is formed.
     q = tl.exp(lq)
     if DIV == FKL:
@@ -210,6 +225,10 @@ def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, w_p, w_q, DIV: tl.conste
             h = lq_in - tl.where(pos, lp, 0.0) - loss
         elif DIV == TVD:
             h = 0.5 * (_sign_of_difference(lq, lp) - dot)
+        elif DIV == HELLINGER:
+            has_p = lp > LOG_MIN_PROB
+            sqrt_ratio = tl.where(has_p, tl.exp(0.5 * (tl.where(has_p, lp, 0.0) - lq_in)), 0.0)
+            h = 0.5 * (dot - sqrt_ratio)
         else:
             dq, dp, p_share, q_share, gm = _mixture(lp, lq, log_wp, log_wq)
             keep = _mixture_keep(dq, p_share, q_share, gm, w_p, w_q, DIV)
