@@ -438,3 +438,45 @@ def test_cuda_matches_cpu_backend_on_a_large_row():
         ref_loss, ref_grad = run_fused(s.cpu(), t.cpu(), "cpu", divergence="jsd", reduction="none")
         torch.testing.assert_close(loss.cpu(), ref_loss, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grad.cpu().float(), ref_grad.float(), atol=1e-8, rtol=8e-3)
+
+
+SQRT_S = (1 + math.sqrt(3)) / (2 * math.sqrt(2))  # sum sqrt(p q) of p = (1/2, 1/2), q = (1/4, 3/4)
+# (student logits, teacher logits, H^2 = 1 - S, dH^2/dz_s = -(sqrt(p q) - q S) / 2), by hand.
+HELLINGER_CASES = [
+    ([0.0, math.log(3.0)], [0.0, 0.0], 1 - SQRT_S,
+     [-(math.sqrt(1 / 8) - SQRT_S / 4) / 2, -(math.sqrt(3 / 8) - 3 * SQRT_S / 4) / 2]),
+    # Disjoint supports: S = 0, H^2 = 1, and no gradient (q_i S = 0 = sqrt(p_i q_i)).
+    ([0.0, -math.inf], [-math.inf, 0.0], 1.0, [0.0, 0.0]),
+    # p = (0, 1/2, 1/2), q = (1/2, 1/2, 0): S = 1/2; the student-only column has q S / 2 = 1/8.
+    ([0.0, 0.0, -math.inf], [-math.inf, 0.0, 0.0], 0.5, [1 / 8, -1 / 8, 0.0]),
+]
+
+
+@pytest.mark.parametrize("device,backend",
+                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize("case", range(len(HELLINGER_CASES)))
+def test_hellinger_closed_form(device, backend, case):
+    zs, zt, loss, grad = HELLINGER_CASES[case]
+    s = torch.tensor([zs], device=device).requires_grad_()
+    t = torch.tensor([zt], device=device)
+    got = fastkd.kd_loss(s, t, divergence="hellinger", backend=backend, reduction="sum")
+    got.backward()
+    assert got.item() == pytest.approx(loss, abs=1e-6)
+    torch.testing.assert_close(s.grad.cpu().double(), torch.tensor([grad], dtype=torch.float64),
+                               atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend",
+                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+def test_hellinger_is_zero_at_equal_distributions(device, backend):
+    s = make_logits((4,), 50, device=device, seed=16)
+    s[:, :5] = -math.inf
+    student = s.clone().requires_grad_()
+    loss = fastkd.kd_loss(student, s, divergence="hellinger", backend=backend, reduction="none")
+    loss.sum().backward()
+    # Zero up to float32 rounding: 1 - S, or the gradient's q (S - 1) / 2, is a few eps.
+    eps = torch.finfo(torch.float32).eps
+    assert torch.all(loss.abs() <= 8 * eps), loss
+    assert torch.all(student.grad.abs() <= 8 * eps), student.grad.abs().max()
+    module = fastkd.KDLoss(divergence="hellinger", backend=backend)
+    assert module(s, s.clone()).abs().item() <= 8 * eps
