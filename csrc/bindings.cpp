@@ -28,7 +28,7 @@ KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, i
                         float temperature, float softcap, float soft_weight, float hard_weight,
                         float grad_scale, int64_t ignore_index, float log_wp, float log_wq,
                         float w_p, float w_q) {
-  if (divergence < kFKL || divergence > kSRKL)
+  if (!is_divergence_code(divergence))
     throw std::invalid_argument("unknown divergence code " + std::to_string(divergence));
   check_dtype_code(student_dtype);
   check_dtype_code(teacher_dtype);
@@ -78,6 +78,17 @@ PYBIND11_MODULE(_C, m) {
            py::arg("soft_weight"), py::arg("hard_weight"), py::arg("grad_scale"),
            py::arg("ignore_index"), py::arg("log_wp"), py::arg("log_wq"), py::arg("w_p"),
            py::arg("w_q"));
+
+  m.def(
+      "divergence_codes",
+      [] {
+        py::dict codes;
+#define FASTKD_DIVERGENCE_ITEM(id, name, code) codes[#name] = int(id);
+        FASTKD_DIVERGENCES(FASTKD_DIVERGENCE_ITEM)
+#undef FASTKD_DIVERGENCE_ITEM
+        return codes;
+      },
+      "{name: code} of the divergences the kernels were built with (FASTKD_DIVERGENCES).");
 
   m.def(
       "kd_loss_forward_cpu",

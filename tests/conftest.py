@@ -1,6 +1,7 @@
 """Shared test setup: Triton runs under its CPU interpreter when no GPU is present (which must be
 decided before anything imports triton), and GPU tests skip without one."""
 
+import inspect
 import os
 
 import torch
@@ -13,6 +14,26 @@ import pytest  # noqa: E402
 from fastkd.ops._registry import kernel_backends  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def divergence_cases(values=(0.1, 0.0, 1.0)) -> list[tuple[str, dict]]:
+    """(name, kwargs) for every divergence of ``fastkd.DIVERGENCES``: those without parameters
+    once, the others with their parameter at kd_loss's default and then at each of ``values``
+    (by default both ends of [0, 1], which include every edge case)."""
+    defaults = inspect.signature(fastkd.kd_loss).parameters
+    cases = []
+    for name, div in fastkd.DIVERGENCES.items():
+        if not div.parameters:
+            cases.append((name, {}))
+        for param in div.parameters:
+            for value in dict.fromkeys((defaults[param].default, *values)):
+                cases.append((name, {param: value}))
+    return cases
+
+
+def divergence_case_id(case: tuple[str, dict]) -> str:
+    name, kwargs = case
+    return "-".join([name, *(f"{k}{v}" for k, v in kwargs.items())])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,22 +12,16 @@ import fastkd
 from fastkd.ops.fused_linear_kd_loss import resolve_chunk_size
 from fastkd.reference import fused_linear_kd_loss_reference
 
-from conftest import HAS_CUDA, assert_within_torch_error, extra_peak_kb
+from conftest import (HAS_CUDA, assert_within_torch_error, divergence_case_id, divergence_cases,
+                      extra_peak_kb)
 
 # Deliberately odd sizes: N is not a multiple of the chunk, H_t != H_s, V_t != V_s.
 N, H_S, V_S, H_T, V_T = 37, 24, 101, 20, 97
 CHUNK = 8
 
-DIVERGENCES = [
-    ("fkl", {}),
-    ("rkl", {}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.0}),
-    ("tvd", {}),
-    ("skl", {"alpha": 0.1}),
-    ("srkl", {"alpha": 0.1}),
-]
-DIV_IDS = [d + "".join(f"-{k}{v}" for k, v in kw.items()) for d, kw in DIVERGENCES]
+# Every divergence at its parameter's default, and the mixtures at their first edge weight.
+DIVERGENCES = divergence_cases(values=(0.0,))
+DIV_IDS = [divergence_case_id(c) for c in DIVERGENCES]
 
 OPTIONS = [
     {},

@@ -11,25 +11,12 @@ import fastkd
 from fastkd.ops._registry import backend_spec, interpreted
 from fastkd.reference import kd_loss_reference
 
-from conftest import HAS_CUDA, assert_within_torch_error, fused_backends
+from conftest import (HAS_CUDA, assert_within_torch_error, divergence_case_id, divergence_cases,
+                      fused_backends)
 
 # (divergence, extra kwargs): every divergence, and the mixture weights at their edges.
-DIVERGENCES = [
-    ("fkl", {}),
-    ("rkl", {}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.1}),
-    ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 1.0}),
-    ("tvd", {}),
-    ("skl", {"alpha": 0.1}),
-    ("skl", {"alpha": 0.0}),
-    ("skl", {"alpha": 1.0}),
-    ("srkl", {"alpha": 0.1}),
-    ("srkl", {"alpha": 0.0}),
-    ("srkl", {"alpha": 1.0}),
-]
-DIV_IDS = [f"{d}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" if kw else d for d, kw in DIVERGENCES]
+DIVERGENCES = divergence_cases()
+DIV_IDS = [divergence_case_id(c) for c in DIVERGENCES]
 
 OPTIONS = [
     {},
@@ -120,9 +107,10 @@ def test_matches_reference(device, backend, divergence, dkw, options):
 # Mixture weights near 0 and 1. Near 1, 1 - w formed in float32 from a float32 w would carry w's
 # rounding (a relative 1.3e-5 in 1 - beta at beta = 0.999, 1.7e-4 at 0.9999), scaling the whole
 # gradient; near either edge some gradients are small differences of nearly equal terms.
-WEIGHT_EDGES = [(d, {k: w}) for d, k in [("jsd", "beta"), ("skl", "alpha"), ("srkl", "alpha")]
+WEIGHT_EDGES = [(name, {param: w}) for name, div in fastkd.DIVERGENCES.items()
+                if div.mixture_weights is not None for param in div.parameters
                 for w in (0.999, 0.9999, 1e-4, 1e-3)]
-WEIGHT_EDGE_IDS = [f"{d}-{k}{w}" for d, kw in WEIGHT_EDGES for k, w in kw.items()]
+WEIGHT_EDGE_IDS = [divergence_case_id(c) for c in WEIGHT_EDGES]
 
 
 def assert_relative_within_torch_error(name, value, exact, torch_value):
@@ -171,17 +159,6 @@ def test_vocab_mismatch_cuts_to_common_prefix(device, backend, vs, vt, divergenc
     assert torch.all(grad[:, min(vs, vt):] == 0)
 
 
-def _plain_kl_equivalent(divergence, dkw):
-    """The plain KL a mixture divergence reduces to at its edge weights, else its own name."""
-    if divergence == "jsd":
-        return {0.0: "fkl", 1.0: "rkl"}.get(dkw["beta"], "jsd")
-    if divergence == "skl" and dkw["alpha"] == 0.0:
-        return "fkl"
-    if divergence == "srkl" and dkw["alpha"] == 0.0:
-        return "rkl"
-    return divergence
-
-
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
 def test_neg_inf_logits(device, backend, divergence, dkw):
@@ -191,7 +168,7 @@ def test_neg_inf_logits(device, backend, divergence, dkw):
     t = make_logits((6,), vocab, device=device, seed=7)
     s[:, :10] = -math.inf  # shared -inf columns
     t[:, :10] = -math.inf
-    mode = _plain_kl_equivalent(divergence, dkw)
+    mode = fastkd.DIVERGENCES[divergence].resolve(**dkw).name
     if mode != "rkl":  # teacher-only -inf (KL(q||p) would be infinite)
         t[0, 20:30] = -math.inf
     if mode != "fkl":  # student-only -inf (KL(p||q) would be infinite)
@@ -203,7 +180,7 @@ def test_neg_inf_logits(device, backend, divergence, dkw):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
-@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"])
+@pytest.mark.parametrize("divergence", list(fastkd.DIVERGENCES))
 def test_infinite_divergence_is_inf_not_nan(device, backend, divergence):
     """Teacher mass where the student has none: fkl is +inf (and so on), never NaN."""
     s = make_logits((2,), 33, device=device, seed=8)
@@ -253,7 +230,7 @@ def test_row_without_distribution_is_nan(device, backend, divergence, dkw, side,
 
 @pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
 @pytest.mark.parametrize("scale,offset", [(1e4, 0.0), (1e-3, 0.0), (3.0, 1e4), (30.0, -5e3)])
-@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"])
+@pytest.mark.parametrize("divergence", list(fastkd.DIVERGENCES))
 def test_extreme_logits(device, backend, scale, offset, divergence):
     s = make_logits((7,), 513, scale=scale, device=device, seed=10) + offset
     t = make_logits((7,), 513, scale=scale, device=device, seed=11) + offset
@@ -362,7 +339,7 @@ LOW_PRECISION = [(torch.bfloat16, 1e-6), (torch.float16, 1e-6)]
 
 @pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
 @pytest.mark.parametrize("dtype,atol", LOW_PRECISION)
-@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"])
+@pytest.mark.parametrize("divergence", list(fastkd.DIVERGENCES))
 def test_low_precision_error_within_torch_own(device, backend, dtype, atol, divergence):
     """bf16/fp16 inputs: fp32 math inside, so the error against the exact value of the rounded
     inputs is at most torch's own error when it computes in that dtype."""
@@ -462,3 +439,45 @@ def test_cuda_matches_cpu_backend_on_a_large_row():
         ref_loss, ref_grad = run_fused(s.cpu(), t.cpu(), "cpu", divergence="jsd", reduction="none")
         torch.testing.assert_close(loss.cpu(), ref_loss, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grad.cpu().float(), ref_grad.float(), atol=1e-8, rtol=8e-3)
+
+
+SQRT_S = (1 + math.sqrt(3)) / (2 * math.sqrt(2))  # sum sqrt(p q) of p = (1/2, 1/2), q = (1/4, 3/4)
+# (student logits, teacher logits, H^2 = 1 - S, dH^2/dz_s = -(sqrt(p q) - q S) / 2), by hand.
+HELLINGER_CASES = [
+    ([0.0, math.log(3.0)], [0.0, 0.0], 1 - SQRT_S,
+     [-(math.sqrt(1 / 8) - SQRT_S / 4) / 2, -(math.sqrt(3 / 8) - 3 * SQRT_S / 4) / 2]),
+    # Disjoint supports: S = 0, H^2 = 1, and no gradient (q_i S = 0 = sqrt(p_i q_i)).
+    ([0.0, -math.inf], [-math.inf, 0.0], 1.0, [0.0, 0.0]),
+    # p = (0, 1/2, 1/2), q = (1/2, 1/2, 0): S = 1/2; the student-only column has q S / 2 = 1/8.
+    ([0.0, 0.0, -math.inf], [-math.inf, 0.0, 0.0], 0.5, [1 / 8, -1 / 8, 0.0]),
+]
+
+
+@pytest.mark.parametrize("device,backend",
+                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize("case", range(len(HELLINGER_CASES)))
+def test_hellinger_closed_form(device, backend, case):
+    zs, zt, loss, grad = HELLINGER_CASES[case]
+    s = torch.tensor([zs], device=device).requires_grad_()
+    t = torch.tensor([zt], device=device)
+    got = fastkd.kd_loss(s, t, divergence="hellinger", backend=backend, reduction="sum")
+    got.backward()
+    assert got.item() == pytest.approx(loss, abs=1e-6)
+    torch.testing.assert_close(s.grad.cpu().double(), torch.tensor([grad], dtype=torch.float64),
+                               atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend",
+                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+def test_hellinger_is_zero_at_equal_distributions(device, backend):
+    s = make_logits((4,), 50, device=device, seed=16)
+    s[:, :5] = -math.inf
+    student = s.clone().requires_grad_()
+    loss = fastkd.kd_loss(student, s, divergence="hellinger", backend=backend, reduction="none")
+    loss.sum().backward()
+    # Zero up to float32 rounding: 1 - S, or the gradient's q (S - 1) / 2, is a few eps.
+    eps = torch.finfo(torch.float32).eps
+    assert torch.all(loss.abs() <= 8 * eps), loss
+    assert torch.all(student.grad.abs() <= 8 * eps), student.grad.abs().max()
+    module = fastkd.KDLoss(divergence="hellinger", backend=backend)
+    assert module(s, s.clone()).abs().item() <= 8 * eps

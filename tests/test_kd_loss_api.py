@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import fastkd
 from fastkd.reference import kd_loss_reference
 
-DIVERGENCES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
+DIVERGENCES = list(fastkd.DIVERGENCES)
 
 
 def logits(rows, vocab, seed=0, scale=3.0, dtype=torch.float32):
@@ -241,3 +241,20 @@ def test_jsd_edge_betas_are_exactly_fkl_and_rkl(backend):
     rkl = fastkd.kd_loss(s, t, divergence="rkl", backend=backend, reduction="none")
     assert torch.equal(fastkd.kd_loss(s, t, divergence="jsd", beta=0.0, backend=backend, reduction="none"), fkl)
     assert torch.equal(fastkd.kd_loss(s, t, divergence="jsd", beta=1.0, backend=backend, reduction="none"), rkl)
+
+
+# ---- the divergence registry ----------------------------------------------------------------
+
+def test_divergence_codes_match_the_extension():
+    native = pytest.importorskip("fastkd._C")
+    assert native.divergence_codes() == {d.name: d.code for d in fastkd.DIVERGENCES.values()}
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_edge_cases_equal_their_target(divergence):
+    """Where a divergence's parameter hits an edge case, the reference (which evaluates the
+    divergence itself, not its target) gives the target's loss."""
+    s, t = logits(3, 20, 6, dtype=torch.float64), logits(3, 20, 7, dtype=torch.float64)
+    for edge in fastkd.DIVERGENCES[divergence].edge_cases:
+        got = kd_loss_reference(s, t, divergence=divergence, **{edge.parameter: edge.value})
+        torch.testing.assert_close(got, kd_loss_reference(s, t, divergence=edge.same_as))

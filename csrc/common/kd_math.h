@@ -14,10 +14,36 @@
 
 namespace fastkd {
 
-enum Divergence : int { kFKL = 0, kRKL = 1, kJSD = 2, kTVD = 3, kSKL = 4, kSRKL = 5 };
+// The divergences, one X(enumerator, name, code) each: the only list of them in C++. The enum,
+// the CPU and CUDA dispatch, the range check of the bindings and fastkd._C's divergence_codes()
+// expand it, and CMakeLists.txt reads its entries as text to generate one CUDA translation unit
+// per divergence (so write each as X(kEnumerator, name, code), one per line). Codes are what
+// Python passes to the kernels (fastkd.DIVERGENCES, checked against these at import).
+#define FASTKD_DIVERGENCES(X) \
+  X(kFKL, fkl, 0)             \
+  X(kRKL, rkl, 1)             \
+  X(kJSD, jsd, 2)             \
+  X(kTVD, tvd, 3)             \
+  X(kSKL, skl, 4)             \
+  X(kSRKL, srkl, 5)             \
+  X(kHellinger, hellinger, 6)
+
+#define FASTKD_DIVERGENCE_ENUMERATOR(id, name, code) id = code,
+enum Divergence : int { FASTKD_DIVERGENCES(FASTKD_DIVERGENCE_ENUMERATOR) };
+#undef FASTKD_DIVERGENCE_ENUMERATOR
+
+FASTKD_HD constexpr bool is_divergence_code(int code) {
+#define FASTKD_DIVERGENCE_CODE_MATCHES(id, name, id_code) code == id_code ||
+  return FASTKD_DIVERGENCES(FASTKD_DIVERGENCE_CODE_MATCHES) false;
+#undef FASTKD_DIVERGENCE_CODE_MATCHES
+}
 
 // Divergences whose loss is known after the stats pass (no terms pass needed).
 FASTKD_HD constexpr bool loss_in_stats_pass(int div) { return div == kFKL || div == kRKL; }
+
+// Divergences built on the mixture m = wp p + wq q (see `mixture`); all others are evaluated
+// per element by plain_terms and plain_grad.
+FASTKD_HD constexpr bool is_mixture(int div) { return div == kJSD || div == kSKL || div == kSRKL; }
 
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kPosInf = __builtin_huge_valf();
@@ -98,20 +124,47 @@ struct Terms {
   float dot;
 };
 
-// Terms-pass contribution of an fkl, rkl or tvd element, given its log-probabilities and
-// probabilities (the LSEs are final; p = exp(lp), q = exp(lq), however the caller obtained them).
-template <int DIV>
+// Squared Hellinger distance H^2 = 1 - S, S = sum_i sqrt(p_i q_i). Its terms are taken as
+// (sqrt p_i - sqrt q_i)^2 / 2, which sum to the same (sum p = sum q = 1) without cancelling
+// against 1: H^2 keeps its digits as q -> p and is exactly 0 at q = p. The square roots are
+// exp(l / 2) of the log-probabilities (the kernels' exp, which vectorizes on CPU), 0 where the
+// probability counts as 0. The dot is S.
+template <class Math>
+FASTKD_HD float sqrt_prob(float l) {
+  return l > kLogMinProb ? Math::exp(0.5f * l) : 0.0f;
+}
+template <class Math>
+FASTKD_HD Terms hellinger_terms(float lp, float lq) {
+  const float rp = sqrt_prob<Math>(lp);
+  const float rq = sqrt_prob<Math>(lq);
+  const float d = rp - rq;
+  return {0.5f * d * d, rp * rq};
+}
+
+// Terms-pass contribution of an element of a divergence that is not a mixture (fkl, rkl, tvd,
+// hellinger), given its log-probabilities and probabilities (the LSEs are final; p = exp(lp),
+// q = exp(lq), however the caller obtained them).
+template <int DIV, class Math>
 FASTKD_HD Terms plain_terms(float lp, float lq, float p, float q) {
   if (DIV == kFKL) return {xlogx_ratio(p, lp, lq), 0.0f};
   if (DIV == kRKL) return {xlogx_ratio(q, lq, lp), 0.0f};
+  if (DIV == kHellinger) return hellinger_terms<Math>(lp, lq);
   return {0.5f * abs_f(q - p), q * sign_of_difference(lq, lp)};
 }
 
-// dL/da_i of an fkl, rkl or tvd element (before 1/T, t2 and softcap factors), given the row's
-// loss and dot:   fkl : q - p     rkl : q (lq - lp - L)     tvd : q (sign(q-p) - dot) / 2
-template <int DIV>
+// dL/da_i of an element of a divergence that is not a mixture (before 1/T, t2 and softcap
+// factors), given the row's loss and dot:
+//   fkl : q - p     rkl : q (lq - lp - L)     tvd : q (sign(q-p) - dot) / 2
+//   hellinger : -(sqrt(p q) - q S) / 2 = q (S - sqrt(p / q)) / 2
+// (hellinger from d sqrt(q_j) / da_i = sqrt(q_j) ([i == j] - q_i) / 2; sqrt(p / q) is
+// exp((lp - lq) / 2) <= exp(-kLogMinProb / 2) where q counts, 0 where p counts as 0).
+template <int DIV, class Math>
 FASTKD_HD float plain_grad(float lp, float lq, float p, float q, float loss, float dot) {
   if (DIV == kFKL) return q - p;
+  if (DIV == kHellinger) {
+    const float sqrt_ratio = lp > kLogMinProb ? Math::exp(0.5f * (lp - lq)) : 0.0f;
+    return lq > kLogMinProb ? q * (0.5f * (dot - sqrt_ratio)) : 0.0f;
+  }
   const float g = DIV == kRKL ? lq - lp - loss : 0.5f * (sign_of_difference(lq, lp) - dot);
   return lq > kLogMinProb ? q * g : 0.0f;
 }
@@ -235,7 +288,7 @@ template <int DIV, class Math>
 FASTKD_HD Terms divergence_terms(float lp, float lq, const DivergenceCoefs& c) {
   const float p = Math::exp(lp);
   const float q = Math::exp(lq);
-  if (DIV == kFKL || DIV == kRKL || DIV == kTVD) return plain_terms<DIV>(lp, lq, p, q);
+  if (!is_mixture(DIV)) return plain_terms<DIV, Math>(lp, lq, p, q);
   return mixture_terms<DIV>(lp, lq, p, q, mixture_from_logs<Math>(lp, lq, c), c);
 }
 
@@ -245,8 +298,7 @@ FASTKD_HD float divergence_grad(float lp, float lq, float loss, float dot,
                                 const DivergenceCoefs& c) {
   // p only enters fkl's gradient; the compiler drops the unused exp elsewhere.
   const float q = Math::exp(lq);
-  if (DIV == kFKL || DIV == kRKL || DIV == kTVD)
-    return plain_grad<DIV>(lp, lq, Math::exp(lp), q, loss, dot);
+  if (!is_mixture(DIV)) return plain_grad<DIV, Math>(lp, lq, Math::exp(lp), q, loss, dot);
   const float keep = mixture_keep<DIV>(mixture_from_logs<Math>(lp, lq, c), c);
   return mixture_grad<DIV>(lq, q, keep, dot, c);
 }

@@ -2,9 +2,9 @@
 //   load   : a = cap(z_s)/T, b = cap(z_t)/T into fp32 scratch rows, with their maxima;
 //   stats  : sum exp(a - ma), sum exp(b - mb) (and the fkl/rkl loss with the maxima fixed),
 //            keeping the exponentials, so that the later passes need no exp for p and q;
-//   terms  : (loss, dot) of jsd/tvd/skl/srkl from normalized log-probs; the mixtures of
-//            jsd/skl/srkl also leave in b's row the one value per element that their gradient
-//            needs (kd_math.h mixture_keep), so that the mixture's log is taken once;
+//   terms  : (loss, dot) of the divergences other than fkl/rkl from normalized log-probs; the
+//            mixtures (jsd/skl/srkl) also leave in b's row the one value per element that their
+//            gradient needs (kd_math.h mixture_keep), so that the mixture's log is taken once;
 //   grad   : dL/dz_s written once in the student's dtype; columns past the common vocab get 0.
 // Scratch rows stay in cache for V up to a few 10^5, so the passes after the load are
 // arithmetic-bound; loops run over fixed-width lane arrays so that they vectorize with the same
@@ -29,8 +29,6 @@ namespace FASTKD_ISA {
 namespace {
 
 using Math = CpuMath;
-
-constexpr bool is_mixture(int div) { return div == kJSD || div == kSKL || div == kSRKL; }
 
 // x_i = cap(load(z_i)) / T into `out`; d(cap)/dz into `dcap` when DCAP. Returns max_i x_i, taken
 // over each block of 16 right after it is written, in L1 (a separate pass that read the row
@@ -142,7 +140,7 @@ Terms terms_pass(const float* __restrict a, float* __restrict b, const float* __
     const float lq = a[i] - row.la;
     const float p = eb[i] * row.inv_sum_b;
     const float q = ea[i] * row.inv_sum_a;
-    if (!is_mixture(DIV)) return plain_terms<DIV>(lp, lq, p, q);
+    if (!is_mixture(DIV)) return plain_terms<DIV, Math>(lp, lq, p, q);
     // tau = the lesser weighted term over the greater, by one division of the stored
     // exponentials (both are normal where the model's probability counts, kd_math.h
     // kLogMinProb); the log-domain sign decides which leads.
@@ -189,7 +187,7 @@ inline __attribute__((always_inline)) float grad_element(int64_t i, const float*
   const float soft =
       is_mixture(DIV)
           ? mixture_grad<DIV>(lq, q, s.b[i], r.dot, r.coefs)
-          : plain_grad<DIV>(s.b[i] - s.lb, lq, s.eb[i] * s.inv_sum_b, q, r.loss, r.dot);
+          : plain_grad<DIV, Math>(s.b[i] - s.lb, lq, s.eb[i] * s.inv_sum_b, q, r.loss, r.dot);
   float g = r.soft_grad_scale * soft;
   if (CE == 1) g += r.hard_grad_weight * q;
   if (CE == 2) g += r.hard_grad_weight * Math::exp(r.temperature * s.a[i] - r.lz);
@@ -318,14 +316,13 @@ void dispatch_student(const KdLossArgs& A, int num_threads) {
 
 }  // namespace
 
+// The divergence code is one of FASTKD_DIVERGENCES (make_kd_args in bindings.cpp checks it).
 void kd_loss_forward(const KdLossArgs& A, int num_threads) {
   switch (A.config.divergence) {
-    case kFKL: return dispatch_student<kFKL>(A, num_threads);
-    case kRKL: return dispatch_student<kRKL>(A, num_threads);
-    case kJSD: return dispatch_student<kJSD>(A, num_threads);
-    case kTVD: return dispatch_student<kTVD>(A, num_threads);
-    case kSKL: return dispatch_student<kSKL>(A, num_threads);
-    default: return dispatch_student<kSRKL>(A, num_threads);
+#define FASTKD_DISPATCH_DIVERGENCE(id, name, code) \
+  case id: return dispatch_student<id>(A, num_threads);
+    FASTKD_DIVERGENCES(FASTKD_DISPATCH_DIVERGENCE)
+#undef FASTKD_DISPATCH_DIVERGENCE
   }
 }
 

@@ -1,5 +1,6 @@
 // CUDA entry point of the fused kd_loss forward: argument checks, the device queries the launch
-// plan needs, and the dispatch to the per-divergence launchers (kd_loss_cuda_<name>.cu).
+// plan needs, and the dispatch to the per-divergence launchers (kd_loss_cuda_<name>.cu, generated
+// from kd_loss_cuda_divergence.cu.in).
 //
 // The plan (see kd_loss_kernel.cuh) is chosen automatically. FASTKD_CUDA_KD_PLAN, read at every
 // call, forces one for tests and measurements:
@@ -17,6 +18,16 @@
 
 namespace fastkd {
 namespace cuda {
+
+// Every launch_divergence<id> dispatched below is instantiated in a translation unit that
+// CMakeLists.txt generates per X(enumerator, name, code) entry it reads from kd_math.h; it passes
+// how many it read, so that an entry it could not parse fails here rather than as an undefined
+// symbol when the module is imported.
+#define FASTKD_COUNT_DIVERGENCE(id, name, code) +1
+static_assert(0 FASTKD_DIVERGENCES(FASTKD_COUNT_DIVERGENCE) == FASTKD_CUDA_DIVERGENCE_UNITS,
+              "CMakeLists.txt generated a different number of CUDA translation units than "
+              "FASTKD_DIVERGENCES has entries: write each as X(kEnumerator, name, code)");
+#undef FASTKD_COUNT_DIVERGENCE
 
 namespace {
 
@@ -72,12 +83,11 @@ const char* kd_loss_forward(const KdLossArgs& args, void* stream) {
            "staged:4, staged:8";
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (args.config.divergence) {
-    case kFKL: return launch_divergence<kFKL>(args, request, s);
-    case kRKL: return launch_divergence<kRKL>(args, request, s);
-    case kJSD: return launch_divergence<kJSD>(args, request, s);
-    case kTVD: return launch_divergence<kTVD>(args, request, s);
-    case kSKL: return launch_divergence<kSKL>(args, request, s);
-    default: return launch_divergence<kSRKL>(args, request, s);
+#define FASTKD_DISPATCH_DIVERGENCE(id, name, code) \
+  case id: return launch_divergence<id>(args, request, s);
+    FASTKD_DIVERGENCES(FASTKD_DISPATCH_DIVERGENCE)
+#undef FASTKD_DISPATCH_DIVERGENCE
+    default: return "kd_loss: unknown divergence code";
   }
 }
 

@@ -15,7 +15,7 @@
 //   1. stats : online max and sum of exp of a and b, the CE sum at T != 1 and the fkl/rkl loss
 //              accumulator, rescaled whenever a running maximum grows, then combined over the
 //              group in a fixed order (deterministic);
-//   2. terms : (loss, dot) of jsd/tvd/skl/srkl, once the LSEs are known;
+//   2. terms : (loss, dot) of the divergences other than fkl/rkl, once the LSEs are known;
 //   3. grad  : dL/dz_s of every column, written once in the student's dtype.
 // Staged plan: each CTA first copies its slice of both raw rows into shared memory (cp.async,
 // the whole slice in flight at once) and every pass reads it from there, so each logit crosses
@@ -384,7 +384,7 @@ struct RowScalars {
   float la, lb;  // LSE(a), LSE(b)
   float lz;      // CE: LSE(T a)
   float loss;    // soft loss
-  float dot;     // terms-pass dot (jsd/tvd/skl/srkl)
+  float dot;     // terms-pass dot (divergences other than fkl/rkl)
 };
 
 __device__ __forceinline__ Stats shfl_down(const Stats& s, int offset) {
@@ -837,8 +837,8 @@ const char* choose_staging(Kernel kernel, const KdLossArgs& A, const PlanRequest
 }
 
 // Chooses the plan and launches the kernel of divergence DIV; explicitly instantiated once per
-// divergence, each in its own translation unit (kd_loss_cuda_<name>.cu), so that they compile in
-// parallel.
+// divergence, each in its own translation unit (kd_loss_cuda_<name>.cu, which CMakeLists.txt
+// generates from kd_loss_cuda_divergence.cu.in), so that they compile in parallel.
 template <int DIV>
 const char* launch_divergence(const KdLossArgs& A, const PlanRequest& request,
                               cudaStream_t stream) {
@@ -888,18 +888,11 @@ const char* launch_divergence(const KdLossArgs& A, const PlanRequest& request,
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-extern template const char* launch_divergence<kFKL>(const KdLossArgs&, const PlanRequest&,
+#define FASTKD_DECLARE_LAUNCHER(id, name, code) \
+  extern template const char* launch_divergence<id>(const KdLossArgs&, const PlanRequest&, \
                                                     cudaStream_t);
-extern template const char* launch_divergence<kRKL>(const KdLossArgs&, const PlanRequest&,
-                                                    cudaStream_t);
-extern template const char* launch_divergence<kJSD>(const KdLossArgs&, const PlanRequest&,
-                                                    cudaStream_t);
-extern template const char* launch_divergence<kTVD>(const KdLossArgs&, const PlanRequest&,
-                                                    cudaStream_t);
-extern template const char* launch_divergence<kSKL>(const KdLossArgs&, const PlanRequest&,
-                                                    cudaStream_t);
-extern template const char* launch_divergence<kSRKL>(const KdLossArgs&, const PlanRequest&,
-                                                     cudaStream_t);
+FASTKD_DIVERGENCES(FASTKD_DECLARE_LAUNCHER)
+#undef FASTKD_DECLARE_LAUNCHER
 
 }  // namespace cuda
 }  // namespace fastkd

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .ops._kd_config import DIVERGENCES
+from .divergences import DIVERGENCES
 
 __all__ = ["main"]
 

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from ._kd_config import DIVERGENCES
+from ..divergences import DIVERGENCES
 
 __all__ = ["FLOAT32_MAX", "INT32_MAX", "INT64_MAX", "KERNEL_FLOAT_MAX", "KERNEL_FLOAT_MIN", "REDUCTIONS",
            "check_int", "check_kd_options", "check_kernel_float", "check_labels", "check_logits",

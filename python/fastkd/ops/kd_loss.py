@@ -239,11 +239,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             (all ``-inf``, or a NaN / ``+inf`` logit, after ``softcap`` where set: it maps
             +-inf to +-c) gets loss NaN and gradient NaN, as plain PyTorch gives; an ignored
             one stays 0.
-        divergence: ``"fkl"`` KL(p||q) (the default; Liger-Kernel's fused JSD losses default
-            to JSD instead), ``"rkl"`` KL(q||p), ``"jsd"`` (``beta``: beta KL(p||m) +
-            (1-beta) KL(q||m), m = beta p + (1-beta) q; beta=0 is exactly fkl, beta=1 rkl),
-            ``"tvd"`` (1/2 sum |p-q|), ``"skl"`` KL(p || alpha p + (1-alpha) q), ``"srkl"``
-            KL(q || (1-alpha) p + alpha q); p = softmax(teacher/T), q = softmax(student/T).
+        divergence: a name in ``fastkd.DIVERGENCES``, which describes each (its formula, the
+            parameters it reads and the edge cases where it equals another), e.g. ``"fkl"``
+            KL(p||q) (the default; Liger-Kernel's fused JSD losses default to JSD instead),
+            ``"rkl"`` KL(q||p), ``"jsd"`` (``beta``: beta KL(p||m) + (1-beta) KL(q||m),
+            m = beta p + (1-beta) q; beta=0 is exactly fkl, beta=1 rkl), ``"skl"`` and
+            ``"srkl"`` (``alpha``); p = softmax(teacher/T), q = softmax(student/T).
         temperature: T applied to both models (after ``softcap``), in [2^-126, 2^126]: the
             kernels take T and 1/T as float32 (every positive float option has this range).
         t2_scale: multiply the soft loss by T^2 (keeps gradient magnitudes comparable across T).

@@ -74,6 +74,10 @@ def divergence_rows(lp: torch.Tensor, lq: torch.Tensor, divergence: str, *, beta
     if divergence == "srkl":
         lm = _log_mixture(_log(1.0 - alpha), lp, _log(alpha), lq)
         return xlogy_ratio(q, lq, lm).sum(-1)
+    if divergence == "hellinger":
+        # 1 - sum sqrt(p q), with sqrt(p q) = exp((lp + lq) / 2): 0, and of zero gradient, where
+        # either model has no mass.
+        return 1.0 - ((lp + lq) / 2).exp().sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
 
 

@@ -177,7 +177,7 @@ class Config:
 
     def check(self, *, check_paths: bool = True) -> None:
         """Checks across keys; with ``check_paths``, that every path read exists."""
-        from ..ops._kd_config import DIVERGENCES
+        from ..divergences import DIVERGENCES
 
         if self.objective.divergence not in DIVERGENCES:
             raise ConfigError(_bad("objective.divergence", self.objective.divergence,

@@ -6,7 +6,7 @@ lp = b - lb with la, lb the log-sum-exps. One program per row, in up to three pa
 vocabulary in BLOCK_V chunks:
   stats : online max and sum-of-exp of a and b (and of T*a for the hard CE), plus the fkl/rkl
           loss in the shifted online form;
-  terms : (loss, dot) sums of jsd/tvd/skl/srkl, which need the final log-sum-exps;
+  terms : (loss, dot) sums of the divergences other than fkl/rkl, which need the final LSEs;
   grad  : dLoss_row/dz_s written once in the student's dtype, zeros past the common vocabulary.
 All arithmetic is fp32. Guards are tl.where selects whose guarded expressions also read masked
 inputs, so that legal -inf logits form no inf - inf or 0 * inf: the interpreter (numpy) computes
@@ -19,15 +19,18 @@ import numpy as np
 import triton
 import triton.language as tl
 
+from ..divergences import DIVERGENCES
+
 __all__ = ["kd_loss_forward", "write_zero_row"]
 
-# Divergence codes of csrc/common/kd_math.h (enum Divergence).
-FKL = tl.constexpr(0)
-RKL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-TVD = tl.constexpr(3)
-SKL = tl.constexpr(4)
-SRKL = tl.constexpr(5)
+# Divergence codes, from fastkd.DIVERGENCES.
+FKL = tl.constexpr(DIVERGENCES["fkl"].code)
+RKL = tl.constexpr(DIVERGENCES["rkl"].code)
+JSD = tl.constexpr(DIVERGENCES["jsd"].code)
+TVD = tl.constexpr(DIVERGENCES["tvd"].code)
+SKL = tl.constexpr(DIVERGENCES["skl"].code)
+SRKL = tl.constexpr(DIVERGENCES["srkl"].code)
+HELLINGER = tl.constexpr(DIVERGENCES["hellinger"].code)
 
 # Probabilities below 2^-126 count as exactly 0 (kd_math.h kLogMinProb): every guard tests a
 # log-probability against this, never the probability, so that results do not depend on how exp
@@ -169,14 +172,27 @@ def _sign_of_difference(lq, lp):
 
 
 @triton.jit
+def _sqrt_prob(l):
+    # sqrt of a probability from its log, 0 where it counts as 0 (kd_math.h sqrt_prob).
+    keep = l > LOG_MIN_PROB
+    return tl.where(keep, tl.exp(0.5 * tl.where(keep, l, 0.0)), 0.0)
+
+
+@triton.jit
 def _divergence_terms(lp, lq, log_wp, log_wq, w_p, w_q, DIV: tl.constexpr):
     # Terms-pass contribution (loss, dot) of [BLOCK_V] elements (kd_math.h divergence_terms);
-    # the mixtures' dot is the sum of q times _mixture_keep.
+    # the mixtures' dot is the sum of q times _mixture_keep; hellinger's terms are
+    # (sqrt p - sqrt q)^2 / 2 (no cancellation against 1) and its dot S = sum sqrt(p q).
     p = tl.exp(lp)
     q = tl.exp(lq)
     if DIV == TVD:
         loss = 0.5 * tl.abs(q - p)
         dot = q * _sign_of_difference(lq, lp)
+    elif DIV == HELLINGER:
+        rp = _sqrt_prob(lp)
+        rq = _sqrt_prob(lq)
+        loss = 0.5 * (rp - rq) * (rp - rq)
+        dot = rp * rq
     else:
         dq, dp, p_share, q_share, g = _mixture(lp, lq, log_wp, log_wq)
         has_p = lp > LOG_MIN_PROB
@@ -197,6 +213,7 @@ def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, w_p, w_q, DIV: tl.conste
     #   fkl : q - p                       rkl : q (lq - lp - L)
     #   jsd : wq q (lq - lm - dot)        tvd : q (sign(q-p) - dot) / 2
     #   skl : -(wq/wp) q (p_share - dot) = (wq/wp) q (q_share - dot)      srkl: q (dot - g)
+    #   hellinger : q (S - sqrt(p / q)) / 2, sqrt(p / q) = 0 where p counts as 0
     # 0 where q counts as 0; logs read there as 0 so that no inf - inf is formed.
     q = tl.exp(lq)
     if DIV == FKL:
@@ -208,6 +225,10 @@ def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, w_p, w_q, DIV: tl.conste
             h = lq_in - tl.where(pos, lp, 0.0) - loss
         elif DIV == TVD:
             h = 0.5 * (_sign_of_difference(lq, lp) - dot)
+        elif DIV == HELLINGER:
+            has_p = lp > LOG_MIN_PROB
+            sqrt_ratio = tl.where(has_p, tl.exp(0.5 * (tl.where(has_p, lp, 0.0) - lq_in)), 0.0)
+            h = 0.5 * (dot - sqrt_ratio)
         else:
             dq, dp, p_share, q_share, gm = _mixture(lp, lq, log_wp, log_wq)
             keep = _mixture_keep(dq, p_share, q_share, gm, w_p, w_q, DIV)
