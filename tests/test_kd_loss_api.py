@@ -258,3 +258,25 @@ def test_edge_cases_equal_their_target(divergence):
     for edge in fastkd.DIVERGENCES[divergence].edge_cases:
         got = kd_loss_reference(s, t, divergence=divergence, **{edge.parameter: edge.value})
         torch.testing.assert_close(got, kd_loss_reference(s, t, divergence=edge.same_as))
+
+
+@pytest.mark.parametrize("codes", [{"fkl": 0, "rkl": 1}, None])
+def test_a_stale_extension_is_refused_not_used(monkeypatch, codes):
+    """An extension built with other divergence codes (or before they were exported) would
+    compute another divergence: its backends are refused with the reason, and import goes on."""
+    from fastkd import divergences
+    from fastkd.ops import _native
+
+    class StaleBuild:
+        kd_loss_forward_cpu = None
+
+    if codes is not None:
+        StaleBuild.divergence_codes = staticmethod(lambda: codes)
+    monkeypatch.setattr(_native, "_refused", None)
+    monkeypatch.setattr(divergences, "native", lambda: StaleBuild)
+    with pytest.warns(RuntimeWarning, match="rebuild the extension"):
+        divergences._check_against_extension()
+    assert _native.native() is None and "rebuild the extension" in _native.native_error()
+    assert "cpu" not in fastkd.available_backends("kd_loss", "cpu")
+    with pytest.raises((ValueError, RuntimeError), match="rebuild the extension"):
+        fastkd.kd_loss(torch.randn(2, 8), torch.randn(2, 8), backend="cpu")

@@ -1,6 +1,6 @@
 // Per-element math of the fused softmax-divergence losses, shared by the CPU and CUDA kernels.
 //
-// Notation (see REFERENCES.md): a = cap(z_s)/T, b = cap(z_t)/T, q = softmax(a), p = softmax(b),
+// Notation (docs/math.md): a = cap(z_s)/T, b = cap(z_t)/T, q = softmax(a), p = softmax(b),
 // lq = a - LSE(a), lp = b - LSE(b). Every divergence is evaluated in the same row schedule:
 //   stats pass  : max and sum-of-exp of a and b (online), plus the loss of fkl/rkl;
 //   terms pass  : (loss, dot) sums for divergences whose terms need normalized log-probs;
@@ -25,7 +25,7 @@ namespace fastkd {
   X(kJSD, jsd, 2)             \
   X(kTVD, tvd, 3)             \
   X(kSKL, skl, 4)             \
-  X(kSRKL, srkl, 5)             \
+  X(kSRKL, srkl, 5)           \
   X(kHellinger, hellinger, 6)
 
 #define FASTKD_DIVERGENCE_ENUMERATOR(id, name, code) id = code,

@@ -12,11 +12,12 @@ the vocabulary.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from .ops._native import native
+from .ops._native import native, refuse_native
 
 __all__ = ["DIVERGENCES", "DIVERGENCES_BY_CODE", "Divergence", "EdgeCase"]
 
@@ -90,17 +91,20 @@ DIVERGENCES_BY_CODE: Mapping[int, Divergence] = MappingProxyType(
 
 
 def _check_against_extension() -> None:
-    """Raises ImportError where the compiled kernels were built with other divergences (a stale
-    build): they would compute another divergence than the one asked for."""
+    """Where the compiled kernels were built with other divergences (a stale build), they would
+    compute another divergence than the one asked for: the native backends are then refused,
+    with the reason in ``fastkd.build_info()`` and their errors, and a warning says so."""
     extension = native()
     if extension is None:
         return
-    built = dict(extension.divergence_codes())
     listed = {d.name: d.code for d in DIVERGENCES.values()}
+    codes = getattr(extension, "divergence_codes", None)
+    built = dict(codes()) if codes is not None else None
     if built != listed:
-        raise ImportError(f"fastkd._C was built with the divergences {built}, but "
-                          f"fastkd.DIVERGENCES lists {listed}: rebuild the extension "
-                          f"(pip install -e .)")
+        reason = (f"fastkd._C was built with the divergences {built}, but fastkd.DIVERGENCES "
+                  f"lists {listed}: rebuild the extension (pip install -e .)")
+        refuse_native(reason)
+        warnings.warn(reason, RuntimeWarning, stacklevel=2)
 
 
 _check_against_extension()

@@ -12,7 +12,8 @@ import os
 
 import torch
 
-__all__ = ["DTYPE_CODES", "native", "native_error", "triton_error", "triton_module"]
+__all__ = ["DTYPE_CODES", "native", "native_error", "refuse_native", "triton_error",
+           "triton_module"]
 
 # Element type codes shared with csrc/common/dtype.h (enum DType).
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -26,13 +27,24 @@ def _load_native():
         return None, f"the compiled extension fastkd._C could not be imported ({exc})"
 
 
+# Why an extension that imported must not be used (a stale build), set by refuse_native.
+_refused: str | None = None
+
+
+def refuse_native(reason: str) -> None:
+    """Treats the extension as absent from now on, ``reason`` being what ``native_error``
+    reports: its kernels would compute something else than the Python side asks for."""
+    global _refused
+    _refused = reason
+
+
 def native():
     """The extension module, or None."""
-    return _load_native()[0]
+    return None if _refused else _load_native()[0]
 
 
 def native_error() -> str | None:
-    return _load_native()[1]
+    return _refused or _load_native()[1]
 
 
 @functools.lru_cache(maxsize=None)

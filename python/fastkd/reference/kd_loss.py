@@ -2,7 +2,7 @@
 
 Differentiable by autograd (w.r.t. both models' logits), float64-capable, written for clarity
 rather than memory: it materializes log-probabilities of both models. Conventions are those of
-``DESIGN.md``: ``p = softmax(cap(z_t) / T)``, ``q = softmax(cap(z_s) / T)``; the per-token loss is
+``docs/math.md``: ``p = softmax(cap(z_t) / T)``, ``q = softmax(cap(z_s) / T)``; the per-token loss is
 summed over the vocabulary; -inf logits are outside the support (0 * log 0 = 0).
 """
 
