@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import fastkd  # noqa: E402
 from fastkd.ops._registry import kernel_backends  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()

@@ -14,6 +14,7 @@ def test_info_prints_build_info(capsys):
     assert info["cpu_kernels"] is True
 
 
+@pytest.mark.slow  # 31 s of the full run's 1,025 s
 def test_bench_writes_a_table_and_json(tmp_path, capsys):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     assert main(["bench", "kd_loss", "--device", "cpu", "--rows", "8", "--vocab", "50",
@@ -67,6 +68,7 @@ def test_bench_on_cuda_without_cuda_says_what_is_missing(capsys):
     assert "CUDA is not available here" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 11 s of the full run's 1,025 s
 def test_bench_distill_step_agrees_with_its_peers(capsys):
     """The trainer's step and the peers on the same models give the same first-step loss (TRL's
     own generalized JSD where trl is installed)."""

@@ -8,6 +8,7 @@ from fastkd.cli import main
 
 
 @pytest.mark.parametrize("teacher", ["online", "offline"])
+@pytest.mark.slow  # 2 cases, 74 s of the full run's 1,025 s
 def test_bench_fused_linear_writes_a_table_and_json(tmp_path, capsys, teacher):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     assert main(["bench", "fused_linear_kd_loss", "--device", "cpu", "--rows", "64", "--hidden",

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 
+import pytest
+
 from fastkd.cli import main
 
 
@@ -10,6 +12,7 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@pytest.mark.slow  # 9 s of the full run's 1,025 s
 def test_bench_sinkhorn_writes_a_table_and_json(tmp_path, capsys):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     assert main(["bench", "sinkhorn", "--device", "cpu", "--batch", "3", "--n", "8", "--m", "6",
@@ -43,6 +46,7 @@ def test_bench_sinkhorn_writes_a_table_and_json(tmp_path, capsys):
     assert results["fastkd[cpu]"]["extra"]["converged"] == "1.000"
 
 
+@pytest.mark.slow  # 3 s of the full run's 1,025 s
 def test_bench_sinkhorn_peers_and_eps_scaling(capsys):
     assert main(["bench", "sinkhorn", "--device", "cpu", "--batch", "2", "--n", "5", "--m", "7",
                  "--eps", "0.01", "--eps-scaling", "0.5", "--max-iters", "40", "--peers",

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from fastkd.cli import main
 
 
@@ -18,6 +20,7 @@ def _bench(op, tmp_path, capsys, *extra):
     return table, md.read_text(), {r["impl"]: r for r in case["results"]}
 
 
+@pytest.mark.slow  # 46 s of the full run's 1,025 s
 def test_bench_sparse_kd_loss_writes_a_table_and_json(tmp_path, capsys):
     table, md, results = _bench("sparse_kd_loss", tmp_path, capsys)
     assert md.startswith("### sparse_kd_loss N=20 rows=64 V=500")
@@ -33,6 +36,7 @@ def test_bench_sparse_kd_loss_writes_a_table_and_json(tmp_path, capsys):
     assert float(results["fastkd[cpu]"]["extra"]["teacher bytes/token"]) < 1000
 
 
+@pytest.mark.slow  # 27 s of the full run's 1,025 s
 def test_bench_sample_teacher_writes_a_table_and_json(tmp_path, capsys):
     table, md, results = _bench("sample_teacher", tmp_path, capsys)
     assert md.startswith("### sample_teacher N=20")

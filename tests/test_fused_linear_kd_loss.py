@@ -112,6 +112,7 @@ def assert_matches_reference(problem, backend, *, chunk_size=CHUNK, grad_output=
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.slow  # 63 cases, 46 s of the full run's 1,025 s
 def test_matches_reference(device, divergence, dkw, options):
     problem = make_problem(device=device)
     go = None
@@ -404,6 +405,7 @@ def test_triton_row_kernel():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.slow  # 2 cases, 7 s of the full run's 1,025 s
 def test_torch_compile(reduction):
     """A model that calls the loss compiles with fullgraph=True and matches eager."""
     problem = make_problem()
@@ -470,7 +472,7 @@ print(rss_kb("VmHWM") - base)
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 35 s of the full run's 1,025 s
 def test_extra_peak_memory_below_a_quarter_of_plain_path():
     """N=4096, H=256, V=32000 fp32, online teacher: the fused op's peak memory above its inputs
     (gradients included) stays below a quarter of the plain path's, measured as the peak RSS of

@@ -161,6 +161,7 @@ def test_vocab_mismatch_cuts_to_common_prefix(device, backend, vs, vt, divergenc
 
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
+@pytest.mark.slow  # 26 cases, 6 s of the full run's 1,025 s
 def test_neg_inf_logits(device, backend, divergence, dkw):
     """-inf marks tokens outside the support: 0 * log 0 = 0, never NaN, zero gradient there."""
     vocab = 97
@@ -205,6 +206,7 @@ NO_DISTRIBUTION = [("student", -math.inf), ("teacher", -math.inf), ("both", -mat
                          backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("side,value", NO_DISTRIBUTION, ids=lambda x: str(x))
+@pytest.mark.slow  # 195 cases, 47 s of the full run's 1,025 s
 def test_row_without_distribution_is_nan(device, backend, divergence, dkw, side, value):
     """A row where either model has no softmax (all -inf, or NaN / +inf logits) has loss NaN and
     gradient NaN within the common vocabulary, as plain PyTorch gives; other rows are untouched,
@@ -263,6 +265,7 @@ def test_all_rows_ignored(device, backend, reduction):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.slow  # 2 cases, 5 s of the full run's 1,025 s
 def test_reductions_and_num_items(device, backend):
     s = make_logits((4, 6), 64, device=device)
     t = make_logits((4, 6), 64, device=device, seed=1)
@@ -280,6 +283,7 @@ def test_reductions_and_num_items(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("upstream", [1.0, 3.0, 0.0])
+@pytest.mark.slow  # 6 cases, 5 s of the full run's 1,025 s
 def test_mean_gradient_under_upstream_scale(device, backend, upstream):
     """The forward stores the mean's 1/#tokens in the gradient where it can; the backward then
     rescales by upstream / that weight (and leaves rows alone when the ratio is 1)."""
@@ -340,6 +344,7 @@ LOW_PRECISION = [(torch.bfloat16, 1e-6), (torch.float16, 1e-6)]
 @pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
 @pytest.mark.parametrize("dtype,atol", LOW_PRECISION)
 @pytest.mark.parametrize("divergence", list(fastkd.DIVERGENCES))
+@pytest.mark.slow  # 12 cases, 4 s of the full run's 1,025 s
 def test_low_precision_error_within_torch_own(device, backend, dtype, atol, divergence):
     """bf16/fp16 inputs: fp32 math inside, so the error against the exact value of the rounded
     inputs is at most torch's own error when it computes in that dtype."""

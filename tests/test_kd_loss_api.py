@@ -125,6 +125,7 @@ def test_invariant_to_a_constant_added_to_a_row(case, shift_s, shift_t):
 # ---- gradcheck of the reference, opcheck and torch.compile of the fused op ---------------------
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.slow  # 6 cases, 9 s of the full run's 1,025 s
 def test_reference_gradcheck_float64(divergence):
     s = logits(3, 7, 0, dtype=torch.float64).requires_grad_()
     t = logits(3, 7, 1, dtype=torch.float64).requires_grad_()
@@ -165,6 +166,7 @@ def test_no_gradient_buffer_when_no_gradient_is_wanted():
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "jsd"])
+@pytest.mark.slow  # 2 cases, 4 s of the full run's 1,025 s
 def test_torch_compile_of_a_model_calling_the_loss(divergence):
     torch.manual_seed(0)
     student = torch.nn.Linear(16, 50)

@@ -89,6 +89,7 @@ print("ok", flush=True)
 
 @pytest.mark.skipif("cpu" not in fastkd.available_backends("kd_loss", "cpu"),
                     reason="needs the compiled CPU kernels")
+@pytest.mark.slow  # 8 s of the full run's 1,025 s
 def test_native_launchers_on_copied_layouts_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=600)

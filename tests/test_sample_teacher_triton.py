@@ -103,6 +103,7 @@ CASES = [(1, 5, 1.0, False), (7, 20, 1.0, False), (300, 20, 1.0, False), (300, 2
 
 
 @pytest.mark.parametrize("vocab,num_samples,temperature,small_chunks", CASES)
+@pytest.mark.slow  # 7 cases, 8 s of the full run's 1,025 s
 def test_matches_cpu_and_reference(monkeypatch, vocab, num_samples, temperature, small_chunks):
     if small_chunks:
         import fastkd.triton.sample_teacher as kernel
@@ -138,6 +139,7 @@ def test_half_precision_matches_reference(dtype):
     assert (targets.ids.cpu() == ids).all(-1).float().mean() >= 0.9
 
 
+@pytest.mark.slow  # 3 s of the full run's 1,025 s
 def test_same_draws_whatever_the_batch_split_or_layout():
     logits = logits_for(2 * 4, 50, seed=3).reshape(2, 4, 50).to(DEVICE)
     whole = sample(logits, num_samples=8, seed=5)
@@ -173,6 +175,7 @@ def test_nan_or_positive_inf_raises(bad):
         sample(logits)
 
 
+@pytest.mark.slow  # 6 s of the full run's 1,025 s
 def test_empirical_distribution_matches_softmax():
     """Pearson's chi-square test of 64 x 20 draws from one distribution over 6 ids (one of them
     -inf, never drawn), at a fixed seed."""

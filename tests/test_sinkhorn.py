@@ -119,6 +119,7 @@ def test_one_dimensional_w1_as_eps_goes_to_zero(device, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,m", [(1, 1), (1, 7), (7, 1), (13, 29), (64, 64), (97, 33)])
 @pytest.mark.parametrize("eps", [0.05, 0.5])
+@pytest.mark.slow  # 36 cases, 6 s of the full run's 1,025 s
 def test_matches_pot(device, backend, dtype, n, m, eps):
     if dtype == torch.float64 and not backend_spec("sinkhorn", backend).float64:
         pytest.skip("float64 runs on the torch backend")
@@ -141,6 +142,7 @@ def test_matches_pot(device, backend, dtype, n, m, eps):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.slow  # 2 cases, 4 s of the full run's 1,025 s
 def test_against_float64_reference(device, backend):
     cost, a, b = _problem(8, 37, 23, seed=11, dtype=torch.float32, device=device)
     r = fastkd.sinkhorn(cost, a, b, eps=0.05, tol=1e-5, return_plan=True, backend=backend)
@@ -155,6 +157,7 @@ def test_against_float64_reference(device, backend):
     torch.testing.assert_close(r.g.double() + shift, exact.g, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # 5 s of the full run's 1,025 s
 def test_cpu_kernel_follows_reference_iterations():
     # The same loop in fp32: the same iteration counts (up to one check where the error sits
     # within rounding of tol) and eps schedules.
@@ -248,6 +251,7 @@ def test_low_precision_costs(device, backend, dtype):
 # ---- adversarial ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.slow  # 2 cases, 17 s of the full run's 1,025 s
 def test_tiny_eps_with_scaling(device, backend):
     cost, a, b = _problem(4, 30, 30, seed=21, dtype=torch.float32, device=device)
     # tol above the fp32 floor |C| 2^-24 / eps ~ 3e-5 (see test_huge_costs_stay_finite).
@@ -433,6 +437,7 @@ def test_opcheck():
                                                    1e-6, "objective", "cpu"))
 
 
+@pytest.mark.slow  # 4 s of the full run's 1,025 s
 def test_torch_compile():
     cost, a, b = _problem(3, 6, 5, seed=37, dtype=torch.float32)
 
@@ -531,6 +536,7 @@ def restore_threads():
                        m_sizes=torch.tensor([150, 203]))),
     (1, 256, 256, dict(max_iters=3)),
 ])
+@pytest.mark.slow  # 4 cases, 6 s of the full run's 1,025 s
 def test_cpu_team_of_threads_solves_like_one_thread(restore_threads, batch, n, m, kw):
     """Fewer problems than threads, each of 2^16 entries or more: all threads share each
     problem's half-iterations, and every output equals the single-thread solve bit for bit."""

@@ -28,6 +28,7 @@ def _features(batch, n, m, d, seed, dtype=torch.float64):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.slow  # 8 cases, 100 s of the full run's 1,025 s
 def test_streamed_equals_formed_cost(small_blocks, kind, dtype):
     x, y = _features(3, 17, 20, 4, seed=1, dtype=dtype)
     opts = dict(eps=0.1, tol=1e-6, return_plan=True, backend="torch")
@@ -43,6 +44,7 @@ def test_streamed_equals_formed_cost(small_blocks, kind, dtype):
     assert (streamed.iters - formed.iters).abs().max() <= (0 if dtype == torch.float64 else 10)
 
 
+@pytest.mark.slow  # 3 s of the full run's 1,025 s
 def test_streamed_ragged_with_garbage_and_eps_scaling(small_blocks):
     x, y = _features(4, 15, 11, 3, seed=2)
     n_sizes = torch.tensor([15, 4, 0, 9])
@@ -63,6 +65,7 @@ def test_streamed_ragged_with_garbage_and_eps_scaling(small_blocks):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("value", ["objective", "transport"])
+@pytest.mark.slow  # 8 cases, 4 s of the full run's 1,025 s
 def test_streamed_gradients_equal_formed(small_blocks, kind, value):
     x, y = _features(2, 13, 9, 5, seed=3)
     a = torch.rand(2, 13, dtype=torch.float64) + 0.2
@@ -133,7 +136,7 @@ print(rss_kb("VmHWM") - base)
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 17 s of the full run's 1,025 s
 def test_streamed_peak_memory_below_the_cost():
     """6000 x 6000 points: the formed fp32 cost alone is 144 MB; the streamed solve's peak stays
     below it (blocks of 64 MiB), measured as the peak RSS of a fresh process. glibc's malloc

@@ -261,12 +261,14 @@ def case_params(streamed: bool):
 
 
 @pytest.mark.parametrize("case", case_params(streamed=False))
+@pytest.mark.slow  # 14 cases, 8 s of the full run's 1,025 s
 def test_resident(case):
     x = make_inputs(case)
     check_case(case, solve(case, x), x)
 
 
 @pytest.mark.parametrize("case", case_params(streamed=True))
+@pytest.mark.slow  # 4 cases, 13 s of the full run's 1,025 s
 def test_streamed(case, monkeypatch):
     # Every problem through the streamed kernel, in tiles small enough that F and G each take
     # several tiles per row and per column block.

@@ -129,6 +129,7 @@ OPTIONS = [
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("options", OPTIONS,
                          ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
+@pytest.mark.slow  # 60 cases, 5 s of the full run's 1,025 s
 def test_matches_reference(backend, kind, options):
     small = interpreted("sparse_kd_loss", backend, "cpu")
     lead, vocab = ((3,), 37) if small else ((5, 9), 401)
@@ -141,6 +142,7 @@ def test_matches_reference(backend, kind, options):
 @pytest.mark.parametrize("backend", backend_params(small_ok=False, fused_only=True))
 @pytest.mark.parametrize("vocab", [1, 7, 1271, 4099])
 @pytest.mark.parametrize("kind", ["counts", "bucket"])
+@pytest.mark.slow  # 8 cases, 6 s of the full run's 1,025 s
 def test_odd_shapes(backend, vocab, kind):
     for lead in [(1,), (41,), (2, 3, 5)]:
         s = make_logits(lead, vocab, seed=2)
@@ -228,6 +230,7 @@ def test_all_padding_targets(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.slow  # 3 cases, 5 s of the full run's 1,025 s
 def test_reductions_and_num_items(backend):
     s = make_logits((4, 6), 64)
     targets = make_targets((4, 6), 64, "importance")
@@ -246,6 +249,7 @@ def test_reductions_and_num_items(backend):
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("upstream", [1.0, 3.0, 0.0])
+@pytest.mark.slow  # 9 cases, 8 s of the full run's 1,025 s
 def test_mean_gradient_under_upstream_scale(backend, upstream):
     s = make_logits((3, 7), 90).requires_grad_()
     targets = make_targets((3, 7), 90, "bucket")
@@ -267,6 +271,7 @@ def test_custom_ignore_index(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.slow  # 3 cases, 5 s of the full run's 1,025 s
 def test_non_contiguous_and_broadcast_logits(backend):
     base = make_logits((3, 6), 130)
     s = base[:, :-1, :]                                          # row slice of [B, T, V]
@@ -525,6 +530,7 @@ def test_targets_without_slots(backend, bucket):
     torch.testing.assert_close(grad, torch.zeros_like(s), atol=1e-7, rtol=0)
 
 
+@pytest.mark.slow  # 5 s of the full run's 1,025 s
 def test_torch_compile_of_a_model_calling_the_loss():
     torch.manual_seed(0)
     student = torch.nn.Linear(16, 50)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import fastkd
@@ -52,6 +53,7 @@ def _top12(teacher_logits):
     return fastkd.sample_teacher(teacher_logits, method="topk", k=12, tail="renorm")
 
 
+@pytest.mark.slow  # 6 s of the full run's 1,025 s
 def test_random_sampling_is_unbiased_and_topk_is_not():
     stats = _gradient_stats(32000, {
         "random": lambda z: fastkd.sample_teacher(z, num_samples=50, seed=0), "top12": _top12})

@@ -329,6 +329,7 @@ def teacher_cache_size(path, sharpness, *, tokens=2000, seq_len=500, vocab_size=
     return cache.bytes_per_token(), entries / tokens, entropy / tokens
 
 
+@pytest.mark.slow  # 6 s of the full run's 1,025 s
 def test_bytes_per_token(tmp_path):
     # A strong LM's predictions average about 2 nats of entropy, confident on some tokens and
     # broad on others: per-token sharpness uniform in [3, 10] gives that.

@@ -27,6 +27,7 @@ TINY = DemoPreset(corpus_chars=40_000, vocab_size=300, seq_len=32,
                   student_lr=3e-3, eval_every=2)
 
 
+@pytest.mark.slow  # 59 s of the full run's 1,025 s
 def test_demo_end_to_end_at_a_tiny_size(tmp_path, capsys):
     result = run_demo(out=str(tmp_path), preset=TINY, progress=False)
     runs = [r["run"] for r in result["rows"]]
@@ -67,6 +68,7 @@ def _config(tiny, out, **train):
                        output={"log_every": 1})
 
 
+@pytest.mark.slow  # 31 s of the full run's 1,025 s
 def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one(tiny, tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.run([sys.executable, "-c", _RUN, json.dumps(_config(tiny, out)), "kill"],
@@ -84,6 +86,7 @@ def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one(tiny, tmp_pat
     assert result["resumed"] and result["step"] == 3
 
 
+@pytest.mark.slow  # 13 s of the full run's 1,025 s
 def test_sigint_stops_after_the_step_with_a_checkpoint(tiny, tmp_path):
     out = str(tmp_path / "run")
     config = tiny.config(out, train={"steps": 10_000})

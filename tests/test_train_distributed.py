@@ -51,6 +51,7 @@ def _result(out: str):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.slow  # 2 cases, 41 s of the full run's 1,025 s
 def test_two_ranks_train_like_one_process(tiny, tmp_path, strategy):
     """Also the evaluation: one held-out sequence per batch, an odd count of them, so that one
     rank runs a pass with nothing to count (FSDP's layer forwards are collectives)."""

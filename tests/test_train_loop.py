@@ -76,6 +76,7 @@ def _hand_written_run(tree: dict, steps: int) -> tuple[list[float], dict]:
     return losses, {k: v.detach() for k, v in student.model.state_dict().items()}
 
 
+@pytest.mark.slow  # 11 s of the full run's 1,025 s
 def test_steps_match_a_hand_written_loop(tiny, tmp_path):
     tree = tiny.config(str(tmp_path / "run"), train={"steps": 3})
     result = distill(tree)
@@ -87,6 +88,7 @@ def test_steps_match_a_hand_written_loop(tiny, tmp_path):
         torch.testing.assert_close(trained[key], value, rtol=2e-4, atol=2e-5, msg=key)
 
 
+@pytest.mark.slow  # 14 s of the full run's 1,025 s
 def test_micro_batch_split_does_not_change_the_step(tiny, tmp_path):
     """A step's gradient is that of one big batch's mean: (4 x 1), (2 x 2), (1 x 4) micro-batches
     of a 4-sequence step give the same losses and weights (to fp32 rounding)."""
@@ -104,6 +106,7 @@ def test_micro_batch_split_does_not_change_the_step(tiny, tmp_path):
             torch.testing.assert_close(value, runs[0][1][key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow  # 8 s of the full run's 1,025 s
 def test_resumed_run_equals_the_uninterrupted_one(tiny, tmp_path):
     """With attention dropout on, so that the student trains in training mode and the restored
     RNG states decide the masks after the resume."""
@@ -141,6 +144,7 @@ def test_student_trains_in_training_mode_with_fp32_weights(tiny, tmp_path, monke
     assert seen and all(s == (True, True, {torch.float32}) for s in seen)
 
 
+@pytest.mark.slow  # 4 s of the full run's 1,025 s
 def test_bf16_teacher_evaluates_and_writes_a_cache(tiny, tmp_path):
     """A bf16 teacher (the default on a GPU with bf16) gives fp32 logits for evaluation and
     sampling, from the GEMM."""
@@ -175,6 +179,7 @@ def test_a_run_without_held_out_data_trains_and_exports(tiny, tmp_path):
     assert "No held-out evaluation" in open(os.path.join(out, "results.md")).read()
 
 
+@pytest.mark.slow  # 9 s of the full run's 1,025 s
 def test_an_interrupted_checkpoint_leaves_the_previous_one(tiny, tmp_path, monkeypatch):
     from fastkd.train import checkpoint as ckpt
 
@@ -199,6 +204,7 @@ def test_an_interrupted_checkpoint_leaves_the_previous_one(tiny, tmp_path, monke
     assert not [n for n in os.listdir(root) if n.startswith(".tmp")]
 
 
+@pytest.mark.slow  # 5 s of the full run's 1,025 s
 def test_a_second_run_on_the_same_output_is_refused(tiny, tmp_path):
     out = str(tmp_path / "run")
 
@@ -210,6 +216,7 @@ def test_a_second_run_on_the_same_output_is_refused(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["random", "topk"])
+@pytest.mark.slow  # 2 cases, 20 s of the full run's 1,025 s
 def test_offline_cache_run(tiny, tmp_path, method):
     cache = str(tmp_path / "cache")
     tree = tiny.config(str(tmp_path / "run"), objective={"kind": "sparse"},

@@ -122,6 +122,7 @@ def _table_params():
 
 
 @pytest.mark.parametrize("backend,dtype,atol,rtol,lead,vs,vt", _table_params())
+@pytest.mark.slow  # 47 cases, 4 s of the full run's 1,025 s
 def test_matches_float64_reference(backend, dtype, atol, rtol, lead, vs, vt):
     s = make_logits(lead, vs, dtype=dtype, seed=1)
     t = make_logits(lead, vt, dtype=dtype, seed=2)
@@ -140,6 +141,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+@pytest.mark.slow  # 15 cases, 3 s of the full run's 1,025 s
 def test_options_match_reference(backend, options):
     s = make_logits((2, 9), 300, seed=3)
     t = make_logits((2, 9), 257, seed=4)
@@ -219,6 +221,7 @@ def test_properties(backend):
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 300), st.integers(1, 300), st.integers(0, 10_000),
        st.floats(0.25, 4.0), st.floats(-50.0, 50.0))
+@pytest.mark.slow  # 4 s of the full run's 1,025 s
 def test_properties_on_random_cases(rows, vs, vt, seed, temperature, shift):
     """On the CPU kernel: 0 <= L <= 2, L = 0 against itself, invariance to a constant added to
     the student's rows, and agreement with the float64 reference."""
@@ -451,6 +454,7 @@ def test_torch_compile_of_a_model_calling_the_loss():
     torch.testing.assert_close(student.weight.grad, eager_grad)
 
 
+@pytest.mark.slow  # 6 s of the full run's 1,025 s
 def test_torch_compile_of_the_reference_backend_with_nan_rows():
     """The torch backend (float64 here) traces whole, the NaN rule for rows without a softmax
     included, and gives what eager gives."""
@@ -498,6 +502,7 @@ def test_bad_input_raises(call, error, match):
         call(make_logits((3,), 10), make_logits((3,), 12))
 
 
+@pytest.mark.slow  # 16 s of the full run's 1,025 s
 def test_bench_uld_loss_writes_a_table_and_json(tmp_path, capsys):
     import json
 

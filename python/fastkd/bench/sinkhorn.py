@@ -11,6 +11,7 @@ problem: the transport cost <P, C> and the entropic objective of the first probl
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def _fastkd_solvers(case: SinkhornCase, cost: torch.Tensor) -> list[_Solver]:
                         r.transport_cost[0].item(), r.objective[0].item())
 
     solvers = [_Solver(f"fastkd[{b}]", False,
-                       (lambda b: lambda: sinkhorn(cost, backend=b, **kw))(b), summarize)
+                       functools.partial(sinkhorn, cost, backend=b, **kw), summarize)
                for b in kernels]
     if "torch" in case.peers:
         solvers.append(_Solver(_TORCH, True, lambda: sinkhorn(cost, backend="torch", **kw),
@@ -193,7 +194,7 @@ def _geomloss_solvers(case: SinkhornCase, x: torch.Tensor, y: torch.Tensor) -> l
             return _Summary(iters, objective0=None if debias else value[0].item())
 
         solvers.append(_Solver(f"{name}, scaling={scaling:.3g}", True,
-                               (lambda loss: lambda: loss(xs, ys))(loss), summarize))
+                               functools.partial(loss, xs, ys), summarize))
     return solvers
 
 

@@ -342,10 +342,8 @@ def _read_file(path: str) -> dict:
 
 
 def _toml():
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
+
     return tomllib
 
 

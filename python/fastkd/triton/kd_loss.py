@@ -172,10 +172,10 @@ def _sign_of_difference(lq, lp):
 
 
 @triton.jit
-def _sqrt_prob(l):
+def _sqrt_prob(log_prob):
     # sqrt of a probability from its log, 0 where it counts as 0 (kd_math.h sqrt_prob).
-    keep = l > LOG_MIN_PROB
-    return tl.where(keep, tl.exp(0.5 * tl.where(keep, l, 0.0)), 0.0)
+    keep = log_prob > LOG_MIN_PROB
+    return tl.where(keep, tl.exp(0.5 * tl.where(keep, log_prob, 0.0)), 0.0)
 
 
 @triton.jit
