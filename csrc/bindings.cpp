@@ -7,9 +7,11 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "bindings.h"
 #include "common/kd_loss_args.h"
+#include "cpu/isa.h"
 #include "cpu/kd_loss_cpu.h"
 #include "cpu/scale_rows.h"
 #if defined(FASTKD_WITH_CUDA)
@@ -18,6 +20,26 @@
 
 namespace py = pybind11;
 using namespace fastkd;
+
+namespace fastkd {
+
+namespace cpu {
+FASTKD_CPU_DISPATCH(kd_loss_forward, KdLossArgs)
+}  // namespace cpu
+
+// The families registered by FASTKD_BIND_FAMILY. A function-local static: the registrations
+// run in other files' static initializers, whose order relative to this file's is unspecified.
+std::vector<BindFamily>& families() {
+  static std::vector<BindFamily> list;
+  return list;
+}
+
+bool register_family(BindFamily bind) {
+  families().push_back(bind);
+  return true;
+}
+
+}  // namespace fastkd
 
 namespace {
 
@@ -124,10 +146,7 @@ PYBIND11_MODULE(_C, m) {
       "Fused kd_loss forward on CUDA, enqueued on `stream` (cudaStream_t as an integer).");
 #endif
 
-  bind_sample_teacher(m);
-  bind_sparse_kd_loss(m);
-  bind_sinkhorn(m);
-  bind_uld_loss(m);
+  for (BindFamily bind : families()) bind(m);
 
   py::dict info;
   info["cpu_isa"] = cpu::isa_level();

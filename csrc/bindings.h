@@ -1,5 +1,5 @@
-// Registration functions of the op families bound in separate files; PYBIND11_MODULE in
-// bindings.cpp calls each once.
+// What the bindings files of the op families share: pointer and dtype-code conversion, and the
+// registration through which PYBIND11_MODULE in bindings.cpp binds each family once.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -21,9 +21,16 @@ inline void check_dtype_code(int code) {
     throw std::invalid_argument("unknown dtype code " + std::to_string(code));
 }
 
-void bind_sample_teacher(pybind11::module_& m);   // sample_teacher_bindings.cpp
-void bind_sinkhorn(pybind11::module_& m);         // sinkhorn_bindings.cpp
-void bind_sparse_kd_loss(pybind11::module_& m);   // sparse_kd_loss_bindings.cpp
-void bind_uld_loss(pybind11::module_& m);         // uld_loss_bindings.cpp
+// Adds one op family's functions and classes to the module.
+using BindFamily = void (*)(pybind11::module_& m);
+
+// Adds `bind` to the families PYBIND11_MODULE binds, in registration order (families define
+// disjoint names, so the order does not matter). Called from a static initializer in the
+// family's own bindings file through FASTKD_BIND_FAMILY, which runs when the library is loaded,
+// before the module is initialized: adding a family edits no central list.
+bool register_family(BindFamily bind);
+
+#define FASTKD_BIND_FAMILY(fn) \
+  [[maybe_unused]] static const bool fastkd_family_##fn = ::fastkd::register_family(&fn)
 
 }  // namespace fastkd

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "bindings.h"
+#include "cpu/isa.h"
 #include "common/dtype.h"
 #include "common/sample_teacher_args.h"
 #include "cpu/priority_sample_cpu.h"
@@ -18,6 +19,11 @@
 namespace py = pybind11;
 
 namespace fastkd {
+
+namespace cpu {
+FASTKD_CPU_DISPATCH(sample_teacher, SampleTeacherArgs)
+FASTKD_CPU_DISPATCH(priority_sample, SampleTeacherArgs)
+}  // namespace cpu
 
 namespace {
 
@@ -122,5 +128,7 @@ void bind_sample_teacher(py::module_& m) {
       std::string(kDoc) + " Enqueued on `stream` (cudaStream_t as an integer).");
 #endif
 }
+
+FASTKD_BIND_FAMILY(bind_sample_teacher);
 
 }  // namespace fastkd

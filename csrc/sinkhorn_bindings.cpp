@@ -6,6 +6,7 @@
 #include <string>
 
 #include "bindings.h"
+#include "cpu/isa.h"
 #include "common/dtype.h"
 #include "common/sinkhorn_args.h"
 #include "cpu/sinkhorn_cpu.h"
@@ -16,6 +17,10 @@
 namespace py = pybind11;
 
 namespace fastkd {
+
+namespace cpu {
+FASTKD_CPU_DISPATCH(sinkhorn, SinkhornArgs)
+}  // namespace cpu
 
 namespace {
 
@@ -103,5 +108,7 @@ void bind_sinkhorn(pybind11::module_& m) {
       "Batched log-domain Sinkhorn on CUDA, enqueued on `stream` (cudaStream_t as an integer).");
 #endif
 }
+
+FASTKD_BIND_FAMILY(bind_sinkhorn);
 
 }  // namespace fastkd

@@ -6,12 +6,17 @@
 #include <string>
 
 #include "bindings.h"
+#include "cpu/isa.h"
 #include "common/dtype.h"
 #include "cpu/sparse_kd_loss_cpu.h"
 
 namespace py = pybind11;
 
 namespace fastkd {
+
+namespace cpu {
+FASTKD_CPU_DISPATCH(sparse_kd_loss_forward, SparseKdLossArgs)
+}  // namespace cpu
 
 namespace {
 
@@ -79,5 +84,7 @@ void bind_sparse_kd_loss(pybind11::module_& m) {
       "Fused sparse_kd_loss forward on CPU: writes per-row loss and grad_scale * "
       "dLoss_row/dstudent.");
 }
+
+FASTKD_BIND_FAMILY(bind_sparse_kd_loss);
 
 }  // namespace fastkd

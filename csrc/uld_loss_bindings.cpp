@@ -6,12 +6,17 @@
 #include <string>
 
 #include "bindings.h"
+#include "cpu/isa.h"
 #include "common/dtype.h"
 #include "cpu/uld_loss_cpu.h"
 
 namespace py = pybind11;
 
 namespace fastkd {
+
+namespace cpu {
+FASTKD_CPU_DISPATCH(uld_loss_forward, UldLossArgs)
+}  // namespace cpu
 
 namespace {
 
@@ -78,5 +83,7 @@ void bind_uld_loss(pybind11::module_& m) {
       py::arg("args"), py::arg("num_threads"),
       "Fused uld_loss forward on CPU: writes per-row loss and grad_scale * dLoss_row/dstudent.");
 }
+
+FASTKD_BIND_FAMILY(bind_uld_loss);
 
 }  // namespace fastkd

@@ -16,8 +16,5 @@ namespace avx512 { void kd_loss_forward(const KdLossArgs& args, int num_threads)
 // Writes A.loss[n_rows] and A.grad[n_rows, grad_vocab]; see KdLossArgs.
 void kd_loss_forward(const KdLossArgs& args, int num_threads);
 
-// The instruction-set level kd_loss_forward runs at: "avx512", "avx2" or "base".
-const char* isa_level();
-
 }  // namespace cpu
 }  // namespace fastkd
