@@ -19,7 +19,7 @@ from ._kd_config import KdConfig, make_kd_config
 from ._layout import row_layout
 from ._launch import launch
 from ._native import DTYPE_CODES, native
-from ._registry import (accepts, backend_spec, native_backend, reference_backend,
+from ._registry import (AUTO, accepts, backend_spec, native_backend, reference_backend,
                         register_op, resolve_backend, triton_backend)
 
 __all__ = ["kd_loss"]
@@ -195,7 +195,8 @@ def pick_backend(op: str, backend: str, student: torch.Tensor, teacher: torch.Te
     inputs = dict(dtypes=(student.dtype, teacher.dtype),
                   teacher_grad=teacher.requires_grad and torch.is_grad_enabled())
     name = resolve_backend(op, backend, student.device, **inputs)
-    if not accepts(op, name, **inputs):
+    # auto only chooses a backend that accepts the inputs.
+    if backend != AUTO and not accepts(op, name, **inputs):
         raise ValueError(
             f"backend {name!r} takes float32/bfloat16/float16 logits and no gradient for the "
             f"teacher; got student {student.dtype}, teacher {teacher.dtype} "
