@@ -34,9 +34,8 @@ from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
 from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN, check_kd_options, check_labels
 from ._kd_config import KdConfig, make_kd_config
-from ._registry import (accepts, backend_spec, native_backend, reference_backend, register_op,
-                        resolve_backend, triton_backend)
-from .kd_loss import launch_kd_rows, mean_grad_scale
+from ._registry import accepts, backend_spec, register_op, resolve_backend
+from .kd_loss import KD_LOSS, launch_kd_rows, mean_grad_scale
 from .sparse_kd_loss import (check_sparse_options, check_targets, launch_sparse_rows,
                              merge_duplicate_ids)
 
@@ -45,13 +44,7 @@ __all__ = ["chunk_logits", "default_memory_budget", "fused_linear_kd_loss",
 
 # The row kernel of the chunked lm_head + loss: the same kernels as kd_loss, each writing a
 # chunk's gradient over its logits. fused_linear_sparse_kd_loss runs sparse_kd_loss's kernels.
-register_op("fused_linear_kd_loss", [
-    reference_backend(),
-    native_backend("cpu", "kd_loss_forward_cpu", skips_unneeded_grad=True,
-                   grad_may_alias_input=True),
-    native_backend("cuda", "kd_loss_forward_cuda", grad_may_alias_input=True),
-    triton_backend("kd_loss", grad_may_alias_input=True),
-], auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")})
+register_op("fused_linear_kd_loss", list(KD_LOSS.backends.values()), auto=KD_LOSS.auto)
 
 # Default workspace per chunk (the fp32 logits of both models, and on CUDA the low-precision
 # copy of the gradient fed to the GEMMs). On CPU a smaller chunk loses little GEMM efficiency.

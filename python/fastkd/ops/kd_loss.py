@@ -28,7 +28,7 @@ __all__ = ["kd_loss"]
 # CPU the C++ kernel beats torch eager and torch.compile; on CUDA see benchmarks/results/ for
 # the CUDA-vs-Triton comparison. Every kernel reads a row's logits before it writes that row's
 # gradient, so the gradient may overwrite the student's logits.
-register_op("kd_loss", [
+KD_LOSS = register_op("kd_loss", [
     reference_backend(),
     native_backend("cpu", "kd_loss_forward_cpu", skips_unneeded_grad=True,
                    grad_may_alias_input=True),
