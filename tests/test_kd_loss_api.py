@@ -282,3 +282,56 @@ def test_a_stale_extension_is_refused_not_used(monkeypatch, codes):
     assert "cpu" not in fastkd.available_backends("kd_loss", "cpu")
     with pytest.raises((ValueError, RuntimeError), match="rebuild the extension"):
         fastkd.kd_loss(torch.randn(2, 8), torch.randn(2, 8), backend="cpu")
+
+
+# ---- the modules check their options when built ---------------------------------------------
+
+_MODULE_BAD_OPTIONS = [
+    (fastkd.KDLoss, {"divergence": "kl"}, "divergence"),
+    (fastkd.KDLoss, {"temperature": 0.0}, "temperature"),
+    (fastkd.KDLoss, {"temperature": 2.0**127}, "temperature"),
+    (fastkd.KDLoss, {"beta": 1.5}, "beta"),
+    (fastkd.KDLoss, {"alpha": -0.1}, "alpha"),
+    (fastkd.KDLoss, {"hard_weight": 2.0}, "hard_weight"),
+    (fastkd.KDLoss, {"softcap": 1e-50}, "softcap"),
+    (fastkd.KDLoss, {"reduction": "avg"}, "reduction"),
+    (fastkd.KDLoss, {"ignore_index": 2**63}, "ignore_index"),
+    (fastkd.KDLoss, {"backend": "gpu"}, "backend"),
+    (fastkd.FusedLinearKDLoss, {"temperature": 0}, "temperature"),
+    (fastkd.FusedLinearKDLoss, {"chunk_size": 0}, "chunk_size"),
+    (fastkd.FusedLinearKDLoss, {"memory_budget": -1}, "memory_budget"),
+    (fastkd.FusedLinearKDLoss, {"accum_dtype": torch.float16}, "accum_dtype"),
+    (fastkd.FusedLinearKDLoss, {"logit_scale": 0.0}, "logit_scale"),
+    (fastkd.FusedLinearKDLoss, {"teacher_logit_scale": float("nan")}, "teacher_logit_scale"),
+    (fastkd.FusedLinearKDLoss, {"backend": "gpu"}, "backend"),
+    (fastkd.ULDLoss, {"temperature": -1.0}, "temperature"),
+    (fastkd.ULDLoss, {"teacher_temperature": 0.0}, "teacher_temperature"),
+    (fastkd.ULDLoss, {"reduction": "avg"}, "reduction"),
+    (fastkd.ULDLoss, {"backend": "gpu"}, "backend"),
+]
+
+
+@pytest.mark.parametrize("module,options,name", _MODULE_BAD_OPTIONS,
+                         ids=[f"{m.__name__}-{n}" for m, _, n in _MODULE_BAD_OPTIONS])
+def test_modules_refuse_bad_options_when_built(module, options, name):
+    """A module refuses a bad option at construction, with the message its functional op gives
+    for it at the first call."""
+    with pytest.raises(ValueError, match=name) as built:
+        module(**options)
+    s, t = torch.randn(2, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError) as called:
+        if module is fastkd.KDLoss:
+            fastkd.kd_loss(s, t, **options)
+        elif module is fastkd.ULDLoss:
+            fastkd.uld_loss(s, t, **options)
+        else:
+            fastkd.fused_linear_kd_loss(s, torch.randn(8, 8), s, torch.randn(8, 8), **options)
+    assert str(built.value) == str(called.value)
+
+
+def test_modules_build_with_valid_options_at_the_edges():
+    fastkd.KDLoss(divergence="jsd", beta=0.0, alpha=1.0, hard_weight=1.0, softcap=2.0**-126,
+                  temperature=2.0**126, ignore_index=-(2**63), backend="torch")
+    fastkd.FusedLinearKDLoss(chunk_size=1, memory_budget=1, accum_dtype=torch.float32,
+                             logit_scale=-2.0**-126, teacher_logit_scale=2.0**126)
+    fastkd.ULDLoss(temperature=2.0**-126, teacher_temperature=2.0**126, reduction="none")

@@ -5,11 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.fused_linear_kd_loss import fused_linear_kd_loss
+from .ops._checks import check_kd_options, check_kernel_float
+from .ops._registry import check_backend_name
+from .ops.fused_linear_kd_loss import check_fused_linear_options, fused_linear_kd_loss
 from .ops.kd_loss import kd_loss
 from .ops.uld_loss import uld_loss
 
 __all__ = ["FusedLinearKDLoss", "KDLoss", "ULDLoss"]
+
+
+def _check_kd_module_options(options: dict) -> None:
+    """Checks a module's kd_loss options when it is built rather than at its first forward
+    (labels come with each call, so the hard-label term's need for them is checked there)."""
+    check_kd_options(**{k: options[k] for k in (
+        "divergence", "temperature", "beta", "alpha", "ignore_index", "hard_weight", "softcap",
+        "reduction")}, num_items_in_batch=None, has_labels=True)
+    check_backend_name(options["backend"])
 
 
 class KDLoss(nn.Module):
@@ -28,10 +39,7 @@ class KDLoss(nn.Module):
                             alpha=alpha, ignore_index=ignore_index, hard_weight=hard_weight,
                             t2_scale=t2_scale, softcap=softcap, reduction=reduction,
                             backend=backend)
-        # Check the options now rather than at the first forward.
-        probe = torch.zeros(1, 1)
-        kd_loss(probe, probe, labels=torch.zeros(1, dtype=torch.long) if hard_weight > 0 else None,
-                **{**self.options, "backend": "torch"})
+        _check_kd_module_options(self.options)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor | None = None,
@@ -68,12 +76,10 @@ class FusedLinearKDLoss(nn.Module):
                             chunk_size=chunk_size, memory_budget=memory_budget,
                             logit_scale=logit_scale, teacher_logit_scale=teacher_logit_scale,
                             accum_dtype=accum_dtype, backend=backend)
-        # Check the options now rather than at the first forward.
-        probe = torch.zeros(1, 1)
-        fused_linear_kd_loss(
-            probe, probe, probe, probe,
-            labels=torch.zeros(1, dtype=torch.long) if hard_weight > 0 else None,
-            **{**self.options, "backend": "torch"})
+        _check_kd_module_options(self.options)
+        check_fused_linear_options(chunk_size=chunk_size, memory_budget=memory_budget,
+                                   accum_dtype=accum_dtype, logit_scale=logit_scale,
+                                   teacher_logit_scale=teacher_logit_scale)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor | None = None,
@@ -105,9 +111,14 @@ class ULDLoss(nn.Module):
         super().__init__()
         self.options = dict(temperature=temperature, teacher_temperature=teacher_temperature,
                             ignore_index=ignore_index, reduction=reduction, backend=backend)
-        # Check the options now rather than at the first forward.
-        probe = torch.zeros(1, 1)
-        uld_loss(probe, probe, **{**self.options, "backend": "torch"})
+        # Checked now rather than at the first forward: kd_loss's options that uld_loss does
+        # not take at their defaults.
+        check_kd_options(divergence="fkl", temperature=temperature, beta=0.5, alpha=0.1,
+                         ignore_index=ignore_index, hard_weight=0.0, softcap=None,
+                         reduction=reduction, num_items_in_batch=None, has_labels=False)
+        if teacher_temperature is not None:
+            check_kernel_float("teacher_temperature", teacher_temperature)
+        check_backend_name(backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor | None = None,

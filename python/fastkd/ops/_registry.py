@@ -17,8 +17,8 @@ import torch
 from ._native import DTYPE_CODES, native, native_error, triton_error
 
 __all__ = ["AUTO", "BACKENDS", "FUSED_DTYPES", "REFERENCE", "BackendSpec", "OpSpec", "accepts",
-           "available_backends", "backend_error", "backend_spec", "interpreted",
-           "kernel_backends", "native_backend", "ops", "reference_backend", "register_op",
+           "available_backends", "backend_error", "backend_spec", "check_backend_name",
+           "interpreted", "kernel_backends", "native_backend", "ops", "reference_backend", "register_op",
            "resolve_backend", "supports", "triton_backend"]
 
 # Every backend name, in the order available_backends lists those outside an op's auto order.
@@ -178,6 +178,13 @@ def accepts(op: str, backend: str, *, dtypes=(), teacher_grad: bool = False) -> 
 def interpreted(op: str, backend: str, device: str | torch.device) -> bool:
     """Whether ``backend`` of ``op`` runs in an interpreter on ``device`` (slow)."""
     return torch.device(device).type in backend_spec(op, backend).interpreted_on
+
+
+def check_backend_name(backend) -> None:
+    """Raises ValueError unless ``backend`` is ``"auto"`` or one of ``BACKENDS`` (what an op
+    takes as its ``backend`` argument)."""
+    if backend != AUTO and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {(AUTO,) + BACKENDS}")
 
 
 def backend_error(op: str, backend: str, device: torch.device) -> str | None:

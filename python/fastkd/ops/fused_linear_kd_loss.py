@@ -39,7 +39,8 @@ from .kd_loss import KD_LOSS, launch_kd_rows, mean_grad_scale
 from .sparse_kd_loss import (check_sparse_options, check_targets, launch_sparse_rows,
                              merge_duplicate_ids)
 
-__all__ = ["chunk_logits", "default_memory_budget", "fused_linear_kd_loss",
+__all__ = ["check_fused_linear_options", "chunk_logits", "default_memory_budget",
+           "fused_linear_kd_loss",
            "fused_linear_sparse_kd_loss", "gemm_operand", "resolve_chunk_size"]
 
 # The row kernel of the chunked lm_head + loss: the same kernels as kd_loss, each writing a
@@ -169,6 +170,15 @@ def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, 
         if teacher_hidden.device != device:
             raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden on "
                              f"{device}")
+    _check_chunking(chunk_size, memory_budget, accum_dtype)
+    _check_scale("logit_scale", logit_scale)
+    _check_scale("teacher_logit_scale", teacher_logit_scale)
+
+
+def check_fused_linear_options(*, chunk_size, memory_budget, accum_dtype, logit_scale,
+                               teacher_logit_scale) -> None:
+    """The options ``fused_linear_kd_loss`` adds to ``kd_loss``'s (checked by ``FusedLinearKDLoss``
+    when it is built)."""
     _check_chunking(chunk_size, memory_budget, accum_dtype)
     _check_scale("logit_scale", logit_scale)
     _check_scale("teacher_logit_scale", teacher_logit_scale)
