@@ -94,6 +94,31 @@ class CacheConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD) with ``objective.kind = "kd"``: per micro-batch, with
+    probability ``student_fraction`` (GKD's lambda) the student generates the completions of its
+    prompts (a prompt is a sequence's tokens up to its first predicted one: meant for
+    prompt/completion data, or at least ``prompt_tokens``); otherwise they are the data's, or the teacher's generations with
+    ``teacher_sequences`` (sequence-level KD). Off when ``student_fraction`` is 0 and
+    ``teacher_sequences`` false."""
+
+    student_fraction: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
+    teacher_sequences: bool = False
+    # Sampling of the generations: softmax temperature, nucleus mass, completion tokens at most
+    # (and no more than the sequence length leaves after the prompt).
+    temperature: float = field(default=1.0, metadata={"range": (2.0**-126, 2.0**126)})
+    top_p: float = field(default=1.0, metadata={"range": (0.0, 1.0), "low_open": True})
+    max_new_tokens: int = field(default=128, metadata={"range": (1, None)})
+    # Prompts of at least this many tokens (at most seq_len - 1): on packed text, whose first
+    # token is its only unpredicted one, the generation continues the block's beginning.
+    prompt_tokens: int = field(default=1, metadata={"range": (1, None)})
+
+    @property
+    def enabled(self) -> bool:
+        return self.student_fraction > 0 or self.teacher_sequences
+
+
+@dataclass
 class TrainConfig:
     steps: int = field(default=1000, metadata={"range": (1, None)})
     # Sequences per micro-batch on each rank; an optimizer step takes
@@ -159,6 +184,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -201,6 +227,11 @@ class Config:
         if self.objective.kind == "sparse" and not self.cache.path:
             raise ConfigError('objective.kind = "sparse" needs cache.path (written by '
                               '`fastkd cache`)')
+        if self.onpolicy.enabled and self.objective.kind != "kd":
+            raise ConfigError(f"onpolicy (student_fraction = {self.onpolicy.student_fraction}, "
+                              f"teacher_sequences = {self.onpolicy.teacher_sequences}) needs "
+                              f"objective.kind = \"kd\" (an online teacher scores the generated "
+                              f"completions); got kind = \"{self.objective.kind}\"")
         if not check_paths:
             return
         paths = [("model.student", self.model.student), ("model.teacher", self.model.teacher),
@@ -274,13 +305,15 @@ def _range_text(meta: dict) -> str:
         return ""
     if high is None:
         return f" >= {low}"
-    return f" in [{low}, {high}{')' if meta.get('high_open') else ']'}"
+    opening = "(" if meta.get("low_open") else "["
+    return f" in {opening}{low}, {high}{')' if meta.get('high_open') else ']'}"
 
 
 def _check_range(key: str, value, meta: dict) -> None:
     low, high = meta.get("range", (None, None))
     above = high is not None and (value >= high if meta.get("high_open") else value > high)
-    if (low is not None and value < low) or above:
+    below = low is not None and (value <= low if meta.get("low_open") else value < low)
+    if below or above:
         raise ConfigError(_bad(key, value, "a number" + _range_text(meta)))
 
 

@@ -135,10 +135,15 @@ def gradient_sync(module: nn.Module, enabled: bool):
 def unsharded_root(module: nn.Module):
     """Within it, the parameters FSDP keeps on the root module (embeddings, final norm, head)
     are gathered, so that the student can be called outside the wrapped module's forward (for
-    evaluation); the decoder layers gather their own on their forward as usual."""
+    evaluation and generation); the decoder layers gather their own on their forward as usual."""
     if not hasattr(module, "unshard"):
         yield
         return
+    # FSDP2 makes the first module to run forward a root: a decoder layer called here before
+    # the root's first forward (on-policy generation precedes a run's first loss) would become
+    # one and the root's forward would then fail. The root claims its layers first
+    # (idempotent); FSDP2 has no public call for it in torch 2.6-2.13.
+    module._get_fsdp_state()._lazy_init()
     module.unshard()
     try:
         yield

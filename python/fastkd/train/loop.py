@@ -25,9 +25,10 @@ from .distributed import Distributed, gradient_sync, init_distributed, unsharded
 from .engine import StudentStep
 from .evaluate import evaluate
 from .objectives import make_objective
+from .onpolicy import SOURCES, OnPolicy
 from .report import JsonlLog, Progress, markdown_table, plot_curves, read_jsonl
 from .run_files import RunLock, export_model, write_json_atomic
-from .setup import as_config, cache_fingerprint, load_data, load_models
+from .setup import as_config, autocast_context, cache_fingerprint, load_data, load_models
 
 __all__ = ["distill"]
 
@@ -108,6 +109,12 @@ class _Run:
         cache = self._open_cache() if c.objective.kind == "sparse" else None
         self.objective = make_objective(c.objective, teacher=self.teacher, cache=cache,
                                         autocast=self.autocast)
+        self.onpolicy = None
+        if c.onpolicy.enabled:
+            tok = self.data.tokenizer
+            self.onpolicy = OnPolicy(c.onpolicy, student=self.student, teacher=self.teacher,
+                                     seed=c.train.seed, pad_id=tok.pad_token_id,
+                                     eos_id=tok.eos_token_id, synced=dist_info.world_size > 1)
         self.step_module = StudentStep(self.student, self.objective, self.autocast)
         if c.train.compile:
             self.student.compile()
@@ -209,14 +216,23 @@ class _Run:
         c, device = self.config, self.dist.device
         t0 = time.perf_counter()
         micro = self.sampler.step_indices(self.step)
-        batches = [collate([self.data.train[i] for i in idx]) for idx in micro]
+        batches = [{k: v.to(device, non_blocking=True)
+                    for k, v in collate([self.data.train[i] for i in idx]).items()}
+                   for idx in micro]
+        sources = None
+        if self.onpolicy is not None:
+            # Before counting: generated completions change the step's number of tokens.
+            sources = dict.fromkeys(SOURCES, 0)
+            with unsharded_root(self.module), autocast_context(device, self.autocast):
+                for j, batch in enumerate(batches):
+                    batches[j], source = self.onpolicy.rewrite(batch, self.step, j)
+                    sources[source] += 1
         counted = sum(int((b["labels"] != -100).sum()) for b in batches)
         num_items = int(self.dist.all_reduce_sum(
             torch.tensor([counted], dtype=torch.float64, device=device)).item())
         total = torch.zeros((), dtype=torch.float64, device=device)
         world = self.dist.world_size
-        for j, (idx, cpu_batch) in enumerate(zip(micro, batches)):
-            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        for j, (idx, batch) in enumerate(zip(micro, batches)):
             teacher_inputs = self.objective.prepare(batch, idx)
             with gradient_sync(self.module, j == len(micro) - 1):
                 loss = self.module(batch, teacher_inputs, max(num_items, 1))
@@ -238,6 +254,8 @@ class _Run:
                   "seconds": seconds}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        if sources is not None:
+            record["completions"] = sources
         return record
 
     def run_eval(self) -> dict | None:

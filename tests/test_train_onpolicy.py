@@ -1,0 +1,228 @@
+"""On-policy distillation in the trainer (``onpolicy`` section): the coin, the generated
+sequences' layout, no wasted generation, exact resume, and GKD's loss against TRL's own."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastkd.train import distill
+from fastkd.train.config import Config, ConfigError
+from fastkd.train.data import IGNORE_INDEX, Document, tokenize_documents
+from fastkd.train.onpolicy import OnPolicy, prompt_lengths, sequences_batch
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny, tmp_path_factory):
+    """prompt/completion records cut from the tiny corpus."""
+    path = os.path.join(tmp_path_factory.mktemp("pairs"), "pairs.jsonl")
+    with open(tiny.corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            for start in range(0, min(len(text), 2000), 200):
+                piece = text[start:start + 200]
+                if len(piece) > 60:
+                    f.write(json.dumps({"prompt": piece[:20], "completion": piece[20:]}) + "\n")
+    return path
+
+
+def _config(tiny, pairs, out, **onpolicy):
+    tree = tiny.config(out, onpolicy=onpolicy,
+                       objective={"kind": "kd", "divergence": "jsd", "beta": 0.5},
+                       train={"steps": 4, "micro_batch_size": 2, "grad_accum": 2},
+                       checkpoint={"every": 1})
+    tree["data"]["train"] = [pairs]
+    return tree
+
+
+def test_prompt_lengths_end_at_the_first_label():
+    labels = torch.full((3, 6), IGNORE_INDEX)
+    labels[0, 2:] = 7          # the prompt's last token is at position 2
+    labels[1, 0:] = 7          # a packed block: its first token is the prompt
+    assert prompt_lengths(labels).tolist() == [3, 1, 6]
+    assert prompt_lengths(labels, 4).tolist() == [4, 4, 6]
+    assert prompt_lengths(labels, 10).tolist() == [5, 5, 6]     # one token left to generate
+
+
+def test_sequences_are_laid_out_as_the_data_pairs(tiny):
+    from fastkd.train.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny.tokenizer)
+    prompt, completion = "The quick brown", " fox jumps over the lazy dog"
+    p = torch.tensor(tok(prompt, add_special_tokens=False)["input_ids"])
+    c = torch.tensor(tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    # The completion cut after its first token, in its middle, and whole with padding after it.
+    for seq_len in (len(p), len(p) + len(c) // 2, len(p) + len(c) + 3):
+        data = tokenize_documents([Document(prompt=prompt, completion=completion)], tok,
+                                  seq_len=seq_len)
+        got = sequences_batch([p], [c], seq_len=seq_len, pad_id=tok.pad_token_id)
+        assert torch.equal(got["input_ids"], data.input_ids)
+        assert torch.equal(got["labels"], data.labels)
+        assert torch.equal(got["attention_mask"], data.attention_mask)
+        assert prompt_lengths(got["labels"]).item() == len(p)
+
+
+class _Stub:
+    """A CausalLM stand-in whose ``model.generate`` records its calls and appends fixed tokens."""
+
+    def __init__(self, tokens, fail=False):
+        self.calls, self.tokens, self.fail = [], tokens, fail
+        parent = self
+
+        class Model(torch.nn.Module):
+            def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+                if parent.fail:
+                    raise AssertionError("this model must not generate")
+                parent.calls.append((input_ids.clone(), attention_mask.clone(), max_new_tokens))
+                new = torch.tensor(parent.tokens[:max_new_tokens]).expand(len(input_ids), -1)
+                return torch.cat([input_ids, new], 1)
+
+        self.model = Model()
+
+
+def _onpolicy(student, teacher=None, **kwargs):
+    from fastkd.train.config import OnPolicyConfig
+
+    return OnPolicy(OnPolicyConfig(**kwargs), student=student, teacher=teacher, seed=3,
+                    pad_id=0, eos_id=1)
+
+
+def test_generation_uses_left_padded_prompts_and_stops_after_eos():
+    student = _Stub([5, 6, 1, 0, 0, 0])
+    policy = _onpolicy(student, student_fraction=1.0, max_new_tokens=5)
+    labels = torch.full((2, 8), IGNORE_INDEX)
+    labels[0, 1:5] = 9         # prompt of 2 tokens
+    labels[1, 3:5] = 9         # prompt of 4 tokens
+    batch = {"input_ids": torch.arange(10, 26).view(2, 8), "labels": labels,
+             "attention_mask": torch.ones(2, 8, dtype=torch.int64)}
+    new, source = policy.rewrite(batch, step=0, micro=0)
+    assert source == "student"
+    ids, mask, max_new = student.calls[0]
+    assert ids.tolist() == [[0, 0, 10, 11], [18, 19, 20, 21]]
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert max_new == 5        # min(max_new_tokens, 8 + 1 - 2)
+    # prompt + [5, 6, 1]: the eos ends the completion and is its last label
+    assert new["input_ids"][0].tolist() == [10, 11, 5, 6, 0, 0, 0, 0]
+    assert new["labels"][0].tolist() == [-100, 5, 6, 1] + [-100] * 4
+    assert new["input_ids"][1].tolist() == [18, 19, 20, 21, 5, 6, 0, 0]
+    assert new["labels"][1].tolist() == [-100] * 3 + [5, 6, 1, -100, -100]
+
+
+def test_the_completion_is_cut_at_the_sequence_length():
+    student = _Stub([5, 6, 7, 8, 9, 4])
+    policy = _onpolicy(student, student_fraction=1.0, max_new_tokens=6)
+    labels = torch.full((1, 4), IGNORE_INDEX)
+    labels[0, 1:] = 9
+    batch = {"input_ids": torch.tensor([[10, 11, 12, 13]]), "labels": labels,
+             "attention_mask": torch.ones(1, 4, dtype=torch.int64)}
+    new, _ = policy.rewrite(batch, step=0, micro=0)
+    assert student.calls[0][2] == 3    # 4 + 1 - 2 tokens of room
+    assert new["input_ids"].tolist() == [[10, 11, 5, 6]]
+    assert new["labels"].tolist() == [[-100, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_the_coin_is_deterministic_and_has_the_asked_probability(fraction):
+    policy = _onpolicy(_Stub([1]), student_fraction=fraction)
+    draws = [policy.source(step, micro) for step in range(2000) for micro in range(2)]
+    assert draws == [policy.source(step, micro) for step in range(2000) for micro in range(2)]
+    share = draws.count("student") / len(draws)
+    # 4000 draws: the binomial standard deviation is at most 0.008
+    assert abs(share - fraction) <= 0.035
+
+
+def test_the_teacher_generates_only_when_the_student_does_not():
+    student, teacher = _Stub([5, 1]), _Stub([7, 1])
+    policy = _onpolicy(student, teacher, student_fraction=0.5, teacher_sequences=True)
+    labels = torch.full((1, 6), IGNORE_INDEX)
+    labels[0, 2:] = 9
+    batch = {"input_ids": torch.arange(6)[None], "labels": labels,
+             "attention_mask": torch.ones(1, 6, dtype=torch.int64)}
+    sources = [policy.rewrite(batch, step, 0)[1] for step in range(40)]
+    assert set(sources) == {"student", "teacher"}
+    assert len(student.calls) == sources.count("student")
+    assert len(teacher.calls) == sources.count("teacher")
+    only_student = _onpolicy(_Stub([5, 1]), _Stub([7, 1], fail=True), student_fraction=1.0,
+                             teacher_sequences=True)
+    assert {only_student.rewrite(batch, step, 0)[1] for step in range(10)} == {"student"}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"student_fraction": 1.5}, "onpolicy.student_fraction = 1.5"),
+    ({"top_p": 0.0}, "in (0.0, 1.0]"),
+    ({"max_new_tokens": 0}, "onpolicy.max_new_tokens = 0"),
+])
+def test_bad_onpolicy_options_name_the_key(tiny, tmp_path, section, message):
+    tree = tiny.config(str(tmp_path), onpolicy=section)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")
+                       .replace("]", r"\]").replace(".", r"\.")):
+        Config.from_dict(tree)
+
+
+def test_onpolicy_needs_an_online_teacher(tiny, tmp_path):
+    tree = tiny.config(str(tmp_path), objective={"kind": "ce"},
+                       onpolicy={"student_fraction": 0.5})
+    with pytest.raises(ConfigError, match='needs objective.kind = "kd"'):
+        Config.from_dict(tree)
+
+
+def _losses(out):
+    with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_gkd_run_generates_and_resumes_exactly(tiny, pairs, tmp_path):
+    whole = str(tmp_path / "whole")
+    result = distill(_config(tiny, pairs, whole, student_fraction=0.5, max_new_tokens=12))
+    records = _losses(whole)
+    assert result["step"] == 4 and len(records) == 4
+    counts = [r["completions"] for r in records]
+    assert all(sum(c.values()) == 2 and c["teacher"] == 0 for c in counts)
+    assert 0 < sum(c["student"] for c in counts) < 8
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+    parts = str(tmp_path / "parts")
+    distill(_config(tiny, pairs, parts, student_fraction=0.5, max_new_tokens=12),
+            callbacks=[lambda step, record: step == 2])
+    distill(_config(tiny, pairs, parts, student_fraction=0.5, max_new_tokens=12))
+    assert [r["loss"] for r in _losses(parts)] == [r["loss"] for r in records]
+    assert [r["completions"] for r in _losses(parts)] == counts
+
+
+@pytest.mark.slow
+def test_gkd_loss_equals_trls_generalized_jsd(tiny, pairs, tmp_path):
+    """The kd objective with divergence jsd on a student-generated batch is TRL's GKD loss
+    (its own ``generalized_jsd_loss`` on full logits) at the same beta and temperature."""
+    from fastkd.bench.distill_step import _trl_loss
+    from fastkd.train.distributed import init_distributed
+    from fastkd.train.loop import _Run
+
+    generalized_jsd_loss = _trl_loss()
+    if generalized_jsd_loss is None:
+        pytest.skip("trl is not installed")
+
+    tree = _config(tiny, pairs, str(tmp_path / "run"), student_fraction=1.0, max_new_tokens=10)
+    tree["objective"]["temperature"] = 0.7
+    config = Config.from_dict(tree)
+    dist_info = init_distributed("cpu")
+    try:
+        run = _Run(config, dist_info, None)
+        batch = {k: v for k, v in run.data.train[0].items()}
+        batch = {k: torch.stack([v, run.data.train[1][k]]) for k, v in batch.items()}
+        new, source = run.onpolicy.rewrite(batch, 0, 0)
+        assert source == "student"
+        num = (new["labels"] != IGNORE_INDEX).sum()
+        ours = run.step_module(new, run.objective.prepare(new, [0, 1]), num)
+        with torch.no_grad():
+            s_logits = run.student.model_logits(new["input_ids"], new["attention_mask"])
+            t_logits = run.teacher.model_logits(new["input_ids"], new["attention_mask"])
+        theirs = generalized_jsd_loss(s_logits, t_logits, labels=new["labels"],
+                                                     beta=0.5, temperature=0.7)
+        torch.testing.assert_close(ours.detach(), theirs.float(), rtol=2e-5, atol=1e-6)
+    finally:
+        dist_info.close()
