@@ -226,3 +226,78 @@ def test_gkd_loss_equals_trls_generalized_jsd(tiny, pairs, tmp_path):
         torch.testing.assert_close(ours.detach(), theirs.float(), rtol=2e-5, atol=1e-6)
     finally:
         dist_info.close()
+
+
+def _batch(rows, seq_len=6, first_label=2, offset=0):
+    labels = torch.full((rows, seq_len), IGNORE_INDEX)
+    labels[:, first_label:] = 9
+    return {"input_ids": torch.arange(rows * seq_len).view(rows, seq_len) + offset,
+            "labels": labels, "attention_mask": torch.ones(rows, seq_len, dtype=torch.int64)}
+
+
+def test_the_replay_buffer_is_first_in_first_out_and_draws_distinct_rows():
+    from fastkd.train.onpolicy import ReplayBuffer
+
+    buffer = ReplayBuffer(5)
+    for i in range(4):
+        buffer.push(_batch(2, offset=100 * i))
+    assert len(buffer) == 5 and buffer.full
+    # the newest five rows: the last of batch 1, both of batches 2 and 3
+    assert buffer.rows["input_ids"][:, 0].tolist() == [106, 200, 206, 300, 306]
+    drawn = buffer.sample(5, seed=1, device=torch.device("cpu"))
+    assert sorted(drawn["input_ids"][:, 0].tolist()) == [106, 200, 206, 300, 306]
+    assert torch.equal(buffer.sample(3, 7, torch.device("cpu"))["labels"],
+                       buffer.sample(3, 7, torch.device("cpu"))["labels"])
+    again = ReplayBuffer(5)
+    again.load_state_dict(buffer.state_dict())
+    assert all(torch.equal(again.rows[k], buffer.rows[k]) for k in buffer.rows)
+    with pytest.raises(ValueError, match="cannot draw 6 sequences"):
+        buffer.sample(6, 0, torch.device("cpu"))
+
+
+def test_the_adaptive_schedule_fills_the_buffer_then_replays_it():
+    student = _Stub([5, 1])
+    policy = _onpolicy(student, student_fraction=0.5, schedule="adaptive", buffer_size=4)
+    steps = 100
+    first = [policy.rewrite(_batch(2), s, 0, steps)[1] for s in range(40)]
+    # Until the buffer holds 4 sequences, every r < 0.5 generates afresh.
+    assert first.count("replay") > 0
+    assert first[:first.index("replay")].count("student") >= 2
+    # Late in the run (replay "decreasing": fresh below 0.5 * (1 - 0.9) = 0.05) the student's
+    # micro-batches are nearly all replays.
+    late = [policy.source(s, m, steps) for s in range(90, 100) for m in range(4)]
+    assert late.count("replay") >= 10 and late.count("student") <= 4
+
+    # The share only grows on a held-out CE at least the tolerance above the reference.
+    assert policy.share == 0.5
+    policy.observe_heldout(3.0)
+    policy.observe_heldout(3.05)
+    assert policy.share == 0.5 and policy.reference == 3.0
+    policy.observe_heldout(3.1)
+    assert policy.share == pytest.approx(0.6) and policy.reference == 3.1
+    for _ in range(10):
+        policy.observe_heldout(policy.reference + 1)
+    assert policy.share == 1.0
+
+
+@pytest.mark.slow
+def test_adaptive_run_replays_and_resumes_exactly(tiny, pairs, tmp_path):
+    def config(out):
+        tree = _config(tiny, pairs, out, student_fraction=0.6, schedule="adaptive",
+                       buffer_size=2, max_new_tokens=8, adaptive_tolerance=0.0)
+        tree["train"]["steps"] = 6
+        tree["eval"] = {"every": 2, "batch_size": 4, "max_batches": 1}
+        return tree
+
+    whole = str(tmp_path / "whole")
+    distill(config(whole))
+    records = _losses(whole)
+    assert sum(r["completions"]["replay"] for r in records) > 0
+    assert [r["student_share"] for r in records][0] == 0.6
+    parts = str(tmp_path / "parts")
+    distill(config(parts), callbacks=[lambda step, record: step == 3])
+    distill(config(parts))
+    resumed = _losses(parts)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in records]
+    assert [r["completions"] for r in resumed] == [r["completions"] for r in records]
+    assert [r["student_share"] for r in resumed] == [r["student_share"] for r in records]

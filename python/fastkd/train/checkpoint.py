@@ -8,6 +8,7 @@ Layout under a run's ``checkpoints/`` folder::
         optimizer.pt        the optimizer's full state dict, keyed by parameter name
         trainer.pt          step, scheduler, data position, metrics so far
         rng-rank0.pt ...    every rank's random number generator states
+        state-rank0.pt ...  every rank's own state where it has one (a replay buffer)
     latest                  the name of the newest complete checkpoint
     .tmp-step-000140/       a checkpoint being written (removed when found later)
 
@@ -141,12 +142,14 @@ def remove_partial(root: str) -> None:
 
 
 def save_checkpoint(root: str, step: int, *, model_state: dict | None, optimizer_state: dict | None,
-                    trainer_state: dict, rank: int, world_size: int, barrier, keep: int) -> str:
+                    trainer_state: dict, rank: int, world_size: int, barrier, keep: int,
+                    rank_state: dict | None = None) -> str:
     """Writes checkpoint ``step`` under ``root``. Every rank calls it (each writes its RNG state);
     rank 0 writes the rest (``model_state``/``optimizer_state`` are the gathered full state
     dicts there, None elsewhere), renames the folder into place, points ``latest`` at it and
-    removes all but the newest ``keep``. ``barrier()`` synchronizes the ranks. Returns the
-    checkpoint's folder."""
+    removes all but the newest ``keep``. ``rank_state`` (tensors and plain values) is this
+    rank's own state beyond its RNG (e.g. its replay buffer). ``barrier()`` synchronizes the
+    ranks. Returns the checkpoint's folder."""
     name = f"step-{step:06d}"
     final = os.path.join(root, name)
     # One writer per run folder (the run holds its lock), so the temporary name needs no PID: a
@@ -162,6 +165,8 @@ def save_checkpoint(root: str, step: int, *, model_state: dict | None, optimizer
         os.makedirs(tmp)
     barrier()
     _torch_save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+    if rank_state is not None:
+        _torch_save(rank_state, os.path.join(tmp, f"state-rank{rank}.pt"))
     if rank == 0:
         _save_tensors(model_state, os.path.join(tmp, "model.safetensors"))
         _torch_save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
@@ -188,16 +193,21 @@ def save_checkpoint(root: str, step: int, *, model_state: dict | None, optimizer
 
 
 def load_checkpoint(path: str, rank: int) -> dict:
-    """``{"model", "optimizer", "trainer", "rng"}`` of the checkpoint folder ``path`` (this
-    rank's RNG state; the rank-0 state when the run had fewer ranks)."""
+    """``{"model", "optimizer", "trainer", "rng", "rank"}`` of the checkpoint folder ``path``
+    (this rank's RNG state and own state, None where it saved none; the rank-0 ones when the
+    run had fewer ranks)."""
     for file in ("model.safetensors", "optimizer.pt", "trainer.pt"):
         if not os.path.isfile(os.path.join(path, file)):
             raise FileNotFoundError(f"checkpoint {path} is missing {file}")
     rng_file = os.path.join(path, f"rng-rank{rank}.pt")
     if not os.path.isfile(rng_file):
         rng_file = os.path.join(path, "rng-rank0.pt")
+    state_file = os.path.join(path, f"state-rank{rank}.pt")
+    if not os.path.isfile(state_file):
+        state_file = os.path.join(path, "state-rank0.pt")
     load = dict(map_location="cpu", weights_only=True)
     return {"model": _load_tensors(os.path.join(path, "model.safetensors")),
             "optimizer": torch.load(os.path.join(path, "optimizer.pt"), **load),
             "trainer": torch.load(os.path.join(path, "trainer.pt"), **load),
-            "rng": torch.load(rng_file, **load)}
+            "rng": torch.load(rng_file, **load),
+            "rank": torch.load(state_file, **load) if os.path.isfile(state_file) else None}

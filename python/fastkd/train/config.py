@@ -113,9 +113,22 @@ class OnPolicyConfig:
     # token is its only unpredicted one, the generation continues the block's beginning.
     prompt_tokens: int = field(default=1, metadata={"range": (1, None)})
 
+    # "fixed": the student's share is student_fraction throughout (GKD). "adaptive": DistiLLM's
+    # schedule: the share starts at student_fraction and grows by adaptive_step (up to 1) after
+    # each evaluation whose held-out CE is at least adaptive_tolerance above the last reference;
+    # student generations are kept in a replay buffer of buffer_size sequences and reused.
+    schedule: Literal["fixed", "adaptive"] = "fixed"
+    adaptive_step: float = field(default=0.1, metadata={"range": (0.0, 1.0)})
+    adaptive_tolerance: float = field(default=0.1, metadata={"range": (0.0, None)})
+    buffer_size: int = field(default=1000, metadata={"range": (1, None)})
+    # The fresh generations' share of the student's: "decreasing" from all to none over the
+    # run, "constant" half, "increasing" from none to all; the rest replays the buffer.
+    replay: Literal["decreasing", "constant", "increasing"] = "decreasing"
+
     @property
     def enabled(self) -> bool:
-        return self.student_fraction > 0 or self.teacher_sequences
+        return (self.student_fraction > 0 or self.teacher_sequences
+                or self.schedule == "adaptive")
 
 
 @dataclass
@@ -232,6 +245,15 @@ class Config:
                               f"teacher_sequences = {self.onpolicy.teacher_sequences}) needs "
                               f"objective.kind = \"kd\" (an online teacher scores the generated "
                               f"completions); got kind = \"{self.objective.kind}\"")
+        if self.onpolicy.schedule == "adaptive":
+            if self.onpolicy.buffer_size < self.train.micro_batch_size:
+                raise ConfigError(f"onpolicy.buffer_size = {self.onpolicy.buffer_size} must hold "
+                                  f"a micro-batch (train.micro_batch_size = "
+                                  f"{self.train.micro_batch_size}): a replayed micro-batch is "
+                                  f"drawn from it")
+            if not self.eval.every:
+                raise ConfigError('onpolicy.schedule = "adaptive" follows the held-out loss: '
+                                  'set eval.every > 0')
         if not check_paths:
             return
         paths = [("model.student", self.model.student), ("model.teacher", self.model.teacher),

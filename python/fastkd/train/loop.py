@@ -178,10 +178,15 @@ class _Run:
         model, optim = self._full_states()
         main = self.dist.is_main
         trainer = {"scheduler": self.scheduler.state_dict(), "evals": json.dumps(self.evals)}
+        rank_state = None
+        if self.onpolicy is not None:
+            trainer["onpolicy"] = self.onpolicy.state_dict()
+            rank_state = {"replay_buffer": self.onpolicy.buffer.state_dict()}
         ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state=model if main else None,
                              optimizer_state=optim if main else None, trainer_state=trainer,
                              rank=self.dist.rank, world_size=self.dist.world_size,
-                             barrier=self.dist.barrier, keep=self.config.checkpoint.keep)
+                             barrier=self.dist.barrier, keep=self.config.checkpoint.keep,
+                             rank_state=rank_state)
         self.saved_step = self.step
 
     def resume(self) -> bool:
@@ -206,6 +211,9 @@ class _Run:
         self.scheduler.load_state_dict(state["trainer"]["scheduler"])
         self.step = int(state["trainer"]["step"])
         self.evals = json.loads(state["trainer"]["evals"])
+        if self.onpolicy is not None and "onpolicy" in state["trainer"]:
+            self.onpolicy.load_state_dict(state["trainer"]["onpolicy"])
+            self.onpolicy.buffer.load_state_dict((state["rank"] or {}).get("replay_buffer", {}))
         ckpt.set_rng_state(state["rng"])
         self.saved_step = self.step
         return True
@@ -225,7 +233,7 @@ class _Run:
             sources = dict.fromkeys(SOURCES, 0)
             with unsharded_root(self.module), autocast_context(device, self.autocast):
                 for j, batch in enumerate(batches):
-                    batches[j], source = self.onpolicy.rewrite(batch, self.step, j)
+                    batches[j], source = self.onpolicy.rewrite(batch, self.step, j, c.train.steps)
                     sources[source] += 1
         counted = sum(int((b["labels"] != -100).sum()) for b in batches)
         num_items = int(self.dist.all_reduce_sum(
@@ -256,6 +264,8 @@ class _Run:
             record["grad_norm"] = grad_norm
         if sources is not None:
             record["completions"] = sources
+            if c.onpolicy.schedule == "adaptive":
+                record["student_share"] = self.onpolicy.share
         return record
 
     def run_eval(self) -> dict | None:
@@ -288,6 +298,14 @@ class _Run:
         if main:
             write_json_atomic(os.path.join(self.out, "config.json"), c.to_dict())
             log.truncate_after(self.step)
+        if (self.onpolicy is not None and c.onpolicy.schedule == "adaptive"
+                and self.onpolicy.reference is None):
+            # The adaptive schedule's first reference: the held-out CE before training.
+            metrics = self.run_eval()
+            if metrics is None:
+                raise ValueError('onpolicy.schedule = "adaptive" follows the held-out CE, but '
+                                 'the held-out split has no labelled token')
+            self.onpolicy.observe_heldout(metrics["ce"])
         progress = Progress(c.train.steps, start=self.step, enabled=main and c.output.progress,
                             every=c.output.log_every)
         stop = None
@@ -301,6 +319,8 @@ class _Run:
                     metrics = self.run_eval()
                     if metrics is not None:
                         record["eval"] = metrics
+                        if self.onpolicy is not None:
+                            self.onpolicy.observe_heldout(metrics["ce"])
                 if main:
                     log.write(record)
                 progress.update(self.step, loss=record["loss"],

@@ -8,6 +8,16 @@ used, so no generation is thrown away). The objective (``kd``) then runs on the 
 on data: with ``divergence = "jsd"`` and ``beta`` it is GKD's generalized JSD over the completion
 tokens.
 
+With ``schedule = "adaptive"`` (DistiLLM, Ko et al. 2024): the student's share ``p`` starts at
+``student_fraction`` and grows by ``adaptive_step`` (up to 1) after each evaluation whose
+held-out CE is at least ``adaptive_tolerance`` above the reference (the evaluation before the
+first step, then the last one that raised ``p``). The student's generations go into a replay
+buffer (first in, first out, ``buffer_size`` sequences). Per micro-batch, with a coin ``r``: fresh
+student generations (also buffered) when ``r < p·f`` (``f`` = 1 − step/steps, 1/2 or
+step/steps for ``replay`` = decreasing, constant, increasing) or when ``r < p`` and the buffer is
+not full; a micro-batch drawn from the buffer when ``r < p``; the data's (or the teacher's)
+otherwise. The buffer and ``p`` are checkpointed, so a resumed run continues exactly.
+
 The coin of micro-batch ``j`` of step ``s`` is a function of (seed, s, j) only: every rank draws
 the same one (FSDP's collectives need all ranks to generate together) and a resumed run draws
 the ones the uninterrupted run drew; sampling inside ``generate`` uses torch's global generator,
@@ -25,10 +35,10 @@ from .config import OnPolicyConfig
 from .data import IGNORE_INDEX
 from .models import CausalLM
 
-__all__ = ["SOURCES", "OnPolicy", "prompt_lengths", "sequences_batch"]
+__all__ = ["SOURCES", "OnPolicy", "ReplayBuffer", "prompt_lengths", "sequences_batch"]
 
 # Where a micro-batch's completions came from, in the order the step's record counts them.
-SOURCES = ("data", "student", "teacher")
+SOURCES = ("data", "student", "teacher", "replay")
 
 
 def prompt_lengths(labels: torch.Tensor, min_tokens: int = 1) -> torch.Tensor:
@@ -75,11 +85,57 @@ def sequences_batch(prompts: list[torch.Tensor], completions: list[torch.Tensor]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def _coin(seed: int, step: int, micro: int) -> float:
-    """A uniform [0, 1) number fixed by (seed, step, micro): the same on every rank and after a
+def _draw(seed: int, step: int, micro: int, what: str) -> int:
+    """64 random bits fixed by (seed, step, micro, what): the same on every rank and after a
     resume, and independent of torch's generator (which generation consumes)."""
-    digest = hashlib.sha256(f"onpolicy:{seed}:{step}:{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2.0**64
+    digest = hashlib.sha256(f"onpolicy:{what}:{seed}:{step}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _coin(seed: int, step: int, micro: int) -> float:
+    """A uniform [0, 1) number fixed by (seed, step, micro)."""
+    return _draw(seed, step, micro, "coin") / 2.0**64
+
+
+_KEYS = ("input_ids", "labels", "attention_mask")
+
+
+class ReplayBuffer:
+    """Generated sequences kept for reuse: first in, first out, at most ``capacity`` of them,
+    held on the CPU as ``[n, T]`` int64 rows of ``input_ids``, ``labels``, ``attention_mask``."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.rows: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.rows is None else len(self.rows["input_ids"])
+
+    @property
+    def full(self) -> bool:
+        return len(self) >= self.capacity
+
+    def push(self, batch: dict[str, torch.Tensor]) -> None:
+        new = {k: batch[k].detach().to("cpu", torch.int64) for k in _KEYS}
+        if self.rows is not None:
+            new = {k: torch.cat([self.rows[k], new[k]]) for k in _KEYS}
+        self.rows = {k: v[-self.capacity:].clone() for k, v in new.items()}
+
+    def sample(self, n: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``n`` distinct sequences drawn uniformly (by a generator seeded with ``seed``)."""
+        if n > len(self):
+            raise ValueError(f"cannot draw {n} sequences from a replay buffer of {len(self)}")
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.randperm(len(self), generator=generator)[:n]
+        return {k: self.rows[k][picks].to(device) for k in _KEYS}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.rows is None:
+            return {}
+        return dict(self.rows)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.rows = {k: state[k].clone() for k in _KEYS} if state else None
 
 
 @contextlib.contextmanager
@@ -114,26 +170,60 @@ class OnPolicy:
             raise ValueError("onpolicy.teacher_sequences needs model.teacher")
         self.config, self.student, self.teacher = config, student, teacher
         self.seed, self.pad_id, self.eos_id, self.synced = seed, pad_id, eos_id, synced
+        # The adaptive schedule's student share, its held-out CE reference, its buffer.
+        self.share = config.student_fraction
+        self.reference: float | None = None
+        self.buffer = ReplayBuffer(config.buffer_size)
 
-    def source(self, step: int, micro: int) -> str:
-        """Who writes micro-batch ``micro`` of step ``step``'s completions: one of SOURCES."""
+    def source(self, step: int, micro: int, steps: int = 1) -> str:
+        """Who writes micro-batch ``micro`` of step ``step``'s completions (of a run of
+        ``steps``): one of SOURCES."""
         c = self.config
-        if c.student_fraction > 0 and _coin(self.seed, step, micro) < c.student_fraction:
+        r = _coin(self.seed, step, micro)
+        fallback = "teacher" if c.teacher_sequences else "data"
+        if c.schedule == "fixed":
+            return "student" if r < c.student_fraction else fallback
+        progress = min(step / max(steps, 1), 1.0)
+        fresh = {"decreasing": 1.0 - progress, "constant": 0.5, "increasing": progress}[c.replay]
+        if r < self.share * fresh or (r < self.share and not self.buffer.full):
             return "student"
-        return "teacher" if c.teacher_sequences else "data"
+        return "replay" if r < self.share else fallback
 
-    def rewrite(self, batch: dict[str, torch.Tensor], step: int, micro: int
+    def rewrite(self, batch: dict[str, torch.Tensor], step: int, micro: int, steps: int = 1
                 ) -> tuple[dict[str, torch.Tensor], str]:
         """``batch`` (``input_ids``, ``labels``, ``attention_mask`` ``[B, T]``) with its
         completions replaced as ``source`` says, and the source."""
-        source = self.source(step, micro)
+        source = self.source(step, micro, steps)
         if source == "data":
             return batch, source
+        if source == "replay":
+            seed = _draw(self.seed, step, micro, "replay") % 2**63
+            return self.buffer.sample(len(batch["labels"]), seed, batch["labels"].device), source
         model = self.student if source == "student" else self.teacher
         completions, prompts = self.generate(model, batch)
         new = sequences_batch(prompts, completions, seq_len=batch["labels"].shape[1],
                               pad_id=self.pad_id)
+        if source == "student" and self.config.schedule == "adaptive":
+            self.buffer.push(new)
         return new, source
+
+    def observe_heldout(self, ce: float) -> None:
+        """The adaptive schedule's update from an evaluation's held-out CE (nats per token)."""
+        c = self.config
+        if c.schedule != "adaptive":
+            return
+        if self.reference is None:
+            self.reference = ce
+        elif ce >= self.reference + c.adaptive_tolerance:
+            self.share = min(self.share + c.adaptive_step, 1.0)
+            self.reference = ce
+
+    def state_dict(self) -> dict:
+        """The schedule's state, the same on every rank (the buffer is per rank: ``buffer``)."""
+        return {"share": self.share, "reference": self.reference}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.share, self.reference = float(state["share"]), state["reference"]
 
     @torch.no_grad()
     def generate(self, model: CausalLM, batch: dict[str, torch.Tensor]
