@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastkd.train import distill
-from fastkd.train.config import Config, ConfigError
+from fastkd.train.config import Config, ConfigError, OnPolicyConfig
 from fastkd.train.data import IGNORE_INDEX, Document, tokenize_documents
 from fastkd.train.onpolicy import OnPolicy, prompt_lengths, sequences_batch
 
@@ -85,8 +85,6 @@ class _Stub:
 
 
 def _onpolicy(student, teacher=None, **kwargs):
-    from fastkd.train.config import OnPolicyConfig
-
     return OnPolicy(OnPolicyConfig(**kwargs), student=student, teacher=teacher, seed=3,
                     pad_id=0, eos_id=1)
 
@@ -301,3 +299,21 @@ def test_adaptive_run_replays_and_resumes_exactly(tiny, pairs, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in records]
     assert [r["completions"] for r in resumed] == [r["completions"] for r in records]
     assert [r["student_share"] for r in resumed] == [r["student_share"] for r in records]
+
+
+def test_an_external_generate_hook_replaces_hugging_face_generate():
+    calls = []
+
+    def engine(model, prompts, *, source, max_new_tokens, temperature, top_p, eos_id):
+        calls.append((source, [p.tolist() for p in prompts], max_new_tokens, eos_id))
+        return [[7, 8, eos_id, 9]] + [torch.tensor([6] * 20)] * (len(prompts) - 1)
+
+    student = _Stub([5], fail=True)
+    policy = OnPolicy(OnPolicyConfig(student_fraction=1.0, max_new_tokens=4), student=student, teacher=None, seed=0, pad_id=0, eos_id=1, generate=engine)
+    new, source = policy.rewrite(_batch(2, seq_len=8), 0, 0)
+    assert calls == [("student", [[0, 1, 2], [8, 9, 10]], 4, 1)]
+    assert new["labels"][0].tolist() == [-100, -100, 7, 8, 1, -100, -100, -100]
+    assert new["labels"][1].tolist() == [-100, -100, 6, 6, 6, 6, -100, -100]
+    with pytest.raises(ValueError, match="returned 1 completions for 2 prompts"):
+        OnPolicy(policy.config, student=student, teacher=None, seed=0, pad_id=0, eos_id=1,
+                 generate=lambda *a, **k: [[1]]).rewrite(_batch(2, seq_len=8), 0, 0)

@@ -94,7 +94,7 @@ class _StopSignals:
 
 
 class _Run:
-    def __init__(self, config: Config, dist_info: Distributed, callbacks):
+    def __init__(self, config: Config, dist_info: Distributed, callbacks, generate=None):
         self.config, self.dist, self.callbacks = config, dist_info, list(callbacks or [])
         c = config
         self.out = c.output.dir
@@ -114,7 +114,8 @@ class _Run:
             tok = self.data.tokenizer
             self.onpolicy = OnPolicy(c.onpolicy, student=self.student, teacher=self.teacher,
                                      seed=c.train.seed, pad_id=tok.pad_token_id,
-                                     eos_id=tok.eos_token_id, synced=dist_info.world_size > 1)
+                                     eos_id=tok.eos_token_id, synced=dist_info.world_size > 1,
+                                     generate=generate)
         self.step_module = StudentStep(self.student, self.objective, self.autocast)
         if c.train.compile:
             self.student.compile()
@@ -378,13 +379,20 @@ class _Run:
                             ylabel="nats per token")
 
 
-def distill(config, overrides=None, *, callbacks=None) -> dict:
+def distill(config, overrides=None, *, callbacks=None, generate=None) -> dict:
     """Runs ``fastkd distill``: trains the student of ``config`` (a ``Config``, a config file or
     a nested dict; ``overrides`` as ``--set`` strings or a dict) and writes its output folder
     (resolved config, JSONL log, checkpoints, final model, eval results, plots).
 
     ``callbacks``: functions ``(step, record) -> bool`` called after every step on every rank;
     True asks the run to stop there with a checkpoint, as SIGINT does.
+
+    ``generate``: for on-policy runs, a function replacing Hugging Face ``generate`` (an
+    external engine such as vLLM serving the current weights): ``generate(model, prompts, *,
+    source, max_new_tokens, temperature, top_p, eos_id)`` with ``model`` the student or
+    teacher ``CausalLM``, ``prompts`` a list of 1-D int64 tensors and ``source`` "student" or
+    "teacher", returning one 1-D int64 tensor of new tokens per prompt (longer ones are cut
+    to ``max_new_tokens`` and after the first eos).
 
     Returns a dict with the final step, evaluation metrics (absent when stopped early), training
     tokens/s and whether the run resumed or stopped.
@@ -393,6 +401,6 @@ def distill(config, overrides=None, *, callbacks=None) -> dict:
     dist_info = init_distributed(config.train.device)
     try:
         with RunLock(config.output.dir, enabled=dist_info.is_main):
-            return _Run(config, dist_info, callbacks).run()
+            return _Run(config, dist_info, callbacks, generate).run()
     finally:
         dist_info.close()

@@ -158,18 +158,21 @@ class OnPolicy:
         pad_id, eos_id: the tokenizer's pad and end-of-sequence ids.
         synced: generate with ``synced_gpus`` (FSDP: ranks keep stepping until all finish, as the
             sharded layers' collectives need).
+        generate: an external generation function replacing Hugging Face ``generate`` (see
+            ``distill``); None uses the models' own.
     """
 
     def __init__(self, config: OnPolicyConfig, *, student: CausalLM, teacher: CausalLM | None,
-                 seed: int, pad_id: int, eos_id: int, synced: bool = False):
+                 seed: int, pad_id: int, eos_id: int, synced: bool = False, generate=None):
         for name, model in (("student", student), ("teacher", teacher)):
-            if model is not None and not hasattr(model.model, "generate"):
+            if generate is None and model is not None and not hasattr(model.model, "generate"):
                 raise ValueError(f"onpolicy needs a {name} that generates (a Hugging Face "
                                  f"causal LM); got {type(model.model).__name__}")
         if config.teacher_sequences and teacher is None:
             raise ValueError("onpolicy.teacher_sequences needs model.teacher")
         self.config, self.student, self.teacher = config, student, teacher
         self.seed, self.pad_id, self.eos_id, self.synced = seed, pad_id, eos_id, synced
+        self.external = generate
         # The adaptive schedule's student share, its held-out CE reference, its buffer.
         self.share = config.student_fraction
         self.reference: float | None = None
@@ -200,7 +203,7 @@ class OnPolicy:
             seed = _draw(self.seed, step, micro, "replay") % 2**63
             return self.buffer.sample(len(batch["labels"]), seed, batch["labels"].device), source
         model = self.student if source == "student" else self.teacher
-        completions, prompts = self.generate(model, batch)
+        completions, prompts = self.generate(model, batch, source)
         new = sequences_batch(prompts, completions, seq_len=batch["labels"].shape[1],
                               pad_id=self.pad_id)
         if source == "student" and self.config.schedule == "adaptive":
@@ -226,7 +229,7 @@ class OnPolicy:
         self.share, self.reference = float(state["share"]), state["reference"]
 
     @torch.no_grad()
-    def generate(self, model: CausalLM, batch: dict[str, torch.Tensor]
+    def generate(self, model: CausalLM, batch: dict[str, torch.Tensor], source: str = "student"
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Samples completions of the batch's prompts (``prompt_lengths``) from ``model`` with a
         KV cache: at most ``max_new_tokens`` each and no more than the sequence length leaves,
@@ -246,6 +249,17 @@ class OnPolicy:
             padded[b, longest - len(prompt):] = prompt
             mask[b, longest - len(prompt):] = 1
         room = seq_len + 1 - min(lengths)
+        if self.external is not None:
+            new_tokens = self.external(model, prompts, source=source,
+                                       max_new_tokens=min(c.max_new_tokens, room),
+                                       temperature=c.temperature, top_p=c.top_p,
+                                       eos_id=self.eos_id)
+            if len(new_tokens) != len(prompts):
+                raise ValueError(f"the generate hook returned {len(new_tokens)} completions for "
+                                 f"{len(prompts)} prompts")
+            return [self._cut(torch.as_tensor(t, dtype=torch.int64, device=input_ids.device)
+                              .reshape(-1)[:min(c.max_new_tokens, seq_len + 1 - n)])
+                    for t, n in zip(new_tokens, lengths)], prompts
         with _eval_mode(model.model):
             out = model.model.generate(
                 input_ids=padded, attention_mask=mask, do_sample=True,
@@ -253,9 +267,9 @@ class OnPolicy:
                 max_new_tokens=min(c.max_new_tokens, room), pad_token_id=self.pad_id,
                 eos_token_id=self.eos_id, use_cache=True, synced_gpus=self.synced)
         new = out[:, longest:]
-        completions = []
-        for b, n in enumerate(lengths):
-            row = new[b, :seq_len + 1 - n]
-            ends = (row == self.eos_id).nonzero()
-            completions.append(row[:int(ends[0]) + 1] if len(ends) else row)
-        return completions, prompts
+        return [self._cut(new[b, :seq_len + 1 - n]) for b, n in enumerate(lengths)], prompts
+
+    def _cut(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` up to and including the first end-of-sequence token."""
+        ends = (tokens == self.eos_id).nonzero()
+        return tokens[:int(ends[0]) + 1] if len(ends) else tokens
