@@ -1,0 +1,89 @@
+"""The release checks of tools/check_wheel.py: on the extension this build made, and on
+synthetic wheels that break each rule."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import zipfile
+
+import pytest
+
+import fastkd  # noqa: F401
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+pytestmark = pytest.mark.skipif(not shutil.which("readelf") or not shutil.which("cc"),
+                                reason="needs readelf and a C compiler")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        "check_wheel", os.path.join(ROOT, "tools", "check_wheel.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_built_extension_needs_no_torch_python_or_cuda_library():
+    from fastkd.ops._native import native
+
+    mod = native()
+    if mod is None:
+        pytest.skip("the extension is not built")
+    tool = _tool()
+    libs = tool.needed(mod.__file__)
+    assert libs, "readelf found no DT_NEEDED entry at all"
+    for lib in libs:
+        for what, pattern in tool.FORBIDDEN.items():
+            assert not pattern.search(lib), f"{mod.__file__} needs {lib} ({what})"
+
+
+def _shared_object(tmp_path, name: str, needs: list[str]) -> str:
+    """A shared object whose DT_NEEDED lists ``needs`` (empty stand-in libraries)."""
+    src = tmp_path / "x.c"
+    src.write_text("int fastkd_probe(void) { return 1; }\n")
+    flags = []
+    for lib in needs:
+        stub = tmp_path / lib
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(stub), str(src),
+                        f"-Wl,-soname,{lib}"], check=True)
+        flags.append(str(stub))
+    out = tmp_path / name
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(out), str(src),
+                    "-Wl,--no-as-needed", *flags], check=True)
+    return str(out)
+
+
+def _wheel(tmp_path, so_path: str, padding: int = 0) -> str:
+    path = tmp_path / "fastkd-0.0.0-cp311-cp311-linux_x86_64.whl"
+    with zipfile.ZipFile(path, "w") as whl:
+        whl.write(so_path, "fastkd/_C.cpython-311-x86_64-linux-gnu.so")
+        whl.writestr("fastkd-0.0.0.dist-info/WHEEL",
+                     "Wheel-Version: 1.0\nTag: cp311-cp311-linux_x86_64\n")
+        if padding:
+            whl.writestr("fastkd/padding.bin", os.urandom(padding))
+    return str(path)
+
+
+@pytest.mark.parametrize("lib, what", [("libtorch_cpu.so", "libtorch"),
+                                       ("libc10.so", "libtorch"),
+                                       ("libpython3.11.so.1.0", "libpython"),
+                                       ("libcudart.so.13", "the CUDA runtime"),
+                                       ("libcuda.so.1", "the CUDA driver")])
+def test_a_forbidden_dependency_fails_the_check(tmp_path, lib, what):
+    tool = _tool()
+    bad = _wheel(tmp_path, _shared_object(tmp_path, "bad.so", [lib]))
+    problems = tool.check(bad, max_mb=100, require_cuda=False)
+    assert problems == [f"fastkd/_C.cpython-311-x86_64-linux-gnu.so needs {lib} "
+                        f"({what} must not be a dependency)"]
+
+
+def test_a_clean_wheel_passes_and_the_size_and_cuda_gates_fail(tmp_path):
+    tool = _tool()
+    clean = _wheel(tmp_path, _shared_object(tmp_path, "ok.so", ["libfriendly.so.1"]))
+    assert tool.check(clean, max_mb=100, require_cuda=False) == []
+    assert tool.check(clean, max_mb=100, require_cuda=True) == [
+        "fastkd/_C.cpython-311-x86_64-linux-gnu.so holds no CUDA kernels"]
+    big = _wheel(tmp_path, _shared_object(tmp_path, "ok2.so", []), padding=2 << 20)
+    assert any("over the 1.0 MB limit" in p
+               for p in tool.check(big, max_mb=1.0, require_cuda=False))
