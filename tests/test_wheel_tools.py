@@ -1,5 +1,5 @@
-"""The release checks of tools/check_wheel.py: on the extension this build made, and on
-synthetic wheels that break each rule."""
+"""The release checks of tools/check_wheel.py (on the extension this build made, and on
+synthetic wheels that break each rule) and the Triton versions a wheel accepts."""
 
 import importlib.util
 import os
@@ -12,7 +12,7 @@ import pytest
 import fastkd  # noqa: F401
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-pytestmark = pytest.mark.skipif(not shutil.which("readelf") or not shutil.which("cc"),
+_TOOLS = pytest.mark.skipif(not shutil.which("readelf") or not shutil.which("cc"),
                                 reason="needs readelf and a C compiler")
 
 
@@ -24,6 +24,7 @@ def _tool():
     return module
 
 
+@_TOOLS
 def test_the_built_extension_needs_no_torch_python_or_cuda_library():
     from fastkd.ops._native import native
 
@@ -65,6 +66,7 @@ def _wheel(tmp_path, so_path: str, padding: int = 0) -> str:
     return str(path)
 
 
+@_TOOLS
 @pytest.mark.parametrize("lib, what", [("libtorch_cpu.so", "libtorch"),
                                        ("libc10.so", "libtorch"),
                                        ("libpython3.11.so.1.0", "libpython"),
@@ -78,6 +80,7 @@ def test_a_forbidden_dependency_fails_the_check(tmp_path, lib, what):
                         f"({what} must not be a dependency)"]
 
 
+@_TOOLS
 def test_a_clean_wheel_passes_and_the_size_and_cuda_gates_fail(tmp_path):
     tool = _tool()
     clean = _wheel(tmp_path, _shared_object(tmp_path, "ok.so", ["libfriendly.so.1"]))
@@ -87,3 +90,22 @@ def test_a_clean_wheel_passes_and_the_size_and_cuda_gates_fail(tmp_path):
     big = _wheel(tmp_path, _shared_object(tmp_path, "ok2.so", []), padding=2 << 20)
     assert any("over the 1.0 MB limit" in p
                for p in tool.check(big, max_mb=1.0, require_cuda=False))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's CPU interpreter")
+def test_an_old_triton_interpreter_is_refused_with_the_version_that_works(monkeypatch):
+    """Triton 3.2's interpreter (torch 2.6's) fails on the kernels: the backend then says so
+    rather than failing inside a kernel. (Installed into a fresh environment by
+    tools/wheel_matrix.sh: 3.2.0 failed in every Triton kernel, 3.8.0 and 3.9.0 passed.)"""
+    import torch
+
+    from fastkd.ops._native import triton_error, triton_module
+
+    triton = triton_module()
+    if triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    message = triton_error(torch.device("cpu"))
+    assert message and "Triton 3.2.0's CPU interpreter" in message and "3.8 and newer" in message
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    assert triton_error(torch.device("cpu")) is None

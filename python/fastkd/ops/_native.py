@@ -47,6 +47,20 @@ def native_error() -> str | None:
     return _refused or _load_native()[1]
 
 
+# The oldest Triton whose CPU interpreter was seen running every kernel (3.8.0 and 3.9.0 do;
+# 3.2.0, which torch 2.6 installs, fails on loops bounded by a run-time argument). Versions in
+# between are untested and refused under the interpreter only: on a GPU Triton compiles.
+_OLDEST_INTERPRETER = (3, 8)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 @functools.lru_cache(maxsize=None)
 def _load_triton():
     try:
@@ -68,6 +82,11 @@ def triton_error(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        version = getattr(_load_triton()[0], "__version__", "0")
+        if _version_tuple(version) < _OLDEST_INTERPRETER:
+            return (f"Triton {version}'s CPU interpreter cannot run fastkd's kernels (their "
+                    f"loops over a run-time vocabulary size fail in Triton 3.2's); "
+                    f"{'.'.join(map(str, _OLDEST_INTERPRETER))} and newer can")
         return None
     return (f"Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1, set before "
             f"triton is imported); got device {device}")
