@@ -167,7 +167,8 @@ def test_missing_host_library_names_the_extra(monkeypatch):
 @pytest.mark.slow  # about 5 s: two Trainer runs
 def test_trainer_with_accumulation_steps_like_one_big_batch(models, tmp_path):
     """One optimizer step of the Trainer: 2 micro-batches of 2 rows with gradient accumulation
-    against 1 batch of 4 rows, SGD: the same parameters."""
+    against 1 batch of 4 rows, SGD: the same parameters; then the Trainer's evaluation loss
+    (compute_loss with return_outputs) is the loss of the evaluation batch."""
     import datasets
     from transformers import TrainingArguments
 
@@ -187,11 +188,17 @@ def test_trainer_with_accumulation_steps_like_one_big_batch(models, tmp_path):
                                  gradient_accumulation_steps=accumulate, learning_rate=1.0,
                                  optim="sgd", lr_scheduler_type="constant", report_to="none",
                                  save_strategy="no", use_cpu=True, seed=0,
-                                 remove_unused_columns=False, max_grad_norm=0.0)
+                                 remove_unused_columns=False, max_grad_norm=0.0,
+                                 per_device_eval_batch_size=4)
         trainer = DistillationTrainer(model=model, args=args, teacher_model=teacher,
                                       train_dataset=datasets.Dataset.from_list(rows),
+                                      eval_dataset=datasets.Dataset.from_list(rows),
                                       data_collator=collate, divergence="jsd", beta=0.5)
         trainer.train()
+        evaluated = trainer.evaluate()["eval_loss"]
+        with torch.no_grad():
+            expected = distillation_loss(model.eval(), batch, teacher=teacher, divergence="jsd")
+        assert evaluated == pytest.approx(float(expected), rel=1e-6)
         return model
 
     accumulated, big = train(2, 2), train(4, 1)
