@@ -56,6 +56,8 @@ BAD_INPUTS = [
     (dict(labels=torch.tensor([0, 1, 2, 3], dtype=torch.uint8)), ValueError,
      r"torch.uint8 hold \[0, 255\].*ignore_index=-100"),
     (dict(backend="gpu"), ValueError, "unknown backend 'gpu'"),
+    (dict(vocab_mismatch="truncate"), ValueError,
+     r"vocab_mismatch must be one of \('cut', 'pad'\); got 'truncate'"),
 ]
 
 
@@ -297,6 +299,8 @@ _MODULE_BAD_OPTIONS = [
     (fastkd.KDLoss, {"reduction": "avg"}, "reduction"),
     (fastkd.KDLoss, {"ignore_index": 2**63}, "ignore_index"),
     (fastkd.KDLoss, {"backend": "gpu"}, "backend"),
+    (fastkd.KDLoss, {"vocab_mismatch": "truncate"}, "vocab_mismatch"),
+    (fastkd.KDLoss, {"vocab_mismatch": None}, "vocab_mismatch"),
     (fastkd.FusedLinearKDLoss, {"temperature": 0}, "temperature"),
     (fastkd.FusedLinearKDLoss, {"chunk_size": 0}, "chunk_size"),
     (fastkd.FusedLinearKDLoss, {"memory_budget": -1}, "memory_budget"),
@@ -304,6 +308,7 @@ _MODULE_BAD_OPTIONS = [
     (fastkd.FusedLinearKDLoss, {"logit_scale": 0.0}, "logit_scale"),
     (fastkd.FusedLinearKDLoss, {"teacher_logit_scale": float("nan")}, "teacher_logit_scale"),
     (fastkd.FusedLinearKDLoss, {"backend": "gpu"}, "backend"),
+    (fastkd.FusedLinearKDLoss, {"vocab_mismatch": "zero"}, "vocab_mismatch"),
     (fastkd.ULDLoss, {"temperature": -1.0}, "temperature"),
     (fastkd.ULDLoss, {"teacher_temperature": 0.0}, "teacher_temperature"),
     (fastkd.ULDLoss, {"reduction": "avg"}, "reduction"),

@@ -19,7 +19,7 @@ def _check_kd_module_options(options: dict) -> None:
     (labels come with each call, so the hard-label term's need for them is checked there)."""
     check_kd_options(**{k: options[k] for k in (
         "divergence", "temperature", "beta", "alpha", "ignore_index", "hard_weight", "softcap",
-        "reduction")}, num_items_in_batch=None, has_labels=True)
+        "reduction", "vocab_mismatch")}, num_items_in_batch=None, has_labels=True)
     check_backend_name(options["backend"])
 
 
@@ -33,12 +33,12 @@ class KDLoss(nn.Module):
     def __init__(self, *, divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
                  alpha: float = 0.1, ignore_index: int = -100, hard_weight: float = 0.0,
                  t2_scale: bool = False, softcap: float | None = None, reduction: str = "mean",
-                 backend: str = "auto"):
+                 vocab_mismatch: str = "cut", backend: str = "auto"):
         super().__init__()
         self.options = dict(divergence=divergence, temperature=temperature, beta=beta,
                             alpha=alpha, ignore_index=ignore_index, hard_weight=hard_weight,
                             t2_scale=t2_scale, softcap=softcap, reduction=reduction,
-                            backend=backend)
+                            vocab_mismatch=vocab_mismatch, backend=backend)
         _check_kd_module_options(self.options)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -54,7 +54,7 @@ class KDLoss(nn.Module):
 class FusedLinearKDLoss(nn.Module):
     """Module form of :func:`fastkd.fused_linear_kd_loss`; takes its keyword options (those of
     :func:`fastkd.kd_loss` plus ``chunk_size``, ``memory_budget``, ``logit_scale``,
-    ``teacher_logit_scale`` and ``accum_dtype``).
+    ``teacher_logit_scale``, ``accum_dtype`` and ``vocab_mismatch``).
 
     ``forward(student_hidden [..., H_s], student_weight [V_s, H_s], teacher_hidden=None
     [..., H_t], teacher_weight=None [V_t, H_t], *, teacher_logits=None [..., V_t],
@@ -68,14 +68,16 @@ class FusedLinearKDLoss(nn.Module):
                  t2_scale: bool = False, softcap: float | None = None, reduction: str = "mean",
                  chunk_size: int | None = None, memory_budget: int | None = None,
                  logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
-                 accum_dtype: torch.dtype | None = None, backend: str = "auto"):
+                 accum_dtype: torch.dtype | None = None, vocab_mismatch: str = "cut",
+                 backend: str = "auto"):
         super().__init__()
         self.options = dict(divergence=divergence, temperature=temperature, beta=beta,
                             alpha=alpha, ignore_index=ignore_index, hard_weight=hard_weight,
                             t2_scale=t2_scale, softcap=softcap, reduction=reduction,
                             chunk_size=chunk_size, memory_budget=memory_budget,
                             logit_scale=logit_scale, teacher_logit_scale=teacher_logit_scale,
-                            accum_dtype=accum_dtype, backend=backend)
+                            accum_dtype=accum_dtype, vocab_mismatch=vocab_mismatch,
+                            backend=backend)
         _check_kd_module_options(self.options)
         check_fused_linear_options(chunk_size=chunk_size, memory_budget=memory_budget,
                                    accum_dtype=accum_dtype, logit_scale=logit_scale,

@@ -8,6 +8,7 @@ import numbers
 import torch
 
 from ..divergences import DIVERGENCES
+from ._vocab_mismatch import VOCAB_MISMATCH
 
 __all__ = ["FLOAT32_MAX", "INT32_MAX", "INT64_MAX", "KERNEL_FLOAT_MAX", "KERNEL_FLOAT_MIN", "REDUCTIONS",
            "check_int", "check_kd_options", "check_kernel_float", "check_labels", "check_logits",
@@ -92,8 +93,10 @@ def check_logits(name: str, t) -> None:
 
 
 def check_kd_options(*, divergence, temperature, beta, alpha, ignore_index, hard_weight, softcap,
-                     reduction, num_items_in_batch, has_labels: bool) -> None:
-    """The scalar options every kd_loss-style op takes."""
+                     reduction, num_items_in_batch, has_labels: bool,
+                     vocab_mismatch: str = "cut") -> None:
+    """The scalar options every kd_loss-style op takes (``vocab_mismatch``: those comparing
+    two dense vocabularies)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose from {sorted(DIVERGENCES)}")
     check_kernel_float("temperature", temperature)
@@ -104,6 +107,8 @@ def check_kd_options(*, divergence, temperature, beta, alpha, ignore_index, hard
         check_kernel_float("softcap", softcap)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if not isinstance(vocab_mismatch, str) or vocab_mismatch not in VOCAB_MISMATCH:
+        raise ValueError(f"vocab_mismatch must be one of {VOCAB_MISMATCH}; got {vocab_mismatch!r}")
     check_num_items(num_items_in_batch)
     check_int("ignore_index", ignore_index, -INT64_MAX - 1, INT64_MAX)
     if not has_labels and hard_weight > 0:

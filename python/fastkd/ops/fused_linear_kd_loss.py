@@ -35,6 +35,7 @@ from ..sparse.targets import SparseTargets
 from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN, check_kd_options, check_labels
 from ._kd_config import KdConfig, make_kd_config
 from ._registry import accepts, backend_spec, register_op, resolve_backend
+from ._vocab_mismatch import match_student_head
 from .kd_loss import KD_LOSS, launch_kd_rows, mean_grad_scale
 from .sparse_kd_loss import (check_sparse_options, check_targets, launch_sparse_rows,
                              merge_duplicate_ids)
@@ -528,7 +529,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          t2_scale: bool = False, softcap: float | None = None,
                          reduction: str = "mean",
                          num_items_in_batch: int | torch.Tensor | None = None,
-                         backend: str = "auto") -> torch.Tensor:
+                         vocab_mismatch: str = "cut", backend: str = "auto") -> torch.Tensor:
     """kd_loss of the student's lm_head output against the teacher's, without materializing
     either model's ``[N, V]`` logits.
 
@@ -556,9 +557,11 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         divergence ... num_items_in_batch: as in :func:`fastkd.kd_loss`; labels and
             reductions take the leading shape of ``student_hidden``. The default divergence is
             ``"fkl"``; Liger-Kernel's ``LigerFusedLinearJSD`` computes JSD (its default
-            ``jsd_beta=0.5``): pass ``divergence="jsd", beta=0.5`` for the same loss. Where the
-            vocabularies differ, both heads' logits are cut to the common prefix
-            ``min(V_s, V_t)`` (Liger zero-pads the student's logits to the teacher's size).
+            ``jsd_beta=0.5``): pass ``divergence="jsd", beta=0.5`` for the same loss.
+        vocab_mismatch: as in :func:`fastkd.kd_loss`: ``"cut"`` (default) compares the common
+            prefix ``min(V_s, V_t)``; ``"pad"`` (Liger-Kernel's convention) appends
+            ``V_t - V_s`` zero rows to the student's head (logit 0 for those ids; their
+            gradients are dropped), at the cost of one ``[V_t, H_s]`` copy of the weight.
         backend: row kernel, as in :func:`fastkd.kd_loss`; ``"torch"`` is the plain
             (unchunked) PyTorch path.
 
@@ -574,12 +577,14 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     check_kd_options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                      ignore_index=ignore_index, hard_weight=hard_weight, softcap=softcap,
                      reduction=reduction, num_items_in_batch=num_items_in_batch,
-                     has_labels=labels is not None)
+                     has_labels=labels is not None, vocab_mismatch=vocab_mismatch)
     lead = student_hidden.shape[:-1]
     device = student_hidden.device
     vocab_s = student_weight.shape[0]
     vocab_t = teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
     check_labels(labels, lead, device, min(vocab_s, vocab_t), ignore_index, "student_hidden")
+    student_weight, student_bias, vocab_s = match_student_head(student_weight, student_bias,
+                                                               vocab_t, vocab_mismatch)
 
     student_hidden, student_weight, student_bias = _autocast(
         [student_hidden, student_weight, student_bias], device.type)

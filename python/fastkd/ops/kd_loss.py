@@ -19,6 +19,7 @@ from ._kd_config import KdConfig, make_kd_config
 from ._layout import row_layout
 from ._launch import launch
 from ._native import DTYPE_CODES, native
+from ._vocab_mismatch import match_student_logits
 from ._registry import (AUTO, accepts, backend_spec, native_backend, reference_backend,
                         register_op, resolve_backend, triton_backend)
 
@@ -39,7 +40,7 @@ KD_LOSS = register_op("kd_loss", [
 
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, divergence,
                   temperature, beta, alpha, ignore_index, hard_weight, softcap, reduction,
-                  num_items_in_batch) -> None:
+                  num_items_in_batch, vocab_mismatch) -> None:
     check_logits("student_logits", student)
     check_logits("teacher_logits", teacher)
     if student.shape[:-1] != teacher.shape[:-1]:
@@ -51,7 +52,7 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, diver
     check_kd_options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                      ignore_index=ignore_index, hard_weight=hard_weight, softcap=softcap,
                      reduction=reduction, num_items_in_batch=num_items_in_batch,
-                     has_labels=labels is not None)
+                     has_labels=labels is not None, vocab_mismatch=vocab_mismatch)
     check_labels(labels, student.shape[:-1], student.device,
                  min(student.shape[-1], teacher.shape[-1]), ignore_index)
 
@@ -227,15 +228,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             alpha: float = 0.1, labels: torch.Tensor | None = None, ignore_index: int = -100,
             hard_weight: float = 0.0, t2_scale: bool = False, softcap: float | None = None,
             reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
-            backend: str = "auto") -> torch.Tensor:
+            vocab_mismatch: str = "cut", backend: str = "auto") -> torch.Tensor:
     """Distillation loss between student and teacher logits, fused with the softmax.
 
     Args:
         student_logits: ``[..., V_s]`` float32/bfloat16/float16 (float64: ``torch`` backend).
         teacher_logits: ``[..., V_t]``, same leading shape; no gradient flows to it through the
-            fused backends. Both are cut to the common prefix ``min(V_s, V_t)`` (Liger-Kernel
-            zero-pads the student's logits to the teacher's size instead); student columns
-            beyond it get zero gradient. ``-inf`` logits mark tokens outside the support
+            fused backends. Where V_s != V_t, see ``vocab_mismatch``. ``-inf`` logits mark tokens outside the support
             (0 log 0 = 0). A counted token where either model has no softmax over the prefix
             (all ``-inf``, or a NaN / ``+inf`` logit, after ``softcap`` where set: it maps
             +-inf to +-c) gets loss NaN and gradient NaN, as plain PyTorch gives; an ignored
@@ -262,6 +261,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         num_items_in_batch: a number in [2^-126, 2^126] or a one-element tensor; a CPU tensor
             is checked likewise, a device tensor is not read on the host (no sync): there a
             count <= 0 gives a NaN loss.
+        vocab_mismatch: ``"cut"`` (default): both are cut to the common prefix
+            ``min(V_s, V_t)``; student columns beyond it get zero gradient. ``"pad"``
+            (Liger-Kernel's convention): a smaller student's logits are padded with zeros up to
+            V_t, so the teacher's extra ids have student logit 0 (the hard-label term then runs
+            over the padded logits too); V_s > V_t raises. Labels always lie in
+            [0, min(V_s, V_t)).
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -271,7 +276,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     _check_inputs(student_logits, teacher_logits, labels, divergence=divergence,
                   temperature=temperature, beta=beta, alpha=alpha, ignore_index=ignore_index,
                   hard_weight=hard_weight, softcap=softcap, reduction=reduction,
-                  num_items_in_batch=num_items_in_batch)
+                  num_items_in_batch=num_items_in_batch, vocab_mismatch=vocab_mismatch)
+    student_logits = match_student_logits(student_logits, teacher_logits.shape[-1], vocab_mismatch)
     device = student_logits.device
     name = pick_backend("kd_loss", backend, student_logits, teacher_logits)
     kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,

@@ -1,0 +1,61 @@
+"""Hugging Face models seen as final hidden states plus a head, for the trainer integrations:
+the loss is computed from the hidden states through the fused lm_head, so neither model's
+``[B, T, V]`` logits are built."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from ..train.models import CausalLM, Head, adapt
+
+__all__ = ["hidden_and_head", "require", "shared_softcap"]
+
+
+def require(module: str, extra: str, what: str):
+    """``importlib.import_module(module)``, or an ImportError naming what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"{what} needs the package {module.split('.')[0]!r}: pip install "
+                          f"'fastkd[{extra}]' (or pip install {module.split('.')[0]})") from err
+
+
+def _adapter(model: nn.Module) -> CausalLM:
+    """``adapt(model)``, verified once and kept on the model (outside its module tree, so that
+    its state dict and ``.modules()`` are unchanged)."""
+    lm = model.__dict__.get("_fastkd_adapter")
+    if lm is None:
+        # accelerate's prepare_model may replace the instance's forward by one running under
+        # autocast (TRL's configs default to bf16): adapt checks the head against the class's
+        # own forward, in the model's dtype.
+        wrapped = model.__dict__.pop("forward", None)
+        try:
+            lm = adapt(model)
+        finally:
+            if wrapped is not None:
+                model.__dict__["forward"] = wrapped
+        object.__setattr__(model, "_fastkd_adapter", lm)
+    return lm
+
+
+def hidden_and_head(model: nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Head]:
+    """``[B, T, H]`` final hidden states of a Hugging Face causal LM (its decoder, no lm_head)
+    and its :class:`~fastkd.train.models.Head` (live parameters, logit scale, softcap)."""
+    lm = _adapter(model)
+    return lm(input_ids, attention_mask), lm.head()
+
+
+def shared_softcap(student: Head, teacher: Head, softcap: float | None) -> float | None:
+    """The one softcap fastkd applies to both models: ``softcap`` where given, else the heads'
+    own, which must then agree."""
+    if softcap is not None:
+        return softcap
+    if student.softcap != teacher.softcap:
+        raise ValueError(f"the student's and the teacher's heads cap logits differently "
+                         f"({student.softcap} and {teacher.softcap}); pass softcap= to apply "
+                         f"one cap to both")
+    return student.softcap

@@ -1,0 +1,111 @@
+"""fastkd's fused loss inside TRL's ``GKDTrainer``.
+
+``GKDTrainer.compute_loss`` (trl 1.x, ``trl.experimental.gkd``) runs both models to their full
+``[B, T, V]`` logits and calls ``generalized_jsd_loss`` on them. The replacement computed here
+runs both models' decoders to their final hidden states and gives them, with the two lm_heads,
+to :func:`fastkd.fused_linear_kd_loss`: the same loss without any ``[B, T, V]`` tensor.
+
+TRL's conventions, kept: ``beta`` is TRL's (``beta`` KL(teacher || M) + (1 - beta)
+KL(student || M), M = beta teacher + (1 - beta) student; 0 is forward KL, 1 reverse KL), which
+is fastkd's ``divergence="jsd", beta=beta`` unchanged; the loss is at temperature 1 (TRL's
+``compute_loss`` passes no temperature; ``args.temperature`` only samples generations); labels
+are shifted by one and ``-100`` marks the tokens left out; the mean is over the counted tokens,
+or the sum divided by ``num_items_in_batch`` when the Trainer passes it.
+
+Use either::
+
+    from fastkd.integrations.trl import FastKDGKDTrainer      # a GKDTrainer subclass
+    trainer = FastKDGKDTrainer(model=..., teacher_model=..., args=GKDConfig(...), ...)
+
+or, on a trainer that already exists (Liger's ``apply_liger_kernel_to_*`` style)::
+
+    from fastkd.integrations.trl import apply_fastkd_to_gkd_trainer
+    apply_fastkd_to_gkd_trainer(trainer)
+
+TRL's ``DistillationTrainer`` already computes its loss from hidden states in chunks, and
+GOLD's ULD loss aligns tokenizers that fastkd's ``uld_loss`` does not align yet: neither is
+replaced here.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
+from ._models import hidden_and_head, require, shared_softcap
+
+__all__ = ["FastKDGKDTrainer", "apply_fastkd_to_gkd_trainer", "gkd_compute_loss",  # noqa: F822 (module __getattr__)
+           "gkd_trainer_class"]
+
+# TRL's generalized_jsd_loss masks labels equal to -100 (it takes no ignore_index).
+IGNORE_INDEX = -100
+
+
+def gkd_trainer_class():
+    """TRL's ``GKDTrainer`` (``trl.experimental.gkd`` in trl >= 1.0, ``trl`` before)."""
+    require("trl", "trl", "fastkd.integrations.trl")
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        from trl import GKDTrainer
+    return GKDTrainer
+
+
+def gkd_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """``GKDTrainer.compute_loss`` with fastkd's fused loss: the same value (to fp32 rounding)
+    without the two models' logits. ``trainer`` needs ``teacher_model`` and ``beta`` (a
+    GKDTrainer has both) and, where the model is wrapped (DDP, ...), ``accelerator``.
+
+    Returns the loss, or ``(loss, {})`` with ``return_outputs`` (no logits exist to return)."""
+    accelerator = getattr(trainer, "accelerator", None)
+    student = accelerator.unwrap_model(model) if accelerator is not None else model
+    teacher = trainer.teacher_model
+    teacher = accelerator.unwrap_model(teacher) if accelerator is not None else teacher
+    input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+    hidden, head = hidden_and_head(student, input_ids, attention_mask)
+    teacher.eval()
+    with torch.no_grad():
+        t_hidden, t_head = hidden_and_head(teacher, input_ids, attention_mask)
+    # Logits at position i predict token i + 1, as in GKDTrainer.compute_loss.
+    loss = fused_linear_kd_loss(
+        hidden[:, :-1], head.weight, t_hidden[:, :-1], t_head.weight,
+        student_bias=head.bias, teacher_bias=t_head.bias, logit_scale=head.logit_scale,
+        teacher_logit_scale=t_head.logit_scale, softcap=shared_softcap(head, t_head, None),
+        divergence="jsd", beta=float(trainer.beta), labels=inputs["labels"][:, 1:],
+        ignore_index=IGNORE_INDEX, num_items_in_batch=num_items_in_batch)
+    return (loss, {}) if return_outputs else loss
+
+
+def apply_fastkd_to_gkd_trainer(trainer):
+    """Replaces ``trainer.compute_loss`` (a TRL ``GKDTrainer``) by :func:`gkd_compute_loss`;
+    returns the trainer. Generation (``lmbda``, ``seq_kd``) is untouched."""
+    gkd = gkd_trainer_class()
+    if not isinstance(trainer, gkd):
+        raise TypeError(f"apply_fastkd_to_gkd_trainer takes a trl GKDTrainer; got "
+                        f"{type(trainer).__name__}")
+    trainer.compute_loss = types.MethodType(gkd_compute_loss, trainer)
+    return trainer
+
+
+def _subclass():
+    gkd = gkd_trainer_class()
+
+    class FastKDGKDTrainer(gkd):
+        """TRL's ``GKDTrainer`` whose loss is fastkd's fused generalized JSD on the hidden
+        states (:func:`gkd_compute_loss`); every argument is GKDTrainer's."""
+
+        compute_loss = gkd_compute_loss
+
+    FastKDGKDTrainer.__module__ = __name__
+    return FastKDGKDTrainer
+
+
+def __getattr__(name):
+    # The subclass needs trl, imported only when the class is asked for.
+    if name == "FastKDGKDTrainer":
+        cls = _subclass()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
