@@ -24,7 +24,8 @@ from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN
 
 __all__ = ["autocast_operands", "check_chunking", "check_head", "check_scale", "check_tensor",
            "chunk_logits", "default_memory_budget", "fake_outputs", "gemm_operand",
-           "logits_buffer", "register_chunked_autograd", "resolve_chunk_size", "run_chunks"]
+           "logits_buffer", "register_chunked_autograd", "register_recompute_autograd",
+           "resolve_chunk_size", "run_chunks"]
 
 # Default workspace per chunk (the fp32 logits of both models, and on CUDA the low-precision
 # copy of the gradient fed to the GEMMs). On CPU a smaller chunk loses little GEMM efficiency.
@@ -82,27 +83,29 @@ def check_tensor(name: str, t, *, dim: int | None = None) -> None:
 
 
 def check_head(prefix: str, hidden, weight, bias) -> None:
-    """hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` or None, on one device."""
-    check_tensor(f"{prefix}_hidden", hidden)
-    check_tensor(f"{prefix}_weight", weight, dim=2)
+    """hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` or None, on one device; the
+    messages name them ``<prefix>_hidden`` etc. (``hidden`` etc. for an empty prefix)."""
+    prefix = f"{prefix}" if prefix else ""
+    check_tensor(f"{prefix}hidden", hidden)
+    check_tensor(f"{prefix}weight", weight, dim=2)
     if hidden.dim() < 1:
-        raise ValueError(f"{prefix}_hidden must have shape [..., H]; got a scalar")
+        raise ValueError(f"{prefix}hidden must have shape [..., H]; got a scalar")
     if weight.shape[0] < 1:
-        raise ValueError(f"{prefix}_weight must have shape [V, H] with V >= 1; got "
+        raise ValueError(f"{prefix}weight must have shape [V, H] with V >= 1; got "
                          f"{tuple(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{prefix}_hidden [..., H] and {prefix}_weight [V, H] must agree on H; "
+        raise ValueError(f"{prefix}hidden [..., H] and {prefix}weight [V, H] must agree on H; "
                          f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if bias is not None:
-        check_tensor(f"{prefix}_bias", bias, dim=1)
+        check_tensor(f"{prefix}bias", bias, dim=1)
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{prefix}_bias must have shape [V] = [{weight.shape[0]}] like "
-                             f"{prefix}_weight's rows; got {tuple(bias.shape)}")
-    for name, t in ((f"{prefix}_weight", weight), (f"{prefix}_bias", bias)):
+            raise ValueError(f"{prefix}bias must have shape [V] = [{weight.shape[0]}] like "
+                             f"{prefix}weight's rows; got {tuple(bias.shape)}")
+    for name, t in ((f"{prefix}weight", weight), (f"{prefix}bias", bias)):
         if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but {prefix}_hidden on {hidden.device}")
+            raise ValueError(f"{name} is on {t.device} but {prefix}hidden on {hidden.device}")
         if t is not None and t.dtype != hidden.dtype:
-            raise TypeError(f"{name} and {prefix}_hidden must have one dtype (as F.linear "
+            raise TypeError(f"{name} and {prefix}hidden must have one dtype (as F.linear "
                             f"needs); got {t.dtype} and {hidden.dtype}")
 
 
@@ -296,6 +299,43 @@ def register_chunked_autograd(op, *, n_args: int, row_scale_arg: int, grad_scale
         inputs[row_scale_arg] = grad_loss.to(torch.float32).contiguous()
         inputs[n_args - 3:] = needs
         _, *grads = op(*inputs)
+        return (*(g if need else None for g, need in zip(grads, needs)), *no_grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def register_recompute_autograd(op, *, n_args: int, n_row_outputs: int, row_grads_arg: int):
+    """Autograd of a chunked op with per-row outputs: its first three inputs are (hidden,
+    weight, bias), its last three the need_hidden/need_weight/need_bias flags, and its outputs
+    ``n_row_outputs`` per-row tensors ``[N]`` (an empty one for an output not computed)
+    followed by (grad_hidden, grad_weight, grad_bias). The forward computes the outputs only;
+    the backward runs the op again with the outputs' incoming gradients stacked as a
+    ``[N, n_row_outputs]`` fp32 input at ``row_grads_arg`` (zeros for outputs with none)."""
+    no_grads = (None,) * (n_args - 3)
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[n_row_outputs:])
+        ctx.set_materialize_grads(False)
+        is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
+        ctx.inputs = [None if tensor else t for t, tensor in zip(inputs, is_tensor)]
+        ctx.tensor_positions = [i for i, tensor in enumerate(is_tensor) if tensor]
+        ctx.save_for_backward(*(t for t, tensor in zip(inputs, is_tensor) if tensor))
+
+    def backward(ctx, *grad_outputs):
+        needs = ctx.needs_input_grad[:3]
+        incoming = [g if g is not None and g.numel() else None
+                    for g in grad_outputs[:n_row_outputs]]
+        if not any(needs) or all(g is None for g in incoming):
+            return (None, None, None, *no_grads)
+        inputs = list(ctx.inputs)
+        for position, t in zip(ctx.tensor_positions, ctx.saved_tensors):
+            inputs[position] = t
+        n_rows = inputs[0].shape[0]
+        zeros = inputs[0].new_zeros(n_rows, dtype=torch.float32)
+        inputs[row_grads_arg] = torch.stack(
+            [zeros if g is None else g.to(torch.float32) for g in incoming], 1).contiguous()
+        inputs[n_args - 3:] = needs
+        grads = op(*inputs)[n_row_outputs:]
         return (*(g if need else None for g, need in zip(grads, needs)), *no_grads)
 
     op.register_autograd(backward, setup_context=setup_context)
