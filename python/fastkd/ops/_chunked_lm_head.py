@@ -72,7 +72,7 @@ def check_tensor(name: str, t, *, dim: int | None = None) -> None:
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if _is_dtensor(t):
         raise TypeError(
-            f"{name} is a DTensor (placements {tuple(t.placements)}); fused_linear_kd_loss needs "
+            f"{name} is a DTensor (placements {tuple(t.placements)}); the fused lm_head ops need "
             f"the full tensor on every rank. Call it inside the FSDP-wrapped module's forward "
             f"(FSDP2's fully_shard unshards parameters there; FSDP1: under "
             f"FSDP.summon_full_params), or pass {name}.full_tensor()")

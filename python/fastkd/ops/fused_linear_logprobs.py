@@ -213,8 +213,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """
     check_head("", hidden, weight, bias)
     lead, device = hidden.shape[:-1], hidden.device
-    check_token_targets(targets, lead, device, weight.shape[0], ignore_index)
     _check_options(temperature, ignore_index, with_entropy)
+    check_token_targets(targets, lead, device, weight.shape[0], ignore_index)
     check_chunking(chunk_size, memory_budget, accum_dtype)
     check_scale("logit_scale", logit_scale)
     hidden, weight, bias = autocast_operands([hidden, weight, bias], device.type)

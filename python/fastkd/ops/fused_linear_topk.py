@@ -18,12 +18,12 @@ import torch
 
 from ..reference.fused_linear_logprobs import fused_linear_topk_reference
 from ..sparse.targets import SparseTargets
-from ._chunked_lm_head import (autocast_operands, check_head, check_scale, check_chunking,
+from ._chunked_lm_head import (autocast_operands, check_chunking, check_head, check_scale,
                                default_memory_budget, resolve_chunk_size, run_chunks)
 from ._checks import check_kernel_float
 from ._launch import launch
-from ._registry import backend_spec, native_backend, reference_backend, register_op, \
-    resolve_backend
+from ._registry import (backend_spec, native_backend, reference_backend, register_op,
+                        resolve_backend)
 
 __all__ = ["fused_linear_topk"]
 
