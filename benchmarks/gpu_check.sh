@@ -4,14 +4,14 @@
 #   (torch eager, torch.compile, Liger-Kernel when importable), write logs and tables under OUT.
 # Usage: benchmarks/gpu_check.sh [OUT] [STEPS]   (OUT default: $OUT, else ./gpu_check_out)
 #   STEPS: a space-separated subset of
-#   "build tests kd_loss fused_linear sparse sample sinkhorn uld distill"
+#   "build tests kd_loss fused_linear sparse sample sinkhorn uld onpolicy distill"
 #   (default: all), so that the story can be split over calls on one machine; steps after
 #   "build" expect fastkd installed. Each benchmark step is cut off after STEP_TIMEOUT seconds.
 # Peer wheels (liger-kernel, geomloss) are installed from ./.whl when that folder holds them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_check_out}}"
-STEPS=" ${2:-build tests kd_loss fused_linear sparse sample sinkhorn uld distill} "
+STEPS=" ${2:-build tests kd_loss fused_linear sparse sample sinkhorn uld onpolicy distill} "
 STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -119,6 +119,23 @@ if wanted uld; then
   bench uld_loss --device cuda --dtype bfloat16 --rows 4096 --vocab 151936 \
     --teacher-vocab 128256 --reps 5 --out "$OUT/bench_uld_loss.json" \
     --markdown "$OUT/bench_uld_loss.md" 2>&1 | tee "$OUT/bench_uld_loss.log" || status=1
+fi
+
+# On-policy distillation's loss step at a Llama-3-sized head: the sampled tokens' log-probs from
+# both heads (fused_linear_logprobs, Triton row kernel) with the k3 estimator, and the teacher's
+# top-16 with the exact tail (fused_linear_topk, torch row math on chunks) into the fused sparse
+# loss, against TRL's generalized_jsd_loss (beta 1: reverse KL) and log_softmax + gather on full
+# logits; then fused_linear_topk alone against F.linear + torch.topk + logsumexp.
+if wanted onpolicy; then
+  step "on-policy loss step benchmark: bf16, N=8192, H=4096, V=128256"
+  bench onpolicy --device cuda --dtype bfloat16 --rows 8192 --hidden 4096 --vocab 128256 \
+    --k 16 --beta 1 --warmup 1 --reps 5 --out "$OUT/bench_onpolicy.json" \
+    --markdown "$OUT/bench_onpolicy.md" 2>&1 | tee "$OUT/bench_onpolicy.log" || status=1
+  step "fused_linear_topk benchmark: bf16, N=8192, H=4096, V=128256, k=16"
+  bench fused_linear_topk --device cuda --dtype bfloat16 --rows 8192 --hidden 4096 \
+    --vocab 128256 --k 16 --warmup 1 --reps 5 --out "$OUT/bench_fused_linear_topk.json" \
+    --markdown "$OUT/bench_fused_linear_topk.md" 2>&1 \
+    | tee "$OUT/bench_fused_linear_topk.log" || status=1
 fi
 
 # The trainer end to end at a GPU size: corpus, tokenizer, a Llama-style teacher of about 30M

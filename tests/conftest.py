@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastkd  # noqa: E402
-from fastkd.ops._registry import kernel_backends  # noqa: E402
+from fastkd.ops._registry import (available_backends, backend_spec, interpreted,  # noqa: E402
+                                  kernel_backends)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -49,6 +50,24 @@ def fused_backends(device: str) -> list[str]:
     if device == "cuda" and not HAS_CUDA:
         return []
     return kernel_backends("kd_loss", device)
+
+
+def op_backend_params(op: str, *, small_ok: bool = True, reference: bool = True):
+    """(device, backend) pytest params of every backend of ``op`` that runs here (the
+    reference too, with ``reference``); interpreted ones (Triton on CPU) only where the cases
+    are small (``small_ok``). CUDA cases carry the gpu mark, Triton ones the triton mark."""
+    out = []
+    for device in ["cpu"] + (["cuda"] if HAS_CUDA else []):
+        for backend in available_backends(op, device):
+            spec = backend_spec(op, backend)
+            if (spec.is_reference and not reference) or (
+                    interpreted(op, backend, device) and not small_ok):
+                continue
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            if spec.needs_triton:
+                marks.append(pytest.mark.triton)
+            out.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return out
 
 
 # float32 inputs are held to torch's own float32 error (the reference evaluated in float32),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd.ops.fused_linear_kd_loss import resolve_chunk_size
+from fastkd.ops._chunked_lm_head import resolve_chunk_size
 from fastkd.reference import fused_linear_kd_loss_reference
 
 from conftest import (HAS_CUDA, assert_within_torch_error, divergence_case_id, divergence_cases,

@@ -75,6 +75,17 @@ def sparse(x):
 run("sparse_kd_loss", sparse)
 run("uld_loss", lambda x: fastkd.uld_loss(x, x.flip(-1)[..., : x.shape[-1] // 2 + 1],
                                           backend="cpu", reduction="none"))
+# The lm_head row kernels read chunk logits the GEMM wrote; an identity head makes those logits
+# the first 16 columns of x exactly, whatever order the GEMM sums in.
+def head(x):
+    return torch.eye(16, x.shape[-1], dtype=x.dtype), torch.zeros(x.shape[:-1], dtype=torch.long)
+run("fused_linear_logprobs", lambda x: tuple(fastkd.fused_linear_logprobs(
+    x, *head(x), with_entropy=True, backend="cpu")))
+def topk(x):
+    t, log_tail, lse = fastkd.fused_linear_topk(x, head(x)[0], k=3, return_stats=True,
+                                                backend="cpu")
+    return t.ids, t.weights, log_tail, lse
+run("fused_linear_topk", topk)
 print("case sinkhorn", flush=True)
 cost = torch.rand(64, 40, 48).transpose(1, 2)                     # [64, 48, 40], strided
 a = torch.rand(48, 64).t()                                        # [64, 48], transposed

@@ -102,6 +102,22 @@ def _fused_linear_sparse_kd_loss_fused(backend):
             for reduce in (True, False)]
 
 
+def _fused_linear_logprobs_fused(backend):
+    hidden = _rand(6, 5, seed=0, requires_grad=True)
+    weight = _rand(11, 5, seed=1, requires_grad=True)
+    bias = _rand(11, seed=2, requires_grad=True)
+    # The forward computes the outputs only (no row_grads, no need flags); the backward runs
+    # the op again with the outputs' incoming gradients.
+    return [((hidden, weight, b, _labels(6, 11, 3), None, 1.5, -100, 0.75, 4, False, entropy,
+              backend, False, False, False), False)
+            for b, entropy in ((bias, True), (None, False))]
+
+
+def _fused_linear_topk_fused(backend):
+    return [((_rand(6, 5, seed=0), _rand(11, 5, seed=1), bias, k, 0.5, 1.0, 4, backend), False)
+            for bias, k in ((_rand(11, seed=2), 3), (None, 11))]
+
+
 def _sinkhorn_problem():
     cost = _rand(2, 4, 5, seed=0).abs()
     a = torch.full((2, 4), 0.25)
@@ -133,6 +149,9 @@ SAMPLES = {
                                    _fused_linear_kd_loss_fused),
     "fused_linear_sparse_kd_loss_fused": ("sparse_kd_loss", "kernels",
                                           _fused_linear_sparse_kd_loss_fused),
+    "fused_linear_logprobs_fused": ("fused_linear_logprobs", "all",
+                                    _fused_linear_logprobs_fused),
+    "fused_linear_topk_fused": ("fused_linear_topk", "all", _fused_linear_topk_fused),
     "sinkhorn_solve": ("sinkhorn", "all", _sinkhorn_solve),
     "sinkhorn_loss_envelope": ("sinkhorn", "all", _sinkhorn_loss_envelope),
 }

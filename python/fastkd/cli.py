@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 # What `fastkd bench OP` measures.
 _BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn",
-              "uld_loss", "distill_step")
+              "uld_loss", "distill_step", "onpolicy", "fused_linear_topk")
 
 
 def _int_at_least(low: int):
@@ -119,6 +119,15 @@ def _bench_cases(args):
                                        student_hidden=args.hidden,
                                        teacher_hidden=args.teacher_hidden, beta=args.beta,
                                        device=args.device), run_distill_step_case)
+        return
+    if args.op in ("onpolicy", "fused_linear_topk"):
+        from .bench.onpolicy import OnpolicyCase, run_onpolicy_case
+
+        for rows in args.rows:
+            for vocab in args.vocab:
+                yield (OnpolicyCase(kind="loss" if args.op == "onpolicy" else "topk", rows=rows,
+                                    hidden=args.hidden, vocab=vocab, k=args.k, beta=args.beta,
+                                    dtype=args.dtype, device=args.device), run_onpolicy_case)
         return
     if args.op == "uld_loss":
         from .bench.uld_loss import UldCase, run_uld_loss_case
@@ -244,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--method", default="random", choices=["random", "priority"],
                        help="sampling method (sample_teacher)")
     bench.add_argument("--k", type=_int_at_least(1), default=64,
-                       help="ids kept per token by --method priority (sample_teacher)")
+                       help="ids kept per token by --method priority (sample_teacher), and "
+                            "by the teacher's top-k (onpolicy, fused_linear_topk)")
     bench.add_argument("--batch", type=_int_at_least(1), default=4096, help="problems (sinkhorn)")
     bench.add_argument("--n", type=_int_at_least(1), default=64, help="rows per problem (sinkhorn)")
     bench.add_argument("--m", type=_int_at_least(1), default=64, help="columns per problem (sinkhorn)")

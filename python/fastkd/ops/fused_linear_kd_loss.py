@@ -22,8 +22,6 @@ row's gradient weighted by its incoming value (one more pass of the two logits G
 
 from __future__ import annotations
 
-import functools
-import numbers
 from dataclasses import replace
 
 import torch
@@ -32,7 +30,11 @@ from ..reference.fused_linear_kd_loss import fused_linear_kd_loss_reference, lin
 from ..reference.kd_loss import reduce_total
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
-from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN, check_kd_options, check_labels
+from ._checks import check_kd_options, check_labels
+from ._chunked_lm_head import (autocast_operands, check_chunking, check_head, check_scale,
+                               check_tensor, chunk_logits, default_memory_budget, fake_outputs,
+                               gemm_operand, logits_buffer, register_chunked_autograd,
+                               resolve_chunk_size, run_chunks)
 from ._kd_config import KdConfig, make_kd_config
 from ._registry import accepts, backend_spec, register_op, resolve_backend
 from ._vocab_mismatch import match_student_head
@@ -40,116 +42,26 @@ from .kd_loss import KD_LOSS, launch_kd_rows, mean_grad_scale
 from .sparse_kd_loss import (check_sparse_options, check_targets, launch_sparse_rows,
                              merge_duplicate_ids)
 
-__all__ = ["check_fused_linear_options", "chunk_logits", "default_memory_budget",
-           "fused_linear_kd_loss",
-           "fused_linear_sparse_kd_loss", "gemm_operand", "resolve_chunk_size"]
+__all__ = ["check_fused_linear_options", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss"]
 
 # The row kernel of the chunked lm_head + loss: the same kernels as kd_loss, each writing a
 # chunk's gradient over its logits. fused_linear_sparse_kd_loss runs sparse_kd_loss's kernels.
 register_op("fused_linear_kd_loss", list(KD_LOSS.backends.values()), auto=KD_LOSS.auto)
 
-# Default workspace per chunk (the fp32 logits of both models, and on CUDA the low-precision
-# copy of the gradient fed to the GEMMs). On CPU a smaller chunk loses little GEMM efficiency.
-_MEMORY_BUDGET = {"cpu": 256 << 20, "cuda": 1 << 30}
-_FALLBACK_BUDGET = 256 << 20
-_CHUNK_ALIGN = 8  # chunk rows are rounded up to a multiple of this where the budget allows
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes of chunk workspace used when ``memory_budget`` is not given."""
-    return _MEMORY_BUDGET.get(device.type, _FALLBACK_BUDGET)
-
-
-def resolve_chunk_size(n_rows: int, student_vocab: int, teacher_vocab: int | None,
-                       low_precision_grad: bool, memory_budget: int) -> int:
-    """Rows per chunk such that the chunk's workspace fits in ``memory_budget`` bytes, with the
-    rows spread evenly over the fewest chunks (no small tail GEMM).
-
-    Per row: 4 V_s bytes of student logits (overwritten by the gradient), 4 V_t of teacher
-    logits when they are computed here (``teacher_vocab`` not None), and 2 V_s for the
-    gradient's low-precision copy when the GEMMs run in bf16/fp16.
-    """
-    per_row = 4 * student_vocab + (4 * teacher_vocab if teacher_vocab else 0)
-    per_row += 2 * student_vocab if low_precision_grad else 0
-    max_rows = max(1, memory_budget // per_row)
-    if n_rows <= max_rows:
-        return max(n_rows, 1)
-    n_chunks = -(-n_rows // max_rows)
-    rows = -(-n_rows // n_chunks)
-    aligned = -(-rows // _CHUNK_ALIGN) * _CHUNK_ALIGN  # GEMM-friendly row counts
-    return aligned if aligned <= max_rows else rows
-
 
 # ---- input checks ---------------------------------------------------------------------------
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
-
-
-def _check_tensor(name: str, t, *, dim: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if _is_dtensor(t):
-        raise TypeError(
-            f"{name} is a DTensor (placements {tuple(t.placements)}); fused_linear_kd_loss needs "
-            f"the full tensor on every rank. Call it inside the FSDP-wrapped module's forward "
-            f"(FSDP2's fully_shard unshards parameters there; FSDP1: under "
-            f"FSDP.summon_full_params), or pass {name}.full_tensor()")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be floating point; got dtype {t.dtype}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{name} must have {dim} dimension(s); got shape {tuple(t.shape)}")
-
-
-def _check_head(prefix: str, hidden, weight, bias) -> None:
-    """hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` or None, on one device."""
-    _check_tensor(f"{prefix}_hidden", hidden)
-    _check_tensor(f"{prefix}_weight", weight, dim=2)
-    if hidden.dim() < 1:
-        raise ValueError(f"{prefix}_hidden must have shape [..., H]; got a scalar")
-    if weight.shape[0] < 1:
-        raise ValueError(f"{prefix}_weight must have shape [V, H] with V >= 1; got "
-                         f"{tuple(weight.shape)}")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{prefix}_hidden [..., H] and {prefix}_weight [V, H] must agree on H; "
-                         f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if bias is not None:
-        _check_tensor(f"{prefix}_bias", bias, dim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{prefix}_bias must have shape [V] = [{weight.shape[0]}] like "
-                             f"{prefix}_weight's rows; got {tuple(bias.shape)}")
-    for name, t in ((f"{prefix}_weight", weight), (f"{prefix}_bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but {prefix}_hidden on {hidden.device}")
-        if t is not None and t.dtype != hidden.dtype:
-            raise TypeError(f"{name} and {prefix}_hidden must have one dtype (as F.linear "
-                            f"needs); got {t.dtype} and {hidden.dtype}")
-
-
-def _check_scale(name: str, value) -> None:
-    # The scale enters the row kernels' float32 gradient weight: its magnitude must survive the
-    # cast as the other kernel floats do (_checks.check_kernel_float).
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-            or not KERNEL_FLOAT_MIN <= abs(float(value)) <= KERNEL_FLOAT_MAX):
-        raise ValueError(f"{name} must be a nonzero number of magnitude in [2**-126, 2**126] "
-                         f"(the kernels take it as a float32); got {value!r}")
-
 
 def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                   teacher_bias, teacher_logits, *, chunk_size, memory_budget, logit_scale,
                   teacher_logit_scale, accum_dtype) -> None:
-    _check_head("student", student_hidden, student_weight, student_bias)
+    check_head("student", student_hidden, student_weight, student_bias)
     lead = student_hidden.shape[:-1]
     device = student_hidden.device
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
             raise ValueError("give the teacher either as teacher_logits or as teacher_hidden and "
                              "teacher_weight (and teacher_bias), not both")
-        _check_tensor("teacher_logits", teacher_logits)
+        check_tensor("teacher_logits", teacher_logits)
         if teacher_logits.dim() < 1 or teacher_logits.shape[:-1] != lead or \
                 teacher_logits.shape[-1] < 1:
             raise ValueError(f"teacher_logits must have shape [..., V_t] with the leading shape "
@@ -164,87 +76,28 @@ def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, 
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or "
                              "teacher_logits")
-        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
         if teacher_hidden.shape[:-1] != lead:
             raise ValueError(f"teacher_hidden must have the leading shape {tuple(lead)} of "
                              f"student_hidden; got {tuple(teacher_hidden.shape)}")
         if teacher_hidden.device != device:
             raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden on "
                              f"{device}")
-    _check_chunking(chunk_size, memory_budget, accum_dtype)
-    _check_scale("logit_scale", logit_scale)
-    _check_scale("teacher_logit_scale", teacher_logit_scale)
+    check_chunking(chunk_size, memory_budget, accum_dtype)
+    check_scale("logit_scale", logit_scale)
+    check_scale("teacher_logit_scale", teacher_logit_scale)
 
 
 def check_fused_linear_options(*, chunk_size, memory_budget, accum_dtype, logit_scale,
                                teacher_logit_scale) -> None:
     """The options ``fused_linear_kd_loss`` adds to ``kd_loss``'s (checked by ``FusedLinearKDLoss``
     when it is built)."""
-    _check_chunking(chunk_size, memory_budget, accum_dtype)
-    _check_scale("logit_scale", logit_scale)
-    _check_scale("teacher_logit_scale", teacher_logit_scale)
+    check_chunking(chunk_size, memory_budget, accum_dtype)
+    check_scale("logit_scale", logit_scale)
+    check_scale("teacher_logit_scale", teacher_logit_scale)
 
 
-def _check_chunking(chunk_size, memory_budget, accum_dtype) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
-    if memory_budget is not None and (not isinstance(memory_budget, numbers.Integral)
-                                      or memory_budget < 1):
-        raise ValueError(f"memory_budget must be None or a number of bytes >= 1; got "
-                         f"{memory_budget!r}")
-    if accum_dtype not in (None, torch.float32):
-        raise ValueError(f"accum_dtype must be None (the weight's dtype) or torch.float32; got "
-                         f"{accum_dtype!r}")
-
-
-# ---- the chunked computation ----------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _has_fp32_out_mm(device_type: str) -> bool:
-    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for bf16 operands here: it
-    gives fp32 logits from a low-precision GEMM without rounding them to bf16 first."""
-    if device_type != "cuda":
-        return False
-    try:
-        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device_type)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
-def gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The operand a GEMM with fp32 output reads: ``t`` itself when the device has a
-    low-precision GEMM with fp32 output (or ``t`` is fp32), else an fp32 copy."""
-    if t is None or t.dtype == torch.float32 or _has_fp32_out_mm(t.device.type):
-        return t
-    return t.float()
-
-
-def chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float,
-                 buffer: torch.Tensor | None) -> torch.Tensor:
-    """``scale * (x w^T + b)`` in fp32: ``[C, H] x [V, H] -> [C, V]``, written into ``buffer``
-    (fp32 GEMMs) or returned fresh from a low-precision GEMM with fp32 output."""
-    if w.dtype != torch.float32:
-        logits = torch.mm(x, w.t(), out_dtype=torch.float32)
-    elif x.dtype == torch.float32:
-        logits = torch.mm(x, w.t(), out=buffer)
-    else:  # an fp32 copy of a low-precision weight (CPU)
-        logits = torch.mm(x.float(), w.t(), out=buffer)
-    if b is not None:
-        logits.add_(b)
-    if scale != 1.0:
-        logits.mul_(scale)
-    return logits
-
-
-def _logits_buffer(rows: int, w: torch.Tensor | None) -> torch.Tensor | None:
-    """A reusable fp32 ``[rows, V]`` output for the fp32 GEMMs with ``w`` ``[V, H]`` (on CPU,
-    reusing it spares the page faults of a fresh allocation per chunk); None where the GEMM
-    allocates its own."""
-    if w is None or w.dtype != torch.float32:
-        return None
-    return torch.empty(rows, w.shape[0], dtype=torch.float32, device=w.device)
-
+# ---- row kernels ---------------------------------------------------------------------------
 
 def _teacher_rows(teacher_logits: torch.Tensor, begin: int, end: int) -> torch.Tensor:
     """Rows [begin, end) of dense teacher logits ``[..., V_t]`` flattened to ``[N, V_t]``: a view
@@ -258,63 +111,6 @@ def _teacher_rows(teacher_logits: torch.Tensor, begin: int, end: int) -> torch.T
         return teacher_logits[index]
 
 
-def _run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
-                chunk_size: int, accum_fp32: bool, need_hidden: bool, need_weight: bool,
-                need_bias: bool):
-    """Loss rows ``[N]`` fp32 and the requested gradients (empty tensors for the others).
-
-    ``row_kernel(z_s, begin, end, loss, need_grad)`` runs the fused loss on the chunk's fp32
-    student logits ``z_s`` ``[end - begin, V_s]`` (rows begin..end of the batch), writing the
-    rows' loss into ``loss`` and, when ``need_grad``, grad_scale * logit_scale * dL/dz_s over
-    ``z_s``: with z_s = s (x W^T + b) the GEMMs need s dL/dz_s, and the kernel's own gradient
-    scale applies s at no cost.
-    """
-    n_rows, vocab_s = hidden.shape[0], weight.shape[0]
-    device = hidden.device
-    need_grad = need_hidden or need_weight or need_bias
-    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    # GEMM operands: fp32 copies where no low-precision GEMM with fp32 output exists (CPU);
-    # there grad_W and grad_b accumulate in fp32 anyway, since the GEMMs produce fp32.
-    w_mm = gemm_operand(weight)
-    grad_dtype = torch.float32 if w_mm.dtype == torch.float32 else weight.dtype
-    acc_dtype = torch.float32 if accum_fp32 or grad_dtype == torch.float32 else weight.dtype
-    grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight
-                   else weight.new_empty(0))
-    grad_bias = (torch.zeros(vocab_s, dtype=acc_dtype, device=device) if need_bias
-                 else weight.new_empty(0))
-    zs_buf = _logits_buffer(min(chunk_size, n_rows), w_mm)
-
-    for begin in range(0, n_rows, chunk_size):
-        end = min(begin + chunk_size, n_rows)
-        x = hidden[begin:end]
-        zs = chunk_logits(x, w_mm, bias, logit_scale,
-                           None if zs_buf is None else zs_buf[:end - begin])
-        row_kernel(zs, begin, end, loss[begin:end], need_grad)
-        if not need_grad:
-            continue
-        g = zs  # grad_scale * dL/dz_s, fp32, written over the logits
-        if row_scale is not None:
-            g.mul_(row_scale[begin:end, None])
-        g_mm = g if grad_dtype == torch.float32 else g.to(grad_dtype)
-        if need_hidden:
-            if grad_hidden.dtype == g_mm.dtype:
-                torch.mm(g_mm, w_mm, out=grad_hidden[begin:end])
-            else:  # fp32 GEMM on CPU for low-precision hidden states
-                grad_hidden[begin:end].copy_(torch.mm(g_mm, w_mm))
-        if need_weight:
-            x_mm = x if x.dtype == grad_weight.dtype else x.to(grad_weight.dtype)
-            g_w = g_mm if g_mm.dtype == grad_weight.dtype else g
-            grad_weight.addmm_(g_w.t(), x_mm)
-        if need_bias:
-            grad_bias.add_(g.sum(0))
-    if need_weight and grad_weight.dtype != weight.dtype:
-        grad_weight = grad_weight.to(weight.dtype)
-    if need_bias and grad_bias.dtype != bias.dtype:
-        grad_bias = grad_bias.to(bias.dtype)
-    return loss, grad_hidden, grad_weight, grad_bias
-
-
 def _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
                         labels, cfg: KdConfig, logit_scale: float, teacher_logit_scale: float,
                         chunk_size: int, backend: str):
@@ -324,7 +120,7 @@ def _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_lo
     cfg = replace(cfg, grad_scale=cfg.grad_scale * logit_scale)
     tw_mm = gemm_operand(teacher_weight)
     n_rows = (teacher_hidden if teacher_logits is None else teacher_logits).shape[0]
-    zt_buf = _logits_buffer(min(chunk_size, n_rows), tw_mm)
+    zt_buf = logits_buffer(min(chunk_size, n_rows), tw_mm)
 
     def run(zs, begin, end, loss, need_grad):
         if teacher_logits is None:
@@ -384,7 +180,7 @@ def fused_linear_kd_loss_fused(
         rows = _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
                                    labels, cfg, logit_scale, teacher_logit_scale, chunk_size,
                                    backend)
-        loss, *grads = _run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
+        loss, *grads = run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
                                    chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
     return (loss.sum() if reduce else loss), *grads
 
@@ -394,81 +190,11 @@ def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teache
       row_scale, divergence, temperature, softcap, soft_weight, hard_weight, ignore_index, log_wp,
       log_wq, coef, grad_scale, logit_scale, teacher_logit_scale, chunk_size, accum_fp32, reduce,
       backend, need_hidden, need_weight, need_bias):
-    return _fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
+    return fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
 
 
-def _fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias):
-    loss = hidden.new_empty(() if reduce else hidden.shape[:1], dtype=torch.float32)
-    return (loss,
-            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0),
-            torch.empty_like(bias) if need_bias else weight.new_empty(0))
-
-
-def _scale_in_place(grads, factor: torch.Tensor, unit: float):
-    """``grads * factor / unit``; in place in eager mode, skipped on CPU where that is 1."""
-    if torch.compiler.is_compiling() or any(type(g) is not torch.Tensor for g in grads):
-        return [g * (factor / unit) for g in grads]
-    # unit is compared as the incoming gradient's float32 would carry it (e.g. 1/#tokens).
-    unit_as_factor = float(torch.tensor(unit, dtype=factor.dtype))
-    if factor.device.type == "cpu" and float(factor) == unit_as_factor:
-        scaled = grads
-    else:
-        scaled = [g.mul_(factor / unit) for g in grads]
-    # Bump the versions even where nothing changed, so that a second backward through the
-    # same graph raises instead of scaling twice.
-    for g in scaled:
-        torch.autograd.graph.increment_version(g)
-    return scaled
-
-
-def _register_autograd(op, *, n_args: int, row_scale_arg: int, grad_scale_arg: int,
-                       reduce_arg: int):
-    """Autograd of a chunked op whose first three inputs are (hidden, weight, bias), whose
-    last three are the need_hidden/need_weight/need_bias flags, and whose outputs are (loss,
-    grad_hidden, grad_weight, grad_bias). Reduced losses: the backward scales the gradients
-    made in the forward. reduction="none": it reruns the op with each row's gradient weighted
-    by its incoming gradient (``row_scale``)."""
-    no_grads = (None,) * (n_args - 3)
-
-    def setup_context(ctx, inputs, output):
-        ctx.reduce = inputs[reduce_arg]
-        ctx.grad_scale = inputs[grad_scale_arg]
-        grads = output[1:]
-        # No gradient flows into the gradient outputs (this also spares autograd materializing
-        # zero tensors as their incoming gradients).
-        ctx.mark_non_differentiable(*grads)
-        ctx.set_materialize_grads(False)
-        if ctx.reduce:
-            ctx.save_for_backward(*grads)
-        else:
-            is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
-            ctx.inputs = [None if tensor else t for t, tensor in zip(inputs, is_tensor)]
-            ctx.tensor_positions = [i for i, tensor in enumerate(is_tensor) if tensor]
-            ctx.save_for_backward(*(t for t, tensor in zip(inputs, is_tensor) if tensor))
-
-    def backward(ctx, grad_loss, *unused):
-        needs = ctx.needs_input_grad[:3]
-        if grad_loss is None or not any(needs):
-            return (None, None, None, *no_grads)
-        if ctx.reduce:
-            present = [g for g, need in zip(ctx.saved_tensors, needs) if need]
-            scaled = iter(_scale_in_place(present, grad_loss.to(torch.float32),
-                                          ctx.grad_scale))
-            return (*(next(scaled) if need else None for need in needs), *no_grads)
-        inputs = list(ctx.inputs)
-        for position, t in zip(ctx.tensor_positions, ctx.saved_tensors):
-            inputs[position] = t
-        inputs[row_scale_arg] = grad_loss.to(torch.float32).contiguous()
-        inputs[n_args - 3:] = needs
-        _, *grads = op(*inputs)
-        return (*(g if need else None for g, need in zip(grads, needs)), *no_grads)
-
-    op.register_autograd(backward, setup_context=setup_context)
-
-
-_register_autograd(fused_linear_kd_loss_fused, n_args=28, row_scale_arg=8, grad_scale_arg=18,
-                   reduce_arg=23)
+register_chunked_autograd(fused_linear_kd_loss_fused, n_args=28, row_scale_arg=8,
+                          grad_scale_arg=18, reduce_arg=23)
 
 
 @torch.library.custom_op("fastkd::fused_linear_sparse_kd_loss_fused", mutates_args=())
@@ -487,7 +213,7 @@ def fused_linear_sparse_kd_loss_fused(
                                     temperature=temperature, soft_weight=soft_weight,
                                     hard_weight=hard_weight, ignore_index=ignore_index,
                                     grad_scale=grad_scale * logit_scale, backend=backend)
-        loss, *grads = _run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
+        loss, *grads = run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
                                    chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
     return (loss.sum() if reduce else loss), *grads
 
@@ -496,23 +222,14 @@ def fused_linear_sparse_kd_loss_fused(
 def _(hidden, weight, bias, ids, weights, tail_mass, labels, row_scale, vocab, temperature,
       soft_weight, hard_weight, ignore_index, grad_scale, logit_scale, chunk_size, accum_fp32,
       reduce, backend, need_hidden, need_weight, need_bias):
-    return _fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
+    return fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
 
 
-_register_autograd(fused_linear_sparse_kd_loss_fused, n_args=22, row_scale_arg=7,
-                   grad_scale_arg=13, reduce_arg=17)
+register_chunked_autograd(fused_linear_sparse_kd_loss_fused, n_args=22, row_scale_arg=7,
+                          grad_scale_arg=13, reduce_arg=17)
 
 
-# ---- public entry point ---------------------------------------------------------------------
-
-def _autocast(tensors, device_type: str):
-    """Casts floating tensors to the autocast dtype where autocast is on, as ``F.linear`` would
-    run under it (the casts are recorded by autograd)."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.dtype != dtype else t for t in tensors]
-
+# ---- public entry points -------------------------------------------------------------------
 
 def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                          teacher_hidden: torch.Tensor | None = None,
@@ -586,10 +303,10 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     student_weight, student_bias, vocab_s = match_student_head(student_weight, student_bias,
                                                                vocab_t, vocab_mismatch)
 
-    student_hidden, student_weight, student_bias = _autocast(
+    student_hidden, student_weight, student_bias = autocast_operands(
         [student_hidden, student_weight, student_bias], device.type)
     if teacher_logits is None:
-        teacher_hidden, teacher_weight, teacher_bias = _autocast(
+        teacher_hidden, teacher_weight, teacher_bias = autocast_operands(
             [teacher_hidden, teacher_weight, teacher_bias], device.type)
     kd_kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
                      labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
@@ -668,16 +385,16 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
     Returns:
         float32 loss: a scalar, or the leading shape for ``reduction="none"``.
     """
-    _check_head("student", student_hidden, student_weight, student_bias)
+    check_head("student", student_hidden, student_weight, student_bias)
     lead, device = student_hidden.shape[:-1], student_hidden.device
     vocab = check_targets(targets, lead, device, student_weight.shape[0], "student_hidden")
     check_sparse_options(temperature=temperature, ignore_index=ignore_index,
                          hard_weight=hard_weight, reduction=reduction,
                          num_items_in_batch=num_items_in_batch, has_labels=labels is not None)
     check_labels(labels, lead, device, vocab, ignore_index, "student_hidden")
-    _check_chunking(chunk_size, memory_budget, accum_dtype)
-    _check_scale("logit_scale", logit_scale)
-    student_hidden, student_weight, student_bias = _autocast(
+    check_chunking(chunk_size, memory_budget, accum_dtype)
+    check_scale("logit_scale", logit_scale)
+    student_hidden, student_weight, student_bias = autocast_operands(
         [student_hidden, student_weight, student_bias], device.type)
     loss_kwargs = dict(temperature=temperature, labels=labels, ignore_index=ignore_index,
                        hard_weight=hard_weight, t2_scale=t2_scale, reduction=reduction,

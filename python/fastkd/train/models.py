@@ -89,7 +89,7 @@ class Head:
         """This head with the weight that an fp32-output GEMM reads: itself where the device has
         a low-precision GEMM with fp32 output (CUDA) or the weight is fp32, else an fp32 copy
         (a bf16 head on CPU), made once for many :meth:`float_logits` calls."""
-        from ..ops.fused_linear_kd_loss import gemm_operand
+        from ..ops._chunked_lm_head import gemm_operand
 
         bias = None if self.bias is None else self.bias.float()
         return replace(self, weight=gemm_operand(self.weight.detach()), bias=bias)
@@ -98,7 +98,7 @@ class Head:
         """``[..., H]`` -> ``[..., V]`` fp32 logits straight from the GEMM (no rounding to a
         bf16/fp16 weight's dtype), scaled and capped in fp32: the logits the fused losses see.
         Call it on :meth:`for_float_logits`'s head to avoid a weight copy per call."""
-        from ..ops.fused_linear_kd_loss import chunk_logits, gemm_operand
+        from ..ops._chunked_lm_head import chunk_logits, gemm_operand
 
         w = gemm_operand(self.weight)
         x = hidden.reshape(-1, hidden.shape[-1])
