@@ -164,7 +164,7 @@ def test_bad_onpolicy_options_name_the_key(tiny, tmp_path, section, message):
 def test_onpolicy_needs_an_online_teacher(tiny, tmp_path):
     tree = tiny.config(str(tmp_path), objective={"kind": "ce"},
                        onpolicy={"student_fraction": 0.5})
-    with pytest.raises(ConfigError, match='needs objective.kind = "kd"'):
+    with pytest.raises(ConfigError, match="needs an online teacher"):
         Config.from_dict(tree)
 
 
@@ -317,3 +317,84 @@ def test_an_external_generate_hook_replaces_hugging_face_generate():
     with pytest.raises(ValueError, match="returned 1 completions for 2 prompts"):
         OnPolicy(policy.config, student=student, teacher=None, seed=0, pad_id=0, eos_id=1,
                  generate=lambda *a, **k: [[1]]).rewrite(_batch(2, seq_len=8), 0, 0)
+
+
+def _run(tiny, pairs, tmp_path, **objective):
+    from fastkd.train.distributed import init_distributed
+    from fastkd.train.loop import _Run
+
+    tree = _config(tiny, pairs, str(tmp_path / "run"), student_fraction=1.0, max_new_tokens=10)
+    tree["objective"] = objective
+    dist_info = init_distributed("cpu")
+    run = _Run(Config.from_dict(tree), dist_info, None)
+    batch = {k: torch.stack([run.data.train[i][k] for i in range(3)]) for k in
+             run.data.train[0]}
+    new, source = run.onpolicy.rewrite(batch, 0, 0)
+    assert source == "student"
+    return run, dist_info, new
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "reward"])
+def test_sampled_reverse_kl_objective_equals_the_plain_estimator(tiny, pairs, tmp_path,
+                                                                  estimator):
+    run, dist_info, batch = _run(tiny, pairs, tmp_path, kind="sampled_rkl", estimator=estimator)
+    try:
+        num = (batch["labels"] != IGNORE_INDEX).sum()
+        ours = run.step_module(batch, run.objective.prepare(batch, [0, 1, 2]), num)
+        ours.backward()
+        got = {n: p.grad.clone() for n, p in run.student.named_parameters()}
+        run.student.zero_grad()
+        labels = batch["labels"]
+        mask = labels != IGNORE_INDEX
+        safe = labels.clamp(min=0)[..., None]
+        log_q = torch.log_softmax(run.student.model_logits(
+            batch["input_ids"], batch["attention_mask"]).float(), -1).gather(-1, safe)[..., 0]
+        with torch.no_grad():
+            log_p = torch.log_softmax(run.teacher.model_logits(
+                batch["input_ids"], batch["attention_mask"]).float(), -1).gather(-1, safe)[..., 0]
+        r = log_p - log_q
+        per_token = {"k1": -r, "k2": 0.5 * r * r, "k3": torch.exp(r) - 1 - r,
+                     "reward": -r.detach() - r.detach() * (log_q - log_q.detach())}[estimator]
+        want = per_token[mask].sum() / num
+        want.backward()
+        torch.testing.assert_close(ours.detach(), want.detach(), rtol=2e-5, atol=1e-6)
+        for n, p in run.student.named_parameters():
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    finally:
+        dist_info.close()
+
+
+def test_teacher_topk_of_the_whole_vocabulary_is_the_forward_kl(tiny, pairs, tmp_path):
+    """With every id kept the tail is empty and the sparse loss is KL(teacher || student)."""
+    run, dist_info, batch = _run(tiny, pairs, tmp_path, kind="teacher_topk",
+                                 topk=tiny.vocab_size)
+    try:
+        num = (batch["labels"] != IGNORE_INDEX).sum()
+        ours = run.step_module(batch, run.objective.prepare(batch, [0, 1, 2]), num)
+        from fastkd import kd_loss
+
+        with torch.no_grad():
+            s_logits = run.student.model_logits(batch["input_ids"], batch["attention_mask"])
+            t_logits = run.teacher.model_logits(batch["input_ids"], batch["attention_mask"])
+        want = kd_loss(s_logits, t_logits, labels=batch["labels"], divergence="fkl",
+                       backend="torch")
+        torch.testing.assert_close(ours.detach(), want, rtol=1e-4, atol=1e-6)
+    finally:
+        dist_info.close()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"objective": {"kind": "sampled_rkl"}, "onpolicy": {"student_fraction": 0.5}},
+     "set onpolicy.student_fraction = 1"),
+    ({"objective": {"kind": "sampled_rkl"},
+      "onpolicy": {"student_fraction": 1.0, "temperature": 0.7}},
+     "onpolicy.temperature = 1 and top_p = 1"),
+    ({"objective": {"kind": "sampled_rkl", "hard_weight": 0.1},
+      "onpolicy": {"student_fraction": 1.0}}, "no data label"),
+    ({"objective": {"kind": "teacher_topk", "temperature": 2.0}}, "at temperature 1"),
+    ({"objective": {"kind": "teacher_topk", "topk": 0}}, "objective.topk = 0"),
+])
+def test_bad_sparse_onpolicy_configs_say_why(tiny, tmp_path, section, message):
+    tree = tiny.config(str(tmp_path), **section)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        Config.from_dict(tree)

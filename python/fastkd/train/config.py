@@ -61,9 +61,13 @@ class DataConfig:
 class ObjectiveConfig:
     """What the student is trained on. ``ce``: the data's next tokens only (the baseline);
     ``kd``: an online teacher through ``fused_linear_kd_loss``; ``sparse``: a ``TeacherCache``
-    written by ``fastkd cache`` through ``fused_linear_sparse_kd_loss``."""
+    written by ``fastkd cache`` through ``fused_linear_sparse_kd_loss``; ``sampled_rkl``: the
+    teacher's log-probabilities of the student's own samples only (``fused_linear_logprobs``),
+    a sampled reverse-KL estimator (on-policy: needs ``onpolicy.student_fraction = 1``);
+    ``teacher_topk``: the online teacher's top-``topk`` ids with the exact tail mass
+    (``fused_linear_topk``) through ``fused_linear_sparse_kd_loss``."""
 
-    kind: Literal["ce", "kd", "sparse"] = "kd"
+    kind: Literal["ce", "kd", "sparse", "sampled_rkl", "teacher_topk"] = "kd"
     divergence: str = "fkl"
     temperature: float = field(default=1.0, metadata={"range": (2.0**-126, 2.0**126)})
     beta: float = field(default=0.5, metadata={"range": (0.0, 1.0)})
@@ -75,6 +79,16 @@ class ObjectiveConfig:
     # agree.
     softcap: float | None = field(default=None, metadata={"range": (2.0**-126, 2.0**126)})
     backend: Literal["auto", "torch", "cpu", "triton", "cuda"] = "auto"
+    # kind = "sampled_rkl": the estimator of KL(student || teacher) on the student's samples
+    # (fastkd.sampled_reverse_kl): "reward" and "k2" give the reverse-KL gradient, "k3" the
+    # forward-KL one, "k1" none in expectation.
+    estimator: Literal["k1", "k2", "k3", "reward"] = "reward"
+    # kind = "teacher_topk": the teacher's top-k ids per token, the rest in an exact tail bucket.
+    topk: int = field(default=16, metadata={"range": (1, 2**31 - 1)})
+
+
+# Objectives that run the teacher online beside the student.
+ONLINE_KINDS = ("kd", "sampled_rkl", "teacher_topk")
 
 
 @dataclass
@@ -226,9 +240,28 @@ class Config:
                               "config.json")
         if not self.data.train:
             raise ConfigError("data.train is required: text (.txt) or .jsonl files or folders")
-        if self.objective.kind == "kd" and not self.model.teacher:
-            raise ConfigError('objective.kind = "kd" needs model.teacher (an online teacher); '
-                              'use kind = "ce" without one, or "sparse" with a cache')
+        kind = self.objective.kind
+        if kind in ONLINE_KINDS and not self.model.teacher:
+            raise ConfigError(f'objective.kind = "{kind}" needs model.teacher (an online '
+                              f'teacher); use kind = "ce" without one, or "sparse" with a cache')
+        if kind in ("sampled_rkl", "teacher_topk") and self.objective.temperature != 1.0:
+            raise ConfigError(f"objective.temperature = {self.objective.temperature!r}: kind = "
+                              f"\"{kind}\" compares the models at temperature 1")
+        if kind == "sampled_rkl":
+            if self.objective.hard_weight > 0:
+                raise ConfigError("objective.hard_weight applies to kinds with a cross-entropy "
+                                  "term (kd, sparse, teacher_topk); on the student's own "
+                                  "samples there is no data label to learn")
+            o = self.onpolicy
+            if o.student_fraction != 1.0 or o.schedule != "fixed":
+                raise ConfigError(f"objective.kind = \"sampled_rkl\" estimates KL(student || "
+                                  f"teacher) from the student's own samples: set "
+                                  f"onpolicy.student_fraction = 1 with schedule = \"fixed\" "
+                                  f"(got {o.student_fraction} and \"{o.schedule}\")")
+            if o.temperature != 1.0 or o.top_p != 1.0:
+                raise ConfigError(f"objective.kind = \"sampled_rkl\" needs samples from the "
+                                  f"student's distribution itself: onpolicy.temperature = 1 and "
+                                  f"top_p = 1 (got {o.temperature} and {o.top_p})")
         if self.objective.kind == "ce" and self.objective.hard_weight > 0:
             raise ConfigError('objective.hard_weight applies to kind = "kd" or "sparse"; '
                               'kind = "ce" is the hard loss alone')
@@ -240,11 +273,12 @@ class Config:
         if self.objective.kind == "sparse" and not self.cache.path:
             raise ConfigError('objective.kind = "sparse" needs cache.path (written by '
                               '`fastkd cache`)')
-        if self.onpolicy.enabled and self.objective.kind != "kd":
+        if self.onpolicy.enabled and self.objective.kind not in ONLINE_KINDS:
             raise ConfigError(f"onpolicy (student_fraction = {self.onpolicy.student_fraction}, "
-                              f"teacher_sequences = {self.onpolicy.teacher_sequences}) needs "
-                              f"objective.kind = \"kd\" (an online teacher scores the generated "
-                              f"completions); got kind = \"{self.objective.kind}\"")
+                              f"teacher_sequences = {self.onpolicy.teacher_sequences}) needs an "
+                              f"online teacher to score the generated completions: "
+                              f"objective.kind one of {', '.join(ONLINE_KINDS)}; got kind = "
+                              f"\"{self.objective.kind}\"")
         if self.onpolicy.schedule == "adaptive":
             if self.onpolicy.buffer_size < self.train.micro_batch_size:
                 raise ConfigError(f"onpolicy.buffer_size = {self.onpolicy.buffer_size} must hold "

@@ -19,7 +19,7 @@ import torch
 
 from ..sparse.cache import TeacherCache
 from . import checkpoint as ckpt
-from .config import Config
+from .config import ONLINE_KINDS, Config
 from .data import StepSampler, collate
 from .distributed import Distributed, gradient_sync, init_distributed, unsharded_root, wrap_student
 from .engine import StudentStep
@@ -105,7 +105,7 @@ class _Run:
         self.data = load_data(c)
         self.eval_teacher = bool(c.model.teacher) and c.eval.teacher_metrics
         self.student, self.teacher = load_models(
-            c, device, with_teacher=c.objective.kind == "kd" or self.eval_teacher)
+            c, device, with_teacher=c.objective.kind in ONLINE_KINDS or self.eval_teacher)
         cache = self._open_cache() if c.objective.kind == "sparse" else None
         self.objective = make_objective(c.objective, teacher=self.teacher, cache=cache,
                                         autocast=self.autocast)

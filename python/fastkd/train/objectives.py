@@ -14,13 +14,17 @@ from __future__ import annotations
 import torch
 
 from ..ops.fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from ..ops.fused_linear_logprobs import fused_linear_logprobs
+from ..ops.fused_linear_topk import fused_linear_topk
+from ..ops.onpolicy_losses import sampled_reverse_kl
 from ..sparse.targets import SparseTargets
 from .config import ObjectiveConfig
 from .data import IGNORE_INDEX
 from .models import CausalLM, Head
 from .setup import autocast_context
 
-__all__ = ["CrossEntropy", "OBJECTIVES", "Objective", "OnlineKD", "SparseKD", "make_objective"]
+__all__ = ["CrossEntropy", "OBJECTIVES", "Objective", "OnlineKD", "SampledReverseKL", "SparseKD",
+           "TeacherTopK", "make_objective"]
 
 
 def label_targets(labels: torch.Tensor, vocab_size: int) -> SparseTargets:
@@ -148,7 +152,65 @@ class SparseKD(Objective):
             num_items_in_batch=num_items, backend=c.backend)
 
 
-OBJECTIVES = {cls.kind: cls for cls in (CrossEntropy, OnlineKD, SparseKD)}
+def _same_vocab(head: Head, t_head: Head, kind: str) -> None:
+    if head.weight.shape[0] != t_head.weight.shape[0]:
+        raise ValueError(f"objective.kind = \"{kind}\" compares the models on one vocabulary; "
+                         f"the student's head has {head.weight.shape[0]} rows and the "
+                         f"teacher's {t_head.weight.shape[0]}")
+
+
+class SampledReverseKL(OnlineKD):
+    """On-policy with sparse signals: on the student's own samples (the completions of every
+    micro-batch, ``onpolicy.student_fraction = 1``), the log-probabilities both models give the
+    sampled tokens, from ``fused_linear_logprobs`` (the teacher's under no_grad), and a sampled
+    estimator of KL(student || teacher) over the completion tokens (``sampled_reverse_kl``). No
+    full distribution of either model is compared, only one log-probability per token."""
+
+    kind = "sampled_rkl"
+
+    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+        _student_softcap(head, "the sampled reverse KL")
+        c = self.config
+        t_head = self.teacher.head()
+        _student_softcap(t_head, "the sampled reverse KL (teacher)")
+        _same_vocab(head, t_head, self.kind)
+        labels = batch["labels"]
+        student = fused_linear_logprobs(hidden, head.weight, labels, bias=head.bias,
+                                        logit_scale=head.logit_scale, backend=c.backend)
+        with torch.no_grad():
+            teacher = fused_linear_logprobs(teacher_inputs["hidden"], t_head.weight, labels,
+                                            bias=t_head.bias, logit_scale=t_head.logit_scale,
+                                            backend=c.backend)
+        total = sampled_reverse_kl(student.logprob, teacher.logprob, estimator=c.estimator,
+                                   mask=labels != IGNORE_INDEX, reduction="sum")
+        return total / num_items
+
+
+class TeacherTopK(OnlineKD):
+    """The online teacher's ``topk`` most probable ids per token with the exact mass of the rest
+    (``fused_linear_topk``, computed from the full log-sum-exp), then the fused sparse loss: a
+    forward KL over the kept ids and the tail bucket, without either model's logits."""
+
+    kind = "teacher_topk"
+
+    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+        _student_softcap(head, "the fused sparse loss")
+        c = self.config
+        t_head = self.teacher.head()
+        _student_softcap(t_head, "fused_linear_topk (teacher)")
+        _same_vocab(head, t_head, self.kind)
+        with torch.no_grad():
+            targets = fused_linear_topk(teacher_inputs["hidden"], t_head.weight, k=c.topk,
+                                        bias=t_head.bias, logit_scale=t_head.logit_scale,
+                                        backend=c.backend)
+        return fused_linear_sparse_kd_loss(
+            hidden, head.weight, targets, student_bias=head.bias, logit_scale=head.logit_scale,
+            hard_weight=c.hard_weight, labels=batch["labels"], num_items_in_batch=num_items,
+            backend=c.backend)
+
+
+OBJECTIVES = {cls.kind: cls for cls in (CrossEntropy, OnlineKD, SparseKD, SampledReverseKL,
+                                         TeacherTopK)}
 
 
 def make_objective(config: ObjectiveConfig, *, teacher: CausalLM | None = None, cache=None,
