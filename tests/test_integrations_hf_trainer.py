@@ -207,3 +207,15 @@ def test_trainer_with_accumulation_steps_like_one_big_batch(models, tmp_path):
                                start.parameters()):
         assert not torch.equal(b, s), name  # the step moved it
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_more_than_one_process_is_refused_rather_than_left_unsynchronized():
+    """The loss runs the unwrapped decoder: under DDP its gradients would not be all-reduced."""
+    from types import SimpleNamespace
+
+    from fastkd.integrations._models import refuse_distributed
+
+    refuse_distributed(SimpleNamespace(num_processes=1), "x")
+    refuse_distributed(None, "x")
+    with pytest.raises(NotImplementedError, match="with 2 processes"):
+        refuse_distributed(SimpleNamespace(num_processes=2), "DistillationTrainer")

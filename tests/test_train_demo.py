@@ -32,10 +32,10 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, capsys):
     result = run_demo(out=str(tmp_path), preset=TINY, progress=False)
     runs = [r["run"] for r in result["rows"]]
     assert runs == ["teacher", "ce", "kd fkl", "kd jsd 0.5", "gkd jsd 0.5, λ 0.5",
-                    "sparse random 50", "sparse top-12"]
+                    "on-policy sampled rkl", "sparse random 50", "sparse top-12"]
     for row in result["rows"][1:]:
         assert row["ce"] > 0 and 0 <= row["agreement"] <= 1 and row["kl"] >= 0
-    assert result["rows"][5]["cache_bytes"] > 0 and result["rows"][6]["cache_bytes"] > 0
+    assert result["rows"][6]["cache_bytes"] > 0 and result["rows"][7]["cache_bytes"] > 0
     # The on-policy run recorded where each of its 4 micro-batches' completions came from.
     gkd_log = read_jsonl(os.path.join(result["dir"], "runs", "gkd-jsd-0.5-0.5", "log.jsonl"))
     assert sum(r["completions"]["student"] + r["completions"]["data"] for r in gkd_log) == 4

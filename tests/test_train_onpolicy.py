@@ -46,6 +46,10 @@ def test_prompt_lengths_end_at_the_first_label():
     assert prompt_lengths(labels).tolist() == [3, 1, 6]
     assert prompt_lengths(labels, 4).tolist() == [4, 4, 6]
     assert prompt_lengths(labels, 10).tolist() == [5, 5, 6]     # one token left to generate
+    # Never into the padding: row 1 has 3 real tokens (its labels end at position 2).
+    labels[1, 3:] = IGNORE_INDEX
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [1] * 6])
+    assert prompt_lengths(labels, 5, mask).tolist() == [5, 3, 6]
 
 
 def test_sequences_are_laid_out_as_the_data_pairs(tiny):
@@ -74,9 +78,10 @@ class _Stub:
         parent = self
 
         class Model(torch.nn.Module):
-            def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+            def generate(self, input_ids, attention_mask, generation_config, **kwargs):
                 if parent.fail:
                     raise AssertionError("this model must not generate")
+                max_new_tokens = generation_config.max_new_tokens
                 parent.calls.append((input_ids.clone(), attention_mask.clone(), max_new_tokens))
                 new = torch.tensor(parent.tokens[:max_new_tokens]).expand(len(input_ids), -1)
                 return torch.cat([input_ids, new], 1)
@@ -279,7 +284,14 @@ def test_the_adaptive_schedule_fills_the_buffer_then_replays_it():
 
 
 @pytest.mark.slow
-def test_adaptive_run_replays_and_resumes_exactly(tiny, pairs, tmp_path):
+def test_adaptive_run_replays_and_resumes_exactly(tiny, pairs, tmp_path, monkeypatch):
+    # Every evaluation reports a held-out CE 1 nat above the reference, so the share grows at
+    # each one and its restoring on resume is tested (the tiny student's CE only falls).
+    real = OnPolicy.observe_heldout
+    monkeypatch.setattr(OnPolicy, "observe_heldout",
+                        lambda self, ce: real(self, ce if self.reference is None
+                                              else self.reference + 1.0))
+
     def config(out):
         tree = _config(tiny, pairs, out, student_fraction=0.6, schedule="adaptive",
                        buffer_size=2, max_new_tokens=8, adaptive_tolerance=0.0)
@@ -291,7 +303,8 @@ def test_adaptive_run_replays_and_resumes_exactly(tiny, pairs, tmp_path):
     distill(config(whole))
     records = _losses(whole)
     assert sum(r["completions"]["replay"] for r in records) > 0
-    assert [r["student_share"] for r in records][0] == 0.6
+    shares = [r["student_share"] for r in records]
+    assert shares == pytest.approx([0.6, 0.6, 0.7, 0.7, 0.8, 0.8])
     parts = str(tmp_path / "parts")
     distill(config(parts), callbacks=[lambda step, record: step == 3])
     distill(config(parts))

@@ -38,7 +38,9 @@ FORBIDDEN = {
 
 def needed(path: str) -> list[str]:
     """The ``DT_NEEDED`` sonames of the ELF file ``path``."""
-    out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True)
+    out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True)
+    if out.returncode:
+        raise ValueError(f"{path} is not an ELF shared object: {out.stderr.strip()}")
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out.stdout)
 
 
@@ -60,6 +62,8 @@ def check(path: str, *, max_mb: float, require_cuda: bool) -> list[str]:
         objects = [n for n in whl.namelist() if re.search(r"\.so(\.\d+)*$", n)]
         if not objects:
             problems.append(f"{path}: no compiled extension inside")
+        if require_cuda and not any(os.path.basename(n).startswith("_C.") for n in objects):
+            problems.append(f"{path}: no fastkd/_C extension to hold the CUDA kernels")
         for name in objects:
             local = whl.extract(name, tmp)
             libs = needed(local)

@@ -22,7 +22,8 @@ for version in "${versions[@]}"; do
   pip="$work/venv-$version/bin/pip"
   "$pip" install -q --upgrade pip
   if ! "$pip" install -q "torch==${version}" numpy; then
-    echo "torch ${version} does not install here: skipped"
+    echo "FAIL: torch ${version} does not install here"
+    status=1
     continue
   fi
   if [[ "${TRITON:-0}" == 1 ]]; then

@@ -59,3 +59,15 @@ def shared_softcap(student: Head, teacher: Head, softcap: float | None) -> float
                          f"({student.softcap} and {teacher.softcap}); pass softcap= to apply "
                          f"one cap to both")
     return student.softcap
+
+
+def refuse_distributed(accelerator, what: str) -> None:
+    """Raises under more than one process: the loss runs the unwrapped model's decoder, outside
+    the DDP/FSDP wrapper's forward, so gradients would not be synchronized across ranks (and the
+    Trainer's per-device loss scaling would be skipped); a silent divergence of the ranks."""
+    processes = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
+    if processes > 1:
+        raise NotImplementedError(
+            f"{what} runs on one process only for now: with {processes} processes its loss "
+            f"would bypass the distributed wrapper's gradient synchronization; use fastkd "
+            f"distill (DDP/FSDP2) for multi-process distillation")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
-from ._models import hidden_and_head, require, shared_softcap
+from ._models import hidden_and_head, refuse_distributed, require, shared_softcap
 
 __all__ = ["DistillationTrainer", "distillation_loss"]  # noqa: F822 (module __getattr__)
 
@@ -117,6 +117,7 @@ def _trainer_class():
             self._loss_shifts_labels = shift_labels
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            refuse_distributed(self.accelerator, "DistillationTrainer")
             student = self.accelerator.unwrap_model(model)
             loss = distillation_loss(student, inputs, teacher=self.teacher_model,
                                      teacher_cache=self.teacher_cache,

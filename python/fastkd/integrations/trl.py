@@ -34,7 +34,7 @@ import types
 import torch
 
 from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
-from ._models import hidden_and_head, require, shared_softcap
+from ._models import hidden_and_head, refuse_distributed, require, shared_softcap
 
 __all__ = ["FastKDGKDTrainer", "apply_fastkd_to_gkd_trainer", "gkd_compute_loss",  # noqa: F822 (module __getattr__)
            "gkd_trainer_class"]
@@ -60,6 +60,7 @@ def gkd_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_
 
     Returns the loss, or ``(loss, {})`` with ``return_outputs`` (no logits exist to return)."""
     accelerator = getattr(trainer, "accelerator", None)
+    refuse_distributed(accelerator, "fastkd's GKD loss")
     student = accelerator.unwrap_model(model) if accelerator is not None else model
     teacher = trainer.teacher_model
     teacher = accelerator.unwrap_model(teacher) if accelerator is not None else teacher

@@ -84,9 +84,9 @@ def triton_error(device: torch.device) -> str | None:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         version = getattr(_load_triton()[0], "__version__", "0")
         if _version_tuple(version) < _OLDEST_INTERPRETER:
-            return (f"Triton {version}'s CPU interpreter cannot run fastkd's kernels (their "
-                    f"loops over a run-time vocabulary size fail in Triton 3.2's); "
-                    f"{'.'.join(map(str, _OLDEST_INTERPRETER))} and newer can")
+            return (f"Triton {version}'s CPU interpreter is older than the oldest seen running "
+                    f"fastkd's kernels (3.2's fails on their loops over a run-time vocabulary "
+                    f"size); {'.'.join(map(str, _OLDEST_INTERPRETER))} and newer can")
         return None
     return (f"Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1, set before "
             f"triton is imported); got device {device}")

@@ -41,10 +41,12 @@ __all__ = ["SOURCES", "OnPolicy", "ReplayBuffer", "prompt_lengths", "sequences_b
 SOURCES = ("data", "student", "teacher", "replay")
 
 
-def prompt_lengths(labels: torch.Tensor, min_tokens: int = 1) -> torch.Tensor:
+def prompt_lengths(labels: torch.Tensor, min_tokens: int = 1,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[B]`` int64: the tokens of each sequence up to and including the first position with a
     label (the prompt, for a prompt/completion pair; the first token of a packed block), and at
-    least ``min_tokens`` of them, at most T - 1, so that one token is left to generate.
+    least ``min_tokens`` of them, but never more than the row's real tokens (``attention_mask``'s
+    ones, padding excluded) nor T - 1, so that a token is left to generate.
 
     ``labels`` ``[B, T]``: ``labels[b, t]`` is the token after position t, -100 where nothing is
     predicted. A row without any label gives T."""
@@ -52,7 +54,11 @@ def prompt_lengths(labels: torch.Tensor, min_tokens: int = 1) -> torch.Tensor:
     seq_len = labels.shape[1]
     first = has.to(torch.int8).argmax(1) + 1
     floor = min(min_tokens, max(seq_len - 1, 1))
-    return torch.where(has.any(1), first.clamp(min=floor), seq_len)
+    lengths = first.clamp(min=floor)
+    if attention_mask is not None:
+        real = attention_mask.to(torch.int64).sum(1)
+        lengths = torch.minimum(lengths, torch.maximum(real, first))
+    return torch.where(has.any(1), lengths, seq_len)
 
 
 def sequences_batch(prompts: list[torch.Tensor], completions: list[torch.Tensor], *,
@@ -238,7 +244,8 @@ class OnPolicy:
         c = self.config
         input_ids = batch["input_ids"]
         seq_len = input_ids.shape[1]
-        lengths = prompt_lengths(batch["labels"], c.prompt_tokens).tolist()
+        lengths = prompt_lengths(batch["labels"], c.prompt_tokens,
+                                 batch["attention_mask"]).tolist()
         prompts = [input_ids[b, :n] for b, n in enumerate(lengths)]
         longest = max(lengths)
         # Left padding: generation appends to the right end of every row at once.
@@ -260,12 +267,18 @@ class OnPolicy:
             return [self._cut(torch.as_tensor(t, dtype=torch.int64, device=input_ids.device)
                               .reshape(-1)[:min(c.max_new_tokens, seq_len + 1 - n)])
                     for t, n in zip(new_tokens, lengths)], prompts
+        from transformers import GenerationConfig
+
+        # A configuration of our own rather than the model's generation_config.json, whose
+        # repetition penalties, n-gram bans or minimum lengths would sample from another
+        # distribution than the student's (GKD's samples must be its own).
+        config = GenerationConfig(do_sample=True, temperature=c.temperature, top_p=c.top_p,
+                                  top_k=0, max_new_tokens=min(c.max_new_tokens, room),
+                                  pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                                  use_cache=True)
         with _eval_mode(model.model):
-            out = model.model.generate(
-                input_ids=padded, attention_mask=mask, do_sample=True,
-                temperature=c.temperature, top_p=c.top_p, top_k=0,
-                max_new_tokens=min(c.max_new_tokens, room), pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id, use_cache=True, synced_gpus=self.synced)
+            out = model.model.generate(input_ids=padded, attention_mask=mask,
+                                       generation_config=config, synced_gpus=self.synced)
         new = out[:, longest:]
         return [self._cut(new[b, :seq_len + 1 - n]) for b, n in enumerate(lengths)], prompts
 
