@@ -9,9 +9,10 @@ from .ops import (SinkhornResult, available_backends, fused_linear_kd_loss,
                   fused_linear_sparse_kd_loss, kd_loss, sample_teacher, sequence_ot_loss,
                   sinkd_loss, sinkhorn, sinkhorn_loss, sparse_kd_loss, uld_loss)
 from .sparse import CacheCorruptError, SparseTargets, TeacherCache
+from . import xtok  # noqa: E402  (cross-tokenizer alignment and chunk losses: fastkd.xtok.*)
 
 __all__ = ["DIVERGENCES", "CacheCorruptError", "FusedLinearKDLoss", "KDLoss", "SinkhornResult",
            "SparseTargets", "TeacherCache", "ULDLoss", "available_backends", "build_info",
            "fused_linear_kd_loss", "fused_linear_sparse_kd_loss", "kd_loss", "sample_teacher",
            "sequence_ot_loss", "sinkd_loss", "sinkhorn", "sinkhorn_loss", "sparse_kd_loss",
-           "uld_loss", "__version__"]
+           "uld_loss", "xtok", "__version__"]
