@@ -91,6 +91,25 @@ def test_random_spans_against_definition(seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_refinement_gives_the_coarse_tokens_as_chunks(seed, backend):
+    # The fine side cuts wherever the coarse side does, and more: every coarse token is a
+    # chunk, holding the fine tokens inside it.
+    gen = torch.Generator().manual_seed(seed)
+    coarse = _random_spans(gen, 50, 6, 1, False)
+    cuts = {e for a, e in coarse if e > a} | set(torch.randint(1, 50, (15,), generator=gen).tolist())
+    bounds = [0, *sorted(cuts)]
+    fine = list(zip(bounds[:-1], bounds[1:]))
+    out = align_spans(_batch([fine]), _batch([coarse]), backend=backend)
+    coarse_ids = out.teacher_chunk_id[0, :len(coarse)].tolist()
+    live = [i for i, (a, e) in enumerate(coarse) if e > a]
+    assert [coarse_ids[i] for i in live] == list(range(len(live)))
+    for (a, e), c in zip(fine, out.student_chunk_id[0].tolist()):
+        ca, ce = coarse[live[c]]
+        assert ca <= a and e <= ce
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_and_int32_spans(backend):
     s = _batch([[(0, 2), (2, 5)]]).to(torch.int32)
     strided = s.transpose(1, 2).contiguous().transpose(1, 2)   # the same values, transposed
@@ -136,6 +155,21 @@ def pair(tmp_path_factory):
     from fastkd.bench.xtok_tokenizers import tokenizer_pair
 
     return tokenizer_pair(str(tmp_path_factory.mktemp("xtok-tokenizers")))
+
+
+@pytest.fixture(scope="session")
+def with_eos(pair):
+    """The byte-level tokenizer appending a zero-width EOS to every text."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level, _ = pair
+    backend = Tokenizer.from_str(byte_level.backend_tokenizer.to_str())
+    eos = backend.token_to_id("<|endoftext|>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
 
 
 def _token_text_bytes(tok, texts, out):
@@ -195,6 +229,18 @@ def test_aligner_invariants_on_adversarial_texts(pair, padding_side, backend):
         # The teacher's BOS is in no chunk.
         first = int((~out.teacher_attention_mask[b]).sum()) if padding_side == "left" else 0
         assert t_ids[first] == -1
+
+
+def test_eos_on_one_side_and_bos_on_the_other(pair, with_eos):
+    byte_level, fallback = pair
+    plain = TokenAligner(byte_level, fallback)(ADVERSARIAL_TEXTS)
+    out = TokenAligner(with_eos, fallback)(ADVERSARIAL_TEXTS)
+    for b in range(len(ADVERSARIAL_TEXTS)):
+        n = int(out.student_attention_mask[b].sum())
+        assert out.student_chunk_id[b, n - 1] == -1           # the EOS is in no chunk
+        assert torch.equal(out.student_chunk_id[b, :n - 1], plain.student_chunk_id[b, :n - 1])
+    assert torch.equal(out.teacher_chunk_id, plain.teacher_chunk_id)
+    assert torch.equal(out.num_chunks, plain.num_chunks)
 
 
 def test_same_tokenizer_gives_identity_chunks(pair):

@@ -1,6 +1,7 @@
 """Cross-tokenizer benchmark: alignment throughput and the GOLD merged-row losses.
 
-* ``align``: the same texts under two tokenizers trained locally (``xtok_tokenizers``); tokens
+* ``align``: the same texts under two byte-level BPE tokenizers of 1,000 and 400 ids trained
+  locally (``xtok_tokenizers``, the kind TRL's offsets take); tokens
   per second (both sides' tokens over the time) of ``align_spans`` (native and vectorized torch)
   against TRL's GOLD aligner (``ULDLoss._align_by_byte_offsets``, one call per sequence on
   Python lists, as its trainer calls it) and a plain Python two-pointer loop, on the same byte
@@ -84,9 +85,10 @@ def run_xtok_align_case(case: XtokAlignCase, *, warmup: int = 1, reps: int = 5, 
                         ) -> tuple[list[Result], str]:
     """Tokens per second of each aligner on the same spans; returns results and a table."""
     with tempfile.TemporaryDirectory() as tmp:
-        from .xtok_tokenizers import tokenizer_pair
+        from .xtok_tokenizers import byte_level_pair
 
-        student_tok, teacher_tok = tokenizer_pair(tmp)
+        # TRL's offsets take ByteLevel tokenizers only (it refuses SentencePiece-style ones).
+        student_tok, teacher_tok = byte_level_pair(tmp)
         texts = _texts(case.texts, case.chars)
         s = byte_offsets(student_tok, texts, add_special_tokens=False)
         t = byte_offsets(teacher_tok, texts, add_special_tokens=False)
@@ -146,8 +148,8 @@ def run_xtok_align_case(case: XtokAlignCase, *, warmup: int = 1, reps: int = 5, 
 
 @dataclass(frozen=True)
 class XtokGoldCase:
-    student_tokens: int = 96
-    teacher_tokens: int = 80
+    student_tokens: int = 32
+    teacher_tokens: int = 24
     vocab: int = 151936            # student's
     teacher_vocab: int = 128256
     hybrid: bool = False
@@ -166,20 +168,20 @@ def _random_chunks(n_tokens: int, n_chunks: int, gen) -> torch.Tensor:
     return ids.cumsum(0)[None]
 
 
-def run_xtok_gold_case(case: XtokGoldCase, *, warmup: int = 1, reps: int = 3, seed: int = 0
-                       ) -> tuple[list[Result], str]:
+def _gold_inputs(case: XtokGoldCase, seed: int):
+    """(student logits, teacher logits, both targets, both chunk ids, vocabulary map, matched
+    pairs, hybrid weights) of a case: random logits, chunks cut at random positions."""
     device = torch.device(case.device)
     gen = torch.Generator().manual_seed(seed)
     n_chunks = min(case.student_tokens, case.teacher_tokens) * 3 // 4
-    s_ids, t_ids = (_random_chunks(case.student_tokens, n_chunks, gen),
-                    _random_chunks(case.teacher_tokens, n_chunks, gen))
+    s_ids, t_ids = (_random_chunks(case.student_tokens, n_chunks, gen).to(device),
+                    _random_chunks(case.teacher_tokens, n_chunks, gen).to(device))
     student = (torch.randn(1, case.student_tokens, case.vocab, generator=gen) * 2
                ).to(device).requires_grad_()
     teacher = (torch.randn(1, case.teacher_tokens, case.teacher_vocab, generator=gen) * 2
                ).to(device)
     s_tg = torch.randint(0, case.vocab, (1, case.student_tokens), generator=gen).to(device)
     t_tg = torch.randint(0, case.teacher_vocab, (1, case.teacher_tokens), generator=gen).to(device)
-    s_ids, t_ids = s_ids.to(device), t_ids.to(device)
     vmap, matched, weights = None, None, None
     if case.hybrid:
         k = min(case.vocab, case.teacher_vocab) // 2
@@ -188,16 +190,67 @@ def run_xtok_gold_case(case: XtokGoldCase, *, warmup: int = 1, reps: int = 3, se
                         case.teacher_vocab)
         matched = (vmap.student_ids, vmap.teacher_ids)
         weights = (k / case.teacher_vocab, 1 - k / case.teacher_vocab)
+    return student, teacher, s_tg, t_tg, s_ids, t_ids, vmap, matched, weights
+
+
+def _gold_losses(case: XtokGoldCase, seed: int):
+    """{name: (loss function, is a peer)} on one case's inputs, and the student logits."""
+    student, teacher, s_tg, t_tg, s_ids, t_ids, vmap, matched, weights = _gold_inputs(case, seed)
+    return {
+        "fastkd gold_loss": (lambda: gold_loss(student, teacher, s_tg, t_tg, s_ids, t_ids,
+                                               vocab_map=vmap), False),
+        "plain PyTorch (per chunk)": (lambda: gold_reference(
+            student, teacher, s_tg, t_tg, s_ids, t_ids, matched=matched, weights=weights), True),
+    }, student
+
+
+def gold_peak_child(case_fields: str, name: str, seed: int) -> None:
+    """Run in a fresh interpreter by ``run_xtok_gold_case``: prints the peak resident memory (MB)
+    of one forward+backward of ``name`` above its inputs, so that no implementation reuses
+    pages another one already grew the heap by."""
+    import json
+
+    from .harness import _rss_kb, _rss_peak_reset
+
+    losses, _ = _gold_losses(XtokGoldCase(**json.loads(case_fields)), seed)
+    fn = losses[name][0]
+    if not _rss_peak_reset():
+        print("nan")
+        return
+    base = _rss_kb("VmRSS")
+    fn().backward()
+    print(max(_rss_kb("VmHWM") - base, 0) / 1024)
+
+
+def _peak_in_child(case: XtokGoldCase, name: str, seed: int) -> float | None:
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys; from fastkd.bench.xtok import gold_peak_child; "
+            "gold_peak_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(case.__dict__), name, str(seed)],
+                         capture_output=True, text=True, check=True)
+    value = float(out.stdout.strip().splitlines()[-1])
+    return None if value != value else value
+
+
+def run_xtok_gold_case(case: XtokGoldCase, *, warmup: int = 1, reps: int = 3, seed: int = 0
+                       ) -> tuple[list[Result], str]:
+    """Times each implementation in this process and measures each one's peak memory in a
+    fresh one; returns the results and a markdown table."""
+    device = torch.device(case.device)
+    losses, student = _gold_losses(case, seed)
     impls, fwd = [], {}
-    add_loss_impl(impls, fwd, "fastkd gold_loss",
-                  lambda: gold_loss(student, teacher, s_tg, t_tg, s_ids, t_ids, vocab_map=vmap))
-    add_loss_impl(impls, fwd, "plain PyTorch (per chunk)",
-                  lambda: gold_reference(student, teacher, s_tg, t_tg, s_ids, t_ids,
-                                         matched=matched, weights=weights), peer=True)
+    for name, (fn, peer) in losses.items():
+        add_loss_impl(impls, fwd, name, fn, peer=peer)
 
     def drop_grad():
         student.grad = None
 
     results = measure(impls, device, warmup=warmup, reps=reps, forward_only=fwd,
                       before_each=drop_grad)
+    for res in results:
+        if res.error is None and device.type == "cpu":
+            res.peak_mb = _peak_in_child(case, res.impl, seed)
     return results, format_table(case.title(), results)

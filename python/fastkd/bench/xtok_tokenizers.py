@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from ..train.corpus import stdlib_corpus
 from ..train.tokenizer import train_bpe_tokenizer
 
-__all__ = ["BYTE_PIECES", "tokenizer_pair"]
+__all__ = ["BYTE_PIECES", "byte_level_pair", "tokenizer_pair"]
 
 BYTE_PIECES = [f"<0x{i:02X}>" for i in range(256)]
 
@@ -47,3 +47,11 @@ def tokenizer_pair(path: str, *, chars: int = 200_000):
     byte_level = train_bpe_tokenizer(texts, 1000, os.path.join(path, "byte_level"))
     fallback = _byte_fallback_bpe(texts, 700, os.path.join(path, "byte_fallback"))
     return byte_level, fallback
+
+
+def byte_level_pair(path: str, *, chars: int = 200_000):
+    """(byte-level BPE of 1,000 ids, byte-level BPE of 400 ids): two tokenizers of the one kind
+    TRL's GOLD aligner takes (ByteLevel), trained as ``tokenizer_pair``'s."""
+    texts = stdlib_corpus(max_chars=chars)
+    return (train_bpe_tokenizer(texts, 1000, os.path.join(path, "byte_level_1000")),
+            train_bpe_tokenizer(texts, 400, os.path.join(path, "byte_level_400")))

@@ -21,10 +21,11 @@ from ..ops._registry import (check_backend_name, native_backend, reference_backe
 
 __all__ = ["Alignment", "align_spans"]
 
-# Integer inputs: no floating-point dtype restriction on either backend.
+# The inputs are integer spans, so no dtype is passed to the backend choice; the native backend
+# keeps the registry's default floating-point dtypes, which nothing here consults.
 register_op("align_spans", [
     reference_backend(),
-    native_backend("cpu", "align_spans_cpu", dtypes=None),
+    native_backend("cpu", "align_spans_cpu"),
 ], auto={"cpu": ("cpu", "torch")})
 
 # Status codes of csrc/common/align_spans_args.h.

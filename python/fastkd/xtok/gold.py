@@ -52,7 +52,8 @@ def _continuation_logprob(logits: torch.Tensor, targets: torch.Tensor, chunk_id:
     """``[B, width]``: sum over each chunk's tokens after its first of log max(p_k(x_k), 1e-8)
     at temperature T."""
     work = logits.float() if logits.dtype != torch.float64 else logits
-    scaled = work / temperature
+    # At T = 1 the logits themselves: no [B, T, V] copy for autograd to keep.
+    scaled = work if temperature == 1.0 else work / temperature
     picked = scaled.gather(-1, targets.clamp(min=0).to(torch.int64).unsqueeze(-1)).squeeze(-1)
     logp = (picked - torch.logsumexp(scaled, dim=-1)).clamp(min=math.log(PROB_FLOOR))
     ids = chunk_id.to(torch.int64)
@@ -143,7 +144,7 @@ def gold_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
               chunk_mask: torch.Tensor | None = None, temperature: float = 1.0,
               teacher_temperature: float | None = None, vocab_map: VocabMap | None = None,
               beta: float = 0.5, matched_weight: float | None = None,
-              unmatched_weight: float | None = None, block_rows: int = 64,
+              unmatched_weight: float | None = None, block_rows: int = 4,
               reduction: str = "mean") -> torch.Tensor:
     """GOLD's cross-tokenizer distillation loss on chunks: each side's distributions merged per
     chunk by the chain rule (``merge_chunk_probs``), then ULD's sorted L1 between the merged
