@@ -144,7 +144,7 @@ def gold_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
               chunk_mask: torch.Tensor | None = None, temperature: float = 1.0,
               teacher_temperature: float | None = None, vocab_map: VocabMap | None = None,
               beta: float = 0.5, matched_weight: float | None = None,
-              unmatched_weight: float | None = None, block_rows: int = 4,
+              unmatched_weight: float | None = None, block_rows: int = 64,
               reduction: str = "mean") -> torch.Tensor:
     """GOLD's cross-tokenizer distillation loss on chunks: each side's distributions merged per
     chunk by the chain rule (``merge_chunk_probs``), then ULD's sorted L1 between the merged
