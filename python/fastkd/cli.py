@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 # What `fastkd bench OP` measures.
 _BENCH_OPS = ("kd_loss", "fused_linear_kd_loss", "sample_teacher", "sparse_kd_loss", "sinkhorn",
-              "uld_loss", "distill_step", "onpolicy", "fused_linear_topk")
+              "uld_loss", "distill_step", "onpolicy", "fused_linear_topk", "xtok")
 
 
 def _int_at_least(low: int):
@@ -128,6 +128,14 @@ def _bench_cases(args):
                 yield (OnpolicyCase(kind="loss" if args.op == "onpolicy" else "topk", rows=rows,
                                     hidden=args.hidden, vocab=vocab, k=args.k, beta=args.beta,
                                     dtype=args.dtype, device=args.device), run_onpolicy_case)
+        return
+    if args.op == "xtok":
+        # Alignment throughput, then the GOLD losses at Qwen's and Llama 3's vocabulary sizes.
+        from .bench.xtok import (XtokAlignCase, XtokGoldCase, run_xtok_align_case,
+                                 run_xtok_gold_case)
+        yield XtokAlignCase(device=args.device), run_xtok_align_case
+        for hybrid in (False, True):
+            yield XtokGoldCase(hybrid=hybrid, device=args.device), run_xtok_gold_case
         return
     if args.op == "uld_loss":
         from .bench.uld_loss import UldCase, run_uld_loss_case
