@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-import fastkd.ops.ot_losses as ot_losses
-from fastkd.ops.ot_losses import l1_cost, sequence_ot_loss, sinkd_loss
-from fastkd.ops.sinkhorn import sinkhorn_loss
+import fastkd.ot.losses as ot_losses
+from fastkd.ot import l1_cost, sequence_ot_loss, sinkd_loss, sinkhorn_loss
 from fastkd.reference.ot_losses import (pairwise_cost_reference, sequence_ot_loss_reference,
                                         sinkd_loss_reference)
 

@@ -9,7 +9,7 @@ import torch
 
 import fastkd
 from fastkd.ops._registry import backend_spec, interpreted, kernel_backends
-from fastkd.ops.sinkhorn import pairwise_cost
+from fastkd.ot import pairwise_cost
 from fastkd.reference.sinkhorn import sinkhorn_reference
 
 from conftest import HAS_CUDA
@@ -428,7 +428,8 @@ def test_feature_costs(kind):
 
 def test_opcheck():
     cost, a, b = _problem(3, 6, 5, seed=36, dtype=torch.float32)
-    from fastkd.ops.sinkhorn import sinkhorn_loss_envelope, sinkhorn_solve
+    from fastkd.ot.sinkhorn_loss import sinkhorn_loss_envelope
+    from fastkd.ot.solver import sinkhorn_solve
     la, lb = a.log(), b.log()
     torch.library.opcheck(sinkhorn_solve, (cost, la, lb, None, None, None, None, 0.1, 0.5, 100,
                                            10, 1e-6, True, "cpu"))
@@ -510,7 +511,7 @@ def test_bad_cost_values_and_shapes():
 def test_auto_spreads_few_large_problems_over_the_gpu():
     """backend="auto" on a GPU hands one large problem (one CTA of a kernel would hold it) to
     the torch backend, and keeps many small ones, or few small ones, on the kernels."""
-    from fastkd.ops.sinkhorn import _few_large_problems_on_gpu
+    from fastkd.ot.solver import _few_large_problems_on_gpu
 
     assert _few_large_problems_on_gpu(torch.empty(1, 1024, 1024, device="cuda"))
     assert not _few_large_problems_on_gpu(torch.empty(4096, 64, 64, device="cuda"))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.ops import sinkhorn_features
-from fastkd.ops.sinkhorn_features import pairwise_cost
+from fastkd.ot import features
+from fastkd.ot.features import pairwise_cost
 
 from conftest import extra_peak_kb
 
@@ -16,8 +16,8 @@ KINDS = ["l1", "l2", "sqeuclidean", "cosine"]
 @pytest.fixture
 def small_blocks(monkeypatch):
     # Blocks of a few rows, so that every path crosses block boundaries.
-    monkeypatch.setattr(sinkhorn_features, "STREAM_BLOCK_BYTES",
-                        5 * sinkhorn_features.BLOCK_TEMPORARIES * 4 * 3 * 20)
+    monkeypatch.setattr(features, "STREAM_BLOCK_BYTES",
+                        5 * features.BLOCK_TEMPORARIES * 4 * 3 * 20)
 
 
 def _features(batch, n, m, d, seed, dtype=torch.float64):
