@@ -8,19 +8,17 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.ops._registry import backend_spec, interpreted, kernel_backends
+from fastkd.ops._registry import backend_spec, kernel_backends
 from fastkd.ot import pairwise_cost
 from fastkd.reference.sinkhorn import sinkhorn_reference
 
-from conftest import HAS_CUDA
+from helpers import HAS_CUDA, compiled_backends
 
 ot = pytest.importorskip("ot")
 
 
 def _backends():
-    names = [b for b in fastkd.available_backends("sinkhorn", "cpu")
-             if not interpreted("sinkhorn", b, "cpu")]
-    cases = [("cpu", b) for b in names]
+    cases = [("cpu", b) for b in compiled_backends("sinkhorn")]
     if HAS_CUDA:
         cases += [pytest.param("cuda", b, marks=pytest.mark.gpu)
                   for b in kernel_backends("sinkhorn", "cuda")]
@@ -566,8 +564,7 @@ def test_empty_problem_keeps_eps_as_its_final_eps():
     cost = torch.rand(2, 5, 4)
     log_a, log_b = torch.zeros(2, 5), torch.zeros(2, 4)
     sizes = torch.tensor([0, 5], dtype=torch.int32)
-    for backend in [b for b in fastkd.available_backends("sinkhorn", "cpu")
-                    if not interpreted("sinkhorn", b, "cpu")]:
+    for backend in compiled_backends("sinkhorn"):
         out = torch.ops.fastkd.sinkhorn_solve(
             cost, log_a, log_b, sizes, None, torch.full((2,), 3.0), None, 0.1, 0.5, 100, 1,
             1e-6, False, backend)
