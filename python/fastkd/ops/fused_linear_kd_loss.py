@@ -29,15 +29,15 @@ from dataclasses import replace
 import torch
 
 from ..reference.fused_linear_kd_loss import fused_linear_kd_loss_reference, linear_logits
-from ..reference.kd_loss import reduce_total
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
 from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN, check_kd_options, check_labels
+from ._fused_rows import mean_grad_scale, reduce_total
 from ._kd_config import KdConfig, make_kd_config
 from ._registry import accepts, backend_spec, register_op, resolve_backend
-from .kd_loss import KD_LOSS, launch_kd_rows, mean_grad_scale
-from .sparse_kd_loss import (check_sparse_options, check_targets, launch_sparse_rows,
-                             merge_duplicate_ids)
+from ._kd_rows import KD_LOSS, launch_kd_rows
+from ._sparse_rows import (check_sparse_options, check_targets, launch_sparse_rows,
+                           merge_duplicate_ids)
 
 __all__ = ["check_fused_linear_options", "chunk_logits", "default_memory_budget",
            "fused_linear_kd_loss",
