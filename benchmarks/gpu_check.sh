@@ -98,7 +98,7 @@ fi
 # against its batched plain-PyTorch solver (backend torch) and GeomLoss (tensorized).
 if wanted sinkhorn; then
   # The last shape is sinkd_loss's: one large problem, where backend "auto" picks torch on a
-  # GPU (python/fastkd/ops/sinkhorn.py, _few_large_problems_on_gpu); the table shows whether the
+  # GPU (python/fastkd/ot/solver.py, _few_large_problems_on_gpu); the table shows whether the
   # one-CTA-per-problem kernels lose there.
   for shape in "4096 64" "256 512" "1 4096"; do
     set -- $shape

@@ -12,8 +12,8 @@ import fastkd
 from fastkd.ops._chunked_lm_head import resolve_chunk_size
 from fastkd.reference import fused_linear_kd_loss_reference
 
-from conftest import (HAS_CUDA, assert_within_torch_error, divergence_case_id, divergence_cases,
-                      extra_peak_kb)
+from helpers import (assert_within_torch_error, device_params, divergence_case_id,
+                     divergence_cases, extra_peak_kb)
 
 # Deliberately odd sizes: N is not a multiple of the chunk, H_t != H_s, V_t != V_s.
 N, H_S, V_S, H_T, V_T = 37, 24, 101, 20, 97
@@ -36,14 +36,6 @@ OPTIONS = [
      "reduction": "sum"},
 ]
 OPTION_IDS = ["-".join(f"{k}{v}" for k, v in o.items()) or "plain" for o in OPTIONS]
-
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-
-
-def device_params():
-    return [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else [], id=d)
-            for d in DEVICES]
-
 
 def make_problem(lead=(N,), hs=H_S, vs=V_S, ht=H_T, vt=V_T, *, teacher="hidden", bias=True,
                  ignore_every=5, seed=0, device="cpu"):

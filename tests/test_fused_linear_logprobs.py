@@ -11,7 +11,7 @@ import fastkd
 from fastkd.ops._registry import interpreted
 from fastkd.reference.fused_linear_logprobs import fused_linear_logprobs_reference
 
-from conftest import assert_within_torch_error, op_backend_params
+from helpers import assert_within_torch_error, op_backend_params
 
 OP = "fused_linear_logprobs"
 N, H, V = 29, 16, 53

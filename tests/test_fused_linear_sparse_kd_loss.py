@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastkd
 from fastkd.reference import sparse_kd_loss_reference
 
-from conftest import assert_within_torch_error
+from helpers import assert_within_torch_error
 
 N, H, V = 37, 24, 101
 STUDENT = ("hidden", "weight", "bias")

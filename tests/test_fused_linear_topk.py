@@ -13,7 +13,7 @@ import fastkd
 from fastkd.reference.fused_linear_logprobs import (fused_linear_topk_reference,
                                                     topk_tail_reference)
 
-from conftest import assert_within_torch_error, op_backend_params
+from helpers import assert_within_torch_error, op_backend_params
 
 OP = "fused_linear_topk"
 N, H, V = 31, 16, 57

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from conftest import extra_peak_kb
+from helpers import extra_peak_kb
 
 VOCAB, SEQ, ROWS = 96, 16, 12
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.ops._registry import backend_spec, interpreted
+from fastkd.ops._registry import interpreted
 from fastkd.reference import kd_loss_reference
 
-from conftest import (HAS_CUDA, assert_within_torch_error, divergence_case_id, divergence_cases,
-                      fused_backends)
+from helpers import (assert_relative_within_torch_error, assert_within_torch_error,
+                     device_backend_params, divergence_case_id, divergence_cases, fused_backends,
+                     make_labels, make_logits)
 
 # (divergence, extra kwargs): every divergence, and the mixture weights at their edges.
 DIVERGENCES = divergence_cases()
@@ -27,33 +28,10 @@ OPTIONS = [
     {"temperature": 1.7, "softcap": 3.0, "hard_weight": 0.5, "t2_scale": True},
 ]
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-
-
-def backend_params(small_ok: bool = True):
-    """(device, backend) pairs; Triton on CPU runs in its interpreter, so only on small cases."""
-    out = []
-    for device in DEVICES:
-        for backend in fused_backends(device):
-            if interpreted("kd_loss", backend, device) and not small_ok:
-                continue
-            marks = [pytest.mark.gpu] if device == "cuda" else []
-            if backend_spec("kd_loss", backend).needs_triton:
-                marks.append(pytest.mark.triton)
-            out.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
-    return out
-
-
-def make_logits(rows, vocab, *, scale=3.0, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*rows, vocab, generator=g) * scale).to(dtype).to(device)
-
-
-def make_labels(rows, vocab, *, ignore_every=4, device="cpu", seed=1):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, rows, generator=g)
-    labels.view(-1)[::ignore_every] = -100
-    return labels.to(device)
+# (device, backend) params of the fused backends; Triton on CPU runs in its interpreter, so
+# COMPILED_BACKENDS leave it out of the larger cases.
+BACKENDS = device_backend_params("kd_loss")
+COMPILED_BACKENDS = device_backend_params("kd_loss", small_ok=False)
 
 
 def run_fused(student, teacher, backend, **kw):
@@ -91,7 +69,7 @@ def assert_close_fp32(student, teacher, backend, **kw):
     assert_within_torch_error("grad", grad, ref_grad, t32_grad)
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
 def test_matches_reference(device, backend, divergence, dkw, options):
@@ -113,16 +91,8 @@ WEIGHT_EDGES = [(name, {param: w}) for name, div in fastkd.DIVERGENCES.items()
 WEIGHT_EDGE_IDS = [divergence_case_id(c) for c in WEIGHT_EDGES]
 
 
-def assert_relative_within_torch_error(name, value, exact, torch_value):
-    """assert_within_torch_error on values divided by the largest exact one: the absolute floor
-    would pass anything below it, such as a whole gradient off by a relative 1e-5."""
-    scale = exact.abs().max().item()
-    assert_within_torch_error(f"{name} / max|{name}|", value / scale, exact / scale,
-                              torch_value / scale)
-
-
 @pytest.mark.parametrize("device,backend",
-                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+                         BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")])
 @pytest.mark.parametrize("divergence,dkw", WEIGHT_EDGES, ids=WEIGHT_EDGE_IDS)
 def test_mixture_weight_edges(device, backend, divergence, dkw):
     # Few elements: the largest of torch's own errors grows with their number, and at
@@ -137,7 +107,7 @@ def test_mixture_weight_edges(device, backend, divergence, dkw):
     assert_relative_within_torch_error("grad", grad, ref_grad, t32_grad)
 
 
-@pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
+@pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("vocab", [1, 7, 4099, 1271])
 @pytest.mark.parametrize("divergence", ["fkl", "jsd", "srkl"])
 def test_odd_shapes(device, backend, vocab, divergence):
@@ -147,7 +117,7 @@ def test_odd_shapes(device, backend, vocab, divergence):
         assert_close_fp32(s, t, backend, divergence=divergence, reduction="none")
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("vs,vt", [(300, 257), (257, 300)])
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "tvd"])
 def test_vocab_mismatch_cuts_to_common_prefix(device, backend, vs, vt, divergence):
@@ -159,7 +129,7 @@ def test_vocab_mismatch_cuts_to_common_prefix(device, backend, vs, vt, divergenc
     assert torch.all(grad[:, min(vs, vt):] == 0)
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.slow  # 26 cases, 6 s of the full run's 1,025 s
 def test_neg_inf_logits(device, backend, divergence, dkw):
@@ -180,7 +150,7 @@ def test_neg_inf_logits(device, backend, divergence, dkw):
     assert_close_fp32(s, t, backend, divergence=divergence, reduction="none", **dkw)
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("divergence", list(fastkd.DIVERGENCES))
 def test_infinite_divergence_is_inf_not_nan(device, backend, divergence):
     """Teacher mass where the student has none: fkl is +inf (and so on), never NaN."""
@@ -203,7 +173,7 @@ NO_DISTRIBUTION = [("student", -math.inf), ("teacher", -math.inf), ("both", -mat
 
 
 @pytest.mark.parametrize("device,backend",
-                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+                         BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")])
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("side,value", NO_DISTRIBUTION, ids=lambda x: str(x))
 @pytest.mark.slow  # 195 cases, 47 s of the full run's 1,025 s
@@ -230,7 +200,7 @@ def test_row_without_distribution_is_nan(device, backend, divergence, dkw, side,
     assert_close_fp32(s[ok], t[ok], backend, **{**kw, "labels": labels[ok]})
 
 
-@pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
+@pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("scale,offset", [(1e4, 0.0), (1e-3, 0.0), (3.0, 1e4), (30.0, -5e3)])
 @pytest.mark.parametrize("divergence", list(fastkd.DIVERGENCES))
 def test_extreme_logits(device, backend, scale, offset, divergence):
@@ -253,7 +223,7 @@ def test_extreme_logits(device, backend, scale, offset, divergence):
     torch.testing.assert_close(grad, ref_grad, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(device, backend, reduction):
     s = make_logits((3, 4), 50, device=device)
@@ -264,7 +234,7 @@ def test_all_rows_ignored(device, backend, reduction):
     assert torch.all(grad == 0)
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.slow  # 2 cases, 5 s of the full run's 1,025 s
 def test_reductions_and_num_items(device, backend):
     s = make_logits((4, 6), 64, device=device)
@@ -281,7 +251,7 @@ def test_reductions_and_num_items(device, backend):
     torch.testing.assert_close(mean, none.sum() / (labels != -100).sum())
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("upstream", [1.0, 3.0, 0.0])
 @pytest.mark.slow  # 6 cases, 5 s of the full run's 1,025 s
 def test_mean_gradient_under_upstream_scale(device, backend, upstream):
@@ -298,7 +268,7 @@ def test_mean_gradient_under_upstream_scale(device, backend, upstream):
         torch.testing.assert_close(s.grad.double(), s_ref.grad, atol=1e-7, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_custom_ignore_index(device, backend):
     s = make_logits((8,), 40, device=device)
     t = make_logits((8,), 40, device=device, seed=1)
@@ -306,7 +276,7 @@ def test_custom_ignore_index(device, backend):
     assert_close_fp32(s, t, backend, labels=labels, ignore_index=-1, hard_weight=0.25)
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_non_contiguous_and_broadcast_inputs(device, backend):
     base_s = make_logits((3, 6), 130, device=device)
     base_t = make_logits((6, 3), 130, device=device, seed=1)
@@ -320,7 +290,7 @@ def test_non_contiguous_and_broadcast_inputs(device, backend):
     assert_close_fp32(strided, shared, backend, divergence="rkl", reduction="sum")
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_stride_zero_grad_output(device, backend):
     """reduction="none" then .sum() sends an expanded (stride-0) gradient into the backward."""
     s = make_logits((4, 5), 70, device=device).requires_grad_()
@@ -341,7 +311,7 @@ def test_stride_zero_grad_output(device, backend):
 LOW_PRECISION = [(torch.bfloat16, 1e-6), (torch.float16, 1e-6)]
 
 
-@pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
+@pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("dtype,atol", LOW_PRECISION)
 @pytest.mark.parametrize("divergence", list(fastkd.DIVERGENCES))
 @pytest.mark.slow  # 12 cases, 4 s of the full run's 1,025 s
@@ -369,7 +339,7 @@ def test_low_precision_error_within_torch_own(device, backend, dtype, atol, dive
     assert gerr <= min(low_gerr, ulp * ref_grad.abs().max().item()) + atol, (gerr, low_gerr)
 
 
-@pytest.mark.parametrize("device,backend", backend_params(small_ok=False))
+@pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
 def test_mixed_dtypes(device, backend):
     s = make_logits((9,), 300, device=device)
     t = make_logits((9,), 300, dtype=torch.bfloat16, device=device, seed=1)
@@ -381,7 +351,7 @@ def test_mixed_dtypes(device, backend):
     assert grad.dtype == torch.float16
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_second_backward_through_same_graph_raises(device, backend):
     s = make_logits((2,), 20, device=device).requires_grad_()
     t = make_logits((2,), 20, device=device, seed=1)
@@ -459,7 +429,7 @@ HELLINGER_CASES = [
 
 
 @pytest.mark.parametrize("device,backend",
-                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+                         BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")])
 @pytest.mark.parametrize("case", range(len(HELLINGER_CASES)))
 def test_hellinger_closed_form(device, backend, case):
     zs, zt, loss, grad = HELLINGER_CASES[case]
@@ -473,7 +443,7 @@ def test_hellinger_closed_form(device, backend, case):
 
 
 @pytest.mark.parametrize("device,backend",
-                         backend_params() + [pytest.param("cpu", "torch", id="cpu-torch")])
+                         BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")])
 def test_hellinger_is_zero_at_equal_distributions(device, backend):
     s = make_logits((4,), 50, device=device, seed=16)
     s[:, :5] = -math.inf

@@ -14,19 +14,16 @@ from hypothesis import strategies as st
 import fastkd
 from fastkd.reference import kd_loss_reference
 
+from helpers import make_logits
+
 DIVERGENCES = list(fastkd.DIVERGENCES)
-
-
-def logits(rows, vocab, seed=0, scale=3.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, vocab, generator=g) * scale).to(dtype)
 
 
 # ---- bad input ------------------------------------------------------------------------------
 
 BAD_INPUTS = [
-    (dict(student=logits(4, 10), teacher=logits(5, 10)), ValueError, r"same leading shape.*\(4, 10\).*\(5, 10\)"),
-    (dict(student=torch.zeros(4, 10, dtype=torch.long), teacher=logits(4, 10)), TypeError, "floating point"),
+    (dict(student=make_logits(4, 10), teacher=make_logits(5, 10)), ValueError, r"same leading shape.*\(4, 10\).*\(5, 10\)"),
+    (dict(student=torch.zeros(4, 10, dtype=torch.long), teacher=make_logits(4, 10)), TypeError, "floating point"),
     (dict(student=torch.zeros(4, 0), teacher=torch.zeros(4, 0)), ValueError, r"V >= 1.*\(4, 0\)"),
     (dict(divergence="kl"), ValueError, "unknown divergence 'kl'"),
     (dict(temperature=0.0), ValueError, "temperature.*0.0"),
@@ -64,8 +61,8 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("kwargs,exc,match", BAD_INPUTS)
 def test_bad_input_raises_before_any_kernel(kwargs, exc, match):
     kwargs = dict(kwargs)
-    s = kwargs.pop("student", logits(4, 10))
-    t = kwargs.pop("teacher", logits(4, 10, seed=1))
+    s = kwargs.pop("student", make_logits(4, 10))
+    t = kwargs.pop("teacher", make_logits(4, 10, seed=1))
     with pytest.raises(exc, match=match):
         fastkd.kd_loss(s, t, **kwargs)
 
@@ -74,7 +71,7 @@ def test_unavailable_backend_says_what_is_missing():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
-        fastkd.kd_loss(logits(2, 5), logits(2, 5), backend="cuda")
+        fastkd.kd_loss(make_logits(2, 5), make_logits(2, 5), backend="cuda")
 
 
 def test_build_info_and_available_backends():
@@ -102,7 +99,8 @@ def _row_pairs():
 @given(_row_pairs())
 def test_nonnegative_and_zero_at_equal_distributions(case):
     rows, vocab, seed, temperature, divergence, w = case
-    s, t = logits(rows, vocab, seed, scale=4.0), logits(rows, vocab, seed + 1, scale=4.0)
+    s = make_logits(rows, vocab, seed=seed, scale=4.0)
+    t = make_logits(rows, vocab, seed=seed + 1, scale=4.0)
     kw = dict(divergence=divergence, temperature=temperature, beta=w, alpha=w, reduction="none",
               backend="cpu")
     loss = fastkd.kd_loss(s, t, **kw)
@@ -115,7 +113,7 @@ def test_nonnegative_and_zero_at_equal_distributions(case):
 @given(_row_pairs(), st.floats(-50.0, 50.0), st.floats(-50.0, 50.0))
 def test_invariant_to_a_constant_added_to_a_row(case, shift_s, shift_t):
     rows, vocab, seed, temperature, divergence, w = case
-    s, t = logits(rows, vocab, seed), logits(rows, vocab, seed + 1)
+    s, t = make_logits(rows, vocab, seed=seed), make_logits(rows, vocab, seed=seed + 1)
     kw = dict(divergence=divergence, temperature=temperature, beta=w, alpha=w, reduction="none",
               backend="cpu")
     base = fastkd.kd_loss(s, t, **kw)
@@ -129,8 +127,8 @@ def test_invariant_to_a_constant_added_to_a_row(case, shift_s, shift_t):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.slow  # 6 cases, 9 s of the full run's 1,025 s
 def test_reference_gradcheck_float64(divergence):
-    s = logits(3, 7, 0, dtype=torch.float64).requires_grad_()
-    t = logits(3, 7, 1, dtype=torch.float64).requires_grad_()
+    s = make_logits(3, 7, seed=0, dtype=torch.float64).requires_grad_()
+    t = make_logits(3, 7, seed=1, dtype=torch.float64).requires_grad_()
     labels = torch.tensor([1, -100, 4])
 
     def f(s, t):
@@ -144,8 +142,8 @@ def _op_args(labels=True, dtype=torch.float32):
     # grad_scale = 1: the op's second output is the gradient buffer that its backward rescales in
     # place (by incoming / grad_scale), which opcheck would see as an output changing after the
     # fact; with unit upstream gradients and grad_scale = 1 that rescaling is the identity.
-    s = logits(6, 33, 0, dtype=dtype).requires_grad_()
-    t = logits(6, 33, 1, dtype=dtype)
+    s = make_logits(6, 33, seed=0, dtype=dtype).requires_grad_()
+    t = make_logits(6, 33, seed=1, dtype=dtype)
     lab = torch.tensor([1, 2, -100, 4, 5, 6]) if labels else None
     return (s, t, lab, 2, 1.5, 0.0, 0.5, 0.5, -100, math.log(0.5), math.log(0.5), 0.5, 1.0, "cpu", True)
 
@@ -156,7 +154,7 @@ def test_opcheck(labels):
 
 
 def test_no_gradient_buffer_when_no_gradient_is_wanted():
-    s, t = logits(5, 40, 0), logits(5, 40, 1)
+    s, t = make_logits(5, 40, seed=0), make_logits(5, 40, seed=1)
     args = list(_op_args())
     args[0], args[1], args[-1] = s, t, False
     loss, grad = torch.ops.fastkd.kd_loss_fused.default(*args)
@@ -195,7 +193,8 @@ def test_torch_compile_of_a_model_calling_the_loss(divergence):
 # ---- the reference against independent formulas and known values ------------------------------
 
 def test_reference_fkl_equals_torch_kl_div():
-    s, t = logits(5, 40, 0, dtype=torch.float64), logits(5, 40, 1, dtype=torch.float64)
+    s = make_logits(5, 40, seed=0, dtype=torch.float64)
+    t = make_logits(5, 40, seed=1, dtype=torch.float64)
     T = 2.0
     expected = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
                         reduction="batchmean") * T * T
@@ -206,7 +205,8 @@ def test_reference_fkl_equals_torch_kl_div():
 def test_reference_jsd_matches_trl_generalized_jsd_form():
     """TRL's generalized_jsd_loss: beta * KL(p || m) + (1 - beta) * KL(q || m) with the mixture
     built by logsumexp of the log-probs plus log weights, summed over the vocab."""
-    s, t = logits(4, 30, 2, dtype=torch.float64), logits(4, 30, 3, dtype=torch.float64)
+    s = make_logits(4, 30, seed=2, dtype=torch.float64)
+    t = make_logits(4, 30, seed=3, dtype=torch.float64)
     beta = 0.3
     lq, lp = F.log_softmax(s, -1), F.log_softmax(t, -1)
     lm = torch.logsumexp(torch.stack([lq + math.log(1 - beta), lp + math.log(beta)]), dim=0)
@@ -240,7 +240,7 @@ def test_reference_known_values():
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_jsd_edge_betas_are_exactly_fkl_and_rkl(backend):
-    s, t = logits(6, 50, 4), logits(6, 50, 5)
+    s, t = make_logits(6, 50, seed=4), make_logits(6, 50, seed=5)
     fkl = fastkd.kd_loss(s, t, divergence="fkl", backend=backend, reduction="none")
     rkl = fastkd.kd_loss(s, t, divergence="rkl", backend=backend, reduction="none")
     assert torch.equal(fastkd.kd_loss(s, t, divergence="jsd", beta=0.0, backend=backend, reduction="none"), fkl)
@@ -258,7 +258,8 @@ def test_divergence_codes_match_the_extension():
 def test_edge_cases_equal_their_target(divergence):
     """Where a divergence's parameter hits an edge case, the reference (which evaluates the
     divergence itself, not its target) gives the target's loss."""
-    s, t = logits(3, 20, 6, dtype=torch.float64), logits(3, 20, 7, dtype=torch.float64)
+    s = make_logits(3, 20, seed=6, dtype=torch.float64)
+    t = make_logits(3, 20, seed=7, dtype=torch.float64)
     for edge in fastkd.DIVERGENCES[divergence].edge_cases:
         got = kd_loss_reference(s, t, divergence=divergence, **{edge.parameter: edge.value})
         torch.testing.assert_close(got, kd_loss_reference(s, t, divergence=edge.same_as))

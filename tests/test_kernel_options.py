@@ -3,6 +3,7 @@ survives the cast (the fused result then matches the float64 reference) or is re
 ValueError naming it. A softcap of 1e-50 once arrived as 0.0f, which the kernel reads as "no
 cap", and returned 1.074 where the reference gives 0."""
 
+import importlib
 import math
 
 import pytest
@@ -108,11 +109,13 @@ def test_sample_teacher_temperature_edges():
         assert torch.equal(a.ids, b.ids)
 
 
-def test_num_items_in_batch_on_a_device_tensor_that_is_not_positive_gives_nan():
+@pytest.mark.parametrize("module", ["fastkd.ops._fused_rows", "fastkd.reference.kd_loss"])
+def test_num_items_in_batch_on_a_device_tensor_that_is_not_positive_gives_nan(module):
     """A device tensor's value is not read on the host (that would be a sync): a count <= 0
     reaches the division and must give NaN, never a negative or infinite loss. The CPU tensor
-    here stands in for a device one by going through the reduction directly."""
-    from fastkd.reference.kd_loss import reduce_total
+    here stands in for a device one by going through the reduction directly, the fused path's
+    and the reference's."""
+    reduce_total = importlib.import_module(module).reduce_total
 
     for count in (torch.tensor(-4.0), torch.tensor(0), torch.tensor([0.0])):
         assert math.isnan(reduce_total(torch.tensor(3.0), 4, None, "mean", count).item())

@@ -27,6 +27,8 @@ from fastkd.ops._registry import (BACKENDS, accepts, backend_spec, interpreted, 
                                   ops, resolve_backend)
 from fastkd.reference.sinkhorn import log_weights
 
+from helpers import make_labels, make_logits
+
 
 def _fastkd_custom_ops() -> list[str]:
     return sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
@@ -34,14 +36,12 @@ def _fastkd_custom_ops() -> list[str]:
 
 
 def _rand(*shape, seed, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * 2).requires_grad_(requires_grad)
+    return make_logits(shape[:-1], shape[-1], scale=2.0, seed=seed).requires_grad_(requires_grad)
 
 
 def _labels(rows, vocab, seed):
-    labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(seed))
-    labels[0] = -100
-    return labels
+    """Labels with the first row ignored."""
+    return make_labels(rows, vocab, ignore_every=rows, seed=seed)
 
 
 def _kd_scalars():

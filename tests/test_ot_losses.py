@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-import fastkd.ops.ot_losses as ot_losses
-from fastkd.ops.ot_losses import l1_cost, sequence_ot_loss, sinkd_loss
-from fastkd.ops.sinkhorn import sinkhorn_loss
+import fastkd.ot.losses as ot_losses
+from fastkd.ot import l1_cost, sequence_ot_loss, sinkd_loss, sinkhorn_loss
 from fastkd.reference.ot_losses import (pairwise_cost_reference, sequence_ot_loss_reference,
                                         sinkd_loss_reference)
+
+from helpers import FLOAT64_TOL
 
 COSTS = ("l1", "l2", "sqeuclidean", "cosine")
 # Tight solves for float64 comparisons; float32 runs the native kernel to its own precision.
@@ -85,7 +86,7 @@ def test_sinkd_matches_reference(dtype, parity, value, cost):
     want = sinkd_loss_reference(zs64, zt.double(), **opts, **TIGHT)
     (g_want,) = torch.autograd.grad(want, zs64)
     assert got.dtype == dtype and g_got.dtype == dtype
-    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else F32_TOL
+    tol = FLOAT64_TOL if dtype == torch.float64 else F32_TOL
     torch.testing.assert_close(got.double(), want, **tol)
     torch.testing.assert_close(g_got.double(), g_want, **tol)
     # the float32 twin runs too (the oracle's own float32 path)
@@ -108,7 +109,7 @@ def test_sequence_matches_reference(dtype, parity, cost):
     xs64, xt64 = (t.detach().double().requires_grad_() for t in (xs, xt))
     want = sequence_ot_loss_reference(xs64, xt64, **opts, **TIGHT)
     g_want = torch.autograd.grad((want * weights.double()).sum(), (xs64, xt64))
-    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else F32_TOL
+    tol = FLOAT64_TOL if dtype == torch.float64 else F32_TOL
     torch.testing.assert_close(got.double(), want, **tol)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a.double(), b, **tol)

@@ -8,23 +8,14 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.ops._registry import interpreted
 from fastkd.reference.sample_teacher import philox4x32_10, sample_teacher_reference
+
+from helpers import (SAMPLE_TEACHER_CASES, check_well_formed, chi2_sf, column_major,
+                     compiled_backends, long_tailed_logits)
 
 # Triton runs in its interpreter here, too slowly for these sizes: test_sample_teacher_triton.py
 # covers it on small cases.
-BACKENDS = [b for b in fastkd.available_backends("sample_teacher", "cpu")
-            if not interpreted("sample_teacher", b, "cpu")]
-
-
-def long_tailed_logits(rows: int, vocab: int, *, seed: int = 0, sharpness=(3.0, 10.0)):
-    """LM-like teacher logits: a Zipf-like prior -1.1 log(rank) over a per-row random ranking,
-    plus noise of per-row scale s ~ U(sharpness)."""
-    g = torch.Generator().manual_seed(seed)
-    prior = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
-    ranks = torch.argsort(torch.rand(rows, vocab, generator=g), -1)
-    scale = torch.empty(rows, 1).uniform_(*sharpness, generator=g)
-    return prior[ranks] + scale * torch.randn(rows, vocab, generator=g)
+BACKENDS = compiled_backends("sample_teacher")
 
 
 @pytest.mark.parametrize("counter,key,expected", [
@@ -39,41 +30,8 @@ def test_philox_known_answers(counter, key, expected):
     assert tuple(int(w) for w in words) == expected
 
 
-def check_well_formed(targets, num_samples, vocab, temperature=None):
-    """Ids in range, ascending and distinct, padding last with weight 0; at temperature 1 also
-    weights count / N with counts summing to N (targets on any device)."""
-    targets = targets.to("cpu")
-    ids, weights = targets.ids, targets.weights
-    kept = ids >= 0
-    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
-    assert ids.shape[-1] == num_samples and torch.all(ids < vocab)
-    # ids ascending and distinct, padding at the end with weight 0
-    assert torch.all(kept[..., :-1] | ~kept[..., 1:])
-    both = kept[..., :-1] & kept[..., 1:]
-    assert torch.all((ids[..., 1:] > ids[..., :-1]) | ~both)
-    assert torch.all(weights[~kept] == 0) and torch.all(weights[kept] > 0)
-    if temperature == 1.0:
-        counts = weights * num_samples
-        torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
-        torch.testing.assert_close(counts.sum(-1), torch.full(counts.shape[:-1],
-                                                              float(num_samples)))
-
-
-# (dtype, V, N, temperature)
-CASES = [
-    (torch.float32, 1, 5, 1.0),
-    (torch.float32, 7, 50, 1.0),
-    (torch.float32, 1271, 50, 1.0),
-    (torch.float32, 4099, 257, 1.0),
-    (torch.bfloat16, 1271, 50, 1.0),
-    (torch.float16, 1271, 12, 1.0),
-    (torch.float32, 1271, 50, 2.0),
-    (torch.float32, 1271, 50, 0.7),
-]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,vocab,num_samples,temperature", CASES)
+@pytest.mark.parametrize("dtype,vocab,num_samples,temperature", SAMPLE_TEACHER_CASES)
 def test_matches_reference(backend, dtype, vocab, num_samples, temperature):
     """The native sampler makes the reference's draws: the same ids (a draw may only differ
     where a uniform falls within float rounding of a cumulative-probability boundary) and
@@ -104,18 +62,12 @@ def test_same_draws_whatever_the_batch_split_or_layout(backend):
         assert torch.equal(part.ids, whole.ids[begin:end])
         assert torch.equal(part.weights, whole.weights[begin:end])
     # A non-contiguous copy of the same values samples the same.
-    strided = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    strided = column_major(logits)
     assert not strided.is_contiguous()
     again = fastkd.sample_teacher(strided, seed=5, backend=backend)
     assert torch.equal(again.ids, whole.ids) and torch.equal(again.weights, whole.weights)
     other_seed = fastkd.sample_teacher(logits, seed=6, backend=backend)
     assert not torch.equal(other_seed.ids, whole.ids)
-
-
-def _chi2_sf(stat: float, dof: int) -> float:
-    """P(chi^2_dof >= stat), the upper regularized incomplete gamma function."""
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
-                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,7 +94,7 @@ def test_empirical_distribution_matches_softmax(backend, temperature):
     expected = torch.softmax(logits.double() / temperature, -1) * rows * n
     live = expected > 0
     stat = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
-    assert _chi2_sf(stat, int(live.sum()) - 1) > 1e-3, stat
+    assert chi2_sf(stat, int(live.sum()) - 1) > 1e-3, stat
 
 
 @pytest.mark.parametrize("device,backend",

@@ -17,9 +17,9 @@ import torch
 import fastkd
 from fastkd.reference.sample_teacher import sample_teacher_reference
 
-from test_sample_teacher import CASES, _chi2_sf, check_well_formed, long_tailed_logits
+from helpers import (HAS_CUDA, SAMPLE_TEACHER_CASES, check_well_formed, chi2_sf, column_major,
+                     long_tailed_logits)
 
-HAS_CUDA = torch.cuda.is_available()
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(HAS_CUDA and "cuda" not in fastkd.available_backends("sample_teacher",
@@ -78,8 +78,9 @@ def compare_rows(targets, other, *, min_same, rtol, atol):
 
 
 # (dtype, V, N, temperature, rows, sampler seed, token offset, share of rows identical to the
-# reference, share of draws allowed to differ or None): the shared CASES, and many draws per row.
-REFERENCE_CASES = ([(*case, 41, 11, 5, 0.95, None) for case in CASES]
+# reference, share of draws allowed to differ or None): the shared SAMPLE_TEACHER_CASES, and many
+# draws per row.
+REFERENCE_CASES = ([(*case, 41, 11, 5, 0.95, None) for case in SAMPLE_TEACHER_CASES]
                    + [(*case, 16, 4, 9, 0.8, 1e-3) for case in MANY_DRAWS])
 
 
@@ -101,7 +102,7 @@ def test_matches_reference(dtype, vocab, num_samples, temperature, rows, seed, t
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton backend cannot run here")
-@pytest.mark.parametrize("dtype,vocab,num_samples,temperature", CASES)
+@pytest.mark.parametrize("dtype,vocab,num_samples,temperature", SAMPLE_TEACHER_CASES)
 def test_matches_triton(dtype, vocab, num_samples, temperature):
     logits = long_tailed_logits(41, vocab, seed=vocab + 1).to(dtype)
     kwargs = dict(num_samples=num_samples, temperature=temperature, seed=3, token_offset=2**33,
@@ -140,7 +141,7 @@ def test_same_draws_whatever_the_batch_split_or_layout():
         assert torch.equal(part.weights, whole.weights[begin:end])
         assert torch.equal(part.logprobs, whole.logprobs[begin:end])
     # A non-contiguous copy of the same values samples the same.
-    strided = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    strided = column_major(logits)
     assert not strided.is_contiguous()
     again = sample(strided, seed=5)
     assert torch.equal(again.ids, whole.ids) and torch.equal(again.weights, whole.weights)
@@ -211,7 +212,7 @@ def test_empirical_distribution_matches_softmax(temperature):
     expected = torch.softmax(logits.double() / temperature, -1) * rows * n
     live = expected > 0
     stat = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
-    assert _chi2_sf(stat, int(live.sum()) - 1) > 1e-3, stat
+    assert chi2_sf(stat, int(live.sum()) - 1) > 1e-3, stat
 
 
 def test_too_many_draws_for_shared_memory_raise():

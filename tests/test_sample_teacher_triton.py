@@ -19,7 +19,7 @@ import fastkd
 from fastkd.reference.sample_teacher import (philox4x32_10, sample_teacher_reference,
                                              token_uniforms)
 
-from test_sample_teacher import check_well_formed
+from helpers import check_well_formed, make_logits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -29,11 +29,6 @@ pytestmark = [
                        reason="the Triton backend cannot run here"),
 ]
 CPU_BACKEND = "cpu" in fastkd.available_backends("sample_teacher", "cpu")
-
-
-def logits_for(rows: int, vocab: int, *, seed: int, scale: float = 3.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, vocab, generator=g) * scale
 
 
 def sample(logits, **kwargs):
@@ -109,7 +104,7 @@ def test_matches_cpu_and_reference(monkeypatch, vocab, num_samples, temperature,
         import fastkd.triton.sample_teacher as kernel
         monkeypatch.setattr(kernel, "MAX_BLOCK_V", 64)
         monkeypatch.setattr(kernel, "MAX_BLOCK_S", 16)
-    logits = logits_for(8, vocab, seed=vocab + num_samples)
+    logits = make_logits(8, vocab, seed=vocab + num_samples)
     if vocab > 1:
         logits[:, ::7] = -math.inf     # ids without mass, never drawn
     kwargs = dict(num_samples=num_samples, temperature=temperature, seed=2**40 + 11,
@@ -132,7 +127,7 @@ def test_matches_cpu_and_reference(monkeypatch, vocab, num_samples, temperature,
 @pytest.mark.skipif(INTERPRET, reason="half precision runs compiled only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_reference(dtype):
-    logits = logits_for(64, 5000, seed=1).to(dtype)
+    logits = make_logits(64, 5000, seed=1).to(dtype)
     targets = sample(logits, num_samples=50, seed=3)
     check_well_formed(targets, 50, 5000, 1.0)
     ids, _, _ = sample_teacher_reference(logits, num_samples=50, seed=3)
@@ -141,7 +136,7 @@ def test_half_precision_matches_reference(dtype):
 
 @pytest.mark.slow  # 3 s of the full run's 1,025 s
 def test_same_draws_whatever_the_batch_split_or_layout():
-    logits = logits_for(2 * 4, 50, seed=3).reshape(2, 4, 50).to(DEVICE)
+    logits = make_logits(2 * 4, 50, seed=3).reshape(2, 4, 50).to(DEVICE)
     whole = sample(logits, num_samples=8, seed=5)
     part = sample(logits[1:], num_samples=8, seed=5, token_offset=4)
     assert torch.equal(part.ids, whole.ids[1:]) and torch.equal(part.weights, whole.weights[1:])
@@ -153,7 +148,7 @@ def test_same_draws_whatever_the_batch_split_or_layout():
 
 
 def test_support_and_degenerate_rows():
-    logits = logits_for(3, 50, seed=4)
+    logits = make_logits(3, 50, seed=4)
     logits[0, :] = -math.inf           # no mass: no draws
     logits[1, :49] = -math.inf         # one id left: all draws on it
     logits[2, ::2] = -math.inf         # never an id of zero probability
@@ -168,7 +163,7 @@ def test_support_and_degenerate_rows():
 
 @pytest.mark.parametrize("bad", [float("nan"), math.inf])
 def test_nan_or_positive_inf_raises(bad):
-    logits = logits_for(4, 10, seed=5)
+    logits = make_logits(4, 10, seed=5)
     logits[2, 3] = bad
     logits[3, :] = -math.inf
     with pytest.raises(ValueError, match=r"NaN or \+inf.*rows \[2\]"):

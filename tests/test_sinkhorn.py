@@ -8,19 +8,17 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.ops._registry import backend_spec, interpreted, kernel_backends
-from fastkd.ops.sinkhorn import pairwise_cost
+from fastkd.ops._registry import backend_spec, kernel_backends
+from fastkd.ot import pairwise_cost
 from fastkd.reference.sinkhorn import sinkhorn_reference
 
-from conftest import HAS_CUDA
+from helpers import HAS_CUDA, compiled_backends
 
 ot = pytest.importorskip("ot")
 
 
 def _backends():
-    names = [b for b in fastkd.available_backends("sinkhorn", "cpu")
-             if not interpreted("sinkhorn", b, "cpu")]
-    cases = [("cpu", b) for b in names]
+    cases = [("cpu", b) for b in compiled_backends("sinkhorn")]
     if HAS_CUDA:
         cases += [pytest.param("cuda", b, marks=pytest.mark.gpu)
                   for b in kernel_backends("sinkhorn", "cuda")]
@@ -428,7 +426,8 @@ def test_feature_costs(kind):
 
 def test_opcheck():
     cost, a, b = _problem(3, 6, 5, seed=36, dtype=torch.float32)
-    from fastkd.ops.sinkhorn import sinkhorn_loss_envelope, sinkhorn_solve
+    from fastkd.ot.sinkhorn_loss import sinkhorn_loss_envelope
+    from fastkd.ot.solver import sinkhorn_solve
     la, lb = a.log(), b.log()
     torch.library.opcheck(sinkhorn_solve, (cost, la, lb, None, None, None, None, 0.1, 0.5, 100,
                                            10, 1e-6, True, "cpu"))
@@ -510,7 +509,7 @@ def test_bad_cost_values_and_shapes():
 def test_auto_spreads_few_large_problems_over_the_gpu():
     """backend="auto" on a GPU hands one large problem (one CTA of a kernel would hold it) to
     the torch backend, and keeps many small ones, or few small ones, on the kernels."""
-    from fastkd.ops.sinkhorn import _few_large_problems_on_gpu
+    from fastkd.ot.solver import _few_large_problems_on_gpu
 
     assert _few_large_problems_on_gpu(torch.empty(1, 1024, 1024, device="cuda"))
     assert not _few_large_problems_on_gpu(torch.empty(4096, 64, 64, device="cuda"))
@@ -565,8 +564,7 @@ def test_empty_problem_keeps_eps_as_its_final_eps():
     cost = torch.rand(2, 5, 4)
     log_a, log_b = torch.zeros(2, 5), torch.zeros(2, 4)
     sizes = torch.tensor([0, 5], dtype=torch.int32)
-    for backend in [b for b in fastkd.available_backends("sinkhorn", "cpu")
-                    if not interpreted("sinkhorn", b, "cpu")]:
+    for backend in compiled_backends("sinkhorn"):
         out = torch.ops.fastkd.sinkhorn_solve(
             cost, log_a, log_b, sizes, None, torch.full((2,), 3.0), None, 0.1, 0.5, 100, 1,
             1e-6, False, backend)

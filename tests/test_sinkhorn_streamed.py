@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.ops import sinkhorn_features
-from fastkd.ops.sinkhorn_features import pairwise_cost
+from fastkd.ot import features
+from fastkd.ot.features import pairwise_cost
 
-from conftest import extra_peak_kb
+from helpers import FLOAT64_TOL, extra_peak_kb
 
 KINDS = ["l1", "l2", "sqeuclidean", "cosine"]
 
@@ -16,8 +16,8 @@ KINDS = ["l1", "l2", "sqeuclidean", "cosine"]
 @pytest.fixture
 def small_blocks(monkeypatch):
     # Blocks of a few rows, so that every path crosses block boundaries.
-    monkeypatch.setattr(sinkhorn_features, "STREAM_BLOCK_BYTES",
-                        5 * sinkhorn_features.BLOCK_TEMPORARIES * 4 * 3 * 20)
+    monkeypatch.setattr(features, "STREAM_BLOCK_BYTES",
+                        5 * features.BLOCK_TEMPORARIES * 4 * 3 * 20)
 
 
 def _features(batch, n, m, d, seed, dtype=torch.float64):
@@ -81,10 +81,10 @@ def test_streamed_gradients_equal_formed(small_blocks, kind, value):
         grads[stream] = (loss, *torch.autograd.grad((loss * w).sum(), (xs, ys, aa),
                                                     allow_unused=True))
     torch.testing.assert_close(grads[True][0], grads[False][0], atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(grads[True][1], grads[False][1], atol=1e-10, rtol=1e-8)
-    torch.testing.assert_close(grads[True][2], grads[False][2], atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(grads[True][1], grads[False][1], **FLOAT64_TOL)
+    torch.testing.assert_close(grads[True][2], grads[False][2], **FLOAT64_TOL)
     if value == "objective":
-        torch.testing.assert_close(grads[True][3], grads[False][3], atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(grads[True][3], grads[False][3], **FLOAT64_TOL)
     else:
         assert grads[True][3] is None and grads[False][3] is None
 

@@ -7,7 +7,7 @@ within rounding of tol may stop one check apart) and problems that stop before m
 converged. Then every problem is re-solved by the reference for exactly the kernel's iteration
 count (tol = 0), in fp32 and in float64, and the kernel's potentials (up to the additive
 constant), plan, transport, mass and error are held to the fp32 reference's own distance from
-the float64 one (as conftest.assert_within_torch_error), and eps_final equals the reference's e.
+the float64 one (as helpers.assert_within_torch_error), and eps_final equals the reference's e.
 """
 
 from __future__ import annotations

@@ -11,39 +11,14 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.ops._registry import backend_spec, interpreted
+from fastkd.ops._registry import interpreted
 from fastkd.ops.sparse_kd_loss import sparse_kd_loss
 from fastkd.reference.sparse_kd_loss import sparse_kd_loss_reference
 from fastkd.sparse import SparseTargets
 
-from conftest import assert_within_torch_error
+from helpers import assert_within_torch_error, backend_params, make_labels, make_logits
 
 BACKENDS = fastkd.available_backends("sparse_kd_loss", "cpu")
-
-
-def backend_params(small_ok: bool = True, fused_only: bool = False):
-    """Backends on CPU; Triton runs in its interpreter, so only on small cases."""
-    out = []
-    for backend in BACKENDS:
-        spec = backend_spec("sparse_kd_loss", backend)
-        if (interpreted("sparse_kd_loss", backend, "cpu") and not small_ok) or (
-                spec.is_reference and fused_only):
-            continue
-        marks = [pytest.mark.triton] if spec.needs_triton else []
-        out.append(pytest.param(backend, marks=marks, id=backend))
-    return out
-
-
-def make_logits(lead, vocab, *, scale=3.0, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*lead, vocab, generator=g) * scale).to(dtype)
-
-
-def make_labels(lead, vocab, *, ignore_every=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab, lead, generator=g)
-    labels.view(-1)[::ignore_every] = -100
-    return labels
 
 
 # Target kinds: "counts" (N draws from p, weights count/N), "importance" (N draws from
@@ -125,7 +100,7 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("options", OPTIONS,
                          ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
@@ -139,7 +114,8 @@ def test_matches_reference(backend, kind, options):
     assert_close_fp32(s, targets, backend, labels=labels, reduction="sum", **options)
 
 
-@pytest.mark.parametrize("backend", backend_params(small_ok=False, fused_only=True))
+@pytest.mark.parametrize("backend",
+                         backend_params("sparse_kd_loss", small_ok=False, fused_only=True))
 @pytest.mark.parametrize("vocab", [1, 7, 1271, 4099])
 @pytest.mark.parametrize("kind", ["counts", "bucket"])
 @pytest.mark.slow  # 8 cases, 6 s of the full run's 1,025 s
@@ -169,7 +145,7 @@ def test_triton_chunked_rows_and_slots(block_v, block_k, monkeypatch):
                           temperature=1.5, reduction="none")
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("vs,vt", [(300, 257), (257, 300)])
 def test_student_and_targets_vocab_differ(backend, vs, vt):
     """V = min(V_s, targets.vocab_size); student columns from V on get zero gradient."""
@@ -184,7 +160,7 @@ def test_student_and_targets_vocab_differ(backend, vs, vt):
     assert torch.all(grad[:, vocab:] == 0)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("kind", ["counts", "bucket"])
 def test_neg_inf_logits(backend, kind):
     """-inf student logits outside the ids are fine; a target id at one makes the loss +inf
@@ -202,7 +178,7 @@ def test_neg_inf_logits(backend, kind):
     assert torch.isfinite(grad).all() and torch.all(grad[:, :10] == 0)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(backend, reduction):
     s = make_logits((3, 4), 50)
@@ -214,7 +190,7 @@ def test_all_rows_ignored(backend, reduction):
     assert torch.all(grad == 0)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 def test_all_padding_targets(backend):
     """A token without targets: loss 0 and zero gradient, but still a token of the mean."""
     s = make_logits((4,), 30)
@@ -229,7 +205,7 @@ def test_all_padding_targets(backend):
     assert_close_fp32(s, empty, backend)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.slow  # 3 cases, 5 s of the full run's 1,025 s
 def test_reductions_and_num_items(backend):
     s = make_logits((4, 6), 64)
@@ -247,7 +223,7 @@ def test_reductions_and_num_items(backend):
     torch.testing.assert_close(mean, none.sum() / (labels != -100).sum())
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("upstream", [1.0, 3.0, 0.0])
 @pytest.mark.slow  # 9 cases, 8 s of the full run's 1,025 s
 def test_mean_gradient_under_upstream_scale(backend, upstream):
@@ -262,7 +238,7 @@ def test_mean_gradient_under_upstream_scale(backend, upstream):
         torch.testing.assert_close(s.grad.double(), s_ref.grad, atol=1e-7, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 def test_custom_ignore_index(backend):
     s = make_logits((8,), 40)
     targets = make_targets((8,), 40, "renorm")
@@ -270,7 +246,7 @@ def test_custom_ignore_index(backend):
     assert_close_fp32(s, targets, backend, labels=labels, ignore_index=-1, hard_weight=0.25)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.slow  # 3 cases, 5 s of the full run's 1,025 s
 def test_non_contiguous_and_broadcast_logits(backend):
     base = make_logits((3, 6), 130)
@@ -286,7 +262,7 @@ def test_non_contiguous_and_broadcast_logits(backend):
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("backend", backend_params(small_ok=False))
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss", small_ok=False))
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("kind", ["importance", "bucket"])
 def test_low_precision_error_within_torch_own(backend, dtype, kind):
@@ -311,7 +287,7 @@ def test_low_precision_error_within_torch_own(backend, dtype, kind):
     assert gerr <= min(low_gerr, ulp * ref_grad.abs().max().item()) + atol, (gerr, low_gerr)
 
 
-@pytest.mark.parametrize("backend", backend_params(fused_only=True))
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss", fused_only=True))
 def test_second_backward_through_same_graph_raises(backend):
     s = make_logits((2,), 20).requires_grad_()
     loss = sparse_kd_loss(s, make_targets((2,), 20, "counts"), backend=backend)
@@ -338,7 +314,7 @@ def test_triton_on_cuda_matches_cpu_backend_on_large_rows(kind):
 
 # ---- properties -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("tail", ["renorm", "bucket"])
 def test_full_distribution_equals_kd_loss_fkl(backend, temperature, tail):
@@ -361,7 +337,7 @@ def test_full_distribution_equals_kd_loss_fkl(backend, temperature, tail):
     torch.testing.assert_close(grad, s_kd.grad, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("kind", ["counts", "renorm", "bucket"])
 def test_nonnegative_and_zero_at_the_target(backend, kind):
     """Weights summing to 1 (with the tail): KL(t || q) >= 0, and 0 where the student's
@@ -442,7 +418,7 @@ def test_no_gradient_buffer_when_no_gradient_is_wanted():
     torch.testing.assert_close(without, with_grad.detach())
 
 
-@pytest.mark.parametrize("backend", backend_params(fused_only=True))
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss", fused_only=True))
 def test_kernels_give_nan_for_an_id_past_the_vocabulary(backend):
     """Where the ids are not checked (CUDA tensors, traced graphs) an id >= V makes its token's
     loss NaN; the kernels never read or write past V."""
@@ -460,7 +436,7 @@ def test_kernels_give_nan_for_an_id_past_the_vocabulary(backend):
     torch.testing.assert_close(grad[[0, 2]].double(), ref_grad[[0, 2]], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("kind", ["counts", "bucket"])
 def test_duplicate_ids_add_their_weights(backend, kind):
     """Equal ids in a row are one target holding the sum of their weights, on every backend:
@@ -484,7 +460,7 @@ def test_duplicate_ids_add_their_weights(backend, kind):
 SPOILINGS = ["nan_weight", "inf_weight", "nan_tail", "inf_tail"]
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("spoil", SPOILINGS)
 def test_nan_or_inf_targets_give_nan_for_counted_tokens(backend, spoil):
     """The sparse ops' NaN rule: a NaN or +inf weight or tail mass makes a counted token's loss
@@ -514,7 +490,7 @@ def test_nan_or_inf_targets_give_nan_for_counted_tokens(backend, spoil):
     torch.testing.assert_close(grad[clean].double(), expected_grad[clean], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("bucket", [False, True])
 def test_targets_without_slots(backend, bucket):
     """K = 0: no target ids; with a bucket the whole teacher mass is matched against the

@@ -15,13 +15,20 @@ import fastkd
 from fastkd.ops._registry import backend_spec, interpreted
 from fastkd.reference import uld_loss_reference
 
+import helpers
+from helpers import backend_params
+
+
+def make_logits(lead, vocab, **kw):
+    """``helpers.make_logits`` drawn in float64 (then cast to ``dtype``)."""
+    return helpers.make_logits(lead, vocab, draw_dtype=torch.float64, **kw)
+
+
 # Backends run against the float64 reference: the fused kernels, and the reference itself in
 # float32 (what backend="torch" runs). Triton runs here in its interpreter: small fp32 cases only
 # (the GPU test at the end covers the rest).
 _AVAILABLE = fastkd.available_backends("uld_loss", "cpu")
-BACKENDS = [pytest.param(b, marks=[pytest.mark.triton] if backend_spec("uld_loss", b).needs_triton
-                         else [], id=b)
-            for b in _AVAILABLE]
+BACKENDS = backend_params("uld_loss")
 
 # (dtype, atol, rtol) of the gradient as rounded to the input dtype: atol is that dtype's
 # absolute floor (fp16 gradients of 1e-7 are subnormal, spaced 2^-24). On top, every dtype gets
@@ -38,11 +45,6 @@ FLUSHED_PROBABILITY = 2.0**-126
 # (leading shape, V_s, V_t): equal, smaller and larger student vocabularies, V = 1, odd sizes.
 SHAPES = [((1,), 1, 1), ((3,), 1, 9), ((4,), 7, 5), ((2, 3), 5, 7), ((3, 7), 401, 1271),
           ((5,), 1271, 401), ((2,), 4099, 4099)]
-
-
-def make_logits(lead, vocab, *, scale=3.0, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*lead, vocab, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
 def run(student, teacher, backend, **kw):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from conftest import assert_within_torch_error, divergence_case_id, fused_backends
+from helpers import assert_within_torch_error, divergence_case_id, fused_backends
 from fastkd.reference import kd_loss_reference
 
 V_S, V_T, ROWS, H = 29, 41, 9, 6

@@ -20,9 +20,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from ..ops import sinkhorn
+from ..ot import pairwise_cost, sinkhorn
 from ..ops._registry import kernel_backends
-from ..ops.sinkhorn import pairwise_cost
 from .harness import Impl, Result, format_table, measure
 
 __all__ = ["PEERS", "SinkhornCase", "point_clouds", "run_sinkhorn_case"]

@@ -27,7 +27,6 @@ from dataclasses import replace
 import torch
 
 from ..reference.fused_linear_kd_loss import fused_linear_kd_loss_reference, linear_logits
-from ..reference.kd_loss import reduce_total
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
 from ._checks import check_kd_options, check_labels
@@ -35,12 +34,13 @@ from ._chunked_lm_head import (autocast_operands, check_chunking, check_head, ch
                                check_tensor, chunk_logits, default_memory_budget, fake_outputs,
                                gemm_operand, logits_buffer, register_chunked_autograd,
                                resolve_chunk_size, run_chunks)
+from ._fused_rows import mean_grad_scale, reduce_total
 from ._kd_config import KdConfig, make_kd_config
+from ._kd_rows import KD_LOSS, launch_kd_rows
 from ._registry import accepts, backend_spec, register_op, resolve_backend
+from ._sparse_rows import (check_sparse_options, check_targets, launch_sparse_rows,
+                           merge_duplicate_ids)
 from ._vocab_mismatch import match_student_head
-from .kd_loss import KD_LOSS, launch_kd_rows, mean_grad_scale
-from .sparse_kd_loss import (check_sparse_options, check_targets, launch_sparse_rows,
-                             merge_duplicate_ids)
 
 __all__ = ["check_fused_linear_options", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss"]
 

@@ -4,38 +4,25 @@ The fused backends (``cpu``, ``triton``, ``cuda``) run one kernel that writes th
 and ``grad_scale * dLoss_token/dstudent_logits`` in the forward, ``grad_scale`` being the
 reduction's weight where it is known without a device sync (1/#tokens for a mean on CPU). The
 backward only rescales that stored gradient by ``incoming / grad_scale``, in place, and skips the
-rows where that ratio is 1 (on CPU). The ``torch`` backend is the plain-PyTorch reference.
+rows where that ratio is 1 (on CPU). The ``torch`` backend is the plain-PyTorch reference. The
+row kernel's registration and launcher, shared with fused_linear_kd_loss, are in ``_kd_rows``;
+the gradient buffer, the autograd formula and the reduction in the fused-row framework
+(``_fused_rows``).
 """
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from ..reference.kd_loss import kd_loss_reference, reduce_rows
+from ..reference.kd_loss import kd_loss_reference
 from ._checks import check_kd_options, check_labels, check_logits
+from ._fused_rows import (grad_buffer, mean_grad_scale, pick_backend, reduce_rows,
+                          register_stored_grad_autograd)
 from ._kd_config import KdConfig, make_kd_config
-from ._layout import row_layout
-from ._launch import launch
-from ._native import DTYPE_CODES, native
+from ._kd_rows import launch_kd_rows
 from ._vocab_mismatch import match_student_logits
-from ._registry import (AUTO, accepts, backend_spec, native_backend, reference_backend,
-                        register_op, resolve_backend, triton_backend)
 
 __all__ = ["kd_loss"]
-
-# Preference of backend="auto", best first. Set from the benchmark harness (`fastkd bench`): on
-# CPU the C++ kernel beats torch eager and torch.compile; on CUDA see benchmarks/results/ for
-# the CUDA-vs-Triton comparison. Every kernel reads a row's logits before it writes that row's
-# gradient, so the gradient may overwrite the student's logits.
-KD_LOSS = register_op("kd_loss", [
-    reference_backend(),
-    native_backend("cpu", "kd_loss_forward_cpu", skips_unneeded_grad=True,
-                   grad_may_alias_input=True),
-    native_backend("cuda", "kd_loss_forward_cuda", grad_may_alias_input=True),
-    triton_backend("kd_loss", grad_may_alias_input=True),
-], auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")})
 
 
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, divergence,
@@ -59,63 +46,6 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, diver
 
 # ---- the fused op ---------------------------------------------------------------------------
 
-def grad_buffer(student: torch.Tensor, need_grad: bool, backend: str,
-                op: str = "kd_loss") -> torch.Tensor:
-    """The gradient output: like the student, or empty where no gradient is wanted and
-    ``op``'s ``backend`` kernel can skip it."""
-    if need_grad or not backend_spec(op, backend).skips_unneeded_grad:
-        return torch.empty_like(student, memory_format=torch.contiguous_format)
-    return student.new_empty((0,))
-
-
-def launch_kd_rows(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-                   cfg: KdConfig, backend: str, need_grad: bool, *,
-                   loss: torch.Tensor | None = None, grad: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student).
-
-    ``loss`` (contiguous fp32, the leading shape) and ``grad`` (contiguous, the student's shape)
-    may be given to write into; ``grad`` may be ``student`` itself when that is contiguous:
-    every kernel reads a row's logits before it writes that row's gradient.
-    """
-    lead = student.shape[:-1]
-    vs, vt = student.shape[-1], teacher.shape[-1]
-    vocab = min(vs, vt)
-    if loss is None:
-        loss = torch.empty(lead, dtype=torch.float32, device=student.device)
-    if grad is None:
-        grad = grad_buffer(student, need_grad, backend)
-    n_rows = loss.numel()
-    if n_rows == 0:
-        return loss, grad
-    s, inner_rows, s_layout = row_layout(student)
-    t, inner_rows, t_layout = row_layout(teacher, inner_rows)
-    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    if backend == "triton":
-        from ..triton.kd_loss import kd_loss_forward
-        kd_loss_forward(s, t, flat_labels, grad, loss, n_rows=n_rows, inner_rows=inner_rows,
-                        student_layout=s_layout, teacher_layout=t_layout, vocab=vocab,
-                        grad_vocab=vs, cfg=cfg)
-        return loss, grad
-    w_p, w_q = cfg.mixture_weights
-    fields = dict(
-        student=s, student_dtype=DTYPE_CODES[s.dtype], s_outer=s_layout.outer_stride,
-        s_inner=s_layout.inner_stride, teacher=t, teacher_dtype=DTYPE_CODES[t.dtype],
-        t_outer=t_layout.outer_stride, t_inner=t_layout.inner_stride, inner_rows=inner_rows,
-        n_rows=n_rows, vocab=vocab, grad_vocab=vs, labels=flat_labels, grad=grad, loss=loss,
-        divergence=cfg.divergence, temperature=cfg.temperature, softcap=cfg.softcap,
-        soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight, grad_scale=cfg.grad_scale,
-        ignore_index=cfg.ignore_index, log_wp=cfg.log_wp, log_wq=cfg.log_wq, w_p=w_p, w_q=w_q)
-    if backend == "cpu":
-        launch("kd_loss_forward_cpu", args="KdLossArgs", **fields,
-               run=dict(num_threads=torch.get_num_threads()))
-    else:
-        with torch.cuda.device(student.device):
-            stream = torch.cuda.current_stream(student.device).cuda_stream
-            launch("kd_loss_forward_cuda", args="KdLossArgs", **fields, run=dict(stream=stream))
-    return loss, grad
-
-
 @torch.library.custom_op("fastkd::kd_loss_fused", mutates_args=())
 def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                   divergence: int, temperature: float, softcap: float, soft_weight: float,
@@ -137,91 +67,10 @@ def _(student, teacher, labels, divergence, temperature, softcap, soft_weight, h
     return loss, grad_buffer(student, need_grad, backend)
 
 
-def rescale_grad_rows(grad: torch.Tensor, grad_loss: torch.Tensor,
-                      grad_scale: float) -> torch.Tensor:
-    """The stored ``grad`` ``[..., V]`` (grad_scale times the rows' gradients) times
-    ``grad_loss / grad_scale`` per row: the gradient to return from a backward."""
-    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
-        # Traced graphs (functional/fake tensor subclasses) must not mutate saved activations;
-        # the compiler plans the buffer.
-        return grad * (grad_loss / grad_scale).unsqueeze(-1)
-    # In eager mode, in place: the stored gradient becomes the returned one, so no second [N, V]
-    # buffer exists. Its version is bumped even where no row changed, so that a second backward
-    # through the same graph always raises instead of rescaling twice.
-    mod = native()
-    if grad.device.type == "cpu" and mod is not None and grad.numel() > 0:
-        factors = grad_loss.reshape(-1).to(torch.float32).contiguous()
-        launch("scale_rows_cpu", data=grad, dtype=DTYPE_CODES[grad.dtype],
-               n_rows=factors.numel(), row_len=grad.shape[-1], factors=factors,
-               unit=grad_scale, run=dict(num_threads=torch.get_num_threads()))
-        torch.autograd.graph.increment_version(grad)
-    else:
-        grad.mul_((grad_loss / grad_scale).unsqueeze(-1))
-    return grad
-
-
-def register_stored_grad_autograd(op, *, n_args: int, grad_scale_arg: int) -> None:
-    """Autograd of a fused loss op whose outputs are (per-row loss, ``grad_scale`` times
-    dLoss_row/d(first argument)), ``grad_scale`` being its argument number ``grad_scale_arg``:
-    the backward rescales the stored gradient by the incoming one (``rescale_grad_rows``) and
-    returns it for the first argument, None for the other ``n_args - 1``."""
-    no_grads = (None,) * (n_args - 1)
-
-    def setup_context(ctx, inputs, output):
-        ctx.grad_scale = inputs[grad_scale_arg]
-        ctx.save_for_backward(output[1])
-        # No gradient flows into the gradient buffer: without this, autograd would materialize
-        # a zero [N, V] tensor as its incoming gradient on every backward.
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_loss, grad_grad):
-        (grad,) = ctx.saved_tensors
-        if grad_loss is None:
-            return None, *no_grads
-        return rescale_grad_rows(grad, grad_loss, ctx.grad_scale), *no_grads
-
-    op.register_autograd(backward, setup_context=setup_context)
-
-
 register_stored_grad_autograd(kd_loss_fused, n_args=15, grad_scale_arg=12)
 
 
 # ---- public entry point ---------------------------------------------------------------------
-
-def pick_backend(op: str, backend: str, student: torch.Tensor, teacher: torch.Tensor) -> str:
-    """The backend of a loss between ``student`` and ``teacher`` logits. The fused backends take
-    float32/bfloat16/float16 logits and give the teacher no gradient: ``auto`` picks ``torch``
-    otherwise, and a fused backend asked for by name raises."""
-    inputs = dict(dtypes=(student.dtype, teacher.dtype),
-                  teacher_grad=teacher.requires_grad and torch.is_grad_enabled())
-    name = resolve_backend(op, backend, student.device, **inputs)
-    # auto only chooses a backend that accepts the inputs.
-    if backend != AUTO and not accepts(op, name, **inputs):
-        raise ValueError(
-            f"backend {name!r} takes float32/bfloat16/float16 logits and no gradient for the "
-            f"teacher; got student {student.dtype}, teacher {teacher.dtype} "
-            f"(teacher requires_grad={teacher.requires_grad}); detach the teacher or use "
-            f"backend='torch'")
-    return name
-
-
-def mean_grad_scale(n_rows: int, device: torch.device, labels, ignore_index: int,
-                    reduction: str, num_items_in_batch) -> float:
-    """The reduction's weight of every row where it is known without a device sync or a
-    data-dependent branch in a traced graph (else 1; the backward applies the rest)."""
-    if reduction != "mean":
-        return 1.0
-    if isinstance(num_items_in_batch, numbers.Real):
-        return 1.0 / float(num_items_in_batch)
-    host = device.type == "cpu" and not torch.compiler.is_compiling()
-    if num_items_in_batch is not None:
-        on_host = host and num_items_in_batch.device.type == "cpu"
-        return 1.0 / float(num_items_in_batch) if on_host else 1.0
-    if labels is None:
-        return 1.0 / max(n_rows, 1) if isinstance(n_rows, int) else 1.0
-    return 1.0 / max(int((labels != ignore_index).sum()), 1) if host else 1.0
-
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,

@@ -4,98 +4,26 @@ student's softmax.
 Input checks, the fused custom op with its fake kernel and autograd, backend dispatch. As for
 ``kd_loss``, the fused backends (``cpu``, ``triton``) write the per-token loss and
 ``grad_scale * dLoss_token/dstudent_logits`` in one kernel, ``grad_scale`` being the mean's
-1/#tokens where it is known without a device sync; the backward is kd_loss's, which rescales
-that stored gradient (in place in eager mode). The ``torch`` backend is the plain-PyTorch
-reference.
+1/#tokens where it is known without a device sync; the backward is the fused-row framework's
+(``_fused_rows``), which rescales that stored gradient (in place in eager mode). The ``torch``
+backend is the plain-PyTorch reference. The row kernel's registration and launcher, shared
+with fused_linear_sparse_kd_loss, are in ``_sparse_rows``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..reference.kd_loss import reduce_rows
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
-from ._checks import check_kd_options, check_labels, check_logits
-from ._layout import row_layout
-from ._launch import launch
-from ._native import DTYPE_CODES
-from ._registry import (accepts, native_backend, reference_backend, register_op,
-                        resolve_backend, triton_backend)
-from .kd_loss import grad_buffer, mean_grad_scale, register_stored_grad_autograd
+from ._checks import check_labels, check_logits
+from ._fused_rows import (grad_buffer, mean_grad_scale, reduce_rows,
+                          register_stored_grad_autograd)
+from ._registry import accepts, resolve_backend
+from ._sparse_rows import (check_sparse_options, check_targets, launch_sparse_rows,
+                           merge_duplicate_ids)
 
-__all__ = ["check_sparse_options", "check_targets", "launch_sparse_rows", "merge_duplicate_ids",
-           "sparse_kd_loss"]
-
-# No CUDA kernel: Triton on GPUs. The CPU kernel reads a row into scratch before it writes the
-# row's gradient; the Triton kernel re-reads the ids' logits after writing it.
-register_op("sparse_kd_loss", [
-    reference_backend(),
-    native_backend("cpu", "sparse_kd_loss_forward_cpu", skips_unneeded_grad=True,
-                   grad_may_alias_input=True),
-    triton_backend("sparse_kd_loss"),
-], auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")})
-
-
-def check_targets(targets, lead: torch.Size, device: torch.device, student_vocab: int,
-                  what: str = "student_logits") -> int:
-    """``targets`` fit a student of leading shape ``lead`` and ``student_vocab`` columns on
-    ``device``; returns the vocabulary the loss sees, V = min(V_s, targets.vocab_size)."""
-    if not isinstance(targets, SparseTargets):
-        raise TypeError(f"targets must be a fastkd SparseTargets; got {type(targets).__name__}")
-    if targets.lead_shape != lead:
-        raise ValueError(f"targets must have the leading shape {tuple(lead)} of {what}; "
-                         f"got ids of shape {tuple(targets.ids.shape)}")
-    if targets.device != device:
-        raise ValueError(f"targets are on {targets.device} but {what} on {device}")
-    vocab = min(student_vocab, targets.vocab_size)
-    # Range check of the ids where it costs no device sync (and outside traced graphs);
-    # elsewhere a token with an id >= V gets a NaN loss (the kernels never read past V).
-    ids = targets.ids
-    if ids.device.type == "cpu" and ids.numel() > 0 and not torch.compiler.is_compiling():
-        bad = (ids >= vocab) | (ids < -1)
-        if bool(bad.any()):
-            values = ids[bad].unique()[:5].tolist()
-            raise ValueError(
-                f"target ids must lie in [0, {vocab}) (V = min(V_s, targets.vocab_size) = "
-                f"min({student_vocab}, {targets.vocab_size})) or be -1 (padding); found "
-                f"{values}")
-    return vocab
-
-
-def merge_duplicate_ids(ids: torch.Tensor, weights: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The targets ``ids``/``weights`` ``[..., K]`` with every id at most once per row: the
-    weights of equal ids are added (each clamped at 0 first, as the loss counts weights <= 0
-    as 0; NaN and +inf are kept for the kernels' NaN rule), in the slot of the first of them
-    after sorting; the other slots become padding (id -1, weight 0). Slots come back in
-    ascending id order. The fused kernels assume distinct ids (they gather and overwrite the
-    id columns of a row once per slot); a few [..., K] operations make that hold for any input.
-    """
-    k = ids.shape[-1]
-    if k < 2:
-        return ids, weights
-    ids, order = ids.sort(-1)
-    weights = weights.gather(-1, order)
-    weights = torch.where(weights <= 0, 0.0, weights)
-    repeat = (ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)
-    if not torch.compiler.is_compiling() and ids.device.type == "cpu" and not bool(repeat.any()):
-        return ids, weights
-    first = torch.cat([torch.ones_like(repeat[..., :1]), ~repeat], -1)
-    slot = torch.arange(k, device=ids.device).expand_as(ids)
-    run_start = torch.where(first, slot, 0).cummax(-1).values
-    merged = torch.zeros_like(weights).scatter_add_(-1, run_start, weights)
-    keep = first & (ids >= 0)
-    return torch.where(keep, ids, -1), torch.where(keep, merged, 0.0)
-
-
-def check_sparse_options(*, temperature, ignore_index, hard_weight, reduction,
-                         num_items_in_batch, has_labels: bool) -> None:
-    # kd_loss's options that the sparse losses do not take are passed at their defaults.
-    check_kd_options(divergence="fkl", temperature=temperature, beta=0.5, alpha=0.1,
-                     ignore_index=ignore_index, hard_weight=hard_weight, softcap=None,
-                     reduction=reduction, num_items_in_batch=num_items_in_batch,
-                     has_labels=has_labels)
+__all__ = ["sparse_kd_loss"]
 
 
 def _check_inputs(student: torch.Tensor, targets, labels, *, temperature, ignore_index,
@@ -109,52 +37,6 @@ def _check_inputs(student: torch.Tensor, targets, labels, *, temperature, ignore
 
 
 # ---- the fused op ---------------------------------------------------------------------------
-
-def launch_sparse_rows(student: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                       tail_mass: torch.Tensor | None, labels: torch.Tensor | None, *,
-                       vocab: int, temperature: float, soft_weight: float, hard_weight: float,
-                       ignore_index: int, grad_scale: float, backend: str, need_grad: bool,
-                       loss: torch.Tensor | None = None, grad: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student).
-
-    ``loss`` (contiguous fp32, the leading shape) and ``grad`` (contiguous, the student's
-    shape) may be given to write into. On ``cpu``, ``grad`` may be ``student`` itself when that
-    is contiguous (the kernel reads a row into scratch before writing its gradient); the Triton
-    kernel re-reads the ids' logits after writing the row, so its ``grad`` must not alias.
-    """
-    lead = student.shape[:-1]
-    if loss is None:
-        loss = torch.empty(lead, dtype=torch.float32, device=student.device)
-    if grad is None:
-        grad = grad_buffer(student, need_grad, backend, "sparse_kd_loss")
-    n_rows = loss.numel()
-    if n_rows == 0:
-        return loss, grad
-    s, inner_rows, layout = row_layout(student)
-    k = ids.shape[-1]
-    flat_ids = ids.reshape(n_rows, k).contiguous()
-    flat_weights = weights.reshape(n_rows, k).contiguous()
-    flat_tail = None if tail_mass is None else tail_mass.reshape(-1).contiguous()
-    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    if backend == "triton":
-        from ..triton.sparse_kd_loss import sparse_kd_loss_forward
-        sparse_kd_loss_forward(s, flat_ids, flat_weights, flat_tail, flat_labels, grad, loss,
-                               n_rows=n_rows, inner_rows=inner_rows, layout=layout, vocab=vocab,
-                               grad_vocab=student.shape[-1], temperature=temperature,
-                               soft_weight=soft_weight, hard_weight=hard_weight,
-                               ignore_index=ignore_index, grad_scale=grad_scale)
-        return loss, grad
-    launch("sparse_kd_loss_forward_cpu", args="SparseKdLossArgs",
-           student=s, student_dtype=DTYPE_CODES[s.dtype], s_outer=layout.outer_stride,
-           s_inner=layout.inner_stride, inner_rows=inner_rows, n_rows=n_rows, vocab=vocab,
-           grad_vocab=student.shape[-1], ids=flat_ids, weights=flat_weights, num_slots=k,
-           tail_mass=flat_tail, labels=flat_labels, grad=grad, loss=loss,
-           temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-           grad_scale=grad_scale, ignore_index=ignore_index,
-           run=dict(num_threads=torch.get_num_threads()))
-    return loss, grad
-
 
 @torch.library.custom_op("fastkd::sparse_kd_loss_fused", mutates_args=())
 def sparse_kd_loss_fused(student: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

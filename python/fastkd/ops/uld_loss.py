@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.kd_loss import reduce_rows
 from ..reference.uld_loss import uld_loss_reference
 from ._checks import check_kd_options, check_kernel_float, check_labels, check_logits
 from ._layout import row_layout
 from ._launch import launch
 from ._native import DTYPE_CODES
 from ._registry import native_backend, reference_backend, register_op, triton_backend
-from .kd_loss import (grad_buffer, mean_grad_scale, pick_backend,
-                      register_stored_grad_autograd)
+from ._fused_rows import (grad_buffer, mean_grad_scale, pick_backend, reduce_rows,
+                          register_stored_grad_autograd)
 
 __all__ = ["uld_loss"]
 

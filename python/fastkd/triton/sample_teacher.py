@@ -24,14 +24,13 @@ lies within rounding of a column boundary.
 
 from __future__ import annotations
 
-import numpy as np
 import triton
 import triton.language as tl
 
-__all__ = ["sample_teacher_forward"]
+from ._common import (MAX_BLOCK_V, NEG_INF, POS_INF, inverse_temperature, row_pointer,
+                      vocab_block)
 
-NEG_INF = tl.constexpr(float("-inf"))
-POS_INF = tl.constexpr(float("inf"))
+__all__ = ["sample_teacher_forward"]
 
 # Philox4x32-10 multipliers and key increments (csrc/common/philox.h).
 PHILOX_MUL0 = tl.constexpr(0xD2511F53)
@@ -41,8 +40,6 @@ PHILOX_WEYL1 = tl.constexpr(0xBB67AE85)
 # 2^-24: u = ((w >> 8) + 1/2) 2^-24 lies in (0, 1), exact in fp32.
 UNIFORM_SCALE = tl.constexpr(5.9604644775390625e-08)
 
-# Widest chunk of the stats and LSE passes (as triton/kd_loss.py).
-MAX_BLOCK_V = 2048
 # Elements of the merge's [BLOCK_S, BLOCK_N] comparison: the chunk shrinks as N grows.
 MERGE_ELEMENTS = 8192
 MIN_BLOCK_S = 16
@@ -99,7 +96,7 @@ def _sample_teacher_kernel(
     BLOCK_N: tl.constexpr,     # >= num_samples + 1
 ):
     row = tl.program_id(0).to(tl.int64)
-    z_ptr = logits_ptr + (row // inner_rows) * outer + (row % inner_rows) * inner
+    z_ptr = row_pointer(logits_ptr, row, inner_rows, outer, inner)
     out = row * num_samples
     offs_v = tl.arange(0, BLOCK_V)
     offs_s = tl.arange(0, BLOCK_S)
@@ -224,12 +221,12 @@ def sample_teacher_forward(logits, ids, weights, logprobs, invalid, *, n_rows, i
     """
     if n_rows == 0:
         return
-    block_v = min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V)
+    block_v = vocab_block(vocab, MAX_BLOCK_V)
     block_n = triton.next_power_of_2(num_samples + 1)
     block_s = min(max(MERGE_ELEMENTS // block_n, MIN_BLOCK_S), MAX_BLOCK_S,
                   triton.next_power_of_2(max(vocab, 1)))
     # 1/T rounded as the native binding computes it (in fp32).
-    inv_t = float(np.float32(1.0) / np.float32(temperature))
+    inv_t = inverse_temperature(temperature)
     _sample_teacher_kernel[(n_rows,)](
         logits, ids, weights, logprobs, invalid,
         layout.outer_stride, layout.inner_stride, inner_rows, vocab, num_samples,

@@ -35,14 +35,14 @@ eps_final, eps.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from ._common import NEG_INF, fp32, warps_for
+
 __all__ = ["sinkhorn_forward"]
 
-NEG_INF = tl.constexpr(float("-inf"))
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(exp(1)): s = LOG2E / e = 1 / (e ln 2)
 
 # Largest next_pow2(n) * next_pow2(m) solved from registers (tests set 0 to force streaming).
@@ -388,10 +388,6 @@ def _sinkhorn_streamed_kernel(
         tl.store(g_row + cols, tl.zeros([BLOCK_M], tl.float32), mask=(cols >= m_keep) & (cols < m))
 
 
-def _num_warps(elements: int, per_warp: int) -> int:
-    return min(MAX_WARPS, max(1, elements // per_warp))
-
-
 def sinkhorn_forward(cost, log_a, log_b, n_sizes, m_sizes, eps_start, f, g, iters, err,
                      transport, mass, eps_final, plan, *, eps: float, kappa: float, max_iters: int,
                      check_every: int, tol: float, warm_start: bool) -> None:
@@ -410,7 +406,7 @@ def sinkhorn_forward(cost, log_a, log_b, n_sizes, m_sizes, eps_start, f, g, iter
     if batch == 0:
         return
     # eps, kappa and tol rounded to fp32 as the native binding holds them.
-    eps = float(np.float32(eps))
+    eps = fp32(eps)
     if n == 0 or m == 0:
         for out in (f, g, iters, err, transport, mass) + ((plan,) if plan is not None else ()):
             out.zero_()
@@ -418,7 +414,7 @@ def sinkhorn_forward(cost, log_a, log_b, n_sizes, m_sizes, eps_start, f, g, iter
         return
     block_n = triton.next_power_of_2(n)
     block_m = triton.next_power_of_2(m)
-    scalars = (eps, float(np.float32(kappa)), max_iters, check_every, float(np.float32(tol)))
+    scalars = (eps, fp32(kappa), max_iters, check_every, fp32(tol))
     flags = dict(HAS_N_SIZES=n_sizes is not None, HAS_M_SIZES=m_sizes is not None,
                  SCALING=eps_start is not None, WARM_START=bool(warm_start),
                  HAS_PLAN=plan is not None)
@@ -428,11 +424,11 @@ def sinkhorn_forward(cost, log_a, log_b, n_sizes, m_sizes, eps_start, f, g, iter
     if block_n * block_m <= RESIDENT_ELEMENTS:
         _sinkhorn_resident_kernel[(batch,)](
             *inputs, *outputs, *shape, *scalars, **flags, BLOCK_N=block_n, BLOCK_M=block_m,
-            num_warps=_num_warps(block_n * block_m, ELEMENTS_PER_WARP))
+            num_warps=warps_for(block_n * block_m, ELEMENTS_PER_WARP, MAX_WARPS))
     else:
         tile_n = min(STREAM_BLOCK_N, block_n)
         tile_m = min(STREAM_BLOCK_M, block_m)
         scratch = torch.empty_like(f)
         _sinkhorn_streamed_kernel[(batch,)](
             *inputs, *outputs, scratch, *shape, *scalars, **flags, BLOCK_N=tile_n, BLOCK_M=tile_m,
-            num_warps=_num_warps(tile_n * tile_m, STREAM_ELEMENTS_PER_WARP))
+            num_warps=warps_for(tile_n * tile_m, STREAM_ELEMENTS_PER_WARP, MAX_WARPS))

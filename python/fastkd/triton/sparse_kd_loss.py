@@ -25,21 +25,15 @@ All arithmetic is fp32. Guards are tl.where selects on the inputs of guarded exp
 
 from __future__ import annotations
 
-import numpy as np
 import triton
 import triton.language as tl
 
-from .kd_loss import write_zero_row
+from ._common import (MAX_BLOCK_V, NEG_INF, POS_INF, inverse_temperature, loss_grad_weights,
+                      quiet_nan, row_pointer, row_warps, vocab_block, write_zero_row)
 
 __all__ = ["sparse_kd_loss_forward"]
 
-NEG_INF = tl.constexpr(float("-inf"))
-POS_INF = tl.constexpr(float("inf"))
-# Quiet NaN as its fp32 bits (a float NaN global would fail the JIT's NaN != NaN global check).
-NAN_BITS = tl.constexpr(0x7FC00000)
-
-# Widest vocabulary chunk (as triton/kd_loss.py) and widest chunk of target slots.
-MAX_BLOCK_V = 2048
+# Widest chunk of target slots (the vocabulary's is _common.MAX_BLOCK_V).
 MAX_BLOCK_K = 128
 
 
@@ -79,7 +73,7 @@ def _sparse_kd_loss_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    zs_ptr = student_ptr + (row // inner_rows) * s_outer + (row % inner_rows) * s_inner
+    zs_ptr = row_pointer(student_ptr, row, inner_rows, s_outer, s_inner)
     g_ptr = grad_ptr + row * grad_vocab
     ids_row = ids_ptr + row * num_slots
     w_row = weights_ptr + row * num_slots
@@ -116,7 +110,7 @@ def _sparse_kd_loss_fwd_kernel(
 
         # Slots pass: sum_k w_k (log w_k - log q_k) with log q_k = (a_k - f) - log S, over the
         # slots with w_k > 0; W; S_in. An id >= V makes the loss NaN and is skipped.
-        nan = tl.full([], NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+        nan = quiet_nan()
         soft = tl.zeros([], tl.float32)
         total_w = tl.zeros([], tl.float32)
         sum_in = tl.zeros([], tl.float32)
@@ -217,17 +211,14 @@ def sparse_kd_loss_forward(student, ids, weights, tail_mass, labels, grad, loss,
     if n_rows == 0:
         return
     num_slots = ids.shape[-1]
-    block_v = min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V)
+    block_v = vocab_block(vocab, MAX_BLOCK_V)
     block_k = min(triton.next_power_of_2(max(num_slots, 1)), MAX_BLOCK_K)
-    num_warps = max(1, min(4, block_v // 256))
     has_labels = labels is not None
     ce = has_labels and hard_weight > 0.0
     # 1/T and the gradient weights rounded as the native binding computes them (in fp32).
-    t32 = np.float32(temperature)
-    inv_t = float(np.float32(1.0) / t32)
-    scale = np.float32(grad_scale)
-    soft_grad_scale = float(scale * (np.float32(soft_weight) / t32))
-    hard_grad_weight = float(scale * np.float32(hard_weight))
+    inv_t = inverse_temperature(temperature)
+    soft_grad_scale, hard_grad_weight = loss_grad_weights(grad_scale, soft_weight, hard_weight,
+                                                          temperature)
     _sparse_kd_loss_fwd_kernel[(n_rows,)](
         student, ids, weights, tail_mass, labels, grad, loss,
         layout.outer_stride, layout.inner_stride, inner_rows,
@@ -240,5 +231,5 @@ def sparse_kd_loss_forward(student, ids, weights, tail_mass, labels, grad, loss,
         TEMPERED=ce and temperature != 1.0,
         BLOCK_V=block_v,
         BLOCK_K=block_k,
-        num_warps=num_warps,
+        num_warps=row_warps(block_v, 4),
     )

@@ -19,11 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .kd_loss import NAN_BITS, write_zero_row
+from ._common import quiet_nan, row_warps, vocab_block, write_zero_row
 
 __all__ = ["uld_loss_forward"]
 
-MAX_BLOCK_V = 2048
 # Elements (rows x (V_s + V_t)) sorted at a time: about 24 bytes each of workspace, so 800 MB.
 CHUNK_ELEMENTS = 1 << 25
 
@@ -63,7 +62,7 @@ def _uld_sorted_rows_kernel(
             dot_acc += sq * h
         loss = tl.sum(loss_acc, axis=0)
         dot = tl.sum(dot_acc, axis=0)
-        nan = tl.full([], NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+        nan = quiet_nan()
         row_nan = tl.where(loss == loss, 0.0, nan)
         tl.store(loss_ptr + row, loss)
 
@@ -92,7 +91,7 @@ def uld_loss_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch
     vt = teacher.shape[-1]
     if n_rows == 0:
         return
-    block_v = min(triton.next_power_of_2(max(vs, vt)), MAX_BLOCK_V)
+    block_v = vocab_block(max(vs, vt))
     rows_per_chunk = max(1, CHUNK_ELEMENTS // (vs + vt))
     scale = grad_scale / student_temperature
     for start in range(0, n_rows, rows_per_chunk):
@@ -107,4 +106,4 @@ def uld_loss_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch
             sq, order, sp, None if labels is None else labels[start:end], grad[start:end],
             loss[start:end], vs, vt, scale, ignore_index,
             HAS_LABELS=labels is not None, BLOCK_V=block_v,
-            num_warps=max(1, min(8, block_v // 256)))
+            num_warps=row_warps(block_v, 8))

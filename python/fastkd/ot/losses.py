@@ -24,9 +24,9 @@ import numbers
 
 import torch
 
-from ._checks import REDUCTIONS, check_labels, check_logits
-from .sinkhorn import VALUES, sinkhorn_loss
-from .sinkhorn_features import COSTS, pairwise_cost
+from ..ops._checks import REDUCTIONS, check_labels, check_logits
+from .features import COSTS, pairwise_cost
+from .sinkhorn_loss import VALUES, sinkhorn_loss
 
 __all__ = ["l1_cost", "sequence_ot_loss", "sinkd_loss"]
 
