@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .harness import Impl, Result, format_table, measure
+from .harness import Impl, Result, format_table, measure, recording_step
 
 __all__ = ["DistillStepCase", "run_distill_step_case"]
 
@@ -92,14 +92,7 @@ def run_distill_step_case(case: DistillStepCase, *, warmup: int = 1, reps: int =
     first = {}
 
     def step_of(name, loss_fn):
-        def make():
-            def step():
-                loss = loss_fn()
-                loss.backward()
-                first.setdefault(name, float(loss.detach()))
-                return loss
-            return step
-        return make
+        return recording_step(first, name, loss_fn)
 
     def fastkd_step():
         return module(batch, objective.prepare(batch, []), num_items)

@@ -56,6 +56,19 @@ def add_loss_impl(impls: list[Impl], forward_only: dict, name: str,
     forward_only[name] = forward
 
 
+def recording_step(first: dict, name: str, loss_fn: Callable[[], torch.Tensor]):
+    """The step factory of a loss ``name`` (``loss_fn()`` then backward) that records the first
+    loss it computes in ``first[name]``, so that a table can show the implementations agree."""
+    def make():
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            first.setdefault(name, float(loss.detach()))
+            return loss
+        return step
+    return make
+
+
 @dataclass
 class Result:
     impl: str

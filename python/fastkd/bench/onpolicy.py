@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .harness import Impl, Result, format_table, measure
+from .harness import Impl, Result, format_table, measure, recording_step
 
 __all__ = ["OnpolicyCase", "run_onpolicy_case"]
 
@@ -79,14 +79,7 @@ def _loss_impls(case: OnpolicyCase, inputs, first: dict) -> list[Impl]:
     hidden, weight, t_hidden, t_weight, tokens = inputs
 
     def step_of(name, loss_fn):
-        def make():
-            def step():
-                loss = loss_fn()
-                loss.backward()
-                first.setdefault(name, float(loss.detach()))
-                return loss
-            return step
-        return make
+        return recording_step(first, name, loss_fn)
 
     def fused_k3():
         student = fused_linear_logprobs(hidden, weight, tokens).logprob

@@ -35,9 +35,9 @@ def label_targets(labels: torch.Tensor, vocab_size: int) -> SparseTargets:
                          num_samples=1, method="topk", tail="renorm")
 
 
-def _student_softcap(head: Head, what: str) -> None:
+def _student_softcap(head: Head, what: str, whose: str = "student") -> None:
     if head.softcap is not None:
-        raise ValueError(f"{what} has no final-logit softcap option yet; the student's head "
+        raise ValueError(f"{what} has no final-logit softcap option yet; the {whose}'s head "
                          f"caps logits at {head.softcap} (Gemma-2/3): use objective.kind = "
                          f"'kd', which applies it")
 
@@ -152,11 +152,17 @@ class SparseKD(Objective):
             num_items_in_batch=num_items, backend=c.backend)
 
 
-def _same_vocab(head: Head, t_head: Head, kind: str) -> None:
+def _uncapped_heads(head: Head, teacher: CausalLM, kind: str) -> Head:
+    """The teacher's head, after checking that neither head caps its logits (the sparse fused
+    ops have no softcap option) and that both share one vocabulary."""
+    t_head = teacher.head()
+    _student_softcap(head, f'objective.kind = "{kind}"')
+    _student_softcap(t_head, f'objective.kind = "{kind}"', "teacher")
     if head.weight.shape[0] != t_head.weight.shape[0]:
         raise ValueError(f"objective.kind = \"{kind}\" compares the models on one vocabulary; "
                          f"the student's head has {head.weight.shape[0]} rows and the "
                          f"teacher's {t_head.weight.shape[0]}")
+    return t_head
 
 
 class SampledReverseKL(OnlineKD):
@@ -169,11 +175,8 @@ class SampledReverseKL(OnlineKD):
     kind = "sampled_rkl"
 
     def loss(self, hidden, head, batch, teacher_inputs, num_items):
-        _student_softcap(head, "the sampled reverse KL")
         c = self.config
-        t_head = self.teacher.head()
-        _student_softcap(t_head, "the sampled reverse KL (teacher)")
-        _same_vocab(head, t_head, self.kind)
+        t_head = _uncapped_heads(head, self.teacher, self.kind)
         labels = batch["labels"]
         student = fused_linear_logprobs(hidden, head.weight, labels, bias=head.bias,
                                         logit_scale=head.logit_scale, backend=c.backend)
@@ -194,11 +197,8 @@ class TeacherTopK(OnlineKD):
     kind = "teacher_topk"
 
     def loss(self, hidden, head, batch, teacher_inputs, num_items):
-        _student_softcap(head, "the fused sparse loss")
         c = self.config
-        t_head = self.teacher.head()
-        _student_softcap(t_head, "fused_linear_topk (teacher)")
-        _same_vocab(head, t_head, self.kind)
+        t_head = _uncapped_heads(head, self.teacher, self.kind)
         with torch.no_grad():
             targets = fused_linear_topk(teacher_inputs["hidden"], t_head.weight, k=c.topk,
                                         bias=t_head.bias, logit_scale=t_head.logit_scale,
