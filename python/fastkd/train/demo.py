@@ -46,7 +46,7 @@ class DemoPreset:
 
 
 PRESETS = {
-    # Sized to finish in about five minutes on two CPU cores: a 1.6M-parameter teacher (0.37 s
+    # Sized to finish in about seven minutes on two CPU cores: a 1.6M-parameter teacher (0.37 s
     # per training step of 2048 tokens there) over about 1.7 epochs of the corpus.
     "small": DemoPreset(corpus_chars=1_200_000, vocab_size=2048, seq_len=128,
                         teacher=dict(hidden_size=160, intermediate_size=448, num_hidden_layers=3,
