@@ -9,11 +9,13 @@ divided by that count, times the world size (DDP and FSDP average gradients over
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import time
+import warnings
 
 import torch
 
@@ -214,7 +216,16 @@ class _Run:
         self.evals = json.loads(state["trainer"]["evals"])
         if self.onpolicy is not None and "onpolicy" in state["trainer"]:
             self.onpolicy.load_state_dict(state["trainer"]["onpolicy"])
-            self.onpolicy.buffer.load_state_dict((state["rank"] or {}).get("replay_buffer", {}))
+            saved_world = int(state["trainer"]["world_size"])
+            if saved_world == self.dist.world_size:
+                buffer = (state["rank"] or {}).get("replay_buffer", {})
+                self.onpolicy.buffer.load_state_dict(buffer)
+            else:
+                # Each rank kept its own generations: with another number of ranks there is no
+                # rank's buffer to give each (copies of one would replay the same sequences).
+                warnings.warn(f"the checkpoint was written by {saved_world} ranks and this run "
+                              f"has {self.dist.world_size}: the replay buffers start empty",
+                              stacklevel=2)
         ckpt.set_rng_state(state["rng"])
         self.saved_step = self.step
         return True
@@ -232,7 +243,13 @@ class _Run:
         if self.onpolicy is not None:
             # Before counting: generated completions change the step's number of tokens.
             sources = dict.fromkeys(SOURCES, 0)
-            with unsharded_root(self.module), autocast_context(device, self.autocast):
+            # FSDP gathers the root's parameters only for a step that generates. The plan is
+            # the same on every rank; a planned generation may still turn into a replay once
+            # the step's earlier generations fill the buffer, never the reverse.
+            plan = [self.onpolicy.source(self.step, j, c.train.steps) for j in range(len(batches))]
+            generates = any(source in ("student", "teacher") for source in plan)
+            gathered = unsharded_root(self.module) if generates else contextlib.nullcontext()
+            with gathered, autocast_context(device, self.autocast):
                 for j, batch in enumerate(batches):
                     batches[j], source = self.onpolicy.rewrite(batch, self.step, j, c.train.steps)
                     sources[source] += 1
