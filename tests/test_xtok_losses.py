@@ -170,3 +170,33 @@ def test_gold_bad_vocab_map():
         gold_loss(s_logits, t_logits, s_tg, t_tg, s_ids, t_ids, vocab_map=bad)
     with pytest.raises(ValueError, match="teacher_targets must hold ids"):
         gold_loss(s_logits, t_logits, s_tg, t_tg + 100, s_ids, t_ids)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_chunk_logprobs_from_the_fused_lm_head_equal_those_from_logits(backend):
+    """The per-token log-probs of ``fastkd.fused_linear_logprobs`` (no [B, T, V] logits) give the
+    chunk log-likelihoods and their gradients that full logits give."""
+    import fastkd
+
+    if backend not in fastkd.available_backends("fused_linear_logprobs", "cpu"):
+        pytest.skip(f"{backend} is not available")
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 9, 6, generator=g)
+    weight = torch.randn(23, 6, generator=g) / 2
+    ids = torch.randint(0, 23, (2, 9), generator=g)
+    targets = ids[:, 1:].clone()
+    targets[1, -2:] = -100                                    # padding
+    chunk_id = torch.tensor([[0, 0, 1, 2, 2, 2, 3, 4], [0, 1, 1, 2, 3, 3, -1, -1]],
+                            dtype=torch.int32)
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    fused = chunk_logprobs(fastkd.fused_linear_logprobs(leaves[0][:, :-1], leaves[1], targets,
+                                                        backend=backend).logprob, chunk_id)
+    fused.sum().backward()
+    plain_leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    logits = plain_leaves[0][:, :-1] @ plain_leaves[1].T
+    plain = chunk_logprobs(token_logprobs(logits, targets), chunk_id)
+    plain.sum().backward()
+    # Both in fp32 (the fused kernel against autograd on full logits): fp32 rounding apart.
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(leaves, plain_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
