@@ -25,6 +25,7 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 # ---- the backend matrix ---------------------------------------------------------------------
 
+
 def fused_backends(device: str) -> list[str]:
     """The fused backends of kd_loss that can run on ``device`` here."""
     if device == "cuda" and not HAS_CUDA:
@@ -43,8 +44,7 @@ def backend_marks(op: str, backend: str, device: str = "cpu") -> list:
 
 def device_params() -> list:
     """``device`` params of every device here, CUDA marked ``gpu``."""
-    return [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else [], id=d)
-            for d in DEVICES]
+    return [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else [], id=d) for d in DEVICES]
 
 
 def device_backend_params(op: str, *, small_ok: bool = True) -> list:
@@ -55,8 +55,14 @@ def device_backend_params(op: str, *, small_ok: bool = True) -> list:
         for backend in kernel_backends(op, device):
             if interpreted(op, backend, device) and not small_ok:
                 continue
-            out.append(pytest.param(device, backend, marks=backend_marks(op, backend, device),
-                                    id=f"{device}-{backend}"))
+            out.append(
+                pytest.param(
+                    device,
+                    backend,
+                    marks=backend_marks(op, backend, device),
+                    id=f"{device}-{backend}",
+                )
+            )
     return out
 
 
@@ -68,10 +74,17 @@ def op_backend_params(op: str, *, small_ok: bool = True, reference: bool = True)
         for backend in fastkd.available_backends(op, device):
             spec = backend_spec(op, backend)
             if (spec.is_reference and not reference) or (
-                    interpreted(op, backend, device) and not small_ok):
+                interpreted(op, backend, device) and not small_ok
+            ):
                 continue
-            out.append(pytest.param(device, backend, marks=backend_marks(op, backend, device),
-                                    id=f"{device}-{backend}"))
+            out.append(
+                pytest.param(
+                    device,
+                    backend,
+                    marks=backend_marks(op, backend, device),
+                    id=f"{device}-{backend}",
+                )
+            )
     return out
 
 
@@ -81,8 +94,7 @@ def backend_params(op: str, *, small_ok: bool = True, fused_only: bool = False) 
     out = []
     for backend in fastkd.available_backends(op, "cpu"):
         spec = backend_spec(op, backend)
-        if (interpreted(op, backend, "cpu") and not small_ok) or (spec.is_reference
-                                                                  and fused_only):
+        if (interpreted(op, backend, "cpu") and not small_ok) or (spec.is_reference and fused_only):
             continue
         out.append(pytest.param(backend, marks=backend_marks(op, backend), id=backend))
     return out
@@ -95,6 +107,7 @@ def compiled_backends(op: str, device: str = "cpu") -> list[str]:
 
 
 # ---- divergences ----------------------------------------------------------------------------
+
 
 def divergence_cases(values=(0.1, 0.0, 1.0)) -> list[tuple[str, dict]]:
     """(name, kwargs) for every divergence of ``fastkd.DIVERGENCES``: those without parameters
@@ -118,8 +131,17 @@ def divergence_case_id(case: tuple[str, dict]) -> str:
 
 # ---- input factories ------------------------------------------------------------------------
 
-def make_logits(lead, vocab: int, *, scale: float = 3.0, dtype=torch.float32, device="cpu",
-                seed: int = 0, draw_dtype=torch.float32) -> torch.Tensor:
+
+def make_logits(
+    lead,
+    vocab: int,
+    *,
+    scale: float = 3.0,
+    dtype=torch.float32,
+    device="cpu",
+    seed: int = 0,
+    draw_dtype=torch.float32,
+) -> torch.Tensor:
     """``scale`` N(0, 1) logits ``[*lead, vocab]`` (``lead`` an int or a shape), drawn in
     ``draw_dtype`` from a generator seeded with ``seed`` and then cast to ``dtype``."""
     lead = (lead,) if isinstance(lead, int) else tuple(lead)
@@ -128,8 +150,9 @@ def make_logits(lead, vocab: int, *, scale: float = 3.0, dtype=torch.float32, de
     return logits.to(dtype).to(device)
 
 
-def make_labels(lead, vocab: int, *, ignore_every: int = 4, device="cpu",
-                seed: int = 1) -> torch.Tensor:
+def make_labels(
+    lead, vocab: int, *, ignore_every: int = 4, device="cpu", seed: int = 1
+) -> torch.Tensor:
     """Labels ``[*lead]`` in [0, vocab), every ``ignore_every``-th one (in row order, from the
     first) -100."""
     lead = (lead,) if isinstance(lead, int) else tuple(lead)
@@ -183,18 +206,21 @@ def assert_within_torch_error(name, value, exact, torch_value):
     torch_err = (tv - e).abs().max().item()
     floor = FLOOR_EPS * torch.finfo(torch.float32).eps * max(e.abs().max().item(), 1.0)
     assert err <= ERR_FACTOR * torch_err + floor, (
-        f"{name}: max error {err:.3g} vs torch float32 error {torch_err:.3g} (floor {floor:.3g})")
+        f"{name}: max error {err:.3g} vs torch float32 error {torch_err:.3g} (floor {floor:.3g})"
+    )
 
 
 def assert_relative_within_torch_error(name, value, exact, torch_value):
     """assert_within_torch_error on values divided by the largest exact one: the absolute floor
     would pass anything below it, such as a whole gradient off by a relative 1e-5."""
     scale = exact.abs().max().item()
-    assert_within_torch_error(f"{name} / max|{name}|", value / scale, exact / scale,
-                              torch_value / scale)
+    assert_within_torch_error(
+        f"{name} / max|{name}|", value / scale, exact / scale, torch_value / scale
+    )
 
 
 # ---- subprocess probes ----------------------------------------------------------------------
+
 
 def extra_peak_kb(script: str, arg: str, env: dict | None = None) -> int:
     """Runs ``script`` (which prints its peak RSS above a baseline, in kB, last) in a fresh
@@ -205,8 +231,13 @@ def extra_peak_kb(script: str, arg: str, env: dict | None = None) -> int:
             f.write("5")
     except OSError:
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    out = subprocess.run([sys.executable, "-c", script, arg], check=True, capture_output=True,
-                         text=True, env=None if env is None else {**os.environ, **env})
+    out = subprocess.run(
+        [sys.executable, "-c", script, arg],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -241,11 +272,16 @@ def check_well_formed(targets, num_samples, vocab, temperature=None):
     if temperature == 1.0:
         counts = weights * num_samples
         torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
-        torch.testing.assert_close(counts.sum(-1), torch.full(counts.shape[:-1],
-                                                              float(num_samples)))
+        torch.testing.assert_close(
+            counts.sum(-1), torch.full(counts.shape[:-1], float(num_samples))
+        )
 
 
 def chi2_sf(stat: float, dof: int) -> float:
     """P(chi^2_dof >= stat), the upper regularized incomplete gamma function."""
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
-                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(
+            torch.tensor(dof / 2.0, dtype=torch.float64),
+            torch.tensor(stat / 2.0, dtype=torch.float64),
+        )
+    )

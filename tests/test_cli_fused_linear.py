@@ -11,9 +11,35 @@ from fastkd.cli import main
 @pytest.mark.slow  # 2 cases, 74 s of the full run's 1,025 s
 def test_bench_fused_linear_writes_a_table_and_json(tmp_path, capsys, teacher):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
-    assert main(["bench", "fused_linear_kd_loss", "--device", "cpu", "--rows", "64", "--hidden",
-                 "32", "--vocab", "500", "--teacher", teacher, "--divergence", "jsd",
-                 "--warmup", "0", "--reps", "1", "--out", str(out), "--markdown", str(md)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "fused_linear_kd_loss",
+                "--device",
+                "cpu",
+                "--rows",
+                "64",
+                "--hidden",
+                "32",
+                "--vocab",
+                "500",
+                "--teacher",
+                teacher,
+                "--divergence",
+                "jsd",
+                "--warmup",
+                "0",
+                "--reps",
+                "1",
+                "--out",
+                str(out),
+                "--markdown",
+                str(md),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     payload = json.loads(out.read_text())
     [case] = payload["cases"]

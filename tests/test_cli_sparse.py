@@ -11,9 +11,32 @@ def _bench(op, tmp_path, capsys, *extra):
     """Runs ``fastkd bench OP`` on a tiny CPU case; returns (printed table, markdown, results by
     impl)."""
     out, md = tmp_path / "r.json", tmp_path / "r.md"
-    assert main(["bench", op, "--device", "cpu", "--rows", "64", "--vocab", "500",
-                 "--num-samples", "20", "--warmup", "0", "--reps", "1", "--out", str(out),
-                 "--markdown", str(md), *extra]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                op,
+                "--device",
+                "cpu",
+                "--rows",
+                "64",
+                "--vocab",
+                "500",
+                "--num-samples",
+                "20",
+                "--warmup",
+                "0",
+                "--reps",
+                "1",
+                "--out",
+                str(out),
+                "--markdown",
+                str(md),
+                *extra,
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     [case] = json.loads(out.read_text())["cases"]
     assert case["case"]["num_samples"] == 20
@@ -25,8 +48,12 @@ def test_bench_sparse_kd_loss_writes_a_table_and_json(tmp_path, capsys):
     table, md, results = _bench("sparse_kd_loss", tmp_path, capsys)
     assert md.startswith("### sparse_kd_loss N=20 rows=64 V=500")
     assert "| teacher bytes/token |" in table
-    for impl in ("fastkd[cpu]", "torch eager (sparse)", "torch.compile (sparse)",
-                 "fastkd kd_loss (dense)"):
+    for impl in (
+        "fastkd[cpu]",
+        "torch eager (sparse)",
+        "torch.compile (sparse)",
+        "fastkd kd_loss (dense)",
+    ):
         assert impl in table
         r = results[impl]
         assert r["error"] is None and r["time_ms"] > 0 and r["fwd_ms"] > 0
@@ -46,8 +73,9 @@ def test_bench_sample_teacher_writes_a_table_and_json(tmp_path, capsys):
 
 
 def test_bench_priority_sampling(tmp_path, capsys):
-    table, md, results = _bench("sample_teacher", tmp_path, capsys, "--method", "priority",
-                                "--k", "16")
+    table, md, results = _bench(
+        "sample_teacher", tmp_path, capsys, "--method", "priority", "--k", "16"
+    )
     assert md.startswith("### sample_teacher priority k=16 rows=64 V=500")
     for impl in ("fastkd[cpu]", "torch softmax+rand+topk"):
         assert impl in table

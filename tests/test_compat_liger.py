@@ -43,8 +43,12 @@ def _run_with_grads(fn, *leaves):
 
 # ---- LigerJSD (log-probabilities in) --------------------------------------------------------
 
-JSD_CASES = [(beta, labelled, scale) for beta in (0.0, 0.1, 0.5, 0.9, 1.0)
-             for labelled in (False, True) for scale in (1.0, 6.0)]
+JSD_CASES = [
+    (beta, labelled, scale)
+    for beta in (0.0, 0.1, 0.5, 0.9, 1.0)
+    for labelled in (False, True)
+    for scale in (1.0, 6.0)
+]
 
 
 @pytest.mark.parametrize("beta,labelled,scale", JSD_CASES)
@@ -63,20 +67,28 @@ def test_jsd_matches_liger(beta, labelled, scale):
 
     ours, (g_ours,) = _run_with_grads(lambda z: run(compat.LigerJSD(beta=beta), z), zs)
     theirs, (g_theirs,) = _run_with_grads(
-        lambda z: run(liger_transformers.LigerJSD(beta=beta), z), zs)
+        lambda z: run(liger_transformers.LigerJSD(beta=beta), z), zs
+    )
     _close(ours, theirs, "loss")
     _close(g_ours, g_theirs, "grad")
 
 
 def test_jsd_ignore_index_is_liger_s():
-    zs, zt = torch.randn(ROWS, VOCAB, generator=_gen(0)), torch.randn(ROWS, VOCAB, generator=_gen(1))
+    zs, zt = (
+        torch.randn(ROWS, VOCAB, generator=_gen(0)),
+        torch.randn(ROWS, VOCAB, generator=_gen(1)),
+    )
     labels = _labels(ROWS, VOCAB, 2, ignore_index=5)
     args = (zs.log_softmax(-1), zt.log_softmax(-1), labels)
-    _close(compat.LigerJSD(beta=0.3, ignore_index=5)(*args),
-           liger_transformers.LigerJSD(beta=0.3, ignore_index=5)(*args), "loss")
+    _close(
+        compat.LigerJSD(beta=0.3, ignore_index=5)(*args),
+        liger_transformers.LigerJSD(beta=0.3, ignore_index=5)(*args),
+        "loss",
+    )
 
 
 # ---- LigerKLDIVLoss ----------------------------------------------------------------------------
+
 
 def liger_kl_div_transcribed(y_pred, y_true, reduction, log_target, eps):
     """Liger's KL divergence as liger_kernel/ops/kl_div.py (0.8.5) computes it, in plain torch:
@@ -109,15 +121,21 @@ def test_liger_kl_div_cannot_run_in_the_interpreter():
         _close(value, liger_kl_div_transcribed(y_pred, y_true, "sum", False, 1e-10), "loss")
 
 
-KL_CASES = [(reduction, log_target, zeros) for reduction in compat.KL_REDUCTIONS
-            for log_target in (False, True) for zeros in (False, True)]
+KL_CASES = [
+    (reduction, log_target, zeros)
+    for reduction in compat.KL_REDUCTIONS
+    for log_target in (False, True)
+    for zeros in (False, True)
+]
 
 
 @pytest.mark.parametrize("reduction,log_target,zeros", KL_CASES)
 def test_kl_div_matches_liger_s_math(reduction, log_target, zeros):
     zs = torch.randn(ROWS, VOCAB, generator=_gen(0)) * 3
     zt = torch.randn(ROWS, VOCAB, generator=_gen(1)) * 3
-    if zeros:  # teacher probabilities exactly 0 (Liger: 0 * log(eps) = 0; fastkd: outside the support)
+    if (
+        zeros
+    ):  # teacher probabilities exactly 0 (Liger: 0 * log(eps) = 0; fastkd: outside the support)
         zt[:, :5] = -torch.inf
     y_true = zt.log_softmax(-1) if log_target else zt.softmax(-1)
     zs.requires_grad_()
@@ -153,14 +171,21 @@ def test_kl_div_matches_liger_s_math(reduction, log_target, zeros):
 
 def test_kl_div_default_reduction_is_torch_s_mean():
     y_pred, y_true = torch.randn(4, 9).log_softmax(-1), torch.randn(4, 9).softmax(-1)
-    _close(compat.LigerKLDIVLoss()(y_pred, y_true),
-           liger_kl_div_transcribed(y_pred, y_true, "mean", False, 1e-10), "loss")
+    _close(
+        compat.LigerKLDIVLoss()(y_pred, y_true),
+        liger_kl_div_transcribed(y_pred, y_true, "mean", False, 1e-10),
+        "loss",
+    )
 
 
 # ---- LigerFusedLinearJSD --------------------------------------------------------------------
 
-FLJSD_CASES = [(beta, temperature, labelled) for beta in (0.0, 0.3, 0.5, 1.0)
-               for temperature in (1.0, 2.5) for labelled in (False, True)]
+FLJSD_CASES = [
+    (beta, temperature, labelled)
+    for beta in (0.0, 0.3, 0.5, 1.0)
+    for temperature in (1.0, 2.5)
+    for labelled in (False, True)
+]
 
 
 def _heads(vocab_s=VOCAB, vocab_t=VOCAB, bias=False):
@@ -180,9 +205,11 @@ def test_fused_linear_jsd_matches_liger(beta, temperature, labelled):
     labels = _labels(ROWS, VOCAB, 2) if labelled else None
     kw = dict(jsd_beta=beta, temperature=temperature)
     ours, g_ours = _run_with_grads(
-        lambda x, w: compat.LigerFusedLinearJSD(**kw)(x, w, xt, wt, labels), xs, ws)
+        lambda x, w: compat.LigerFusedLinearJSD(**kw)(x, w, xt, wt, labels), xs, ws
+    )
     theirs, g_theirs = _run_with_grads(
-        lambda x, w: liger_transformers.LigerFusedLinearJSD(**kw)(x, w, xt, wt, labels), xs, ws)
+        lambda x, w: liger_transformers.LigerFusedLinearJSD(**kw)(x, w, xt, wt, labels), xs, ws
+    )
     _close(ours, theirs, "loss")
     for name, a, b in zip(("grad_input", "grad_weight"), g_ours, g_theirs):
         _close(a, b, name)
@@ -192,18 +219,22 @@ def test_fused_linear_jsd_matches_liger(beta, temperature, labelled):
 
 WEIGHTS = [(0.5, 0.5), (0.0, 1.0), (1.0, 0.0), (0.3, 0.9), (-0.2, 1.0)]
 FLJSD_LOSS_CASES = [
-    dict(weights=w, beta=beta, temperature=temperature, vocab_t=vocab_t, bias=bias,
-         split=split)
-    for w in WEIGHTS for beta in (0.0, 0.5, 1.0) for temperature in (1.0, 2.0)
-    for vocab_t in (VOCAB, VOCAB + 6) for bias in (False, True) for split in (False, True)
+    dict(weights=w, beta=beta, temperature=temperature, vocab_t=vocab_t, bias=bias, split=split)
+    for w in WEIGHTS
+    for beta in (0.0, 0.5, 1.0)
+    for temperature in (1.0, 2.0)
+    for vocab_t in (VOCAB, VOCAB + 6)
+    for bias in (False, True)
+    for split in (False, True)
     # a table of every weight pair with every option would take 960 cases; these are every
     # option once against the default weights plus every weight pair against each other one
     if w == (0.5, 0.5) or (beta == 0.5 and temperature == 2.0)
 ]
 
 
-@pytest.mark.parametrize("case", FLJSD_LOSS_CASES,
-                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "case", FLJSD_LOSS_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items())
+)
 @pytest.mark.slow  # 80 cases, 40 s
 def test_fused_linear_jsd_loss_matches_liger(case):
     """Including a teacher vocabulary 6 ids larger than the student's, which Liger meets by
@@ -211,9 +242,14 @@ def test_fused_linear_jsd_loss_matches_liger(case):
     xs, ws, xt, wt, bs, bt = _heads(vocab_t=case["vocab_t"], bias=case["bias"])
     labels = _labels(ROWS, VOCAB, 2)
     w_hard, w_soft = case["weights"]
-    kw = dict(weight_hard_loss=w_hard, weight_soft_loss=w_soft, beta=case["beta"],
-              temperature=case["temperature"], return_soft_hard_loss=case["split"],
-              chunk_size=4)
+    kw = dict(
+        weight_hard_loss=w_hard,
+        weight_soft_loss=w_soft,
+        beta=case["beta"],
+        temperature=case["temperature"],
+        return_soft_hard_loss=case["split"],
+        chunk_size=4,
+    )
     leaves = (xs, ws) if bs is None else (xs, ws, bs)
 
     def call(module):
@@ -221,9 +257,11 @@ def test_fused_linear_jsd_loss_matches_liger(case):
 
     ours, g_ours = _run_with_grads(call(compat.LigerFusedLinearJSDLoss(**kw)), *leaves)
     theirs, g_theirs = _run_with_grads(
-        call(liger_chunked.LigerFusedLinearJSDLoss(compiled=False, **kw)), *leaves)
-    for name, a, b in zip(("loss", "soft", "hard"), *((o if case["split"] else (o,))
-                                                      for o in (ours, theirs))):
+        call(liger_chunked.LigerFusedLinearJSDLoss(compiled=False, **kw)), *leaves
+    )
+    for name, a, b in zip(
+        ("loss", "soft", "hard"), *((o if case["split"] else (o,)) for o in (ours, theirs))
+    ):
         _close(a, b, name)
     for name, a, b in zip(("grad_input", "grad_weight", "grad_bias"), g_ours, g_theirs):
         _close(a, b, name)
@@ -236,10 +274,13 @@ def test_fused_linear_jsd_loss_refuses_a_smaller_teacher_vocabulary():
         compat.LigerFusedLinearJSDLoss()(xs, ws, xt, wt, _labels(ROWS, VOCAB - 4, 2))
 
 
-@pytest.mark.parametrize("build", [
-    lambda: compat.LigerFusedLinearJSD(temperature=0.0),
-    lambda: compat.LigerFusedLinearJSDLoss(temperature=-1.0),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: compat.LigerFusedLinearJSD(temperature=0.0),
+        lambda: compat.LigerFusedLinearJSDLoss(temperature=-1.0),
+    ],
+)
 def test_bad_temperature_is_refused_when_built(build):
     with pytest.raises(ValueError, match="temperature must be a number > 0"):
         build()
@@ -253,12 +294,26 @@ def test_kl_div_bad_input_names_the_argument():
 
 
 # The default run checks one case of each slow table above.
-@pytest.mark.parametrize("check,args", [
-    (test_jsd_matches_liger, (0.1, True, 6.0)),
-    (test_fused_linear_jsd_matches_liger, (0.3, 2.5, True)),
-    (test_fused_linear_jsd_loss_matches_liger,
-     (dict(weights=(0.3, 0.9), beta=0.5, temperature=2.0, vocab_t=VOCAB + 6, bias=True,
-           split=True),)),
-], ids=["jsd", "fused_linear_jsd", "fused_linear_jsd_loss"])
+@pytest.mark.parametrize(
+    "check,args",
+    [
+        (test_jsd_matches_liger, (0.1, True, 6.0)),
+        (test_fused_linear_jsd_matches_liger, (0.3, 2.5, True)),
+        (
+            test_fused_linear_jsd_loss_matches_liger,
+            (
+                dict(
+                    weights=(0.3, 0.9),
+                    beta=0.5,
+                    temperature=2.0,
+                    vocab_t=VOCAB + 6,
+                    bias=True,
+                    split=True,
+                ),
+            ),
+        ),
+    ],
+    ids=["jsd", "fused_linear_jsd", "fused_linear_jsd_loss"],
+)
 def test_one_case_of_each_table(check, args):
     check(*args)

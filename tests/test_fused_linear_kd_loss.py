@@ -12,8 +12,13 @@ import fastkd
 from fastkd.ops._chunked_lm_head import resolve_chunk_size
 from fastkd.reference import fused_linear_kd_loss_reference
 
-from helpers import (assert_within_torch_error, device_params, divergence_case_id,
-                     divergence_cases, extra_peak_kb)
+from helpers import (
+    assert_within_torch_error,
+    device_params,
+    divergence_case_id,
+    divergence_cases,
+    extra_peak_kb,
+)
 
 # Deliberately odd sizes: N is not a multiple of the chunk, H_t != H_s, V_t != V_s.
 N, H_S, V_S, H_T, V_T = 37, 24, 101, 20, 97
@@ -32,13 +37,30 @@ OPTIONS = [
     {"logit_scale": 0.6, "teacher_logit_scale": 1.4},
     {"reduction": "none"},
     {"num_items_in_batch": 50},
-    {"temperature": 1.7, "softcap": 3.0, "hard_weight": 0.5, "logit_scale": 1.3,
-     "reduction": "sum"},
+    {
+        "temperature": 1.7,
+        "softcap": 3.0,
+        "hard_weight": 0.5,
+        "logit_scale": 1.3,
+        "reduction": "sum",
+    },
 ]
 OPTION_IDS = ["-".join(f"{k}{v}" for k, v in o.items()) or "plain" for o in OPTIONS]
 
-def make_problem(lead=(N,), hs=H_S, vs=V_S, ht=H_T, vt=V_T, *, teacher="hidden", bias=True,
-                 ignore_every=5, seed=0, device="cpu"):
+
+def make_problem(
+    lead=(N,),
+    hs=H_S,
+    vs=V_S,
+    ht=H_T,
+    vt=V_T,
+    *,
+    teacher="hidden",
+    bias=True,
+    ignore_every=5,
+    seed=0,
+    device="cpu",
+):
     """Inputs with logits of spread ~4 (realistic LM heads) and every ignore_every-th label
     ignored. ``teacher``: "hidden" (hidden + weight + bias) or "logits" (dense)."""
     g = torch.Generator().manual_seed(seed)
@@ -49,8 +71,12 @@ def make_problem(lead=(N,), hs=H_S, vs=V_S, ht=H_T, vt=V_T, *, teacher="hidden",
     t_bias = torch.randn(vt, generator=g) * 0.5
     labels = torch.randint(0, min(vs, vt), lead, generator=g)
     labels.view(-1)[::ignore_every] = -100
-    p = {"student_hidden": hidden, "student_weight": weight,
-         "student_bias": torch.randn(vs, generator=g) * 0.5 if bias else None, "labels": labels}
+    p = {
+        "student_hidden": hidden,
+        "student_weight": weight,
+        "student_bias": torch.randn(vs, generator=g) * 0.5 if bias else None,
+        "labels": labels,
+    }
     if teacher == "hidden":
         p.update(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
     else:
@@ -84,12 +110,13 @@ def fused(**kw):
 
 def assert_matches_reference(problem, backend, *, chunk_size=CHUNK, grad_output=None, **kw):
     """Loss and gradients held to torch's own float32 error on the plain path."""
-    loss, grads = run(fused(backend=backend, chunk_size=chunk_size), problem,
-                      grad_output=grad_output, **kw)
-    exact, exact_grads = run(fused_linear_kd_loss_reference, problem, dtype=torch.float64,
-                             grad_output=grad_output, **kw)
-    plain, plain_grads = run(fused_linear_kd_loss_reference, problem, grad_output=grad_output,
-                             **kw)
+    loss, grads = run(
+        fused(backend=backend, chunk_size=chunk_size), problem, grad_output=grad_output, **kw
+    )
+    exact, exact_grads = run(
+        fused_linear_kd_loss_reference, problem, dtype=torch.float64, grad_output=grad_output, **kw
+    )
+    plain, plain_grads = run(fused_linear_kd_loss_reference, problem, grad_output=grad_output, **kw)
     assert loss.dtype == torch.float32 and loss.shape == exact.shape
     assert_within_torch_error("loss", loss, exact, plain)
     for name, g, e, p in zip(STUDENT, grads, exact_grads, plain_grads):
@@ -110,8 +137,9 @@ def test_matches_reference(device, divergence, dkw, options):
     go = None
     if options.get("reduction") == "none":  # a per-token incoming gradient, not all ones
         go = torch.rand(N, generator=torch.Generator().manual_seed(3)).to(device)
-    assert_matches_reference(problem, "auto", divergence=divergence, grad_output=go, **dkw,
-                             **options)
+    assert_matches_reference(
+        problem, "auto", divergence=divergence, grad_output=go, **dkw, **options
+    )
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -147,8 +175,13 @@ def test_leading_shape_and_extra_student_columns(device):
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("chunk_size", [1, 5, N, 4 * N])
 def test_chunk_sizes(device, chunk_size):
-    assert_matches_reference(make_problem(device=device), "auto", chunk_size=chunk_size,
-                             divergence="rkl", hard_weight=0.1)
+    assert_matches_reference(
+        make_problem(device=device),
+        "auto",
+        chunk_size=chunk_size,
+        divergence="rkl",
+        hard_weight=0.1,
+    )
 
 
 def test_memory_budget_sets_the_chunk():
@@ -180,8 +213,9 @@ def test_ignored_chunks(device):
     assert_matches_reference({**problem, "labels": labels}, "auto", hard_weight=0.4)
     labels[:] = -100
     for reduction in ("mean", "sum"):
-        loss, grads = run(fused(chunk_size=CHUNK), {**problem, "labels": labels},
-                          reduction=reduction)
+        loss, grads = run(
+            fused(chunk_size=CHUNK), {**problem, "labels": labels}, reduction=reduction
+        )
         assert loss.item() == 0.0
         assert all(torch.all(g == 0) for g in grads)
 
@@ -197,8 +231,10 @@ def test_low_precision_beats_plain_path(device, divergence, options, dtype):
     on the same rounded inputs) is at most the plain low-precision path's own error, plus the
     rounding of the result."""
     base = make_problem(lead=(64,), hs=64, vs=1000, ht=64, vt=1000, device=device)
-    problem = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-               for k, v in base.items()}
+    problem = {
+        k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in base.items()
+    }
     kw = dict(divergence=divergence, **options)
     loss, grads = run(fused(chunk_size=24), problem, **kw)
     exact, exact_grads = run(fused_linear_kd_loss_reference, problem, dtype=torch.float64, **kw)
@@ -207,8 +243,10 @@ def test_low_precision_beats_plain_path(device, divergence, options, dtype):
     # On CUDA grad_W and grad_b accumulate over the chunks in the weight's dtype: one rounding
     # per chunk instead of one in all.
     chunks = math.ceil(64 / 24) if device == "cuda" else 1
-    for name, v, e, p in [("loss", loss, exact, plain),
-                          *zip(STUDENT, grads, exact_grads, plain_grads)]:
+    for name, v, e, p in [
+        ("loss", loss, exact, plain),
+        *zip(STUDENT, grads, exact_grads, plain_grads),
+    ]:
         assert v.dtype == (torch.float32 if name == "loss" else dtype), name
         err = (v.double() - e).abs().max().item()
         plain_err = (p.double() - e).abs().max().item()
@@ -223,8 +261,9 @@ def test_low_precision_beats_plain_path(device, divergence, options, dtype):
 def test_empty_batch(reduction):
     hidden = torch.randn(0, 8, requires_grad=True)
     weight = torch.randn(11, 8, requires_grad=True)
-    loss = fastkd.fused_linear_kd_loss(hidden, weight, teacher_logits=torch.randn(0, 11),
-                                       reduction=reduction)
+    loss = fastkd.fused_linear_kd_loss(
+        hidden, weight, teacher_logits=torch.randn(0, 11), reduction=reduction
+    )
     assert loss.shape == ((0,) if reduction == "none" else ())
     loss.sum().backward()
     assert hidden.grad.shape == (0, 8) and torch.all(weight.grad == 0)
@@ -233,8 +272,12 @@ def test_empty_batch(reduction):
 def test_frozen_head_and_no_grad():
     problem = make_problem()
     loss, grads = run(fused(chunk_size=CHUNK), problem, frozen=("student_weight", "student_bias"))
-    ref, ref_grads = run(fused_linear_kd_loss_reference, problem, dtype=torch.float64,
-                         frozen=("student_weight", "student_bias"))
+    ref, ref_grads = run(
+        fused_linear_kd_loss_reference,
+        problem,
+        dtype=torch.float64,
+        frozen=("student_weight", "student_bias"),
+    )
     assert grads[1] is None and grads[2] is None
     torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=1e-4, atol=1e-6)
     with torch.no_grad():
@@ -265,8 +308,14 @@ def test_tied_embeddings_and_two_calls_in_one_graph():
         total = 0
         for micro in range(2):
             hidden = torch.tanh(mix(emb(tokens[micro])))
-            total = total + loss_fn(hidden, emb.weight, teacher_logits=teacher_logits[micro],
-                                    labels=tokens[micro], hard_weight=0.2, divergence="jsd")
+            total = total + loss_fn(
+                hidden,
+                emb.weight,
+                teacher_logits=teacher_logits[micro],
+                labels=tokens[micro],
+                hard_weight=0.2,
+                divergence="jsd",
+            )
         total.backward()
         return total.detach(), emb.weight.grad, mix.weight.grad
 
@@ -284,10 +333,13 @@ def test_autocast_bf16():
         loss, grads = run(fused(chunk_size=16), problem, divergence="fkl")
         plain, _ = run(fused_linear_kd_loss_reference, problem, divergence="fkl")
     assert all(g.dtype == torch.float32 for g in grads)
-    rounded = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point()
-               else v for k, v in problem.items()}
-    exact, exact_grads = run(fused_linear_kd_loss_reference, rounded, dtype=torch.float64,
-                             divergence="fkl")
+    rounded = {
+        k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in problem.items()
+    }
+    exact, exact_grads = run(
+        fused_linear_kd_loss_reference, rounded, dtype=torch.float64, divergence="fkl"
+    )
     assert abs(loss.item() - exact.item()) < 0.25 * abs(plain.item() - exact.item())
     for g, e in zip(grads, exact_grads):
         torch.testing.assert_close(g.double(), e, rtol=2e-2, atol=2e-2 * e.abs().max().item())
@@ -295,8 +347,9 @@ def test_autocast_bf16():
 
 def test_second_backward_raises():
     problem = make_problem()
-    args = {k: v.clone().requires_grad_() if k == "student_hidden" else v
-            for k, v in problem.items()}
+    args = {
+        k: v.clone().requires_grad_() if k == "student_hidden" else v for k, v in problem.items()
+    }
     loss = fastkd.fused_linear_kd_loss(**args, chunk_size=CHUNK)
     (2 * loss).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -304,8 +357,10 @@ def test_second_backward_raises():
 
 
 def test_float64_runs_the_plain_path():
-    problem = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-               for k, v in make_problem().items()}
+    problem = {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in make_problem().items()
+    }
     loss, _ = run(fused(), problem)
     ref, _ = run(fused_linear_kd_loss_reference, problem)
     assert loss.dtype == torch.float64
@@ -314,13 +369,17 @@ def test_float64_runs_the_plain_path():
 
 def test_module_wrapper():
     problem = make_problem()
-    module = fastkd.FusedLinearKDLoss(divergence="jsd", beta=0.3, chunk_size=CHUNK,
-                                      hard_weight=0.2)
+    module = fastkd.FusedLinearKDLoss(divergence="jsd", beta=0.3, chunk_size=CHUNK, hard_weight=0.2)
     assert "jsd" in repr(module)
-    loss = module(problem["student_hidden"], problem["student_weight"],
-                  problem["teacher_hidden"], problem["teacher_weight"],
-                  student_bias=problem["student_bias"], teacher_bias=problem["teacher_bias"],
-                  labels=problem["labels"])
+    loss = module(
+        problem["student_hidden"],
+        problem["student_weight"],
+        problem["teacher_hidden"],
+        problem["teacher_weight"],
+        student_bias=problem["student_bias"],
+        teacher_bias=problem["teacher_bias"],
+        labels=problem["labels"],
+    )
     ref = fused_linear_kd_loss_reference(**problem, divergence="jsd", beta=0.3, hard_weight=0.2)
     torch.testing.assert_close(loss, ref)
     with pytest.raises(ValueError, match="temperature"):
@@ -341,8 +400,12 @@ def _bad_inputs():
         ("teacher-missing", dict(teacher_hidden=None), ValueError, r"teacher is missing"),
         ("teacher-both", dict(teacher_logits=torch.zeros(N, V_T)), ValueError, r"not both"),
         ("labels-range", dict(labels=torch.full((N,), V_T)), ValueError, r"\[0, 97\).*\[97\]"),
-        ("labels-shape", dict(labels=torch.zeros(N + 1, dtype=torch.long)), ValueError,
-         r"leading shape \(37,\)"),
+        (
+            "labels-shape",
+            dict(labels=torch.zeros(N + 1, dtype=torch.long)),
+            ValueError,
+            r"leading shape \(37,\)",
+        ),
         ("chunk", dict(chunk_size=0), ValueError, r"chunk_size"),
         ("budget", dict(memory_budget=-5), ValueError, r"memory_budget"),
         ("scale", dict(logit_scale=0.0), ValueError, r"logit_scale"),
@@ -355,13 +418,18 @@ def _bad_inputs():
     dense = {k: v for k, v in p.items() if not k.startswith("teacher")}
     dense["teacher_logits"] = torch.zeros(N, V_T)
     cases += [
-        ("dense-lead", dict(teacher_logits=torch.zeros(N - 1, V_T)), ValueError,
-         r"leading shape \(37,\) of student_hidden; got \(36, 97\)"),
+        (
+            "dense-lead",
+            dict(teacher_logits=torch.zeros(N - 1, V_T)),
+            ValueError,
+            r"leading shape \(37,\) of student_hidden; got \(36, 97\)",
+        ),
         ("dense-scale", dict(teacher_logit_scale=2.0), ValueError, r"teacher_logit_scale"),
     ]
-    return [(name, {**(dense if name.startswith("dense") else p), **over}, exc, msg)
-            for name, over, exc, msg in cases] + [
-        ("teacher-weight-width", {**p, "teacher_weight": tw[:, :-1]}, ValueError, r"agree on H")]
+    return [
+        (name, {**(dense if name.startswith("dense") else p), **over}, exc, msg)
+        for name, over, exc, msg in cases
+    ] + [("teacher-weight-width", {**p, "teacher_weight": tw[:, :-1]}, ValueError, r"agree on H")]
 
 
 @pytest.mark.parametrize("name,kwargs,exc,match", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
@@ -404,16 +472,30 @@ def test_torch_compile(reduction):
 
     def step(hidden, weight, bias, t_hidden, t_weight, labels):
         h = torch.tanh(hidden)
-        loss = fastkd.fused_linear_kd_loss(h, weight, t_hidden, t_weight, student_bias=bias,
-                                           labels=labels, hard_weight=0.1, chunk_size=CHUNK,
-                                           reduction=reduction)
+        loss = fastkd.fused_linear_kd_loss(
+            h,
+            weight,
+            t_hidden,
+            t_weight,
+            student_bias=bias,
+            labels=labels,
+            hard_weight=0.1,
+            chunk_size=CHUNK,
+            reduction=reduction,
+        )
         return loss.sum() if reduction == "none" else loss
 
     def grads(fn):
         hidden = problem["student_hidden"].clone().requires_grad_()
         weight = problem["student_weight"].clone().requires_grad_()
-        loss = fn(hidden, weight, problem["student_bias"], problem["teacher_hidden"],
-                  problem["teacher_weight"], problem["labels"])
+        loss = fn(
+            hidden,
+            weight,
+            problem["student_bias"],
+            problem["teacher_hidden"],
+            problem["teacher_weight"],
+            problem["labels"],
+        )
         loss.backward()
         return loss.detach(), hidden.grad, weight.grad
 
@@ -430,9 +512,36 @@ def test_opcheck(reduce):
     hidden = p["student_hidden"].requires_grad_()
     weight = p["student_weight"].requires_grad_()
     bias = p["student_bias"].requires_grad_()
-    args = (hidden, weight, bias, p["teacher_hidden"], p["teacher_weight"], p["teacher_bias"],
-            None, p["labels"], None, 2, 1.3, 0.0, 0.9, 0.1, -100, math.log(0.5), math.log(0.5),
-            0.5, 1.0, 1.0, 1.0, 4, False, reduce, "cpu", reduce, reduce, reduce)
+    args = (
+        hidden,
+        weight,
+        bias,
+        p["teacher_hidden"],
+        p["teacher_weight"],
+        p["teacher_bias"],
+        None,
+        p["labels"],
+        None,
+        2,
+        1.3,
+        0.0,
+        0.9,
+        0.1,
+        -100,
+        math.log(0.5),
+        math.log(0.5),
+        0.5,
+        1.0,
+        1.0,
+        1.0,
+        4,
+        False,
+        reduce,
+        "cpu",
+        reduce,
+        reduce,
+        reduce,
+    )
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_loss_fused.default, args)
 
 

@@ -25,14 +25,16 @@ def make_problem(lead=(N,), *, vocab=V, seed=0, neg_inf=False, device="cpu", bac
     if backend is not None and interpreted(OP, backend, device) and lead == (N,):
         lead = (9,)
     g = torch.Generator().manual_seed(seed)
-    head = {"hidden": torch.randn(*lead, H, generator=g),
-            "weight": torch.randn(vocab, H, generator=g) * (4 / math.sqrt(H)),
-            "bias": torch.randn(vocab, generator=g) * 0.5}
+    head = {
+        "hidden": torch.randn(*lead, H, generator=g),
+        "weight": torch.randn(vocab, H, generator=g) * (4 / math.sqrt(H)),
+        "bias": torch.randn(vocab, generator=g) * 0.5,
+    }
     targets = torch.randint(0, vocab, lead, generator=g)
     targets.view(-1)[::7] = -100
     if neg_inf:
         head["bias"][::5] = -math.inf  # columns no token can take
-        targets.view(-1)[1::6] = 0     # log-prob -inf there
+        targets.view(-1)[1::6] = 0  # log-prob -inf there
     grads = torch.randn(3, *lead, generator=g)
     return ({k: v.to(device) for k, v in head.items()}, targets.to(device), grads.to(device))
 
@@ -42,25 +44,39 @@ def run(fn, head, targets, grads, *, dtype=None, with_entropy=True, **kw):
     sum(g_lp logprob + g_lse lse + g_H H)."""
     args = {k: v.detach().to(dtype or v.dtype).requires_grad_() for k, v in head.items()}
     if fn is fused_linear_logprobs_reference:
-        outs = fn(args["hidden"], args["weight"], targets, args["bias"],
-                  with_entropy=with_entropy, **kw)
+        outs = fn(
+            args["hidden"], args["weight"], targets, args["bias"], with_entropy=with_entropy, **kw
+        )
     else:
-        outs = fn(args["hidden"], args["weight"], targets, bias=args["bias"],
-                  with_entropy=with_entropy, **kw)
+        outs = fn(
+            args["hidden"],
+            args["weight"],
+            targets,
+            bias=args["bias"],
+            with_entropy=with_entropy,
+            **kw,
+        )
     total = sum((g.to(o) * o).sum() for g, o in zip(grads, outs) if o is not None)
     total.backward()
     return [None if o is None else o.detach() for o in outs], [args[k].grad for k in HEAD]
 
 
 def assert_matches(head, targets, grads, backend, *, dtype=torch.float32, **kw):
-    outs, g = run(fastkd.fused_linear_logprobs, head, targets, grads, dtype=dtype,
-                  backend=backend, **kw)
+    outs, g = run(
+        fastkd.fused_linear_logprobs, head, targets, grads, dtype=dtype, backend=backend, **kw
+    )
     ref_kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "memory_budget")}
-    exact, exact_g = run(fused_linear_logprobs_reference, {k: v.to(dtype) for k, v in
-                                                           head.items()},
-                         targets, grads, dtype=torch.float64, **ref_kw)
-    plain, plain_g = run(fused_linear_logprobs_reference, head, targets, grads, dtype=dtype,
-                         **ref_kw)
+    exact, exact_g = run(
+        fused_linear_logprobs_reference,
+        {k: v.to(dtype) for k, v in head.items()},
+        targets,
+        grads,
+        dtype=torch.float64,
+        **ref_kw,
+    )
+    plain, plain_g = run(
+        fused_linear_logprobs_reference, head, targets, grads, dtype=dtype, **ref_kw
+    )
     for name, o, e, p in zip(OUTPUTS, outs, exact, plain):
         if e is None:
             assert o is None
@@ -83,8 +99,9 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("device,backend", op_backend_params(OP))
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in
-                                                                    o.items()) or "plain")
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain"
+)
 def test_matches_reference(device, backend, options):
     head, targets, grads = make_problem(device=device, backend=backend)
     assert_matches(head, targets, grads, backend, **{"chunk_size": 8, **options})
@@ -100,8 +117,7 @@ def test_low_precision_within_torch_error(device, backend, dtype):
 @pytest.mark.parametrize("device,backend", op_backend_params(OP))
 def test_neg_inf_logits(device, backend):
     head, targets, grads = make_problem(device=device, neg_inf=True, seed=2, backend=backend)
-    outs, _ = run(fastkd.fused_linear_logprobs, head, targets, grads, backend=backend,
-                  chunk_size=8)
+    outs, _ = run(fastkd.fused_linear_logprobs, head, targets, grads, backend=backend, chunk_size=8)
     hit = ((targets >= 0) & (targets % 5 == 0)).cpu()
     assert torch.isneginf(outs[0].cpu()[hit]).all()
     assert torch.isfinite(outs[0].cpu()[~hit]).all()
@@ -151,23 +167,24 @@ def test_odd_vocabularies_and_budget(device, backend, vocab):
 
 def test_float64_on_torch_backend():
     head, targets, grads = make_problem(seed=6)
-    outs, g = run(fastkd.fused_linear_logprobs, head, targets, grads, dtype=torch.float64,
-                  backend="torch")
-    exact, exact_g = run(fused_linear_logprobs_reference, head, targets, grads,
-                         dtype=torch.float64)
+    outs, g = run(
+        fastkd.fused_linear_logprobs, head, targets, grads, dtype=torch.float64, backend="torch"
+    )
+    exact, exact_g = run(fused_linear_logprobs_reference, head, targets, grads, dtype=torch.float64)
     for a, b in zip(outs + g, exact + exact_g):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("device,backend", op_backend_params(OP, small_ok=False,
-                                                             reference=False))
+@pytest.mark.parametrize("device,backend", op_backend_params(OP, small_ok=False, reference=False))
 def test_matches_torch_backend_without_bias(device, backend):
     head, targets, _ = make_problem(device=device, seed=7)
-    a = fastkd.fused_linear_logprobs(head["hidden"], head["weight"], targets, backend=backend,
-                                     with_entropy=True)
-    b = fastkd.fused_linear_logprobs(head["hidden"], head["weight"], targets, backend="torch",
-                                     with_entropy=True)
+    a = fastkd.fused_linear_logprobs(
+        head["hidden"], head["weight"], targets, backend=backend, with_entropy=True
+    )
+    b = fastkd.fused_linear_logprobs(
+        head["hidden"], head["weight"], targets, backend="torch", with_entropy=True
+    )
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5)
 
@@ -203,21 +220,26 @@ BAD_INPUTS = [
     ({"backend": "nope"}, ValueError, "unknown backend"),
     ({"weight": torch.zeros(V, H + 1)}, ValueError, "must agree on H"),
     ({"bias": torch.zeros(V + 1)}, ValueError, "bias must have shape"),
-    ({"hidden": torch.zeros(N, H, dtype=torch.float64), "backend": "cpu",
-      "weight": torch.zeros(V, H, dtype=torch.float64)}, ValueError, "use backend='torch'"),
+    (
+        {
+            "hidden": torch.zeros(N, H, dtype=torch.float64),
+            "backend": "cpu",
+            "weight": torch.zeros(V, H, dtype=torch.float64),
+        },
+        ValueError,
+        "use backend='torch'",
+    ),
 ]
 
 
-@pytest.mark.parametrize("override,error,match", BAD_INPUTS,
-                         ids=[m for _, _, m in BAD_INPUTS])
+@pytest.mark.parametrize("override,error,match", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
 def test_bad_inputs_raise(override, error, match):
     head, targets, _ = make_problem()
     kw = {"hidden": head["hidden"], "weight": head["weight"], "targets": targets, **override}
     if kw.get("backend") == "cpu" and "cpu" not in fastkd.available_backends(OP, "cpu"):
         pytest.skip("no CPU kernel in this build")
     with pytest.raises(error, match=match):
-        fastkd.fused_linear_logprobs(kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"),
-                                     **kw)
+        fastkd.fused_linear_logprobs(kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"), **kw)
 
 
 @pytest.mark.gpu

@@ -39,8 +39,11 @@ def plain(hidden, weight, bias, targets, logit_scale=1.0, **kw):
 
 def run(fn, student, targets, *, dtype=None, grad_output=None, **kw):
     args = {k: v.detach().to(dtype or v.dtype).requires_grad_() for k, v in student.items()}
-    loss = fn(args["hidden"], args["weight"], student_bias=args["bias"], targets=targets, **kw) \
-        if fn is not plain else plain(args["hidden"], args["weight"], args["bias"], targets, **kw)
+    loss = (
+        fn(args["hidden"], args["weight"], student_bias=args["bias"], targets=targets, **kw)
+        if fn is not plain
+        else plain(args["hidden"], args["weight"], args["bias"], targets, **kw)
+    )
     loss.backward(torch.ones_like(loss) if grad_output is None else grad_output.to(loss))
     return loss.detach(), [args[k].grad for k in STUDENT]
 
@@ -56,15 +59,16 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("method", ["random", "bucket"])
-@pytest.mark.parametrize("options", OPTIONS,
-                         ids=["-".join(f"{k}{v}" for k, v in o.items()) or "plain"
-                              for o in OPTIONS])
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=["-".join(f"{k}{v}" for k, v in o.items()) or "plain" for o in OPTIONS]
+)
 def test_matches_plain_path(method, options):
     student, targets, labels = make_problem(method=method)
     kw = dict(options, labels=labels)
     go = torch.rand(N) if options.get("reduction") == "none" else None
-    loss, grads = run(fastkd.fused_linear_sparse_kd_loss, student, targets, grad_output=go,
-                      chunk_size=8, **kw)
+    loss, grads = run(
+        fastkd.fused_linear_sparse_kd_loss, student, targets, grad_output=go, chunk_size=8, **kw
+    )
     exact, exact_grads = run(plain, student, targets, dtype=torch.float64, grad_output=go, **kw)
     fp32, fp32_grads = run(plain, student, targets, grad_output=go, **kw)
     assert_within_torch_error("loss", loss, exact, fp32)
@@ -77,8 +81,7 @@ def test_leading_shape_chunks_and_budget():
     student, targets, labels = make_problem(lead=(3, 11))
     reference, ref_grads = run(plain, student, targets, dtype=torch.float64, labels=labels)
     for kw in ({"chunk_size": 1}, {"chunk_size": 100}, {"memory_budget": 4 * V * 5}):
-        loss, grads = run(fastkd.fused_linear_sparse_kd_loss, student, targets, labels=labels,
-                          **kw)
+        loss, grads = run(fastkd.fused_linear_sparse_kd_loss, student, targets, labels=labels, **kw)
         torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)
         for g, e in zip(grads, ref_grads):
             torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-6)
@@ -103,10 +106,18 @@ def test_triton_row_kernel():
     if "triton" not in fastkd.available_backends("sparse_kd_loss", "cpu"):
         pytest.skip("triton cannot run here")
     student, targets, labels = make_problem(lead=(5,))
-    loss, grads = run(fastkd.fused_linear_sparse_kd_loss, student, targets, chunk_size=2,
-                      backend="triton", labels=labels, hard_weight=0.2)
-    ref, ref_grads = run(plain, student, targets, dtype=torch.float64, labels=labels,
-                         hard_weight=0.2)
+    loss, grads = run(
+        fastkd.fused_linear_sparse_kd_loss,
+        student,
+        targets,
+        chunk_size=2,
+        backend="triton",
+        labels=labels,
+        hard_weight=0.2,
+    )
+    ref, ref_grads = run(
+        plain, student, targets, dtype=torch.float64, labels=labels, hard_weight=0.2
+    )
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     for g, e in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-6)
@@ -121,5 +132,6 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match=r"target ids must lie in \[0, 50\)"):
         fastkd.fused_linear_sparse_kd_loss(student["hidden"], student["weight"][:50], targets)
     with pytest.raises(ValueError, match="chunk_size"):
-        fastkd.fused_linear_sparse_kd_loss(student["hidden"], student["weight"], targets,
-                                           chunk_size=0)
+        fastkd.fused_linear_sparse_kd_loss(
+            student["hidden"], student["weight"], targets, chunk_size=0
+        )

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd.reference.fused_linear_logprobs import (fused_linear_topk_reference,
-                                                    topk_tail_reference)
+from fastkd.reference.fused_linear_logprobs import fused_linear_topk_reference, topk_tail_reference
 
 from helpers import assert_within_torch_error, op_backend_params
 
@@ -21,23 +20,29 @@ N, H, V = 31, 16, 57
 
 def make_head(lead=(N,), *, vocab=V, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*lead, H, generator=g).to(dtype),
-            (torch.randn(vocab, H, generator=g) * (6 / math.sqrt(H))).to(dtype),
-            (torch.randn(vocab, generator=g) * 0.5).to(dtype))
+    return (
+        torch.randn(*lead, H, generator=g).to(dtype),
+        (torch.randn(vocab, H, generator=g) * (6 / math.sqrt(H))).to(dtype),
+        (torch.randn(vocab, generator=g) * 0.5).to(dtype),
+    )
 
 
 def assert_matches(hidden, weight, bias, backend, *, k, **kw):
-    targets, log_tail, lse = fastkd.fused_linear_topk(hidden, weight, bias=bias, k=k,
-                                                       return_stats=True, backend=backend, **kw)
+    targets, log_tail, lse = fastkd.fused_linear_topk(
+        hidden, weight, bias=bias, k=k, return_stats=True, backend=backend, **kw
+    )
     ref_kw = {key: v for key, v in kw.items() if key not in ("chunk_size", "memory_budget")}
     ids, logprobs, exact_tail, exact_lse = fused_linear_topk_reference(
-        hidden.double(), weight.double(), bias.double(), k=k, **ref_kw)
-    _, plain_lp, plain_tail, plain_lse = fused_linear_topk_reference(hidden, weight, bias, k=k,
-                                                                     **ref_kw)
+        hidden.double(), weight.double(), bias.double(), k=k, **ref_kw
+    )
+    _, plain_lp, plain_tail, plain_lse = fused_linear_topk_reference(
+        hidden, weight, bias, k=k, **ref_kw
+    )
     lead = hidden.shape[:-1]
     assert targets.ids.shape == (*lead, k) and targets.ids.dtype == torch.int32
-    assert targets.method == "topk" and targets.tail == "bucket" and targets.vocab_size == len(
-        weight)
+    assert (
+        targets.method == "topk" and targets.tail == "bucket" and targets.vocab_size == len(weight)
+    )
     # The exact log-probs at the ids returned are the exact top k in order (robust to the
     # order of near-ties), and the ids are distinct.
     a = F.linear(hidden.double(), weight.double(), bias.double()) * kw.get("logit_scale", 1.0)
@@ -56,9 +61,11 @@ def assert_matches(hidden, weight, bias, backend, *, k, **kw):
 
 @pytest.mark.parametrize("device,backend", op_backend_params(OP))
 @pytest.mark.parametrize("k", [1, 5, V - 1, V])
-@pytest.mark.parametrize("options", [{}, {"temperature": 0.25, "chunk_size": 4},
-                                     {"temperature": 10.0, "logit_scale": 0.5}],
-                         ids=["plain", "cold", "hot-scaled"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"temperature": 0.25, "chunk_size": 4}, {"temperature": 10.0, "logit_scale": 0.5}],
+    ids=["plain", "cold", "hot-scaled"],
+)
 def test_matches_reference(device, backend, k, options):
     assert_matches(*make_head(), backend, k=k, **{"chunk_size": 7, **options})
 
@@ -105,8 +112,9 @@ def test_tail_exact_where_kept_mass_is_near_one(device, backend, log_tail):
     k = 4
     z = _dominant_logits(log_tail, V, k)
     eye = torch.eye(V)
-    targets, got, _ = fastkd.fused_linear_topk(z.float().to(device), eye.to(device), k=k,
-                                                return_stats=True, backend=backend)
+    targets, got, _ = fastkd.fused_linear_topk(
+        z.float().to(device), eye.to(device), k=k, return_stats=True, backend=backend
+    )
     exact = math.log(V - k) - torch.logsumexp(z[0], 0).item()  # from the float64 logits
     assert abs(got.item() - exact) < 1e-5 * max(1.0, abs(exact))  # relative error of the mass
     assert abs(targets.tail_mass.item() / math.exp(exact) - 1) < 1e-5
@@ -121,8 +129,9 @@ def test_tail_exact_where_kept_mass_is_near_one(device, backend, log_tail):
 def test_neg_inf_logits_pad_and_empty_tail(device, backend):
     hidden, weight, bias = make_head(seed=3)
     bias[3:] = -math.inf  # three columns with mass
-    targets, log_tail, _ = fastkd.fused_linear_topk(hidden, weight, bias=bias, k=5,
-                                                     return_stats=True, backend=backend)
+    targets, log_tail, _ = fastkd.fused_linear_topk(
+        hidden, weight, bias=bias, k=5, return_stats=True, backend=backend
+    )
     assert (targets.ids[:, 3:] == -1).all() and (targets.weights[:, 3:] == 0).all()
     assert (targets.ids[:, :3] >= 0).all() and (targets.ids[:, :3] < 3).all()
     assert torch.isneginf(log_tail).all() and (targets.tail_mass == 0).all()
@@ -131,11 +140,17 @@ def test_neg_inf_logits_pad_and_empty_tail(device, backend):
 
 def test_matches_reference_on_whole_logits_float64():
     hidden, weight, bias = make_head(seed=4)
-    targets, log_tail, lse = fastkd.fused_linear_topk(hidden.double(), weight.double(),
-                                                       bias=bias.double(), k=6,
-                                                       return_stats=True, backend="torch")
+    targets, log_tail, lse = fastkd.fused_linear_topk(
+        hidden.double(),
+        weight.double(),
+        bias=bias.double(),
+        k=6,
+        return_stats=True,
+        backend="torch",
+    )
     ids, logprobs, tail, exact_lse = topk_tail_reference(
-        F.linear(hidden.double(), weight.double(), bias.double()), 6)
+        F.linear(hidden.double(), weight.double(), bias.double()), 6
+    )
     assert torch.equal(targets.ids.long(), ids)
     torch.testing.assert_close(log_tail.double(), tail)
     torch.testing.assert_close(lse.double(), exact_lse)
@@ -165,8 +180,9 @@ def test_topk_forward_kl_with_exact_tail_bucket(device, backend):
 def test_targets_round_trip_through_teacher_cache(tmp_path):
     hidden, weight, bias = make_head(seed=7)
     targets = fastkd.fused_linear_topk(hidden, weight, bias=bias, k=4)
-    with fastkd.TeacherCache.create(tmp_path / "cache", vocab_size=V, num_samples=4,
-                                    method="topk", tail="bucket") as cache:
+    with fastkd.TeacherCache.create(
+        tmp_path / "cache", vocab_size=V, num_samples=4, method="topk", tail="bucket"
+    ) as cache:
         cache.append(targets)
     back = fastkd.TeacherCache.open(tmp_path / "cache")[0]
     assert torch.equal(back.ids, targets.ids)
@@ -174,12 +190,14 @@ def test_targets_round_trip_through_teacher_cache(tmp_path):
     torch.testing.assert_close(back.tail_mass, targets.tail_mass)
 
 
-BAD = [({"k": 0}, ValueError, r"k must be an int in \[1, V\]"),
-       ({"k": V + 1}, ValueError, r"k must be an int in \[1, V\]"),
-       ({"k": True}, ValueError, "k must be an int"),
-       ({"temperature": -1.0}, ValueError, "temperature"),
-       ({"memory_budget": 0}, ValueError, "memory_budget"),
-       ({"backend": "cuda"}, RuntimeError, "cannot run here")]
+BAD = [
+    ({"k": 0}, ValueError, r"k must be an int in \[1, V\]"),
+    ({"k": V + 1}, ValueError, r"k must be an int in \[1, V\]"),
+    ({"k": True}, ValueError, "k must be an int"),
+    ({"temperature": -1.0}, ValueError, "temperature"),
+    ({"memory_budget": 0}, ValueError, "memory_budget"),
+    ({"backend": "cuda"}, RuntimeError, "cannot run here"),
+]
 
 
 @pytest.mark.parametrize("override,error,match", BAD, ids=[m for _, _, m in BAD])

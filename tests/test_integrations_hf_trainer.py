@@ -23,11 +23,22 @@ def _llama(hidden, seed):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=None, eos_token_id=None,
-        initializer_range=0.2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=None,
+            initializer_range=0.2,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +57,12 @@ def _batch(rows=4, seed=0):
     mask = torch.ones_like(ids)
     mask[0, -2:] = 0
     labels[0, -2:] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "sequence_index": torch.arange(rows)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "sequence_index": torch.arange(rows),
+    }
 
 
 def _half(batch, rows):
@@ -58,8 +73,11 @@ def _counted(batch):
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-OPTIONS = [dict(divergence="fkl"), dict(divergence="jsd", beta=0.3, temperature=2.0),
-           dict(divergence="rkl", hard_weight=0.2, t2_scale=True, temperature=1.5)]
+OPTIONS = [
+    dict(divergence="fkl"),
+    dict(divergence="jsd", beta=0.3, temperature=2.0),
+    dict(divergence="rkl", hard_weight=0.2, t2_scale=True, temperature=1.5),
+]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: o["divergence"])
@@ -72,8 +90,9 @@ def test_online_loss_equals_the_plain_loss_on_the_models_logits(models, options)
     exact_student = _llama(32, 0).double()
     zs = exact_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     with torch.no_grad():
-        zt = teacher.double()(input_ids=batch["input_ids"],
-                              attention_mask=batch["attention_mask"]).logits
+        zt = teacher.double()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
     teacher.float()
     exact = kd_loss_reference(zs[:, :-1], zt[:, :-1], labels=batch["labels"][:, 1:], **options)
     exact_grads = torch.autograd.grad(exact, list(exact_student.parameters()))
@@ -94,12 +113,16 @@ def _cache(tmp_path, teacher, batch):
 
 
 @pytest.mark.parametrize("teacher_kind", ["online", "cache"])
-def test_two_micro_batches_with_num_items_give_the_big_batch_s_gradients(models, tmp_path,
-                                                                        teacher_kind):
+def test_two_micro_batches_with_num_items_give_the_big_batch_s_gradients(
+    models, tmp_path, teacher_kind
+):
     student, teacher = models
     batch = _batch()
-    source = (dict(teacher=teacher) if teacher_kind == "online"
-              else dict(teacher_cache=_cache(tmp_path, teacher, batch)[0]))
+    source = (
+        dict(teacher=teacher)
+        if teacher_kind == "online"
+        else dict(teacher_cache=_cache(tmp_path, teacher, batch)[0])
+    )
     params = list(student.parameters())
     options = dict(hard_weight=0.1) if teacher_kind == "cache" else dict(divergence="jsd")
     big = distillation_loss(student, batch, **source, **options)
@@ -109,8 +132,9 @@ def test_two_micro_batches_with_num_items_give_the_big_batch_s_gradients(models,
     assert _counted(halves[0]) != _counted(halves[1])
     total, summed = 0.0, [torch.zeros_like(p) for p in params]
     for half in halves:
-        loss = distillation_loss(student, half, num_items_in_batch=torch.tensor(n), **source,
-                                 **options)
+        loss = distillation_loss(
+            student, half, num_items_in_batch=torch.tensor(n), **source, **options
+        )
         total += loss
         for s, g in zip(summed, torch.autograd.grad(loss, params)):
             s += g
@@ -124,10 +148,15 @@ def test_cache_loss_is_the_sparse_loss_of_the_cached_targets(models, tmp_path):
     batch = _batch()
     cache, targets = _cache(tmp_path, teacher, batch)
     loss = distillation_loss(student, batch, teacher_cache=cache, hard_weight=0.3)
-    hidden = student.model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).last_hidden_state
-    expected = fastkd.sparse_kd_loss(student.lm_head(hidden)[:, :-1], targets[:, :-1],
-                                     labels=batch["labels"][:, 1:], hard_weight=0.3)
+    hidden = student.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    expected = fastkd.sparse_kd_loss(
+        student.lm_head(hidden)[:, :-1],
+        targets[:, :-1],
+        labels=batch["labels"][:, 1:],
+        hard_weight=0.3,
+    )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -139,7 +168,8 @@ def test_unshifted_labels_compare_every_position(models):
     shifted["labels"][:, -1] = -100
     torch.testing.assert_close(
         distillation_loss(student, shifted, teacher=teacher, shift_labels=False),
-        distillation_loss(student, batch, teacher=teacher))
+        distillation_loss(student, batch, teacher=teacher),
+    )
 
 
 def test_bad_use_says_what_is_needed(models, tmp_path):
@@ -149,8 +179,9 @@ def test_bad_use_says_what_is_needed(models, tmp_path):
         distillation_loss(student, batch)
     cache, _ = _cache(tmp_path, teacher, batch)
     with pytest.raises(ValueError, match="sequence_index"):
-        distillation_loss(student, {k: v for k, v in batch.items() if k != "sequence_index"},
-                          teacher_cache=cache)
+        distillation_loss(
+            student, {k: v for k, v in batch.items() if k != "sequence_index"}, teacher_cache=cache
+        )
 
 
 def test_missing_host_library_names_the_extra(monkeypatch):
@@ -183,17 +214,32 @@ def test_trainer_with_accumulation_steps_like_one_big_batch(models, tmp_path):
 
     def train(micro, accumulate):
         model = _llama(32, 0)
-        args = TrainingArguments(output_dir=str(tmp_path / f"{micro}"), max_steps=1,
-                                 per_device_train_batch_size=micro,
-                                 gradient_accumulation_steps=accumulate, learning_rate=1.0,
-                                 optim="sgd", lr_scheduler_type="constant", report_to="none",
-                                 save_strategy="no", use_cpu=True, seed=0,
-                                 remove_unused_columns=False, max_grad_norm=0.0,
-                                 per_device_eval_batch_size=4)
-        trainer = DistillationTrainer(model=model, args=args, teacher_model=teacher,
-                                      train_dataset=datasets.Dataset.from_list(rows),
-                                      eval_dataset=datasets.Dataset.from_list(rows),
-                                      data_collator=collate, divergence="jsd", beta=0.5)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{micro}"),
+            max_steps=1,
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=accumulate,
+            learning_rate=1.0,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            remove_unused_columns=False,
+            max_grad_norm=0.0,
+            per_device_eval_batch_size=4,
+        )
+        trainer = DistillationTrainer(
+            model=model,
+            args=args,
+            teacher_model=teacher,
+            train_dataset=datasets.Dataset.from_list(rows),
+            eval_dataset=datasets.Dataset.from_list(rows),
+            data_collator=collate,
+            divergence="jsd",
+            beta=0.5,
+        )
         trainer.train()
         evaluated = trainer.evaluate()["eval_loss"]
         with torch.no_grad():
@@ -203,8 +249,9 @@ def test_trainer_with_accumulation_steps_like_one_big_batch(models, tmp_path):
 
     accumulated, big = train(2, 2), train(4, 1)
     start = _llama(32, 0)
-    for (name, a), b, s in zip(accumulated.named_parameters(), big.parameters(),
-                               start.parameters()):
+    for (name, a), b, s in zip(
+        accumulated.named_parameters(), big.parameters(), start.parameters()
+    ):
         assert not torch.equal(b, s), name  # the step moved it
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 

@@ -20,11 +20,22 @@ def _llama(vocab, hidden, seed, init=0.2):
     torch.manual_seed(seed)
     # initializer_range 0.2 (10x the default) spreads the logits, so that the losses are not
     # ~1e-3 nats of near-uniform distributions where fp32 cancellation dominates TRL's value.
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-        initializer_range=init))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=None,
+            initializer_range=init,
+        )
+    )
 
 
 def _dataset():
@@ -39,13 +50,16 @@ def _dataset():
         labels[:5] = -100
         if i % 3 == 0:
             mask[-3:], labels[-3:] = 0, -100
-        rows.append({"input_ids": ids.tolist(), "attention_mask": mask.tolist(),
-                     "labels": labels.tolist()})
+        rows.append(
+            {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+        )
     return datasets.Dataset.from_list(rows)
 
 
 def _collate(batch):
-    return {k: torch.tensor([r[k] for r in batch]) for k in ("input_ids", "attention_mask", "labels")}
+    return {
+        k: torch.tensor([r[k] for r in batch]) for k in ("input_ids", "attention_mask", "labels")
+    }
 
 
 def _tokenizer():
@@ -53,8 +67,11 @@ def _tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(VOCAB)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t2")),
-                                   pad_token="t0", eos_token="t1")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t2")),
+        pad_token="t0",
+        eos_token="t1",
+    )
 
 
 def _train(kind, student, teacher, tmp_path, beta):
@@ -67,14 +84,33 @@ def _train(kind, student, teacher, tmp_path, beta):
 
     # SGD: its update is lr x gradient, so parameters differ as the gradients do (AdamW's
     # g / sqrt(v) turns fp32 noise in near-zero gradients into steps of size lr).
-    args = GKDConfig(output_dir=str(tmp_path / kind), max_steps=3, per_device_train_batch_size=4,
-                     learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", lmbda=0.0,
-                     seq_kd=False, beta=beta, report_to="none", save_strategy="no",
-                     use_cpu=True, seed=0, max_length=SEQ, disable_dropout=True,
-                     bf16=False)  # TRL's configs default to bf16 autocast
+    args = GKDConfig(
+        output_dir=str(tmp_path / kind),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        lmbda=0.0,
+        seq_kd=False,
+        beta=beta,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        max_length=SEQ,
+        disable_dropout=True,
+        bf16=False,
+    )  # TRL's configs default to bf16 autocast
     cls = fastkd_trl.FastKDGKDTrainer if kind == "subclass" else gkd
-    trainer = cls(model=student, teacher_model=teacher, args=args, train_dataset=_dataset(),
-                  processing_class=_tokenizer(), data_collator=_collate)
+    trainer = cls(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=_dataset(),
+        processing_class=_tokenizer(),
+        data_collator=_collate,
+    )
     if kind == "apply":
         assert fastkd_trl.apply_fastkd_to_gkd_trainer(trainer) is trainer
     losses, compute_loss = [], trainer.compute_loss
@@ -119,8 +155,9 @@ def test_compute_loss_equals_trl_s_value_and_gradient(beta):
     inputs = _collate(_dataset().select(range(5)))
     for num_items in (None, torch.tensor(37)):
         # TRL's own compute_loss in float64 is the exact value; fastkd runs in fp32.
-        stub = SimpleNamespace(teacher_model=teacher, beta=beta,
-                               generalized_jsd_loss=gkd.generalized_jsd_loss)
+        stub = SimpleNamespace(
+            teacher_model=teacher, beta=beta, generalized_jsd_loss=gkd.generalized_jsd_loss
+        )
         exact = gkd.compute_loss(stub, student, inputs, num_items_in_batch=num_items)
         exact_grads = torch.autograd.grad(exact, list(student.parameters()))
         stub32 = SimpleNamespace(teacher_model=teacher_32, beta=beta)

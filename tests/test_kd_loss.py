@@ -11,9 +11,16 @@ import fastkd
 from fastkd.ops._registry import interpreted
 from fastkd.reference import kd_loss_reference
 
-from helpers import (assert_relative_within_torch_error, assert_within_torch_error,
-                     device_backend_params, divergence_case_id, divergence_cases, fused_backends,
-                     make_labels, make_logits)
+from helpers import (
+    assert_relative_within_torch_error,
+    assert_within_torch_error,
+    device_backend_params,
+    divergence_case_id,
+    divergence_cases,
+    fused_backends,
+    make_labels,
+    make_logits,
+)
 
 # (divergence, extra kwargs): every divergence, and the mixture weights at their edges.
 DIVERGENCES = divergence_cases()
@@ -71,28 +78,38 @@ def assert_close_fp32(student, teacher, backend, **kw):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain"
+)
 def test_matches_reference(device, backend, divergence, dkw, options):
     small = interpreted("kd_loss", backend, device)
     rows, vocab = ((3,), 37) if small else ((5, 9), 401)
     s = make_logits(rows, vocab, device=device, seed=0)
     t = make_logits(rows, vocab, device=device, seed=1)
-    labels = make_labels(rows, vocab, device=device) if options.get("hard_weight") or not small else None
-    assert_close_fp32(s, t, backend, divergence=divergence, labels=labels, reduction="sum",
-                      **dkw, **options)
+    labels = (
+        make_labels(rows, vocab, device=device) if options.get("hard_weight") or not small else None
+    )
+    assert_close_fp32(
+        s, t, backend, divergence=divergence, labels=labels, reduction="sum", **dkw, **options
+    )
 
 
 # Mixture weights near 0 and 1. Near 1, 1 - w formed in float32 from a float32 w would carry w's
 # rounding (a relative 1.3e-5 in 1 - beta at beta = 0.999, 1.7e-4 at 0.9999), scaling the whole
 # gradient; near either edge some gradients are small differences of nearly equal terms.
-WEIGHT_EDGES = [(name, {param: w}) for name, div in fastkd.DIVERGENCES.items()
-                if div.mixture_weights is not None for param in div.parameters
-                for w in (0.999, 0.9999, 1e-4, 1e-3)]
+WEIGHT_EDGES = [
+    (name, {param: w})
+    for name, div in fastkd.DIVERGENCES.items()
+    if div.mixture_weights is not None
+    for param in div.parameters
+    for w in (0.999, 0.9999, 1e-4, 1e-3)
+]
 WEIGHT_EDGE_IDS = [divergence_case_id(c) for c in WEIGHT_EDGES]
 
 
-@pytest.mark.parametrize("device,backend",
-                         BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize(
+    "device,backend", BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")]
+)
 @pytest.mark.parametrize("divergence,dkw", WEIGHT_EDGES, ids=WEIGHT_EDGE_IDS)
 def test_mixture_weight_edges(device, backend, divergence, dkw):
     # Few elements: the largest of torch's own errors grows with their number, and at
@@ -126,7 +143,7 @@ def test_vocab_mismatch_cuts_to_common_prefix(device, backend, vs, vt, divergenc
     labels = torch.tensor([0, 5, -100, 200], device=device)
     assert_close_fp32(s, t, backend, divergence=divergence, labels=labels, hard_weight=0.2)
     _, grad = run_fused(s, t, backend, divergence=divergence)
-    assert torch.all(grad[:, min(vs, vt):] == 0)
+    assert torch.all(grad[:, min(vs, vt) :] == 0)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -168,12 +185,18 @@ def test_infinite_divergence_is_inf_not_nan(device, backend, divergence):
 
 
 # (which model's row is spoiled, the value written into the compared logits of row 1).
-NO_DISTRIBUTION = [("student", -math.inf), ("teacher", -math.inf), ("both", -math.inf),
-                   ("student", math.nan), ("teacher", math.inf)]
+NO_DISTRIBUTION = [
+    ("student", -math.inf),
+    ("teacher", -math.inf),
+    ("both", -math.inf),
+    ("student", math.nan),
+    ("teacher", math.inf),
+]
 
 
-@pytest.mark.parametrize("device,backend",
-                         BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize(
+    "device,backend", BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")]
+)
 @pytest.mark.parametrize("divergence,dkw", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("side,value", NO_DISTRIBUTION, ids=lambda x: str(x))
 @pytest.mark.slow  # 195 cases, 47 s of the full run's 1,025 s
@@ -240,9 +263,13 @@ def test_reductions_and_num_items(device, backend):
     s = make_logits((4, 6), 64, device=device)
     t = make_logits((4, 6), 64, device=device, seed=1)
     labels = make_labels((4, 6), 64, device=device)
-    for kw in [{"reduction": "mean"}, {"reduction": "sum"}, {"reduction": "none"},
-               {"reduction": "mean", "num_items_in_batch": 37},
-               {"reduction": "mean", "num_items_in_batch": torch.tensor(11)}]:
+    for kw in [
+        {"reduction": "mean"},
+        {"reduction": "sum"},
+        {"reduction": "none"},
+        {"reduction": "mean", "num_items_in_batch": 37},
+        {"reduction": "mean", "num_items_in_batch": torch.tensor(11)},
+    ]:
         assert_close_fp32(s, t, backend, labels=labels, ignore_index=-100, **kw)
     none = fastkd.kd_loss(s, t, labels=labels, reduction="none", backend=backend)
     assert none.shape == (4, 6)
@@ -280,13 +307,13 @@ def test_custom_ignore_index(device, backend):
 def test_non_contiguous_and_broadcast_inputs(device, backend):
     base_s = make_logits((3, 6), 130, device=device)
     base_t = make_logits((6, 3), 130, device=device, seed=1)
-    s = base_s[:, :-1, :]                      # row slice of [B, T, V]: two-level row layout
-    t = base_t.transpose(0, 1)[:, :-1, :]      # permuted rows
+    s = base_s[:, :-1, :]  # row slice of [B, T, V]: two-level row layout
+    t = base_t.transpose(0, 1)[:, :-1, :]  # permuted rows
     assert not s.is_contiguous() and not t.is_contiguous()
     assert_close_fp32(s, t, backend, divergence="jsd", reduction="sum")
     shared = make_logits((1, 5), 130, device=device, seed=2).expand(3, 5, 130)  # stride-0 rows
     assert_close_fp32(s, shared, backend, divergence="fkl", reduction="sum")
-    strided = make_logits((3, 5), 260, device=device, seed=3)[..., ::2]         # strided columns
+    strided = make_logits((3, 5), 260, device=device, seed=3)[..., ::2]  # strided columns
     assert_close_fp32(strided, shared, backend, divergence="rkl", reduction="sum")
 
 
@@ -321,8 +348,9 @@ def test_low_precision_error_within_torch_own(device, backend, dtype, atol, dive
     s = make_logits((33,), 1031, dtype=dtype, device=device, seed=12)
     t = make_logits((33,), 1031, dtype=dtype, device=device, seed=13)
     labels = make_labels((33,), 1031, device=device)
-    kw = dict(divergence=divergence, labels=labels, hard_weight=0.1, temperature=1.5,
-              reduction="none")
+    kw = dict(
+        divergence=divergence, labels=labels, hard_weight=0.1, temperature=1.5, reduction="none"
+    )
     loss, grad = run_fused(s, t, backend, **kw)
     assert grad.dtype == dtype
     ref_loss, ref_grad = run_reference(s, t, **kw)
@@ -399,8 +427,10 @@ def test_kdloss_module_matches_function():
     assert "jsd" in repr(mod)
     torch.testing.assert_close(
         mod(s, t, labels),
-        fastkd.kd_loss(s, t, labels=labels, divergence="jsd", beta=0.3, temperature=2.0,
-                       hard_weight=0.2))
+        fastkd.kd_loss(
+            s, t, labels=labels, divergence="jsd", beta=0.3, temperature=2.0, hard_weight=0.2
+        ),
+    )
     with pytest.raises(ValueError, match="divergence"):
         fastkd.KDLoss(divergence="kl")
 
@@ -419,8 +449,12 @@ def test_cuda_matches_cpu_backend_on_a_large_row():
 SQRT_S = (1 + math.sqrt(3)) / (2 * math.sqrt(2))  # sum sqrt(p q) of p = (1/2, 1/2), q = (1/4, 3/4)
 # (student logits, teacher logits, H^2 = 1 - S, dH^2/dz_s = -(sqrt(p q) - q S) / 2), by hand.
 HELLINGER_CASES = [
-    ([0.0, math.log(3.0)], [0.0, 0.0], 1 - SQRT_S,
-     [-(math.sqrt(1 / 8) - SQRT_S / 4) / 2, -(math.sqrt(3 / 8) - 3 * SQRT_S / 4) / 2]),
+    (
+        [0.0, math.log(3.0)],
+        [0.0, 0.0],
+        1 - SQRT_S,
+        [-(math.sqrt(1 / 8) - SQRT_S / 4) / 2, -(math.sqrt(3 / 8) - 3 * SQRT_S / 4) / 2],
+    ),
     # Disjoint supports: S = 0, H^2 = 1, and no gradient (q_i S = 0 = sqrt(p_i q_i)).
     ([0.0, -math.inf], [-math.inf, 0.0], 1.0, [0.0, 0.0]),
     # p = (0, 1/2, 1/2), q = (1/2, 1/2, 0): S = 1/2; the student-only column has q S / 2 = 1/8.
@@ -428,8 +462,9 @@ HELLINGER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device,backend",
-                         BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize(
+    "device,backend", BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")]
+)
 @pytest.mark.parametrize("case", range(len(HELLINGER_CASES)))
 def test_hellinger_closed_form(device, backend, case):
     zs, zt, loss, grad = HELLINGER_CASES[case]
@@ -438,12 +473,14 @@ def test_hellinger_closed_form(device, backend, case):
     got = fastkd.kd_loss(s, t, divergence="hellinger", backend=backend, reduction="sum")
     got.backward()
     assert got.item() == pytest.approx(loss, abs=1e-6)
-    torch.testing.assert_close(s.grad.cpu().double(), torch.tensor([grad], dtype=torch.float64),
-                               atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(
+        s.grad.cpu().double(), torch.tensor([grad], dtype=torch.float64), atol=1e-7, rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("device,backend",
-                         BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize(
+    "device,backend", BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")]
+)
 def test_hellinger_is_zero_at_equal_distributions(device, backend):
     s = make_logits((4,), 50, device=device, seed=16)
     s[:, :5] = -math.inf

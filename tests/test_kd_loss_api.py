@@ -22,8 +22,16 @@ DIVERGENCES = list(fastkd.DIVERGENCES)
 # ---- bad input ------------------------------------------------------------------------------
 
 BAD_INPUTS = [
-    (dict(student=make_logits(4, 10), teacher=make_logits(5, 10)), ValueError, r"same leading shape.*\(4, 10\).*\(5, 10\)"),
-    (dict(student=torch.zeros(4, 10, dtype=torch.long), teacher=make_logits(4, 10)), TypeError, "floating point"),
+    (
+        dict(student=make_logits(4, 10), teacher=make_logits(5, 10)),
+        ValueError,
+        r"same leading shape.*\(4, 10\).*\(5, 10\)",
+    ),
+    (
+        dict(student=torch.zeros(4, 10, dtype=torch.long), teacher=make_logits(4, 10)),
+        TypeError,
+        "floating point",
+    ),
     (dict(student=torch.zeros(4, 0), teacher=torch.zeros(4, 0)), ValueError, r"V >= 1.*\(4, 0\)"),
     (dict(divergence="kl"), ValueError, "unknown divergence 'kl'"),
     (dict(temperature=0.0), ValueError, "temperature.*0.0"),
@@ -50,11 +58,17 @@ BAD_INPUTS = [
     (dict(temperature=1e50), ValueError, r"temperature.*1e\+50"),
     (dict(ignore_index=2**63), ValueError, r"ignore_index.*9223372036854775808"),
     (dict(ignore_index=1.5), ValueError, "ignore_index"),
-    (dict(labels=torch.tensor([0, 1, 2, 3], dtype=torch.uint8)), ValueError,
-     r"torch.uint8 hold \[0, 255\].*ignore_index=-100"),
+    (
+        dict(labels=torch.tensor([0, 1, 2, 3], dtype=torch.uint8)),
+        ValueError,
+        r"torch.uint8 hold \[0, 255\].*ignore_index=-100",
+    ),
     (dict(backend="gpu"), ValueError, "unknown backend 'gpu'"),
-    (dict(vocab_mismatch="truncate"), ValueError,
-     r"vocab_mismatch must be one of \('cut', 'pad'\); got 'truncate'"),
+    (
+        dict(vocab_mismatch="truncate"),
+        ValueError,
+        r"vocab_mismatch must be one of \('cut', 'pad'\); got 'truncate'",
+    ),
 ]
 
 
@@ -89,10 +103,16 @@ def test_build_info_and_available_backends():
 
 # ---- properties (hypothesis) ----------------------------------------------------------------
 
+
 def _row_pairs():
     return st.tuples(
-        st.integers(1, 4), st.integers(1, 67), st.integers(0, 2**31 - 1),
-        st.floats(0.25, 4.0), st.sampled_from(DIVERGENCES), st.floats(0.0, 1.0))
+        st.integers(1, 4),
+        st.integers(1, 67),
+        st.integers(0, 2**31 - 1),
+        st.floats(0.25, 4.0),
+        st.sampled_from(DIVERGENCES),
+        st.floats(0.0, 1.0),
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -101,8 +121,14 @@ def test_nonnegative_and_zero_at_equal_distributions(case):
     rows, vocab, seed, temperature, divergence, w = case
     s = make_logits(rows, vocab, seed=seed, scale=4.0)
     t = make_logits(rows, vocab, seed=seed + 1, scale=4.0)
-    kw = dict(divergence=divergence, temperature=temperature, beta=w, alpha=w, reduction="none",
-              backend="cpu")
+    kw = dict(
+        divergence=divergence,
+        temperature=temperature,
+        beta=w,
+        alpha=w,
+        reduction="none",
+        backend="cpu",
+    )
     loss = fastkd.kd_loss(s, t, **kw)
     assert torch.all(loss >= -1e-5), loss.min()
     same = fastkd.kd_loss(s, s.clone(), **kw)
@@ -114,15 +140,24 @@ def test_nonnegative_and_zero_at_equal_distributions(case):
 def test_invariant_to_a_constant_added_to_a_row(case, shift_s, shift_t):
     rows, vocab, seed, temperature, divergence, w = case
     s, t = make_logits(rows, vocab, seed=seed), make_logits(rows, vocab, seed=seed + 1)
-    kw = dict(divergence=divergence, temperature=temperature, beta=w, alpha=w, reduction="none",
-              backend="cpu")
+    kw = dict(
+        divergence=divergence,
+        temperature=temperature,
+        beta=w,
+        alpha=w,
+        reduction="none",
+        backend="cpu",
+    )
     base = fastkd.kd_loss(s, t, **kw)
     shifted = fastkd.kd_loss(s + shift_s, t + shift_t, **kw)
     # Shifts of up to 50 cost the logits up to 50 * eps32 of their precision.
-    torch.testing.assert_close(shifted, base, atol=2e-5 * (1 + abs(shift_s) + abs(shift_t)), rtol=1e-4)
+    torch.testing.assert_close(
+        shifted, base, atol=2e-5 * (1 + abs(shift_s) + abs(shift_t)), rtol=1e-4
+    )
 
 
 # ---- gradcheck of the reference, opcheck and torch.compile of the fused op ---------------------
+
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.slow  # 6 cases, 9 s of the full run's 1,025 s
@@ -132,8 +167,16 @@ def test_reference_gradcheck_float64(divergence):
     labels = torch.tensor([1, -100, 4])
 
     def f(s, t):
-        return kd_loss_reference(s, t, divergence=divergence, temperature=1.3, softcap=5.0,
-                                 labels=labels, hard_weight=0.2, reduction="sum")
+        return kd_loss_reference(
+            s,
+            t,
+            divergence=divergence,
+            temperature=1.3,
+            softcap=5.0,
+            labels=labels,
+            hard_weight=0.2,
+            reduction="sum",
+        )
 
     assert torch.autograd.gradcheck(f, (s, t))
 
@@ -145,7 +188,23 @@ def _op_args(labels=True, dtype=torch.float32):
     s = make_logits(6, 33, seed=0, dtype=dtype).requires_grad_()
     t = make_logits(6, 33, seed=1, dtype=dtype)
     lab = torch.tensor([1, 2, -100, 4, 5, 6]) if labels else None
-    return (s, t, lab, 2, 1.5, 0.0, 0.5, 0.5, -100, math.log(0.5), math.log(0.5), 0.5, 1.0, "cpu", True)
+    return (
+        s,
+        t,
+        lab,
+        2,
+        1.5,
+        0.0,
+        0.5,
+        0.5,
+        -100,
+        math.log(0.5),
+        math.log(0.5),
+        0.5,
+        1.0,
+        "cpu",
+        True,
+    )
 
 
 @pytest.mark.parametrize("labels", [True, False])
@@ -176,8 +235,15 @@ def test_torch_compile_of_a_model_calling_the_loss(divergence):
     labels[0, 0] = -100
 
     def step(model, x):
-        return fastkd.kd_loss(model(x), teacher_logits, divergence=divergence, labels=labels,
-                              hard_weight=0.1, temperature=2.0, backend="cpu")
+        return fastkd.kd_loss(
+            model(x),
+            teacher_logits,
+            divergence=divergence,
+            labels=labels,
+            hard_weight=0.1,
+            temperature=2.0,
+            backend="cpu",
+        )
 
     eager_loss = step(student, x)
     eager_loss.backward()
@@ -192,12 +258,21 @@ def test_torch_compile_of_a_model_calling_the_loss(divergence):
 
 # ---- the reference against independent formulas and known values ------------------------------
 
+
 def test_reference_fkl_equals_torch_kl_div():
     s = make_logits(5, 40, seed=0, dtype=torch.float64)
     t = make_logits(5, 40, seed=1, dtype=torch.float64)
     T = 2.0
-    expected = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
-                        reduction="batchmean") * T * T
+    expected = (
+        F.kl_div(
+            F.log_softmax(s / T, -1),
+            F.log_softmax(t / T, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * T
+        * T
+    )
     got = kd_loss_reference(s, t, temperature=T, t2_scale=True)
     torch.testing.assert_close(got, expected)
 
@@ -232,10 +307,14 @@ def test_reference_known_values():
     a = 0.1
     m = a * p + (1 - a) * q
     skl = (p * (p / m).log()).sum().item()
-    assert kd_loss_reference(q.log(), p.log(), divergence="skl", alpha=a).item() == pytest.approx(skl, rel=1e-6)
+    assert kd_loss_reference(q.log(), p.log(), divergence="skl", alpha=a).item() == pytest.approx(
+        skl, rel=1e-6
+    )
     m2 = (1 - a) * p + a * q
     srkl = (q * (q / m2).log()).sum().item()
-    assert kd_loss_reference(q.log(), p.log(), divergence="srkl", alpha=a).item() == pytest.approx(srkl, rel=1e-6)
+    assert kd_loss_reference(q.log(), p.log(), divergence="srkl", alpha=a).item() == pytest.approx(
+        srkl, rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -243,11 +322,16 @@ def test_jsd_edge_betas_are_exactly_fkl_and_rkl(backend):
     s, t = make_logits(6, 50, seed=4), make_logits(6, 50, seed=5)
     fkl = fastkd.kd_loss(s, t, divergence="fkl", backend=backend, reduction="none")
     rkl = fastkd.kd_loss(s, t, divergence="rkl", backend=backend, reduction="none")
-    assert torch.equal(fastkd.kd_loss(s, t, divergence="jsd", beta=0.0, backend=backend, reduction="none"), fkl)
-    assert torch.equal(fastkd.kd_loss(s, t, divergence="jsd", beta=1.0, backend=backend, reduction="none"), rkl)
+    assert torch.equal(
+        fastkd.kd_loss(s, t, divergence="jsd", beta=0.0, backend=backend, reduction="none"), fkl
+    )
+    assert torch.equal(
+        fastkd.kd_loss(s, t, divergence="jsd", beta=1.0, backend=backend, reduction="none"), rkl
+    )
 
 
 # ---- the divergence registry ----------------------------------------------------------------
+
 
 def test_divergence_codes_match_the_extension():
     native = pytest.importorskip("fastkd._C")
@@ -317,8 +401,11 @@ _MODULE_BAD_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("module,options,name", _MODULE_BAD_OPTIONS,
-                         ids=[f"{m.__name__}-{n}" for m, _, n in _MODULE_BAD_OPTIONS])
+@pytest.mark.parametrize(
+    "module,options,name",
+    _MODULE_BAD_OPTIONS,
+    ids=[f"{m.__name__}-{n}" for m, _, n in _MODULE_BAD_OPTIONS],
+)
 def test_modules_refuse_bad_options_when_built(module, options, name):
     """A module refuses a bad option at construction, with the message its functional op gives
     for it at the first call."""
@@ -336,8 +423,21 @@ def test_modules_refuse_bad_options_when_built(module, options, name):
 
 
 def test_modules_build_with_valid_options_at_the_edges():
-    fastkd.KDLoss(divergence="jsd", beta=0.0, alpha=1.0, hard_weight=1.0, softcap=2.0**-126,
-                  temperature=2.0**126, ignore_index=-(2**63), backend="torch")
-    fastkd.FusedLinearKDLoss(chunk_size=1, memory_budget=1, accum_dtype=torch.float32,
-                             logit_scale=-2.0**-126, teacher_logit_scale=2.0**126)
+    fastkd.KDLoss(
+        divergence="jsd",
+        beta=0.0,
+        alpha=1.0,
+        hard_weight=1.0,
+        softcap=2.0**-126,
+        temperature=2.0**126,
+        ignore_index=-(2**63),
+        backend="torch",
+    )
+    fastkd.FusedLinearKDLoss(
+        chunk_size=1,
+        memory_budget=1,
+        accum_dtype=torch.float32,
+        logit_scale=-(2.0**-126),
+        teacher_logit_scale=2.0**126,
+    )
     fastkd.ULDLoss(temperature=2.0**-126, teacher_temperature=2.0**126, reduction="none")

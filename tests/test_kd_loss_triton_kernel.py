@@ -39,19 +39,19 @@ TOLERANCES = {
 class Case:
     name: str
     rows: int = 5
-    vs: int = 300                 # student vocabulary
-    vt: int | None = None         # teacher vocabulary (None: same as the student's)
+    vs: int = 300  # student vocabulary
+    vt: int | None = None  # teacher vocabulary (None: same as the student's)
     temperature: float = 1.0
     t2_scale: bool = False
     softcap: float | None = None
-    scale: float = 3.0            # logits ~ scale * N(0, 1)
-    labels: str | None = None     # None, "some_ignored" or "all_ignored"
+    scale: float = 3.0  # logits ~ scale * N(0, 1)
+    labels: str | None = None  # None, "some_ignored" or "all_ignored"
     hard_weight: float = 0.0
-    neg_inf: float = 0.0          # fraction of columns set to -inf in both models
-    layout: str = "contiguous"    # or "sliced_student" ([B, T, V][:, :-1, :]), "broadcast_teacher"
+    neg_inf: float = 0.0  # fraction of columns set to -inf in both models
+    layout: str = "contiguous"  # or "sliced_student" ([B, T, V][:, :-1, :]), "broadcast_teacher"
     beta: float = 0.5
     alpha: float = 0.1
-    dtypes: tuple = (torch.float32, torch.float32)   # (student, teacher)
+    dtypes: tuple = (torch.float32, torch.float32)  # (student, teacher)
     # Widest vocabulary chunk of the kernel (None: its own choice). 256 makes V = 300 take two
     # chunks, the online-rescaling path that a single chunk never reaches.
     block: int | None = 256
@@ -72,8 +72,14 @@ CASES = [
     Case("labels_ignored", labels="some_ignored"),
     Case("all_ignored", rows=1, labels="all_ignored", hard_weight=0.5),
     Case("hard_ce", labels="some_ignored", hard_weight=0.3),
-    Case("hard_ce_tempered_softcap", labels="some_ignored", hard_weight=0.5, temperature=2.0,
-         softcap=5.0, scale=4.0),
+    Case(
+        "hard_ce_tempered_softcap",
+        labels="some_ignored",
+        hard_weight=0.5,
+        temperature=2.0,
+        softcap=5.0,
+        scale=4.0,
+    ),
     Case("hard_ce_v1", vs=1, labels="some_ignored", hard_weight=0.4, temperature=2.0),
     Case("student_wider", vs=300, vt=290, labels="some_ignored", hard_weight=0.2),
     Case("teacher_wider", rows=1, vs=290, vt=300, temperature=2.0),
@@ -82,17 +88,42 @@ CASES = [
     Case("extreme", scale=1e4),
     # a = z * fp32(1/T) holds a 1e4-scale logit to ~1e-3 absolute, so softmax terms near the
     # maximum move by up to ~1e-3 relative in any fp32 kernel.
-    Case("extreme_tempered_ce", scale=1e4, temperature=3.0, labels="some_ignored",
-         hard_weight=0.3, grad_atol=2e-3),
+    Case(
+        "extreme_tempered_ce",
+        scale=1e4,
+        temperature=3.0,
+        labels="some_ignored",
+        hard_weight=0.3,
+        grad_atol=2e-3,
+    ),
     Case("sliced_student", layout="sliced_student", labels="some_ignored", hard_weight=0.2),
     Case("broadcast_teacher", layout="broadcast_teacher", temperature=2.0),
     Case("bf16", dtypes=(torch.bfloat16, torch.bfloat16), gpu_only=True),
-    Case("bf16_student_fp32_teacher", dtypes=(torch.bfloat16, torch.float32), vs=4099,
-         block=None, labels="some_ignored", hard_weight=0.2, gpu_only=True),
-    Case("fp16_student_bf16_teacher", dtypes=(torch.float16, torch.bfloat16), temperature=2.0,
-         gpu_only=True),
-    Case("fp32_multi_chunk", vs=4099, vt=4097, block=None, labels="some_ignored",
-         hard_weight=0.2, temperature=2.0, gpu_only=True),
+    Case(
+        "bf16_student_fp32_teacher",
+        dtypes=(torch.bfloat16, torch.float32),
+        vs=4099,
+        block=None,
+        labels="some_ignored",
+        hard_weight=0.2,
+        gpu_only=True,
+    ),
+    Case(
+        "fp16_student_bf16_teacher",
+        dtypes=(torch.float16, torch.bfloat16),
+        temperature=2.0,
+        gpu_only=True,
+    ),
+    Case(
+        "fp32_multi_chunk",
+        vs=4099,
+        vt=4097,
+        block=None,
+        labels="some_ignored",
+        hard_weight=0.2,
+        temperature=2.0,
+        gpu_only=True,
+    ),
 ]
 
 
@@ -149,30 +180,56 @@ def make_inputs(case: Case, seed: int):
 
 
 def run_kernel(kd, case: Case, divergence: str, zs, zt, labels):
-    cfg = kd.make_kd_config(divergence, temperature=case.temperature, beta=case.beta,
-                            alpha=case.alpha, softcap=case.softcap, hard_weight=case.hard_weight,
-                            t2_scale=case.t2_scale, ignore_index=IGNORE)
+    cfg = kd.make_kd_config(
+        divergence,
+        temperature=case.temperature,
+        beta=case.beta,
+        alpha=case.alpha,
+        softcap=case.softcap,
+        hard_weight=case.hard_weight,
+        t2_scale=case.t2_scale,
+        ignore_index=IGNORE,
+    )
     student, inner_rows, s_layout = kd.row_layout(zs)
     teacher, _, t_layout = kd.row_layout(zt, inner_rows)
     n = zs.numel() // zs.shape[-1]
     grad = torch.full((n, zs.shape[-1]), math.nan, dtype=zs.dtype, device=zs.device)
     loss = torch.full((n,), math.nan, dtype=torch.float32, device=zs.device)
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    kd.kernel.kd_loss_forward(student, teacher, flat_labels, grad, loss, n_rows=n,
-                              inner_rows=inner_rows, student_layout=s_layout,
-                              teacher_layout=t_layout, vocab=min(zs.shape[-1], zt.shape[-1]),
-                              grad_vocab=zs.shape[-1], cfg=cfg)
+    kd.kernel.kd_loss_forward(
+        student,
+        teacher,
+        flat_labels,
+        grad,
+        loss,
+        n_rows=n,
+        inner_rows=inner_rows,
+        student_layout=s_layout,
+        teacher_layout=t_layout,
+        vocab=min(zs.shape[-1], zt.shape[-1]),
+        grad_vocab=zs.shape[-1],
+        cfg=cfg,
+    )
     return loss, grad
 
 
 def reference(kd, case: Case, divergence: str, zs, zt, labels):
     """float64 per-row loss [N] and dLoss_row/dz_s [N, V_s]."""
     xs = zs.detach().cpu().double().requires_grad_()
-    out = kd.reference(xs, zt.cpu().double(), divergence=divergence,
-                       temperature=case.temperature, beta=case.beta, alpha=case.alpha,
-                       labels=None if labels is None else labels.cpu(), ignore_index=IGNORE,
-                       hard_weight=case.hard_weight, t2_scale=case.t2_scale,
-                       softcap=case.softcap, reduction="none")
+    out = kd.reference(
+        xs,
+        zt.cpu().double(),
+        divergence=divergence,
+        temperature=case.temperature,
+        beta=case.beta,
+        alpha=case.alpha,
+        labels=None if labels is None else labels.cpu(),
+        ignore_index=IGNORE,
+        hard_weight=case.hard_weight,
+        t2_scale=case.t2_scale,
+        softcap=case.softcap,
+        reduction="none",
+    )
     (grad,) = torch.autograd.grad(out.sum(), xs)
     return out.detach().reshape(-1), grad.reshape(-1, zs.shape[-1])
 

@@ -11,8 +11,10 @@ import torch
 
 import fastkd
 
-pytestmark = pytest.mark.skipif("cpu" not in fastkd.available_backends("kd_loss", "cpu"),
-                                reason="needs the compiled CPU kernels")
+pytestmark = pytest.mark.skipif(
+    "cpu" not in fastkd.available_backends("kd_loss", "cpu"),
+    reason="needs the compiled CPU kernels",
+)
 
 # Below, at and above the normal float32 range [2^-126, 2^126] that the checks admit.
 EDGE_VALUES = [1e-300, 1e-50, 1e-40, 2.0**-126, 1e-3, 1e3, 2.0**126, 1e39, 1e300]
@@ -27,8 +29,10 @@ def _kd(option):
     s, t = _inputs()
 
     def run(value, backend, dtype):
-        return fastkd.kd_loss(s.to(dtype), t.to(dtype), divergence="jsd",
-                              backend=backend, **{option: value})
+        return fastkd.kd_loss(
+            s.to(dtype), t.to(dtype), divergence="jsd", backend=backend, **{option: value}
+        )
+
     return run
 
 
@@ -38,6 +42,7 @@ def _sparse_temperature():
 
     def run(value, backend, dtype):
         return fastkd.sparse_kd_loss(s.to(dtype), targets, temperature=value, backend=backend)
+
     return run
 
 
@@ -45,8 +50,8 @@ def _uld(option):
     s, t = _inputs(seed=2)
 
     def run(value, backend, dtype):
-        return fastkd.uld_loss(s.to(dtype), t[:, :11].to(dtype), backend=backend,
-                               **{option: value})
+        return fastkd.uld_loss(s.to(dtype), t[:, :11].to(dtype), backend=backend, **{option: value})
+
     return run
 
 
@@ -56,8 +61,10 @@ def _fused_linear_logit_scale():
     th, tw = torch.randn(5, 8, generator=g), torch.randn(13, 8, generator=g)
 
     def run(value, backend, dtype):
-        return fastkd.fused_linear_kd_loss(h.to(dtype), w.to(dtype), th.to(dtype), tw.to(dtype),
-                                           logit_scale=value, backend=backend)
+        return fastkd.fused_linear_kd_loss(
+            h.to(dtype), w.to(dtype), th.to(dtype), tw.to(dtype), logit_scale=value, backend=backend
+        )
+
     return run
 
 
@@ -120,4 +127,3 @@ def test_num_items_in_batch_on_a_device_tensor_that_is_not_positive_gives_nan(mo
     for count in (torch.tensor(-4.0), torch.tensor(0), torch.tensor([0.0])):
         assert math.isnan(reduce_total(torch.tensor(3.0), 4, None, "mean", count).item())
     assert reduce_total(torch.tensor(3.0), 4, None, "mean", torch.tensor(2)).item() == 1.5
-

@@ -58,8 +58,11 @@ def run(name, fn):
     for layout, x in layouts.items():
         print("  layout", layout, flush=True)
         same(fn(x), fn(x.contiguous()))
-run("sample_random", lambda x: tuple(getattr(fastkd.sample_teacher(x, num_samples=16, backend="cpu"), f) for f in ("ids", "weights")))
-run("sample_priority", lambda x: tuple(getattr(fastkd.sample_teacher(x, method="priority", k=16, backend="cpu"), f) for f in ("ids", "weights")))
+def fields(targets):
+    return targets.ids, targets.weights
+run("sample_random", lambda x: fields(fastkd.sample_teacher(x, num_samples=16, backend="cpu")))
+run("sample_priority",
+    lambda x: fields(fastkd.sample_teacher(x, method="priority", k=16, backend="cpu")))
 run("kd_loss", lambda x: fastkd.kd_loss(x, x.flip(-1), divergence="jsd", backend="cpu",
                                         reduction="none"))
 def kd_grad(x):
@@ -98,11 +101,19 @@ print("ok", flush=True)
 """
 
 
-@pytest.mark.skipif("cpu" not in fastkd.available_backends("kd_loss", "cpu"),
-                    reason="needs the compiled CPU kernels")
+@pytest.mark.skipif(
+    "cpu" not in fastkd.available_backends("kd_loss", "cpu"),
+    reason="needs the compiled CPU kernels",
+)
 @pytest.mark.slow  # 8 s of the full run's 1,025 s
 def test_native_launchers_on_copied_layouts_in_a_fresh_process():
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        timeout=600,
+    )
     assert out.returncode == 0 and out.stdout.rstrip().endswith("ok"), (
-        f"exit code {out.returncode}\nstdout:\n{out.stdout[-2000:]}\nstderr:\n{out.stderr[-2000:]}")
+        f"exit code {out.returncode}\nstdout:\n{out.stdout[-2000:]}\nstderr:\n{out.stderr[-2000:]}"
+    )

@@ -33,10 +33,14 @@ def test_op_modules_do_not_import_each_other(module):
             assert name.split(".")[2] not in OP_MODULES, f"ops/{module}.py imports {name}"
 
 
-@pytest.mark.parametrize("path", sorted(OPS.glob("*.py")) + sorted((PACKAGE / "ot").glob("*.py")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    sorted(OPS.glob("*.py")) + sorted((PACKAGE / "ot").glob("*.py")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_fused_path_keeps_its_own_reduction(path):
     for _, name, names in _imports(path):
         if name.endswith("reference.kd_loss"):
             assert not {"reduce_rows", "reduce_total"} & set(names), (
-                f"{path.name} imports the reference's reduction")
+                f"{path.name} imports the reference's reduction"
+            )

@@ -85,16 +85,31 @@ def _fastkd(zs, zt, labels, **kw):
 CLAIMS = [
     ("torchtune ForwardKLLoss = fkl + H(p)", torchtune_forward_kl, dict(divergence="fkl"), True),
     ("DistiLLM reverse_kl = rkl", distillm_reverse_kl, dict(divergence="rkl"), False),
-    ("DistiLLM js_distance(lam=0.9) = jsd(beta=0.1)",
-     lambda *a: distillm_js_distance(*a, lam=0.9), dict(divergence="jsd", beta=0.1), False),
-    ("DistiLLM js_distance(lam=0.25) = jsd(beta=0.75)",
-     lambda *a: distillm_js_distance(*a, lam=0.25), dict(divergence="jsd", beta=0.75), False),
+    (
+        "DistiLLM js_distance(lam=0.9) = jsd(beta=0.1)",
+        lambda *a: distillm_js_distance(*a, lam=0.9),
+        dict(divergence="jsd", beta=0.1),
+        False,
+    ),
+    (
+        "DistiLLM js_distance(lam=0.25) = jsd(beta=0.75)",
+        lambda *a: distillm_js_distance(*a, lam=0.25),
+        dict(divergence="jsd", beta=0.75),
+        False,
+    ),
     ("DistiLLM tv_distance = tvd", distillm_tv_distance, dict(divergence="tvd"), False),
-    ("DistiLLM skewed_forward_kl(lam=0.1) = skl(alpha=0.1) + H(p)",
-     lambda *a: distillm_skewed_forward_kl(*a, lam=0.1), dict(divergence="skl", alpha=0.1), True),
-    ("DistiLLM skewed_reverse_kl(lam=0.1) = srkl(alpha=0.1)",
-     lambda *a: distillm_skewed_reverse_kl(*a, lam=0.1), dict(divergence="srkl", alpha=0.1),
-     False),
+    (
+        "DistiLLM skewed_forward_kl(lam=0.1) = skl(alpha=0.1) + H(p)",
+        lambda *a: distillm_skewed_forward_kl(*a, lam=0.1),
+        dict(divergence="skl", alpha=0.1),
+        True,
+    ),
+    (
+        "DistiLLM skewed_reverse_kl(lam=0.1) = srkl(alpha=0.1)",
+        lambda *a: distillm_skewed_reverse_kl(*a, lam=0.1),
+        dict(divergence="srkl", alpha=0.1),
+        False,
+    ),
 ]
 
 
@@ -106,8 +121,9 @@ def test_peer_loss_is_fastkd_s_up_to_the_stated_constant(name, peer, kwargs, plu
     offset = teacher_entropy(zt, labels) if plus_entropy else 0.0
     torch.testing.assert_close(theirs, ours + offset, rtol=1e-12, atol=1e-12)
     # The teacher's entropy does not depend on the student: the gradients are equal.
-    torch.testing.assert_close(torch.autograd.grad(theirs, zs)[0],
-                               torch.autograd.grad(ours, zs)[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(theirs, zs)[0], torch.autograd.grad(ours, zs)[0], rtol=1e-10, atol=1e-12
+    )
 
 
 # torch warns that kl_div's "mean" is not the KL's mean, the very difference checked here.
@@ -120,13 +136,16 @@ def test_kl_div_mean_divides_by_every_element_fastkd_s_mean_by_tokens():
     ours = _fastkd(zs, zt, None, divergence="fkl")
     torch.testing.assert_close(F.kl_div(log_q, p, reduction="mean") * VOCAB, ours)
     torch.testing.assert_close(F.kl_div(log_q, p, reduction="batchmean"), ours)
-    torch.testing.assert_close(F.kl_div(log_q, p, reduction="sum"),
-                               _fastkd(zs, zt, None, divergence="fkl", reduction="sum"))
+    torch.testing.assert_close(
+        F.kl_div(log_q, p, reduction="sum"),
+        _fastkd(zs, zt, None, divergence="fkl", reduction="sum"),
+    )
 
 
 def test_t2_scale_multiplies_by_the_squared_temperature():
     """Hinton-style recipes multiply the soft loss by T^2; fastkd does with t2_scale=True."""
     zs, zt, labels = _inputs()
     plain = _fastkd(zs, zt, labels, divergence="fkl", temperature=2.0)
-    torch.testing.assert_close(_fastkd(zs, zt, labels, divergence="fkl", temperature=2.0,
-                                       t2_scale=True), 4.0 * plain)
+    torch.testing.assert_close(
+        _fastkd(zs, zt, labels, divergence="fkl", temperature=2.0, t2_scale=True), 4.0 * plain
+    )

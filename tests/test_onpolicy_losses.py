@@ -47,16 +47,19 @@ def test_value_and_gradient_per_token(estimator, dtype):
 def test_mask_and_reductions(estimator):
     student, teacher = logprob_pair(seed=1)
     mask = torch.rand(student.shape, generator=torch.Generator().manual_seed(2)) > 0.4
-    per_token = fastkd.sampled_reverse_kl(student, teacher, estimator=estimator, mask=mask,
-                                          reduction="none")
+    per_token = fastkd.sampled_reverse_kl(
+        student, teacher, estimator=estimator, mask=mask, reduction="none"
+    )
     assert (per_token[~mask] == 0).all()
-    total = fastkd.sampled_reverse_kl(student, teacher, estimator=estimator, mask=mask,
-                                      reduction="sum")
+    total = fastkd.sampled_reverse_kl(
+        student, teacher, estimator=estimator, mask=mask, reduction="sum"
+    )
     mean = fastkd.sampled_reverse_kl(student, teacher, estimator=estimator, mask=mask)
     torch.testing.assert_close(total, per_token.sum())
     torch.testing.assert_close(mean, per_token.sum() / mask.sum())
-    none_counted = fastkd.sampled_reverse_kl(student, teacher, estimator=estimator,
-                                             mask=torch.zeros_like(mask))
+    none_counted = fastkd.sampled_reverse_kl(
+        student, teacher, estimator=estimator, mask=torch.zeros_like(mask)
+    )
     assert none_counted.item() == 0.0
 
 
@@ -93,8 +96,9 @@ def assert_mean_within_se(samples: torch.Tensor, exact: torch.Tensor, n_se: floa
 def test_unbiased_estimators_expectation_is_reverse_kl(estimator):
     _, log_q, log_p, draws = monte_carlo_problem()
     exact = (log_q.exp() * (log_q - log_p)).sum()
-    per_token = fastkd.sampled_reverse_kl(log_q[draws], log_p[draws], estimator=estimator,
-                                          reduction="none")
+    per_token = fastkd.sampled_reverse_kl(
+        log_q[draws], log_p[draws], estimator=estimator, reduction="none"
+    )
     assert_mean_within_se(per_token[:, None], exact[None])
 
 
@@ -105,8 +109,9 @@ def test_k2_expectation_is_half_second_moment_not_kl():
     q = log_q.exp()
     kl = (q * (log_q - log_p)).sum()
     half_second_moment = (q * (log_p - log_q) ** 2).sum() / 2
-    per_token = fastkd.sampled_reverse_kl(log_q[draws], log_p[draws], estimator="k2",
-                                          reduction="none")
+    per_token = fastkd.sampled_reverse_kl(
+        log_q[draws], log_p[draws], estimator="k2", reduction="none"
+    )
     assert_mean_within_se(per_token[:, None], half_second_moment[None])
     se = per_token.std() / math.sqrt(SAMPLES)
     assert (per_token.mean() - kl).abs() > 20 * se
@@ -122,8 +127,10 @@ def _per_sample_grads(estimator):
     return theta, log_p, dlogq(r)[:, None] * score
 
 
-@pytest.mark.parametrize("estimator,target", [("k2", "reverse"), ("reward", "reverse"),
-                                              ("k3", "forward"), ("k1", "zero")])
+@pytest.mark.parametrize(
+    "estimator,target",
+    [("k2", "reverse"), ("reward", "reverse"), ("k3", "forward"), ("k1", "zero")],
+)
 def test_gradient_expectations(estimator, target):
     """k2 and the reward form: grad KL(q || p); k3: grad KL(p || q) = q - p; k1: 0."""
     theta, log_p, grads = _per_sample_grads(estimator)
@@ -150,8 +157,9 @@ def test_loss_gradients_through_autograd_match_formulas():
     for estimator in FORMULAS:
         th = theta.clone().requires_grad_()
         log_q = F.log_softmax(th, -1)
-        fastkd.sampled_reverse_kl(log_q[draws], log_p[draws], estimator=estimator,
-                                  reduction="sum").backward()
+        fastkd.sampled_reverse_kl(
+            log_q[draws], log_p[draws], estimator=estimator, reduction="sum"
+        ).backward()
         r = log_p[draws] - log_q.detach()[draws]
         score = F.one_hot(draws, VOCAB).double() - log_q.detach().exp()
         expected = (FORMULAS[estimator][1](r)[:, None] * score).sum(0)
@@ -172,19 +180,20 @@ def test_with_fused_linear_logprobs():
     fastkd.sampled_reverse_kl(student, teacher, estimator="k3").backward()
     h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     lq = F.log_softmax(h @ w.T, -1).gather(1, tokens[:, None])[:, 0]
-    lp = F.log_softmax(t_hidden.double() @ t_weight.double().T, -1).gather(
-        1, tokens[:, None])[:, 0]
+    lp = F.log_softmax(t_hidden.double() @ t_weight.double().T, -1).gather(1, tokens[:, None])[:, 0]
     (torch.expm1(lp - lq) - (lp - lq)).mean().backward()
     torch.testing.assert_close(hidden.grad.double(), h.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(weight.grad.double(), w.grad, rtol=1e-4, atol=1e-6)
 
 
-BAD = [({"estimator": "k4"}, ValueError, "estimator must be one of"),
-       ({"reduction": "avg"}, ValueError, "reduction must be one of"),
-       ({"teacher_logprobs": torch.zeros(3)}, ValueError, "must have the shape"),
-       ({"teacher_logprobs": torch.zeros(5, 7, dtype=torch.long)}, TypeError, "floating"),
-       ({"mask": torch.ones(5, 7)}, TypeError, "mask must be a bool tensor"),
-       ({"mask": torch.ones(5, dtype=torch.bool)}, ValueError, "must match")]
+BAD = [
+    ({"estimator": "k4"}, ValueError, "estimator must be one of"),
+    ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+    ({"teacher_logprobs": torch.zeros(3)}, ValueError, "must have the shape"),
+    ({"teacher_logprobs": torch.zeros(5, 7, dtype=torch.long)}, TypeError, "floating"),
+    ({"mask": torch.ones(5, 7)}, TypeError, "mask must be a bool tensor"),
+    ({"mask": torch.ones(5, dtype=torch.bool)}, ValueError, "must match"),
+]
 
 
 @pytest.mark.parametrize("override,error,match", BAD, ids=[m for _, _, m in BAD])

@@ -23,16 +23,26 @@ from torch.testing._internal.optests.generate_tests import OpCheckError
 
 import fastkd
 from fastkd.ops._kd_config import make_kd_config
-from fastkd.ops._registry import (BACKENDS, accepts, backend_spec, interpreted, kernel_backends,
-                                  ops, resolve_backend)
+from fastkd.ops._registry import (
+    BACKENDS,
+    accepts,
+    backend_spec,
+    interpreted,
+    kernel_backends,
+    ops,
+    resolve_backend,
+)
 from fastkd.reference.sinkhorn import log_weights
 
 from helpers import make_labels, make_logits
 
 
 def _fastkd_custom_ops() -> list[str]:
-    return sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
-                  if name.startswith("fastkd::"))
+    return sorted(
+        name.split("::", 1)[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("fastkd::")
+    )
 
 
 def _rand(*shape, seed, requires_grad=False):
@@ -45,10 +55,29 @@ def _labels(rows, vocab, seed):
 
 
 def _kd_scalars():
-    cfg = make_kd_config("jsd", temperature=2.0, beta=0.3, alpha=0.1, softcap=None,
-                         hard_weight=0.25, t2_scale=False, ignore_index=-100, grad_scale=0.25)
-    return (cfg.divergence, cfg.temperature, cfg.softcap, cfg.soft_weight, cfg.hard_weight,
-            cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, cfg.grad_scale)
+    cfg = make_kd_config(
+        "jsd",
+        temperature=2.0,
+        beta=0.3,
+        alpha=0.1,
+        softcap=None,
+        hard_weight=0.25,
+        t2_scale=False,
+        ignore_index=-100,
+        grad_scale=0.25,
+    )
+    return (
+        cfg.divergence,
+        cfg.temperature,
+        cfg.softcap,
+        cfg.soft_weight,
+        cfg.hard_weight,
+        cfg.ignore_index,
+        cfg.log_wp,
+        cfg.log_wq,
+        cfg.coef,
+        cfg.grad_scale,
+    )
 
 
 def _sparse_targets(rows, k, vocab, seed):
@@ -62,23 +91,67 @@ def _sparse_targets(rows, k, vocab, seed):
 # per case. The fused ops are called with need_grad (need_hidden, ...) True exactly when the
 # student's input requires grad, and so are they here.
 
+
 def _kd_loss_fused(backend):
-    return [((_rand(4, 11, seed=0, requires_grad=need_grad), _rand(4, 9, seed=1),
-              _labels(4, 9, 2), *_kd_scalars(), backend, need_grad), need_grad)
-            for need_grad in (True, False)]
+    return [
+        (
+            (
+                _rand(4, 11, seed=0, requires_grad=need_grad),
+                _rand(4, 9, seed=1),
+                _labels(4, 9, 2),
+                *_kd_scalars(),
+                backend,
+                need_grad,
+            ),
+            need_grad,
+        )
+        for need_grad in (True, False)
+    ]
 
 
 def _sparse_kd_loss_fused(backend):
     ids, weights = _sparse_targets(4, 3, 9, seed=3)
-    return [((_rand(4, 11, seed=0, requires_grad=need_grad), ids, weights, None,
-              _labels(4, 9, 2), 9, 1.5, 0.75, 0.25, -100, 0.25, backend, need_grad), need_grad)
-            for need_grad in (True, False)]
+    return [
+        (
+            (
+                _rand(4, 11, seed=0, requires_grad=need_grad),
+                ids,
+                weights,
+                None,
+                _labels(4, 9, 2),
+                9,
+                1.5,
+                0.75,
+                0.25,
+                -100,
+                0.25,
+                backend,
+                need_grad,
+            ),
+            need_grad,
+        )
+        for need_grad in (True, False)
+    ]
 
 
 def _uld_loss_fused(backend):
-    return [((_rand(4, 11, seed=0, requires_grad=need_grad), _rand(4, 7, seed=1),
-              _labels(4, 11, 2), 1.5, 2.0, -100, 0.25, backend, need_grad), need_grad)
-            for need_grad in (True, False)]
+    return [
+        (
+            (
+                _rand(4, 11, seed=0, requires_grad=need_grad),
+                _rand(4, 7, seed=1),
+                _labels(4, 11, 2),
+                1.5,
+                2.0,
+                -100,
+                0.25,
+                backend,
+                need_grad,
+            ),
+            need_grad,
+        )
+        for need_grad in (True, False)
+    ]
 
 
 def _fused_linear_kd_loss_fused(backend):
@@ -89,17 +162,44 @@ def _fused_linear_kd_loss_fused(backend):
     offline = (None, None, None, _rand(6, 9, seed=5))
     tail = (_labels(6, 9, 6), None, *_kd_scalars(), 1.0, 1.0, 4, True)
     # reduce=False (reduction="none") computes the loss only; its backward runs the chunks again.
-    return [((hidden, weight, bias, *teacher, *tail, True, backend, True, True, True), True)
-            for teacher in (online, offline)] + [
-        ((hidden, weight, None, *offline, *tail, False, backend, False, False, False), False)]
+    return [
+        ((hidden, weight, bias, *teacher, *tail, True, backend, True, True, True), True)
+        for teacher in (online, offline)
+    ] + [((hidden, weight, None, *offline, *tail, False, backend, False, False, False), False)]
 
 
 def _fused_linear_sparse_kd_loss_fused(backend):
     ids, weights = _sparse_targets(6, 3, 9, seed=3)
-    return [((_rand(6, 5, seed=0, requires_grad=True), _rand(11, 5, seed=1, requires_grad=True),
-              None, ids, weights, None, _labels(6, 9, 2), None, 9, 1.5, 0.75, 0.25, -100, 0.25,
-              1.0, 4, True, reduce, backend, reduce, reduce, False), reduce)
-            for reduce in (True, False)]
+    return [
+        (
+            (
+                _rand(6, 5, seed=0, requires_grad=True),
+                _rand(11, 5, seed=1, requires_grad=True),
+                None,
+                ids,
+                weights,
+                None,
+                _labels(6, 9, 2),
+                None,
+                9,
+                1.5,
+                0.75,
+                0.25,
+                -100,
+                0.25,
+                1.0,
+                4,
+                True,
+                reduce,
+                backend,
+                reduce,
+                reduce,
+                False,
+            ),
+            reduce,
+        )
+        for reduce in (True, False)
+    ]
 
 
 def _fused_linear_logprobs_fused(backend):
@@ -108,14 +208,36 @@ def _fused_linear_logprobs_fused(backend):
     bias = _rand(11, seed=2, requires_grad=True)
     # The forward computes the outputs only (no row_grads, no need flags); the backward runs
     # the op again with the outputs' incoming gradients.
-    return [((hidden, weight, b, _labels(6, 11, 3), None, 1.5, -100, 0.75, 4, False, entropy,
-              backend, False, False, False), False)
-            for b, entropy in ((bias, True), (None, False))]
+    return [
+        (
+            (
+                hidden,
+                weight,
+                b,
+                _labels(6, 11, 3),
+                None,
+                1.5,
+                -100,
+                0.75,
+                4,
+                False,
+                entropy,
+                backend,
+                False,
+                False,
+                False,
+            ),
+            False,
+        )
+        for b, entropy in ((bias, True), (None, False))
+    ]
 
 
 def _fused_linear_topk_fused(backend):
-    return [((_rand(6, 5, seed=0), _rand(11, 5, seed=1), bias, k, 0.5, 1.0, 4, backend), False)
-            for bias, k in ((_rand(11, seed=2), 3), (None, 11))]
+    return [
+        ((_rand(6, 5, seed=0), _rand(11, 5, seed=1), bias, k, 0.5, 1.0, 4, backend), False)
+        for bias, k in ((_rand(11, seed=2), 3), (None, 11))
+    ]
 
 
 def _sinkhorn_problem():
@@ -127,15 +249,53 @@ def _sinkhorn_problem():
 
 def _sinkhorn_solve(backend):
     cost, a, b = _sinkhorn_problem()
-    return [((cost, log_weights(a), log_weights(b), None, None, None, init_g, 0.1, 0.5, 50, 5,
-              1e-6, plan, backend), False)
-            for init_g, plan in ((None, True), (torch.zeros(2, 5), False))]
+    return [
+        (
+            (
+                cost,
+                log_weights(a),
+                log_weights(b),
+                None,
+                None,
+                None,
+                init_g,
+                0.1,
+                0.5,
+                50,
+                5,
+                1e-6,
+                plan,
+                backend,
+            ),
+            False,
+        )
+        for init_g, plan in ((None, True), (torch.zeros(2, 5), False))
+    ]
 
 
 def _sinkhorn_loss_envelope(backend):
     cost, a, b = _sinkhorn_problem()
-    return [((cost.requires_grad_(), a.requires_grad_(), b, None, None, None, 0.1, 0.5, 50, 5,
-              1e-6, value, backend), False) for value in ("objective", "transport")]
+    return [
+        (
+            (
+                cost.requires_grad_(),
+                a.requires_grad_(),
+                b,
+                None,
+                None,
+                None,
+                0.1,
+                0.5,
+                50,
+                5,
+                1e-6,
+                value,
+                backend,
+            ),
+            False,
+        )
+        for value in ("objective", "transport")
+    ]
 
 
 # Custom op -> (the registered op whose backends it runs; "kernels" where the custom op takes
@@ -145,25 +305,32 @@ SAMPLES = {
     "kd_loss_fused": ("kd_loss", "kernels", _kd_loss_fused),
     "sparse_kd_loss_fused": ("sparse_kd_loss", "kernels", _sparse_kd_loss_fused),
     "uld_loss_fused": ("uld_loss", "kernels", _uld_loss_fused),
-    "fused_linear_kd_loss_fused": ("fused_linear_kd_loss", "kernels",
-                                   _fused_linear_kd_loss_fused),
-    "fused_linear_sparse_kd_loss_fused": ("sparse_kd_loss", "kernels",
-                                          _fused_linear_sparse_kd_loss_fused),
-    "fused_linear_logprobs_fused": ("fused_linear_logprobs", "all",
-                                    _fused_linear_logprobs_fused),
+    "fused_linear_kd_loss_fused": ("fused_linear_kd_loss", "kernels", _fused_linear_kd_loss_fused),
+    "fused_linear_sparse_kd_loss_fused": (
+        "sparse_kd_loss",
+        "kernels",
+        _fused_linear_sparse_kd_loss_fused,
+    ),
+    "fused_linear_logprobs_fused": ("fused_linear_logprobs", "all", _fused_linear_logprobs_fused),
     "fused_linear_topk_fused": ("fused_linear_topk", "all", _fused_linear_topk_fused),
     "sinkhorn_solve": ("sinkhorn", "all", _sinkhorn_solve),
     "sinkhorn_loss_envelope": ("sinkhorn", "all", _sinkhorn_loss_envelope),
 }
 
 
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor",
-                 "test_aot_dispatch_dynamic")
+OPCHECK_TESTS = (
+    "test_schema",
+    "test_autograd_registration",
+    "test_faketensor",
+    "test_aot_dispatch_dynamic",
+)
 
 _RESCALED_IN_PLACE = pytest.mark.xfail(
-    raises=OpCheckError, strict=True,
+    raises=OpCheckError,
+    strict=True,
     reason="the eager backward rescales the op's gradient outputs in place; opcheck compares "
-           "outputs after the backward (see the module docstring)")
+    "outputs after the backward (see the module docstring)",
+)
 
 
 def _samples():
@@ -173,8 +340,11 @@ def _samples():
         if name not in SAMPLES:
             continue  # test_every_custom_op_has_samples reports it
         op, which, make = SAMPLES[name]
-        backends = (kernel_backends(op, "cpu") if which == "kernels"
-                    else fastkd.available_backends(op, "cpu"))
+        backends = (
+            kernel_backends(op, "cpu")
+            if which == "kernels"
+            else fastkd.available_backends(op, "cpu")
+        )
         for backend in backends:
             marks = [pytest.mark.triton] if backend_spec(op, backend).needs_triton else []
             for i, (args, rescaled) in enumerate(make(backend)):
@@ -183,10 +353,18 @@ def _samples():
 
 
 def _opcheck_cases():
-    return [pytest.param(name, args, check, id=f"{case}-{check}", marks=marks + (
-                [_RESCALED_IN_PLACE] if rescaled and check == "test_aot_dispatch_dynamic"
-                else []))
-            for name, case, args, rescaled, marks in _samples() for check in OPCHECK_TESTS]
+    return [
+        pytest.param(
+            name,
+            args,
+            check,
+            id=f"{case}-{check}",
+            marks=marks
+            + ([_RESCALED_IN_PLACE] if rescaled and check == "test_aot_dispatch_dynamic" else []),
+        )
+        for name, case, args, rescaled, marks in _samples()
+        for check in OPCHECK_TESTS
+    ]
 
 
 def test_every_custom_op_has_samples():
@@ -199,9 +377,14 @@ def test_opcheck(name, args, check):
     torch.library.opcheck(getattr(torch.ops.fastkd, name).default, args, test_utils=check)
 
 
-@pytest.mark.parametrize("name,args", [
-    pytest.param(name, args, id=case, marks=marks)
-    for name, case, args, rescaled, marks in _samples() if rescaled])
+@pytest.mark.parametrize(
+    "name,args",
+    [
+        pytest.param(name, args, id=case, marks=marks)
+        for name, case, args, rescaled, marks in _samples()
+        if rescaled
+    ],
+)
 def test_rescaled_gradients_match_compiled(name, args):
     op = getattr(torch.ops.fastkd, name).default
     inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
@@ -216,6 +399,7 @@ def test_rescaled_gradients_match_compiled(name, args):
 
 
 # ---- the declarations -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("op", sorted(ops()))
 def test_declarations_are_consistent(op):

@@ -9,8 +9,11 @@ import torch
 
 import fastkd.ot.losses as ot_losses
 from fastkd.ot import l1_cost, sequence_ot_loss, sinkd_loss, sinkhorn_loss
-from fastkd.reference.ot_losses import (pairwise_cost_reference, sequence_ot_loss_reference,
-                                        sinkd_loss_reference)
+from fastkd.reference.ot_losses import (
+    pairwise_cost_reference,
+    sequence_ot_loss_reference,
+    sinkd_loss_reference,
+)
 
 from helpers import FLOAT64_TOL
 
@@ -77,8 +80,7 @@ SINKD_CASES = [  # (parity, value, cost)
 @pytest.mark.parametrize("parity,value,cost", SINKD_CASES)
 def test_sinkd_matches_reference(dtype, parity, value, cost):
     zs, zt, labels = batch_inputs(dtype)
-    opts = dict(temperature=1.5, eps=0.2, cost=cost, labels=labels, parity=parity,
-                value=value)
+    opts = dict(temperature=1.5, eps=0.2, cost=cost, labels=labels, parity=parity, value=value)
     solve = TIGHT if dtype == torch.float64 else LOOSE
     got = sinkd_loss(zs, zt, **opts, **solve)
     (g_got,) = torch.autograd.grad(got, zs)
@@ -100,8 +102,9 @@ def test_sinkd_matches_reference(dtype, parity, value, cost):
 @pytest.mark.parametrize("cost", COSTS)
 def test_sequence_matches_reference(dtype, parity, cost):
     xs, xt, ms, mt = sequence_inputs(dtype)
-    opts = dict(student_mask=ms, teacher_mask=mt, cost=cost, eps=0.5, parity=parity,
-                reduction="none")
+    opts = dict(
+        student_mask=ms, teacher_mask=mt, cost=cost, eps=0.5, parity=parity, reduction="none"
+    )
     solve = TIGHT if dtype == torch.float64 else LOOSE
     got = sequence_ot_loss(xs, xt, **opts, **solve)
     weights = torch.tensor([1.0, 2.0, 3.0], dtype=dtype)
@@ -119,9 +122,14 @@ def test_sequence_matches_reference(dtype, parity, cost):
 @pytest.mark.parametrize("masks", ["student", "teacher", "none"])
 def test_sequence_one_or_no_mask(parity, masks):
     xs, xt, ms, mt = sequence_inputs(torch.float32)
-    opts = dict(student_mask=ms if masks == "student" else None,
-                teacher_mask=mt if masks == "teacher" else None, cost="l1", eps=0.5,
-                parity=parity, reduction="none")
+    opts = dict(
+        student_mask=ms if masks == "student" else None,
+        teacher_mask=mt if masks == "teacher" else None,
+        cost="l1",
+        eps=0.5,
+        parity=parity,
+        reduction="none",
+    )
     got = sequence_ot_loss(xs, xt, **opts)
     g_got = torch.autograd.grad(got.sum(), (xs, xt))
     xs64, xt64 = (t.detach().double().requires_grad_() for t in (xs, xt))
@@ -156,8 +164,7 @@ def test_sinkd_parity_one_round_by_hand():
 @pytest.mark.parametrize("eps,n_iters", [(1.0, 2), (1.0, 20), (0.1, 20), (0.3, 7)])
 def test_sinkd_parity_matches_published_loop(eps, n_iters):
     _, expected = published_rounds(HAND_C, eps, n_iters)
-    got = sinkd_loss(logits_of(HAND_Q), logits_of(HAND_P), eps=eps, parity=True,
-                     n_iters=n_iters)
+    got = sinkd_loss(logits_of(HAND_Q), logits_of(HAND_P), eps=eps, parity=True, n_iters=n_iters)
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -176,7 +183,7 @@ def test_sinkd_parity_converges_to_n_times_default():
     # sums: N times the plan between uniform weights 1/N that the default solver returns.
     zs, zt, labels = batch_inputs(torch.float64)
     n_valid = int((labels != -100).sum())
-    eps = torch.tensor(0.3, dtype=torch.float32).item()   # the solver holds eps in float32
+    eps = torch.tensor(0.3, dtype=torch.float32).item()  # the solver holds eps in float32
     parity = sinkd_loss(zs, zt, labels=labels, eps=eps, parity=True, n_iters=2000)
     converged = sinkd_loss(zs, zt, labels=labels, eps=eps, **TIGHT)
     torch.testing.assert_close(parity, n_valid * converged, atol=1e-10, rtol=1e-9)
@@ -187,20 +194,23 @@ def test_sequence_parity_puts_teacher_on_rows():
     # teacher positions the rounds end on the student columns, so the plan's mass is 2.
     xs = torch.tensor([[[0.9, 0.1], [0.4, 0.6]]], dtype=torch.float64)
     xt = torch.tensor([[[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]]], dtype=torch.float64)
-    cost_ts = [[sum(abs(a - b) for a, b in zip(t, s)) for s in xs[0].tolist()]
-               for t in xt[0].tolist()]
+    cost_ts = [
+        [sum(abs(a - b) for a, b in zip(t, s)) for s in xs[0].tolist()] for t in xt[0].tolist()
+    ]
     plan, expected = published_rounds(cost_ts, 0.5, 3)
     assert sum(map(sum, plan)) == pytest.approx(2.0)
     _, student_rows = published_rounds([list(r) for r in zip(*cost_ts)], 0.5, 3)
-    assert abs(student_rows - expected) > 1e-3     # the orientation matters here
+    assert abs(student_rows - expected) > 1e-3  # the orientation matters here
     got = sequence_ot_loss(xs, xt, cost="l1", eps=0.5, parity=True, n_iters=3)
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
 # ---- the converged solver ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype,backend", [(torch.float64, "torch"), (torch.float32, "cpu"),
-                                           (torch.float32, "torch")])
+
+@pytest.mark.parametrize(
+    "dtype,backend", [(torch.float64, "torch"), (torch.float32, "cpu"), (torch.float32, "torch")]
+)
 def test_sinkd_equals_sinkhorn_loss_on_formed_cost(dtype, backend):
     zs, zt, _ = batch_inputs(dtype, rows=6, vocab=9)
     q = torch.softmax(zs.detach() / 2.0, -1)
@@ -219,7 +229,7 @@ def test_sinkd_identical_pair_closed_form(eps):
     z = logits_of([[0.8, 0.15, 0.05], [0.1, 0.3, 0.6]])
     c = (torch.softmax(z[0], -1) - torch.softmax(z[1], -1)).abs().sum().item()
     got = sinkd_loss(z, z, eps=eps, eps_scaling=0.5, **TIGHT)
-    eps32 = torch.tensor(eps, dtype=torch.float32).item()   # the solver holds eps in float32
+    eps32 = torch.tensor(eps, dtype=torch.float32).item()  # the solver holds eps in float32
     assert got.item() == pytest.approx(c * sigmoid(-c / eps32), rel=1e-9, abs=1e-15)
 
 
@@ -228,8 +238,10 @@ def test_sinkd_identical_sets_bounds():
     z = zs.detach()
     p = torch.softmax(z, -1)
     mean_cost = torch.cdist(p, p, p=1.0).mean().item()
-    losses = [sinkd_loss(z, z, eps=eps, eps_scaling=0.5, max_iters=20000).item()
-              for eps in (1.0, 0.1, 0.01)]
+    losses = [
+        sinkd_loss(z, z, eps=eps, eps_scaling=0.5, max_iters=20000).item()
+        for eps in (1.0, 0.1, 0.01)
+    ]
     # <P, C> <= <a b^T, C> (a b^T has zero KL), decreasing in eps towards the unregularized
     # value 0 (the identity plan).
     assert mean_cost >= losses[0]
@@ -239,6 +251,7 @@ def test_sinkd_identical_sets_bounds():
 
 # ---- gradients ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("parity,value", [(False, "objective"), (True, "transport")])
 def test_sinkd_gradcheck(parity, value):
     # The envelope gradient (dC = P) is the exact derivative of the objective at convergence;
@@ -247,25 +260,40 @@ def test_sinkd_gradcheck(parity, value):
     zs, zt, labels = batch_inputs(torch.float64, rows=5, vocab=6)
 
     def loss(z):
-        return sinkd_loss(z, zt, labels=labels, eps=0.3, parity=parity, value=value,
-                          n_iters=5, **TIGHT)
+        return sinkd_loss(
+            z, zt, labels=labels, eps=0.3, parity=parity, value=value, n_iters=5, **TIGHT
+        )
 
     assert torch.autograd.gradcheck(loss, (zs,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("parity,value,cost,eps", [(False, "objective", "sqeuclidean", 2.0),
-                                                   (False, "objective", "cosine", 0.5),
-                                                   (True, "transport", "l2", 0.5)])
+@pytest.mark.parametrize(
+    "parity,value,cost,eps",
+    [
+        (False, "objective", "sqeuclidean", 2.0),
+        (False, "objective", "cosine", 0.5),
+        (True, "transport", "l2", 0.5),
+    ],
+)
 def test_sequence_gradcheck(parity, value, cost, eps):
     xs, xt, ms, mt = sequence_inputs(torch.float64)
 
     def loss(s, t):
-        return sequence_ot_loss(s, t, student_mask=ms, teacher_mask=mt, cost=cost, eps=eps,
-                                parity=parity, value=value, n_iters=4, **TIGHT)
+        return sequence_ot_loss(
+            s,
+            t,
+            student_mask=ms,
+            teacher_mask=mt,
+            cost=cost,
+            eps=eps,
+            parity=parity,
+            value=value,
+            n_iters=4,
+            **TIGHT,
+        )
 
     # fast mode: directional derivatives along random vectors, both inputs at once
-    assert torch.autograd.gradcheck(loss, (xs, xt), eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(loss, (xs, xt), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("parity", [False, True])
@@ -278,6 +306,7 @@ def test_sinkd_teacher_gets_no_grad(parity):
 
 
 # ---- masking -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("parity", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -314,8 +343,16 @@ def test_sequence_masked_positions_do_not_leak(parity, cost):
     gs, gt = xs.detach().clone(), xt.detach().clone()
     gs[ms == 0], gt[mt == 0] = float("nan"), float("-inf")
     gs.requires_grad_(), gt.requires_grad_()
-    loss = sequence_ot_loss(gs, gt, student_mask=ms.bool(), teacher_mask=mt.float(),
-                            cost=cost, parity=parity, eps=0.5, reduction="none")
+    loss = sequence_ot_loss(
+        gs,
+        gt,
+        student_mask=ms.bool(),
+        teacher_mask=mt.float(),
+        cost=cost,
+        parity=parity,
+        eps=0.5,
+        reduction="none",
+    )
     loss.sum().backward()
     for k in range(3):
         s = xs.detach()[k][ms[k] == 1][None]
@@ -336,13 +373,13 @@ def test_sequence_reductions(parity):
     opts = dict(student_mask=ms, teacher_mask=mt, parity=parity, **TIGHT)
     per_seq = sequence_ot_loss(xs, xt, reduction="none", **opts)
     assert per_seq.shape == (3,) and per_seq[1].item() == 0.0
-    torch.testing.assert_close(sequence_ot_loss(xs, xt, reduction="sum", **opts),
-                               per_seq.sum())
+    torch.testing.assert_close(sequence_ot_loss(xs, xt, reduction="sum", **opts), per_seq.sum())
     # the empty sequence is left out of the mean
     torch.testing.assert_close(sequence_ot_loss(xs, xt, **opts), per_seq.sum() / 2)
 
 
 # ---- layouts and dtypes ------------------------------------------------------------------------
+
 
 def test_sinkd_leading_shape_and_vocab_prefix():
     g = torch.Generator().manual_seed(3)
@@ -362,7 +399,7 @@ def test_sinkd_leading_shape_and_vocab_prefix():
 def test_sinkd_low_precision_and_neg_inf():
     zs, zt, labels = batch_inputs(torch.float32)
     zs_bf16 = zs.detach().to(torch.bfloat16)
-    zs_bf16[0, :3] = float("-inf")          # outside the support
+    zs_bf16[0, :3] = float("-inf")  # outside the support
     zs_bf16.requires_grad_()
     loss = sinkd_loss(zs_bf16, zt.to(torch.float16), labels=labels)
     loss.backward()
@@ -372,8 +409,9 @@ def test_sinkd_low_precision_and_neg_inf():
     assert torch.isfinite(zs_bf16.grad.float()).all()
 
 
-@pytest.mark.parametrize("shape_x,shape_y", [((5, 9), (4, 9)), ((2, 5, 9), (2, 3, 9)),
-                                             ((1, 1, 1), (1, 6, 1))])
+@pytest.mark.parametrize(
+    "shape_x,shape_y", [((5, 9), (4, 9)), ((2, 5, 9), (2, 3, 9)), ((1, 1, 1), (1, 6, 1))]
+)
 def test_l1_cost_tiles_match_materialized(monkeypatch, shape_x, shape_y):
     # The tiled backward pass (the default off CPU); a tile budget far below n * m * d forces
     # tiles over both rows and features.
@@ -401,8 +439,7 @@ def test_reference_costs_match_pairwise_cost():
     y = torch.randn(5, 3, generator=g, dtype=torch.float64)
     y[0] = 0.0
     for kind in COSTS:
-        torch.testing.assert_close(ot_losses._cost(kind, x, y),
-                                   pairwise_cost_reference(kind, x, y))
+        torch.testing.assert_close(ot_losses._cost(kind, x, y), pairwise_cost_reference(kind, x, y))
 
 
 # ---- bad inputs --------------------------------------------------------------------------------
@@ -411,8 +448,11 @@ Z = torch.randn(4, 6)
 SEQ_S, SEQ_T = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
 
 SINKD_BAD = [
-    (dict(student_logits=torch.randn(4, 6), teacher_logits=torch.randn(5, 6)), ValueError,
-     r"\(4, 6\).*\(5, 6\)"),
+    (
+        dict(student_logits=torch.randn(4, 6), teacher_logits=torch.randn(5, 6)),
+        ValueError,
+        r"\(4, 6\).*\(5, 6\)",
+    ),
     (dict(student_logits=torch.randint(0, 3, (4, 6))), TypeError, "floating point"),
     (dict(eps=0.0), ValueError, "eps .* got 0.0"),
     (dict(eps=-1.0), ValueError, "eps"),

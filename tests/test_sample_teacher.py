@@ -10,20 +10,32 @@ import torch
 import fastkd
 from fastkd.reference.sample_teacher import philox4x32_10, sample_teacher_reference
 
-from helpers import (SAMPLE_TEACHER_CASES, check_well_formed, chi2_sf, column_major,
-                     compiled_backends, long_tailed_logits)
+from helpers import (
+    SAMPLE_TEACHER_CASES,
+    check_well_formed,
+    chi2_sf,
+    column_major,
+    compiled_backends,
+    long_tailed_logits,
+)
 
 # Triton runs in its interpreter here, too slowly for these sizes: test_sample_teacher_triton.py
 # covers it on small cases.
 BACKENDS = compiled_backends("sample_teacher")
 
 
-@pytest.mark.parametrize("counter,key,expected", [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-])
+@pytest.mark.parametrize(
+    "counter,key,expected",
+    [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ],
+)
 def test_philox_known_answers(counter, key, expected):
     """Random123's known-answer vectors of Philox4x32-10."""
     words = philox4x32_10(tuple(torch.tensor([c]) for c in counter), key)
@@ -37,13 +49,24 @@ def test_matches_reference(backend, dtype, vocab, num_samples, temperature):
     where a uniform falls within float rounding of a cumulative-probability boundary) and
     weights count / N (importance weights for T != 1, to fp32 rounding)."""
     logits = long_tailed_logits(41, vocab, seed=vocab).to(dtype)
-    targets = fastkd.sample_teacher(logits, num_samples=num_samples, temperature=temperature,
-                                    seed=11, token_offset=5, backend=backend,
-                                    return_logprobs=True)
+    targets = fastkd.sample_teacher(
+        logits,
+        num_samples=num_samples,
+        temperature=temperature,
+        seed=11,
+        token_offset=5,
+        backend=backend,
+        return_logprobs=True,
+    )
     check_well_formed(targets, num_samples, vocab, temperature)
     ids, weights, logprobs = sample_teacher_reference(
-        logits, num_samples=num_samples, temperature=temperature, seed=11, token_offset=5,
-        return_logprobs=True)
+        logits,
+        num_samples=num_samples,
+        temperature=temperature,
+        seed=11,
+        token_offset=5,
+        return_logprobs=True,
+    )
     same = (targets.ids == ids).all(-1)
     assert same.float().mean() >= 0.95, f"{int((~same).sum())} of 41 rows differ"
     torch.testing.assert_close(targets.weights[same], weights[same], rtol=1e-5, atol=0)
@@ -57,8 +80,9 @@ def test_same_draws_whatever_the_batch_split_or_layout(backend):
     logits = long_tailed_logits(4 * 9, 2000, seed=3).reshape(4, 9, 2000)
     whole = fastkd.sample_teacher(logits, seed=5, backend=backend)
     for begin, end in [(0, 1), (1, 3), (3, 4)]:
-        part = fastkd.sample_teacher(logits[begin:end], seed=5, token_offset=begin * 9,
-                                     backend=backend)
+        part = fastkd.sample_teacher(
+            logits[begin:end], seed=5, token_offset=begin * 9, backend=backend
+        )
         assert torch.equal(part.ids, whole.ids[begin:end])
         assert torch.equal(part.weights, whole.weights[begin:end])
     # A non-contiguous copy of the same values samples the same.
@@ -79,8 +103,9 @@ def test_empirical_distribution_matches_softmax(backend, temperature):
     logits = torch.randn(30, generator=g) * 1.5
     logits[7] = -math.inf
     rows, n = 4000, 50
-    targets = fastkd.sample_teacher(logits.expand(rows, 30), num_samples=n,
-                                    temperature=temperature, seed=123, backend=backend)
+    targets = fastkd.sample_teacher(
+        logits.expand(rows, 30), num_samples=n, temperature=temperature, seed=123, backend=backend
+    )
     counts = torch.zeros(30, dtype=torch.float64)
     kept = targets.ids >= 0
     draws = (targets.weights * n).round() if temperature == 1.0 else None
@@ -97,17 +122,23 @@ def test_empirical_distribution_matches_softmax(backend, temperature):
     assert chi2_sf(stat, int(live.sum()) - 1) > 1e-3, stat
 
 
-@pytest.mark.parametrize("device,backend",
-                         [("cpu", b) for b in BACKENDS]
-                         + [pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(
+    "device,backend",
+    [("cpu", b) for b in BACKENDS] + [pytest.param("cuda", "cuda", marks=pytest.mark.gpu)],
+)
 def test_importance_weights_are_unbiased(device, backend):
     """With a proposal at T = 2, the mean target over many tokens approaches p = softmax(z)."""
     if backend not in fastkd.available_backends("sample_teacher", device):
         pytest.skip(f"fastkd was built without its {backend} kernels")
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(40, generator=g) * 2
-    targets = fastkd.sample_teacher(logits.expand(20000, 40).to(device), num_samples=20,
-                                    temperature=2.0, seed=9, backend=backend).to("cpu")
+    targets = fastkd.sample_teacher(
+        logits.expand(20000, 40).to(device),
+        num_samples=20,
+        temperature=2.0,
+        seed=9,
+        backend=backend,
+    ).to("cpu")
     dense = torch.zeros(20000, 40, dtype=torch.float64)
     kept = targets.ids >= 0
     dense[kept.nonzero()[:, 0], targets.ids[kept].long()] = targets.weights[kept].double()
@@ -120,9 +151,9 @@ def test_importance_weights_are_unbiased(device, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_support_and_degenerate_rows(backend):
     logits = torch.randn(3, 50)
-    logits[0, :] = -math.inf           # no mass: no draws
-    logits[1, :49] = -math.inf         # one id left: all draws on it
-    logits[2, ::2] = -math.inf         # never an id of zero probability
+    logits[0, :] = -math.inf  # no mass: no draws
+    logits[1, :49] = -math.inf  # one id left: all draws on it
+    logits[2, ::2] = -math.inf  # never an id of zero probability
     targets = fastkd.sample_teacher(logits, num_samples=16, backend=backend)
     assert torch.all(targets.ids[0] == -1) and torch.all(targets.weights[0] == 0)
     assert targets.ids[1, 0] == 49 and targets.weights[1, 0] == 1.0
@@ -131,9 +162,11 @@ def test_support_and_degenerate_rows(backend):
     assert torch.all(kept % 2 == 1)
 
 
-SAMPLERS = [dict(backend=b) for b in BACKENDS] + [
-    dict(method="priority", k=3, num_samples=None, backend=b) for b in ("cpu", "torch")] + [
-    dict(method="topk", k=3, tail=tail) for tail in ("renorm", "bucket", "label")]
+SAMPLERS = (
+    [dict(backend=b) for b in BACKENDS]
+    + [dict(method="priority", k=3, num_samples=None, backend=b) for b in ("cpu", "torch")]
+    + [dict(method="topk", k=3, tail=tail) for tail in ("renorm", "bucket", "label")]
+)
 
 
 @pytest.mark.parametrize("kwargs", SAMPLERS, ids=lambda kw: "-".join(map(str, kw.values())))
@@ -186,8 +219,7 @@ def test_topk_tails():
     renorm = fastkd.sample_teacher(logits, method="topk", k=4, tail="renorm")
     torch.testing.assert_close(renorm.weights.double(), top.values / top.values.sum(-1, True))
     assert torch.equal(renorm.ids.long(), top.indices)
-    bucket = fastkd.sample_teacher(logits, method="topk", k=4, tail="bucket",
-                                   return_logprobs=True)
+    bucket = fastkd.sample_teacher(logits, method="topk", k=4, tail="bucket", return_logprobs=True)
     torch.testing.assert_close(bucket.weights.double(), top.values)
     torch.testing.assert_close(bucket.tail_mass.double(), 1 - top.values.sum(-1))
     torch.testing.assert_close(bucket.logprobs.double(), top.values.log())
@@ -212,32 +244,49 @@ def test_float64_and_other_devices_use_the_reference():
     assert torch.equal(targets.ids, ids) and torch.equal(targets.weights, weights)
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(num_samples=0), ValueError, "num_samples"),
-    (dict(method="topp"), ValueError, "method"),
-    (dict(method="topk"), ValueError, r"k in \[1, V=10\]"),
-    (dict(method="topk", k=11, tail="renorm"), ValueError, r"k in \[1, V=10\]"),
-    (dict(method="topk", k=3), ValueError, "tail"),
-    (dict(method="topk", k=3, tail="renorm", temperature=2.0), ValueError, "temperature"),
-    (dict(method="topk", k=3, tail="label"), TypeError, "labels"),
-    (dict(method="topk", k=3, tail="label", labels=torch.tensor([1, 2])), ValueError,
-     r"leading shape \(4,\)"),
-    (dict(method="topk", k=3, tail="label", labels=torch.tensor([1, 2, 3, 10])), ValueError,
-     r"\[10\]"),
-    (dict(k=3), ValueError, "method='topk'"),
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(seed=-1), ValueError, "seed"),
-    (dict(token_offset=-2), ValueError, "token_offset"),
-    (dict(token_offset=2**63), ValueError, r"token_offset must be an int in \[0, "),
-    (dict(token_offset=1.5), ValueError, "token_offset"),
-    (dict(num_samples=2**31), ValueError, r"num_samples must be an int in \[1, 2147483647\]"),
-    (dict(num_samples=True), ValueError, "num_samples"),
-    (dict(seed=2**64), ValueError, "seed"),
-    (dict(temperature=1e-50), ValueError, "temperature"),
-    (dict(method="topk", k=3, tail="label", labels=torch.tensor([1, 2, 3, 4], dtype=torch.uint8)),
-     ValueError, "cannot equal ignore_index=-100"),
-    (dict(backend="cuda"), RuntimeError, "backend 'cuda' runs on cuda tensors"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(num_samples=0), ValueError, "num_samples"),
+        (dict(method="topp"), ValueError, "method"),
+        (dict(method="topk"), ValueError, r"k in \[1, V=10\]"),
+        (dict(method="topk", k=11, tail="renorm"), ValueError, r"k in \[1, V=10\]"),
+        (dict(method="topk", k=3), ValueError, "tail"),
+        (dict(method="topk", k=3, tail="renorm", temperature=2.0), ValueError, "temperature"),
+        (dict(method="topk", k=3, tail="label"), TypeError, "labels"),
+        (
+            dict(method="topk", k=3, tail="label", labels=torch.tensor([1, 2])),
+            ValueError,
+            r"leading shape \(4,\)",
+        ),
+        (
+            dict(method="topk", k=3, tail="label", labels=torch.tensor([1, 2, 3, 10])),
+            ValueError,
+            r"\[10\]",
+        ),
+        (dict(k=3), ValueError, "method='topk'"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(token_offset=-2), ValueError, "token_offset"),
+        (dict(token_offset=2**63), ValueError, r"token_offset must be an int in \[0, "),
+        (dict(token_offset=1.5), ValueError, "token_offset"),
+        (dict(num_samples=2**31), ValueError, r"num_samples must be an int in \[1, 2147483647\]"),
+        (dict(num_samples=True), ValueError, "num_samples"),
+        (dict(seed=2**64), ValueError, "seed"),
+        (dict(temperature=1e-50), ValueError, "temperature"),
+        (
+            dict(
+                method="topk",
+                k=3,
+                tail="label",
+                labels=torch.tensor([1, 2, 3, 4], dtype=torch.uint8),
+            ),
+            ValueError,
+            "cannot equal ignore_index=-100",
+        ),
+        (dict(backend="cuda"), RuntimeError, "backend 'cuda' runs on cuda tensors"),
+    ],
+)
 def test_bad_input_raises(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fastkd.sample_teacher(torch.randn(4, 10), **kwargs)

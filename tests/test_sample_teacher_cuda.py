@@ -17,14 +17,21 @@ import torch
 import fastkd
 from fastkd.reference.sample_teacher import sample_teacher_reference
 
-from helpers import (HAS_CUDA, SAMPLE_TEACHER_CASES, check_well_formed, chi2_sf, column_major,
-                     long_tailed_logits)
+from helpers import (
+    HAS_CUDA,
+    SAMPLE_TEACHER_CASES,
+    check_well_formed,
+    chi2_sf,
+    column_major,
+    long_tailed_logits,
+)
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(HAS_CUDA and "cuda" not in fastkd.available_backends("sample_teacher",
-                                                                             "cuda"),
-                       reason="fastkd was built without its CUDA kernels"),
+    pytest.mark.skipif(
+        HAS_CUDA and "cuda" not in fastkd.available_backends("sample_teacher", "cuda"),
+        reason="fastkd was built without its CUDA kernels",
+    ),
 ]
 TRITON = HAS_CUDA and "triton" in fastkd.available_backends("sample_teacher", "cuda")
 
@@ -80,37 +87,56 @@ def compare_rows(targets, other, *, min_same, rtol, atol):
 # (dtype, V, N, temperature, rows, sampler seed, token offset, share of rows identical to the
 # reference, share of draws allowed to differ or None): the shared SAMPLE_TEACHER_CASES, and many
 # draws per row.
-REFERENCE_CASES = ([(*case, 41, 11, 5, 0.95, None) for case in SAMPLE_TEACHER_CASES]
-                   + [(*case, 16, 4, 9, 0.8, 1e-3) for case in MANY_DRAWS])
+REFERENCE_CASES = [(*case, 41, 11, 5, 0.95, None) for case in SAMPLE_TEACHER_CASES] + [
+    (*case, 16, 4, 9, 0.8, 1e-3) for case in MANY_DRAWS
+]
 
 
-@pytest.mark.parametrize("dtype,vocab,num_samples,temperature,rows,seed,token_offset,min_same,"
-                         "max_differing", REFERENCE_CASES)
-def test_matches_reference(dtype, vocab, num_samples, temperature, rows, seed, token_offset,
-                           min_same, max_differing):
+@pytest.mark.parametrize(
+    "dtype,vocab,num_samples,temperature,rows,seed,token_offset,min_same,max_differing",
+    REFERENCE_CASES,
+)
+def test_matches_reference(
+    dtype, vocab, num_samples, temperature, rows, seed, token_offset, min_same, max_differing
+):
     logits = long_tailed_logits(rows, vocab, seed=vocab).to(dtype)
-    kwargs = dict(num_samples=num_samples, temperature=temperature, seed=seed,
-                  token_offset=token_offset, return_logprobs=True)
+    kwargs = dict(
+        num_samples=num_samples,
+        temperature=temperature,
+        seed=seed,
+        token_offset=token_offset,
+        return_logprobs=True,
+    )
     targets = sample(logits, **kwargs)
     check_well_formed(targets, num_samples, vocab, temperature)
     reference = sample_teacher_reference(logits, **kwargs)
     compare_rows(targets, reference, min_same=min_same, rtol=1e-5, atol=1e-5)
     assert targets.method == "random" and targets.num_samples == num_samples
     if max_differing is not None:
-        assert differing_draws((targets.ids, targets.weights), reference, logits, num_samples,
-                               temperature) <= max_differing
+        assert (
+            differing_draws(
+                (targets.ids, targets.weights), reference, logits, num_samples, temperature
+            )
+            <= max_differing
+        )
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton backend cannot run here")
 @pytest.mark.parametrize("dtype,vocab,num_samples,temperature", SAMPLE_TEACHER_CASES)
 def test_matches_triton(dtype, vocab, num_samples, temperature):
     logits = long_tailed_logits(41, vocab, seed=vocab + 1).to(dtype)
-    kwargs = dict(num_samples=num_samples, temperature=temperature, seed=3, token_offset=2**33,
-                  return_logprobs=True)
+    kwargs = dict(
+        num_samples=num_samples,
+        temperature=temperature,
+        seed=3,
+        token_offset=2**33,
+        return_logprobs=True,
+    )
     targets = sample(logits, **kwargs)
     triton = sample(logits, backend="triton", **kwargs)
-    compare_rows(targets, (triton.ids, triton.weights, triton.logprobs), min_same=0.95,
-                 rtol=1e-5, atol=1e-5)
+    compare_rows(
+        targets, (triton.ids, triton.weights, triton.logprobs), min_same=0.95, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype,vocab,num_samples,temperature", LARGE_VOCAB)
@@ -118,18 +144,27 @@ def test_large_vocabulary(dtype, vocab, num_samples, temperature):
     """Long rows against the reference and the Triton kernel: nearly all rows identical, and
     few draws differing (each a draw within rounding of a column boundary)."""
     logits = long_tailed_logits(64, vocab, seed=7).to(dtype)
-    kwargs = dict(num_samples=num_samples, temperature=temperature, seed=1,
-                  return_logprobs=True)
+    kwargs = dict(num_samples=num_samples, temperature=temperature, seed=1, return_logprobs=True)
     targets = sample(logits, **kwargs)
     check_well_formed(targets, num_samples, vocab, temperature)
     reference = sample_teacher_reference(logits, **kwargs)
     compare_rows(targets, reference, min_same=0.9, rtol=5e-5, atol=5e-5)
-    assert differing_draws((targets.ids, targets.weights), reference, logits, num_samples,
-                           temperature) <= 2e-3
+    assert (
+        differing_draws((targets.ids, targets.weights), reference, logits, num_samples, temperature)
+        <= 2e-3
+    )
     if TRITON:
         triton = sample(logits, backend="triton", **kwargs)
-        assert differing_draws((targets.ids, targets.weights), (triton.ids, triton.weights),
-                               logits, num_samples, temperature) <= 1e-2
+        assert (
+            differing_draws(
+                (targets.ids, targets.weights),
+                (triton.ids, triton.weights),
+                logits,
+                num_samples,
+                temperature,
+            )
+            <= 1e-2
+        )
 
 
 def test_same_draws_whatever_the_batch_split_or_layout():
@@ -169,12 +204,12 @@ def test_runs_on_the_current_stream():
 
 def test_support_and_degenerate_rows():
     logits = torch.randn(5, 1100)
-    logits[0, :] = -math.inf            # no mass: no draws
-    logits[1, :1099] = -math.inf        # one id left: all draws on it
-    logits[2, ::2] = -math.inf          # never an id of zero probability
-    logits[3, :] = -math.inf            # one id, in the row's second chunk of columns
+    logits[0, :] = -math.inf  # no mass: no draws
+    logits[1, :1099] = -math.inf  # one id left: all draws on it
+    logits[2, ::2] = -math.inf  # never an id of zero probability
+    logits[3, :] = -math.inf  # one id, in the row's second chunk of columns
     logits[3, 600] = 3.0
-    logits[4, :] = -1e4                 # ids whose mass underflows are never drawn
+    logits[4, :] = -1e4  # ids whose mass underflows are never drawn
     logits[4, 5] = 0.0
     targets = sample(logits, num_samples=16, return_logprobs=True)
     ids, weights, logprobs = targets.ids, targets.weights, targets.logprobs
@@ -186,8 +221,7 @@ def test_support_and_degenerate_rows():
     assert len(kept) > 0 and torch.all(kept % 2 == 1)
 
 
-@pytest.mark.parametrize("bad,temperature", [(float("nan"), 1.0), (math.inf, 1.0),
-                                             (3e38, 0.5)])
+@pytest.mark.parametrize("bad,temperature", [(float("nan"), 1.0), (math.inf, 1.0), (3e38, 0.5)])
 def test_nan_or_positive_inf_raises(bad, temperature):
     """NaN or +inf in z / T (3e38 / 0.5 overflows) flags the row; rows without mass do not."""
     logits = torch.randn(4, 700)
@@ -206,8 +240,9 @@ def test_empirical_distribution_matches_softmax(temperature):
     logits[7] = -math.inf
     rows, n = 4000, 50
     targets = sample(logits.expand(rows, 30), num_samples=n, temperature=temperature, seed=123)
-    counts = draw_counts(targets.ids, targets.weights, logits.expand(rows, 30), n,
-                         temperature).sum(0)
+    counts = draw_counts(targets.ids, targets.weights, logits.expand(rows, 30), n, temperature).sum(
+        0
+    )
     assert counts[7] == 0 and counts.sum() == rows * n
     expected = torch.softmax(logits.double() / temperature, -1) * rows * n
     live = expected > 0
@@ -218,6 +253,9 @@ def test_empirical_distribution_matches_softmax(temperature):
 def test_too_many_draws_for_shared_memory_raise():
     """16 bytes of shared memory per draw: 10^6 draws exceed every GPU's, and the error says how
     many fit."""
-    with pytest.raises(RuntimeError, match=r"num_samples=1000000 .*shared memory.*at most \d+ "
-                                           r"draws per token"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"num_samples=1000000 .*shared memory.*at most \d+ "
+        r"draws per token",
+    ):
         sample(torch.randn(2, 100), num_samples=10**6)

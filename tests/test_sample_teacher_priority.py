@@ -44,11 +44,12 @@ def test_native_matches_reference(dtype, vocab, k):
     """Same ids on every row (both rank float64 keys, equal keys by id), weights and log p to
     fp32 rounding; rows with -inf entries and a row without mass included."""
     logits = long_tailed_logits(41, vocab, seed=vocab).to(dtype)
-    logits[:4, vocab // 2:] = -math.inf
+    logits[:4, vocab // 2 :] = -math.inf
     logits[4] = -math.inf
     got = priority(logits, k, seed=3, token_offset=7, backend="cpu", return_logprobs=True)
     ids, weights, logprobs, bad = priority_sample_reference(
-        logits, k=k, seed=3, token_offset=7, return_logprobs=True)
+        logits, k=k, seed=3, token_offset=7, return_logprobs=True
+    )
     assert not bad.any() and torch.equal(got.ids, ids)
     assert torch.all(got.ids[4] == -1)
     torch.testing.assert_close(got.weights, weights, rtol=1e-6, atol=0)
@@ -119,8 +120,7 @@ def test_k_distinct_sorted_ids_with_padding():
     assert torch.all(p_kept[kept] > 0) and torch.all(w[~kept] == 0)
     # w = max(p, tau) >= p, and logprobs are log p
     assert torch.all(w[kept] >= (p_kept[kept] * (1 - 1e-6)).float())
-    torch.testing.assert_close(t.logprobs[kept].double(), p_kept[kept].log(), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(t.logprobs[kept].double(), p_kept[kept].log(), atol=1e-5, rtol=0)
     torch.testing.assert_close(w[:8].sum(-1), torch.ones(8))
     # k = V keeps everything with weights p
     full = priority(logits[8:10, :20], 20, seed=5)
@@ -169,36 +169,42 @@ def test_sparse_kd_loss_backends_agree():
     teacher = long_tailed_logits(40, 500, seed=3)
     student = torch.randn(40, 500)
     targets = priority(teacher, 16, seed=1)
-    losses = [fastkd.sparse_kd_loss(student, targets, backend=b, reduction="none")
-              for b in compiled_backends("sparse_kd_loss")]
+    losses = [
+        fastkd.sparse_kd_loss(student, targets, backend=b, reduction="none")
+        for b in compiled_backends("sparse_kd_loss")
+    ]
     assert len(losses) >= 2
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0], rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_cache_round_trip(tmp_path):
-    targets = priority(long_tailed_logits(2 * 9, 300, seed=4).reshape(2, 9, 300), 8, seed=2,
-                       return_logprobs=True)
-    with TeacherCache.create(tmp_path / "c", vocab_size=300, num_samples=8, method="priority",
-                             seed=2) as writer:
+    targets = priority(
+        long_tailed_logits(2 * 9, 300, seed=4).reshape(2, 9, 300), 8, seed=2, return_logprobs=True
+    )
+    with TeacherCache.create(
+        tmp_path / "c", vocab_size=300, num_samples=8, method="priority", seed=2
+    ) as writer:
         writer.extend(targets)
     read, lengths = TeacherCache.open(tmp_path / "c").batch([0, 1])
     assert lengths.tolist() == [9, 9] and read.method == "priority"
     k = read.num_slots
     assert torch.equal(read.ids, targets.ids[..., :k])
     assert torch.equal(read.weights.view(torch.int32), targets.weights[..., :k].view(torch.int32))
-    assert torch.equal(read.logprobs.view(torch.int32),
-                       targets.logprobs[..., :k].view(torch.int32))
+    assert torch.equal(read.logprobs.view(torch.int32), targets.logprobs[..., :k].view(torch.int32))
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(k=4, temperature=2.0), "temperature must be 1"),
-    (dict(), "needs k in"),
-    (dict(k=0), "needs k in"),
-    (dict(k=11), "needs k in"),
-    (dict(k=4, num_samples=4), "neither num_samples nor tail"),
-    (dict(k=4, tail="renorm"), "neither num_samples nor tail"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(k=4, temperature=2.0), "temperature must be 1"),
+        (dict(), "needs k in"),
+        (dict(k=0), "needs k in"),
+        (dict(k=11), "needs k in"),
+        (dict(k=4, num_samples=4), "neither num_samples nor tail"),
+        (dict(k=4, tail="renorm"), "neither num_samples nor tail"),
+    ],
+)
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         fastkd.sample_teacher(torch.randn(3, 10), method="priority", **kw)

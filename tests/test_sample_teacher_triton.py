@@ -16,8 +16,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.reference.sample_teacher import (philox4x32_10, sample_teacher_reference,
-                                             token_uniforms)
+from fastkd.reference.sample_teacher import philox4x32_10, sample_teacher_reference, token_uniforms
 
 from helpers import check_well_formed, make_logits
 
@@ -25,8 +24,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = [
     pytest.mark.triton,
-    pytest.mark.skipif("triton" not in fastkd.available_backends("sample_teacher", DEVICE),
-                       reason="the Triton backend cannot run here"),
+    pytest.mark.skipif(
+        "triton" not in fastkd.available_backends("sample_teacher", DEVICE),
+        reason="the Triton backend cannot run here",
+    ),
 ]
 CPU_BACKEND = "cpu" in fastkd.available_backends("sample_teacher", "cpu")
 
@@ -52,49 +53,63 @@ if INTERPRET:
             zero + tl.sum(tl.where(lane == 1, c, 0), axis=0),
             zero + tl.sum(tl.where(lane == 2, c, 0), axis=0),
             zero + tl.sum(tl.where(lane == 3, c, 0), axis=0),
-            zero + tl.load(key_ptr), zero + tl.load(key_ptr + 1))
+            zero + tl.load(key_ptr),
+            zero + tl.load(key_ptr + 1),
+        )
         word = tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
         tl.store(out_ptr + lane, word)
 
     @triton.jit
     def _uniform_probe(out_ptr, seed_lo, seed_hi, token, BLOCK_N: tl.constexpr):
-        tl.store(out_ptr + tl.arange(0, BLOCK_N),
-                 _draw_uniforms(seed_lo, seed_hi, token, BLOCK_N))
+        tl.store(out_ptr + tl.arange(0, BLOCK_N), _draw_uniforms(seed_lo, seed_hi, token, BLOCK_N))
 
 
 def _uint32_tensor(words):
-    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words],
-                        dtype=torch.int32).view(torch.uint32)
+    return torch.tensor(
+        [w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32
+    ).view(torch.uint32)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the probes take CPU tensors (the interpreter)")
-@pytest.mark.parametrize("counter,key", [
-    ((0, 0, 0, 0), (0, 0)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)),
-])
+@pytest.mark.parametrize(
+    "counter,key",
+    [
+        ((0, 0, 0, 0), (0, 0)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)),
+    ],
+)
 def test_philox_matches_reference(counter, key):
     """The kernel's Philox4x32-10 against the reference's (which holds Random123's answers)."""
     out = torch.zeros(4, dtype=torch.int32).view(torch.uint32)
     _philox_probe[(1,)](_uint32_tensor(counter), _uint32_tensor(key), out)
     expected = philox4x32_10(tuple(torch.tensor([c]) for c in counter), key)
     assert [int(w) & 0xFFFFFFFF for w in out.view(torch.int32).tolist()] == [
-        int(w) for w in expected]
+        int(w) for w in expected
+    ]
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the probes take CPU tensors (the interpreter)")
 @pytest.mark.parametrize("seed,token", [(0, 0), (11, 5), (2**63 + 12345, 2**33 + 7)])
 def test_uniforms_match_reference(seed, token):
     out = torch.zeros(16)
-    _uniform_probe[(1,)](out, _int32_bits(seed & 0xFFFFFFFF), _int32_bits(seed >> 32), token,
-                         BLOCK_N=16)
+    _uniform_probe[(1,)](
+        out, _int32_bits(seed & 0xFFFFFFFF), _int32_bits(seed >> 32), token, BLOCK_N=16
+    )
     assert torch.equal(out, token_uniforms(seed, torch.tensor([token]), 16)[0])
 
 
 # (V, N, temperature, small_chunks): small_chunks cuts the row into chunks of 64 columns for
 # the stats and LSE passes and 16 for the merge, the paths a single chunk never takes.
-CASES = [(1, 5, 1.0, False), (7, 20, 1.0, False), (300, 20, 1.0, False), (300, 20, 2.0, False),
-         (300, 9, 0.7, False), (300, 20, 1.0, True), (300, 20, 2.0, True)]
+CASES = [
+    (1, 5, 1.0, False),
+    (7, 20, 1.0, False),
+    (300, 20, 1.0, False),
+    (300, 20, 2.0, False),
+    (300, 9, 0.7, False),
+    (300, 20, 1.0, True),
+    (300, 20, 2.0, True),
+]
 
 
 @pytest.mark.parametrize("vocab,num_samples,temperature,small_chunks", CASES)
@@ -102,13 +117,19 @@ CASES = [(1, 5, 1.0, False), (7, 20, 1.0, False), (300, 20, 1.0, False), (300, 2
 def test_matches_cpu_and_reference(monkeypatch, vocab, num_samples, temperature, small_chunks):
     if small_chunks:
         import fastkd.triton.sample_teacher as kernel
+
         monkeypatch.setattr(kernel, "MAX_BLOCK_V", 64)
         monkeypatch.setattr(kernel, "MAX_BLOCK_S", 16)
     logits = make_logits(8, vocab, seed=vocab + num_samples)
     if vocab > 1:
-        logits[:, ::7] = -math.inf     # ids without mass, never drawn
-    kwargs = dict(num_samples=num_samples, temperature=temperature, seed=2**40 + 11,
-                  token_offset=2**32 - 3, return_logprobs=True)
+        logits[:, ::7] = -math.inf  # ids without mass, never drawn
+    kwargs = dict(
+        num_samples=num_samples,
+        temperature=temperature,
+        seed=2**40 + 11,
+        token_offset=2**32 - 3,
+        return_logprobs=True,
+    )
     targets = sample(logits, **kwargs)
     check_well_formed(targets, num_samples, vocab, temperature)
     ids, weights, logprobs = (x.cpu() for x in (targets.ids, targets.weights, targets.logprobs))
@@ -149,9 +170,9 @@ def test_same_draws_whatever_the_batch_split_or_layout():
 
 def test_support_and_degenerate_rows():
     logits = make_logits(3, 50, seed=4)
-    logits[0, :] = -math.inf           # no mass: no draws
-    logits[1, :49] = -math.inf         # one id left: all draws on it
-    logits[2, ::2] = -math.inf         # never an id of zero probability
+    logits[0, :] = -math.inf  # no mass: no draws
+    logits[1, :49] = -math.inf  # one id left: all draws on it
+    logits[2, ::2] = -math.inf  # never an id of zero probability
     targets = sample(logits, num_samples=16, return_logprobs=True)
     ids, weights, logprobs = (x.cpu() for x in (targets.ids, targets.weights, targets.logprobs))
     assert torch.all(ids[0] == -1) and torch.all(weights[0] == 0) and torch.all(logprobs[0] == 0)
@@ -185,6 +206,9 @@ def test_empirical_distribution_matches_softmax():
     expected = torch.softmax(logits.double(), -1) * rows * n
     live = expected > 0
     stat = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
-    p_value = float(torch.special.gammaincc(torch.tensor(2.0, dtype=torch.float64),
-                                            torch.tensor(stat / 2, dtype=torch.float64)))
+    p_value = float(
+        torch.special.gammaincc(
+            torch.tensor(2.0, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)
+        )
+    )
     assert p_value > 1e-3, stat  # 4 degrees of freedom

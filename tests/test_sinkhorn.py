@@ -20,8 +20,10 @@ ot = pytest.importorskip("ot")
 def _backends():
     cases = [("cpu", b) for b in compiled_backends("sinkhorn")]
     if HAS_CUDA:
-        cases += [pytest.param("cuda", b, marks=pytest.mark.gpu)
-                  for b in kernel_backends("sinkhorn", "cuda")]
+        cases += [
+            pytest.param("cuda", b, marks=pytest.mark.gpu)
+            for b in kernel_backends("sinkhorn", "cuda")
+        ]
     return cases
 
 
@@ -49,12 +51,20 @@ def _normalized64(w):
 
 
 def _pot_plan(cost, a, b, eps):
-    return torch.from_numpy(ot.bregman.sinkhorn_log(
-        _normalized64(a).numpy(), _normalized64(b).numpy(), cost.double().cpu().numpy(), eps,
-        numItermax=100000, stopThr=1e-13))
+    return torch.from_numpy(
+        ot.bregman.sinkhorn_log(
+            _normalized64(a).numpy(),
+            _normalized64(b).numpy(),
+            cost.double().cpu().numpy(),
+            eps,
+            numItermax=100000,
+            stopThr=1e-13,
+        )
+    )
 
 
 # ---- closed forms ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_two_point_closed_form(device, backend):
@@ -81,9 +91,10 @@ def test_separable_cost_plan_is_product(device, backend, eps):
     # Exact after one iteration. In fp32 the potentials hold |f| 2^-24 of rounding, which the
     # exponents (f_i - C_ij)/eps carry divided by eps: the measured marginal error has that
     # floor (~1e-5 at |C| ~ 3, eps = 0.01), so tol sits above it.
-    tol = max(1e-6, 8 * cost.abs().max().item() / eps * 2.0 ** -24)
-    r = fastkd.sinkhorn(cost, a, b, eps=eps, tol=tol, check_every=1, return_plan=True,
-                        backend=backend)
+    tol = max(1e-6, 8 * cost.abs().max().item() / eps * 2.0**-24)
+    r = fastkd.sinkhorn(
+        cost, a, b, eps=eps, tol=tol, check_every=1, return_plan=True, backend=backend
+    )
     torch.testing.assert_close(r.plan, a[:, :, None] * b[:, None, :], atol=1e-6, rtol=1e-4)
     assert r.iters.tolist() == [1, 1, 1]
     expected = (a * u).sum(1) + (b * v).sum(1)
@@ -102,8 +113,16 @@ def test_one_dimensional_w1_as_eps_goes_to_zero(device, backend):
     w1 = (x.sort(0).values - y.sort(0).values).abs().mean().item()
     gaps = []
     for eps in (0.05, 0.01, 0.002):
-        r = fastkd.sinkhorn("l1", x=x.to(device), y=y.to(device), eps=eps, eps_scaling=0.5,
-                            tol=1e-6, max_iters=20000, backend=backend)
+        r = fastkd.sinkhorn(
+            "l1",
+            x=x.to(device),
+            y=y.to(device),
+            eps=eps,
+            eps_scaling=0.5,
+            tol=1e-6,
+            max_iters=20000,
+            backend=backend,
+        )
         assert bool(r.converged)
         gap = r.transport_cost.item() - w1
         assert -1e-4 <= gap <= eps * math.log(40) + 1e-4
@@ -112,6 +131,7 @@ def test_one_dimensional_w1_as_eps_goes_to_zero(device, backend):
 
 
 # ---- against POT ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -123,16 +143,23 @@ def test_matches_pot(device, backend, dtype, n, m, eps):
         pytest.skip("float64 runs on the torch backend")
     cost, a, b = _problem(3, n, m, seed=n * 1000 + m, dtype=dtype, device=device)
     tol = 1e-10 if dtype == torch.float64 else 1e-6
-    r = fastkd.sinkhorn(cost, a, b, eps=eps, tol=tol, max_iters=20000, return_plan=True,
-                        backend=backend)
+    r = fastkd.sinkhorn(
+        cost, a, b, eps=eps, tol=tol, max_iters=20000, return_plan=True, backend=backend
+    )
     assert r.converged.all()
     atol, rtol = PLAN_TOL[dtype]
     for k in range(3):
         pot = _pot_plan(cost[k], a[k], b[k], eps)
         torch.testing.assert_close(r.plan[k].double().cpu(), pot, atol=atol, rtol=0)
-        value = ot.sinkhorn2(_normalized64(a[k]).numpy(), _normalized64(b[k]).numpy(),
-                             cost[k].double().cpu().numpy(), eps, method="sinkhorn_log",
-                             numItermax=100000, stopThr=1e-13)
+        value = ot.sinkhorn2(
+            _normalized64(a[k]).numpy(),
+            _normalized64(b[k]).numpy(),
+            cost[k].double().cpu().numpy(),
+            eps,
+            method="sinkhorn_log",
+            numItermax=100000,
+            stopThr=1e-13,
+        )
         assert r.transport_cost[k].item() == pytest.approx(float(value), rel=rtol, abs=1e-7)
     # Marginals: columns exact after the last column update, rows within tol.
     torch.testing.assert_close(r.plan.sum(1), b.to(r.plan.dtype), atol=10 * atol, rtol=1e-5)
@@ -145,8 +172,16 @@ def test_against_float64_reference(device, backend):
     cost, a, b = _problem(8, 37, 23, seed=11, dtype=torch.float32, device=device)
     r = fastkd.sinkhorn(cost, a, b, eps=0.05, tol=1e-5, return_plan=True, backend=backend)
     a64, b64 = _normalized64(a), _normalized64(b)
-    exact = sinkhorn_reference(cost.double(), a64.log(), b64.log(), eps=0.05,
-                               max_iters=100000, tol=1e-11, check_every=10, return_plan=True)
+    exact = sinkhorn_reference(
+        cost.double(),
+        a64.log(),
+        b64.log(),
+        eps=0.05,
+        max_iters=100000,
+        tol=1e-11,
+        check_every=10,
+        return_plan=True,
+    )
     torch.testing.assert_close(r.plan.double(), exact.plan, atol=3e-6, rtol=0)
     torch.testing.assert_close(r.transport_cost.double(), exact.transport, atol=1e-5, rtol=1e-5)
     # Potentials up to a constant shift per problem.
@@ -169,6 +204,7 @@ def test_cpu_kernel_follows_reference_iterations():
 
 # ---- ragged batches, masks, layouts ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_ragged_batch_equals_each_problem_alone(device, backend):
     cost, _, _ = _problem(5, 12, 9, seed=7, dtype=torch.float32, device=device)
@@ -176,10 +212,18 @@ def test_ragged_batch_equals_each_problem_alone(device, backend):
     m_sizes = torch.tensor([9, 4, 1, 3, 9])
     garbage = cost.clone()
     inside = (torch.arange(12)[None, :, None] < n_sizes[:, None, None]) & (
-        torch.arange(9)[None, None, :] < m_sizes[:, None, None])
+        torch.arange(9)[None, None, :] < m_sizes[:, None, None]
+    )
     garbage[~inside.to(device)] = float("nan")
-    r = fastkd.sinkhorn(garbage, n_sizes=n_sizes, m_sizes=m_sizes, eps=0.1, tol=1e-6,
-                        return_plan=True, backend=backend)
+    r = fastkd.sinkhorn(
+        garbage,
+        n_sizes=n_sizes,
+        m_sizes=m_sizes,
+        eps=0.1,
+        tol=1e-6,
+        return_plan=True,
+        backend=backend,
+    )
     for k in range(5):
         nk, mk = int(n_sizes[k]), int(m_sizes[k])
         if nk == 0 or mk == 0:
@@ -187,8 +231,9 @@ def test_ragged_batch_equals_each_problem_alone(device, backend):
             assert (r.plan[k] == 0).all() and (r.f[k] == 0).all() and (r.g[k] == 0).all()
             assert bool(r.converged[k])
             continue
-        alone = fastkd.sinkhorn(cost[k, :nk, :mk], eps=0.1, tol=1e-6, return_plan=True,
-                                backend=backend)
+        alone = fastkd.sinkhorn(
+            cost[k, :nk, :mk], eps=0.1, tol=1e-6, return_plan=True, backend=backend
+        )
         torch.testing.assert_close(r.plan[k, :nk, :mk], alone.plan, atol=1e-7, rtol=1e-5)
         assert (r.plan[k, nk:] == 0).all() and (r.plan[k, :, mk:] == 0).all()
         assert (r.f[k, nk:] == 0).all() and (r.g[k, mk:] == 0).all()
@@ -205,8 +250,15 @@ def test_zero_weights_mask_entries(device, backend):
     a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
     r = fastkd.sinkhorn(cost, a, b, eps=0.1, tol=1e-6, return_plan=True, backend=backend)
     keep_r = [i for i in range(10) if i not in (2, 5)]
-    small = fastkd.sinkhorn(cost[:, keep_r][:, :, :7], a[:, keep_r], b[:, :7], eps=0.1,
-                            tol=1e-6, return_plan=True, backend=backend)
+    small = fastkd.sinkhorn(
+        cost[:, keep_r][:, :, :7],
+        a[:, keep_r],
+        b[:, :7],
+        eps=0.1,
+        tol=1e-6,
+        return_plan=True,
+        backend=backend,
+    )
     torch.testing.assert_close(r.plan[:, keep_r][:, :, :7], small.plan, atol=1e-7, rtol=1e-5)
     assert (r.plan[:, [2, 5]] == 0).all() and (r.plan[:, :, 7] == 0).all()
     torch.testing.assert_close(r.transport_cost, small.transport_cost)
@@ -215,16 +267,25 @@ def test_zero_weights_mask_entries(device, backend):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_strided_and_broadcast_costs(device, backend):
     cost, a, b = _problem(3, 11, 11, seed=4, dtype=torch.float32, device=device)
-    base = fastkd.sinkhorn(cost.mT.contiguous(), b, a, eps=0.1, tol=1e-6, return_plan=True,
-                           backend=backend)
-    transposed = fastkd.sinkhorn(cost.mT, b, a, eps=0.1, tol=1e-6, return_plan=True,
-                                 backend=backend)
+    base = fastkd.sinkhorn(
+        cost.mT.contiguous(), b, a, eps=0.1, tol=1e-6, return_plan=True, backend=backend
+    )
+    transposed = fastkd.sinkhorn(
+        cost.mT, b, a, eps=0.1, tol=1e-6, return_plan=True, backend=backend
+    )
     torch.testing.assert_close(transposed.plan, base.plan, atol=0, rtol=0)
     shared = cost[0].expand(3, 11, 11)
     assert shared.stride(0) == 0
     r = fastkd.sinkhorn(shared, a, b, eps=0.1, tol=1e-6, return_plan=True, backend=backend)
-    alone = fastkd.sinkhorn(cost[0].expand(3, 11, 11).contiguous(), a, b, eps=0.1, tol=1e-6,
-                            return_plan=True, backend=backend)
+    alone = fastkd.sinkhorn(
+        cost[0].expand(3, 11, 11).contiguous(),
+        a,
+        b,
+        eps=0.1,
+        tol=1e-6,
+        return_plan=True,
+        backend=backend,
+    )
     torch.testing.assert_close(r.plan, alone.plan, atol=0, rtol=0)
     # One marginal shared by the batch ([n]) equals it repeated.
     r1 = fastkd.sinkhorn(cost, a[0], b, eps=0.1, tol=1e-6, backend=backend)
@@ -240,13 +301,13 @@ def test_low_precision_costs(device, backend, dtype):
     cost, a, b = _problem(4, 19, 26, seed=12, dtype=torch.float32, device=device)
     low = cost.to(dtype)
     r = fastkd.sinkhorn(low, a, b, eps=0.05, tol=1e-6, return_plan=True, backend=backend)
-    r32 = fastkd.sinkhorn(low.float(), a, b, eps=0.05, tol=1e-6, return_plan=True,
-                          backend=backend)
+    r32 = fastkd.sinkhorn(low.float(), a, b, eps=0.05, tol=1e-6, return_plan=True, backend=backend)
     torch.testing.assert_close(r.plan, r32.plan, atol=0, rtol=0)
     assert r.f.dtype == torch.float32
 
 
 # ---- adversarial ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.slow  # 2 cases, 17 s of the full run's 1,025 s
@@ -254,13 +315,21 @@ def test_tiny_eps_with_scaling(device, backend):
     cost, a, b = _problem(4, 30, 30, seed=21, dtype=torch.float32, device=device)
     # tol above the fp32 floor |C| 2^-24 / eps ~ 3e-5 (see test_huge_costs_stay_finite).
     plain = fastkd.sinkhorn(cost, a, b, eps=2e-3, tol=2e-4, max_iters=50000, backend=backend)
-    scaled = fastkd.sinkhorn(cost, a, b, eps=2e-3, tol=2e-4, max_iters=50000, eps_scaling=0.7,
-                             return_plan=True, backend=backend)
+    scaled = fastkd.sinkhorn(
+        cost,
+        a,
+        b,
+        eps=2e-3,
+        tol=2e-4,
+        max_iters=50000,
+        eps_scaling=0.7,
+        return_plan=True,
+        backend=backend,
+    )
     assert scaled.converged.all() and plain.converged.all()
     assert torch.isfinite(scaled.f).all() and torch.isfinite(scaled.g).all()
     assert scaled.iters.sum() < plain.iters.sum()
-    torch.testing.assert_close(scaled.transport_cost, plain.transport_cost, atol=2e-4,
-                               rtol=2e-3)
+    torch.testing.assert_close(scaled.transport_cost, plain.transport_cost, atol=2e-4, rtol=2e-3)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -269,12 +338,29 @@ def test_huge_costs_stay_finite(device, backend):
     # forms it. fp32 potentials of size |C| hold |C| 2^-24 of rounding, 1e-5 of the exponents
     # (f + g - C)/eps here: tol sits above that floor.
     cost, a, b = _problem(3, 17, 23, seed=22, dtype=torch.float32, device=device, scale=1e4)
-    r = fastkd.sinkhorn(cost, a, b, eps=50.0, tol=1e-4, max_iters=20000, eps_scaling=0.5,
-                        return_plan=True, backend=backend)
+    r = fastkd.sinkhorn(
+        cost,
+        a,
+        b,
+        eps=50.0,
+        tol=1e-4,
+        max_iters=20000,
+        eps_scaling=0.5,
+        return_plan=True,
+        backend=backend,
+    )
     assert torch.isfinite(r.plan).all() and r.converged.all()
     a64, b64 = _normalized64(a), _normalized64(b)
-    exact = sinkhorn_reference(cost.double(), a64.log(), b64.log(), eps=50.0,
-                               max_iters=200000, tol=1e-10, check_every=10, return_plan=True)
+    exact = sinkhorn_reference(
+        cost.double(),
+        a64.log(),
+        b64.log(),
+        eps=50.0,
+        max_iters=200000,
+        tol=1e-10,
+        check_every=10,
+        return_plan=True,
+    )
     torch.testing.assert_close(r.transport_cost.double(), exact.transport, rtol=1e-4, atol=0)
 
 
@@ -286,8 +372,9 @@ def test_max_iters_reached(device, backend):
     assert not r.converged.any()
     assert (r.marginal_error > 1e-9).all()
     # Stopped inside the eps schedule: the values refer to the e reached, finite.
-    r = fastkd.sinkhorn(cost, a, b, eps=1e-3, tol=1e-9, max_iters=3, eps_scaling=0.5,
-                        backend=backend)
+    r = fastkd.sinkhorn(
+        cost, a, b, eps=1e-3, tol=1e-9, max_iters=3, eps_scaling=0.5, backend=backend
+    )
     assert r.iters.tolist() == [3, 3] and torch.isfinite(r.objective).all()
 
 
@@ -295,8 +382,9 @@ def test_max_iters_reached(device, backend):
 def test_warm_start(device, backend):
     cost, a, b = _problem(3, 21, 18, seed=24, dtype=torch.float32, device=device)
     cold = fastkd.sinkhorn(cost, a, b, eps=0.05, tol=1e-6, check_every=1, backend=backend)
-    warm = fastkd.sinkhorn(cost, a, b, eps=0.05, tol=1e-6, check_every=1, init_g=cold.g,
-                           backend=backend)
+    warm = fastkd.sinkhorn(
+        cost, a, b, eps=0.05, tol=1e-6, check_every=1, init_g=cold.g, backend=backend
+    )
     assert (warm.iters <= 2).all() and warm.converged.all()
     torch.testing.assert_close(warm.transport_cost, cold.transport_cost, atol=1e-6, rtol=1e-5)
 
@@ -304,13 +392,13 @@ def test_warm_start(device, backend):
 def test_unnormalized_equal_masses():
     cost, a, b = _problem(2, 8, 6, seed=25)
     r1 = fastkd.sinkhorn(cost, a, b, eps=0.1, tol=1e-12, return_plan=True, backend="torch")
-    r3 = fastkd.sinkhorn(cost, 3 * a, 3 * b, eps=0.1, tol=1e-12, return_plan=True,
-                         backend="torch")
+    r3 = fastkd.sinkhorn(cost, 3 * a, 3 * b, eps=0.1, tol=1e-12, return_plan=True, backend="torch")
     # Scaling both marginals by s scales the plan by s (the reference measure a b^T by s^2).
     torch.testing.assert_close(r3.plan, 3 * r1.plan, atol=1e-10, rtol=1e-8)
 
 
 # ---- gradients ------------------------------------------------------------------------------
+
 
 def test_envelope_gradient_finite_differences_float64():
     cost, a, b = _problem(2, 5, 4, seed=31)
@@ -346,9 +434,13 @@ def test_gradcheck_cost_float64():
     cost, a, b = _problem(2, 4, 3, seed=32)
     cost.requires_grad_(True)
     torch.autograd.gradcheck(
-        lambda c: fastkd.sinkhorn_loss(c, a, b, eps=0.3, tol=1e-14, max_iters=100000,
-                                       backend="torch"),
-        (cost,), eps=1e-6, atol=1e-7)
+        lambda c: fastkd.sinkhorn_loss(
+            c, a, b, eps=0.3, tol=1e-14, max_iters=100000, backend="torch"
+        ),
+        (cost,),
+        eps=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_unrolled_gradient_matches_envelope_at_convergence():
@@ -357,14 +449,16 @@ def test_unrolled_gradient_matches_envelope_at_convergence():
     for mode in ("envelope", "unrolled"):
         c = cost.clone().requires_grad_(True)
         aa = a.clone().requires_grad_(True)
-        loss = fastkd.sinkhorn_loss(c, aa, b, eps=0.3, tol=1e-12, max_iters=5000, grad=mode,
-                                    backend="torch")
+        loss = fastkd.sinkhorn_loss(
+            c, aa, b, eps=0.3, tol=1e-12, max_iters=5000, grad=mode, backend="torch"
+        )
         grads[mode] = torch.autograd.grad(loss.sum(), (c, aa))
     torch.testing.assert_close(grads["unrolled"][0], grads["envelope"][0], atol=1e-9, rtol=0)
     # The marginal gradients agree up to a constant per problem (mass-preserving directions).
     diff = grads["unrolled"][1] - grads["envelope"][1]
-    torch.testing.assert_close(diff - diff.mean(1, keepdim=True), torch.zeros_like(diff),
-                               atol=1e-8, rtol=0)
+    torch.testing.assert_close(
+        diff - diff.mean(1, keepdim=True), torch.zeros_like(diff), atol=1e-8, rtol=0
+    )
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -385,8 +479,9 @@ def test_kernel_gradients_match_reference(device, backend, value):
     if value == "objective":
         for k in (2, 3):
             d = out[backend][k] - out["torch"][k]
-            torch.testing.assert_close(d - d.mean(1, keepdim=True), torch.zeros_like(d),
-                                       atol=2e-5, rtol=0)
+            torch.testing.assert_close(
+                d - d.mean(1, keepdim=True), torch.zeros_like(d), atol=2e-5, rtol=0
+            )
     else:
         assert out[backend][2] is None and out[backend][3] is None
 
@@ -397,10 +492,13 @@ def test_feature_costs(kind):
     x = torch.randn(3, 9, 5, generator=g, dtype=torch.float64)
     y = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
     diff = x[:, :, None, :] - y[:, None, :, :]
-    direct = {"l1": diff.abs().sum(-1), "l2": diff.norm(dim=-1),
-              "sqeuclidean": (diff ** 2).sum(-1),
-              "cosine": 1 - torch.nn.functional.cosine_similarity(
-                  x[:, :, None, :], y[:, None, :, :], dim=-1)}[kind]
+    direct = {
+        "l1": diff.abs().sum(-1),
+        "l2": diff.norm(dim=-1),
+        "sqeuclidean": (diff**2).sum(-1),
+        "cosine": 1
+        - torch.nn.functional.cosine_similarity(x[:, :, None, :], y[:, None, :, :], dim=-1),
+    }[kind]
     torch.testing.assert_close(pairwise_cost(kind, x, y), direct, atol=1e-12, rtol=1e-10)
     x.requires_grad_(True)
     y.requires_grad_(True)
@@ -408,8 +506,7 @@ def test_feature_costs(kind):
     gx, gy = torch.autograd.grad(loss.sum(), (x, y))
     xd = x.detach().clone().requires_grad_(True)
     yd = y.detach().clone().requires_grad_(True)
-    loss2 = fastkd.sinkhorn_loss(pairwise_cost(kind, xd, yd), eps=0.5, tol=1e-12,
-                                 backend="torch")
+    loss2 = fastkd.sinkhorn_loss(pairwise_cost(kind, xd, yd), eps=0.5, tol=1e-12, backend="torch")
     gx2, gy2 = torch.autograd.grad(loss2.sum(), (xd, yd))
     torch.testing.assert_close(gx, gx2)
     torch.testing.assert_close(gy, gy2)
@@ -418,22 +515,26 @@ def test_feature_costs(kind):
     with torch.no_grad():
         up = fastkd.sinkhorn_loss(kind, x=x + d, y=y, eps=0.5, tol=1e-13).sum()
         down = fastkd.sinkhorn_loss(kind, x=x - d, y=y, eps=0.5, tol=1e-13).sum()
-    assert ((up - down) / 2).item() == pytest.approx((gx * d).sum().item(), rel=1e-4,
-                                                     abs=1e-12)
+    assert ((up - down) / 2).item() == pytest.approx((gx * d).sum().item(), rel=1e-4, abs=1e-12)
 
 
 # ---- registration, compile ------------------------------------------------------------------
+
 
 def test_opcheck():
     cost, a, b = _problem(3, 6, 5, seed=36, dtype=torch.float32)
     from fastkd.ot.sinkhorn_loss import sinkhorn_loss_envelope
     from fastkd.ot.solver import sinkhorn_solve
+
     la, lb = a.log(), b.log()
-    torch.library.opcheck(sinkhorn_solve, (cost, la, lb, None, None, None, None, 0.1, 0.5, 100,
-                                           10, 1e-6, True, "cpu"))
+    torch.library.opcheck(
+        sinkhorn_solve, (cost, la, lb, None, None, None, None, 0.1, 0.5, 100, 10, 1e-6, True, "cpu")
+    )
     c = cost.clone().requires_grad_(True)
-    torch.library.opcheck(sinkhorn_loss_envelope, (c, a, b, None, None, None, 0.1, 0.5, 100, 10,
-                                                   1e-6, "objective", "cpu"))
+    torch.library.opcheck(
+        sinkhorn_loss_envelope,
+        (c, a, b, None, None, None, 0.1, 0.5, 100, 10, 1e-6, "objective", "cpu"),
+    )
 
 
 @pytest.mark.slow  # 4 s of the full run's 1,025 s
@@ -455,28 +556,32 @@ def test_torch_compile():
 
 # ---- bad input ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"eps": 0.0}, ValueError, "eps"),
-    ({"eps": -1.0}, ValueError, "eps"),
-    ({"max_iters": 0}, ValueError, "max_iters"),
-    ({"eps_scaling": 1.5}, ValueError, "eps_scaling"),
-    ({"a": -torch.ones(4) / 4}, ValueError, "marginal a"),
-    ({"a": torch.ones(4) / 2}, ValueError, "same positive mass"),
-    ({"b": torch.ones(4) / 4}, ValueError, r"\(5,\)"),
-    ({"n_sizes": torch.tensor([9, 1])}, ValueError, r"n_sizes must lie in \[0, 4\]"),
-    ({"n_sizes": torch.tensor([1])}, ValueError, r"shape \(2,\)"),
-    # Checked before the int32 cast, which would wrap 2^32 + 2 to 2 and -(2^32) + 3 to 3.
-    ({"n_sizes": torch.tensor([2**32 + 2, 3])}, ValueError, r"n_sizes must lie in \[0, 4\]"),
-    ({"m_sizes": torch.tensor([-(2**32) + 3, 3])}, ValueError, r"m_sizes must lie in \[0, 5\]"),
-    ({"max_iters": 2**31}, ValueError, r"max_iters must be an int in \[1, 2147483647\]"),
-    ({"check_every": 2**31}, ValueError, r"check_every must be an int in \[1, 2147483647\]"),
-    ({"max_iters": 10.0}, ValueError, "max_iters"),
-    ({"eps": 1e-50}, ValueError, r"eps must be a number in \[2\*\*-126"),
-    ({"tol": 1e-50}, ValueError, "tol"),
-    ({"eps_scaling": 1e-50}, ValueError, "eps_scaling"),
-    ({"x": torch.ones(2, 4, 3)}, ValueError, "named cost"),
-    ({"backend": "nope"}, ValueError, "unknown backend"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"eps": 0.0}, ValueError, "eps"),
+        ({"eps": -1.0}, ValueError, "eps"),
+        ({"max_iters": 0}, ValueError, "max_iters"),
+        ({"eps_scaling": 1.5}, ValueError, "eps_scaling"),
+        ({"a": -torch.ones(4) / 4}, ValueError, "marginal a"),
+        ({"a": torch.ones(4) / 2}, ValueError, "same positive mass"),
+        ({"b": torch.ones(4) / 4}, ValueError, r"\(5,\)"),
+        ({"n_sizes": torch.tensor([9, 1])}, ValueError, r"n_sizes must lie in \[0, 4\]"),
+        ({"n_sizes": torch.tensor([1])}, ValueError, r"shape \(2,\)"),
+        # Checked before the int32 cast, which would wrap 2^32 + 2 to 2 and -(2^32) + 3 to 3.
+        ({"n_sizes": torch.tensor([2**32 + 2, 3])}, ValueError, r"n_sizes must lie in \[0, 4\]"),
+        ({"m_sizes": torch.tensor([-(2**32) + 3, 3])}, ValueError, r"m_sizes must lie in \[0, 5\]"),
+        ({"max_iters": 2**31}, ValueError, r"max_iters must be an int in \[1, 2147483647\]"),
+        ({"check_every": 2**31}, ValueError, r"check_every must be an int in \[1, 2147483647\]"),
+        ({"max_iters": 10.0}, ValueError, "max_iters"),
+        ({"eps": 1e-50}, ValueError, r"eps must be a number in \[2\*\*-126"),
+        ({"tol": 1e-50}, ValueError, "tol"),
+        ({"eps_scaling": 1e-50}, ValueError, "eps_scaling"),
+        ({"x": torch.ones(2, 4, 3)}, ValueError, "named cost"),
+        ({"backend": "nope"}, ValueError, "unknown backend"),
+    ],
+)
 def test_bad_input(kwargs, error, match):
     cost = torch.rand(2, 4, 5)
     with pytest.raises(error, match=match):
@@ -528,13 +633,20 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("batch,n,m,kw", [
-    (1, 300, 257, dict()),
-    (1, 1, 70000, dict()),
-    (2, 401, 203, dict(eps_scaling=0.5, n_sizes=torch.tensor([401, 7]),
-                       m_sizes=torch.tensor([150, 203]))),
-    (1, 256, 256, dict(max_iters=3)),
-])
+@pytest.mark.parametrize(
+    "batch,n,m,kw",
+    [
+        (1, 300, 257, dict()),
+        (1, 1, 70000, dict()),
+        (
+            2,
+            401,
+            203,
+            dict(eps_scaling=0.5, n_sizes=torch.tensor([401, 7]), m_sizes=torch.tensor([150, 203])),
+        ),
+        (1, 256, 256, dict(max_iters=3)),
+    ],
+)
 @pytest.mark.slow  # 4 cases, 6 s of the full run's 1,025 s
 def test_cpu_team_of_threads_solves_like_one_thread(restore_threads, batch, n, m, kw):
     """Fewer problems than threads, each of 2^16 entries or more: all threads share each
@@ -547,15 +659,20 @@ def test_cpu_team_of_threads_solves_like_one_thread(restore_threads, batch, n, m
     results = []
     for threads in (1, 3):
         torch.set_num_threads(threads)
-        results.append(fastkd.sinkhorn(cost, eps=0.05, tol=1e-6, init_g=init, return_plan=True,
-                                       backend="cpu", **kw))
+        results.append(
+            fastkd.sinkhorn(
+                cost, eps=0.05, tol=1e-6, init_g=init, return_plan=True, backend="cpu", **kw
+            )
+        )
     one, team = results
     for name in ("f", "g", "iters", "transport_cost", "objective", "plan", "marginal_error"):
         assert torch.equal(getattr(one, name), getattr(team, name)), name
-    ref = fastkd.sinkhorn(cost.double(), eps=0.05, tol=1e-6, init_g=init.double(),
-                          backend="torch", **kw)
-    torch.testing.assert_close(team.transport_cost.double(), ref.transport_cost, rtol=1e-4,
-                               atol=1e-5)
+    ref = fastkd.sinkhorn(
+        cost.double(), eps=0.05, tol=1e-6, init_g=init.double(), backend="torch", **kw
+    )
+    torch.testing.assert_close(
+        team.transport_cost.double(), ref.transport_cost, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_empty_problem_keeps_eps_as_its_final_eps():
@@ -566,8 +683,21 @@ def test_empty_problem_keeps_eps_as_its_final_eps():
     sizes = torch.tensor([0, 5], dtype=torch.int32)
     for backend in compiled_backends("sinkhorn"):
         out = torch.ops.fastkd.sinkhorn_solve(
-            cost, log_a, log_b, sizes, None, torch.full((2,), 3.0), None, 0.1, 0.5, 100, 1,
-            1e-6, False, backend)
+            cost,
+            log_a,
+            log_b,
+            sizes,
+            None,
+            torch.full((2,), 3.0),
+            None,
+            0.1,
+            0.5,
+            100,
+            1,
+            1e-6,
+            False,
+            backend,
+        )
         iters, eps_final = out[2], out[4]
         assert iters[0] == 0 and float(eps_final[0]) == pytest.approx(0.1), backend
         assert iters[1] > 0 and float(eps_final[1]) == pytest.approx(0.1), backend

@@ -16,14 +16,15 @@ KINDS = ["l1", "l2", "sqeuclidean", "cosine"]
 @pytest.fixture
 def small_blocks(monkeypatch):
     # Blocks of a few rows, so that every path crosses block boundaries.
-    monkeypatch.setattr(features, "STREAM_BLOCK_BYTES",
-                        5 * features.BLOCK_TEMPORARIES * 4 * 3 * 20)
+    monkeypatch.setattr(features, "STREAM_BLOCK_BYTES", 5 * features.BLOCK_TEMPORARIES * 4 * 3 * 20)
 
 
 def _features(batch, n, m, d, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, n, d, generator=g, dtype=dtype),
-            torch.randn(batch, m, d, generator=g, dtype=dtype))
+    return (
+        torch.randn(batch, n, d, generator=g, dtype=dtype),
+        torch.randn(batch, m, d, generator=g, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -34,8 +35,7 @@ def test_streamed_equals_formed_cost(small_blocks, kind, dtype):
     opts = dict(eps=0.1, tol=1e-6, return_plan=True, backend="torch")
     streamed = fastkd.sinkhorn(kind, x=x, y=y, stream_cost=True, **opts)
     formed = fastkd.sinkhorn(pairwise_cost(kind, x, y), **opts)
-    exact = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-6,
-                                                                             rtol=1e-5)
+    exact = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(streamed.plan, formed.plan, **exact)
     torch.testing.assert_close(streamed.transport_cost, formed.transport_cost, **exact)
     torch.testing.assert_close(streamed.objective, formed.objective, **exact)
@@ -51,10 +51,17 @@ def test_streamed_ragged_with_garbage_and_eps_scaling(small_blocks):
     m_sizes = torch.tensor([11, 11, 3, 1])
     xg, yg = x.clone(), y.clone()
     for k in range(4):
-        xg[k, n_sizes[k]:] = float("nan")
-        yg[k, m_sizes[k]:] = float("inf")
-    opts = dict(eps=0.01, eps_scaling=0.5, tol=1e-9, n_sizes=n_sizes, m_sizes=m_sizes,
-                return_plan=True, backend="torch")
+        xg[k, n_sizes[k] :] = float("nan")
+        yg[k, m_sizes[k] :] = float("inf")
+    opts = dict(
+        eps=0.01,
+        eps_scaling=0.5,
+        tol=1e-9,
+        n_sizes=n_sizes,
+        m_sizes=m_sizes,
+        return_plan=True,
+        backend="torch",
+    )
     streamed = fastkd.sinkhorn("sqeuclidean", x=xg, y=yg, stream_cost=True, **opts)
     formed = fastkd.sinkhorn(pairwise_cost("sqeuclidean", x, y), **opts)
     torch.testing.assert_close(streamed.plan, formed.plan, atol=1e-12, rtol=1e-9)
@@ -75,11 +82,22 @@ def test_streamed_gradients_equal_formed(small_blocks, kind, value):
         xs = x.clone().requires_grad_(True)
         ys = y.clone().requires_grad_(True)
         aa = a.clone().requires_grad_(True)
-        loss = fastkd.sinkhorn_loss(kind, aa, x=xs, y=ys, eps=0.2, tol=1e-12, value=value,
-                                    stream_cost=stream, backend="torch")
+        loss = fastkd.sinkhorn_loss(
+            kind,
+            aa,
+            x=xs,
+            y=ys,
+            eps=0.2,
+            tol=1e-12,
+            value=value,
+            stream_cost=stream,
+            backend="torch",
+        )
         w = torch.tensor([1.0, -2.0], dtype=torch.float64)
-        grads[stream] = (loss, *torch.autograd.grad((loss * w).sum(), (xs, ys, aa),
-                                                    allow_unused=True))
+        grads[stream] = (
+            loss,
+            *torch.autograd.grad((loss * w).sum(), (xs, ys, aa), allow_unused=True),
+        )
     torch.testing.assert_close(grads[True][0], grads[False][0], atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(grads[True][1], grads[False][1], **FLOAT64_TOL)
     torch.testing.assert_close(grads[True][2], grads[False][2], **FLOAT64_TOL)
@@ -94,8 +112,9 @@ def test_streamed_unrolled_matches_envelope(small_blocks):
     out = {}
     for mode in ("envelope", "unrolled"):
         xs = x.clone().requires_grad_(True)
-        loss = fastkd.sinkhorn_loss("l2", x=xs, y=y, eps=0.3, tol=1e-12, grad=mode,
-                                    stream_cost=True)
+        loss = fastkd.sinkhorn_loss(
+            "l2", x=xs, y=y, eps=0.3, tol=1e-12, grad=mode, stream_cost=True
+        )
         out[mode] = torch.autograd.grad(loss.sum(), xs)[0]
     torch.testing.assert_close(out["unrolled"], out["envelope"], atol=1e-9, rtol=1e-7)
 
@@ -143,7 +162,9 @@ def test_streamed_peak_memory_below_the_cost():
     keeps freed blocks of this size in its heap once its dynamic mmap threshold has grown past
     them, which would count the allocator's cache as peak: a fixed threshold makes every large
     tensor its own mapping, returned when freed."""
-    extra_kb = {mode: extra_peak_kb(_PEAK_SCRIPT, mode, {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
-                for mode in ("streamed", "formed")}
+    extra_kb = {
+        mode: extra_peak_kb(_PEAK_SCRIPT, mode, {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+        for mode in ("streamed", "formed")
+    }
     assert extra_kb["formed"] > 144_000, extra_kb
     assert extra_kb["streamed"] < 144_000 / 2, extra_kb

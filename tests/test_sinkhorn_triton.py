@@ -28,8 +28,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = [
     pytest.mark.triton,
-    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                       reason="Triton needs a GPU or TRITON_INTERPRET=1"),
+    pytest.mark.skipif(
+        not INTERPRET and not torch.cuda.is_available(),
+        reason="Triton needs a GPU or TRITON_INTERPRET=1",
+    ),
 ]
 
 # The kernel may be ERR_FACTOR times further from float64 than the fp32 reference, plus
@@ -50,16 +52,16 @@ class Case:
     max_iters: int = 300
     check_every: int = 3
     kappa: float = 0.5
-    sizes: tuple | None = None     # (n_sizes, m_sizes), each a tuple of batch ints
-    zero_weights: float = 0.0      # fraction of log weights set to -inf within the sizes
-    scaling: bool = False          # eps_start = max |C| within the sizes
-    warm: bool = False             # init_g = N(0, 0.1^2)
-    layout: str = "contiguous"     # "broadcast": one cost expanded over the batch (stride 0);
-                                   # "transposed": a [B, m, n] tensor's transpose
-    nan_outside: bool = False      # NaN in the cost, log weights and init_g beyond the sizes
+    sizes: tuple | None = None  # (n_sizes, m_sizes), each a tuple of batch ints
+    zero_weights: float = 0.0  # fraction of log weights set to -inf within the sizes
+    scaling: bool = False  # eps_start = max |C| within the sizes
+    warm: bool = False  # init_g = N(0, 0.1^2)
+    layout: str = "contiguous"  # "broadcast": one cost expanded over the batch (stride 0);
+    # "transposed": a [B, m, n] tensor's transpose
+    nan_outside: bool = False  # NaN in the cost, log weights and init_g beyond the sizes
     plan: bool = True
-    converges: bool = True         # False: every problem runs max_iters
-    streamed: bool = False         # also run the streamed kernel (in small tiles)
+    converges: bool = True  # False: every problem runs max_iters
+    streamed: bool = False  # also run the streamed kernel (in small tiles)
     dtype: torch.dtype = torch.float32
     gpu_only: bool = False
 
@@ -70,8 +72,15 @@ CASES = [
     Case("7x1", 7, 1),
     Case("13x29", 13, 29, streamed=True),
     Case("33x17", 33, 17),
-    Case("ragged_nan_outside", 11, 19, batch=5,
-         sizes=((11, 0, 4, 7, 1), (19, 6, 1, 0, 13)), nan_outside=True, streamed=True),
+    Case(
+        "ragged_nan_outside",
+        11,
+        19,
+        batch=5,
+        sizes=((11, 0, 4, 7, 1), (19, 6, 1, 0, 13)),
+        nan_outside=True,
+        streamed=True,
+    ),
     Case("zero_weights", 12, 21, zero_weights=0.3, streamed=True),
     Case("eps_scaling", 9, 14, eps=0.04, tol=1e-4, scaling=True, check_every=4),
     Case("warm_start", 10, 13, warm=True, sizes=((10, 6, 3), (13, 13, 8)), nan_outside=True),
@@ -80,8 +89,16 @@ CASES = [
     Case("no_plan", 6, 9, plan=False),
     Case("max_iters", 10, 12, eps=0.01, tol=1e-9, max_iters=7, converges=False),
     # max_iters = 3 while e is still above eps: the solve stops mid-schedule.
-    Case("max_iters_mid_schedule", 9, 11, eps=0.01, max_iters=3, scaling=True,
-         converges=False, streamed=True),
+    Case(
+        "max_iters_mid_schedule",
+        9,
+        11,
+        eps=0.01,
+        max_iters=3,
+        scaling=True,
+        converges=False,
+        streamed=True,
+    ),
     Case("fp16", 40, 70, dtype=torch.float16, scaling=True, eps=0.02, tol=1e-4, gpu_only=True),
     Case("bf16", 70, 40, dtype=torch.bfloat16, streamed=True, gpu_only=True),
 ]
@@ -111,7 +128,7 @@ def make_inputs(case: Case, seed: int = 0) -> SimpleNamespace:
         w = torch.rand(valid.shape, generator=gen) + 0.1
         if case.zero_weights:
             zero = torch.rand(valid.shape, generator=gen) < case.zero_weights
-            zero[:, 0] = False   # every problem keeps a nonzero weight
+            zero[:, 0] = False  # every problem keeps a nonzero weight
             w = torch.where(zero, 0.0, w)
         w = torch.where(valid, w, 0.0)
         w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
@@ -131,9 +148,17 @@ def make_inputs(case: Case, seed: int = 0) -> SimpleNamespace:
         init_g = torch.randn(batch, m, generator=gen) * 0.1
         if case.nan_outside:
             init_g = torch.where(cols, init_g, float("nan"))
-    return SimpleNamespace(cost=cost, log_a=log_a, log_b=log_b, n_sizes=n_sizes,
-                           m_sizes=m_sizes, eps_start=eps_start, init_g=init_g, rows=rows,
-                           cols=cols)
+    return SimpleNamespace(
+        cost=cost,
+        log_a=log_a,
+        log_b=log_b,
+        n_sizes=n_sizes,
+        m_sizes=m_sizes,
+        eps_start=eps_start,
+        init_g=init_g,
+        rows=rows,
+        cols=cols,
+    )
 
 
 def solve(case: Case, x: SimpleNamespace) -> SimpleNamespace:
@@ -150,20 +175,43 @@ def solve(case: Case, x: SimpleNamespace) -> SimpleNamespace:
         return torch.full(shape, float("nan"), device=DEVICE)
 
     g = nans(batch, m) if x.init_g is None else x.init_g.to(DEVICE, copy=True)
-    out = SimpleNamespace(f=nans(batch, n), g=g,
-                          iters=torch.full((batch,), -1, dtype=torch.int32, device=DEVICE),
-                          err=nans(batch), transport=nans(batch), mass=nans(batch),
-                          eps_final=nans(batch), plan=nans(batch, n, m) if case.plan else None)
+    out = SimpleNamespace(
+        f=nans(batch, n),
+        g=g,
+        iters=torch.full((batch,), -1, dtype=torch.int32, device=DEVICE),
+        err=nans(batch),
+        transport=nans(batch),
+        mass=nans(batch),
+        eps_final=nans(batch),
+        plan=nans(batch, n, m) if case.plan else None,
+    )
     cost = x.cost.to(DEVICE)
     if case.layout == "broadcast":
         cost = cost[:1].expand(batch, n, m)
     elif case.layout == "transposed":
         cost = cost.transpose(1, 2).contiguous().transpose(1, 2)
-    sinkhorn_forward(cost, dev(x.log_a), dev(x.log_b), dev(x.n_sizes), dev(x.m_sizes),
-                     dev(x.eps_start), out.f, out.g, out.iters, out.err, out.transport,
-                     out.mass, out.eps_final, out.plan, eps=case.eps, kappa=case.kappa,
-                     max_iters=case.max_iters, check_every=case.check_every, tol=case.tol,
-                     warm_start=x.init_g is not None)
+    sinkhorn_forward(
+        cost,
+        dev(x.log_a),
+        dev(x.log_b),
+        dev(x.n_sizes),
+        dev(x.m_sizes),
+        dev(x.eps_start),
+        out.f,
+        out.g,
+        out.iters,
+        out.err,
+        out.transport,
+        out.mass,
+        out.eps_final,
+        out.plan,
+        eps=case.eps,
+        kappa=case.kappa,
+        max_iters=case.max_iters,
+        check_every=case.check_every,
+        tol=case.tol,
+        warm_start=x.init_g is not None,
+    )
     return SimpleNamespace(**{k: None if v is None else v.cpu() for k, v in vars(out).items()})
 
 
@@ -175,11 +223,21 @@ def reference_run(case: Case, x: SimpleNamespace, b: int, iters: int, dtype) -> 
     def part(t):
         return None if t is None else t[sl]
 
-    s = sinkhorn_reference(x.cost[sl].to(dtype), x.log_a[sl].to(dtype), x.log_b[sl].to(dtype),
-                           eps=case.eps, max_iters=iters, tol=0.0,
-                           check_every=case.check_every, eps_start=part(x.eps_start),
-                           kappa=case.kappa, n_sizes=part(x.n_sizes), m_sizes=part(x.m_sizes),
-                           init_g=part(x.init_g), return_plan=True)
+    s = sinkhorn_reference(
+        x.cost[sl].to(dtype),
+        x.log_a[sl].to(dtype),
+        x.log_b[sl].to(dtype),
+        eps=case.eps,
+        max_iters=iters,
+        tol=0.0,
+        check_every=case.check_every,
+        eps_start=part(x.eps_start),
+        kappa=case.kappa,
+        n_sizes=part(x.n_sizes),
+        m_sizes=part(x.m_sizes),
+        init_g=part(x.init_g),
+        return_plan=True,
+    )
     return SimpleNamespace(**{k: v[0] for k, v in s._asdict().items()})
 
 
@@ -193,7 +251,8 @@ def assert_near(name, value, exact, ref32, floor_scale=None):
     scale = exact.abs().max().item() if floor_scale is None else floor_scale
     floor = FLOOR_EPS * EPS32 * scale
     assert err <= ERR_FACTOR * ref_err + floor, (
-        f"{name}: error {err:.3g} vs fp32 reference {ref_err:.3g} (floor {floor:.3g})")
+        f"{name}: error {err:.3g} vs fp32 reference {ref_err:.3g} (floor {floor:.3g})"
+    )
 
 
 def check_problem(case, x, out, b):
@@ -222,21 +281,36 @@ def check_problem(case, x, out, b):
     assert_near("transport", out.transport[b], exact.transport, ref32.transport)
     assert_near("mass", out.mass[b], exact.mass, ref32.mass)
     # E sums a_i |exp(d_i / e) - 1| with d_i = f_i - F(g)_i of a few ulps of f.
-    assert_near("err", out.err[b], exact.err, ref32.err,
-                floor_scale=exact.f[:n_b].abs().max().item() / exact.eps.item())
+    assert_near(
+        "err",
+        out.err[b],
+        exact.err,
+        ref32.err,
+        floor_scale=exact.f[:n_b].abs().max().item() / exact.eps.item(),
+    )
     if case.plan:
         assert_near("plan", out.plan[b], exact.plan, ref32.plan)
         assert (out.plan[b, n_b:] == 0).all() and (out.plan[b, :, m_b:] == 0).all()
 
 
 def check_case(case: Case, out: SimpleNamespace, x: SimpleNamespace):
-    ref = sinkhorn_reference(x.cost.float(), x.log_a, x.log_b, eps=case.eps,
-                             max_iters=case.max_iters, tol=case.tol,
-                             check_every=case.check_every, eps_start=x.eps_start,
-                             kappa=case.kappa, n_sizes=x.n_sizes, m_sizes=x.m_sizes,
-                             init_g=x.init_g)
+    ref = sinkhorn_reference(
+        x.cost.float(),
+        x.log_a,
+        x.log_b,
+        eps=case.eps,
+        max_iters=case.max_iters,
+        tol=case.tol,
+        check_every=case.check_every,
+        eps_start=x.eps_start,
+        kappa=case.kappa,
+        n_sizes=x.n_sizes,
+        m_sizes=x.m_sizes,
+        init_g=x.init_g,
+    )
     assert ((out.iters - ref.iters).abs() <= case.check_every).all(), (
-        f"iterations {out.iters.tolist()} vs reference {ref.iters.tolist()}")
+        f"iterations {out.iters.tolist()} vs reference {ref.iters.tolist()}"
+    )
     nonempty = out.iters > 0
     stopped = nonempty & (out.iters < case.max_iters)
     assert (out.err[stopped] < case.tol).all()
@@ -255,8 +329,13 @@ def case_params(streamed: bool):
         if streamed and not case.streamed:
             continue
         skip = case.gpu_only and INTERPRET
-        params.append(pytest.param(case, id=case.name, marks=pytest.mark.skipif(
-            skip, reason="half-precision costs run compiled only")))
+        params.append(
+            pytest.param(
+                case,
+                id=case.name,
+                marks=pytest.mark.skipif(skip, reason="half-precision costs run compiled only"),
+            )
+        )
     return params
 
 
@@ -273,6 +352,7 @@ def test_streamed(case, monkeypatch):
     # Every problem through the streamed kernel, in tiles small enough that F and G each take
     # several tiles per row and per column block.
     import fastkd.triton.sinkhorn as kernel
+
     monkeypatch.setattr(kernel, "RESIDENT_ELEMENTS", 0)
     monkeypatch.setattr(kernel, "STREAM_BLOCK_N", 8)
     monkeypatch.setattr(kernel, "STREAM_BLOCK_M", 16)

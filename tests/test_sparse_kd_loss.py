@@ -40,7 +40,8 @@ def make_targets(lead, vocab, kind, *, k=6, seed=0, teacher=None, temperature=1.
         proposal = p if kind == "counts" else (zt / 2).softmax(-1)
         draws = torch.multinomial(proposal, k, replacement=True, generator=g)
         counts = torch.zeros(n, vocab, dtype=torch.float64).scatter_add_(
-            1, draws, torch.ones(n, k, dtype=torch.float64))
+            1, draws, torch.ones(n, k, dtype=torch.float64)
+        )
         c, ids = counts.topk(min(k, vocab), -1)
         w = c / k
         if kind == "importance":
@@ -60,9 +61,15 @@ def make_targets(lead, vocab, kind, *, k=6, seed=0, teacher=None, temperature=1.
     w = torch.cat([w, torch.zeros(n, 1, dtype=w.dtype)], 1)
     perm = torch.rand(ids.shape, generator=g).argsort(-1)
     ids, w = ids.gather(1, perm), w.gather(1, perm)
-    return SparseTargets(ids=ids.to(torch.int32).reshape(*lead, -1),
-                         weights=w.float().reshape(*lead, -1), tail_mass=tail_mass,
-                         vocab_size=vocab, num_samples=k, method=method, tail=tail)
+    return SparseTargets(
+        ids=ids.to(torch.int32).reshape(*lead, -1),
+        weights=w.float().reshape(*lead, -1),
+        tail_mass=tail_mass,
+        vocab_size=vocab,
+        num_samples=k,
+        method=method,
+        tail=tail,
+    )
 
 
 def run_fused(student, targets, backend, **kw):
@@ -102,8 +109,9 @@ OPTIONS = [
 
 @pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("options", OPTIONS,
-                         ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "plain"
+)
 @pytest.mark.slow  # 60 cases, 5 s of the full run's 1,025 s
 def test_matches_reference(backend, kind, options):
     small = interpreted("sparse_kd_loss", backend, "cpu")
@@ -114,8 +122,9 @@ def test_matches_reference(backend, kind, options):
     assert_close_fp32(s, targets, backend, labels=labels, reduction="sum", **options)
 
 
-@pytest.mark.parametrize("backend",
-                         backend_params("sparse_kd_loss", small_ok=False, fused_only=True))
+@pytest.mark.parametrize(
+    "backend", backend_params("sparse_kd_loss", small_ok=False, fused_only=True)
+)
 @pytest.mark.parametrize("vocab", [1, 7, 1271, 4099])
 @pytest.mark.parametrize("kind", ["counts", "bucket"])
 @pytest.mark.slow  # 8 cases, 6 s of the full run's 1,025 s
@@ -135,14 +144,22 @@ def test_triton_chunked_rows_and_slots(block_v, block_k, monkeypatch):
     if "triton" not in BACKENDS:
         pytest.skip("triton cannot run here")
     from fastkd.triton import sparse_kd_loss as kernel
+
     monkeypatch.setattr(kernel, "MAX_BLOCK_V", block_v)
     monkeypatch.setattr(kernel, "MAX_BLOCK_K", block_k)
     labels = torch.tensor([3, -100, 0, 36]) % 37
     for vocab, kind in [(37, "bucket"), (37, "importance"), (1, "bucket"), (7, "counts")]:
         s = make_logits((4,), vocab, seed=4)
         targets = make_targets((4,), vocab, kind, k=9, seed=5)
-        assert_close_fp32(s, targets, "triton", labels=labels % vocab, hard_weight=0.2,
-                          temperature=1.5, reduction="none")
+        assert_close_fp32(
+            s,
+            targets,
+            "triton",
+            labels=labels % vocab,
+            hard_weight=0.2,
+            temperature=1.5,
+            reduction="none",
+        )
 
 
 @pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
@@ -152,9 +169,14 @@ def test_student_and_targets_vocab_differ(backend, vs, vt):
     vocab = min(vs, vt)
     s = make_logits((4,), vs, seed=6)
     targets = make_targets((4,), vocab, "bucket", seed=7)
-    targets = SparseTargets(ids=targets.ids, weights=targets.weights,
-                            tail_mass=targets.tail_mass, vocab_size=vt, method="topk",
-                            tail="bucket")
+    targets = SparseTargets(
+        ids=targets.ids,
+        weights=targets.weights,
+        tail_mass=targets.tail_mass,
+        vocab_size=vt,
+        method="topk",
+        tail="bucket",
+    )
     labels = torch.tensor([0, 5, -100, 200])
     _, grad = assert_close_fp32(s, targets, backend, labels=labels, hard_weight=0.2)
     assert torch.all(grad[:, vocab:] == 0)
@@ -184,8 +206,7 @@ def test_all_rows_ignored(backend, reduction):
     s = make_logits((3, 4), 50)
     targets = make_targets((3, 4), 50, "bucket")
     labels = torch.full((3, 4), -100)
-    loss, grad = run_fused(s, targets, backend, labels=labels, hard_weight=0.5,
-                           reduction=reduction)
+    loss, grad = run_fused(s, targets, backend, labels=labels, hard_weight=0.5, reduction=reduction)
     assert torch.all(loss == 0)
     assert torch.all(grad == 0)
 
@@ -211,10 +232,14 @@ def test_reductions_and_num_items(backend):
     s = make_logits((4, 6), 64)
     targets = make_targets((4, 6), 64, "importance")
     labels = make_labels((4, 6), 64)
-    for kw in [{"reduction": "mean"}, {"reduction": "sum"}, {"reduction": "none"},
-               {"reduction": "mean", "num_items_in_batch": 37},
-               {"reduction": "mean", "num_items_in_batch": torch.tensor(11)},
-               {"reduction": "mean", "hard_weight": 0.4}]:
+    for kw in [
+        {"reduction": "mean"},
+        {"reduction": "sum"},
+        {"reduction": "none"},
+        {"reduction": "mean", "num_items_in_batch": 37},
+        {"reduction": "mean", "num_items_in_batch": torch.tensor(11)},
+        {"reduction": "mean", "hard_weight": 0.4},
+    ]:
         assert_close_fp32(s, targets, backend, labels=labels, **kw)
     none = sparse_kd_loss(s, targets, labels=labels, reduction="none", backend=backend)
     assert none.shape == (4, 6)
@@ -250,12 +275,12 @@ def test_custom_ignore_index(backend):
 @pytest.mark.slow  # 3 cases, 5 s of the full run's 1,025 s
 def test_non_contiguous_and_broadcast_logits(backend):
     base = make_logits((3, 6), 130)
-    s = base[:, :-1, :]                                          # row slice of [B, T, V]
+    s = base[:, :-1, :]  # row slice of [B, T, V]
     assert not s.is_contiguous()
     assert_close_fp32(s, make_targets((3, 5), 130, "bucket"), backend, reduction="sum")
     shared = make_logits((1, 5), 130, seed=2).expand(3, 5, 130)  # stride-0 rows
     assert_close_fp32(shared, make_targets((3, 5), 130, "counts"), backend, reduction="sum")
-    strided = make_logits((3, 5), 260, seed=3)[..., ::2]         # strided columns
+    strided = make_logits((3, 5), 260, seed=3)[..., ::2]  # strided columns
     assert_close_fp32(strided, make_targets((3, 5), 130, "renorm"), backend, reduction="none")
 
 
@@ -314,6 +339,7 @@ def test_triton_on_cuda_matches_cpu_backend_on_large_rows(kind):
 
 # ---- properties -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", backend_params("sparse_kd_loss"))
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("tail", ["renorm", "bucket"])
@@ -324,9 +350,14 @@ def test_full_distribution_equals_kd_loss_fkl(backend, temperature, tail):
     s, t = make_logits(lead, vocab, seed=14), make_logits(lead, vocab, seed=15)
     full = make_targets(lead, vocab, "full", teacher=t, temperature=temperature)
     if tail == "bucket":
-        full = SparseTargets(ids=full.ids, weights=full.weights,
-                             tail_mass=torch.full(lead, 1e-7), vocab_size=vocab, method="topk",
-                             tail="bucket")
+        full = SparseTargets(
+            ids=full.ids,
+            weights=full.weights,
+            tail_mass=torch.full(lead, 1e-7),
+            vocab_size=vocab,
+            method="topk",
+            tail="bucket",
+        )
     labels = make_labels(lead, vocab)
     kw = dict(temperature=temperature, labels=labels, hard_weight=0.2, t2_scale=True)
     loss, grad = run_fused(s, full, backend, reduction="none", **kw)
@@ -378,6 +409,7 @@ def test_sampled_gradient_approaches_full_kd_gradient(kind):
 
 # ---- registration, compile, errors ------------------------------------------------------------
 
+
 def test_reference_gradcheck_float64():
     s = make_logits((3,), 7, dtype=torch.float64).requires_grad_()
     labels = torch.tensor([1, -100, 4])
@@ -385,8 +417,15 @@ def test_reference_gradcheck_float64():
         targets = make_targets((3,), 7, kind, k=3, seed=22)
 
         def f(s):
-            return sparse_kd_loss_reference(s, targets, temperature=1.3, labels=labels,
-                                            hard_weight=0.2, t2_scale=True, reduction="sum")
+            return sparse_kd_loss_reference(
+                s,
+                targets,
+                temperature=1.3,
+                labels=labels,
+                hard_weight=0.2,
+                t2_scale=True,
+                reduction="sum",
+            )
 
         assert torch.autograd.gradcheck(f, (s,))
 
@@ -398,23 +437,48 @@ def test_opcheck(bucket):
     s = make_logits((6,), 33).requires_grad_()
     targets = make_targets((6,), 33, "bucket" if bucket else "importance")
     labels = torch.tensor([1, 2, -100, 4, 5, 6])
-    args = (s, targets.ids, targets.weights, targets.tail_mass, labels, 33, 1.5, 0.5, 0.5,
-            -100, 1.0, "cpu", True)
+    args = (
+        s,
+        targets.ids,
+        targets.weights,
+        targets.tail_mass,
+        labels,
+        33,
+        1.5,
+        0.5,
+        0.5,
+        -100,
+        1.0,
+        "cpu",
+        True,
+    )
     torch.library.opcheck(torch.ops.fastkd.sparse_kd_loss_fused.default, args)
 
 
 def test_no_gradient_buffer_when_no_gradient_is_wanted():
     s = make_logits((5,), 40)
     targets = make_targets((5,), 40, "bucket")
-    with_grad = sparse_kd_loss(s.clone().requires_grad_(), targets, reduction="none",
-                               backend="cpu")
+    with_grad = sparse_kd_loss(s.clone().requires_grad_(), targets, reduction="none", backend="cpu")
     _, grad = torch.ops.fastkd.sparse_kd_loss_fused.default(
-        s, targets.ids, targets.weights, targets.tail_mass, None, 40, 1.0, 1.0, 0.0, -100, 1.0,
-        "cpu", False)
+        s,
+        targets.ids,
+        targets.weights,
+        targets.tail_mass,
+        None,
+        40,
+        1.0,
+        1.0,
+        0.0,
+        -100,
+        1.0,
+        "cpu",
+        False,
+    )
     assert grad.numel() == 0
     with torch.no_grad():
-        without = sparse_kd_loss(s.clone().requires_grad_(), targets, reduction="none",
-                                 backend="cpu")
+        without = sparse_kd_loss(
+            s.clone().requires_grad_(), targets, reduction="none", backend="cpu"
+        )
     torch.testing.assert_close(without, with_grad.detach())
 
 
@@ -427,8 +491,20 @@ def test_kernels_give_nan_for_an_id_past_the_vocabulary(backend):
     ids = targets.ids.clone()
     ids[1, ids[1] >= 0] = torch.tensor([40, 45, 1000, 3, 4, 5], dtype=torch.int32)
     loss, grad = torch.ops.fastkd.sparse_kd_loss_fused.default(
-        s, ids, targets.weights, targets.tail_mass, None, 40, 1.0, 1.0, 0.0, -100, 1.0, backend,
-        True)
+        s,
+        ids,
+        targets.weights,
+        targets.tail_mass,
+        None,
+        40,
+        1.0,
+        1.0,
+        0.0,
+        -100,
+        1.0,
+        backend,
+        True,
+    )
     ref, ref_grad = run_reference(s, targets, reduction="none")
     assert loss[1].isnan() and not loss[[0, 2]].isnan().any()
     assert grad[1].isnan().all()
@@ -452,8 +528,11 @@ def test_duplicate_ids_add_their_weights(backend, kind):
     once, once_grad = run_fused(s, targets, backend, labels=labels, reduction="none")
     torch.testing.assert_close(loss, once, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(grad, once_grad, rtol=2e-6, atol=1e-8)
-    thirds = replace(targets, ids=torch.cat([ids, ids.flip(-1), ids], -1),
-                     weights=torch.cat([w * 0.2, w.flip(-1) * 0.5, w * 0.3], -1))
+    thirds = replace(
+        targets,
+        ids=torch.cat([ids, ids.flip(-1), ids], -1),
+        weights=torch.cat([w * 0.2, w.flip(-1) * 0.5, w * 0.3], -1),
+    )
     assert_close_fp32(s, thirds, backend, labels=labels, reduction="none")
 
 
@@ -477,7 +556,7 @@ def test_nan_or_inf_targets_give_nan_for_counted_tokens(backend, spoil):
             w[row, (targets.ids[row] >= 0).nonzero()[0, 0]] = bad
         else:
             tail[row] = bad
-    w[4, (targets.ids[4] < 0).nonzero()[0, 0]] = math.nan   # a padding slot
+    w[4, (targets.ids[4] < 0).nonzero()[0, 0]] = math.nan  # a padding slot
     spoiled = replace(targets, weights=w, tail_mass=tail)
     loss, grad = run_fused(s, spoiled, backend, labels=labels, reduction="none")
     assert loss[1].isnan() and grad[1].isnan().all()
@@ -496,10 +575,14 @@ def test_targets_without_slots(backend, bucket):
     """K = 0: no target ids; with a bucket the whole teacher mass is matched against the
     student's whole mass (q_b = 1): w_b log w_b, gradient 0."""
     s = make_logits((3,), 12, seed=35)
-    targets = SparseTargets(ids=torch.zeros(3, 0, dtype=torch.int32), weights=torch.zeros(3, 0),
-                            tail_mass=torch.full((3,), 0.5) if bucket else None, vocab_size=12,
-                            method="topk" if bucket else "random",
-                            tail="bucket" if bucket else None)
+    targets = SparseTargets(
+        ids=torch.zeros(3, 0, dtype=torch.int32),
+        weights=torch.zeros(3, 0),
+        tail_mass=torch.full((3,), 0.5) if bucket else None,
+        vocab_size=12,
+        method="topk" if bucket else "random",
+        tail="bucket" if bucket else None,
+    )
     loss, grad = run_fused(s, targets, backend, reduction="none")
     expected = torch.full((3,), 0.5 * math.log(0.5) if bucket else 0.0)
     torch.testing.assert_close(loss, expected)
@@ -516,8 +599,9 @@ def test_torch_compile_of_a_model_calling_the_loss():
     labels[0, 0] = -100
 
     def step(model, x):
-        return sparse_kd_loss(model(x), targets, labels=labels, hard_weight=0.1,
-                              temperature=2.0, backend="cpu")
+        return sparse_kd_loss(
+            model(x), targets, labels=labels, hard_weight=0.1, temperature=2.0, backend="cpu"
+        )
 
     eager_loss = step(student, x)
     eager_loss.backward()
@@ -540,8 +624,9 @@ def test_auto_backend_and_float64():
 
 def test_empty_input():
     s = torch.zeros(0, 10, requires_grad=True)
-    targets = SparseTargets(ids=torch.zeros(0, 3, dtype=torch.int32),
-                            weights=torch.zeros(0, 3), vocab_size=10)
+    targets = SparseTargets(
+        ids=torch.zeros(0, 3, dtype=torch.int32), weights=torch.zeros(0, 3), vocab_size=10
+    )
     loss = sparse_kd_loss(s, targets, backend="cpu")
     assert loss.item() == 0
     loss.backward()
@@ -556,14 +641,26 @@ def _targets_with_ids(ids):
 STUDENT = make_logits((2,), 10)
 BAD_INPUTS = [
     (dict(targets=torch.zeros(2, 3)), TypeError, "SparseTargets; got Tensor"),
-    (dict(targets=make_targets((3,), 10, "counts")), ValueError,
-     r"leading shape \(2,\).*ids of shape \(3, 7\)"),
-    (dict(targets=make_targets((2,), 10, "counts").to("meta")), ValueError,
-     "targets are on meta but student_logits on cpu"),
-    (dict(targets=_targets_with_ids([[0, 10], [1, -1]])), ValueError,
-     r"ids must lie in \[0, 10\).*found \[10\]"),
-    (dict(student=make_logits((2,), 8), targets=_targets_with_ids([[0, 9], [1, -1]])),
-     ValueError, r"min\(8, 10\).*found \[9\]"),
+    (
+        dict(targets=make_targets((3,), 10, "counts")),
+        ValueError,
+        r"leading shape \(2,\).*ids of shape \(3, 7\)",
+    ),
+    (
+        dict(targets=make_targets((2,), 10, "counts").to("meta")),
+        ValueError,
+        "targets are on meta but student_logits on cpu",
+    ),
+    (
+        dict(targets=_targets_with_ids([[0, 10], [1, -1]])),
+        ValueError,
+        r"ids must lie in \[0, 10\).*found \[10\]",
+    ),
+    (
+        dict(student=make_logits((2,), 8), targets=_targets_with_ids([[0, 9], [1, -1]])),
+        ValueError,
+        r"min\(8, 10\).*found \[9\]",
+    ),
     (dict(targets=_targets_with_ids([[0, -2], [1, -1]])), ValueError, r"found \[-2\]"),
     (dict(student=torch.zeros(2, 10, dtype=torch.long)), TypeError, "floating point"),
     (dict(temperature=0.0), ValueError, "temperature"),

@@ -55,8 +55,10 @@ def _top12(teacher_logits):
 
 @pytest.mark.slow  # 6 s of the full run's 1,025 s
 def test_random_sampling_is_unbiased_and_topk_is_not():
-    stats = _gradient_stats(32000, {
-        "random": lambda z: fastkd.sample_teacher(z, num_samples=50, seed=0), "top12": _top12})
+    stats = _gradient_stats(
+        32000,
+        {"random": lambda z: fastkd.sample_teacher(z, num_samples=50, seed=0), "top12": _top12},
+    )
     angle, ratio = stats["random"]
     assert angle < 6.0 and abs(ratio - 1) < 0.05, stats
     top_angle, top_ratio = stats["top12"]
@@ -66,9 +68,13 @@ def test_random_sampling_is_unbiased_and_topk_is_not():
 def test_priority_sampling_is_unbiased():
     """The same with priority targets of k = 12 ids (V = 8000 to keep the O(V) priority sampler
     quick): a few degrees and a norm ratio near 1, where top-12 renormalized is far off."""
-    stats = _gradient_stats(8000, {
-        "priority": lambda z: fastkd.sample_teacher(z, method="priority", k=12, seed=0),
-        "top12": _top12})
+    stats = _gradient_stats(
+        8000,
+        {
+            "priority": lambda z: fastkd.sample_teacher(z, method="priority", k=12, seed=0),
+            "top12": _top12,
+        },
+    )
     angle, ratio = stats["priority"]
     assert angle < 6.0 and abs(ratio - 1) < 0.05, stats
     top_angle, top_ratio = stats["top12"]

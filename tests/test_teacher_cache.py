@@ -19,8 +19,9 @@ from fastkd.sparse import SparseTargets, TeacherCache
 from fastkd.sparse.cache import CacheCorruptError, CacheLockedError
 
 
-def count_targets(lengths, *, vocab_size=32000, num_samples=50, slots=(1, 40), seed=0,
-                  logprobs=False):
+def count_targets(
+    lengths, *, vocab_size=32000, num_samples=50, slots=(1, 40), seed=0, logprobs=False
+):
     """Hand-built "random" targets, one SparseTargets [T, N] per entry of ``lengths``: each
     token has a random number of distinct ids in [slots[0], slots[1]] (both ends forced to
     occur), counts >= 1 summing to N, and weights count / N in float32 as the sampler computes
@@ -40,39 +41,64 @@ def count_targets(lengths, *, vocab_size=32000, num_samples=50, slots=(1, 40), s
             ids[t, :k] = row
             weights[t, :k] = counts.astype(np.float32) / np.float32(n)
             lp[t, :k] = -10 * rng.random(k, np.float32)
-        out.append(SparseTargets(ids=torch.from_numpy(ids), weights=torch.from_numpy(weights),
-                                 logprobs=torch.from_numpy(lp) if logprobs else None,
-                                 vocab_size=vocab_size, num_samples=n))
+        out.append(
+            SparseTargets(
+                ids=torch.from_numpy(ids),
+                weights=torch.from_numpy(weights),
+                logprobs=torch.from_numpy(lp) if logprobs else None,
+                vocab_size=vocab_size,
+                num_samples=n,
+            )
+        )
     return out
 
 
-def float_targets(lengths, *, vocab_size=1000, k=8, method="topk", tail="bucket",
-                  temperature=1.0, seed=1):
+def float_targets(
+    lengths, *, vocab_size=1000, k=8, method="topk", tail="bucket", temperature=1.0, seed=1
+):
     """Hand-built targets with arbitrary float32 weights, logprobs and (bucket) tail_mass; some
     tokens keep fewer than k ids."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for t_len in lengths:
-        ids = torch.stack([torch.randperm(vocab_size, generator=gen)[:k]
-                           for _ in range(t_len)]).int()
+        ids = torch.stack(
+            [torch.randperm(vocab_size, generator=gen)[:k] for _ in range(t_len)]
+        ).int()
         weights = torch.rand(t_len, k, generator=gen) ** 3
         weights[:, 0] = torch.tensor([1e-40, -0.0, 3.0e38, 1.0])[torch.arange(t_len) % 4]
         logprobs = torch.log(torch.rand(t_len, k, generator=gen))
         short = torch.arange(t_len) % 3 == 0
-        ids[short, k // 2:] = -1
-        weights[short, k // 2:] = 0
-        logprobs[short, k // 2:] = 0
+        ids[short, k // 2 :] = -1
+        weights[short, k // 2 :] = 0
+        logprobs[short, k // 2 :] = 0
         tail_mass = torch.rand(t_len, generator=gen) if tail == "bucket" else None
-        out.append(SparseTargets(ids=ids, weights=weights, logprobs=logprobs,
-                                 tail_mass=tail_mass, vocab_size=vocab_size, num_samples=k,
-                                 temperature=temperature, method=method, tail=tail))
+        out.append(
+            SparseTargets(
+                ids=ids,
+                weights=weights,
+                logprobs=logprobs,
+                tail_mass=tail_mass,
+                vocab_size=vocab_size,
+                num_samples=k,
+                temperature=temperature,
+                method=method,
+                tail=tail,
+            )
+        )
     return out
 
 
 def create(path, like: SparseTargets, **kw):
-    return TeacherCache.create(path, vocab_size=like.vocab_size, num_samples=like.num_samples,
-                               method=like.method, temperature=like.temperature,
-                               seed=like.seed, tail=like.tail, **kw)
+    return TeacherCache.create(
+        path,
+        vocab_size=like.vocab_size,
+        num_samples=like.num_samples,
+        method=like.method,
+        temperature=like.temperature,
+        seed=like.seed,
+        tail=like.tail,
+        **kw,
+    )
 
 
 def write(path, seqs, **kw):
@@ -108,15 +134,19 @@ def manifest(path):
         return json.load(f)
 
 
-@pytest.mark.parametrize("vocab_size, num_samples, word_bytes, logprobs", [
-    (32000, 50, 3, False),      # 15 + 6 bits
-    (262144, 64, 3, True),      # 18 + 6 bits: the widest that fits 3 bytes
-    (262144, 100, 4, False),    # 18 + 7 bits
-    (1 << 31, 1000, 6, False),  # 31 + 10 bits
-])
+@pytest.mark.parametrize(
+    "vocab_size, num_samples, word_bytes, logprobs",
+    [
+        (32000, 50, 3, False),  # 15 + 6 bits
+        (262144, 64, 3, True),  # 18 + 6 bits: the widest that fits 3 bytes
+        (262144, 100, 4, False),  # 18 + 7 bits
+        (1 << 31, 1000, 6, False),  # 31 + 10 bits
+    ],
+)
 def test_round_trip_counts(tmp_path, vocab_size, num_samples, word_bytes, logprobs):
-    seqs = count_targets([1, 7, 30, 2], vocab_size=vocab_size, num_samples=num_samples,
-                         logprobs=logprobs)
+    seqs = count_targets(
+        [1, 7, 30, 2], vocab_size=vocab_size, num_samples=num_samples, logprobs=logprobs
+    )
     write(tmp_path / "c", seqs, teacher_name="t", tokenizer_fingerprint="f")
     assert manifest(tmp_path / "c")["encoding"]["kind"] == "count"
     cache = TeacherCache.open(tmp_path / "c", vocab_size=vocab_size, tokenizer_fingerprint="f")
@@ -131,13 +161,14 @@ def test_round_trip_counts(tmp_path, vocab_size, num_samples, word_bytes, logpro
     assert shard["bytes"] <= 40 + 16 * (4 + 1) + 40 + (word_bytes + 4 * logprobs) * entries + 7 * 5
 
 
-@pytest.mark.parametrize("method, tail, temperature", [
-    ("topk", "bucket", 1.0), ("topk", "label", 1.0), ("random", None, 0.7)])
+@pytest.mark.parametrize(
+    "method, tail, temperature",
+    [("topk", "bucket", 1.0), ("topk", "label", 1.0), ("random", None, 0.7)],
+)
 def test_round_trip_float_weights(tmp_path, method, tail, temperature):
     seqs = float_targets([5, 1, 12], method=method, tail=tail, temperature=temperature)
     write(tmp_path / "c", seqs)
-    assert manifest(tmp_path / "c")["encoding"] == {"kind": "float", "id_bits": 10,
-                                                    "count_bits": 0}
+    assert manifest(tmp_path / "c")["encoding"] == {"kind": "float", "id_bits": 10, "count_bits": 0}
     cache = TeacherCache.open(tmp_path / "c")
     for i, s in enumerate(seqs):
         assert_same(cache[i], s)
@@ -176,9 +207,12 @@ def test_batch_pads_tokens_and_slots(tmp_path):
 
 def test_extend_with_lengths(tmp_path):
     seqs = count_targets([6, 6, 6], seed=5)
-    batch = SparseTargets(ids=torch.stack([s.ids for s in seqs]),
-                          weights=torch.stack([s.weights for s in seqs]),
-                          vocab_size=32000, num_samples=50)
+    batch = SparseTargets(
+        ids=torch.stack([s.ids for s in seqs]),
+        weights=torch.stack([s.weights for s in seqs]),
+        vocab_size=32000,
+        num_samples=50,
+    )
     with create(tmp_path / "c", seqs[0]) as w:
         w.extend(batch, lengths=torch.tensor([6, 0, 3]))
         w.extend(batch)
@@ -192,8 +226,12 @@ def test_extend_with_lengths(tmp_path):
 def test_append_rejects_mismatched_targets(tmp_path):
     seq = count_targets([4])[0]
     with create(tmp_path / "c", seq) as w:
-        for field, value in [("num_samples", 64), ("vocab_size", 50000), ("seed", 7),
-                             ("temperature", 2.0)]:
+        for field, value in [
+            ("num_samples", 64),
+            ("vocab_size", 50000),
+            ("seed", 7),
+            ("temperature", 2.0),
+        ]:
             with pytest.raises(ValueError, match=field):
                 w.append(SparseTargets(**{**seq.__dict__, field: value}))
         with pytest.raises(ValueError, match="not count / N"):
@@ -243,7 +281,7 @@ def test_truncated_missing_or_garbled_files(tmp_path):
     shard.write_bytes(raw)
     TeacherCache.open(path)
     text = (path / "manifest.json").read_text()
-    (path / "manifest.json").write_text(text[:len(text) // 2])
+    (path / "manifest.json").write_text(text[: len(text) // 2])
     with pytest.raises(CacheCorruptError, match="manifest.json"):
         TeacherCache.open(path)
     with pytest.raises(FileNotFoundError):
@@ -272,10 +310,11 @@ def test_killed_writer_resumes(tmp_path):
         create(path, seqs[0], resume=True, teacher_name="other")
     with create(path, seqs[0], shard_tokens=8, resume=True) as w:
         assert w.num_sequences == 4
-        for s in seqs[w.num_sequences:]:
+        for s in seqs[w.num_sequences :]:
             w.append(s)
     assert sorted(os.listdir(path)) == [".lock", "manifest.json"] + [
-        f"shard-{i:06d}.fkd" for i in range(len(manifest(path)["shards"]))]
+        f"shard-{i:06d}.fkd" for i in range(len(manifest(path)["shards"]))
+    ]
     cache = TeacherCache.open(path)
     assert len(cache) == len(seqs)
     for i, s in enumerate(seqs):
@@ -296,20 +335,25 @@ def test_create_refuses_foreign_directory(tmp_path):
 def sampled_targets(logits: torch.Tensor, num_samples: int, gen) -> SparseTargets:
     """N draws with replacement from softmax(logits) per row, kept as distinct ids (ascending)
     with weights count / N: what the "random" sampler produces, [T, N] with padding."""
-    draws = torch.multinomial(torch.softmax(logits, -1), num_samples, replacement=True,
-                              generator=gen).sort(-1).values
+    draws = (
+        torch.multinomial(torch.softmax(logits, -1), num_samples, replacement=True, generator=gen)
+        .sort(-1)
+        .values
+    )
     new = torch.ones_like(draws, dtype=torch.bool)
     new[:, 1:] = draws[:, 1:] != draws[:, :-1]
     slot = new.cumsum(-1) - 1
     ids = torch.full(draws.shape, -1, dtype=torch.int32).scatter_(1, slot, draws.int())
     counts = torch.zeros_like(slot).scatter_add_(1, slot, torch.ones_like(slot))
     weights = torch.from_numpy(counts.numpy().astype(np.float32) / np.float32(num_samples))
-    return SparseTargets(ids=ids, weights=weights, vocab_size=logits.shape[-1],
-                         num_samples=num_samples)
+    return SparseTargets(
+        ids=ids, weights=weights, vocab_size=logits.shape[-1], num_samples=num_samples
+    )
 
 
-def teacher_cache_size(path, sharpness, *, tokens=2000, seq_len=500, vocab_size=32000,
-                       num_samples=50, seed=0):
+def teacher_cache_size(
+    path, sharpness, *, tokens=2000, seq_len=500, vocab_size=32000, num_samples=50, seed=0
+):
     """Writes sampled targets of a long-tailed teacher, logits s_t * randn + a Zipf bias
     -1.1 log(rank) over a random id order, with per-token sharpness s_t = ``sharpness(T)``.
     Returns (bytes per token, mean distinct ids per token, mean entropy in nats)."""
@@ -334,17 +378,22 @@ def test_bytes_per_token(tmp_path):
     # A strong LM's predictions average about 2 nats of entropy, confident on some tokens and
     # broad on others: per-token sharpness uniform in [3, 10] gives that.
     bpt, distinct, entropy = teacher_cache_size(
-        tmp_path / "lm", lambda t, gen: 3 + 7 * torch.rand(t, 1, generator=gen))
-    print(f"\nLM-like teacher (mean entropy {entropy:.2f} nats): {distinct:.2f} distinct ids "
-          f"per token at N=50, {bpt:.2f} bytes per token")
+        tmp_path / "lm", lambda t, gen: 3 + 7 * torch.rand(t, 1, generator=gen)
+    )
+    print(
+        f"\nLM-like teacher (mean entropy {entropy:.2f} nats): {distinct:.2f} distinct ids "
+        f"per token at N=50, {bpt:.2f} bytes per token"
+    )
     assert 1.5 < entropy < 2.5
     assert bpt <= 40
 
     # A flatter teacher (sharpness 3 on every token) keeps more ids; the format still costs
     # 3 bytes per id plus about 1 byte per token.
     bpt, distinct, entropy = teacher_cache_size(tmp_path / "flat", lambda t, gen: 3.0)
-    print(f"flat teacher (mean entropy {entropy:.2f} nats): {distinct:.2f} distinct ids per "
-          f"token at N=50, {bpt:.2f} bytes per token")
+    print(
+        f"flat teacher (mean entropy {entropy:.2f} nats): {distinct:.2f} distinct ids per "
+        f"token at N=50, {bpt:.2f} bytes per token"
+    )
     assert bpt <= 3 * distinct + 1.5
 
 
@@ -377,6 +426,7 @@ def inject(monkeypatch, op=None, at=0, fault=None, after=False):
             if hit and after:
                 fail()
             return out
+
         return call
 
     for name in calls:
@@ -421,6 +471,7 @@ def check_prefix_and_resume(monkeypatch, path, seqs, ref, lo, hi):
     """The cache at ``path`` holds between ``lo`` and ``hi`` sequences, bit-exact against the
     reference cache ``ref``; resuming it writes the rest of ``seqs`` and gives ``ref``'s
     sequences, leaving no file but the cache's."""
+
     def same_as_ref(cache, n):
         got, got_lengths = cache.batch(range(n))
         want, want_lengths = ref.batch(range(n))
@@ -440,7 +491,8 @@ def check_prefix_and_resume(monkeypatch, path, seqs, ref, lo, hi):
     assert len(cache) == len(seqs)
     same_as_ref(cache, len(seqs))
     assert sorted(os.listdir(path)) == [".lock", "manifest.json"] + [
-        f"shard-{i:06d}.fkd" for i in range(len(manifest(path)["shards"]))]
+        f"shard-{i:06d}.fkd" for i in range(len(manifest(path)["shards"]))
+    ]
 
 
 def test_interrupted_manifest_write_keeps_the_cache(tmp_path, monkeypatch):
@@ -513,9 +565,13 @@ def test_fault_at_every_call_keeps_a_resumable_cache(tmp_path, monkeypatch):
     # Each call gets one fault before it and the other after it; alternating in pairs of calls
     # gives file and directory fsyncs, and shard and manifest renames, both kinds.
     faults = [OSError(errno.EIO, "injected"), KeyboardInterrupt()]
-    cases = [(op, at, faults[(at // 2 + after) % 2], after) for op in calls
-             for at in range(1, calls[op] + 1) for after in (False, True)
-             if op != "write" or not after]
+    cases = [
+        (op, at, faults[(at // 2 + after) % 2], after)
+        for op in calls
+        for at in range(1, calls[op] + 1)
+        for after in (False, True)
+        if op != "write" or not after
+    ]
     for case, (op, at, fault, after) in enumerate(cases):
         path = tmp_path / str(case)
         with monkeypatch.context() as m:
@@ -523,8 +579,9 @@ def test_fault_at_every_call_keeps_a_resumable_cache(tmp_path, monkeypatch):
             w, started = write_small(path, seqs)
         committed = 0 if w is None else w.committed_sequences
         broken = w is None or w.broken is not None
-        check_prefix_and_resume(monkeypatch, path, seqs, ref, committed,
-                                started if broken else committed)
+        check_prefix_and_resume(
+            monkeypatch, path, seqs, ref, committed, started if broken else committed
+        )
 
 
 def run_in_child(fn) -> int:
@@ -549,8 +606,9 @@ def test_kill_9_at_any_moment_keeps_a_resumable_cache(tmp_path, monkeypatch):
     """A writer process killed (SIGKILL) just before or just after each rename, or amid writing
     a shard: nothing but the kernel cleans up after it."""
     seqs, ref, calls = small_reference(tmp_path, monkeypatch)
-    cases = [("replace", at, after) for at in range(1, calls["replace"] + 1)
-             for after in (False, True)] + [("write", calls["write"] // 2, False)]
+    cases = [
+        ("replace", at, after) for at in range(1, calls["replace"] + 1) for after in (False, True)
+    ] + [("write", calls["write"] // 2, False)]
     for case, (op, at, after) in enumerate(cases):
         path = tmp_path / str(case)
 
@@ -564,6 +622,7 @@ def test_kill_9_at_any_moment_keeps_a_resumable_cache(tmp_path, monkeypatch):
 
 
 # ---- one writer at a time ----
+
 
 def test_second_writer_is_refused(tmp_path, monkeypatch):
     seqs, ref, _ = small_reference(tmp_path, monkeypatch)
@@ -604,6 +663,7 @@ def test_second_writer_is_refused(tmp_path, monkeypatch):
 
 # ---- only the cache's own files are written or removed ----
 
+
 def test_planted_symlinks_are_not_followed(tmp_path, monkeypatch):
     """Links at the lock file, at every temporary name a writer could use (the fixed names of
     version-1 writers, and its random ones, made predictable here) and at the shard names it is
@@ -618,7 +678,8 @@ def test_planted_symlinks_are_not_followed(tmp_path, monkeypatch):
         create(path, seqs[0])
     (path / ".lock").unlink()
     names = [".manifest.json.tmp", ".manifest.json.0000000000000000.tmp"] + [
-        f".shard-{i:06d}.fkd{suffix}.tmp" for i in range(4) for suffix in ("", ".0000000000000000")]
+        f".shard-{i:06d}.fkd{suffix}.tmp" for i in range(4) for suffix in ("", ".0000000000000000")
+    ]
     with monkeypatch.context() as m:
         m.setattr("secrets.token_hex", lambda n: "0" * 2 * n)
         with pytest.raises(FileExistsError):  # O_EXCL: the temporary name is taken
@@ -643,8 +704,13 @@ def test_unrelated_tmp_files_survive(tmp_path, monkeypatch):
     seqs, ref, _ = small_reference(tmp_path, monkeypatch)
     path = tmp_path / "c"
     path.mkdir()
-    unrelated = ["x.tmp", ".x.tmp", ".manifest.json.tmp.bak", ".shard-1.fkd.tmp",
-                 ".shard-000001.fkd.0123.tmp"]
+    unrelated = [
+        "x.tmp",
+        ".x.tmp",
+        ".manifest.json.tmp.bak",
+        ".shard-1.fkd.tmp",
+        ".shard-000001.fkd.0123.tmp",
+    ]
     for name in unrelated:
         (path / name).write_text("someone else's")
     with pytest.raises(FileExistsError, match="neither empty nor a teacher cache"):
@@ -669,6 +735,7 @@ def test_unrelated_tmp_files_survive(tmp_path, monkeypatch):
 
 # ---- what a manifest says is checked ----
 
+
 def edit_manifest(path, edit, *, rehash):
     """Applies ``edit`` to the parsed manifest at ``path``; with ``rehash``, stores the checksum
     of the edited content too (as a tool that rewrites manifests would)."""
@@ -676,25 +743,29 @@ def edit_manifest(path, edit, *, rehash):
     edit(m)
     if rehash:
         rest = {k: v for k, v in m.items() if k != "manifest_sha256"}
-        m["manifest_sha256"] = hashlib.sha256(json.dumps(
-            rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        m["manifest_sha256"] = hashlib.sha256(
+            json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
     (path / "manifest.json").write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("edit, rehash, match", [
-    (lambda m: m.update(num_samples=64), False, "checksum"),
-    (lambda m: m["shards"].append(m["shards"][0]), False, "checksum"),
-    (lambda m: m["shards"].append(m["shards"][0]), True, "listed once"),
-    (lambda m: m["shards"].reverse(), True, "listed once"),
-    (lambda m: m["shards"][2].update(file="shard-000001.fkd"), True, "listed once"),
-    (lambda m: m["shards"][1].update(first_sequence=1), True, "the shards before it hold 2"),
-    (lambda m: m["shards"].pop(1), True, "listed once"),
-    (lambda m: m["shards"][0].update(slot_bytes=True), True, "slot_bytes"),
-    (lambda m: m["encoding"].update(id_bits=6.0), True, "encoding"),
-    (lambda m: m.update(logprobs=0), True, "logprobs"),
-    (lambda m: m.update(extra=1), True, "unexpected"),
-    (lambda m: m["shards"][0].update(bytes=m["shards"][0]["bytes"] + 8), True, "imply"),
-])
+@pytest.mark.parametrize(
+    "edit, rehash, match",
+    [
+        (lambda m: m.update(num_samples=64), False, "checksum"),
+        (lambda m: m["shards"].append(m["shards"][0]), False, "checksum"),
+        (lambda m: m["shards"].append(m["shards"][0]), True, "listed once"),
+        (lambda m: m["shards"].reverse(), True, "listed once"),
+        (lambda m: m["shards"][2].update(file="shard-000001.fkd"), True, "listed once"),
+        (lambda m: m["shards"][1].update(first_sequence=1), True, "the shards before it hold 2"),
+        (lambda m: m["shards"].pop(1), True, "listed once"),
+        (lambda m: m["shards"][0].update(slot_bytes=True), True, "slot_bytes"),
+        (lambda m: m["encoding"].update(id_bits=6.0), True, "encoding"),
+        (lambda m: m.update(logprobs=0), True, "logprobs"),
+        (lambda m: m.update(extra=1), True, "unexpected"),
+        (lambda m: m["shards"][0].update(bytes=m["shards"][0]["bytes"] + 8), True, "imply"),
+    ],
+)
 def test_manifest_edits_are_detected(tmp_path, edit, rehash, match, no_sync):
     seqs = count_targets(SMALL_LENGTHS, **SMALL)
     path = tmp_path / "c"
@@ -706,11 +777,21 @@ def test_manifest_edits_are_detected(tmp_path, edit, rehash, match, no_sync):
         create(path, seqs[0], resume=True)
 
 
-@pytest.mark.parametrize("text", [
-    "[" * 200_000, "{" * 100_000, "", "null", "[]", '"fastkd-teacher-cache"',
-    '{"format": "fastkd-teacher-cache", "version": 2, "version": 2}',
-    '{"format": "fastkd-teacher-cache", "version": 3}', "1" * 100_000, b"\xff\xfe\x00",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 200_000,
+        "{" * 100_000,
+        "",
+        "null",
+        "[]",
+        '"fastkd-teacher-cache"',
+        '{"format": "fastkd-teacher-cache", "version": 2, "version": 2}',
+        '{"format": "fastkd-teacher-cache", "version": 3}',
+        "1" * 100_000,
+        b"\xff\xfe\x00",
+    ],
+)
 def test_malformed_manifest_is_corrupt(tmp_path, text, no_sync):
     path = tmp_path / "c"
     write_small(path, count_targets([3], **SMALL))
@@ -747,21 +828,25 @@ def test_version_1_cache_is_read_and_upgraded_on_resume(tmp_path, monkeypatch):
 
 # ---- sizes are bounded when writing and checked against the files when reading ----
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(vocab_size=2**70), r"vocab_size must be an int in \[1, 2147483648\]; got 1180591620"),
-    (dict(vocab_size=0), r"vocab_size .*\[1, 2147483648\]"),
-    (dict(vocab_size=True), "vocab_size"),
-    (dict(num_samples=2**31), r"num_samples must be an int in \[1, 2147483647\]"),
-    (dict(num_samples=8.0), "num_samples"),
-    (dict(seed=-1), r"seed must be an int in \[0, 18446744073709551615\]"),
-    (dict(seed=2**64), "seed"),
-    (dict(shard_tokens=2**31 + 1), r"shard_tokens must be an int in \[1, 2147483648\]"),
-    (dict(shard_tokens=True), "shard_tokens"),
-    (dict(temperature=True), "temperature"),
-    (dict(temperature="0.7"), "temperature"),
-    (dict(teacher_name="x" * 5000), "teacher_name must be a str of at most 4096"),
-    (dict(logprobs=1), "logprobs must be True, False or None"),
-])
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(vocab_size=2**70), r"vocab_size must be an int in \[1, 2147483648\]; got 1180591620"),
+        (dict(vocab_size=0), r"vocab_size .*\[1, 2147483648\]"),
+        (dict(vocab_size=True), "vocab_size"),
+        (dict(num_samples=2**31), r"num_samples must be an int in \[1, 2147483647\]"),
+        (dict(num_samples=8.0), "num_samples"),
+        (dict(seed=-1), r"seed must be an int in \[0, 18446744073709551615\]"),
+        (dict(seed=2**64), "seed"),
+        (dict(shard_tokens=2**31 + 1), r"shard_tokens must be an int in \[1, 2147483648\]"),
+        (dict(shard_tokens=True), "shard_tokens"),
+        (dict(temperature=True), "temperature"),
+        (dict(temperature="0.7"), "temperature"),
+        (dict(teacher_name="x" * 5000), "teacher_name must be a str of at most 4096"),
+        (dict(logprobs=1), "logprobs must be True, False or None"),
+    ],
+)
 def test_sizes_are_bounded_when_writing(tmp_path, kw, match):
     args = {"vocab_size": 64, "num_samples": 8, **kw}
     with pytest.raises(ValueError, match=match):
@@ -774,8 +859,9 @@ def test_sequence_sizes_are_bounded_when_writing(tmp_path):
     one = torch.zeros(1, 1, dtype=torch.int32)
     with TeacherCache.create(tmp_path / "c", vocab_size=64, num_samples=8) as w:
         for t, k in ((2**31, 1), (1, 2**32)):
-            huge = SparseTargets(ids=one.expand(t, k), weights=one.float().expand(t, k),
-                                 vocab_size=64, num_samples=8)
+            huge = SparseTargets(
+                ids=one.expand(t, k), weights=one.float().expand(t, k), vocab_size=64, num_samples=8
+            )
             with pytest.raises(ValueError, match=f"got targets \\[T={t}, K={k}\\]"):
                 w.append(huge)
         assert w.num_sequences == 0
@@ -824,6 +910,7 @@ def test_huge_shard_header_fails_without_allocating(tmp_path, no_sync):
 
 # ---- indices are integers ----
 
+
 def test_indices_must_be_integers(tmp_path, no_sync):
     seqs = count_targets([3, 4, 2], **SMALL)
     write_small(tmp_path / "c", seqs)
@@ -832,18 +919,26 @@ def test_indices_must_be_integers(tmp_path, no_sync):
         assert_same(cache[index], seqs[1])
     targets, lengths = cache.batch(torch.tensor([2, 0]))
     assert lengths.tolist() == [2, 3]
-    for index, name in ((1.7, "float"), (True, "bool"), (np.float64(1.0), "float64"),
-                        (torch.tensor(1.0), "Tensor of torch.float32"),
-                        (torch.tensor(True), "Tensor of torch.bool"),
-                        (torch.tensor([1]), "Tensor of torch.int64"), ("1", "str")):
+    for index, name in (
+        (1.7, "float"),
+        (True, "bool"),
+        (np.float64(1.0), "float64"),
+        (torch.tensor(1.0), "Tensor of torch.float32"),
+        (torch.tensor(True), "Tensor of torch.bool"),
+        (torch.tensor([1]), "Tensor of torch.int64"),
+        ("1", "str"),
+    ):
         with pytest.raises(TypeError, match=f"must be an integer.*got {name}"):
             cache[index]
     with pytest.raises(IndexError, match="sequence -4 out of range for a cache of 3"):
         cache[-4]
     with TeacherCache.create(tmp_path / "d", vocab_size=64, num_samples=8) as w:
-        batch = SparseTargets(ids=torch.stack([s.ids[:2] for s in seqs]),
-                              weights=torch.stack([s.weights[:2] for s in seqs]),
-                              vocab_size=64, num_samples=8)
+        batch = SparseTargets(
+            ids=torch.stack([s.ids[:2] for s in seqs]),
+            weights=torch.stack([s.weights[:2] for s in seqs]),
+            vocab_size=64,
+            num_samples=8,
+        )
         with pytest.raises(TypeError, match="a length must be an integer"):
             w.extend(batch, lengths=[2, 1.5, 1])
         w.extend(batch, lengths=torch.tensor([2, 1, 0]))

@@ -19,18 +19,24 @@ def paths(tmp_path):
 
 
 def _base(paths) -> dict:
-    return {"model": {"student": str(paths / "student"), "teacher": str(paths / "teacher")},
-            "data": {"train": [str(paths / "train.txt")]}}
+    return {
+        "model": {"student": str(paths / "student"), "teacher": str(paths / "teacher")},
+        "data": {"train": [str(paths / "train.txt")]},
+    }
 
 
 def test_toml_file_with_overrides_and_relative_paths(paths):
     cfg = paths / "run.toml"
-    cfg.write_text('[model]\nstudent = "student"\nteacher = "teacher"\n'
-                   '[data]\ntrain = ["train.txt"]\nseq_len = 64\n'
-                   '[objective]\ndivergence = "jsd"\nbeta = 0.25\n')
-    config = load_config(str(cfg), ["train.lr=1e-3", "objective.t2_scale=true",
-                                    "output.dir=out", "train.max_grad_norm=none"])
-    assert config.model.student == str(paths / "student")       # relative to the file
+    cfg.write_text(
+        '[model]\nstudent = "student"\nteacher = "teacher"\n'
+        '[data]\ntrain = ["train.txt"]\nseq_len = 64\n'
+        '[objective]\ndivergence = "jsd"\nbeta = 0.25\n'
+    )
+    config = load_config(
+        str(cfg),
+        ["train.lr=1e-3", "objective.t2_scale=true", "output.dir=out", "train.max_grad_norm=none"],
+    )
+    assert config.model.student == str(paths / "student")  # relative to the file
     assert config.data.train == [str(paths / "train.txt")]
     assert config.data.seq_len == 64 and config.objective.beta == 0.25
     assert config.train.lr == 1e-3 and config.objective.t2_scale is True
@@ -41,37 +47,47 @@ def test_toml_file_with_overrides_and_relative_paths(paths):
 def test_yaml_file(paths):
     pytest.importorskip("yaml")
     cfg = paths / "run.yaml"
-    cfg.write_text("model:\n  student: student\n  teacher: teacher\ndata:\n  train: train.txt\n"
-                   "train:\n  steps: 7\n")
+    cfg.write_text(
+        "model:\n  student: student\n  teacher: teacher\ndata:\n  train: train.txt\n"
+        "train:\n  steps: 7\n"
+    )
     config = load_config(str(cfg))
     assert config.train.steps == 7 and config.data.train == [str(paths / "train.txt")]
 
 
-@pytest.mark.parametrize("tree,message", [
-    ({"trian": {}}, r"unknown key trian; did you mean train\?"),
-    ({"train": {"lr_rate": 1}}, r"unknown key train.lr_rate; did you mean train.lr\?"),
-    ({"train": {"steps": 0}}, r"train.steps = 0 is not allowed: expected a number >= 1"),
-    ({"train": {"steps": 2.5}}, r"train.steps = 2.5 .*an integer >= 1"),
-    ({"train": {"compile": "yes"}}, r"train.compile = 'yes' .*true or false"),
-    ({"objective": {"beta": 1.5}}, r"objective.beta = 1.5 .*\[0.0, 1.0\]"),
-    ({"objective": {"kind": "dpo"}}, r"objective.kind = 'dpo' .*one of 'ce', 'kd', 'sparse'"),
-    ({"objective": {"divergence": "kl"}}, r"objective.divergence = 'kl' .*one of \["),
-    ({"objective": {"temperature": float("nan")}}, r"objective.temperature = nan"),
-    ({"objective": {"kind": "sparse"}}, r"needs cache.path"),
-    ({"objective": {"kind": "ce", "hard_weight": 0.5}}, r"hard_weight applies to kind"),
-    ({"model": {"teacher": None}}, r'"kd" needs model.teacher'),
-    ({"data": {"train": [1]}}, r"data.train\[0\] = 1 .*a string"),
-    ({"train": "fast"}, r"train must be a table of keys"),
-    ({"train": {"adam_beta1": 1.0}}, r"train.adam_beta1 = 1.0 .*\[0.0, 1.0\)"),
-    ({"objective": {"kind": "sparse", "temperature": 2.0}, "cache": {"path": "c"}},
-     r"objective.temperature = 2.0 applies to kind = \"kd\""),
-    ({"data": {"format": "text"}}, r"data.format = 'text' .*'auto', 'txt', 'jsonl'"),
-])
+@pytest.mark.parametrize(
+    "tree,message",
+    [
+        ({"trian": {}}, r"unknown key trian; did you mean train\?"),
+        ({"train": {"lr_rate": 1}}, r"unknown key train.lr_rate; did you mean train.lr\?"),
+        ({"train": {"steps": 0}}, r"train.steps = 0 is not allowed: expected a number >= 1"),
+        ({"train": {"steps": 2.5}}, r"train.steps = 2.5 .*an integer >= 1"),
+        ({"train": {"compile": "yes"}}, r"train.compile = 'yes' .*true or false"),
+        ({"objective": {"beta": 1.5}}, r"objective.beta = 1.5 .*\[0.0, 1.0\]"),
+        ({"objective": {"kind": "dpo"}}, r"objective.kind = 'dpo' .*one of 'ce', 'kd', 'sparse'"),
+        ({"objective": {"divergence": "kl"}}, r"objective.divergence = 'kl' .*one of \["),
+        ({"objective": {"temperature": float("nan")}}, r"objective.temperature = nan"),
+        ({"objective": {"kind": "sparse"}}, r"needs cache.path"),
+        ({"objective": {"kind": "ce", "hard_weight": 0.5}}, r"hard_weight applies to kind"),
+        ({"model": {"teacher": None}}, r'"kd" needs model.teacher'),
+        ({"data": {"train": [1]}}, r"data.train\[0\] = 1 .*a string"),
+        ({"train": "fast"}, r"train must be a table of keys"),
+        ({"train": {"adam_beta1": 1.0}}, r"train.adam_beta1 = 1.0 .*\[0.0, 1.0\)"),
+        (
+            {"objective": {"kind": "sparse", "temperature": 2.0}, "cache": {"path": "c"}},
+            r"objective.temperature = 2.0 applies to kind = \"kd\"",
+        ),
+        ({"data": {"format": "text"}}, r"data.format = 'text' .*'auto', 'txt', 'jsonl'"),
+    ],
+)
 def test_bad_values_name_the_key_value_and_what_is_allowed(paths, tree, message):
     base = _base(paths)
     for section, values in tree.items():
-        base[section] = values if not isinstance(values, dict) or section not in base \
+        base[section] = (
+            values
+            if not isinstance(values, dict) or section not in base
             else {**base[section], **values}
+        )
     with pytest.raises(ConfigError, match=message):
         load_config(base)
 
@@ -123,6 +139,7 @@ def test_data_format_reaches_the_reader(paths):
     from fastkd.train.data import read_documents
 
     for fmt in ("auto", "txt"):
-        config = load_config({**_base(paths), "data": {"train": [str(paths / "train.txt")],
-                                                       "format": fmt}})
+        config = load_config(
+            {**_base(paths), "data": {"train": [str(paths / "train.txt")], "format": fmt}}
+        )
         assert read_documents(config.data.train, format=config.data.format)[0].text == "hello"

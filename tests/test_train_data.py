@@ -20,10 +20,12 @@ from fastkd.train.data import (
 from fastkd.train.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 from transformers import AutoTokenizer
 
-TEXTS = ["the quick brown fox jumps over the lazy dog",
-         "def add(x, y):\n    return x + y\n",
-         "pack my box with five dozen liquor jugs",
-         "import os\nprint(os.getcwd())\n"] * 2
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "def add(x, y):\n    return x + y\n",
+    "pack my box with five dozen liquor jugs",
+    "import os\nprint(os.getcwd())\n",
+] * 2
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +40,21 @@ def encode(tok, text):
 # ---------------------------------------------------------------------------------------------
 # packing and prompt masking
 
-@pytest.mark.parametrize("texts,seq_len", [
-    (TEXTS[:4], 1), (TEXTS[:4], 3), (TEXTS[:4], 7), (TEXTS[:4], 64), (TEXTS[:4], 1000),
-    (["a"], 1), (["a"], 4), (["", "ab", ""], 2), (["x" * 50], 10),
-])
+
+@pytest.mark.parametrize(
+    "texts,seq_len",
+    [
+        (TEXTS[:4], 1),
+        (TEXTS[:4], 3),
+        (TEXTS[:4], 7),
+        (TEXTS[:4], 64),
+        (TEXTS[:4], 1000),
+        (["a"], 1),
+        (["a"], 4),
+        (["", "ab", ""], 2),
+        (["x" * 50], 10),
+    ],
+)
 def test_packing_predicts_every_token_after_the_first_once(tok, texts, seq_len):
     stream = [t for text in texts for t in encode(tok, text) + [tok.eos_token_id]]
     ds = tokenize_documents([Document(text=t) for t in texts], tok, seq_len=seq_len)
@@ -55,13 +68,15 @@ def test_packing_predicts_every_token_after_the_first_once(tok, texts, seq_len):
     assert (ds.input_ids[~mask] == tok.pad_token_id).all()
     # The first input and the labels decode to the documents, each followed by the eos token.
     first = ds.input_ids[:1, 0].tolist()
-    assert tok.decode(first + ds.labels[ds.labels != IGNORE_INDEX].tolist()) == \
-        "".join(text + "<|endoftext|>" for text in texts)
+    assert tok.decode(first + ds.labels[ds.labels != IGNORE_INDEX].tolist()) == "".join(
+        text + "<|endoftext|>" for text in texts
+    )
     assert ds.num_label_tokens() == len(stream) - 1
     assert mask[:-1].all(), "only the last sequence may be padded"
     item = ds[len(ds) - 1]
     assert {k: (v.dtype, tuple(v.shape)) for k, v in item.items()} == {
-        k: (torch.int64, (seq_len,)) for k in ("input_ids", "labels", "attention_mask")}
+        k: (torch.int64, (seq_len,)) for k in ("input_ids", "labels", "attention_mask")
+    }
 
 
 def test_packing_of_nothing_is_empty(tok):
@@ -69,19 +84,22 @@ def test_packing_of_nothing_is_empty(tok):
     assert len(ds) == 0 and ds.input_ids.shape == (0, 4) and ds.num_label_tokens() == 0
 
 
-@pytest.mark.parametrize("prompt,completion,room,kept", [
-    ("Q: add", " A: x + y", 40, True),      # padded
-    ("Q: add", " A: x + y", 3, True),       # completion truncated
-    ("def add(x, y):", "\n", 0, True),      # the prompt leaves one label
-    ("def add(x, y): return x + y", "!", -1, False),  # the prompt fills all T + 1 tokens
-    ("", "the fox", 8, True),               # empty prompt: the first token is not predicted
-    ("", "", 8, False),                     # only an eos, with nothing before it
-])
+@pytest.mark.parametrize(
+    "prompt,completion,room,kept",
+    [
+        ("Q: add", " A: x + y", 40, True),  # padded
+        ("Q: add", " A: x + y", 3, True),  # completion truncated
+        ("def add(x, y):", "\n", 0, True),  # the prompt leaves one label
+        ("def add(x, y): return x + y", "!", -1, False),  # the prompt fills all T + 1 tokens
+        ("", "the fox", 8, True),  # empty prompt: the first token is not predicted
+        ("", "", 8, False),  # only an eos, with nothing before it
+    ],
+)
 def test_prompt_completion_labels_only_the_completion(tok, prompt, completion, room, kept):
     p, c = encode(tok, prompt), encode(tok, completion)
     seq_len = len(p) + room
     assert len(c) > room or room != 3, "the truncation case must truncate"
-    seq = (p + c + [tok.eos_token_id])[:seq_len + 1]
+    seq = (p + c + [tok.eos_token_id])[: seq_len + 1]
     docs = [Document(prompt=prompt, completion=completion)]
     if not kept:
         with pytest.warns(UserWarning, match="1 of 1 prompt/completion pairs dropped"):
@@ -91,7 +109,7 @@ def test_prompt_completion_labels_only_the_completion(tok, prompt, completion, r
     assert len(ds) == 1
     m = len(seq) - 1
     first = max(len(p), 1) - 1  # the first position whose next token is a completion token
-    want_labels = [IGNORE_INDEX] * first + seq[first + 1:] + [IGNORE_INDEX] * (seq_len - m)
+    want_labels = [IGNORE_INDEX] * first + seq[first + 1 :] + [IGNORE_INDEX] * (seq_len - m)
     assert ds.labels[0].tolist() == want_labels
     assert ds.input_ids[0].tolist() == seq[:-1] + [tok.pad_token_id] * (seq_len - m)
     assert ds.attention_mask[0].tolist() == [1] * m + [0] * (seq_len - m)
@@ -100,8 +118,11 @@ def test_prompt_completion_labels_only_the_completion(tok, prompt, completion, r
 
 
 def test_pairs_follow_the_packed_blocks(tok):
-    docs = [Document(prompt="Q:", completion=" fox"), Document(text=TEXTS[0]),
-            Document(prompt="Q: dog", completion=" lazy")]
+    docs = [
+        Document(prompt="Q:", completion=" fox"),
+        Document(text=TEXTS[0]),
+        Document(prompt="Q: dog", completion=" lazy"),
+    ]
     ds = tokenize_documents(docs, tok, seq_len=4)
     packed = tokenize_documents(docs[1:2], tok, seq_len=4)
     pairs = [tokenize_documents([d], tok, seq_len=4) for d in (docs[0], docs[2])]
@@ -125,6 +146,7 @@ def test_dataset_fingerprint_and_collate(tok):
 # ---------------------------------------------------------------------------------------------
 # reading documents
 
+
 def write(path, text):
     path.write_text(text, encoding="utf-8")
     return str(path)
@@ -133,28 +155,38 @@ def write(path, text):
 def test_read_documents_txt_jsonl_and_directories(tmp_path):
     (tmp_path / "d").mkdir()
     write(tmp_path / "d" / "b.txt", "second")
-    write(tmp_path / "d" / "a.jsonl", '{"text": "first"}\n\n{"prompt": "p", "completion": "c",'
-                                      ' "id": 3}\n')
+    write(
+        tmp_path / "d" / "a.jsonl",
+        '{"text": "first"}\n\n{"prompt": "p", "completion": "c", "id": 3}\n',
+    )
     write(tmp_path / "d" / "skip.md", "not read")
     single = write(tmp_path / "one.txt", "héllo\nworld")
     docs = read_documents([single, tmp_path / "d"])
-    assert docs == [Document(text="héllo\nworld"), Document(text="first"),
-                    Document(prompt="p", completion="c"), Document(text="second")]
+    assert docs == [
+        Document(text="héllo\nworld"),
+        Document(text="first"),
+        Document(prompt="p", completion="c"),
+        Document(text="second"),
+    ]
     assert read_documents([tmp_path / "d"], format="txt") == [Document(text="second")]
     custom = write(tmp_path / "c.data", '{"q": "p", "a": "c"}\n')
     assert read_documents([custom], format="jsonl", prompt_key="q", completion_key="a") == [
-        Document(prompt="p", completion="c")]
+        Document(prompt="p", completion="c")
+    ]
 
 
-@pytest.mark.parametrize("content,line,message", [
-    ('{"text": "ok"}\n{"text": "bad"\n', 2, "invalid JSON"),
-    ('{"text": "ok"}\n\n["text"]\n', 3, "expected a JSON object; got list"),
-    ('{"prompt": "p"}\n', 1, "missing key 'completion'"),
-    ('{"completion": "c"}\n', 1, "missing key 'prompt'"),
-    ('{"body": "x"}\n', 1, r"expected key 'text', or keys 'prompt' and 'completion'; got keys"),
-    ('{"text": 3}\n', 1, "'text' must be a string; got int"),
-    ('{"text": "t", "prompt": "p", "completion": "c"}\n', 1, "a record is either text"),
-])
+@pytest.mark.parametrize(
+    "content,line,message",
+    [
+        ('{"text": "ok"}\n{"text": "bad"\n', 2, "invalid JSON"),
+        ('{"text": "ok"}\n\n["text"]\n', 3, "expected a JSON object; got list"),
+        ('{"prompt": "p"}\n', 1, "missing key 'completion'"),
+        ('{"completion": "c"}\n', 1, "missing key 'prompt'"),
+        ('{"body": "x"}\n', 1, r"expected key 'text', or keys 'prompt' and 'completion'; got keys"),
+        ('{"text": 3}\n', 1, "'text' must be a string; got int"),
+        ('{"text": "t", "prompt": "p", "completion": "c"}\n', 1, "a record is either text"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, content, line, message):
     path = write(tmp_path / "data.jsonl", content)
     with pytest.raises(ValueError, match=f"^{re.escape(path)}:{line}: {message}"):
@@ -179,9 +211,18 @@ def test_read_documents_path_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # train/eval split
 
-@pytest.mark.parametrize("n,fraction,n_eval", [
-    (1, 0.5, 0), (2, 0.01, 1), (10, 0.0, 0), (10, 0.25, 2), (10, 0.99, 9), (100, 0.05, 5),
-])
+
+@pytest.mark.parametrize(
+    "n,fraction,n_eval",
+    [
+        (1, 0.5, 0),
+        (2, 0.01, 1),
+        (10, 0.0, 0),
+        (10, 0.25, 2),
+        (10, 0.99, 9),
+        (100, 0.05, 5),
+    ],
+)
 def test_split_is_deterministic_disjoint_and_sized(n, fraction, n_eval):
     docs = [Document(text=f"doc {i}") for i in range(n)]
     train, held = split_documents(docs, eval_fraction=fraction, seed=7)
@@ -195,8 +236,9 @@ def test_split_is_deterministic_disjoint_and_sized(n, fraction, n_eval):
 
 def test_split_seeds_and_duplicates():
     docs = [Document(text=f"doc {i}") for i in range(40)]
-    splits = {tuple(d.text for d in split_documents(docs, eval_fraction=0.2, seed=s)[1])
-              for s in range(5)}
+    splits = {
+        tuple(d.text for d in split_documents(docs, eval_fraction=0.2, seed=s)[1]) for s in range(5)
+    }
     assert len(splits) == 5
     twins = [Document(text="same")] * 3 + [Document(text="other")]
     for seed in range(6):
@@ -209,18 +251,25 @@ def test_split_seeds_and_duplicates():
 # ---------------------------------------------------------------------------------------------
 # step sampler
 
+
 def step_union(n, mb, accum, world, step, seed=3):
-    return sorted(i for r in range(world)
-                  for batch in StepSampler(n, micro_batch_size=mb, grad_accum=accum,
-                                           world_size=world, rank=r, seed=seed
-                                           ).step_indices(step)
-                  for i in batch)
+    return sorted(
+        i
+        for r in range(world)
+        for batch in StepSampler(
+            n, micro_batch_size=mb, grad_accum=accum, world_size=world, rank=r, seed=seed
+        ).step_indices(step)
+        for i in batch
+    )
 
 
-@pytest.mark.parametrize("n,splits", [
-    (50, [(4, 3, 1), (4, 1, 3), (2, 2, 3), (1, 12, 1), (12, 1, 1), (3, 2, 2)]),   # G = 12
-    (5, [(2, 4, 1), (1, 2, 4), (8, 1, 1)]),   # G = 8 > N: steps wrap around several epochs
-])
+@pytest.mark.parametrize(
+    "n,splits",
+    [
+        (50, [(4, 3, 1), (4, 1, 3), (2, 2, 3), (1, 12, 1), (12, 1, 1), (3, 2, 2)]),  # G = 12
+        (5, [(2, 4, 1), (1, 2, 4), (8, 1, 1)]),  # G = 8 > N: steps wrap around several epochs
+    ],
+)
 def test_step_union_is_the_same_for_every_split_of_the_global_batch(n, splits):
     for step in range(6):
         unions = [step_union(n, *split, step) for split in splits]
@@ -229,12 +278,28 @@ def test_step_union_is_the_same_for_every_split_of_the_global_batch(n, splits):
         assert len(unions[0]) == g
 
 
-@pytest.mark.parametrize("n,mb,accum,world,shuffle", [
-    (24, 2, 3, 2, True), (25, 2, 3, 2, True), (7, 3, 1, 1, True), (10, 2, 2, 1, False),
-])
+@pytest.mark.parametrize(
+    "n,mb,accum,world,shuffle",
+    [
+        (24, 2, 3, 2, True),
+        (25, 2, 3, 2, True),
+        (7, 3, 1, 1, True),
+        (10, 2, 2, 1, False),
+    ],
+)
 def test_epochs_visit_each_sequence_once(n, mb, accum, world, shuffle):
-    samplers = [StepSampler(n, micro_batch_size=mb, grad_accum=accum, world_size=world,
-                            rank=r, seed=11, shuffle=shuffle) for r in range(world)]
+    samplers = [
+        StepSampler(
+            n,
+            micro_batch_size=mb,
+            grad_accum=accum,
+            world_size=world,
+            rank=r,
+            seed=11,
+            shuffle=shuffle,
+        )
+        for r in range(world)
+    ]
     g = samplers[0].global_batch_size
     steps = -(-3 * n // g)  # enough for three epochs, cut below at the epoch boundaries
     # Positions laid end to end, as the ranks' micro-batches interleave them.
@@ -245,7 +310,7 @@ def test_epochs_visit_each_sequence_once(n, mb, accum, world, shuffle):
             for r in range(world):
                 flat.extend(per_rank[r][j])
     for epoch in range(3):
-        chunk = flat[epoch * n:(epoch + 1) * n]
+        chunk = flat[epoch * n : (epoch + 1) * n]
         assert sorted(chunk) == list(range(n))
         assert chunk == samplers[0].epoch_order(epoch).tolist()
         assert (chunk == list(range(n))) == (not shuffle)
@@ -263,12 +328,15 @@ def test_step_sampler_random_access_equals_sequential():
     assert [sampler.epoch_of(s) for s in range(6)] == [0, 0, 0, 1, 1, 2]
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(num_sequences=0), "num_sequences must be an int >= 1; got 0"),
-    (dict(micro_batch_size=0), "micro_batch_size must be an int >= 1; got 0"),
-    (dict(grad_accum=2.0), "grad_accum must be an int >= 1; got 2.0"),
-    (dict(world_size=2, rank=2), r"rank must be an int in \[0, world_size=2\); got 2"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_sequences=0), "num_sequences must be an int >= 1; got 0"),
+        (dict(micro_batch_size=0), "micro_batch_size must be an int >= 1; got 0"),
+        (dict(grad_accum=2.0), "grad_accum must be an int >= 1; got 2.0"),
+        (dict(world_size=2, rank=2), r"rank must be an int in \[0, world_size=2\); got 2"),
+    ],
+)
 def test_step_sampler_errors(kwargs, message):
     args = dict(num_sequences=4, micro_batch_size=1, grad_accum=1) | kwargs
     with pytest.raises(ValueError, match=message):
@@ -280,17 +348,22 @@ def test_step_sampler_errors(kwargs, message):
 # ---------------------------------------------------------------------------------------------
 # tokenizer
 
+
 def test_tokenizer_is_deterministic_and_fingerprinted(tok, tmp_path):
     a = train_bpe_tokenizer(TEXTS, 300, str(tmp_path / "a"))
     b = train_bpe_tokenizer(TEXTS[::-1], 300, str(tmp_path / "b"))
-    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == \
-        (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
+        tmp_path / "b" / "tokenizer.json"
+    ).read_bytes()
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b) == tokenizer_fingerprint(tok)
     assert tokenizer_fingerprint(load_tokenizer(str(tmp_path / "a"))) == tokenizer_fingerprint(a)
-    changed = [train_bpe_tokenizer(TEXTS, 299, str(tmp_path / "c")),
-               train_bpe_tokenizer(TEXTS + ["zebra zebra"], 300, str(tmp_path / "d")),
-               train_bpe_tokenizer(TEXTS, 300, str(tmp_path / "e"),
-                                   special_tokens=("<|pad|>", "<|endoftext|>"))]
+    changed = [
+        train_bpe_tokenizer(TEXTS, 299, str(tmp_path / "c")),
+        train_bpe_tokenizer(TEXTS + ["zebra zebra"], 300, str(tmp_path / "d")),
+        train_bpe_tokenizer(
+            TEXTS, 300, str(tmp_path / "e"), special_tokens=("<|pad|>", "<|endoftext|>")
+        ),
+    ]
     prints = {tokenizer_fingerprint(t) for t in [a] + changed}
     assert len(prints) == 4
     grown = load_tokenizer(str(tmp_path / "a"))
@@ -303,8 +376,9 @@ def test_tokenizer_training_serial_equals_parallel(tok, tmp_path, monkeypatch):
     # trainer's loops serially, against the fixture's multithreaded training.
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     serial = train_bpe_tokenizer(TEXTS, 300, str(tmp_path / "serial"))
-    assert (tmp_path / "serial" / "tokenizer.json").read_bytes() == \
-        Path(tok.name_or_path, "tokenizer.json").read_bytes()
+    assert (tmp_path / "serial" / "tokenizer.json").read_bytes() == Path(
+        tok.name_or_path, "tokenizer.json"
+    ).read_bytes()
     assert tokenizer_fingerprint(serial) == tokenizer_fingerprint(tok)
 
 
@@ -313,7 +387,7 @@ def test_tokenizer_round_trips_through_auto_tokenizer(tok, tmp_path):
     assert (auto.eos_token, auto.pad_token) == ("<|endoftext|>", "<|pad|>")
     assert (auto.eos_token_id, auto.pad_token_id) == (tok.eos_token_id, tok.pad_token_id) == (0, 1)
     # Bytes never seen in training still encode, and everything decodes back exactly.
-    text = "def f(x) :\n\treturn x . y , 'é' + \"日本\" \U0001F600  "
+    text = "def f(x) :\n\treturn x . y , 'é' + \"日本\" \U0001f600  "
     ids = encode(auto, text)
     assert ids == encode(tok, text) and auto.decode(ids) == text
     assert len(auto) == 300
@@ -326,6 +400,7 @@ def test_tokenizer_round_trips_through_auto_tokenizer(tok, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # corpus
 
+
 def test_stdlib_corpus_is_deterministic_and_bounded():
     full = stdlib_corpus(2_000_000)
     assert full == stdlib_corpus(2_000_000)
@@ -334,8 +409,8 @@ def test_stdlib_corpus_is_deterministic_and_bounded():
     for bound in (0, 1, 50_000, 300_000):
         docs = stdlib_corpus(bound)
         assert sum(map(len, docs)) <= bound
-        assert docs == full[:len(docs)], "a prefix of the same order"
-        assert sum(map(len, full[:len(docs) + 1])) > bound, "the longest such prefix"
+        assert docs == full[: len(docs)], "a prefix of the same order"
+        assert sum(map(len, full[: len(docs) + 1])) > bound, "the longest such prefix"
     assert any("import " in d for d in full)
     with pytest.raises(ValueError, match="max_chars must be None or an int >= 0; got -1"):
         stdlib_corpus(-1)

@@ -18,21 +18,47 @@ from fastkd.train import checkpoint as ckpt  # noqa: E402
 from fastkd.train.demo import DemoPreset, run_demo  # noqa: E402
 from fastkd.train.report import read_jsonl  # noqa: E402
 
-TINY = DemoPreset(corpus_chars=40_000, vocab_size=300, seq_len=32,
-                  teacher=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2),
-                  student=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=4, num_key_value_heads=2),
-                  teacher_steps=6, student_steps=4, micro_batch_size=4, teacher_lr=3e-3,
-                  student_lr=3e-3, eval_every=2)
+TINY = DemoPreset(
+    corpus_chars=40_000,
+    vocab_size=300,
+    seq_len=32,
+    teacher=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    student=dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    teacher_steps=6,
+    student_steps=4,
+    micro_batch_size=4,
+    teacher_lr=3e-3,
+    student_lr=3e-3,
+    eval_every=2,
+)
 
 
 @pytest.mark.slow  # 59 s of the full run's 1,025 s
 def test_demo_end_to_end_at_a_tiny_size(tmp_path, capsys):
     result = run_demo(out=str(tmp_path), preset=TINY, progress=False)
     runs = [r["run"] for r in result["rows"]]
-    assert runs == ["teacher", "ce", "kd fkl", "kd jsd 0.5", "gkd jsd 0.5, λ 0.5",
-                    "on-policy sampled rkl", "sparse random 50", "sparse top-12"]
+    assert runs == [
+        "teacher",
+        "ce",
+        "kd fkl",
+        "kd jsd 0.5",
+        "gkd jsd 0.5, λ 0.5",
+        "on-policy sampled rkl",
+        "sparse random 50",
+        "sparse top-12",
+    ]
     for row in result["rows"][1:]:
         assert row["ce"] > 0 and 0 <= row["agreement"] <= 1 and row["kl"] >= 0
     assert result["rows"][6]["cache_bytes"] > 0 and result["rows"][7]["cache_bytes"] > 0
@@ -68,23 +94,31 @@ print(json.dumps(distill(config)), flush=True)
 
 
 def _config(tiny, out, **train):
-    return tiny.config(out, train={"steps": 40, **train}, checkpoint={"every": 1},
-                       output={"log_every": 1})
+    return tiny.config(
+        out, train={"steps": 40, **train}, checkpoint={"every": 1}, output={"log_every": 1}
+    )
 
 
 @pytest.mark.slow  # 31 s of the full run's 1,025 s
 def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one(tiny, tmp_path):
     out = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-c", _RUN, json.dumps(_config(tiny, out)), "kill"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN, json.dumps(_config(tiny, out)), "kill"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     root = os.path.join(out, "checkpoints")
     assert os.path.basename(ckpt.latest_checkpoint(root)) == "step-000001"
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(root), 0)
     assert state["trainer"]["step"] == 1
-    proc = subprocess.run([sys.executable, "-c", _RUN,
-                           json.dumps(_config(tiny, out, steps=3)), "normal"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN, json.dumps(_config(tiny, out, steps=3)), "normal"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["resumed"] and result["step"] == 3
@@ -94,8 +128,12 @@ def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one(tiny, tmp_pat
 def test_sigint_stops_after_the_step_with_a_checkpoint(tiny, tmp_path):
     out = str(tmp_path / "run")
     config = tiny.config(out, train={"steps": 10_000})
-    proc = subprocess.Popen([sys.executable, "-c", _RUN, json.dumps(config), "normal"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN, json.dumps(config), "normal"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = os.path.join(out, "log.jsonl")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:

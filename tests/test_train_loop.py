@@ -44,18 +44,23 @@ def _hand_written_run(tree: dict, steps: int) -> tuple[list[float], dict]:
     teacher = load_causal_lm(config.model.teacher, seed=t.seed).eval()
     decay = [p for p in student.parameters() if p.dim() >= 2]
     rest = [p for p in student.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=t.lr,
-                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+    )
 
     def lr_factor(step):
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         progress = (step - t.warmup_steps) / (t.steps - t.warmup_steps - 1)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    sampler = StepSampler(len(data.train), micro_batch_size=t.micro_batch_size,
-                          grad_accum=t.grad_accum, seed=t.seed)
+    sampler = StepSampler(
+        len(data.train), micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed
+    )
     losses = []
     for step in range(steps):
         batches = [collate([data.train[i] for i in idx]) for idx in sampler.step_indices(step)]
@@ -81,8 +86,9 @@ def test_steps_match_a_hand_written_loop(tiny, tmp_path):
     tree = tiny.config(str(tmp_path / "run"), train={"steps": 3})
     result = distill(tree)
     expected, params = _hand_written_run(tree, 3)
-    torch.testing.assert_close(torch.tensor(_losses(result["output_dir"])),
-                               torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(_losses(result["output_dir"])), torch.tensor(expected), rtol=1e-5, atol=1e-6
+    )
     trained = _params(result["output_dir"])
     for key, value in params.items():
         torch.testing.assert_close(trained[key], value, rtol=2e-4, atol=2e-5, msg=key)
@@ -95,13 +101,18 @@ def test_micro_batch_split_does_not_change_the_step(tiny, tmp_path):
     runs = []
     for micro, accum in ((4, 1), (2, 2), (1, 4)):
         out = str(tmp_path / f"m{micro}a{accum}")
-        distill(tiny.config(out, train={"steps": 3, "micro_batch_size": micro,
-                                        "grad_accum": accum},
-                            objective={"kind": "kd", "divergence": "jsd", "hard_weight": 0.2}))
+        distill(
+            tiny.config(
+                out,
+                train={"steps": 3, "micro_batch_size": micro, "grad_accum": accum},
+                objective={"kind": "kd", "divergence": "jsd", "hard_weight": 0.2},
+            )
+        )
         runs.append((_losses(out), _params(out)))
     for losses, params in runs[1:]:
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(runs[0][0]), rtol=1e-5,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(runs[0][0]), rtol=1e-5, atol=1e-6
+        )
         for key, value in params.items():
             torch.testing.assert_close(value, runs[0][1][key], rtol=1e-4, atol=1e-6, msg=key)
 
@@ -114,8 +125,9 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny, tmp_path):
     whole = str(tmp_path / "whole")
     distill(tiny.config(whole, train={"steps": 5}, model=model))
     part = str(tmp_path / "part")
-    stopped = distill(tiny.config(part, train={"steps": 5}, model=model),
-                      callbacks=[lambda s, r: s == 2])
+    stopped = distill(
+        tiny.config(part, train={"steps": 5}, model=model), callbacks=[lambda s, r: s == 2]
+    )
     assert stopped["stopped"] == "callback" and stopped["step"] == 2 and "eval" not in stopped
     resumed = distill(tiny.config(part, train={"steps": 5}, model=model))
     assert resumed["resumed"] and resumed["steps_run"] == 3
@@ -135,12 +147,19 @@ def test_student_trains_in_training_mode_with_fp32_weights(tiny, tmp_path, monke
     forward = StudentStep.forward
 
     def spy(self, batch, teacher_inputs, num_items):
-        seen.append((self.student.training, self.student.model.training,
-                     {p.dtype for p in self.student.parameters()}))
+        seen.append(
+            (
+                self.student.training,
+                self.student.model.training,
+                {p.dtype for p in self.student.parameters()},
+            )
+        )
         return forward(self, batch, teacher_inputs, num_items)
+
     monkeypatch.setattr(StudentStep, "forward", spy)
-    distill(tiny.config(str(tmp_path / "run"), train={"steps": 1},
-                        model={"teacher_dtype": "bfloat16"}))
+    distill(
+        tiny.config(str(tmp_path / "run"), train={"steps": 1}, model={"teacher_dtype": "bfloat16"})
+    )
     assert seen and all(s == (True, True, {torch.float32}) for s in seen)
 
 
@@ -148,9 +167,12 @@ def test_student_trains_in_training_mode_with_fp32_weights(tiny, tmp_path, monke
 def test_bf16_teacher_evaluates_and_writes_a_cache(tiny, tmp_path):
     """A bf16 teacher (the default on a GPU with bf16) gives fp32 logits for evaluation and
     sampling, from the GEMM."""
-    tree = tiny.config(str(tmp_path / "run"), train={"steps": 1},
-                       model={"teacher_dtype": "bfloat16"},
-                       cache={"path": str(tmp_path / "cache"), "num_samples": 8})
+    tree = tiny.config(
+        str(tmp_path / "run"),
+        train={"steps": 1},
+        model={"teacher_dtype": "bfloat16"},
+        cache={"path": str(tmp_path / "cache"), "num_samples": 8},
+    )
     assert math.isfinite(distill(tree)["eval"]["kl"])
     assert build_cache(tree)["sequences"] > 0
 
@@ -172,8 +194,9 @@ def test_each_step_is_checkpointed_once_and_pruning_keeps_the_newest(tiny, tmp_p
 
 def test_a_run_without_held_out_data_trains_and_exports(tiny, tmp_path):
     out = str(tmp_path / "run")
-    result = distill(tiny.config(out, train={"steps": 2}, data={"eval_fraction": 0.0},
-                                 eval={"every": 1}))
+    result = distill(
+        tiny.config(out, train={"steps": 2}, data={"eval_fraction": 0.0}, eval={"every": 1})
+    )
     assert result["eval"] is None and result["step"] == 2
     assert os.path.isfile(os.path.join(out, "model", "model.safetensors"))
     assert "No held-out evaluation" in open(os.path.join(out, "results.md")).read()
@@ -184,8 +207,10 @@ def test_an_interrupted_checkpoint_leaves_the_previous_one(tiny, tmp_path, monke
     from fastkd.train import checkpoint as ckpt
 
     out = str(tmp_path / "run")
-    distill(tiny.config(out, train={"steps": 3}, checkpoint={"every": 1}),
-            callbacks=[lambda s, r: s == 2])
+    distill(
+        tiny.config(out, train={"steps": 3}, checkpoint={"every": 1}),
+        callbacks=[lambda s, r: s == 2],
+    )
     root = os.path.join(out, "checkpoints")
     assert os.path.basename(ckpt.latest_checkpoint(root)) == "step-000002"
 
@@ -194,6 +219,7 @@ def test_an_interrupted_checkpoint_leaves_the_previous_one(tiny, tmp_path, monke
     def full_disk(state, path):
         real(state, path)
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(ckpt, "_save_tensors", full_disk)
     with pytest.raises(OSError, match="No space left"):
         distill(tiny.config(out, train={"steps": 3}, checkpoint={"every": 1}))
@@ -212,6 +238,7 @@ def test_a_second_run_on_the_same_output_is_refused(tiny, tmp_path):
         with pytest.raises(RuntimeError, match="another fastkd run is writing"):
             distill(tiny.config(out, train={"steps": 2}))
         return False
+
     distill(tiny.config(out, train={"steps": 1}), callbacks=[nested])
 
 
@@ -219,16 +246,22 @@ def test_a_second_run_on_the_same_output_is_refused(tiny, tmp_path):
 @pytest.mark.slow  # 2 cases, 20 s of the full run's 1,025 s
 def test_offline_cache_run(tiny, tmp_path, method):
     cache = str(tmp_path / "cache")
-    tree = tiny.config(str(tmp_path / "run"), objective={"kind": "sparse"},
-                       cache={"path": cache, "method": method, "num_samples": 16, "k": 8,
-                              "batch_size": 3})
+    tree = tiny.config(
+        str(tmp_path / "run"),
+        objective={"kind": "sparse"},
+        cache={"path": cache, "method": method, "num_samples": 16, "k": 8, "batch_size": 3},
+    )
     info = build_cache(tree)
     assert info["sequences"] > 0 and info["bytes_per_token"] < 200
-    assert build_cache(tree)["sequences"] == info["sequences"]          # complete: resumes
+    assert build_cache(tree)["sequences"] == info["sequences"]  # complete: resumes
     result = distill(tree)
     assert math.isfinite(result["eval"]["kl"]) and _losses(result["output_dir"])[-1] > 0
-    other = tiny.config(str(tmp_path / "run2"), objective={"kind": "sparse"},
-                        cache={"path": cache}, data={"seq_len": 24})
+    other = tiny.config(
+        str(tmp_path / "run2"),
+        objective={"kind": "sparse"},
+        cache={"path": cache},
+        data={"seq_len": 24},
+    )
     with pytest.raises(ValueError, match="written for other data"):
         distill(other)
 

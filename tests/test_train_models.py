@@ -19,9 +19,19 @@ V = 97  # odd, so that no power-of-two size hides a vocabulary-dimension bug
 # distributions far from uniform and Gemma's softcap of 2 bend them, so a head
 # transformation left out changes the loss well beyond the tolerances.
 _INIT = 0.3
-_LLAMA_LIKE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                   bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=_INIT)
+_LLAMA_LIKE = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=_INIT,
+)
 _GEMMA = dict(_LLAMA_LIKE, head_dim=8, final_logit_softcapping=2.0)
 
 # family: (config class, config arguments, expected Head (logit_scale, softcap), tied head)
@@ -30,9 +40,22 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", _LLAMA_LIKE, (1.0, None), False),
     "qwen3": ("Qwen3Config", dict(_LLAMA_LIKE, head_dim=8), (1.0, None), False),
     "mistral": ("MistralConfig", _LLAMA_LIKE, (1.0, None), False),
-    "gpt2": ("GPT2Config", dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                initializer_range=_INIT), (1.0, None), True),
+    "gpt2": (
+        "GPT2Config",
+        dict(
+            vocab_size=V,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            initializer_range=_INIT,
+        ),
+        (1.0, None),
+        True,
+    ),
     "gemma2": ("Gemma2Config", _GEMMA, (1.0, 2.0), True),
     "gemma3": ("Gemma3TextConfig", _GEMMA, (1.0, 2.0), True),
     "cohere": ("CohereConfig", dict(_LLAMA_LIKE, logit_scale=0.25), (0.25, None), True),
@@ -90,9 +113,17 @@ def _fused_loss(student: CausalLM, teacher: CausalLM, ids, mask, **kd):
     with torch.no_grad():
         t_hidden = teacher(ids, mask)
     return fastkd.fused_linear_kd_loss(
-        student(ids, mask), head.weight, t_hidden, t_head.weight, student_bias=head.bias,
-        teacher_bias=t_head.bias, logit_scale=head.logit_scale,
-        teacher_logit_scale=t_head.logit_scale, softcap=head.softcap, **kd)
+        student(ids, mask),
+        head.weight,
+        t_hidden,
+        t_head.weight,
+        student_bias=head.bias,
+        teacher_bias=t_head.bias,
+        logit_scale=head.logit_scale,
+        teacher_logit_scale=t_head.logit_scale,
+        softcap=head.softcap,
+        **kd,
+    )
 
 
 def _plain_loss(student: CausalLM, teacher: CausalLM, ids, mask, **kd):
@@ -121,8 +152,9 @@ def _assert_same_loss_and_grads(student: CausalLM, teacher: CausalLM, ids, mask,
     fused_grads = torch.autograd.grad(fused, list(params.values()))
     torch.testing.assert_close(fused, plain, **_TOL)
     for name, fg, pg in zip(params, fused_grads, plain_grads):
-        torch.testing.assert_close(fg, pg, **_TOL,
-                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+        torch.testing.assert_close(
+            fg, pg, **_TOL, msg=lambda m, name=name: f"gradient of {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("kd", _KD, ids=lambda kd: kd["divergence"])
@@ -146,8 +178,9 @@ def test_adapt_describes_the_head(family):
     assert all(k.startswith("model.") for k in student.state_dict())
     ids, mask, _ = _batch()
     with torch.no_grad():
-        torch.testing.assert_close(head.logits(student(ids, mask)),
-                                   student.model_logits(ids, mask), rtol=0, atol=0)
+        torch.testing.assert_close(
+            head.logits(student(ids, mask)), student.model_logits(ids, mask), rtol=0, atol=0
+        )
 
 
 def test_tied_head_gradient_reaches_the_shared_embedding_once():
@@ -164,8 +197,13 @@ def test_tied_head_gradient_reaches_the_shared_embedding_once():
     torch.testing.assert_close(grads[1], grads[0], **_TOL)
     # Both uses contribute: the head's rows and the input embedding's (the ids' rows).
     head_only = torch.autograd.grad(
-        fastkd.kd_loss(student.head().logits(student(ids, mask).detach()),
-                       teacher.model_logits(ids, mask).detach(), labels=labels), shared)[0]
+        fastkd.kd_loss(
+            student.head().logits(student(ids, mask).detach()),
+            teacher.model_logits(ids, mask).detach(),
+            labels=labels,
+        ),
+        shared,
+    )[0]
     assert not torch.allclose(grads[1], head_only, **_TOL)
     student.zero_grad(set_to_none=True)
 
@@ -196,8 +234,9 @@ def test_from_parts_linear_head_with_bias():
     assert {k.split(".")[1] for k in student.state_dict()} == {"body", "lm_head"}
     ids, mask, labels = _batch()
     with torch.no_grad():  # the plain path: Linear then the scale
-        torch.testing.assert_close(student.model_logits(ids, mask),
-                                   0.5 * student.model.lm_head(student(ids, mask)))
+        torch.testing.assert_close(
+            student.model_logits(ids, mask), 0.5 * student.model.lm_head(student(ids, mask))
+        )
     for kd in _KD:
         _assert_same_loss_and_grads(student, teacher, ids, mask, labels=labels, **kd)
 
@@ -213,21 +252,32 @@ def test_from_parts_tensor_heads():
     assert "model.lm_head.weight" in frozen.state_dict()
 
 
-@pytest.mark.parametrize("head, bias, error, match", [
-    (nn.Linear(16, V), torch.zeros(V), ValueError, "bias must be None when head is an nn.Linear"),
-    ("lm_head", None, TypeError, "head must be an nn.Linear or a \\[V, H\\] weight tensor"),
-    (torch.zeros(V), None, ValueError, "Head.weight must be a tensor of shape \\[V, H\\]"),
-    (torch.zeros(V, 16), torch.zeros(V + 1), ValueError, "Head.bias must be None or a tensor"),
-])
+@pytest.mark.parametrize(
+    "head, bias, error, match",
+    [
+        (
+            nn.Linear(16, V),
+            torch.zeros(V),
+            ValueError,
+            "bias must be None when head is an nn.Linear",
+        ),
+        ("lm_head", None, TypeError, "head must be an nn.Linear or a \\[V, H\\] weight tensor"),
+        (torch.zeros(V), None, ValueError, "Head.weight must be a tensor of shape \\[V, H\\]"),
+        (torch.zeros(V, 16), torch.zeros(V + 1), ValueError, "Head.bias must be None or a tensor"),
+    ],
+)
 def test_from_parts_errors(head, bias, error, match):
     with pytest.raises(error, match=match):
         CausalLM.from_parts(_Body(), head, bias=bias)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(logit_scale=0.0), "Head.logit_scale must be a finite nonzero number; got 0.0"),
-    (dict(softcap=-1.0), "Head.softcap must be a finite number > 0; got -1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(logit_scale=0.0), "Head.logit_scale must be a finite nonzero number; got 0.0"),
+        (dict(softcap=-1.0), "Head.softcap must be a finite number > 0; got -1.0"),
+    ],
+)
 def test_head_option_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Head(torch.zeros(V, 16), **kwargs)
@@ -246,11 +296,14 @@ def _patched_logits(model: nn.Module, transform) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("transform, match", [
-    (lambda z: z + 1.0, "adds 1 to every logit"),
-    (lambda z: 3.0 * z, "multiplies the logits by a further 3"),
-    (torch.sin, "in another way than a shift, a scale or a softcap"),
-])
+@pytest.mark.parametrize(
+    "transform, match",
+    [
+        (lambda z: z + 1.0, "adds 1 to every logit"),
+        (lambda z: 3.0 * z, "multiplies the logits by a further 3"),
+        (torch.sin, "in another way than a shift, a scale or a softcap"),
+    ],
+)
 def test_verify_rejects_a_head_it_cannot_describe(transform, match):
     model = _patched_logits(_hf_model("llama", 0), transform)
     with pytest.raises(ValueError, match="adapt\\(LlamaForCausalLM\\).*" + match) as info:
@@ -259,14 +312,21 @@ def test_verify_rejects_a_head_it_cannot_describe(transform, match):
     assert isinstance(adapt(model, verify=False), CausalLM)
 
 
-@pytest.mark.parametrize("family, field, value, match", [
-    # Cohere reads logit_scale once, at construction: a later config edit is not the model.
-    ("cohere", "logit_scale", 0.5, "logit_scale=0.5.*multiplies the logits by a further 0.5"),
-    # A softcap in the config of a model that applies none (as a composite model's text
-    # config can be).
-    ("llama", "final_logit_softcapping", 2.0,
-     "softcap=2.0.*does not cap its logits although its config sets final_logit_softcapping"),
-])
+@pytest.mark.parametrize(
+    "family, field, value, match",
+    [
+        # Cohere reads logit_scale once, at construction: a later config edit is not the model.
+        ("cohere", "logit_scale", 0.5, "logit_scale=0.5.*multiplies the logits by a further 0.5"),
+        # A softcap in the config of a model that applies none (as a composite model's text
+        # config can be).
+        (
+            "llama",
+            "final_logit_softcapping",
+            2.0,
+            "softcap=2.0.*does not cap its logits although its config sets final_logit_softcapping",
+        ),
+    ],
+)
 def test_verify_catches_a_config_that_disagrees_with_the_model(family, field, value, match):
     model = _hf_model(family, 0)
     setattr(model.config, field, value)
@@ -291,8 +351,11 @@ def test_adapt_rejects_what_is_not_a_causal_lm(model):
 
 def test_adapt_rejects_a_model_without_head():
     base = transformers.LlamaModel(_config("llama"))
-    with pytest.raises(TypeError, match="adapt\\(LlamaModel\\): not a Hugging Face causal LM with "
-                                        "an output head.*CausalLM.from_parts"):
+    with pytest.raises(
+        TypeError,
+        match="adapt\\(LlamaModel\\): not a Hugging Face causal LM with "
+        "an output head.*CausalLM.from_parts",
+    ):
         adapt(base)
 
 

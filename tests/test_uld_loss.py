@@ -37,14 +37,20 @@ BACKENDS = backend_params("uld_loss")
 # 2e-6 + 1e-5 relative whatever the input dtype: it is computed in fp32 from logits converted
 # exactly. Probabilities below 2^-126 flush to 0 in the kernels (as kd_math.h kLogMinProb), a
 # gradient error of up to 2 * 2^-126 (times scale / T) where the reference keeps them.
-DTYPES = [(torch.float32, 0.0, 1e-5), (torch.bfloat16, 0.0, 8e-3),
-          (torch.float16, 2.0**-24, 1e-3)]
+DTYPES = [(torch.float32, 0.0, 1e-5), (torch.bfloat16, 0.0, 8e-3), (torch.float16, 2.0**-24, 1e-3)]
 COMPUTE_EPS = 8 * 2.0**-23
 FLUSHED_PROBABILITY = 2.0**-126
 
 # (leading shape, V_s, V_t): equal, smaller and larger student vocabularies, V = 1, odd sizes.
-SHAPES = [((1,), 1, 1), ((3,), 1, 9), ((4,), 7, 5), ((2, 3), 5, 7), ((3, 7), 401, 1271),
-          ((5,), 1271, 401), ((2,), 4099, 4099)]
+SHAPES = [
+    ((1,), 1, 1),
+    ((3,), 1, 9),
+    ((4,), 7, 5),
+    ((2, 3), 5, 7),
+    ((3, 7), 401, 1271),
+    ((5,), 1271, 401),
+    ((2,), 4099, 4099),
+]
 
 
 def run(student, teacher, backend, **kw):
@@ -75,7 +81,7 @@ def tie_allowance(student, teacher, *, temperature=1.0, teacher_temperature=None
     sq_pad = torch.nn.functional.pad(sq, (0, width - sq.shape[-1]))
     sp_pad = torch.nn.functional.pad(sp, (0, width - sp.shape[-1]))
     near = (sq_pad - sp_pad).abs() <= 1e-6 * torch.maximum(sq_pad, sp_pad) + 1e-30
-    near_cols = torch.zeros_like(q, dtype=torch.bool).scatter(-1, order, near[:, :q.shape[-1]])
+    near_cols = torch.zeros_like(q, dtype=torch.bool).scatter(-1, order, near[:, : q.shape[-1]])
     flipped_mass = (q * near_cols).sum(-1, keepdim=True)
     allow = 2 * q * near_cols + 2 * q * flipped_mass
     return (scale * allow / temperature).reshape(student.shape)
@@ -92,18 +98,28 @@ def assert_matches_reference(student, teacher, backend, atol, rtol, **kw):
         labels = kw.get("labels")
         count = student[..., 0].numel() if labels is None else int((labels != -100).sum())
         scale = 1.0 / (kw.get("num_items_in_batch") or max(count, 1))
-    allow = tie_allowance(student, teacher, temperature=kw.get("temperature", 1.0),
-                          teacher_temperature=kw.get("teacher_temperature"), scale=scale)
+    allow = tie_allowance(
+        student,
+        teacher,
+        temperature=kw.get("temperature", 1.0),
+        teacher_temperature=kw.get("teacher_temperature"),
+        scale=scale,
+    )
     err = (grad.double() - ref_grad).abs()
     temperature = kw.get("temperature", 1.0)
     q_ref = torch.softmax(student.double() / temperature, dim=-1)
     # dL/dz = dL/da / T: the fp32 floor of dL/da is divided by T as well.
-    bound = (atol + (COMPUTE_EPS * q_ref + 2 * FLUSHED_PROBABILITY) * scale / temperature
-             + rtol * ref_grad.abs() + allow)
+    bound = (
+        atol
+        + (COMPUTE_EPS * q_ref + 2 * FLUSHED_PROBABILITY) * scale / temperature
+        + rtol * ref_grad.abs()
+        + allow
+    )
     worst = torch.argmax(err - bound).item()
     assert torch.all(err <= bound), (
-        f"grad: error {err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} "
-        f"at flat index {worst}")
+        f"grad: error {err.flatten()[worst].item():.3g} > bound "
+        f"{bound.flatten()[worst].item():.3g} at flat index {worst}"
+    )
 
 
 def _table_params():
@@ -113,13 +129,15 @@ def _table_params():
             for lead, vs, vt in SHAPES:
                 rows = math.prod(lead)
                 if interpreted("uld_loss", backend, "cpu") and (
-                        dtype != torch.float32 or rows * (vs + vt) > 20000):
+                    dtype != torch.float32 or rows * (vs + vt) > 20000
+                ):
                     continue
                 triton = backend_spec("uld_loss", backend).needs_triton
                 marks = [pytest.mark.triton] if triton else []
                 name = f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, lead))}-{vs}-{vt}"
-                out.append(pytest.param(backend, dtype, atol, rtol, lead, vs, vt, marks=marks,
-                                        id=name))
+                out.append(
+                    pytest.param(backend, dtype, atol, rtol, lead, vs, vt, marks=marks, id=name)
+                )
     return out
 
 
@@ -142,7 +160,9 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items())
+)
 @pytest.mark.slow  # 15 cases, 3 s of the full run's 1,025 s
 def test_options_match_reference(backend, options):
     s = make_logits((2, 9), 300, seed=3)
@@ -206,8 +226,9 @@ def test_properties(backend):
     t = make_logits((6,), 173, seed=9)
     loss, grad = run(s, t, backend, reduction="none")
     assert torch.all(loss >= 0) and torch.all(loss <= 2)
-    shifted, shifted_grad = run(s + torch.linspace(-50, 50, 6)[:, None], t, backend,
-                                reduction="none")
+    shifted, shifted_grad = run(
+        s + torch.linspace(-50, 50, 6)[:, None], t, backend, reduction="none"
+    )
     torch.testing.assert_close(shifted, loss, atol=2e-6, rtol=0)
     torch.testing.assert_close(shifted_grad, grad, atol=1e-6, rtol=1e-4)
     perm_t = torch.randperm(173, generator=torch.Generator().manual_seed(10))
@@ -221,8 +242,14 @@ def test_properties(backend):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 5), st.integers(1, 300), st.integers(1, 300), st.integers(0, 10_000),
-       st.floats(0.25, 4.0), st.floats(-50.0, 50.0))
+@given(
+    st.integers(1, 5),
+    st.integers(1, 300),
+    st.integers(1, 300),
+    st.integers(0, 10_000),
+    st.floats(0.25, 4.0),
+    st.floats(-50.0, 50.0),
+)
 @pytest.mark.slow  # 4 s of the full run's 1,025 s
 def test_properties_on_random_cases(rows, vs, vt, seed, temperature, shift):
     """On the CPU kernel: 0 <= L <= 2, L = 0 against itself, invariance to a constant added to
@@ -246,7 +273,8 @@ def test_reference_gradcheck_float64():
     s = make_logits((3,), 9, seed=12).double().requires_grad_()
     t = make_logits((3,), 6, seed=13).double().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda a, b: uld_loss_reference(a, b, temperature=1.5, reduction="none"), (s, t))
+        lambda a, b: uld_loss_reference(a, b, temperature=1.5, reduction="none"), (s, t)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -312,26 +340,38 @@ def test_non_contiguous_and_broadcast_inputs(backend):
     """Row and column slices of [B, T, V] tensors, and stride-0 student and teacher rows, reach
     the op as views; gradients land in the viewed elements only (summed over broadcast rows)."""
     cases = [
-        (make_logits((2, 6), 70, seed=20), lambda x: x[:, 1:5, 3:60],
-         make_logits((2, 6), 90, seed=21)[:, 1:5, 5:85]),
+        (
+            make_logits((2, 6), 70, seed=20),
+            lambda x: x[:, 1:5, 3:60],
+            make_logits((2, 6), 90, seed=21)[:, 1:5, 5:85],
+        ),
         (make_logits((1,), 40, seed=24), lambda x: x.expand(5, 40), make_logits((5,), 33, seed=25)),
         (make_logits((5,), 40, seed=23), lambda x: x, make_logits((1,), 33, seed=22).expand(5, 33)),
     ]
     for base, view, teacher in cases:
         assert not view(base).is_contiguous() or not teacher.is_contiguous()
-        loss, grad, ref_loss, ref_grad = run_through_view(base, view, teacher, backend,
-                                                          reduction="none")
+        loss, grad, ref_loss, ref_grad = run_through_view(
+            base, view, teacher, backend, reduction="none"
+        )
         torch.testing.assert_close(loss.double(), ref_loss, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("student_dtype,teacher_dtype",
-                         [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
-                          (torch.float16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize(
+    "student_dtype,teacher_dtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float16),
+        (torch.float16, torch.bfloat16),
+    ],
+    ids=str,
+)
 def test_mixed_dtypes(backend, student_dtype, teacher_dtype):
-    if interpreted("uld_loss", backend, "cpu") and torch.float32 not in (student_dtype,
-                                                                         teacher_dtype):
+    if interpreted("uld_loss", backend, "cpu") and torch.float32 not in (
+        student_dtype,
+        teacher_dtype,
+    ):
         pytest.skip("the Triton interpreter runs fp32 cases only")
     s = make_logits((3,), 90, dtype=student_dtype, seed=40)
     t = make_logits((3,), 70, dtype=teacher_dtype, seed=41)
@@ -391,8 +431,10 @@ def test_uld_loss_module_matches_function():
     assert "teacher_temperature=2.0" in repr(module)
     torch.testing.assert_close(
         module(s, t, labels=labels),
-        fastkd.uld_loss(s, t, labels=labels, temperature=1.5, teacher_temperature=2.0,
-                        reduction="sum"))
+        fastkd.uld_loss(
+            s, t, labels=labels, temperature=1.5, teacher_temperature=2.0, reduction="sum"
+        ),
+    )
     with pytest.raises(ValueError, match="teacher_temperature"):
         fastkd.ULDLoss(teacher_temperature=0.0)
 
@@ -426,8 +468,7 @@ def test_opcheck():
 def test_no_gradient_buffer_when_no_gradient_is_wanted():
     s = make_logits((5,), 40, seed=34)
     t = make_logits((5,), 30, seed=35)
-    _, grad = torch.ops.fastkd.uld_loss_fused.default(s, t, None, 1.0, 1.0, -100, 1.0, "cpu",
-                                                       False)
+    _, grad = torch.ops.fastkd.uld_loss_fused.default(s, t, None, 1.0, 1.0, -100, 1.0, "cpu", False)
     assert grad.numel() == 0
     with torch.no_grad():
         loss = fastkd.uld_loss(s.requires_grad_(), t, reduction="none", backend="cpu")
@@ -443,8 +484,9 @@ def test_torch_compile_of_a_model_calling_the_loss():
     labels[0, 0] = -100
 
     def step(model, x):
-        return fastkd.uld_loss(model(x), teacher_logits, labels=labels, temperature=2.0,
-                               backend="cpu")
+        return fastkd.uld_loss(
+            model(x), teacher_logits, labels=labels, temperature=2.0, backend="cpu"
+        )
 
     eager_loss = step(student, x)
     eager_loss.backward()
@@ -480,19 +522,34 @@ def test_torch_compile_of_the_reference_backend_with_nan_rows():
 
 
 BAD_INPUTS = [
-    (lambda s, t: fastkd.uld_loss(s, t[:2]), ValueError,
-     r"\(3, 10\) and teacher_logits \(2, 12\).*same leading shape"),
+    (
+        lambda s, t: fastkd.uld_loss(s, t[:2]),
+        ValueError,
+        r"\(3, 10\) and teacher_logits \(2, 12\).*same leading shape",
+    ),
     (lambda s, t: fastkd.uld_loss(s.long(), t), TypeError, "floating point"),
     (lambda s, t: fastkd.uld_loss(s, t, temperature=0.0), ValueError, "temperature"),
-    (lambda s, t: fastkd.uld_loss(s, t, teacher_temperature=-1.0), ValueError,
-     "teacher_temperature"),
-    (lambda s, t: fastkd.uld_loss(s, t, labels=torch.zeros(2, dtype=torch.long)), ValueError,
-     r"leading shape \(3,\)"),
-    (lambda s, t: fastkd.uld_loss(s, t, labels=torch.tensor([0, 1, 10])), ValueError,
-     r"\[0, 10\).*student's vocabulary.*\[10\]"),
+    (
+        lambda s, t: fastkd.uld_loss(s, t, teacher_temperature=-1.0),
+        ValueError,
+        "teacher_temperature",
+    ),
+    (
+        lambda s, t: fastkd.uld_loss(s, t, labels=torch.zeros(2, dtype=torch.long)),
+        ValueError,
+        r"leading shape \(3,\)",
+    ),
+    (
+        lambda s, t: fastkd.uld_loss(s, t, labels=torch.tensor([0, 1, 10])),
+        ValueError,
+        r"\[0, 10\).*student's vocabulary.*\[10\]",
+    ),
     (lambda s, t: fastkd.uld_loss(s, t, reduction="avg"), ValueError, "reduction"),
-    (lambda s, t: fastkd.uld_loss(s.double(), t, backend="cpu"), ValueError,
-     "float32/bfloat16/float16 logits.*student torch.float64"),
+    (
+        lambda s, t: fastkd.uld_loss(s.double(), t, backend="cpu"),
+        ValueError,
+        "float32/bfloat16/float16 logits.*student torch.float64",
+    ),
     (lambda s, t: fastkd.uld_loss(s, t, backend="cuda"), RuntimeError, "cuda"),
     (lambda s, t: fastkd.uld_loss(s, t, backend="fast"), ValueError, "unknown backend"),
 ]
@@ -511,9 +568,31 @@ def test_bench_uld_loss_writes_a_table_and_json(tmp_path, capsys):
     from fastkd.cli import main
 
     out, md = tmp_path / "r.json", tmp_path / "r.md"
-    assert main(["bench", "uld_loss", "--device", "cpu", "--rows", "32", "--vocab", "300",
-                 "--teacher-vocab", "457", "--warmup", "0", "--reps", "1", "--out", str(out),
-                 "--markdown", str(md)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "uld_loss",
+                "--device",
+                "cpu",
+                "--rows",
+                "32",
+                "--vocab",
+                "300",
+                "--teacher-vocab",
+                "457",
+                "--warmup",
+                "0",
+                "--reps",
+                "1",
+                "--out",
+                str(out),
+                "--markdown",
+                str(md),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert md.read_text().startswith("### uld_loss rows=32 V_s=300 V_t=457 float32 on cpu")
     [case] = json.loads(out.read_text())["cases"]
@@ -524,7 +603,9 @@ def test_bench_uld_loss_writes_a_table_and_json(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,vs,vt", [(torch.float32, 1271, 4099), (torch.bfloat16, 151936, 128256)])
+@pytest.mark.parametrize(
+    "dtype,vs,vt", [(torch.float32, 1271, 4099), (torch.bfloat16, 151936, 128256)]
+)
 def test_cuda_matches_the_cpu_kernel(dtype, vs, vt):
     """On a GPU, backend="auto" runs torch.sort and the Triton kernel; it agrees with the CPU
     kernel, ties and sign flips within rounding of equality allowed for as in the tables."""

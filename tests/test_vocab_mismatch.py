@@ -13,11 +13,17 @@ from fastkd.reference import kd_loss_reference
 
 V_S, V_T, ROWS, H = 29, 41, 9, 6
 # Triton's interpreter spends about 2.8 s per case here: those cases run with the slow tests.
-BACKENDS = [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b
-            for b in ("torch", *fused_backends("cpu"))]
+BACKENDS = [
+    pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b
+    for b in ("torch", *fused_backends("cpu"))
+]
 CASES = [("fkl", {}), ("jsd", {"beta": 0.3}), ("rkl", {}), ("tvd", {})]
-OPTIONS = [dict(), dict(temperature=2.0, softcap=3.0),
-           dict(hard_weight=0.25, reduction="sum"), dict(reduction="none")]
+OPTIONS = [
+    dict(),
+    dict(temperature=2.0, softcap=3.0),
+    dict(hard_weight=0.25, reduction="sum"),
+    dict(reduction="none"),
+]
 
 
 def _gen(seed):
@@ -59,8 +65,10 @@ def test_kd_loss_cut_is_the_default_and_equal_vocabularies_ignore_the_option(bac
     torch.testing.assert_close(cut, kd_loss_reference(zs, zt[:, :V_S]))
     assert not torch.allclose(cut, fastkd.kd_loss(zs, zt, vocab_mismatch="pad", backend=backend))
     same = zt[:, :V_S]
-    torch.testing.assert_close(fastkd.kd_loss(zs, same, vocab_mismatch="pad", backend=backend),
-                               fastkd.kd_loss(zs, same, backend=backend))
+    torch.testing.assert_close(
+        fastkd.kd_loss(zs, same, vocab_mismatch="pad", backend=backend),
+        fastkd.kd_loss(zs, same, backend=backend),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -69,15 +77,27 @@ def test_fused_linear_pad_appends_zero_rows_to_the_student_head(backend, teacher
     xs = torch.randn(2, ROWS, H, generator=_gen(2), requires_grad=True)
     ws = torch.randn(V_S, H, generator=_gen(3), requires_grad=True)
     bs = torch.randn(V_S, generator=_gen(4), requires_grad=True) if bias else None
-    xt, wt = torch.randn(2, ROWS, H + 2, generator=_gen(5)), torch.randn(V_T, H + 2, generator=_gen(6))
+    xt, wt = (
+        torch.randn(2, ROWS, H + 2, generator=_gen(5)),
+        torch.randn(V_T, H + 2, generator=_gen(6)),
+    )
     labels = torch.stack([_labels(V_S), _labels(V_S).flip(0)])
     zt = xt @ wt.t()
     teacher_args = ((xt, wt), {}) if teacher == "online" else ((), {"teacher_logits": zt})
     kw = dict(divergence="jsd", beta=0.7, temperature=1.5, labels=labels, hard_weight=0.1)
     leaves = [t for t in (xs, ws, bs) if t is not None]
-    loss = fastkd.fused_linear_kd_loss(xs, ws, *teacher_args[0], student_bias=bs,
-                                       vocab_mismatch="pad", backend=backend, chunk_size=5,
-                                       logit_scale=1.3, **teacher_args[1], **kw)
+    loss = fastkd.fused_linear_kd_loss(
+        xs,
+        ws,
+        *teacher_args[0],
+        student_bias=bs,
+        vocab_mismatch="pad",
+        backend=backend,
+        chunk_size=5,
+        logit_scale=1.3,
+        **teacher_args[1],
+        **kw,
+    )
     grads = torch.autograd.grad(loss, leaves)
 
     exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
@@ -94,11 +114,14 @@ def test_fused_linear_pad_appends_zero_rows_to_the_student_head(backend, teacher
 
 def test_pad_refuses_a_smaller_teacher_vocabulary():
     zs, zt = torch.randn(3, 10), torch.randn(3, 7)
-    with pytest.raises(ValueError, match=r"vocab_mismatch='pad'.*student_logits with V_s=10.*V_t=7"):
+    with pytest.raises(
+        ValueError, match=r"vocab_mismatch='pad'.*student_logits with V_s=10.*V_t=7"
+    ):
         fastkd.kd_loss(zs, zt, vocab_mismatch="pad")
     with pytest.raises(ValueError, match=r"vocab_mismatch='pad'.*student_weight with V_s=10"):
-        fastkd.fused_linear_kd_loss(torch.randn(3, 4), torch.randn(10, 4), teacher_logits=zt,
-                                    vocab_mismatch="pad")
+        fastkd.fused_linear_kd_loss(
+            torch.randn(3, 4), torch.randn(10, 4), teacher_logits=zt, vocab_mismatch="pad"
+        )
 
 
 def test_pad_keeps_labels_within_the_student_vocabulary():
@@ -109,9 +132,11 @@ def test_pad_keeps_labels_within_the_student_vocabulary():
 
 def test_modules_take_the_option():
     zs, zt = torch.randn(3, 10), torch.randn(3, 14)
-    torch.testing.assert_close(fastkd.KDLoss(vocab_mismatch="pad")(zs, zt),
-                               fastkd.kd_loss(zs, zt, vocab_mismatch="pad"))
+    torch.testing.assert_close(
+        fastkd.KDLoss(vocab_mismatch="pad")(zs, zt), fastkd.kd_loss(zs, zt, vocab_mismatch="pad")
+    )
     xs, ws, wt = torch.randn(3, 4), torch.randn(10, 4), torch.randn(14, 4)
     torch.testing.assert_close(
         fastkd.FusedLinearKDLoss(vocab_mismatch="pad")(xs, ws, xs, wt),
-        fastkd.fused_linear_kd_loss(xs, ws, xs, wt, vocab_mismatch="pad"))
+        fastkd.fused_linear_kd_loss(xs, ws, xs, wt, vocab_mismatch="pad"),
+    )

@@ -12,13 +12,15 @@ import pytest
 import fastkd  # noqa: F401
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-_TOOLS = pytest.mark.skipif(not shutil.which("readelf") or not shutil.which("cc"),
-                                reason="needs readelf and a C compiler")
+_TOOLS = pytest.mark.skipif(
+    not shutil.which("readelf") or not shutil.which("cc"), reason="needs readelf and a C compiler"
+)
 
 
 def _tool():
     spec = importlib.util.spec_from_file_location(
-        "check_wheel", os.path.join(ROOT, "tools", "check_wheel.py"))
+        "check_wheel", os.path.join(ROOT, "tools", "check_wheel.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -46,12 +48,15 @@ def _shared_object(tmp_path, name: str, needs: list[str]) -> str:
     flags = []
     for lib in needs:
         stub = tmp_path / lib
-        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(stub), str(src),
-                        f"-Wl,-soname,{lib}"], check=True)
+        subprocess.run(
+            ["cc", "-shared", "-fPIC", "-o", str(stub), str(src), f"-Wl,-soname,{lib}"], check=True
+        )
         flags.append(str(stub))
     out = tmp_path / name
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(out), str(src),
-                    "-Wl,--no-as-needed", *flags], check=True)
+    subprocess.run(
+        ["cc", "-shared", "-fPIC", "-o", str(out), str(src), "-Wl,--no-as-needed", *flags],
+        check=True,
+    )
     return str(out)
 
 
@@ -59,25 +64,32 @@ def _wheel(tmp_path, so_path: str, padding: int = 0) -> str:
     path = tmp_path / "fastkd-0.0.0-cp311-cp311-linux_x86_64.whl"
     with zipfile.ZipFile(path, "w") as whl:
         whl.write(so_path, "fastkd/_C.cpython-311-x86_64-linux-gnu.so")
-        whl.writestr("fastkd-0.0.0.dist-info/WHEEL",
-                     "Wheel-Version: 1.0\nTag: cp311-cp311-linux_x86_64\n")
+        whl.writestr(
+            "fastkd-0.0.0.dist-info/WHEEL", "Wheel-Version: 1.0\nTag: cp311-cp311-linux_x86_64\n"
+        )
         if padding:
             whl.writestr("fastkd/padding.bin", os.urandom(padding))
     return str(path)
 
 
 @_TOOLS
-@pytest.mark.parametrize("lib, what", [("libtorch_cpu.so", "libtorch"),
-                                       ("libc10.so", "libtorch"),
-                                       ("libpython3.11.so.1.0", "libpython"),
-                                       ("libcudart.so.13", "the CUDA runtime"),
-                                       ("libcuda.so.1", "the CUDA driver")])
+@pytest.mark.parametrize(
+    "lib, what",
+    [
+        ("libtorch_cpu.so", "libtorch"),
+        ("libc10.so", "libtorch"),
+        ("libpython3.11.so.1.0", "libpython"),
+        ("libcudart.so.13", "the CUDA runtime"),
+        ("libcuda.so.1", "the CUDA driver"),
+    ],
+)
 def test_a_forbidden_dependency_fails_the_check(tmp_path, lib, what):
     tool = _tool()
     bad = _wheel(tmp_path, _shared_object(tmp_path, "bad.so", [lib]))
     problems = tool.check(bad, max_mb=100, require_cuda=False)
-    assert problems == [f"fastkd/_C.cpython-311-x86_64-linux-gnu.so needs {lib} "
-                        f"({what} must not be a dependency)"]
+    assert problems == [
+        f"fastkd/_C.cpython-311-x86_64-linux-gnu.so needs {lib} ({what} must not be a dependency)"
+    ]
 
 
 @_TOOLS
@@ -86,10 +98,12 @@ def test_a_clean_wheel_passes_and_the_size_and_cuda_gates_fail(tmp_path):
     clean = _wheel(tmp_path, _shared_object(tmp_path, "ok.so", ["libfriendly.so.1"]))
     assert tool.check(clean, max_mb=100, require_cuda=False) == []
     assert tool.check(clean, max_mb=100, require_cuda=True) == [
-        "fastkd/_C.cpython-311-x86_64-linux-gnu.so holds no CUDA kernels"]
+        "fastkd/_C.cpython-311-x86_64-linux-gnu.so holds no CUDA kernels"
+    ]
     big = _wheel(tmp_path, _shared_object(tmp_path, "ok2.so", []), padding=2 << 20)
-    assert any("over the 1.0 MB limit" in p
-               for p in tool.check(big, max_mb=1.0, require_cuda=False))
+    assert any(
+        "over the 1.0 MB limit" in p for p in tool.check(big, max_mb=1.0, require_cuda=False)
+    )
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's CPU interpreter")

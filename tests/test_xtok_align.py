@@ -32,7 +32,7 @@ def _batch(spans_list):
     out = torch.full((len(spans_list), max(width, 0), 2), -1, dtype=torch.int64)
     for b, spans in enumerate(spans_list):
         if spans:
-            out[b, :len(spans)] = torch.tensor(spans)
+            out[b, : len(spans)] = torch.tensor(spans)
     return out
 
 
@@ -76,8 +76,8 @@ def test_random_spans_against_definition(seed):
     results = {name: align_spans(s, t, backend=name) for name in BACKENDS}
     for out in results.values():
         for b in range(len(s_list)):
-            s_ids = out.student_chunk_id[b, :len(s_list[b])].tolist() if s_list[b] else []
-            t_ids = out.teacher_chunk_id[b, :len(t_list[b])].tolist() if t_list[b] else []
+            s_ids = out.student_chunk_id[b, : len(s_list[b])].tolist() if s_list[b] else []
+            t_ids = out.teacher_chunk_id[b, : len(t_list[b])].tolist() if t_list[b] else []
             assert (s_ids, t_ids) == oracle_chunks(s_list[b], t_list[b])
             assert (s_ids, t_ids) == align_spans_two_pointer(s_list[b], t_list[b])
             check_invariants(s_list[b], t_list[b], s_ids, t_ids, int(out.num_chunks[b]))
@@ -97,11 +97,13 @@ def test_refinement_gives_the_coarse_tokens_as_chunks(seed, backend):
     # chunk, holding the fine tokens inside it.
     gen = torch.Generator().manual_seed(seed)
     coarse = _random_spans(gen, 50, 6, 1, False)
-    cuts = {e for a, e in coarse if e > a} | set(torch.randint(1, 50, (15,), generator=gen).tolist())
+    cuts = {e for a, e in coarse if e > a} | set(
+        torch.randint(1, 50, (15,), generator=gen).tolist()
+    )
     bounds = [0, *sorted(cuts)]
     fine = list(zip(bounds[:-1], bounds[1:]))
     out = align_spans(_batch([fine]), _batch([coarse]), backend=backend)
-    coarse_ids = out.teacher_chunk_id[0, :len(coarse)].tolist()
+    coarse_ids = out.teacher_chunk_id[0, : len(coarse)].tolist()
     live = [i for i, (a, e) in enumerate(coarse) if e > a]
     assert [coarse_ids[i] for i in live] == list(range(len(live)))
     for (a, e), c in zip(fine, out.student_chunk_id[0].tolist()):
@@ -112,31 +114,37 @@ def test_refinement_gives_the_coarse_tokens_as_chunks(seed, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_and_int32_spans(backend):
     s = _batch([[(0, 2), (2, 5)]]).to(torch.int32)
-    strided = s.transpose(1, 2).contiguous().transpose(1, 2)   # the same values, transposed
+    strided = s.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, transposed
     assert not strided.is_contiguous()
     out = align_spans(strided, _batch([[(0, 5)]]), backend=backend)
     assert out.student_chunk_id.tolist() == [[0, 0]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("s,t,match", [
-    ([(0, 3)], [(0, 4)], "do not cover the same text"),
-    ([(1, 3)], [(0, 3)], "do not cover the same text"),
-    ([(0, 3)], [(0, 0)], "do not cover the same text"),
-    ([(0, 3), (1, 2)], [(0, 3)], r"student_spans\[0, 1\]"),
-    ([(0, 3)], [(-2, 3)], r"teacher_spans\[0, 0\]"),
-])
+@pytest.mark.parametrize(
+    "s,t,match",
+    [
+        ([(0, 3)], [(0, 4)], "do not cover the same text"),
+        ([(1, 3)], [(0, 3)], "do not cover the same text"),
+        ([(0, 3)], [(0, 0)], "do not cover the same text"),
+        ([(0, 3), (1, 2)], [(0, 3)], r"student_spans\[0, 1\]"),
+        ([(0, 3)], [(-2, 3)], r"teacher_spans\[0, 0\]"),
+    ],
+)
 def test_spans_that_differ_raise(s, t, match, backend):
     with pytest.raises(ValueError, match=match):
         align_spans(_batch([s]), _batch([t]), backend=backend)
 
 
-@pytest.mark.parametrize("bad,error,match", [
-    (torch.zeros(1, 2, 2), TypeError, "integer byte offsets"),
-    (torch.zeros(1, 2, 3, dtype=torch.int64), ValueError, r"\[B, T, 2\]"),
-    (torch.zeros(2, 2, 2, dtype=torch.int64), ValueError, "same batch size"),
-    ([[0, 1]], TypeError, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (torch.zeros(1, 2, 2), TypeError, "integer byte offsets"),
+        (torch.zeros(1, 2, 3, dtype=torch.int64), ValueError, r"\[B, T, 2\]"),
+        (torch.zeros(2, 2, 2, dtype=torch.int64), ValueError, "same batch size"),
+        ([[0, 1]], TypeError, "torch.Tensor"),
+    ],
+)
 def test_bad_arguments(bad, error, match):
     with pytest.raises(error, match=match):
         align_spans(bad, torch.zeros(1, 2, 2, dtype=torch.int64))
@@ -148,6 +156,7 @@ def test_unknown_backend():
 
 
 # ---- real tokenizers ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def pair(tmp_path_factory):
@@ -167,9 +176,11 @@ def with_eos(pair):
     backend = Tokenizer.from_str(byte_level.backend_tokenizer.to_str())
     eos = backend.token_to_id("<|endoftext|>")
     backend.post_processor = processors.TemplateProcessing(
-        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>")
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
 
 
 def _token_text_bytes(tok, texts, out):
@@ -218,14 +229,16 @@ def test_padding_sides_and_special_mask(pair):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_aligner_invariants_on_adversarial_texts(pair, padding_side, backend):
     byte_level, fallback = pair
-    out = TokenAligner(byte_level, fallback)(ADVERSARIAL_TEXTS, padding_side=padding_side,
-                                             backend=backend)
+    out = TokenAligner(byte_level, fallback)(
+        ADVERSARIAL_TEXTS, padding_side=padding_side, backend=backend
+    )
     for b, text in enumerate(ADVERSARIAL_TEXTS):
         s_spans, t_spans = out.student_spans[b].tolist(), out.teacher_spans[b].tolist()
         s_ids, t_ids = out.student_chunk_id[b].tolist(), out.teacher_chunk_id[b].tolist()
         assert (s_ids, t_ids) == oracle_chunks(s_spans, t_spans)
-        check_invariants(s_spans, t_spans, s_ids, t_ids, int(out.num_chunks[b]),
-                         text.encode("utf-8"))
+        check_invariants(
+            s_spans, t_spans, s_ids, t_ids, int(out.num_chunks[b]), text.encode("utf-8")
+        )
         # The teacher's BOS is in no chunk.
         first = int((~out.teacher_attention_mask[b]).sum()) if padding_side == "left" else 0
         assert t_ids[first] == -1
@@ -237,8 +250,8 @@ def test_eos_on_one_side_and_bos_on_the_other(pair, with_eos):
     out = TokenAligner(with_eos, fallback)(ADVERSARIAL_TEXTS)
     for b in range(len(ADVERSARIAL_TEXTS)):
         n = int(out.student_attention_mask[b].sum())
-        assert out.student_chunk_id[b, n - 1] == -1           # the EOS is in no chunk
-        assert torch.equal(out.student_chunk_id[b, :n - 1], plain.student_chunk_id[b, :n - 1])
+        assert out.student_chunk_id[b, n - 1] == -1  # the EOS is in no chunk
+        assert torch.equal(out.student_chunk_id[b, : n - 1], plain.student_chunk_id[b, : n - 1])
     assert torch.equal(out.teacher_chunk_id, plain.teacher_chunk_id)
     assert torch.equal(out.num_chunks, plain.num_chunks)
 
@@ -273,8 +286,12 @@ def test_prefixes_and_completion_mask(pair):
     byte_level, fallback = pair
     aligner = TokenAligner(byte_level, fallback)
     prompts, completions = ["Question: 2+2?", "日本", "p"], [" Answer: 4", "語", ""]
-    out = aligner(prompts=prompts, completions=completions,
-                  student_prefixes=["<|user|>\n"] * 3, teacher_prefixes=["[INST] "] * 3)
+    out = aligner(
+        prompts=prompts,
+        completions=completions,
+        student_prefixes=["<|user|>\n"] * 3,
+        teacher_prefixes=["[INST] "] * 3,
+    )
     plain = aligner([p + c for p, c in zip(prompts, completions)])
     # The prefixes shift no span of the shared text and join no chunk.
     for b in range(3):
@@ -282,7 +299,7 @@ def test_prefixes_and_completion_mask(pair):
     for b, (p, c) in enumerate(zip(prompts, completions)):
         counted = out.chunk_mask[b]
         if not c:
-            assert not counted.any()       # an empty completion counts no chunk
+            assert not counted.any()  # an empty completion counts no chunk
             continue
         assert counted.any()
         n_prompt = len(p.encode("utf-8"))
@@ -290,8 +307,9 @@ def test_prefixes_and_completion_mask(pair):
         for c_id in counted.nonzero().squeeze(1).tolist():
             starts = out.student_spans[b][ids == c_id][:, 0]
             assert int(starts.min()) >= n_prompt or c_id > 0
-        assert torch.equal(out.student_completion_mask[b],
-                           (ids >= 0) & counted[ids.clamp(min=0).long()])
+        assert torch.equal(
+            out.student_completion_mask[b], (ids >= 0) & counted[ids.clamp(min=0).long()]
+        )
 
 
 class _NoOffsets:
@@ -306,8 +324,7 @@ class _NoOffsets:
         return getattr(self._inner, name)
 
     def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": self._inner(text, add_special_tokens=add_special_tokens)[
-            "input_ids"]}
+        return {"input_ids": self._inner(text, add_special_tokens=add_special_tokens)["input_ids"]}
 
 
 def test_mined_fallback_matches_offsets_on_plain_text(pair):
@@ -333,15 +350,16 @@ def test_edit_alignment():
 def test_vocab_map(pair):
     byte_level, fallback = pair
     vm = vocab_map(byte_level, fallback)
-    assert vocab_map(byte_level, fallback) is vm          # cached
+    assert vocab_map(byte_level, fallback) is vm  # cached
     s_tokens = byte_level.convert_ids_to_tokens(vm.student_ids.tolist())
     t_tokens = fallback.convert_ids_to_tokens(vm.teacher_ids.tolist())
     pairs = dict(zip(s_tokens, t_tokens))
     assert pairs.get("Ġ") == "\u2581" and pairs.get("ä") == "<0xE4>"
     assert pairs.get("def") == "def"
     s_bytes, t_bytes = token_bytes(byte_level), token_bytes(fallback)
-    assert all(s_bytes[s] == t_bytes[t] for s, t in zip(vm.student_ids.tolist(),
-                                                        vm.teacher_ids.tolist()))
+    assert all(
+        s_bytes[s] == t_bytes[t] for s, t in zip(vm.student_ids.tolist(), vm.teacher_ids.tolist())
+    )
     assert len(set(vm.teacher_ids.tolist())) == len(vm.teacher_ids)
     with pytest.raises(ValueError, match="teacher logits have 10 columns"):
         vm.check(len(byte_level), 10)
@@ -355,15 +373,19 @@ def test_hypothesis_random_unicode(pair):
     aligner = TokenAligner(byte_level, fallback)
 
     @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
-    @hypothesis.given(st.lists(st.text(st.characters(exclude_categories=("Cs",)), max_size=24),
-                               min_size=1, max_size=3))
+    @hypothesis.given(
+        st.lists(
+            st.text(st.characters(exclude_categories=("Cs",)), max_size=24), min_size=1, max_size=3
+        )
+    )
     def run(texts):
         out = aligner(texts)
         for b, text in enumerate(texts):
             s_spans, t_spans = out.student_spans[b].tolist(), out.teacher_spans[b].tolist()
             s_ids, t_ids = out.student_chunk_id[b].tolist(), out.teacher_chunk_id[b].tolist()
             assert (s_ids, t_ids) == oracle_chunks(s_spans, t_spans)
-            check_invariants(s_spans, t_spans, s_ids, t_ids, int(out.num_chunks[b]),
-                             text.encode("utf-8"))
+            check_invariants(
+                s_spans, t_spans, s_ids, t_ids, int(out.num_chunks[b]), text.encode("utf-8")
+            )
 
     run()

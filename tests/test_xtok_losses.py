@@ -6,10 +6,16 @@ import math
 import pytest
 import torch
 
-from fastkd.reference.xtok_losses import (alm_reference, chunk_logprobs_reference,
-                                          gold_reference)
-from fastkd.xtok import (VocabMap, alm_loss, chunk_logprobs, chunk_mask, gold_loss,
-                         merge_chunk_probs, token_logprobs)
+from fastkd.reference.xtok_losses import alm_reference, chunk_logprobs_reference, gold_reference
+from fastkd.xtok import (
+    VocabMap,
+    alm_loss,
+    chunk_logprobs,
+    chunk_mask,
+    gold_loss,
+    merge_chunk_probs,
+    token_logprobs,
+)
 
 
 def _logp(p):
@@ -35,8 +41,8 @@ def test_alm_against_reference(temperature, divergence, dtype):
     gen = torch.Generator().manual_seed(0)
     s64 = -torch.rand(3, 7, generator=gen, dtype=torch.float64) * 6 - 1e-3
     t64 = -torch.rand(3, 7, generator=gen, dtype=torch.float64) * 6
-    t64[0, 0] = 0.0                       # a chunk the teacher is certain of
-    t64[1, 1] = -80.0                     # and one it rules out
+    t64[0, 0] = 0.0  # a chunk the teacher is certain of
+    t64[1, 1] = -80.0  # and one it rules out
     mask = torch.rand(3, 7, generator=gen) > 0.3
     s = s64.to(dtype).requires_grad_()
     loss = alm_loss(s, t64.to(dtype), mask, temperature=temperature, divergence=divergence)
@@ -46,8 +52,9 @@ def test_alm_against_reference(temperature, divergence, dtype):
     ref.backward()
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
     assert loss.item() == pytest.approx(ref.item(), rel=tol, abs=tol)
-    assert torch.allclose(s.grad.double(), ref_s.grad, rtol=1e-2 if dtype == torch.bfloat16
-                          else tol, atol=tol)
+    assert torch.allclose(
+        s.grad.double(), ref_s.grad, rtol=1e-2 if dtype == torch.bfloat16 else tol, atol=tol
+    )
     assert s.grad[~mask].eq(0).all()
 
 
@@ -57,8 +64,11 @@ def test_alm_reductions_and_errors():
     assert none.shape == (2, 3)
     assert alm_loss(s, t, reduction="sum").item() == pytest.approx(none.sum().item(), rel=1e-6)
     assert alm_loss(s, t, torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0
-    for kwargs, match in [({"temperature": 0.0}, "temperature"), ({"divergence": "js"}, "bce"),
-                          ({"reduction": "avg"}, "reduction")]:
+    for kwargs, match in [
+        ({"temperature": 0.0}, "temperature"),
+        ({"divergence": "js"}, "bce"),
+        ({"reduction": "avg"}, "reduction"),
+    ]:
         with pytest.raises(ValueError, match=match):
             alm_loss(s, t, **kwargs)
     with pytest.raises(ValueError, match="same shape"):
@@ -77,8 +87,8 @@ def test_chunk_logprobs_against_loop_and_identity():
     ref = chunk_logprobs_reference(ref_lp, ids, 4)
     assert torch.allclose(out, ref)
     weights = torch.randn(2, 4, generator=gen, dtype=torch.float64)
-    grad, = torch.autograd.grad((out * weights).sum(), logits)
-    ref_grad, = torch.autograd.grad((ref * weights).sum(), logits)
+    (grad,) = torch.autograd.grad((out * weights).sum(), logits)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), logits)
     assert torch.allclose(grad, ref_grad)
     assert chunk_mask(ids).tolist() == [[True, True, True], [True, True, False]]
     # The same model and tokenizer on both sides: chunks are tokens, chunk log-probs are the
@@ -91,10 +101,13 @@ def test_chunk_logprobs_against_loop_and_identity():
     assert s.grad.abs().max().item() < 1e-12
 
 
-@pytest.mark.parametrize("bad,match", [
-    (torch.tensor([[0, 5]]), r"chunk_id must lie in \[-1, 2\]"),
-    (torch.tensor([[-2, 0]]), r"chunk_id must lie"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.tensor([[0, 5]]), r"chunk_id must lie in \[-1, 2\]"),
+        (torch.tensor([[-2, 0]]), r"chunk_id must lie"),
+    ],
+)
 def test_chunk_logprobs_bad_ids(bad, match):
     with pytest.raises(ValueError, match=match):
         chunk_logprobs(torch.zeros(1, 2), bad, num_chunks=3)
@@ -115,7 +128,7 @@ def _gold_case(seed, vs=13, vt=9, dtype=torch.float64):
     t_ids = torch.tensor([[0, 1, 1, 2, -1], [0, 0, 1, 2, 2]])
     s_logits = (torch.randn(2, 7, vs, generator=gen, dtype=torch.float64) * 3).to(dtype)
     t_logits = (torch.randn(2, 5, vt, generator=gen, dtype=torch.float64) * 3).to(dtype)
-    s_logits[0, 1, 4] = -float("inf")        # a token the student rules out
+    s_logits[0, 1, 4] = -float("inf")  # a token the student rules out
     s_targets = torch.randint(0, vs, (2, 7), generator=gen)
     t_targets = torch.randint(0, vt, (2, 5), generator=gen)
     return s_logits.requires_grad_(), t_logits, s_targets, t_targets, s_ids, t_ids
@@ -130,17 +143,38 @@ GOLD_KINDS = [(False, 0.5), (True, 0.0), (True, 0.5), (True, 1.0)]
 @pytest.mark.parametrize("block_rows", [1, 64])
 def test_gold_against_reference(hybrid, beta, temps, block_rows):
     s_logits, t_logits, s_tg, t_tg, s_ids, t_ids = _gold_case(0)
-    vmap = VocabMap(torch.tensor([0, 2, 5, 7]), torch.tensor([3, 1, 0, 8]), 13, 9) \
-        if hybrid else None
-    loss = gold_loss(s_logits, t_logits, s_tg, t_tg, s_ids, t_ids, temperature=temps[0],
-                     teacher_temperature=temps[1], vocab_map=vmap, beta=beta,
-                     block_rows=block_rows)
-    grad, = torch.autograd.grad(loss, s_logits)
+    vmap = (
+        VocabMap(torch.tensor([0, 2, 5, 7]), torch.tensor([3, 1, 0, 8]), 13, 9) if hybrid else None
+    )
+    loss = gold_loss(
+        s_logits,
+        t_logits,
+        s_tg,
+        t_tg,
+        s_ids,
+        t_ids,
+        temperature=temps[0],
+        teacher_temperature=temps[1],
+        vocab_map=vmap,
+        beta=beta,
+        block_rows=block_rows,
+    )
+    (grad,) = torch.autograd.grad(loss, s_logits)
     weights = (4 / 9, 5 / 9)
-    ref = gold_reference(s_logits, t_logits, s_tg, t_tg, s_ids, t_ids, temperature=temps[0],
-                         teacher_temperature=temps[1], beta=beta, weights=weights,
-                         matched=(vmap.student_ids, vmap.teacher_ids) if hybrid else None)
-    ref_grad, = torch.autograd.grad(ref, s_logits)
+    ref = gold_reference(
+        s_logits,
+        t_logits,
+        s_tg,
+        t_tg,
+        s_ids,
+        t_ids,
+        temperature=temps[0],
+        teacher_temperature=temps[1],
+        beta=beta,
+        weights=weights,
+        matched=(vmap.student_ids, vmap.teacher_ids) if hybrid else None,
+    )
+    (ref_grad,) = torch.autograd.grad(ref, s_logits)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
     assert torch.allclose(grad, ref_grad, rtol=1e-8, atol=1e-12)
 
@@ -159,7 +193,7 @@ def test_gold_float32_and_mask():
 def test_gold_same_model_is_zero():
     s_logits, _, s_tg, _, s_ids, _ = _gold_case(2)
     loss = gold_loss(s_logits, s_logits.detach(), s_tg, s_tg, s_ids, s_ids)
-    grad, = torch.autograd.grad(loss, s_logits)
+    (grad,) = torch.autograd.grad(loss, s_logits)
     assert loss.item() == 0.0 and grad.abs().max().item() == 0.0
 
 
@@ -185,12 +219,17 @@ def test_chunk_logprobs_from_the_fused_lm_head_equal_those_from_logits(backend):
     weight = torch.randn(23, 6, generator=g) / 2
     ids = torch.randint(0, 23, (2, 9), generator=g)
     targets = ids[:, 1:].clone()
-    targets[1, -2:] = -100                                    # padding
-    chunk_id = torch.tensor([[0, 0, 1, 2, 2, 2, 3, 4], [0, 1, 1, 2, 3, 3, -1, -1]],
-                            dtype=torch.int32)
+    targets[1, -2:] = -100  # padding
+    chunk_id = torch.tensor(
+        [[0, 0, 1, 2, 2, 2, 3, 4], [0, 1, 1, 2, 3, 3, -1, -1]], dtype=torch.int32
+    )
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
-    fused = chunk_logprobs(fastkd.fused_linear_logprobs(leaves[0][:, :-1], leaves[1], targets,
-                                                        backend=backend).logprob, chunk_id)
+    fused = chunk_logprobs(
+        fastkd.fused_linear_logprobs(
+            leaves[0][:, :-1], leaves[1], targets, backend=backend
+        ).logprob,
+        chunk_id,
+    )
     fused.sum().backward()
     plain_leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
     logits = plain_leaves[0][:, :-1] @ plain_leaves[1].T

@@ -16,18 +16,27 @@ class TinySetup:
     tokenizer: str
     teacher: str
     student: str
-    student_dropout: str      # the student with attention dropout 0.2
+    student_dropout: str  # the student with attention dropout 0.2
     vocab_size: int
 
     def config(self, out: str, **sections) -> dict:
         """A distill config of the tiny models on the corpus, writing to ``out``; ``sections``
         are merged into it (e.g. ``train={"steps": 3}``)."""
         tree = {
-            "model": {"student": self.student, "teacher": self.teacher,
-                      "tokenizer": self.tokenizer},
+            "model": {
+                "student": self.student,
+                "teacher": self.teacher,
+                "tokenizer": self.tokenizer,
+            },
             "data": {"train": [self.corpus], "eval_fraction": 0.1, "seq_len": 32},
-            "train": {"steps": 4, "micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3,
-                      "warmup_steps": 1, "seed": 0},
+            "train": {
+                "steps": 4,
+                "micro_batch_size": 2,
+                "grad_accum": 2,
+                "lr": 3e-3,
+                "warmup_steps": 1,
+                "seed": 0,
+            },
             "eval": {"batch_size": 4, "max_batches": 2},
             "output": {"dir": out, "progress": False, "plots": False},
         }
@@ -36,16 +45,23 @@ class TinySetup:
         return tree
 
 
-def _llama(path: str, vocab: int, hidden: int, layers: int, tokenizer,
-           dropout: float = 0.0) -> str:
+def _llama(path: str, vocab: int, hidden: int, layers: int, tokenizer, dropout: float = 0.0) -> str:
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                attention_dropout=dropout,
-                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=None,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
+    LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        attention_dropout=dropout,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(path)
     return path
 
 
@@ -61,9 +77,12 @@ def build_tiny_setup(root: str) -> TinySetup:
     tok_dir = os.path.join(root, "tokenizer")
     tokenizer = train_bpe_tokenizer(docs, 320, tok_dir)
     vocab = len(tokenizer)
-    return TinySetup(root, corpus, tok_dir,
-                     _llama(os.path.join(root, "teacher"), vocab, 32, 2, tokenizer),
-                     _llama(os.path.join(root, "student"), vocab, 16, 1, tokenizer),
-                     _llama(os.path.join(root, "student-dropout"), vocab, 16, 1, tokenizer,
-                            dropout=0.2), vocab)
-
+    return TinySetup(
+        root,
+        corpus,
+        tok_dir,
+        _llama(os.path.join(root, "teacher"), vocab, 32, 2, tokenizer),
+        _llama(os.path.join(root, "student"), vocab, 16, 1, tokenizer),
+        _llama(os.path.join(root, "student-dropout"), vocab, 16, 1, tokenizer, dropout=0.2),
+        vocab,
+    )

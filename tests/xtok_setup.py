@@ -9,9 +9,9 @@ import torch
 # emoji sequences; the empty text and one of only spaces.
 ADVERSARIAL_TEXTS = [
     "def f(x):\n    return x + 1",
-    "你好，世界",                                  # CJK: byte-fallback pieces
-    "emoji 👩‍👩‍👧 family and 🎉!",                     # ZWJ sequence, 4-byte characters
-    "e\u0301te\u0301 and n\u0303",                # combining marks
+    "你好，世界",  # CJK: byte-fallback pieces
+    "emoji 👩‍👩‍👧 family and 🎉!",  # ZWJ sequence, 4-byte characters
+    "e\u0301te\u0301 and n\u0303",  # combining marks
     "   leading spaces",
     "\ttab\n\nnewlines  ",
     "",
@@ -27,8 +27,7 @@ def oracle_chunks(s_spans, t_spans):
     common = sorted(s_ends & {e for a, e in t_spans if e > a})
 
     def ids(spans):
-        return [-1 if e <= a else next(k for k, c in enumerate(common) if c >= e)
-                for a, e in spans]
+        return [-1 if e <= a else next(k for k, c in enumerate(common) if c >= e) for a, e in spans]
 
     return ids(s_spans), ids(t_spans)
 

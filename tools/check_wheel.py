@@ -72,8 +72,7 @@ def check(path: str, *, max_mb: float, require_cuda: bool) -> list[str]:
                 for what, pattern in FORBIDDEN.items():
                     if pattern.search(lib):
                         problems.append(f"{name} needs {lib} ({what} must not be a dependency)")
-            if require_cuda and os.path.basename(name).startswith("_C.") \
-                    and not _has_cuda(local):
+            if require_cuda and os.path.basename(name).startswith("_C.") and not _has_cuda(local):
                 problems.append(f"{name} holds no CUDA kernels")
     if shutil.which("auditwheel"):
         show = subprocess.run(["auditwheel", "show", path], capture_output=True, text=True)
@@ -83,8 +82,7 @@ def check(path: str, *, max_mb: float, require_cuda: bool) -> list[str]:
 
 def _has_cuda(path: str) -> bool:
     """Whether the ELF file holds a CUDA fat binary (the ``.nv_fatbin`` section nvcc emits)."""
-    out = subprocess.run(["readelf", "-S", "-W", path], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(["readelf", "-S", "-W", path], capture_output=True, text=True, check=True)
     return ".nv_fatbin" in out.stdout
 
 

@@ -38,6 +38,7 @@ def check_kd_loss(backend: str) -> None:
     s, t = torch.randn(6, 37, generator=g), torch.randn(6, 37, generator=g)
     labels = torch.tensor([1, -100, 3, 4, 5, 6])
     for name in fastkd.DIVERGENCES:
+
         def loss(x, on, name=name):
             return fastkd.kd_loss(x, t, labels=labels, divergence=name, backend=on)
 
@@ -51,10 +52,16 @@ def check_fused_linear(backend: str) -> None:
     g = torch.Generator().manual_seed(1)
     h, w = torch.randn(2, 5, 8, generator=g), torch.randn(41, 8, generator=g) / 3
     th, tw = torch.randn(2, 5, 12, generator=g), torch.randn(41, 12, generator=g) / 3
-    ours = _loss_and_grad(lambda a, b: fastkd.fused_linear_kd_loss(
-        a, b, th, tw, divergence="jsd", backend=backend, chunk_size=3), h, w)
-    ref = _loss_and_grad(lambda a, b: fastkd.kd_loss(
-        a @ b.T, th @ tw.T, divergence="jsd", backend="torch"), h, w)
+    ours = _loss_and_grad(
+        lambda a, b: fastkd.fused_linear_kd_loss(
+            a, b, th, tw, divergence="jsd", backend=backend, chunk_size=3
+        ),
+        h,
+        w,
+    )
+    ref = _loss_and_grad(
+        lambda a, b: fastkd.kd_loss(a @ b.T, th @ tw.T, divergence="jsd", backend="torch"), h, w
+    )
     _close(ours[0], ref[0], "fused_linear_kd_loss value")
     for got, want in zip(ours[1], ref[1]):
         _close(got, want, "fused_linear_kd_loss gradient")
@@ -97,16 +104,34 @@ def check_uld(backend: str) -> None:
     _close(ours[1][0], ref[1][0], "uld_loss gradient")
 
 
-CHECKS = {"kd_loss": check_kd_loss, "fused_linear_kd_loss": check_fused_linear,
-          "sparse_kd_loss": check_sparse, "sample_teacher": check_sample_teacher,
-          "sinkhorn": check_sinkhorn, "uld_loss": check_uld}
+CHECKS = {
+    "kd_loss": check_kd_loss,
+    "fused_linear_kd_loss": check_fused_linear,
+    "sparse_kd_loss": check_sparse,
+    "sample_teacher": check_sample_teacher,
+    "sinkhorn": check_sinkhorn,
+    "uld_loss": check_uld,
+}
 
 
 def main() -> int:
     info = fastkd.build_info()
-    print("build:", {k: info[k] for k in ("version", "torch", "cpu_kernels", "cpu_isa",
-                                          "cuda_kernels", "cuda_archs", "triton",
-                                          "extension_error")})
+    print(
+        "build:",
+        {
+            k: info[k]
+            for k in (
+                "version",
+                "torch",
+                "cpu_kernels",
+                "cpu_isa",
+                "cuda_kernels",
+                "cuda_archs",
+                "triton",
+                "extension_error",
+            )
+        },
+    )
     if not info["cpu_kernels"]:
         print(f"FAIL: the compiled extension did not import: {info['extension_error']}")
         return 1

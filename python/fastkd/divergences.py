@@ -65,29 +65,38 @@ DIVERGENCES: Mapping[str, Divergence] = _divergences(
     Divergence("fkl", 0, "forward KL(p || q)"),
     Divergence("rkl", 1, "reverse KL(q || p)"),
     Divergence(
-        "jsd", 2,
+        "jsd",
+        2,
         "generalized Jensen-Shannon beta KL(p || m) + (1 - beta) KL(q || m), "
         "m = beta p + (1 - beta) q",
         parameters=("beta",),
         edge_cases=(EdgeCase("beta", 0.0, "fkl"), EdgeCase("beta", 1.0, "rkl")),
-        mixture_weights=lambda beta: (beta, 1.0 - beta)),
+        mixture_weights=lambda beta: (beta, 1.0 - beta),
+    ),
     Divergence("tvd", 3, "total variation distance 1/2 sum |p - q|"),
     Divergence(
-        "skl", 4, "skew KL(p || alpha p + (1 - alpha) q)",
+        "skl",
+        4,
+        "skew KL(p || alpha p + (1 - alpha) q)",
         parameters=("alpha",),
         edge_cases=(EdgeCase("alpha", 0.0, "fkl"),),
-        mixture_weights=lambda alpha: (alpha, 1.0 - alpha)),
+        mixture_weights=lambda alpha: (alpha, 1.0 - alpha),
+    ),
     Divergence(
-        "srkl", 5, "skew reverse KL(q || (1 - alpha) p + alpha q)",
+        "srkl",
+        5,
+        "skew reverse KL(q || (1 - alpha) p + alpha q)",
         parameters=("alpha",),
         edge_cases=(EdgeCase("alpha", 0.0, "rkl"),),
-        mixture_weights=lambda alpha: (1.0 - alpha, alpha)),
+        mixture_weights=lambda alpha: (1.0 - alpha, alpha),
+    ),
     Divergence("hellinger", 6, "squared Hellinger distance 1 - sum sqrt(p q)"),
 )
 """name -> ``Divergence``, in code order."""
 
 DIVERGENCES_BY_CODE: Mapping[int, Divergence] = MappingProxyType(
-    {d.code: d for d in DIVERGENCES.values()})
+    {d.code: d for d in DIVERGENCES.values()}
+)
 
 
 def _check_against_extension() -> None:
@@ -101,8 +110,10 @@ def _check_against_extension() -> None:
     codes = getattr(extension, "divergence_codes", None)
     built = dict(codes()) if codes is not None else None
     if built != listed:
-        reason = (f"fastkd._C was built with the divergences {built}, but fastkd.DIVERGENCES "
-                  f"lists {listed}: rebuild the extension (pip install -e .)")
+        reason = (
+            f"fastkd._C was built with the divergences {built}, but fastkd.DIVERGENCES "
+            f"lists {listed}: rebuild the extension (pip install -e .)"
+        )
         refuse_native(reason)
         warnings.warn(reason, RuntimeWarning, stacklevel=2)
 

@@ -7,6 +7,19 @@ from .sample_teacher import SampleCase, run_sample_teacher_case
 from .sparse_kd_loss import SparseCase, run_sparse_kd_loss_case
 from .uld_loss import UldCase, run_uld_loss_case
 
-__all__ = ["FusedLinearCase", "Impl", "KdCase", "Result", "SampleCase", "SparseCase", "UldCase",
-           "format_table", "measure", "run_fused_linear_case", "run_kd_loss_case",
-           "run_sample_teacher_case", "run_sparse_kd_loss_case", "run_uld_loss_case"]
+__all__ = [
+    "FusedLinearCase",
+    "Impl",
+    "KdCase",
+    "Result",
+    "SampleCase",
+    "SparseCase",
+    "UldCase",
+    "format_table",
+    "measure",
+    "run_fused_linear_case",
+    "run_kd_loss_case",
+    "run_sample_teacher_case",
+    "run_sparse_kd_loss_case",
+    "run_uld_loss_case",
+]

@@ -26,7 +26,7 @@ __all__ = ["DistillStepCase", "run_distill_step_case"]
 
 @dataclass(frozen=True)
 class DistillStepCase:
-    rows: int = 2048            # tokens per step: rows // seq_len sequences
+    rows: int = 2048  # tokens per step: rows // seq_len sequences
     seq_len: int = 512
     vocab: int = 32000
     student_hidden: int = 256
@@ -36,9 +36,11 @@ class DistillStepCase:
     device: str = "cpu"
 
     def title(self) -> str:
-        return (f"distill step jsd(beta={self.beta}) tokens={self.rows} V={self.vocab} "
-                f"student H={self.student_hidden} teacher H={self.teacher_hidden} "
-                f"layers={self.layers} on {self.device}")
+        return (
+            f"distill step jsd(beta={self.beta}) tokens={self.rows} V={self.vocab} "
+            f"student H={self.student_hidden} teacher H={self.teacher_hidden} "
+            f"layers={self.layers} on {self.device}"
+        )
 
 
 def _model(hidden: int, case: DistillStepCase, seed: int):
@@ -47,12 +49,19 @@ def _model(hidden: int, case: DistillStepCase, seed: int):
     from ..train.models import adapt
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=case.vocab, hidden_size=hidden,
-                         intermediate_size=hidden * 8 // 3, num_hidden_layers=case.layers,
-                         num_attention_heads=max(hidden // 64, 1),
-                         num_key_value_heads=max(hidden // 64, 1),
-                         max_position_embeddings=case.seq_len, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=case.vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=case.layers,
+        num_attention_heads=max(hidden // 64, 1),
+        num_key_value_heads=max(hidden // 64, 1),
+        max_position_embeddings=case.seq_len,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     return adapt(LlamaForCausalLM(config).to(case.device))
 
 
@@ -67,8 +76,9 @@ def _trl_loss():
     return GKDTrainer.generalized_jsd_loss
 
 
-def run_distill_step_case(case: DistillStepCase, *, warmup: int = 1, reps: int = 3,
-                          seed: int = 0) -> tuple[list[Result], str]:
+def run_distill_step_case(
+    case: DistillStepCase, *, warmup: int = 1, reps: int = 3, seed: int = 0
+) -> tuple[list[Result], str]:
     """Measures one training step (student forward+backward, teacher forward) of each
     implementation; returns the results and a markdown table."""
     from ..ops.kd_loss import kd_loss
@@ -82,12 +92,15 @@ def run_distill_step_case(case: DistillStepCase, *, warmup: int = 1, reps: int =
     batch_size = max(case.rows // case.seq_len, 1)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, case.vocab, (batch_size, case.seq_len + 1), generator=g)
-    batch = {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device),
-             "attention_mask": torch.ones(batch_size, case.seq_len, dtype=torch.long,
-                                          device=device)}
+    batch = {
+        "input_ids": ids[:, :-1].to(device),
+        "labels": ids[:, 1:].to(device),
+        "attention_mask": torch.ones(batch_size, case.seq_len, dtype=torch.long, device=device),
+    }
     num_items = batch["labels"].numel()
-    objective = OnlineKD(ObjectiveConfig(kind="kd", divergence="jsd", beta=case.beta),
-                         teacher, None)
+    objective = OnlineKD(
+        ObjectiveConfig(kind="kd", divergence="jsd", beta=case.beta), teacher, None
+    )
     module = StudentStep(student, objective)
     first = {}
 
@@ -109,13 +122,21 @@ def run_distill_step_case(case: DistillStepCase, *, warmup: int = 1, reps: int =
     impls = [Impl("fastkd trainer step", step_of("fastkd trainer step", fastkd_step))]
     trl_loss = _trl_loss()
     if trl_loss is not None:
+
         def trl_step():
             zs, zt = logits()
-            return trl_loss(zs, zt, labels=batch["labels"], beta=case.beta,
-                            num_items_in_batch=num_items)
+            return trl_loss(
+                zs, zt, labels=batch["labels"], beta=case.beta, num_items_in_batch=num_items
+            )
+
         impls.append(Impl("TRL GKD loss", step_of("TRL GKD loss", trl_step), peer=True))
-    impls.append(Impl("HF logits + fastkd.kd_loss",
-                      step_of("HF logits + fastkd.kd_loss", kd_on_logits), peer=True))
+    impls.append(
+        Impl(
+            "HF logits + fastkd.kd_loss",
+            step_of("HF logits + fastkd.kd_loss", kd_on_logits),
+            peer=True,
+        )
+    )
 
     def drop_grads():
         student.zero_grad(set_to_none=True)

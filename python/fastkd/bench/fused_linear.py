@@ -27,7 +27,7 @@ class FusedLinearCase:
     dtype: str = "float32"
     divergence: str = "fkl"
     beta: float = 0.5
-    teacher: str = "online"     # "online": hidden + lm_head like the student's; "offline": logits
+    teacher: str = "online"  # "online": hidden + lm_head like the student's; "offline": logits
     device: str = "cpu"
 
     def __post_init__(self):
@@ -45,8 +45,10 @@ class FusedLinearCase:
         return 4 if self.teacher == "online" else 3
 
     def title(self) -> str:
-        return (f"fused_linear_kd_loss {self.divergence} {self.teacher} teacher N={self.rows} "
-                f"H={self.hidden} V={self.vocab} {self.dtype} on {self.device}")
+        return (
+            f"fused_linear_kd_loss {self.divergence} {self.teacher} teacher N={self.rows} "
+            f"H={self.hidden} V={self.vocab} {self.dtype} on {self.device}"
+        )
 
 
 def _liger_fused_linear(divergence: str, beta: float):
@@ -78,12 +80,18 @@ def _liger_fused_linear(divergence: str, beta: float):
         all_valid = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return chunked(x, w, tx, tw, all_valid)
 
-    return {"liger FusedLinearJSD": lambda x, w, tx, tw: fused(x, w, tx, tw, None),
-            "liger chunked JSDLoss": chunked_loss}
+    return {
+        "liger FusedLinearJSD": lambda x, w, tx, tw: fused(x, w, tx, tw, None),
+        "liger chunked JSDLoss": chunked_loss,
+    }
 
 
-def _impls(case: FusedLinearCase, hidden: torch.Tensor, weight: torch.Tensor,
-           teacher: tuple[torch.Tensor, ...]) -> list[Impl]:
+def _impls(
+    case: FusedLinearCase,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher: tuple[torch.Tensor, ...],
+) -> list[Impl]:
     """The implementations of one case; ``teacher`` is (hidden, weight) online, (logits,)
     offline, passed after the student's hidden and weight to every loss function."""
     device = torch.device(case.device)
@@ -96,17 +104,20 @@ def _impls(case: FusedLinearCase, hidden: torch.Tensor, weight: torch.Tensor,
                 loss = fn(hidden, weight, *teacher)
                 loss.backward()
                 return loss
+
             return step
+
         return make
 
     def fastkd_loss(backend):
         if online:
             return lambda x, w, tx, tw: fused_linear_kd_loss(x, w, tx, tw, backend=backend, **kw)
-        return lambda x, w, tz: fused_linear_kd_loss(x, w, teacher_logits=tz, backend=backend,
-                                                     **kw)
+        return lambda x, w, tz: fused_linear_kd_loss(x, w, teacher_logits=tz, backend=backend, **kw)
 
-    impls = [Impl(f"fastkd[{backend}]", train_step(fastkd_loss(backend)))
-             for backend in kernel_backends("fused_linear_kd_loss", device)]
+    impls = [
+        Impl(f"fastkd[{backend}]", train_step(fastkd_loss(backend)))
+        for backend in kernel_backends("fused_linear_kd_loss", device)
+    ]
 
     def eager_online(x, w, tx, tw):
         with torch.no_grad():
@@ -121,8 +132,10 @@ def _impls(case: FusedLinearCase, hidden: torch.Tensor, weight: torch.Tensor,
     torch._dynamo.reset()  # a fresh compile cache per case: cases share the function's code
     impls.append(Impl("torch.compile", train_step(torch.compile(eager)), peer=True))
     if device.type == "cuda" and online:
-        impls += [Impl(name, train_step(fn), peer=True)
-                  for name, fn in _liger_fused_linear(case.divergence, case.beta).items()]
+        impls += [
+            Impl(name, train_step(fn), peer=True)
+            for name, fn in _liger_fused_linear(case.divergence, case.beta).items()
+        ]
     return impls
 
 
@@ -132,13 +145,18 @@ def _bf16_gemm_ms(case: FusedLinearCase, warmup: int, reps: int) -> float | None
     device = torch.device(case.device)
     x = torch.randn(case.rows, case.hidden, dtype=torch.bfloat16, device=device)
     w = torch.randn(case.vocab, case.hidden, dtype=torch.bfloat16, device=device)
-    [result] = measure([Impl("bf16 mm", lambda: lambda: torch.mm(x, w.t()))], device,
-                       warmup=max(warmup, 1), reps=reps)
+    [result] = measure(
+        [Impl("bf16 mm", lambda: lambda: torch.mm(x, w.t()))],
+        device,
+        warmup=max(warmup, 1),
+        reps=reps,
+    )
     return result.time_ms
 
 
-def run_fused_linear_case(case: FusedLinearCase, *, warmup: int = 2, reps: int = 5,
-                          seed: int = 0) -> tuple[list[Result], str]:
+def run_fused_linear_case(
+    case: FusedLinearCase, *, warmup: int = 2, reps: int = 5, seed: int = 0
+) -> tuple[list[Result], str]:
     """Measures forward+backward (gradients of the student's hidden and weight) of one case;
     returns the results and a markdown table.
 
@@ -176,6 +194,8 @@ def run_fused_linear_case(case: FusedLinearCase, *, warmup: int = 2, reps: int =
         for r in results:
             if r.time_ms:
                 r.extra["GEMM bound %"] = f"{100 * case.gemms * gemm_ms / r.time_ms:.0f}"
-        note = (f"\n\nGEMM bound: {case.gemms} GEMMs at {gemm_ms:.3f} ms, the time of one bf16 "
-                f"[{case.rows}, {case.hidden}] x [{case.hidden}, {case.vocab}] torch.mm here.")
+        note = (
+            f"\n\nGEMM bound: {case.gemms} GEMMs at {gemm_ms:.3f} ms, the time of one bf16 "
+            f"[{case.rows}, {case.hidden}] x [{case.hidden}, {case.vocab}] torch.mm here."
+        )
     return results, format_table(case.title(), results, extra_cols) + note

@@ -32,24 +32,33 @@ class Impl:
 
     name: str
     make: Callable[[], Callable[[], torch.Tensor]]
-    peer: bool = False          # a comparison point rather than a fastkd backend
+    peer: bool = False  # a comparison point rather than a fastkd backend
 
 
-def add_loss_impl(impls: list[Impl], forward_only: dict, name: str,
-                  loss_fn: Callable[[], torch.Tensor], *, peer: bool = False) -> None:
+def add_loss_impl(
+    impls: list[Impl],
+    forward_only: dict,
+    name: str,
+    loss_fn: Callable[[], torch.Tensor],
+    *,
+    peer: bool = False,
+) -> None:
     """Adds the implementation ``name`` of a loss to ``impls`` (its step: ``loss_fn()`` then
     backward) and its forward-only step (under no_grad) to ``forward_only``."""
+
     def train():
         def step():
             loss = loss_fn()
             loss.backward()
             return loss
+
         return step
 
     def forward():
         def step():
             with torch.no_grad():
                 return loss_fn()
+
         return step
 
     impls.append(Impl(name, train, peer=peer))
@@ -59,13 +68,16 @@ def add_loss_impl(impls: list[Impl], forward_only: dict, name: str,
 def recording_step(first: dict, name: str, loss_fn: Callable[[], torch.Tensor]):
     """The step factory of a loss ``name`` (``loss_fn()`` then backward) that records the first
     loss it computes in ``first[name]``, so that a table can show the implementations agree."""
+
     def make():
         def step():
             loss = loss_fn()
             loss.backward()
             first.setdefault(name, float(loss.detach()))
             return loss
+
         return step
+
     return make
 
 
@@ -73,10 +85,10 @@ def recording_step(first: dict, name: str, loss_fn: Callable[[], torch.Tensor]):
 class Result:
     impl: str
     peer: bool
-    time_ms: float | None = None        # median forward+backward
+    time_ms: float | None = None  # median forward+backward
     time_iqr: tuple[float, float] | None = None  # its 25th and 75th percentiles
-    fwd_ms: float | None = None         # median forward only
-    peak_mb: float | None = None        # memory above the inputs during forward+backward
+    fwd_ms: float | None = None  # median forward only
+    peak_mb: float | None = None  # memory above the inputs during forward+backward
     error: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -112,22 +124,36 @@ def _quartiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q1, q3
 
 
-def _time(step: Callable[[], object], device: torch.device, warmup: int, reps: int,
-          before_each: Callable[[], None]) -> tuple[float, float, float]:
+def _time(
+    step: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    before_each: Callable[[], None],
+) -> tuple[float, float, float]:
     """(median, 25th, 75th percentile) of ``step``'s time in ms."""
     if device.type == "cuda":
         return _time_cuda(step, device, warmup, reps, before_each)
     from torch.utils.benchmark import Timer
 
-    timer = Timer(stmt="step()", setup="before_each()", num_threads=torch.get_num_threads(),
-                  globals={"step": step, "before_each": before_each})
+    timer = Timer(
+        stmt="step()",
+        setup="before_each()",
+        num_threads=torch.get_num_threads(),
+        globals={"step": step, "before_each": before_each},
+    )
     for _ in range(warmup):
         timer.timeit(1)
     return _quartiles([timer.timeit(1).median * 1e3 for _ in range(reps)])
 
 
-def _time_cuda(step: Callable[[], object], device: torch.device, warmup: int, reps: int,
-               before_each: Callable[[], None]) -> tuple[float, float, float]:
+def _time_cuda(
+    step: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    before_each: Callable[[], None],
+) -> tuple[float, float, float]:
     def run():
         before_each()
         step()
@@ -154,8 +180,9 @@ def _time_cuda(step: Callable[[], object], device: torch.device, warmup: int, re
     return _quartiles(times)
 
 
-def _peak_mb(step: Callable[[], object], device: torch.device,
-             before_each: Callable[[], None]) -> float | None:
+def _peak_mb(
+    step: Callable[[], object], device: torch.device, before_each: Callable[[], None]
+) -> float | None:
     before_each()
     gc.collect()
     if device.type == "cuda":
@@ -173,9 +200,15 @@ def _peak_mb(step: Callable[[], object], device: torch.device,
     return max(_rss_kb("VmHWM") - base, 0) / 1024
 
 
-def measure(impls: list[Impl], device: torch.device, *, warmup: int = 2, reps: int = 5,
-            forward_only: dict[str, Callable[[], Callable[[], object]]] | None = None,
-            before_each: Callable[[], None] = lambda: None) -> list[Result]:
+def measure(
+    impls: list[Impl],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    reps: int = 5,
+    forward_only: dict[str, Callable[[], Callable[[], object]]] | None = None,
+    before_each: Callable[[], None] = lambda: None,
+) -> list[Result]:
     """Times each implementation; a failing one is reported with its error, not raised.
 
     ``before_each`` runs before every step, outside the timing (e.g. dropping last step's
@@ -190,10 +223,11 @@ def measure(impls: list[Impl], device: torch.device, *, warmup: int = 2, reps: i
             res.time_ms, *iqr = _time(step, device, warmup, reps, before_each)
             res.time_iqr = tuple(iqr)
             if forward_only and impl.name in forward_only:
-                res.fwd_ms = _time(forward_only[impl.name](), device, warmup, reps,
-                                   before_each)[0]
+                res.fwd_ms = _time(forward_only[impl.name](), device, warmup, reps, before_each)[0]
         except Exception as exc:  # a peer that cannot run here is a result, not a crash
-            res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            res.error = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            )
         finally:
             gc.collect()
             if device.type == "cuda":
@@ -202,25 +236,38 @@ def measure(impls: list[Impl], device: torch.device, *, warmup: int = 2, reps: i
     return results
 
 
-def format_table(title: str, results: list[Result], extra_cols: tuple[str, ...] = (),
-                 time_label: str = "fwd+bwd ms") -> str:
+def format_table(
+    title: str,
+    results: list[Result],
+    extra_cols: tuple[str, ...] = (),
+    time_label: str = "fwd+bwd ms",
+) -> str:
     """A markdown table; `vs best peer` is the best peer's median time over this
     implementation's. ``time_label`` names the timed step (forward+backward unless the op has no
     backward); its column gives the median and, in brackets, the interquartile range."""
     peers = [r.time_ms for r in results if r.peer and r.time_ms is not None]
     best_peer = min(peers) if peers else None
     head = ["impl", time_label, "fwd ms", "peak MB", "vs best peer", *extra_cols]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join("---" for _ in head) + "|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     for r in results:
         if r.error:
             lines.append(f"| {r.impl} | failed: {r.error} |" + " |" * (len(head) - 2))
             continue
         ratio = f"{best_peer / r.time_ms:.2f}x" if best_peer and r.time_ms else "-"
         spread = f" [{r.time_iqr[0]:.2f}–{r.time_iqr[1]:.2f}]" if r.time_iqr else ""
-        cells = [r.impl, f"{r.time_ms:.2f}{spread}", f"{r.fwd_ms:.2f}" if r.fwd_ms else "-",
-                 f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-", ratio,
-                 *[str(r.extra.get(c, "-")) for c in extra_cols]]
+        cells = [
+            r.impl,
+            f"{r.time_ms:.2f}{spread}",
+            f"{r.fwd_ms:.2f}" if r.fwd_ms else "-",
+            f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-",
+            ratio,
+            *[str(r.extra.get(c, "-")) for c in extra_cols],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -228,4 +275,6 @@ def format_table(title: str, results: list[Result], extra_cols: tuple[str, ...] 
 def write_results(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=lambda o: asdict(o) if isinstance(o, Result) else str(o))
+        json.dump(
+            payload, f, indent=2, default=lambda o: asdict(o) if isinstance(o, Result) else str(o)
+        )

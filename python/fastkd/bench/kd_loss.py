@@ -30,8 +30,9 @@ class KdCase:
         return getattr(torch, self.dtype)
 
     def title(self) -> str:
-        return (f"kd_loss {self.divergence} N={self.rows} V={self.vocab} {self.dtype} "
-                f"on {self.device}")
+        return (
+            f"kd_loss {self.divergence} N={self.rows} V={self.vocab} {self.dtype} on {self.device}"
+        )
 
 
 def plain_kd_loss(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
@@ -79,8 +80,12 @@ def _impls(case: KdCase, student: torch.Tensor, teacher: torch.Tensor):
 
     impls, fwd = [], {}
     for backend in kernel_backends("kd_loss", device):
-        add_loss_impl(impls, fwd, f"fastkd[{backend}]",
-                      (lambda b: lambda: kd_loss(student, teacher, backend=b, **kw))(backend))
+        add_loss_impl(
+            impls,
+            fwd,
+            f"fastkd[{backend}]",
+            (lambda b: lambda: kd_loss(student, teacher, backend=b, **kw))(backend),
+        )
 
     def eager(s, t):
         return plain_kd_loss(s, t, case.divergence, case.beta)
@@ -96,8 +101,9 @@ def _impls(case: KdCase, student: torch.Tensor, teacher: torch.Tensor):
     return impls, fwd
 
 
-def run_kd_loss_case(case: KdCase, *, warmup: int = 2, reps: int = 5, seed: int = 0
-                     ) -> tuple[list[Result], str]:
+def run_kd_loss_case(
+    case: KdCase, *, warmup: int = 2, reps: int = 5, seed: int = 0
+) -> tuple[list[Result], str]:
     """Measures one case; returns the results and a markdown table.
 
     On CUDA the table also gives the fused forward's achieved memory bandwidth for the bytes it
@@ -109,11 +115,18 @@ def run_kd_loss_case(case: KdCase, *, warmup: int = 2, reps: int = 5, seed: int 
     teacher = (torch.randn(shape, generator=g) * 2).to(case.torch_dtype).to(case.device)
     student.requires_grad_()
     impls, fwd = _impls(case, student, teacher)
+
     def drop_grad():
         student.grad = None
 
-    results = measure(impls, torch.device(case.device), warmup=warmup, reps=reps, forward_only=fwd,
-                      before_each=drop_grad)
+    results = measure(
+        impls,
+        torch.device(case.device),
+        warmup=warmup,
+        reps=reps,
+        forward_only=fwd,
+        before_each=drop_grad,
+    )
     extra_cols: tuple[str, ...] = ()
     if case.device == "cuda":
         itemsize = student.element_size()

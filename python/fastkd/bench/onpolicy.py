@@ -33,24 +33,30 @@ __all__ = ["OnpolicyCase", "run_onpolicy_case"]
 
 @dataclass(frozen=True)
 class OnpolicyCase:
-    kind: str = "loss"         # "loss" or "topk"
+    kind: str = "loss"  # "loss" or "topk"
     rows: int = 4096
     hidden: int = 256
     vocab: int = 32000
     k: int = 16
-    beta: float = 1.0          # TRL's generalized JSD: 1 is the reverse KL
+    beta: float = 1.0  # TRL's generalized JSD: 1 is the reverse KL
     dtype: str = "float32"
     device: str = "cpu"
 
     def title(self) -> str:
-        what = (f"on-policy loss step (TRL beta={self.beta})" if self.kind == "loss"
-                else "teacher top-k + exact tail")
-        return (f"{what} N={self.rows} H={self.hidden} V={self.vocab} k={self.k} "
-                f"{self.dtype} on {self.device}")
+        what = (
+            f"on-policy loss step (TRL beta={self.beta})"
+            if self.kind == "loss"
+            else "teacher top-k + exact tail"
+        )
+        return (
+            f"{what} N={self.rows} H={self.hidden} V={self.vocab} k={self.k} "
+            f"{self.dtype} on {self.device}"
+        )
 
 
 def _trl_loss():
     from .distill_step import _trl_loss as trl_loss
+
     return trl_loss()
 
 
@@ -103,18 +109,32 @@ def _loss_impls(case: OnpolicyCase, inputs, first: dict) -> list[Impl]:
         r = lp - lq
         return (torch.expm1(r) - r).mean()
 
-    impls = [Impl("fastkd logprobs + k3", step_of("fastkd logprobs + k3", fused_k3)),
-             Impl(f"fastkd top-{case.k} FKL + tail",
-                  step_of(f"fastkd top-{case.k} FKL + tail", fused_topk))]
+    impls = [
+        Impl("fastkd logprobs + k3", step_of("fastkd logprobs + k3", fused_k3)),
+        Impl(
+            f"fastkd top-{case.k} FKL + tail",
+            step_of(f"fastkd top-{case.k} FKL + tail", fused_topk),
+        ),
+    ]
     trl_loss = _trl_loss()
     if trl_loss is not None:
+
         def trl_step():
             zs, zt = full_logits()
             return trl_loss(zs[None], zt[None], beta=case.beta)
-        impls.append(Impl("TRL generalized_jsd_loss", step_of("TRL generalized_jsd_loss",
-                                                              trl_step), peer=True))
-    impls.append(Impl("torch log_softmax + gather + k3",
-                      step_of("torch log_softmax + gather + k3", torch_k3), peer=True))
+
+        impls.append(
+            Impl(
+                "TRL generalized_jsd_loss", step_of("TRL generalized_jsd_loss", trl_step), peer=True
+            )
+        )
+    impls.append(
+        Impl(
+            "torch log_softmax + gather + k3",
+            step_of("torch log_softmax + gather + k3", torch_k3),
+            peer=True,
+        )
+    )
     return impls
 
 
@@ -128,6 +148,7 @@ def _topk_impls(case: OnpolicyCase, inputs, first: dict) -> list[Impl]:
             targets = fused_linear_topk(t_hidden, t_weight, k=case.k)
             first.setdefault("fastkd fused_linear_topk", float(targets.tail_mass.sum()))
             return targets.tail_mass
+
         return step
 
     def plain():
@@ -139,14 +160,18 @@ def _topk_impls(case: OnpolicyCase, inputs, first: dict) -> list[Impl]:
                 tail = -torch.expm1(torch.logsumexp(values - lse, -1))
             first.setdefault("F.linear + topk + logsumexp", float(tail.sum()))
             return tail
+
         return step
 
-    return [Impl("fastkd fused_linear_topk", fused),
-            Impl("F.linear + topk + logsumexp", plain, peer=True)]
+    return [
+        Impl("fastkd fused_linear_topk", fused),
+        Impl("F.linear + topk + logsumexp", plain, peer=True),
+    ]
 
 
-def run_onpolicy_case(case: OnpolicyCase, *, warmup: int = 1, reps: int = 3,
-                      seed: int = 0) -> tuple[list[Result], str]:
+def run_onpolicy_case(
+    case: OnpolicyCase, *, warmup: int = 1, reps: int = 3, seed: int = 0
+) -> tuple[list[Result], str]:
     """Measures each implementation of ``case``; returns the results and a markdown table."""
     inputs = _inputs(case, seed)
     first: dict[str, float] = {}
@@ -159,13 +184,21 @@ def run_onpolicy_case(case: OnpolicyCase, *, warmup: int = 1, reps: int = 3,
     def drop_grads():
         hidden.grad = weight.grad = None
 
-    results = measure(impls, torch.device(case.device), warmup=warmup, reps=reps,
-                      before_each=drop_grads)
+    results = measure(
+        impls, torch.device(case.device), warmup=warmup, reps=reps, before_each=drop_grads
+    )
     values = ", ".join(f"{name} {value:.8g}" for name, value in first.items())
-    what = ("First-step loss (nats per token; the objectives differ)" if case.kind == "loss"
-            else "Sum of the tail masses")
-    missing = ("\n\nTRL is not installed here: no TRL row."
-               if case.kind == "loss" and _trl_loss() is None else "")
+    what = (
+        "First-step loss (nats per token; the objectives differ)"
+        if case.kind == "loss"
+        else "Sum of the tail masses"
+    )
+    missing = (
+        "\n\nTRL is not installed here: no TRL row."
+        if case.kind == "loss" and _trl_loss() is None
+        else ""
+    )
     label = "step ms" if case.kind == "loss" else "top-k ms"
     return results, format_table(case.title(), results, time_label=label) + (
-        f"\n\n{what}: {values}.{missing}")
+        f"\n\n{what}: {values}.{missing}"
+    )

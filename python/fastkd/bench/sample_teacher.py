@@ -33,10 +33,14 @@ class SampleCase:
     k: int = 64
 
     def title(self) -> str:
-        what = (f"priority k={self.k}" if self.method == "priority"
-                else f"N={self.num_samples} T={self.temperature}")
-        return (f"sample_teacher {what} rows={self.rows} V={self.vocab} {self.dtype} on "
-                f"{self.device}")
+        what = (
+            f"priority k={self.k}"
+            if self.method == "priority"
+            else f"N={self.num_samples} T={self.temperature}"
+        )
+        return (
+            f"sample_teacher {what} rows={self.rows} V={self.vocab} {self.dtype} on {self.device}"
+        )
 
 
 def plain_sample(logits: torch.Tensor, num_samples: int, temperature: float) -> torch.Tensor:
@@ -51,12 +55,13 @@ def plain_priority_sample(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     k largest p / u and weights max(p, tau)."""
     p = torch.softmax(logits.float(), dim=-1)
     q, ids = torch.topk(p / torch.rand_like(p), min(k + 1, p.shape[-1]), dim=-1)
-    tau = q[:, k:k + 1] if q.shape[-1] > k else torch.zeros_like(q[:, :1])
+    tau = q[:, k : k + 1] if q.shape[-1] > k else torch.zeros_like(q[:, :1])
     return ids[:, :k], torch.maximum(p.gather(1, ids[:, :k]), tau)
 
 
-def run_sample_teacher_case(case: SampleCase, *, warmup: int = 2, reps: int = 5,
-                            seed: int = 0) -> tuple[list[Result], str]:
+def run_sample_teacher_case(
+    case: SampleCase, *, warmup: int = 2, reps: int = 5, seed: int = 0
+) -> tuple[list[Result], str]:
     """Times one case; the table adds the rate at which each reads the logits (GB/s)."""
     device = torch.device(case.device)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -68,20 +73,27 @@ def run_sample_teacher_case(case: SampleCase, *, warmup: int = 2, reps: int = 5,
     del ranks
     if case.method == "priority":
         op, kw = "priority_sample", dict(method="priority", k=case.k)
-        peer = Impl("torch softmax+rand+topk",
-                    lambda: lambda: plain_priority_sample(logits, case.k), peer=True)
+        peer = Impl(
+            "torch softmax+rand+topk",
+            lambda: lambda: plain_priority_sample(logits, case.k),
+            peer=True,
+        )
     else:
-        op, kw = "sample_teacher", dict(num_samples=case.num_samples,
-                                        temperature=case.temperature)
-        peer = Impl("torch softmax+multinomial",
-                    lambda: lambda: plain_sample(logits, **kw), peer=True)
+        op, kw = "sample_teacher", dict(num_samples=case.num_samples, temperature=case.temperature)
+        peer = Impl(
+            "torch softmax+multinomial", lambda: lambda: plain_sample(logits, **kw), peer=True
+        )
 
     # The reference sampler is the oracle, not a contender, where a kernel exists; where none
     # does, it is what fastkd runs, so it is measured.
     kernels = kernel_backends(op, device) or available_backends(op, device)
-    impls = [Impl(f"fastkd[{backend}]",
-                  (lambda b: lambda: lambda: sample_teacher(logits, backend=b, **kw))(backend))
-             for backend in kernels]
+    impls = [
+        Impl(
+            f"fastkd[{backend}]",
+            (lambda b: lambda: lambda: sample_teacher(logits, backend=b, **kw))(backend),
+        )
+        for backend in kernels
+    ]
     impls.append(peer)
     results = measure(impls, device, warmup=warmup, reps=reps)
     nbytes = logits.numel() * logits.element_size()

@@ -50,18 +50,21 @@ class SinkhornCase:
     eps_scaling: float | None = None
     dtype: str = "float32"
     device: str = "cpu"
-    pot_limit: int = 256      # problems POT's Python loop solves; its time is scaled to the batch
+    pot_limit: int = 256  # problems POT's Python loop solves; its time is scaled to the batch
     peers: tuple[str, ...] = PEERS
 
     def title(self) -> str:
         scaling = "" if self.eps_scaling is None else f" eps_scaling={self.eps_scaling}"
-        return (f"sinkhorn B={self.batch} n={self.n} m={self.m} d={self.dim} eps={self.eps}"
-                f"{scaling} tol={self.tol:g} max_iters={self.max_iters} {self.dtype} on "
-                f"{self.device}")
+        return (
+            f"sinkhorn B={self.batch} n={self.n} m={self.m} d={self.dim} eps={self.eps}"
+            f"{scaling} tol={self.tol:g} max_iters={self.max_iters} {self.dtype} on "
+            f"{self.device}"
+        )
 
 
-def point_clouds(case: SinkhornCase, generator: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def point_clouds(
+    case: SinkhornCase, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x [B, n, d], y [B, m, d], cost [B, n, m]) float32: two Gaussian clouds per problem, the
     second shifted by a random offset, scaled per problem so that the cost |x_i - y_j|^2 has
     max 1 (so that eps is in units of the largest cost, as fastkd's eps-scaling starts)."""
@@ -84,9 +87,9 @@ def _l1_marginal_error(plan: torch.Tensor) -> torch.Tensor:
 
 class _Summary(NamedTuple):
     iters: float | None = None
-    converged: float | None = None     # fraction of problems under fastkd's rule
-    transport0: float | None = None    # <P, C> of the first problem
-    objective0: float | None = None    # <P, C> + eps KL(P || a b^T) of the first problem
+    converged: float | None = None  # fraction of problems under fastkd's rule
+    transport0: float | None = None  # <P, C> of the first problem
+    objective0: float | None = None  # <P, C> + eps KL(P || a b^T) of the first problem
 
 
 class _Solver(NamedTuple):
@@ -94,26 +97,33 @@ class _Solver(NamedTuple):
     peer: bool
     solve: Callable[[], object]
     summarize: Callable[[object], _Summary]
-    time_scale: float = 1.0     # batch over the problems solved (POT's loop on a subset)
+    time_scale: float = 1.0  # batch over the problems solved (POT's loop on a subset)
 
 
 def _fastkd_solvers(case: SinkhornCase, cost: torch.Tensor) -> list[_Solver]:
     device = torch.device(case.device)
     # Triton runs on CPU only under its interpreter: nothing to time.
     kernels = kernel_backends("sinkhorn", device, interpreted_ok=False)
-    kw = dict(eps=case.eps, tol=case.tol, max_iters=case.max_iters,
-              eps_scaling=case.eps_scaling)
+    kw = dict(eps=case.eps, tol=case.tol, max_iters=case.max_iters, eps_scaling=case.eps_scaling)
 
     def summarize(r) -> _Summary:
-        return _Summary(r.iters.float().mean().item(), r.converged.float().mean().item(),
-                        r.transport_cost[0].item(), r.objective[0].item())
+        return _Summary(
+            r.iters.float().mean().item(),
+            r.converged.float().mean().item(),
+            r.transport_cost[0].item(),
+            r.objective[0].item(),
+        )
 
-    solvers = [_Solver(f"fastkd[{b}]", False,
-                       functools.partial(sinkhorn, cost, backend=b, **kw), summarize)
-               for b in kernels]
+    solvers = [
+        _Solver(
+            f"fastkd[{b}]", False, functools.partial(sinkhorn, cost, backend=b, **kw), summarize
+        )
+        for b in kernels
+    ]
     if "torch" in case.peers:
-        solvers.append(_Solver(_TORCH, True, lambda: sinkhorn(cost, backend="torch", **kw),
-                               summarize))
+        solvers.append(
+            _Solver(_TORCH, True, lambda: sinkhorn(cost, backend="torch", **kw), summarize)
+        )
     return solvers
 
 
@@ -123,8 +133,11 @@ def _pot_loop_solvers(case: SinkhornCase, cost: torch.Tensor, count: int) -> lis
     import ot
 
     costs64 = cost[:count].double().cpu().numpy()
-    suffix = (f" [first {count} of {case.batch}, time x{case.batch / count:g}]"
-              if count < case.batch else "")
+    suffix = (
+        f" [first {count} of {case.batch}, time x{case.batch / count:g}]"
+        if count < case.batch
+        else ""
+    )
     solvers = []
     for dtype in (np.float64, np.float32):
         costs = costs64.astype(dtype)
@@ -132,17 +145,29 @@ def _pot_loop_solvers(case: SinkhornCase, cost: torch.Tensor, count: int) -> lis
         b = np.full(case.m, 1 / case.m, dtype=dtype)
 
         def solve(costs=costs, a=a, b=b):
-            return [ot.bregman.sinkhorn_log(a, b, c, case.eps, numItermax=case.max_iters,
-                                            stopThr=case.tol, log=True, warn=False)
-                    for c in costs]
+            return [
+                ot.bregman.sinkhorn_log(
+                    a,
+                    b,
+                    c,
+                    case.eps,
+                    numItermax=case.max_iters,
+                    stopThr=case.tol,
+                    log=True,
+                    warn=False,
+                )
+                for c in costs
+            ]
 
         def summarize(out) -> _Summary:
             plans = torch.from_numpy(np.stack([plan for plan, _ in out]))
             # POT's niter is the 0-based index of the last iteration.
             iters = np.mean([log["niter"] + 1 for _, log in out])
-            return _Summary(float(iters),
-                            (_l1_marginal_error(plans) < case.tol).double().mean().item(),
-                            float((plans[0].double() * torch.from_numpy(costs64[0])).sum()))
+            return _Summary(
+                float(iters),
+                (_l1_marginal_error(plans) < case.tol).double().mean().item(),
+                float((plans[0].double() * torch.from_numpy(costs64[0])).sum()),
+            )
 
         name = _POT_REF if dtype == np.float64 else "POT sinkhorn_log loop f32"
         solvers.append(_Solver(name + suffix, True, solve, summarize, case.batch / count))
@@ -157,13 +182,23 @@ def _pot_batch_solver(case: SinkhornCase, cost: torch.Tensor) -> _Solver:
     def solve():
         # reg_type="kl": POT's value is then the objective fastkd reports (the plan is the same
         # for either regularizer, the marginals being fixed).
-        return solve_batch(cost, reg=case.eps, max_iter=case.max_iters, tol=case.tol,
-                           method="log_sinkhorn", reg_type="kl", grad="detach")
+        return solve_batch(
+            cost,
+            reg=case.eps,
+            max_iter=case.max_iters,
+            tol=case.tol,
+            method="log_sinkhorn",
+            reg_type="kl",
+            grad="detach",
+        )
 
     def summarize(res) -> _Summary:
-        return _Summary(float(res.log["n_iter"] + 1),  # 0-based index of the last iteration
-                        (_l1_marginal_error(res.plan) < case.tol).double().mean().item(),
-                        res.value_linear[0].item(), res.value[0].item())
+        return _Summary(
+            float(res.log["n_iter"] + 1),  # 0-based index of the last iteration
+            (_l1_marginal_error(res.plan) < case.tol).double().mean().item(),
+            res.value_linear[0].item(),
+            res.value[0].item(),
+        )
 
     return _Solver(_POT_BATCH, True, solve, summarize)
 
@@ -186,14 +221,24 @@ def _geomloss_solvers(case: SinkhornCase, x: torch.Tensor, y: torch.Tensor) -> l
     iters = 2 + len(np.arange(2 * math.log(diameter), 2 * math.log(blur), 2 * math.log(scaling)))
     solvers = []
     for debias, name in ((True, _GEOM_DEBIASED), (False, _GEOM_OT)):
-        loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, diameter=diameter,
-                           debias=debias, backend="tensorized")
+        loss = SamplesLoss(
+            "sinkhorn",
+            p=2,
+            blur=blur,
+            scaling=scaling,
+            diameter=diameter,
+            debias=debias,
+            backend="tensorized",
+        )
 
         def summarize(value, debias=debias) -> _Summary:
             return _Summary(iters, objective0=None if debias else value[0].item())
 
-        solvers.append(_Solver(f"{name}, scaling={scaling:.3g}", True,
-                               functools.partial(loss, xs, ys), summarize))
+        solvers.append(
+            _Solver(
+                f"{name}, scaling={scaling:.3g}", True, functools.partial(loss, xs, ys), summarize
+            )
+        )
     return solvers
 
 
@@ -223,11 +268,14 @@ def _solvers(case: SinkhornCase, x, y, cost) -> tuple[list[_Solver], list[str]]:
 
 def _recording(solve: Callable[[], object], name: str, outputs: dict):
     """Impl.make for ``solve``: each step keeps its output for the columns computed after."""
+
     def make():
         def step():
             outputs[name] = solve()
             return outputs[name]
+
         return step
+
     return make
 
 
@@ -235,8 +283,9 @@ def _rel(value: float, ref: float) -> str:
     return f"{abs(value - ref) / abs(ref):.1e}"
 
 
-def _notes(case: SinkhornCase, summaries: dict[str, _Summary], best: str | None,
-           missing: list[str]) -> list[str]:
+def _notes(
+    case: SinkhornCase, summaries: dict[str, _Summary], best: str | None, missing: list[str]
+) -> list[str]:
     loop = next((n for n in summaries if n.startswith(_POT_REF)), None)
     notes = [
         f"Problems: per problem, x ~ N(0, I) and y ~ N(s, I) with s ~ N(0, 0.25 I) in d = "
@@ -258,40 +307,57 @@ def _notes(case: SinkhornCase, summaries: dict[str, _Summary], best: str | None,
         "1, 11, 21, ...; POT's solve_batch stops the whole batch when the largest L2 row-marginal "
         "error is below tol, at the same checks. L2 <= L1, so POT may stop earlier; its "
         "converged column says whether it met fastkd's rule."
-        + ("" if case.eps_scaling is None else
-           f" Only fastkd and the plain-PyTorch row use eps_scaling={case.eps_scaling} (their "
-           f"iterations count the schedule's); POT's two solvers have no eps-scaling."),
+        + (
+            ""
+            if case.eps_scaling is None
+            else f" Only fastkd and the plain-PyTorch row use eps_scaling={case.eps_scaling} "
+            f"(their iterations count the schedule's); POT's two solvers have no eps-scaling."
+        ),
     ]
     if loop and loop != _POT_REF:
-        notes.append("POT's loop is timed on the first problems and its time scaled linearly to "
-                     "the batch; its peak MB is for the problems timed.")
+        notes.append(
+            "POT's loop is timed on the first problems and its time scaled linearly to "
+            "the batch; its peak MB is for the problems timed."
+        )
     if any(n.startswith("GeomLoss") for n in summaries):
         notes.append(
             "GeomLoss is a timing peer, not a numerically identical one: it runs a fixed "
             "eps-scaling schedule from diameter^2 = 2 max C down to eps (one symmetric, "
             "averaged update per step, no stopping test; iters = the schedule's length), and "
             "its default (debiased) row solves the Sinkhorn divergence S_eps = OT_eps(a, b) - "
-            "(OT_eps(a, a) + OT_eps(b, b)) / 2, three problems per pair.")
+            "(OT_eps(a, a) + OT_eps(b, b)) / 2, three problems per pair."
+        )
     if loop and summaries[loop].transport0 is not None:
         ref = summaries[loop].transport0
-        diffs = [f"{n.split(' [')[0]} {_rel(s.transport0, ref)}" for n, s in summaries.items()
-                 if n != loop and s.transport0 is not None]
-        notes.append(f"Same problem? <P, C> of problem 0: {ref:.9g} ({_POT_REF}); relative "
-                     f"difference: " + ", ".join(diffs) + ".")
+        diffs = [
+            f"{n.split(' [')[0]} {_rel(s.transport0, ref)}"
+            for n, s in summaries.items()
+            if n != loop and s.transport0 is not None
+        ]
+        notes.append(
+            f"Same problem? <P, C> of problem 0: {ref:.9g} ({_POT_REF}); relative "
+            f"difference: " + ", ".join(diffs) + "."
+        )
     if best and summaries[best].objective0 is not None:
         ref = summaries[best].objective0
-        diffs = [f"{n} {_rel(s.objective0, ref)}" for n, s in summaries.items()
-                 if n != best and s.objective0 is not None]
+        diffs = [
+            f"{n} {_rel(s.objective0, ref)}"
+            for n, s in summaries.items()
+            if n != best and s.objective0 is not None
+        ]
         if diffs:
-            notes.append(f"Entropic objective <P, C> + eps KL(P || a b^T) of problem 0: "
-                         f"{ref:.9g} ({best}); relative difference: " + ", ".join(diffs) + ".")
+            notes.append(
+                f"Entropic objective <P, C> + eps KL(P || a b^T) of problem 0: "
+                f"{ref:.9g} ({best}); relative difference: " + ", ".join(diffs) + "."
+            )
     if missing:
         notes.append("Not installed, not measured: " + ", ".join(missing) + ".")
     return notes
 
 
-def run_sinkhorn_case(case: SinkhornCase, *, warmup: int = 2, reps: int = 5, seed: int = 0
-                      ) -> tuple[list[Result], str]:
+def run_sinkhorn_case(
+    case: SinkhornCase, *, warmup: int = 2, reps: int = 5, seed: int = 0
+) -> tuple[list[Result], str]:
     """Measures one case; returns the results and a markdown table with notes under it."""
     device = torch.device(case.device)
     x, y, cost = point_clouds(case, torch.Generator(device=device).manual_seed(seed))

@@ -24,7 +24,7 @@ __all__ = ["UldCase", "plain_uld_loss", "run_uld_loss_case"]
 @dataclass(frozen=True)
 class UldCase:
     rows: int = 2048
-    vocab: int = 32000            # student's
+    vocab: int = 32000  # student's
     teacher_vocab: int = 50257
     dtype: str = "float32"
     device: str = "cpu"
@@ -34,8 +34,10 @@ class UldCase:
         return getattr(torch, self.dtype)
 
     def title(self) -> str:
-        return (f"uld_loss rows={self.rows} V_s={self.vocab} V_t={self.teacher_vocab} "
-                f"{self.dtype} on {self.device}")
+        return (
+            f"uld_loss rows={self.rows} V_s={self.vocab} V_t={self.teacher_vocab} "
+            f"{self.dtype} on {self.device}"
+        )
 
 
 def plain_uld_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -49,18 +51,26 @@ def plain_uld_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (sq - sp).abs().sum(-1).mean()
 
 
-def run_uld_loss_case(case: UldCase, *, warmup: int = 2, reps: int = 5, seed: int = 0
-                      ) -> tuple[list[Result], str]:
+def run_uld_loss_case(
+    case: UldCase, *, warmup: int = 2, reps: int = 5, seed: int = 0
+) -> tuple[list[Result], str]:
     """Measures one case; returns the results and a markdown table."""
     device = torch.device(case.device)
     g = torch.Generator(device=device).manual_seed(seed)
     teacher = lm_like_logits(case.rows, case.teacher_vocab, g, device).to(case.torch_dtype)
-    student = (torch.randn(case.rows, case.vocab, generator=g, device=device) * 2
-               ).to(case.torch_dtype).requires_grad_()
+    student = (
+        (torch.randn(case.rows, case.vocab, generator=g, device=device) * 2)
+        .to(case.torch_dtype)
+        .requires_grad_()
+    )
     impls, fwd = [], {}
     for backend in kernel_backends("uld_loss", device):
-        add_loss_impl(impls, fwd, f"fastkd[{backend}]",
-                      (lambda b: lambda: uld_loss(student, teacher, backend=b))(backend))
+        add_loss_impl(
+            impls,
+            fwd,
+            f"fastkd[{backend}]",
+            (lambda b: lambda: uld_loss(student, teacher, backend=b))(backend),
+        )
     add_loss_impl(impls, fwd, "torch eager", lambda: plain_uld_loss(student, teacher), peer=True)
     torch._dynamo.reset()  # a fresh compile cache per case: cases share the function's code
     compiled = torch.compile(plain_uld_loss)
@@ -69,6 +79,7 @@ def run_uld_loss_case(case: UldCase, *, warmup: int = 2, reps: int = 5, seed: in
     def drop_grad():
         student.grad = None
 
-    results = measure(impls, device, warmup=warmup, reps=reps, forward_only=fwd,
-                      before_each=drop_grad)
+    results = measure(
+        impls, device, warmup=warmup, reps=reps, forward_only=fwd, before_each=drop_grad
+    )
     return results, format_table(case.title(), results)

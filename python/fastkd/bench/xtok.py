@@ -35,7 +35,7 @@ _CJK = "中文的句子，包含多字节字符。日本語も少し。"
 @dataclass(frozen=True)
 class XtokAlignCase:
     texts: int = 64
-    chars: int = 2000              # characters per text
+    chars: int = 2000  # characters per text
     device: str = "cpu"
 
     def title(self) -> str:
@@ -48,8 +48,8 @@ def _texts(n: int, chars: int) -> list[str]:
     source = "\n".join(stdlib_corpus(max_chars=2_000_000))[300_000:]
     out = []
     for i in range(n):
-        text = source[i * chars:(i + 1) * chars]
-        if i % 4 == 0:      # every fourth text: multi-byte characters split as bytes
+        text = source[i * chars : (i + 1) * chars]
+        if i % 4 == 0:  # every fourth text: multi-byte characters split as bytes
             text = text[: chars - len(_CJK)] + _CJK
         out.append(text)
     return out
@@ -81,8 +81,9 @@ def _best_of(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_xtok_align_case(case: XtokAlignCase, *, warmup: int = 1, reps: int = 5, seed: int = 0
-                        ) -> tuple[list[Result], str]:
+def run_xtok_align_case(
+    case: XtokAlignCase, *, warmup: int = 1, reps: int = 5, seed: int = 0
+) -> tuple[list[Result], str]:
     """Tokens per second of each aligner on the same spans; returns results and a table."""
     with tempfile.TemporaryDirectory() as tmp:
         from .xtok_tokenizers import byte_level_pair
@@ -92,21 +93,29 @@ def run_xtok_align_case(case: XtokAlignCase, *, warmup: int = 1, reps: int = 5, 
         texts = _texts(case.texts, case.chars)
         s = byte_offsets(student_tok, texts, add_special_tokens=False)
         t = byte_offsets(teacher_tok, texts, add_special_tokens=False)
-        s_lists = [[tuple(x) for x in s.spans[b][s.attention_mask[b]].tolist()]
-                   for b in range(len(texts))]
-        t_lists = [[tuple(x) for x in t.spans[b][t.attention_mask[b]].tolist()]
-                   for b in range(len(texts))]
+        s_lists = [
+            [tuple(x) for x in s.spans[b][s.attention_mask[b]].tolist()] for b in range(len(texts))
+        ]
+        t_lists = [
+            [tuple(x) for x in t.spans[b][t.attention_mask[b]].tolist()] for b in range(len(texts))
+        ]
         tokens = sum(map(len, s_lists)) + sum(map(len, t_lists))
         trl_align, trl_encode, trl_error = _trl_aligner()
         steps = {}
         for backend in available_backends("align_spans", case.device):
             steps[f"fastkd align_spans[{backend}]"] = (
-                (lambda b: lambda: align_spans(s.spans, t.spans, backend=b))(backend), False)
+                (lambda b: lambda: align_spans(s.spans, t.spans, backend=b))(backend),
+                False,
+            )
         steps["python two-pointer loop"] = (
-            lambda: [align_spans_two_pointer(a, b) for a, b in zip(s_lists, t_lists)], True)
+            lambda: [align_spans_two_pointer(a, b) for a, b in zip(s_lists, t_lists)],
+            True,
+        )
         if trl_align is not None:
             steps["TRL GOLD _align_by_byte_offsets"] = (
-                lambda: [trl_align(a, b) for a, b in zip(s_lists, t_lists)], True)
+                lambda: [trl_align(a, b) for a, b in zip(s_lists, t_lists)],
+                True,
+            )
 
         def fastkd_end_to_end():
             a = byte_offsets(student_tok, texts, add_special_tokens=False)
@@ -135,30 +144,35 @@ def run_xtok_align_case(case: XtokAlignCase, *, warmup: int = 1, reps: int = 5, 
             differ = 0
             for b in range(len(texts)):
                 n_s, n_t = len(s_lists[b]), len(t_lists[b])
-                mine = (_groups_from_ids(ours.student_chunk_id[b, :n_s].tolist()),
-                        _groups_from_ids(ours.teacher_chunk_id[b, :n_t].tolist()))
+                mine = (
+                    _groups_from_ids(ours.student_chunk_id[b, :n_s].tolist()),
+                    _groups_from_ids(ours.teacher_chunk_id[b, :n_t].tolist()),
+                )
                 differ += mine != tuple(trl_align(s_lists[b], t_lists[b]))
-            note = f"\n\nTRL's groups differ from fastkd's chunks in {differ} of {len(texts)} texts."
+            note = (
+                f"\n\nTRL's groups differ from fastkd's chunks in {differ} of {len(texts)} texts."
+            )
         else:
             note = f"\n\nTRL not measured: {trl_error}"
     title = f"{case.title()} ({tokens} tokens, both sides)"
-    return results, format_table(title, results, extra_cols=("Mtok/s",),
-                                 time_label="ms") + note
+    return results, format_table(title, results, extra_cols=("Mtok/s",), time_label="ms") + note
 
 
 @dataclass(frozen=True)
 class XtokGoldCase:
     student_tokens: int = 32
     teacher_tokens: int = 24
-    vocab: int = 151936            # student's
+    vocab: int = 151936  # student's
     teacher_vocab: int = 128256
     hybrid: bool = False
     device: str = "cpu"
 
     def title(self) -> str:
         kind = "hybrid" if self.hybrid else "ULD"
-        return (f"gold_loss ({kind}) T_s={self.student_tokens} T_t={self.teacher_tokens} "
-                f"V_s={self.vocab} V_t={self.teacher_vocab} float32 on {self.device}")
+        return (
+            f"gold_loss ({kind}) T_s={self.student_tokens} T_t={self.teacher_tokens} "
+            f"V_s={self.vocab} V_t={self.teacher_vocab} float32 on {self.device}"
+        )
 
 
 def _random_chunks(n_tokens: int, n_chunks: int, gen) -> torch.Tensor:
@@ -174,20 +188,29 @@ def _gold_inputs(case: XtokGoldCase, seed: int):
     device = torch.device(case.device)
     gen = torch.Generator().manual_seed(seed)
     n_chunks = min(case.student_tokens, case.teacher_tokens) * 3 // 4
-    s_ids, t_ids = (_random_chunks(case.student_tokens, n_chunks, gen).to(device),
-                    _random_chunks(case.teacher_tokens, n_chunks, gen).to(device))
-    student = (torch.randn(1, case.student_tokens, case.vocab, generator=gen) * 2
-               ).to(device).requires_grad_()
-    teacher = (torch.randn(1, case.teacher_tokens, case.teacher_vocab, generator=gen) * 2
-               ).to(device)
+    s_ids, t_ids = (
+        _random_chunks(case.student_tokens, n_chunks, gen).to(device),
+        _random_chunks(case.teacher_tokens, n_chunks, gen).to(device),
+    )
+    student = (
+        (torch.randn(1, case.student_tokens, case.vocab, generator=gen) * 2)
+        .to(device)
+        .requires_grad_()
+    )
+    teacher = (torch.randn(1, case.teacher_tokens, case.teacher_vocab, generator=gen) * 2).to(
+        device
+    )
     s_tg = torch.randint(0, case.vocab, (1, case.student_tokens), generator=gen).to(device)
     t_tg = torch.randint(0, case.teacher_vocab, (1, case.teacher_tokens), generator=gen).to(device)
     vmap, matched, weights = None, None, None
     if case.hybrid:
         k = min(case.vocab, case.teacher_vocab) // 2
-        vmap = VocabMap(torch.randperm(case.vocab, generator=gen)[:k].sort().values,
-                        torch.randperm(case.teacher_vocab, generator=gen)[:k], case.vocab,
-                        case.teacher_vocab)
+        vmap = VocabMap(
+            torch.randperm(case.vocab, generator=gen)[:k].sort().values,
+            torch.randperm(case.teacher_vocab, generator=gen)[:k],
+            case.vocab,
+            case.teacher_vocab,
+        )
         matched = (vmap.student_ids, vmap.teacher_ids)
         weights = (k / case.teacher_vocab, 1 - k / case.teacher_vocab)
     return student, teacher, s_tg, t_tg, s_ids, t_ids, vmap, matched, weights
@@ -197,10 +220,16 @@ def _gold_losses(case: XtokGoldCase, seed: int):
     """{name: (loss function, is a peer)} on one case's inputs, and the student logits."""
     student, teacher, s_tg, t_tg, s_ids, t_ids, vmap, matched, weights = _gold_inputs(case, seed)
     return {
-        "fastkd gold_loss": (lambda: gold_loss(student, teacher, s_tg, t_tg, s_ids, t_ids,
-                                               vocab_map=vmap), False),
-        "plain PyTorch (per chunk)": (lambda: gold_reference(
-            student, teacher, s_tg, t_tg, s_ids, t_ids, matched=matched, weights=weights), True),
+        "fastkd gold_loss": (
+            lambda: gold_loss(student, teacher, s_tg, t_tg, s_ids, t_ids, vocab_map=vmap),
+            False,
+        ),
+        "plain PyTorch (per chunk)": (
+            lambda: gold_reference(
+                student, teacher, s_tg, t_tg, s_ids, t_ids, matched=matched, weights=weights
+            ),
+            True,
+        ),
     }, student
 
 
@@ -227,16 +256,23 @@ def _peak_in_child(case: XtokGoldCase, name: str, seed: int) -> float | None:
     import subprocess
     import sys
 
-    code = ("import sys; from fastkd.bench.xtok import gold_peak_child; "
-            "gold_peak_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(case.__dict__), name, str(seed)],
-                         capture_output=True, text=True, check=True)
+    code = (
+        "import sys; from fastkd.bench.xtok import gold_peak_child; "
+        "gold_peak_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(case.__dict__), name, str(seed)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     value = float(out.stdout.strip().splitlines()[-1])
     return None if value != value else value
 
 
-def run_xtok_gold_case(case: XtokGoldCase, *, warmup: int = 1, reps: int = 3, seed: int = 0
-                       ) -> tuple[list[Result], str]:
+def run_xtok_gold_case(
+    case: XtokGoldCase, *, warmup: int = 1, reps: int = 3, seed: int = 0
+) -> tuple[list[Result], str]:
     """Times each implementation in this process and measures each one's peak memory in a
     fresh one; returns the results and a markdown table."""
     device = torch.device(case.device)
@@ -248,8 +284,9 @@ def run_xtok_gold_case(case: XtokGoldCase, *, warmup: int = 1, reps: int = 3, se
     def drop_grad():
         student.grad = None
 
-    results = measure(impls, device, warmup=warmup, reps=reps, forward_only=fwd,
-                      before_each=drop_grad)
+    results = measure(
+        impls, device, warmup=warmup, reps=reps, forward_only=fwd, before_each=drop_grad
+    )
     for res in results:
         if res.error is None and device.type == "cpu":
             res.peak_mb = _peak_in_child(case, res.impl, seed)

@@ -32,8 +32,15 @@ from torch import nn
 from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
 from ..ops.kd_loss import kd_loss
 
-__all__ = ["LigerFusedLinearJSD", "LigerFusedLinearJSDLoss", "LigerJSD", "LigerKLDIVLoss",
-           "liger_fused_linear_jsd", "liger_jsd", "liger_kl_div"]
+__all__ = [
+    "LigerFusedLinearJSD",
+    "LigerFusedLinearJSDLoss",
+    "LigerJSD",
+    "LigerKLDIVLoss",
+    "liger_fused_linear_jsd",
+    "liger_jsd",
+    "liger_kl_div",
+]
 
 KL_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -45,8 +52,10 @@ def _check_pair(input, target) -> None:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a [BT, V] tensor (Liger's shape); got {shape}")
     if input.shape != target.shape:
-        raise ValueError(f"input and target must have one shape [BT, V]; got "
-                         f"{tuple(input.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"input and target must have one shape [BT, V]; got "
+            f"{tuple(input.shape)} and {tuple(target.shape)}"
+        )
 
 
 def _check_temperature(temperature) -> None:
@@ -58,19 +67,32 @@ def _check_temperature(temperature) -> None:
 
 # ---- functional forms (liger_kernel.transformers.functional) --------------------------------
 
-def liger_jsd(input: torch.Tensor, target: torch.Tensor, shift_labels: torch.Tensor | None = None,
-              beta: float = 0.5, ignore_index: int = -100) -> torch.Tensor:
+
+def liger_jsd(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    shift_labels: torch.Tensor | None = None,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Liger's ``liger_jsd``: generalized JSD between the student's log-probabilities ``input``
     ``[BT, V]`` and the teacher's ``target`` ``[BT, V]``, mean over the rows whose
     ``shift_labels`` ``[BT]`` is not ``ignore_index``; fastkd ``kd_loss(divergence="jsd")``."""
     _check_pair(input, target)
-    return kd_loss(input, target, divergence="jsd", beta=beta, labels=shift_labels,
-                   ignore_index=ignore_index)
+    return kd_loss(
+        input, target, divergence="jsd", beta=beta, labels=shift_labels, ignore_index=ignore_index
+    )
 
 
-def liger_kl_div(input: torch.Tensor, target: torch.Tensor, size_average: bool = True,
-                 reduce: bool = True, reduction: str = "mean", log_target: bool = False,
-                 eps: float = 1e-10) -> torch.Tensor:
+def liger_kl_div(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool = True,
+    reduce: bool = True,
+    reduction: str = "mean",
+    log_target: bool = False,
+    eps: float = 1e-10,
+) -> torch.Tensor:
     """Liger's ``liger_kl_div``: KL(target || input) with ``input`` ``[BT, V]`` the student's
     log-probabilities and ``target`` the teacher's probabilities (log-probabilities with
     ``log_target``). ``size_average`` and ``reduce`` are accepted and ignored, as Liger does.
@@ -104,11 +126,17 @@ def liger_kl_div(input: torch.Tensor, target: torch.Tensor, size_average: bool =
     return total
 
 
-def liger_fused_linear_jsd(student_input: torch.Tensor, student_weight: torch.Tensor,
-                           teacher_input: torch.Tensor, teacher_weight: torch.Tensor,
-                           shift_labels: torch.Tensor | None = None, jsd_beta: float = 0.5,
-                           ignore_index: int = -100, temperature: float = 1.0,
-                           accum_dtype: torch.dtype | None = None) -> torch.Tensor:
+def liger_fused_linear_jsd(
+    student_input: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_input: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    shift_labels: torch.Tensor | None = None,
+    jsd_beta: float = 0.5,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    accum_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Liger's ``liger_fused_linear_jsd``: JSD(``jsd_beta``) of the two heads' outputs at
     ``temperature``, mean over non-ignored rows, through fastkd's ``fused_linear_kd_loss``.
     ``student_input`` ``[BT, H_s]``, ``student_weight`` ``[V, H_s]``, ``teacher_input``
@@ -116,13 +144,23 @@ def liger_fused_linear_jsd(student_input: torch.Tensor, student_weight: torch.Te
     Liger's chunked losses do), ``shift_labels`` ``[BT]``. ``accum_dtype``: None or
     ``torch.float32`` (grad_W accumulation)."""
     _check_temperature(temperature)
-    return fused_linear_kd_loss(student_input, student_weight, teacher_input, teacher_weight,
-                                divergence="jsd", beta=jsd_beta, temperature=temperature,
-                                labels=shift_labels, ignore_index=ignore_index,
-                                accum_dtype=accum_dtype, vocab_mismatch="pad")
+    return fused_linear_kd_loss(
+        student_input,
+        student_weight,
+        teacher_input,
+        teacher_weight,
+        divergence="jsd",
+        beta=jsd_beta,
+        temperature=temperature,
+        labels=shift_labels,
+        ignore_index=ignore_index,
+        accum_dtype=accum_dtype,
+        vocab_mismatch="pad",
+    )
 
 
 # ---- modules --------------------------------------------------------------------------------
+
 
 class LigerJSD(nn.Module):
     """``liger_kernel.transformers.LigerJSD(beta=0.5, ignore_index=-100)``;
@@ -133,8 +171,9 @@ class LigerJSD(nn.Module):
         self.beta = beta
         self.ignore_index = ignore_index
 
-    def forward(self, log_q: torch.Tensor, log_p: torch.Tensor,
-                shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, log_q: torch.Tensor, log_p: torch.Tensor, shift_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return liger_jsd(log_q, log_p, shift_labels, self.beta, self.ignore_index)
 
 
@@ -148,8 +187,9 @@ class LigerKLDIVLoss(nn.KLDivLoss):
         self.eps = eps
 
     def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
-        return liger_kl_div(y_pred, y_true, reduction=self.reduction, log_target=self.log_target,
-                            eps=self.eps)
+        return liger_kl_div(
+            y_pred, y_true, reduction=self.reduction, log_target=self.log_target, eps=self.eps
+        )
 
 
 class LigerFusedLinearJSD(nn.Module):
@@ -157,8 +197,13 @@ class LigerFusedLinearJSD(nn.Module):
     temperature=1.0, accum_dtype=None)``; ``forward(student_input, student_weight,
     teacher_input, teacher_weight, shift_labels)`` as :func:`liger_fused_linear_jsd`."""
 
-    def __init__(self, jsd_beta: float = 0.5, ignore_index: int = -100,
-                 temperature: float = 1.0, accum_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        jsd_beta: float = 0.5,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        accum_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         _check_temperature(temperature)
         self.jsd_beta = jsd_beta
@@ -166,12 +211,25 @@ class LigerFusedLinearJSD(nn.Module):
         self.temperature = temperature
         self.accum_dtype = accum_dtype
 
-    def forward(self, student_input: torch.Tensor, student_weight: torch.Tensor,
-                teacher_input: torch.Tensor, teacher_weight: torch.Tensor,
-                shift_labels: torch.Tensor | None) -> torch.Tensor:
-        return liger_fused_linear_jsd(student_input, student_weight, teacher_input,
-                                      teacher_weight, shift_labels, self.jsd_beta,
-                                      self.ignore_index, self.temperature, self.accum_dtype)
+    def forward(
+        self,
+        student_input: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_input: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        shift_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return liger_fused_linear_jsd(
+            student_input,
+            student_weight,
+            teacher_input,
+            teacher_weight,
+            shift_labels,
+            self.jsd_beta,
+            self.ignore_index,
+            self.temperature,
+            self.accum_dtype,
+        )
 
 
 class LigerFusedLinearJSDLoss(nn.Module):
@@ -191,10 +249,17 @@ class LigerFusedLinearJSDLoss(nn.Module):
     computes both terms (``hard_weight=h``); otherwise the CE is a second call.
     """
 
-    def __init__(self, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5,
-                 beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0,
-                 compiled: bool = True, chunk_size: int = 1024,
-                 return_soft_hard_loss: bool = False):
+    def __init__(
+        self,
+        weight_hard_loss: float = 0.5,
+        weight_soft_loss: float = 0.5,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        compiled: bool = True,
+        chunk_size: int = 1024,
+        return_soft_hard_loss: bool = False,
+    ):
         super().__init__()
         _check_temperature(temperature)
         self.weight_hard_loss = weight_hard_loss
@@ -206,35 +271,72 @@ class LigerFusedLinearJSDLoss(nn.Module):
         self.chunk_size = chunk_size
         self.return_soft_hard_loss = return_soft_hard_loss
 
-    def forward(self, student_input: torch.Tensor, student_weight: torch.Tensor,
-                teacher_input: torch.Tensor, teacher_weight: torch.Tensor,
-                true_labels: torch.Tensor, student_bias: torch.Tensor | None = None,
-                teacher_bias: torch.Tensor | None = None):
-        common = dict(student_bias=student_bias, labels=true_labels,
-                      ignore_index=self.ignore_index, chunk_size=self.chunk_size)
+    def forward(
+        self,
+        student_input: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_input: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        true_labels: torch.Tensor,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+    ):
+        common = dict(
+            student_bias=student_bias,
+            labels=true_labels,
+            ignore_index=self.ignore_index,
+            chunk_size=self.chunk_size,
+        )
         w_hard, w_soft = float(self.weight_hard_loss), float(self.weight_soft_loss)
         total = w_hard + w_soft
         padded = teacher_weight.shape[0] > student_weight.shape[0]
-        if not self.return_soft_hard_loss and (w_hard == 0 or not padded) and \
-                w_hard >= 0 and w_soft >= 0 and total > 0:
+        if (
+            not self.return_soft_hard_loss
+            and (w_hard == 0 or not padded)
+            and w_hard >= 0
+            and w_soft >= 0
+            and total > 0
+        ):
             # One call: total * ((1 - h) JSD + h CE) with h = w_hard / total.
             loss = fused_linear_kd_loss(
-                student_input, student_weight, teacher_input, teacher_weight,
-                teacher_bias=teacher_bias, divergence="jsd", beta=self.beta,
-                temperature=self.temperature, hard_weight=w_hard / total,
-                vocab_mismatch="pad", **common)
+                student_input,
+                student_weight,
+                teacher_input,
+                teacher_weight,
+                teacher_bias=teacher_bias,
+                divergence="jsd",
+                beta=self.beta,
+                temperature=self.temperature,
+                hard_weight=w_hard / total,
+                vocab_mismatch="pad",
+                **common,
+            )
             return loss * total
-        soft = fused_linear_kd_loss(student_input, student_weight, teacher_input, teacher_weight,
-                                    teacher_bias=teacher_bias, divergence="jsd", beta=self.beta,
-                                    temperature=self.temperature, vocab_mismatch="pad", **common)
+        soft = fused_linear_kd_loss(
+            student_input,
+            student_weight,
+            teacher_input,
+            teacher_weight,
+            teacher_bias=teacher_bias,
+            divergence="jsd",
+            beta=self.beta,
+            temperature=self.temperature,
+            vocab_mismatch="pad",
+            **common,
+        )
         if w_hard == 0 and not self.return_soft_hard_loss:
             hard = soft.new_zeros(())
         else:
             # CE alone (hard_weight=1 gives the soft term weight 0): the student's own detached
             # head stands in for the teacher the op requires.
             hard = fused_linear_kd_loss(
-                student_input, student_weight, student_input.detach(), student_weight.detach(),
+                student_input,
+                student_weight,
+                student_input.detach(),
+                student_weight.detach(),
                 teacher_bias=None if student_bias is None else student_bias.detach(),
-                hard_weight=1.0, **common)
+                hard_weight=1.0,
+                **common,
+            )
         loss = w_hard * hard + w_soft * soft
         return (loss, soft, hard) if self.return_soft_hard_loss else loss

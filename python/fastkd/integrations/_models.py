@@ -19,8 +19,10 @@ def require(module: str, extra: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"{what} needs the package {module.split('.')[0]!r}: pip install "
-                          f"'fastkd[{extra}]' (or pip install {module.split('.')[0]})") from err
+        raise ImportError(
+            f"{what} needs the package {module.split('.')[0]!r}: pip install "
+            f"'fastkd[{extra}]' (or pip install {module.split('.')[0]})"
+        ) from err
 
 
 def _adapter(model: nn.Module) -> CausalLM:
@@ -41,8 +43,9 @@ def _adapter(model: nn.Module) -> CausalLM:
     return lm
 
 
-def hidden_and_head(model: nn.Module, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Head]:
+def hidden_and_head(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, Head]:
     """``[B, T, H]`` final hidden states of a Hugging Face causal LM (its decoder, no lm_head)
     and its :class:`~fastkd.train.models.Head` (live parameters, logit scale, softcap)."""
     lm = _adapter(model)
@@ -55,9 +58,11 @@ def shared_softcap(student: Head, teacher: Head, softcap: float | None) -> float
     if softcap is not None:
         return softcap
     if student.softcap != teacher.softcap:
-        raise ValueError(f"the student's and the teacher's heads cap logits differently "
-                         f"({student.softcap} and {teacher.softcap}); pass softcap= to apply "
-                         f"one cap to both")
+        raise ValueError(
+            f"the student's and the teacher's heads cap logits differently "
+            f"({student.softcap} and {teacher.softcap}); pass softcap= to apply "
+            f"one cap to both"
+        )
     return student.softcap
 
 
@@ -70,4 +75,5 @@ def refuse_distributed(accelerator, what: str) -> None:
         raise NotImplementedError(
             f"{what} runs on one process only for now: with {processes} processes its loss "
             f"would bypass the distributed wrapper's gradient synchronization; use fastkd "
-            f"distill (DDP/FSDP2) for multi-process distillation")
+            f"distill (DDP/FSDP2) for multi-process distillation"
+        )

@@ -30,9 +30,16 @@ __all__ = ["DistillationTrainer", "distillation_loss"]  # noqa: F822 (module __g
 IGNORE_INDEX = -100
 
 
-def distillation_loss(student, inputs: dict, *, teacher=None, teacher_cache=None,
-                      shift_labels: bool = True, num_items_in_batch=None,
-                      **loss_options) -> torch.Tensor:
+def distillation_loss(
+    student,
+    inputs: dict,
+    *,
+    teacher=None,
+    teacher_cache=None,
+    shift_labels: bool = True,
+    num_items_in_batch=None,
+    **loss_options,
+) -> torch.Tensor:
     """The distillation loss of one batch for a Hugging Face causal LM ``student``.
 
     Args:
@@ -54,15 +61,22 @@ def distillation_loss(student, inputs: dict, *, teacher=None, teacher_cache=None
         the loss, a float32 scalar in nats per counted token.
     """
     if (teacher is None) == (teacher_cache is None):
-        raise ValueError("give exactly one of teacher (an online teacher model) and "
-                         "teacher_cache (a fastkd.TeacherCache)")
+        raise ValueError(
+            "give exactly one of teacher (an online teacher model) and "
+            "teacher_cache (a fastkd.TeacherCache)"
+        )
     input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
     labels = inputs["labels"]
     hidden, head = hidden_and_head(student, input_ids, attention_mask)
     cut = slice(None, -1) if shift_labels else slice(None)
     labels = labels[:, 1:] if shift_labels else labels
-    common = dict(student_bias=head.bias, logit_scale=head.logit_scale, labels=labels,
-                  ignore_index=IGNORE_INDEX, num_items_in_batch=num_items_in_batch)
+    common = dict(
+        student_bias=head.bias,
+        logit_scale=head.logit_scale,
+        labels=labels,
+        ignore_index=IGNORE_INDEX,
+        num_items_in_batch=num_items_in_batch,
+    )
     if teacher is not None:
         teacher.eval()
         with torch.no_grad():
@@ -70,24 +84,38 @@ def distillation_loss(student, inputs: dict, *, teacher=None, teacher_cache=None
         options = dict(loss_options)
         softcap = shared_softcap(head, t_head, options.pop("softcap", None))
         return fused_linear_kd_loss(
-            hidden[:, cut], head.weight, t_hidden[:, cut], t_head.weight,
-            teacher_bias=t_head.bias, teacher_logit_scale=t_head.logit_scale, softcap=softcap,
-            **common, **options)
+            hidden[:, cut],
+            head.weight,
+            t_hidden[:, cut],
+            t_head.weight,
+            teacher_bias=t_head.bias,
+            teacher_logit_scale=t_head.logit_scale,
+            softcap=softcap,
+            **common,
+            **options,
+        )
     if head.softcap is not None:
-        raise ValueError(f"the student's head caps its logits (softcap {head.softcap}); the "
-                         f"sparse-target loss takes no softcap: use an online teacher")
+        raise ValueError(
+            f"the student's head caps its logits (softcap {head.softcap}); the "
+            f"sparse-target loss takes no softcap: use an online teacher"
+        )
     if "sequence_index" not in inputs:
-        raise ValueError("a teacher_cache needs each batch's sequence_index [B] (the rows' "
-                         "sequence numbers in the cache); keep it in the batch with "
-                         "TrainingArguments(remove_unused_columns=False)")
+        raise ValueError(
+            "a teacher_cache needs each batch's sequence_index [B] (the rows' "
+            "sequence numbers in the cache); keep it in the batch with "
+            "TrainingArguments(remove_unused_columns=False)"
+        )
     targets, lengths = teacher_cache.batch(inputs["sequence_index"].tolist())
     seq_len = input_ids.shape[1]
     if targets.ids.shape[1] != seq_len or bool((lengths != seq_len).any()):
-        raise ValueError(f"the cache holds sequences of lengths {lengths.tolist()} where the "
-                         f"batch has {seq_len} tokens each: it was written for other data")
+        raise ValueError(
+            f"the cache holds sequences of lengths {lengths.tolist()} where the "
+            f"batch has {seq_len} tokens each: it was written for other data"
+        )
     targets = targets.to(hidden.device)[:, cut]
-    return fused_linear_sparse_kd_loss(hidden[:, cut], head.weight, targets, **common,
-                                       **loss_options)
+    return fused_linear_sparse_kd_loss(
+        hidden[:, cut], head.weight, targets, **common, **loss_options
+    )
 
 
 def _trainer_class():
@@ -99,8 +127,9 @@ def _trainer_class():
         (default True) and the loss options of :func:`distillation_loss` (e.g.
         ``divergence="jsd", beta=0.5, hard_weight=0.1``)."""
 
-        def __init__(self, *args, teacher_model=None, teacher_cache=None,
-                     shift_labels: bool = True, **kwargs):
+        def __init__(
+            self, *args, teacher_model=None, teacher_cache=None, shift_labels: bool = True, **kwargs
+        ):
             options = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOSS_OPTIONS}
             super().__init__(*args, **kwargs)
             if (teacher_model is None) == (teacher_cache is None):
@@ -119,10 +148,15 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             refuse_distributed(self.accelerator, "DistillationTrainer")
             student = self.accelerator.unwrap_model(model)
-            loss = distillation_loss(student, inputs, teacher=self.teacher_model,
-                                     teacher_cache=self.teacher_cache,
-                                     shift_labels=self.shift_labels,
-                                     num_items_in_batch=num_items_in_batch, **self.loss_options)
+            loss = distillation_loss(
+                student,
+                inputs,
+                teacher=self.teacher_model,
+                teacher_cache=self.teacher_cache,
+                shift_labels=self.shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **self.loss_options,
+            )
             # No logits exist to return as outputs.
             return (loss, {}) if return_outputs else loss
 
@@ -130,8 +164,17 @@ def _trainer_class():
     return DistillationTrainer
 
 
-_LOSS_OPTIONS = ("divergence", "temperature", "beta", "alpha", "hard_weight", "t2_scale",
-                 "softcap", "vocab_mismatch", "backend")
+_LOSS_OPTIONS = (
+    "divergence",
+    "temperature",
+    "beta",
+    "alpha",
+    "hard_weight",
+    "t2_scale",
+    "softcap",
+    "vocab_mismatch",
+    "backend",
+)
 
 
 def __getattr__(name):

@@ -36,8 +36,12 @@ import torch
 from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
 from ._models import hidden_and_head, refuse_distributed, require, shared_softcap
 
-__all__ = ["FastKDGKDTrainer", "apply_fastkd_to_gkd_trainer", "gkd_compute_loss",  # noqa: F822 (module __getattr__)
-           "gkd_trainer_class"]
+__all__ = [
+    "FastKDGKDTrainer",  # noqa: F822 (module __getattr__)
+    "apply_fastkd_to_gkd_trainer",
+    "gkd_compute_loss",
+    "gkd_trainer_class",
+]
 
 # TRL's generalized_jsd_loss masks labels equal to -100 (it takes no ignore_index).
 IGNORE_INDEX = -100
@@ -71,11 +75,21 @@ def gkd_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_
         t_hidden, t_head = hidden_and_head(teacher, input_ids, attention_mask)
     # Logits at position i predict token i + 1, as in GKDTrainer.compute_loss.
     loss = fused_linear_kd_loss(
-        hidden[:, :-1], head.weight, t_hidden[:, :-1], t_head.weight,
-        student_bias=head.bias, teacher_bias=t_head.bias, logit_scale=head.logit_scale,
-        teacher_logit_scale=t_head.logit_scale, softcap=shared_softcap(head, t_head, None),
-        divergence="jsd", beta=float(trainer.beta), labels=inputs["labels"][:, 1:],
-        ignore_index=IGNORE_INDEX, num_items_in_batch=num_items_in_batch)
+        hidden[:, :-1],
+        head.weight,
+        t_hidden[:, :-1],
+        t_head.weight,
+        student_bias=head.bias,
+        teacher_bias=t_head.bias,
+        logit_scale=head.logit_scale,
+        teacher_logit_scale=t_head.logit_scale,
+        softcap=shared_softcap(head, t_head, None),
+        divergence="jsd",
+        beta=float(trainer.beta),
+        labels=inputs["labels"][:, 1:],
+        ignore_index=IGNORE_INDEX,
+        num_items_in_batch=num_items_in_batch,
+    )
     return (loss, {}) if return_outputs else loss
 
 
@@ -84,8 +98,9 @@ def apply_fastkd_to_gkd_trainer(trainer):
     returns the trainer. Generation (``lmbda``, ``seq_kd``) is untouched."""
     gkd = gkd_trainer_class()
     if not isinstance(trainer, gkd):
-        raise TypeError(f"apply_fastkd_to_gkd_trainer takes a trl GKDTrainer; got "
-                        f"{type(trainer).__name__}")
+        raise TypeError(
+            f"apply_fastkd_to_gkd_trainer takes a trl GKDTrainer; got {type(trainer).__name__}"
+        )
     trainer.compute_loss = types.MethodType(gkd_compute_loss, trainer)
     return trainer
 

@@ -11,8 +11,22 @@ from .sample_teacher import sample_teacher
 from .sparse_kd_loss import sparse_kd_loss
 from .uld_loss import uld_loss
 
-__all__ = ["SinkhornResult", "TokenLogProbs", "available_backends", "fused_linear_kd_loss",
-           "fused_linear_logprobs", "fused_linear_sparse_kd_loss", "fused_linear_topk", "kd_loss",
-           "sample_teacher", "sampled_reverse_kl", "sampled_reverse_kl_reward",
-           "sequence_ot_loss", "sinkd_loss", "sinkhorn", "sinkhorn_loss", "sparse_kd_loss",
-           "uld_loss"]
+__all__ = [
+    "SinkhornResult",
+    "TokenLogProbs",
+    "available_backends",
+    "fused_linear_kd_loss",
+    "fused_linear_logprobs",
+    "fused_linear_sparse_kd_loss",
+    "fused_linear_topk",
+    "kd_loss",
+    "sample_teacher",
+    "sampled_reverse_kl",
+    "sampled_reverse_kl_reward",
+    "sequence_ot_loss",
+    "sinkd_loss",
+    "sinkhorn",
+    "sinkhorn_loss",
+    "sparse_kd_loss",
+    "uld_loss",
+]

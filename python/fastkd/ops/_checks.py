@@ -10,9 +10,20 @@ import torch
 from ..divergences import DIVERGENCES
 from ._vocab_mismatch import VOCAB_MISMATCH
 
-__all__ = ["FLOAT32_MAX", "INT32_MAX", "INT64_MAX", "KERNEL_FLOAT_MAX", "KERNEL_FLOAT_MIN", "REDUCTIONS",
-           "check_int", "check_kd_options", "check_kernel_float", "check_labels", "check_logits",
-           "check_num_items"]
+__all__ = [
+    "FLOAT32_MAX",
+    "INT32_MAX",
+    "INT64_MAX",
+    "KERNEL_FLOAT_MAX",
+    "KERNEL_FLOAT_MIN",
+    "REDUCTIONS",
+    "check_int",
+    "check_kd_options",
+    "check_kernel_float",
+    "check_labels",
+    "check_logits",
+    "check_num_items",
+]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -20,8 +31,8 @@ REDUCTIONS = ("mean", "sum", "none")
 # their reciprocals: both must be normal float32 numbers, [2^-126, 2^126]. Outside, a value such
 # as softcap=1e-50 would arrive as 0.0f and silently switch its option off, and 1/T would
 # overflow to inf.
-KERNEL_FLOAT_MIN = 2.0 ** -126
-KERNEL_FLOAT_MAX = 2.0 ** 126
+KERNEL_FLOAT_MIN = 2.0**-126
+KERNEL_FLOAT_MAX = 2.0**126
 # The largest finite float32, for options used without their reciprocal's precision mattering
 # (Sinkhorn's eps may match costs near it).
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -35,8 +46,9 @@ def _check_unit_interval(name: str, value) -> None:
         raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
 
 
-def check_kernel_float(name: str, value, *, allow_zero: bool = False,
-                       high: float = KERNEL_FLOAT_MAX) -> None:
+def check_kernel_float(
+    name: str, value, *, allow_zero: bool = False, high: float = KERNEL_FLOAT_MAX
+) -> None:
     """``value`` is a real number in [2^-126, ``high``] (or exactly 0 with ``allow_zero``): it
     survives the conversion to float32 together with its reciprocal."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -45,14 +57,19 @@ def check_kernel_float(name: str, value, *, allow_zero: bool = False,
         ok = (allow_zero and v == 0.0) or KERNEL_FLOAT_MIN <= v <= high
     if not ok:
         zero = "0 or " if allow_zero else ""
-        raise ValueError(f"{name} must be {zero}a number in [2**-126, {high:.6g}] (the kernels "
-                         f"take it as a float32 with its reciprocal); got {value!r}")
+        raise ValueError(
+            f"{name} must be {zero}a number in [2**-126, {high:.6g}] (the kernels "
+            f"take it as a float32 with its reciprocal); got {value!r}"
+        )
 
 
 def check_int(name: str, value, low: int, high: int) -> None:
     """``value`` is an int (not a bool) in [low, high]."""
-    if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
-            or not low <= value <= high):
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, bool)
+        or not low <= value <= high
+    ):
         raise ValueError(f"{name} must be an int in [{low}, {high}]; got {value!r}")
 
 
@@ -74,12 +91,16 @@ def check_num_items(num_items_in_batch) -> None:
     elif isinstance(num_items_in_batch, numbers.Real) and not isinstance(num_items_in_batch, bool):
         value = num_items_in_batch
     else:
-        raise TypeError(f"num_items_in_batch must be a number or a one-element tensor; got "
-                        f"{type(num_items_in_batch).__name__}")
+        raise TypeError(
+            f"num_items_in_batch must be a number or a one-element tensor; got "
+            f"{type(num_items_in_batch).__name__}"
+        )
     # 1 / num_items_in_batch is the kernels' float32 gradient weight.
     if not KERNEL_FLOAT_MIN <= float(value) <= KERNEL_FLOAT_MAX:
-        raise ValueError(f"num_items_in_batch must be a number in [2**-126, 2**126] (the count "
-                         f"of tokens the loss is divided by); got {num_items_in_batch!r}")
+        raise ValueError(
+            f"num_items_in_batch must be a number in [2**-126, 2**126] (the count "
+            f"of tokens the loss is divided by); got {num_items_in_batch!r}"
+        )
 
 
 def check_logits(name: str, t) -> None:
@@ -92,9 +113,20 @@ def check_logits(name: str, t) -> None:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1; got {tuple(t.shape)}")
 
 
-def check_kd_options(*, divergence, temperature, beta, alpha, ignore_index, hard_weight, softcap,
-                     reduction, num_items_in_batch, has_labels: bool,
-                     vocab_mismatch: str = "cut") -> None:
+def check_kd_options(
+    *,
+    divergence,
+    temperature,
+    beta,
+    alpha,
+    ignore_index,
+    hard_weight,
+    softcap,
+    reduction,
+    num_items_in_batch,
+    has_labels: bool,
+    vocab_mismatch: str = "cut",
+) -> None:
     """The scalar options every kd_loss-style op takes (``vocab_mismatch``: those comparing
     two dense vocabularies)."""
     if divergence not in DIVERGENCES:
@@ -115,9 +147,15 @@ def check_kd_options(*, divergence, temperature, beta, alpha, ignore_index, hard
         raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy term")
 
 
-def check_labels(labels, lead: torch.Size, device: torch.device, vocab: int,
-                 ignore_index: int, what: str = "the logits",
-                 vocab_name: str = "the common vocabulary min(V_s, V_t)") -> None:
+def check_labels(
+    labels,
+    lead: torch.Size,
+    device: torch.device,
+    vocab: int,
+    ignore_index: int,
+    what: str = "the logits",
+    vocab_name: str = "the common vocabulary min(V_s, V_t)",
+) -> None:
     """``labels`` (or None) is an integer tensor of shape ``lead`` on ``device`` whose entries
     lie in [0, vocab) (``vocab_name`` in the message) or equal ``ignore_index``."""
     if labels is None:
@@ -130,12 +168,15 @@ def check_labels(labels, lead: torch.Size, device: torch.device, vocab: int,
     if not info.min <= ignore_index <= info.max:
         # Compared in the labels' dtype, -100 would wrap (to 156 in uint8) in some backends and
         # not in others.
-        raise ValueError(f"labels of dtype {labels.dtype} hold [{info.min}, {info.max}] and "
-                         f"cannot equal ignore_index={ignore_index}; pass int64 labels "
-                         f"(labels.long()) or an ignore_index in that range")
+        raise ValueError(
+            f"labels of dtype {labels.dtype} hold [{info.min}, {info.max}] and "
+            f"cannot equal ignore_index={ignore_index}; pass int64 labels "
+            f"(labels.long()) or an ignore_index in that range"
+        )
     if labels.shape != lead:
-        raise ValueError(f"labels must have the leading shape {tuple(lead)} of {what}; "
-                         f"got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have the leading shape {tuple(lead)} of {what}; got {tuple(labels.shape)}"
+        )
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {what} on {device}")
     # Range check where it costs no device sync (and outside torch.compile graphs, where it
@@ -147,4 +188,5 @@ def check_labels(labels, lead: torch.Size, device: torch.device, vocab: int,
             values = labels[bad].unique()[:5].tolist()
             raise ValueError(
                 f"labels must lie in [0, {vocab}) ({vocab_name}) or equal "
-                f"ignore_index={ignore_index}; found {values}")
+                f"ignore_index={ignore_index}; found {values}"
+            )

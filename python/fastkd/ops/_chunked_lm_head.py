@@ -22,10 +22,22 @@ import torch
 
 from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN
 
-__all__ = ["autocast_operands", "check_chunking", "check_head", "check_scale", "check_tensor",
-           "chunk_logits", "default_memory_budget", "fake_outputs", "gemm_operand",
-           "logits_buffer", "register_chunked_autograd", "register_recompute_autograd",
-           "resolve_chunk_size", "run_chunks"]
+__all__ = [
+    "autocast_operands",
+    "check_chunking",
+    "check_head",
+    "check_scale",
+    "check_tensor",
+    "chunk_logits",
+    "default_memory_budget",
+    "fake_outputs",
+    "gemm_operand",
+    "logits_buffer",
+    "register_chunked_autograd",
+    "register_recompute_autograd",
+    "resolve_chunk_size",
+    "run_chunks",
+]
 
 # Default workspace per chunk (the fp32 logits of both models, and on CUDA the low-precision
 # copy of the gradient fed to the GEMMs). On CPU a smaller chunk loses little GEMM efficiency.
@@ -39,8 +51,13 @@ def default_memory_budget(device: torch.device) -> int:
     return _MEMORY_BUDGET.get(device.type, _FALLBACK_BUDGET)
 
 
-def resolve_chunk_size(n_rows: int, student_vocab: int, teacher_vocab: int | None,
-                       low_precision_grad: bool, memory_budget: int) -> int:
+def resolve_chunk_size(
+    n_rows: int,
+    student_vocab: int,
+    teacher_vocab: int | None,
+    low_precision_grad: bool,
+    memory_budget: int,
+) -> int:
     """Rows per chunk such that the chunk's workspace fits in ``memory_budget`` bytes, with the
     rows spread evenly over the fewest chunks (no small tail GEMM).
 
@@ -75,7 +92,8 @@ def check_tensor(name: str, t, *, dim: int | None = None) -> None:
             f"{name} is a DTensor (placements {tuple(t.placements)}); the fused lm_head ops need "
             f"the full tensor on every rank. Call it inside the FSDP-wrapped module's forward "
             f"(FSDP2's fully_shard unshards parameters there; FSDP1: under "
-            f"FSDP.summon_full_params), or pass {name}.full_tensor()")
+            f"FSDP.summon_full_params), or pass {name}.full_tensor()"
+        )
     if not t.is_floating_point():
         raise TypeError(f"{name} must be floating point; got dtype {t.dtype}")
     if dim is not None and t.dim() != dim:
@@ -91,43 +109,58 @@ def check_head(prefix: str, hidden, weight, bias) -> None:
     if hidden.dim() < 1:
         raise ValueError(f"{prefix}hidden must have shape [..., H]; got a scalar")
     if weight.shape[0] < 1:
-        raise ValueError(f"{prefix}weight must have shape [V, H] with V >= 1; got "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"{prefix}weight must have shape [V, H] with V >= 1; got {tuple(weight.shape)}"
+        )
     if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{prefix}hidden [..., H] and {prefix}weight [V, H] must agree on H; "
-                         f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"{prefix}hidden [..., H] and {prefix}weight [V, H] must agree on H; "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if bias is not None:
         check_tensor(f"{prefix}bias", bias, dim=1)
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{prefix}bias must have shape [V] = [{weight.shape[0]}] like "
-                             f"{prefix}weight's rows; got {tuple(bias.shape)}")
+            raise ValueError(
+                f"{prefix}bias must have shape [V] = [{weight.shape[0]}] like "
+                f"{prefix}weight's rows; got {tuple(bias.shape)}"
+            )
     for name, t in ((f"{prefix}weight", weight), (f"{prefix}bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but {prefix}hidden on {hidden.device}")
         if t is not None and t.dtype != hidden.dtype:
-            raise TypeError(f"{name} and {prefix}hidden must have one dtype (as F.linear "
-                            f"needs); got {t.dtype} and {hidden.dtype}")
+            raise TypeError(
+                f"{name} and {prefix}hidden must have one dtype (as F.linear "
+                f"needs); got {t.dtype} and {hidden.dtype}"
+            )
 
 
 def check_scale(name: str, value) -> None:
     # The scale enters the row kernels' float32 gradient weight: its magnitude must survive the
     # cast as the other kernel floats do (_checks.check_kernel_float).
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-            or not KERNEL_FLOAT_MIN <= abs(float(value)) <= KERNEL_FLOAT_MAX):
-        raise ValueError(f"{name} must be a nonzero number of magnitude in [2**-126, 2**126] "
-                         f"(the kernels take it as a float32); got {value!r}")
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not KERNEL_FLOAT_MIN <= abs(float(value)) <= KERNEL_FLOAT_MAX
+    ):
+        raise ValueError(
+            f"{name} must be a nonzero number of magnitude in [2**-126, 2**126] "
+            f"(the kernels take it as a float32); got {value!r}"
+        )
 
 
 def check_chunking(chunk_size, memory_budget, accum_dtype) -> None:
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
-    if memory_budget is not None and (not isinstance(memory_budget, numbers.Integral)
-                                      or memory_budget < 1):
-        raise ValueError(f"memory_budget must be None or a number of bytes >= 1; got "
-                         f"{memory_budget!r}")
+    if memory_budget is not None and (
+        not isinstance(memory_budget, numbers.Integral) or memory_budget < 1
+    ):
+        raise ValueError(
+            f"memory_budget must be None or a number of bytes >= 1; got {memory_budget!r}"
+        )
     if accum_dtype not in (None, torch.float32):
-        raise ValueError(f"accum_dtype must be None (the weight's dtype) or torch.float32; got "
-                         f"{accum_dtype!r}")
+        raise ValueError(
+            f"accum_dtype must be None (the weight's dtype) or torch.float32; got {accum_dtype!r}"
+        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,8 +184,13 @@ def gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float()
 
 
-def chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float,
-                 buffer: torch.Tensor | None) -> torch.Tensor:
+def chunk_logits(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    scale: float,
+    buffer: torch.Tensor | None,
+) -> torch.Tensor:
     """``scale * (x w^T + b)`` in fp32: ``[C, H] x [V, H] -> [C, V]``, written into ``buffer``
     (fp32 GEMMs) or returned fresh from a low-precision GEMM with fp32 output."""
     if w.dtype != torch.float32:
@@ -177,9 +215,19 @@ def logits_buffer(rows: int, w: torch.Tensor | None) -> torch.Tensor | None:
     return torch.empty(rows, w.shape[0], dtype=torch.float32, device=w.device)
 
 
-def run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
-                chunk_size: int, accum_fp32: bool, need_hidden: bool, need_weight: bool,
-                need_bias: bool):
+def run_chunks(
+    hidden,
+    weight,
+    bias,
+    row_kernel,
+    row_scale,
+    logit_scale: float,
+    chunk_size: int,
+    accum_fp32: bool,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+):
     """Loss rows ``[N]`` fp32 and the requested gradients (empty tensors for the others).
 
     ``row_kernel(z_s, begin, end, loss, need_grad)`` runs the fused loss on the chunk's fp32
@@ -198,17 +246,22 @@ def run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
     w_mm = gemm_operand(weight)
     grad_dtype = torch.float32 if w_mm.dtype == torch.float32 else weight.dtype
     acc_dtype = torch.float32 if accum_fp32 or grad_dtype == torch.float32 else weight.dtype
-    grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight
-                   else weight.new_empty(0))
-    grad_bias = (torch.zeros(vocab_s, dtype=acc_dtype, device=device) if need_bias
-                 else weight.new_empty(0))
+    grad_weight = (
+        torch.zeros(weight.shape, dtype=acc_dtype, device=device)
+        if need_weight
+        else weight.new_empty(0)
+    )
+    grad_bias = (
+        torch.zeros(vocab_s, dtype=acc_dtype, device=device) if need_bias else weight.new_empty(0)
+    )
     zs_buf = logits_buffer(min(chunk_size, n_rows), w_mm)
 
     for begin in range(0, n_rows, chunk_size):
         end = min(begin + chunk_size, n_rows)
         x = hidden[begin:end]
-        zs = chunk_logits(x, w_mm, bias, logit_scale,
-                           None if zs_buf is None else zs_buf[:end - begin])
+        zs = chunk_logits(
+            x, w_mm, bias, logit_scale, None if zs_buf is None else zs_buf[: end - begin]
+        )
         row_kernel(zs, begin, end, loss[begin:end], need_grad)
         if not need_grad:
             continue
@@ -236,10 +289,12 @@ def run_chunks(hidden, weight, bias, row_kernel, row_scale, logit_scale: float,
 
 def fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias):
     loss = hidden.new_empty(() if reduce else hidden.shape[:1], dtype=torch.float32)
-    return (loss,
-            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0),
-            torch.empty_like(bias) if need_bias else weight.new_empty(0))
+    return (
+        loss,
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+        torch.empty_like(bias) if need_bias else weight.new_empty(0),
+    )
 
 
 def _scale_in_place(grads, factor: torch.Tensor, unit: float):
@@ -259,8 +314,9 @@ def _scale_in_place(grads, factor: torch.Tensor, unit: float):
     return scaled
 
 
-def register_chunked_autograd(op, *, n_args: int, row_scale_arg: int, grad_scale_arg: int,
-                              reduce_arg: int):
+def register_chunked_autograd(
+    op, *, n_args: int, row_scale_arg: int, grad_scale_arg: int, reduce_arg: int
+):
     """Autograd of a chunked op whose first three inputs are (hidden, weight, bias), whose
     last three are the need_hidden/need_weight/need_bias flags, and whose outputs are (loss,
     grad_hidden, grad_weight, grad_bias). Reduced losses: the backward scales the gradients
@@ -290,14 +346,13 @@ def register_chunked_autograd(op, *, n_args: int, row_scale_arg: int, grad_scale
             return (None, None, None, *no_grads)
         if ctx.reduce:
             present = [g for g, need in zip(ctx.saved_tensors, needs) if need]
-            scaled = iter(_scale_in_place(present, grad_loss.to(torch.float32),
-                                          ctx.grad_scale))
+            scaled = iter(_scale_in_place(present, grad_loss.to(torch.float32), ctx.grad_scale))
             return (*(next(scaled) if need else None for need in needs), *no_grads)
         inputs = list(ctx.inputs)
         for position, t in zip(ctx.tensor_positions, ctx.saved_tensors):
             inputs[position] = t
         inputs[row_scale_arg] = grad_loss.to(torch.float32).contiguous()
-        inputs[n_args - 3:] = needs
+        inputs[n_args - 3 :] = needs
         _, *grads = op(*inputs)
         return (*(g if need else None for g, need in zip(grads, needs)), *no_grads)
 
@@ -323,8 +378,9 @@ def register_recompute_autograd(op, *, n_args: int, n_row_outputs: int, row_grad
 
     def backward(ctx, *grad_outputs):
         needs = ctx.needs_input_grad[:3]
-        incoming = [g if g is not None and g.numel() else None
-                    for g in grad_outputs[:n_row_outputs]]
+        incoming = [
+            g if g is not None and g.numel() else None for g in grad_outputs[:n_row_outputs]
+        ]
         if not any(needs) or all(g is None for g in incoming):
             return (None, None, None, *no_grads)
         inputs = list(ctx.inputs)
@@ -333,8 +389,9 @@ def register_recompute_autograd(op, *, n_args: int, n_row_outputs: int, row_grad
         n_rows = inputs[0].shape[0]
         zeros = inputs[0].new_zeros(n_rows, dtype=torch.float32)
         inputs[row_grads_arg] = torch.stack(
-            [zeros if g is None else g.to(torch.float32) for g in incoming], 1).contiguous()
-        inputs[n_args - 3:] = needs
+            [zeros if g is None else g.to(torch.float32) for g in incoming], 1
+        ).contiguous()
+        inputs[n_args - 3 :] = needs
         grads = op(*inputs)[n_row_outputs:]
         return (*(g if need else None for g, need in zip(grads, needs)), *no_grads)
 
@@ -348,4 +405,3 @@ def autocast_operands(tensors, device_type: str):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if t is not None and t.dtype != dtype else t for t in tensors]
-

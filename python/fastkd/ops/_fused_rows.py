@@ -22,18 +22,28 @@ from ._launch import launch
 from ._native import DTYPE_CODES, native
 from ._registry import AUTO, accepts, backend_spec, resolve_backend
 
-__all__ = ["grad_buffer", "mean_grad_scale", "pick_backend", "reduce_rows", "reduce_total",
-           "register_stored_grad_autograd", "rescale_grad_rows"]
+__all__ = [
+    "grad_buffer",
+    "mean_grad_scale",
+    "pick_backend",
+    "reduce_rows",
+    "reduce_total",
+    "register_stored_grad_autograd",
+    "rescale_grad_rows",
+]
 
 
 # ---- backend and scale ----------------------------------------------------------------------
+
 
 def pick_backend(op: str, backend: str, student: torch.Tensor, teacher: torch.Tensor) -> str:
     """The backend of a loss between ``student`` and ``teacher`` logits. The fused backends take
     float32/bfloat16/float16 logits and give the teacher no gradient: ``auto`` picks ``torch``
     otherwise, and a fused backend asked for by name raises."""
-    inputs = dict(dtypes=(student.dtype, teacher.dtype),
-                  teacher_grad=teacher.requires_grad and torch.is_grad_enabled())
+    inputs = dict(
+        dtypes=(student.dtype, teacher.dtype),
+        teacher_grad=teacher.requires_grad and torch.is_grad_enabled(),
+    )
     name = resolve_backend(op, backend, student.device, **inputs)
     # auto only chooses a backend that accepts the inputs.
     if backend != AUTO and not accepts(op, name, **inputs):
@@ -41,12 +51,14 @@ def pick_backend(op: str, backend: str, student: torch.Tensor, teacher: torch.Te
             f"backend {name!r} takes float32/bfloat16/float16 logits and no gradient for the "
             f"teacher; got student {student.dtype}, teacher {teacher.dtype} "
             f"(teacher requires_grad={teacher.requires_grad}); detach the teacher or use "
-            f"backend='torch'")
+            f"backend='torch'"
+        )
     return name
 
 
-def mean_grad_scale(n_rows: int, device: torch.device, labels, ignore_index: int,
-                    reduction: str, num_items_in_batch) -> float:
+def mean_grad_scale(
+    n_rows: int, device: torch.device, labels, ignore_index: int, reduction: str, num_items_in_batch
+) -> float:
     """The reduction's weight of every row where it is known without a device sync or a
     data-dependent branch in a traced graph (else 1; the backward applies the rest)."""
     if reduction != "mean":
@@ -64,8 +76,10 @@ def mean_grad_scale(n_rows: int, device: torch.device, labels, ignore_index: int
 
 # ---- the gradient buffer and the backward ---------------------------------------------------
 
-def grad_buffer(student: torch.Tensor, need_grad: bool, backend: str,
-                op: str = "kd_loss") -> torch.Tensor:
+
+def grad_buffer(
+    student: torch.Tensor, need_grad: bool, backend: str, op: str = "kd_loss"
+) -> torch.Tensor:
     """The gradient output: like the student, or empty where no gradient is wanted and
     ``op``'s ``backend`` kernel can skip it."""
     if need_grad or not backend_spec(op, backend).skips_unneeded_grad:
@@ -73,8 +87,9 @@ def grad_buffer(student: torch.Tensor, need_grad: bool, backend: str,
     return student.new_empty((0,))
 
 
-def rescale_grad_rows(grad: torch.Tensor, grad_loss: torch.Tensor,
-                      grad_scale: float) -> torch.Tensor:
+def rescale_grad_rows(
+    grad: torch.Tensor, grad_loss: torch.Tensor, grad_scale: float
+) -> torch.Tensor:
     """The stored ``grad`` ``[..., V]`` (grad_scale times the rows' gradients) times
     ``grad_loss / grad_scale`` per row: the gradient to return from a backward."""
     if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
@@ -87,9 +102,16 @@ def rescale_grad_rows(grad: torch.Tensor, grad_loss: torch.Tensor,
     mod = native()
     if grad.device.type == "cpu" and mod is not None and grad.numel() > 0:
         factors = grad_loss.reshape(-1).to(torch.float32).contiguous()
-        launch("scale_rows_cpu", data=grad, dtype=DTYPE_CODES[grad.dtype],
-               n_rows=factors.numel(), row_len=grad.shape[-1], factors=factors,
-               unit=grad_scale, run=dict(num_threads=torch.get_num_threads()))
+        launch(
+            "scale_rows_cpu",
+            data=grad,
+            dtype=DTYPE_CODES[grad.dtype],
+            n_rows=factors.numel(),
+            row_len=grad.shape[-1],
+            factors=factors,
+            unit=grad_scale,
+            run=dict(num_threads=torch.get_num_threads()),
+        )
         torch.autograd.graph.increment_version(grad)
     else:
         grad.mul_((grad_loss / grad_scale).unsqueeze(-1))
@@ -122,8 +144,14 @@ def register_stored_grad_autograd(op, *, n_args: int, grad_scale_arg: int) -> No
 
 # ---- the reduction --------------------------------------------------------------------------
 
-def reduce_total(total: torch.Tensor, n_rows: int, valid: torch.Tensor | None, reduction: str,
-                 num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+
+def reduce_total(
+    total: torch.Tensor,
+    n_rows: int,
+    valid: torch.Tensor | None,
+    reduction: str,
+    num_items_in_batch: int | torch.Tensor | None,
+) -> torch.Tensor:
     """``"sum"`` or ``"mean"`` of ``n_rows`` per-row losses whose sum is ``total`` (0-dim).
 
     The mean divides by ``num_items_in_batch`` where it is given, else by the number of
@@ -142,8 +170,12 @@ def reduce_total(total: torch.Tensor, n_rows: int, valid: torch.Tensor | None, r
     return total / torch.where(count > 0, count, torch.nan)
 
 
-def reduce_rows(rows: torch.Tensor, valid: torch.Tensor | None, reduction: str,
-                num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+def reduce_rows(
+    rows: torch.Tensor,
+    valid: torch.Tensor | None,
+    reduction: str,
+    num_items_in_batch: int | torch.Tensor | None,
+) -> torch.Tensor:
     """The reduction of per-row losses ``rows`` (0 at ignored rows): ``"none"`` returns them,
     ``"sum"`` and ``"mean"`` as ``reduce_total``."""
     if reduction == "none":

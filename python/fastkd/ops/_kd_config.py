@@ -16,15 +16,15 @@ __all__ = ["KdConfig", "make_kd_config"]
 
 @dataclass(frozen=True)
 class KdConfig:
-    divergence: int        # Divergence.code, after the edge cases (jsd at beta 0 is fkl, ...)
-    temperature: float     # T > 0
-    softcap: float         # c > 0 caps logits as c * tanh(z / c) before 1/T; 0 = no cap
-    soft_weight: float     # (1 - hard_weight) * (T^2 if t2_scale else 1)
-    hard_weight: float     # weight of CE(student logits at T = 1, labels); 0 = no CE term
+    divergence: int  # Divergence.code, after the edge cases (jsd at beta 0 is fkl, ...)
+    temperature: float  # T > 0
+    softcap: float  # c > 0 caps logits as c * tanh(z / c) before 1/T; 0 = no cap
+    soft_weight: float  # (1 - hard_weight) * (T^2 if t2_scale else 1)
+    hard_weight: float  # weight of CE(student logits at T = 1, labels); 0 = no CE term
     ignore_index: int
-    log_wp: float          # log of the teacher's weight in the mixture m (mixtures only)
-    log_wq: float          # log of the student's weight in m
-    coef: float            # the mixture's parameter (jsd: beta; skl, srkl: alpha), else 0
+    log_wp: float  # log of the teacher's weight in the mixture m (mixtures only)
+    log_wq: float  # log of the student's weight in m
+    coef: float  # the mixture's parameter (jsd: beta; skl, srkl: alpha), else 0
     grad_scale: float = 1.0  # the kernels write grad_scale * dLoss_row/dz_s (e.g. 1 / #tokens)
 
     @property
@@ -43,9 +43,18 @@ def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
 
-def make_kd_config(divergence: str, *, temperature: float, beta: float, alpha: float,
-                   softcap: float | None, hard_weight: float, t2_scale: bool,
-                   ignore_index: int, grad_scale: float = 1.0) -> KdConfig:
+def make_kd_config(
+    divergence: str,
+    *,
+    temperature: float,
+    beta: float,
+    alpha: float,
+    softcap: float | None,
+    hard_weight: float,
+    t2_scale: bool,
+    ignore_index: int,
+    grad_scale: float = 1.0,
+) -> KdConfig:
     """Resolves user arguments (already validated) into kernel scalars."""
     # Mixtures at their edge weights are plain KLs (Divergence.edge_cases); computing them as
     # mixtures would divide by a mixture component that may underflow (q/m with m = p for srkl

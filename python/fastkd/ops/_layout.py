@@ -38,7 +38,9 @@ def _merge_dims(sizes: list[int], strides: list[int]) -> tuple[list[int], list[i
     return out_sizes, out_strides
 
 
-def row_layout(x: torch.Tensor, inner_rows: int | None = None) -> tuple[torch.Tensor, int, RowLayout]:
+def row_layout(
+    x: torch.Tensor, inner_rows: int | None = None
+) -> tuple[torch.Tensor, int, RowLayout]:
     """Returns ``(tensor, inner_rows, layout)`` for the rows of ``x`` (shape ``[..., V]``).
 
     ``tensor`` is ``x`` itself when its rows fit the two-level layout and its last dim has unit
@@ -67,7 +69,9 @@ def row_layout(x: torch.Tensor, inner_rows: int | None = None) -> tuple[torch.Te
     return x, inner_rows, layout
 
 
-def _layout_for(sizes: list[int], strides: list[int], n_rows: int, inner_rows: int) -> RowLayout | None:
+def _layout_for(
+    sizes: list[int], strides: list[int], n_rows: int, inner_rows: int
+) -> RowLayout | None:
     if len(sizes) == 0:
         return RowLayout(0, 0)
     if len(sizes) == 1:

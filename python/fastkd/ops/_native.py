@@ -12,8 +12,14 @@ import os
 
 import torch
 
-__all__ = ["DTYPE_CODES", "native", "native_error", "refuse_native", "triton_error",
-           "triton_module"]
+__all__ = [
+    "DTYPE_CODES",
+    "native",
+    "native_error",
+    "refuse_native",
+    "triton_error",
+    "triton_module",
+]
 
 # Element type codes shared with csrc/common/dtype.h (enum DType).
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -84,9 +90,13 @@ def triton_error(device: torch.device) -> str | None:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         version = getattr(_load_triton()[0], "__version__", "0")
         if _version_tuple(version) < _OLDEST_INTERPRETER:
-            return (f"Triton {version}'s CPU interpreter is older than the oldest seen running "
-                    f"fastkd's kernels (3.2's fails on their loops over a run-time vocabulary "
-                    f"size); {'.'.join(map(str, _OLDEST_INTERPRETER))} and newer can")
+            return (
+                f"Triton {version}'s CPU interpreter is older than the oldest seen running "
+                f"fastkd's kernels (3.2's fails on their loops over a run-time vocabulary "
+                f"size); {'.'.join(map(str, _OLDEST_INTERPRETER))} and newer can"
+            )
         return None
-    return (f"Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1, set before "
-            f"triton is imported); got device {device}")
+    return (
+        f"Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1, set before "
+        f"triton is imported); got device {device}"
+    )

@@ -16,10 +16,28 @@ import torch
 
 from ._native import DTYPE_CODES, native, native_error, triton_error
 
-__all__ = ["AUTO", "BACKENDS", "FUSED_DTYPES", "REFERENCE", "BackendSpec", "OpSpec", "accepts",
-           "available_backends", "backend_error", "backend_spec", "check_backend_name",
-           "interpreted", "kernel_backends", "native_backend", "ops", "reference_backend", "register_op",
-           "resolve_backend", "supports", "triton_backend"]
+__all__ = [
+    "AUTO",
+    "BACKENDS",
+    "FUSED_DTYPES",
+    "REFERENCE",
+    "BackendSpec",
+    "OpSpec",
+    "accepts",
+    "available_backends",
+    "backend_error",
+    "backend_spec",
+    "check_backend_name",
+    "interpreted",
+    "kernel_backends",
+    "native_backend",
+    "ops",
+    "reference_backend",
+    "register_op",
+    "resolve_backend",
+    "supports",
+    "triton_backend",
+]
 
 # Every backend name, in the order available_backends lists those outside an op's auto order.
 BACKENDS = ("torch", "cpu", "triton", "cuda")
@@ -86,20 +104,31 @@ class BackendSpec:
 def reference_backend(**capabilities) -> BackendSpec:
     """The ``torch`` backend: plain PyTorch on any device and dtype, float64 in float64, the
     teacher's gradient where it asks for one."""
-    return BackendSpec(REFERENCE, devices=None, dtypes=None, is_reference=True,
-                       teacher_grad=True, float64=True, **capabilities)
+    return BackendSpec(
+        REFERENCE,
+        devices=None,
+        dtypes=None,
+        is_reference=True,
+        teacher_grad=True,
+        float64=True,
+        **capabilities,
+    )
 
 
 def native_backend(name: str, symbol: str, **capabilities) -> BackendSpec:
     """A native backend (``cpu`` or ``cuda``) launching ``fastkd._C.<symbol>``."""
-    return BackendSpec(name, devices=(_NATIVE_DEVICE[name],), native_symbol=symbol,
-                       **capabilities)
+    return BackendSpec(name, devices=(_NATIVE_DEVICE[name],), native_symbol=symbol, **capabilities)
 
 
 def triton_backend(module: str, **capabilities) -> BackendSpec:
     """The ``triton`` backend, its kernel in ``fastkd.triton.<module>``."""
-    return BackendSpec("triton", devices=("cuda", *_TRITON_INTERPRETED_ON), triton_module=module,
-                       interpreted_on=_TRITON_INTERPRETED_ON, **capabilities)
+    return BackendSpec(
+        "triton",
+        devices=("cuda", *_TRITON_INTERPRETED_ON),
+        triton_module=module,
+        interpreted_on=_TRITON_INTERPRETED_ON,
+        **capabilities,
+    )
 
 
 @dataclass(frozen=True)
@@ -115,8 +144,7 @@ class OpSpec:
 _OPS: dict[str, OpSpec] = {}
 
 
-def register_op(name: str, backends: list[BackendSpec],
-                auto: dict[str, tuple[str, ...]]) -> OpSpec:
+def register_op(name: str, backends: list[BackendSpec], auto: dict[str, tuple[str, ...]]) -> OpSpec:
     """Declares op ``name``: its ``backends`` (the reference among them) and ``auto``'s
     preference per device type, every name in it one of ``backends``."""
     if REFERENCE not in {spec.name for spec in backends}:
@@ -124,12 +152,16 @@ def register_op(name: str, backends: list[BackendSpec],
     table = {spec.name: spec for spec in backends}
     unknown = {spec.name for spec in backends} - set(BACKENDS)
     if unknown or len(table) != len(backends):
-        raise ValueError(f"op {name!r}: backends must be distinct names from {BACKENDS}; got "
-                         f"{[spec.name for spec in backends]}")
+        raise ValueError(
+            f"op {name!r}: backends must be distinct names from {BACKENDS}; got "
+            f"{[spec.name for spec in backends]}"
+        )
     for device_type, order in auto.items():
         if not set(order) <= set(table):
-            raise ValueError(f"op {name!r}: auto order {order} on {device_type} names a backend "
-                             f"the op does not declare")
+            raise ValueError(
+                f"op {name!r}: auto order {order} on {device_type} names a backend "
+                f"the op does not declare"
+            )
     spec = OpSpec(name, table, dict(auto))
     _OPS[name] = spec
     return spec
@@ -211,8 +243,10 @@ def backend_error(op: str, backend: str, device: torch.device) -> str | None:
         return f"fastkd has no {backend} kernel for {op}"
     if not hasattr(mod, spec.native_symbol):
         if home == "cuda":
-            return ("fastkd was built without CUDA kernels (no nvcc at build time, or "
-                    "FASTKD_CUDA=OFF); rebuild with nvcc on PATH")
+            return (
+                "fastkd was built without CUDA kernels (no nvcc at build time, or "
+                "FASTKD_CUDA=OFF); rebuild with nvcc on PATH"
+            )
         return f"the extension lacks {spec.native_symbol}; rebuild fastkd"
     return None
 
@@ -230,14 +264,18 @@ def available_backends(op: str, device: str | torch.device) -> list[str]:
     return [b for b in (*order, *rest) if backend_error(op, b, device) is None]
 
 
-def kernel_backends(op: str, device: str | torch.device, *,
-                    interpreted_ok: bool = True) -> list[str]:
+def kernel_backends(
+    op: str, device: str | torch.device, *, interpreted_ok: bool = True
+) -> list[str]:
     """``available_backends`` without the reference (what benchmarks time as fastkd's own
     kernels, and tests hold to the reference), and without interpreted ones unless
     ``interpreted_ok``."""
-    return [b for b in available_backends(op, device)
-            if not backend_spec(op, b).is_reference
-            and (interpreted_ok or not interpreted(op, b, device))]
+    return [
+        b
+        for b in available_backends(op, device)
+        if not backend_spec(op, b).is_reference
+        and (interpreted_ok or not interpreted(op, b, device))
+    ]
 
 
 @torch.compiler.assume_constant_result
@@ -252,8 +290,9 @@ _AUTO_CHOICES: dict[tuple, str] = {}
 
 
 @torch.compiler.assume_constant_result
-def _auto_choice(op: str, device: torch.device, dtypes: tuple, teacher_grad: bool,
-                 prefer_reference: bool) -> str:
+def _auto_choice(
+    op: str, device: torch.device, dtypes: tuple, teacher_grad: bool, prefer_reference: bool
+) -> str:
     # A constant for torch.compile, and memoized: availability does not change while a program
     # runs, except when the extension is refused (native_error() is in the key).
     key = (op, device, dtypes, teacher_grad, prefer_reference, native_error())
@@ -264,16 +303,24 @@ def _auto_choice(op: str, device: torch.device, dtypes: tuple, teacher_grad: boo
             spec = backend_spec(op, name)
             if prefer_reference and not spec.is_reference:
                 continue
-            if (accepts(op, name, dtypes=dtypes, teacher_grad=teacher_grad)
-                    and _runs_here(op, name, device)):
+            if accepts(op, name, dtypes=dtypes, teacher_grad=teacher_grad) and _runs_here(
+                op, name, device
+            ):
                 choice = name
                 break
         _AUTO_CHOICES[key] = choice
     return choice
 
 
-def resolve_backend(op: str, backend: str, device: torch.device, *, dtypes=(),
-                    teacher_grad: bool = False, prefer_reference: bool = False) -> str:
+def resolve_backend(
+    op: str,
+    backend: str,
+    device: torch.device,
+    *,
+    dtypes=(),
+    teacher_grad: bool = False,
+    prefer_reference: bool = False,
+) -> str:
     """The backend to run: ``auto`` resolved, or the one asked for, checked.
 
     ``auto`` takes the first backend of the op's preference on ``device`` that is available

@@ -18,23 +18,35 @@ __all__ = ["check_sparse_options", "check_targets", "launch_sparse_rows", "merge
 
 # No CUDA kernel: Triton on GPUs. The CPU kernel reads a row into scratch before it writes the
 # row's gradient; the Triton kernel re-reads the ids' logits after writing it.
-register_op("sparse_kd_loss", [
-    reference_backend(),
-    native_backend("cpu", "sparse_kd_loss_forward_cpu", skips_unneeded_grad=True,
-                   grad_may_alias_input=True),
-    triton_backend("sparse_kd_loss"),
-], auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")})
+register_op(
+    "sparse_kd_loss",
+    [
+        reference_backend(),
+        native_backend(
+            "cpu", "sparse_kd_loss_forward_cpu", skips_unneeded_grad=True, grad_may_alias_input=True
+        ),
+        triton_backend("sparse_kd_loss"),
+    ],
+    auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+)
 
 
-def check_targets(targets, lead: torch.Size, device: torch.device, student_vocab: int,
-                  what: str = "student_logits") -> int:
+def check_targets(
+    targets,
+    lead: torch.Size,
+    device: torch.device,
+    student_vocab: int,
+    what: str = "student_logits",
+) -> int:
     """``targets`` fit a student of leading shape ``lead`` and ``student_vocab`` columns on
     ``device``; returns the vocabulary the loss sees, V = min(V_s, targets.vocab_size)."""
     if not isinstance(targets, SparseTargets):
         raise TypeError(f"targets must be a fastkd SparseTargets; got {type(targets).__name__}")
     if targets.lead_shape != lead:
-        raise ValueError(f"targets must have the leading shape {tuple(lead)} of {what}; "
-                         f"got ids of shape {tuple(targets.ids.shape)}")
+        raise ValueError(
+            f"targets must have the leading shape {tuple(lead)} of {what}; "
+            f"got ids of shape {tuple(targets.ids.shape)}"
+        )
     if targets.device != device:
         raise ValueError(f"targets are on {targets.device} but {what} on {device}")
     vocab = min(student_vocab, targets.vocab_size)
@@ -48,12 +60,14 @@ def check_targets(targets, lead: torch.Size, device: torch.device, student_vocab
             raise ValueError(
                 f"target ids must lie in [0, {vocab}) (V = min(V_s, targets.vocab_size) = "
                 f"min({student_vocab}, {targets.vocab_size})) or be -1 (padding); found "
-                f"{values}")
+                f"{values}"
+            )
     return vocab
 
 
-def merge_duplicate_ids(ids: torch.Tensor, weights: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_duplicate_ids(
+    ids: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The targets ``ids``/``weights`` ``[..., K]`` with every id at most once per row: the
     weights of equal ids are added (each clamped at 0 first, as the loss counts weights <= 0
     as 0; NaN and +inf are kept for the kernels' NaN rule), in the slot of the first of them
@@ -78,21 +92,42 @@ def merge_duplicate_ids(ids: torch.Tensor, weights: torch.Tensor
     return torch.where(keep, ids, -1), torch.where(keep, merged, 0.0)
 
 
-def check_sparse_options(*, temperature, ignore_index, hard_weight, reduction,
-                         num_items_in_batch, has_labels: bool) -> None:
+def check_sparse_options(
+    *, temperature, ignore_index, hard_weight, reduction, num_items_in_batch, has_labels: bool
+) -> None:
     # kd_loss's options that the sparse losses do not take are passed at their defaults.
-    check_kd_options(divergence="fkl", temperature=temperature, beta=0.5, alpha=0.1,
-                     ignore_index=ignore_index, hard_weight=hard_weight, softcap=None,
-                     reduction=reduction, num_items_in_batch=num_items_in_batch,
-                     has_labels=has_labels)
+    check_kd_options(
+        divergence="fkl",
+        temperature=temperature,
+        beta=0.5,
+        alpha=0.1,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        softcap=None,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        has_labels=has_labels,
+    )
 
 
-def launch_sparse_rows(student: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                       tail_mass: torch.Tensor | None, labels: torch.Tensor | None, *,
-                       vocab: int, temperature: float, soft_weight: float, hard_weight: float,
-                       ignore_index: int, grad_scale: float, backend: str, need_grad: bool,
-                       loss: torch.Tensor | None = None, grad: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_sparse_rows(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    tail_mass: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    *,
+    vocab: int,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    grad_scale: float,
+    backend: str,
+    need_grad: bool,
+    loss: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student).
 
     ``loss`` (contiguous fp32, the leading shape) and ``grad`` (contiguous, the student's
@@ -116,18 +151,50 @@ def launch_sparse_rows(student: torch.Tensor, ids: torch.Tensor, weights: torch.
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     if backend == "triton":
         from ..triton.sparse_kd_loss import sparse_kd_loss_forward
-        sparse_kd_loss_forward(s, flat_ids, flat_weights, flat_tail, flat_labels, grad, loss,
-                               n_rows=n_rows, inner_rows=inner_rows, layout=layout, vocab=vocab,
-                               grad_vocab=student.shape[-1], temperature=temperature,
-                               soft_weight=soft_weight, hard_weight=hard_weight,
-                               ignore_index=ignore_index, grad_scale=grad_scale)
+
+        sparse_kd_loss_forward(
+            s,
+            flat_ids,
+            flat_weights,
+            flat_tail,
+            flat_labels,
+            grad,
+            loss,
+            n_rows=n_rows,
+            inner_rows=inner_rows,
+            layout=layout,
+            vocab=vocab,
+            grad_vocab=student.shape[-1],
+            temperature=temperature,
+            soft_weight=soft_weight,
+            hard_weight=hard_weight,
+            ignore_index=ignore_index,
+            grad_scale=grad_scale,
+        )
         return loss, grad
-    launch("sparse_kd_loss_forward_cpu", args="SparseKdLossArgs",
-           student=s, student_dtype=DTYPE_CODES[s.dtype], s_outer=layout.outer_stride,
-           s_inner=layout.inner_stride, inner_rows=inner_rows, n_rows=n_rows, vocab=vocab,
-           grad_vocab=student.shape[-1], ids=flat_ids, weights=flat_weights, num_slots=k,
-           tail_mass=flat_tail, labels=flat_labels, grad=grad, loss=loss,
-           temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-           grad_scale=grad_scale, ignore_index=ignore_index,
-           run=dict(num_threads=torch.get_num_threads()))
+    launch(
+        "sparse_kd_loss_forward_cpu",
+        args="SparseKdLossArgs",
+        student=s,
+        student_dtype=DTYPE_CODES[s.dtype],
+        s_outer=layout.outer_stride,
+        s_inner=layout.inner_stride,
+        inner_rows=inner_rows,
+        n_rows=n_rows,
+        vocab=vocab,
+        grad_vocab=student.shape[-1],
+        ids=flat_ids,
+        weights=flat_weights,
+        num_slots=k,
+        tail_mass=flat_tail,
+        labels=flat_labels,
+        grad=grad,
+        loss=loss,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        grad_scale=grad_scale,
+        ignore_index=ignore_index,
+        run=dict(num_threads=torch.get_num_threads()),
+    )
     return loss, grad

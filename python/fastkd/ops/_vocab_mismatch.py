@@ -29,11 +29,13 @@ def _check_pad(vocab_s: int, vocab_t: int, student: str) -> None:
         raise ValueError(
             f"vocab_mismatch='pad' pads the student's logits with zeros up to the teacher's "
             f"vocabulary and needs V_s <= V_t; got {student} with V_s={vocab_s} and a teacher "
-            f"with V_t={vocab_t}; use vocab_mismatch='cut' to compare the first {vocab_t} ids")
+            f"with V_t={vocab_t}; use vocab_mismatch='cut' to compare the first {vocab_t} ids"
+        )
 
 
-def match_student_logits(student_logits: torch.Tensor, teacher_vocab: int,
-                         vocab_mismatch: str) -> torch.Tensor:
+def match_student_logits(
+    student_logits: torch.Tensor, teacher_vocab: int, vocab_mismatch: str
+) -> torch.Tensor:
     """``student_logits`` ``[..., V_s]`` as the kernels see them: unchanged for ``"cut"`` (they
     cut to the common prefix themselves) or V_s = V_t, else zero-padded to ``[..., V_t]``
     (a differentiable pad: the padded columns' gradients are dropped)."""
@@ -44,8 +46,9 @@ def match_student_logits(student_logits: torch.Tensor, teacher_vocab: int,
     return F.pad(student_logits, (0, teacher_vocab - vocab_s))
 
 
-def match_student_head(weight: torch.Tensor, bias: torch.Tensor | None, teacher_vocab: int,
-                       vocab_mismatch: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def match_student_head(
+    weight: torch.Tensor, bias: torch.Tensor | None, teacher_vocab: int, vocab_mismatch: str
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """The student head ``weight`` ``[V_s, H]`` and ``bias`` ``[V_s]`` as the fused op uses them,
     and their row count: for ``"pad"`` with V_s < V_t, ``V_t - V_s`` zero rows (and zero bias
     entries) appended, which give logit 0 for those ids; autograd drops their gradients. This

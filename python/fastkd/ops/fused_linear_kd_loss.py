@@ -30,16 +30,31 @@ from ..reference.fused_linear_kd_loss import fused_linear_kd_loss_reference, lin
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
 from ._checks import check_kd_options, check_labels
-from ._chunked_lm_head import (autocast_operands, check_chunking, check_head, check_scale,
-                               check_tensor, chunk_logits, default_memory_budget, fake_outputs,
-                               gemm_operand, logits_buffer, register_chunked_autograd,
-                               resolve_chunk_size, run_chunks)
+from ._chunked_lm_head import (
+    autocast_operands,
+    check_chunking,
+    check_head,
+    check_scale,
+    check_tensor,
+    chunk_logits,
+    default_memory_budget,
+    fake_outputs,
+    gemm_operand,
+    logits_buffer,
+    register_chunked_autograd,
+    resolve_chunk_size,
+    run_chunks,
+)
 from ._fused_rows import mean_grad_scale, reduce_total
 from ._kd_config import KdConfig, make_kd_config
 from ._kd_rows import KD_LOSS, launch_kd_rows
 from ._registry import accepts, backend_spec, register_op, resolve_backend
-from ._sparse_rows import (check_sparse_options, check_targets, launch_sparse_rows,
-                           merge_duplicate_ids)
+from ._sparse_rows import (
+    check_sparse_options,
+    check_targets,
+    launch_sparse_rows,
+    merge_duplicate_ids,
+)
 from ._vocab_mismatch import match_student_head
 
 __all__ = ["check_fused_linear_options", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss"]
@@ -51,45 +66,73 @@ register_op("fused_linear_kd_loss", list(KD_LOSS.backends.values()), auto=KD_LOS
 
 # ---- input checks ---------------------------------------------------------------------------
 
-def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                  teacher_bias, teacher_logits, *, chunk_size, memory_budget, logit_scale,
-                  teacher_logit_scale, accum_dtype) -> None:
+
+def _check_inputs(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    teacher_logits,
+    *,
+    chunk_size,
+    memory_budget,
+    logit_scale,
+    teacher_logit_scale,
+    accum_dtype,
+) -> None:
     check_head("student", student_hidden, student_weight, student_bias)
     lead = student_hidden.shape[:-1]
     device = student_hidden.device
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
-            raise ValueError("give the teacher either as teacher_logits or as teacher_hidden and "
-                             "teacher_weight (and teacher_bias), not both")
+            raise ValueError(
+                "give the teacher either as teacher_logits or as teacher_hidden and "
+                "teacher_weight (and teacher_bias), not both"
+            )
         check_tensor("teacher_logits", teacher_logits)
-        if teacher_logits.dim() < 1 or teacher_logits.shape[:-1] != lead or \
-                teacher_logits.shape[-1] < 1:
-            raise ValueError(f"teacher_logits must have shape [..., V_t] with the leading shape "
-                             f"{tuple(lead)} of student_hidden; got {tuple(teacher_logits.shape)}")
+        if (
+            teacher_logits.dim() < 1
+            or teacher_logits.shape[:-1] != lead
+            or teacher_logits.shape[-1] < 1
+        ):
+            raise ValueError(
+                f"teacher_logits must have shape [..., V_t] with the leading shape "
+                f"{tuple(lead)} of student_hidden; got {tuple(teacher_logits.shape)}"
+            )
         if teacher_logits.device != device:
-            raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_hidden on "
-                             f"{device}")
+            raise ValueError(
+                f"teacher_logits is on {teacher_logits.device} but student_hidden on {device}"
+            )
         if teacher_logit_scale != 1.0:
-            raise ValueError(f"teacher_logit_scale={teacher_logit_scale!r} applies to logits "
-                             f"computed from teacher_hidden; scale dense teacher_logits yourself")
+            raise ValueError(
+                f"teacher_logit_scale={teacher_logit_scale!r} applies to logits "
+                f"computed from teacher_hidden; scale dense teacher_logits yourself"
+            )
     else:
         if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or "
-                             "teacher_logits")
+            raise ValueError(
+                "the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits"
+            )
         check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
         if teacher_hidden.shape[:-1] != lead:
-            raise ValueError(f"teacher_hidden must have the leading shape {tuple(lead)} of "
-                             f"student_hidden; got {tuple(teacher_hidden.shape)}")
+            raise ValueError(
+                f"teacher_hidden must have the leading shape {tuple(lead)} of "
+                f"student_hidden; got {tuple(teacher_hidden.shape)}"
+            )
         if teacher_hidden.device != device:
-            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden on "
-                             f"{device}")
+            raise ValueError(
+                f"teacher_hidden is on {teacher_hidden.device} but student_hidden on {device}"
+            )
     check_chunking(chunk_size, memory_budget, accum_dtype)
     check_scale("logit_scale", logit_scale)
     check_scale("teacher_logit_scale", teacher_logit_scale)
 
 
-def check_fused_linear_options(*, chunk_size, memory_budget, accum_dtype, logit_scale,
-                               teacher_logit_scale) -> None:
+def check_fused_linear_options(
+    *, chunk_size, memory_budget, accum_dtype, logit_scale, teacher_logit_scale
+) -> None:
     """The options ``fused_linear_kd_loss`` adds to ``kd_loss``'s (checked by ``FusedLinearKDLoss``
     when it is built)."""
     check_chunking(chunk_size, memory_budget, accum_dtype)
@@ -99,6 +142,7 @@ def check_fused_linear_options(*, chunk_size, memory_budget, accum_dtype, logit_
 
 # ---- row kernels ---------------------------------------------------------------------------
 
+
 def _teacher_rows(teacher_logits: torch.Tensor, begin: int, end: int) -> torch.Tensor:
     """Rows [begin, end) of dense teacher logits ``[..., V_t]`` flattened to ``[N, V_t]``: a view
     where the layout allows one, else a gather of just those rows (never a copy of all N)."""
@@ -106,14 +150,24 @@ def _teacher_rows(teacher_logits: torch.Tensor, begin: int, end: int) -> torch.T
     try:
         return teacher_logits.view(-1, vocab)[begin:end]
     except RuntimeError:
-        index = torch.unravel_index(torch.arange(begin, end, device=teacher_logits.device),
-                                    teacher_logits.shape[:-1])
+        index = torch.unravel_index(
+            torch.arange(begin, end, device=teacher_logits.device), teacher_logits.shape[:-1]
+        )
         return teacher_logits[index]
 
 
-def _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                        labels, cfg: KdConfig, logit_scale: float, teacher_logit_scale: float,
-                        chunk_size: int, backend: str):
+def _dense_teacher_rows(
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    teacher_logits,
+    labels,
+    cfg: KdConfig,
+    logit_scale: float,
+    teacher_logit_scale: float,
+    chunk_size: int,
+    backend: str,
+):
     """The row kernel of a dense teacher: its logits per chunk (computed from its hidden states
     and head, or rows of the offline logits), then kd_loss's fused kernel, whose gradient
     carries the student's ``logit_scale``."""
@@ -124,20 +178,45 @@ def _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_lo
 
     def run(zs, begin, end, loss, need_grad):
         if teacher_logits is None:
-            zt = chunk_logits(teacher_hidden[begin:end], tw_mm, teacher_bias,
-                               teacher_logit_scale,
-                               None if zt_buf is None else zt_buf[:end - begin])
+            zt = chunk_logits(
+                teacher_hidden[begin:end],
+                tw_mm,
+                teacher_bias,
+                teacher_logit_scale,
+                None if zt_buf is None else zt_buf[: end - begin],
+            )
         else:
             zt = _teacher_rows(teacher_logits, begin, end)
-        launch_kd_rows(zs, zt, None if labels is None else labels[begin:end], cfg, backend,
-                       need_grad, loss=loss,
-                       grad=zs if need_grad or not backend_spec(
-                           "fused_linear_kd_loss", backend).skips_unneeded_grad else None)
+        launch_kd_rows(
+            zs,
+            zt,
+            None if labels is None else labels[begin:end],
+            cfg,
+            backend,
+            need_grad,
+            loss=loss,
+            grad=zs
+            if need_grad or not backend_spec("fused_linear_kd_loss", backend).skips_unneeded_grad
+            else None,
+        )
+
     return run
 
 
-def _sparse_teacher_rows(ids, weights, tail_mass, labels, *, vocab, temperature, soft_weight,
-                         hard_weight, ignore_index, grad_scale, backend):
+def _sparse_teacher_rows(
+    ids,
+    weights,
+    tail_mass,
+    labels,
+    *,
+    vocab,
+    temperature,
+    soft_weight,
+    hard_weight,
+    ignore_index,
+    grad_scale,
+    backend,
+):
     """The row kernel of sparse targets ``ids``/``weights`` ``[N, K]``: sparse_kd_loss's.
 
     The Triton kernel reads the ids' logits after it has written the row's gradient, so there
@@ -146,107 +225,267 @@ def _sparse_teacher_rows(ids, weights, tail_mass, labels, *, vocab, temperature,
 
     def run(zs, begin, end, loss, need_grad):
         _, grad = launch_sparse_rows(
-            zs, ids[begin:end], weights[begin:end],
+            zs,
+            ids[begin:end],
+            weights[begin:end],
             None if tail_mass is None else tail_mass[begin:end],
-            None if labels is None else labels[begin:end], vocab=vocab,
-            temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-            ignore_index=ignore_index, grad_scale=grad_scale, backend=backend,
-            need_grad=need_grad, loss=loss, grad=zs if in_place and need_grad else None)
+            None if labels is None else labels[begin:end],
+            vocab=vocab,
+            temperature=temperature,
+            soft_weight=soft_weight,
+            hard_weight=hard_weight,
+            ignore_index=ignore_index,
+            grad_scale=grad_scale,
+            backend=backend,
+            need_grad=need_grad,
+            loss=loss,
+            grad=zs if in_place and need_grad else None,
+        )
         if need_grad and not in_place:
             zs.copy_(grad)
+
     return run
 
 
 # ---- the custom op --------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastkd::fused_linear_kd_loss_fused", mutates_args=())
 def fused_linear_kd_loss_fused(
-        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-        teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None,
-        teacher_bias: torch.Tensor | None, teacher_logits: torch.Tensor | None,
-        labels: torch.Tensor | None, row_scale: torch.Tensor | None,
-        divergence: int, temperature: float, softcap: float, soft_weight: float,
-        hard_weight: float, ignore_index: int, log_wp: float, log_wq: float, coef: float,
-        grad_scale: float, logit_scale: float, teacher_logit_scale: float, chunk_size: int,
-        accum_fp32: bool, reduce: bool, backend: str, need_hidden: bool, need_weight: bool,
-        need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    divergence: int,
+    temperature: float,
+    softcap: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    log_wp: float,
+    log_wq: float,
+    coef: float,
+    grad_scale: float,
+    logit_scale: float,
+    teacher_logit_scale: float,
+    chunk_size: int,
+    accum_fp32: bool,
+    reduce: bool,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias). ``hidden`` is ``[N, H_s]``, ``labels``
     ``[N]`` int64, ``row_scale`` ``[N]`` fp32 (a weight per row's gradient) or None. The loss is
     the fp32 sum of the rows when ``reduce`` (a scalar) else the rows ``[N]``; gradients are
     ``grad_scale`` times those of the summed rows, empty where not requested."""
-    cfg = KdConfig(divergence, temperature, softcap, soft_weight, hard_weight, ignore_index,
-                   log_wp, log_wq, coef, grad_scale)
+    cfg = KdConfig(
+        divergence,
+        temperature,
+        softcap,
+        soft_weight,
+        hard_weight,
+        ignore_index,
+        log_wp,
+        log_wq,
+        coef,
+        grad_scale,
+    )
     with torch.autocast(hidden.device.type, enabled=False):
-        rows = _dense_teacher_rows(teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                                   labels, cfg, logit_scale, teacher_logit_scale, chunk_size,
-                                   backend)
-        loss, *grads = run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
-                                   chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
+        rows = _dense_teacher_rows(
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            teacher_logits,
+            labels,
+            cfg,
+            logit_scale,
+            teacher_logit_scale,
+            chunk_size,
+            backend,
+        )
+        loss, *grads = run_chunks(
+            hidden,
+            weight,
+            bias,
+            rows,
+            row_scale,
+            logit_scale,
+            chunk_size,
+            accum_fp32,
+            need_hidden,
+            need_weight,
+            need_bias,
+        )
     return (loss.sum() if reduce else loss), *grads
 
 
 @fused_linear_kd_loss_fused.register_fake
-def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels,
-      row_scale, divergence, temperature, softcap, soft_weight, hard_weight, ignore_index, log_wp,
-      log_wq, coef, grad_scale, logit_scale, teacher_logit_scale, chunk_size, accum_fp32, reduce,
-      backend, need_hidden, need_weight, need_bias):
+def _(
+    hidden,
+    weight,
+    bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    teacher_logits,
+    labels,
+    row_scale,
+    divergence,
+    temperature,
+    softcap,
+    soft_weight,
+    hard_weight,
+    ignore_index,
+    log_wp,
+    log_wq,
+    coef,
+    grad_scale,
+    logit_scale,
+    teacher_logit_scale,
+    chunk_size,
+    accum_fp32,
+    reduce,
+    backend,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
     return fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
 
 
-register_chunked_autograd(fused_linear_kd_loss_fused, n_args=28, row_scale_arg=8,
-                          grad_scale_arg=18, reduce_arg=23)
+register_chunked_autograd(
+    fused_linear_kd_loss_fused, n_args=28, row_scale_arg=8, grad_scale_arg=18, reduce_arg=23
+)
 
 
 @torch.library.custom_op("fastkd::fused_linear_sparse_kd_loss_fused", mutates_args=())
 def fused_linear_sparse_kd_loss_fused(
-        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-        ids: torch.Tensor, weights: torch.Tensor, tail_mass: torch.Tensor | None,
-        labels: torch.Tensor | None, row_scale: torch.Tensor | None, vocab: int,
-        temperature: float, soft_weight: float, hard_weight: float, ignore_index: int,
-        grad_scale: float, logit_scale: float, chunk_size: int, accum_fp32: bool, reduce: bool,
-        backend: str, need_hidden: bool, need_weight: bool, need_bias: bool
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    tail_mass: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    vocab: int,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    grad_scale: float,
+    logit_scale: float,
+    chunk_size: int,
+    accum_fp32: bool,
+    reduce: bool,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """As fused_linear_kd_loss_fused, against sparse targets ``ids``/``weights`` ``[N, K]``
     (``tail_mass`` ``[N]`` or None) by sparse_kd_loss's row kernel."""
     with torch.autocast(hidden.device.type, enabled=False):
-        rows = _sparse_teacher_rows(ids, weights, tail_mass, labels, vocab=vocab,
-                                    temperature=temperature, soft_weight=soft_weight,
-                                    hard_weight=hard_weight, ignore_index=ignore_index,
-                                    grad_scale=grad_scale * logit_scale, backend=backend)
-        loss, *grads = run_chunks(hidden, weight, bias, rows, row_scale, logit_scale,
-                                   chunk_size, accum_fp32, need_hidden, need_weight, need_bias)
+        rows = _sparse_teacher_rows(
+            ids,
+            weights,
+            tail_mass,
+            labels,
+            vocab=vocab,
+            temperature=temperature,
+            soft_weight=soft_weight,
+            hard_weight=hard_weight,
+            ignore_index=ignore_index,
+            grad_scale=grad_scale * logit_scale,
+            backend=backend,
+        )
+        loss, *grads = run_chunks(
+            hidden,
+            weight,
+            bias,
+            rows,
+            row_scale,
+            logit_scale,
+            chunk_size,
+            accum_fp32,
+            need_hidden,
+            need_weight,
+            need_bias,
+        )
     return (loss.sum() if reduce else loss), *grads
 
 
 @fused_linear_sparse_kd_loss_fused.register_fake
-def _(hidden, weight, bias, ids, weights, tail_mass, labels, row_scale, vocab, temperature,
-      soft_weight, hard_weight, ignore_index, grad_scale, logit_scale, chunk_size, accum_fp32,
-      reduce, backend, need_hidden, need_weight, need_bias):
+def _(
+    hidden,
+    weight,
+    bias,
+    ids,
+    weights,
+    tail_mass,
+    labels,
+    row_scale,
+    vocab,
+    temperature,
+    soft_weight,
+    hard_weight,
+    ignore_index,
+    grad_scale,
+    logit_scale,
+    chunk_size,
+    accum_fp32,
+    reduce,
+    backend,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
     return fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
 
 
-register_chunked_autograd(fused_linear_sparse_kd_loss_fused, n_args=22, row_scale_arg=7,
-                          grad_scale_arg=13, reduce_arg=17)
+register_chunked_autograd(
+    fused_linear_sparse_kd_loss_fused, n_args=22, row_scale_arg=7, grad_scale_arg=13, reduce_arg=17
+)
 
 
 # ---- public entry points -------------------------------------------------------------------
 
-def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                         teacher_hidden: torch.Tensor | None = None,
-                         teacher_weight: torch.Tensor | None = None, *,
-                         teacher_logits: torch.Tensor | None = None,
-                         student_bias: torch.Tensor | None = None,
-                         teacher_bias: torch.Tensor | None = None,
-                         chunk_size: int | None = None, memory_budget: int | None = None,
-                         logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
-                         accum_dtype: torch.dtype | None = None,
-                         divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
-                         alpha: float = 0.1, labels: torch.Tensor | None = None,
-                         ignore_index: int = -100, hard_weight: float = 0.0,
-                         t2_scale: bool = False, softcap: float | None = None,
-                         reduction: str = "mean",
-                         num_items_in_batch: int | torch.Tensor | None = None,
-                         vocab_mismatch: str = "cut", backend: str = "auto") -> torch.Tensor:
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    accum_dtype: torch.dtype | None = None,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    t2_scale: bool = False,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    vocab_mismatch: str = "cut",
+    backend: str = "auto",
+) -> torch.Tensor:
     """kd_loss of the student's lm_head output against the teacher's, without materializing
     either model's ``[N, V]`` logits.
 
@@ -287,89 +526,181 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         ``reduction="none"``. With ``reduction="none"`` and gradients wanted, the backward
         recomputes the logits once more (the per-token incoming gradient weights every row).
     """
-    _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                  teacher_bias, teacher_logits, chunk_size=chunk_size, memory_budget=memory_budget,
-                  logit_scale=logit_scale, teacher_logit_scale=teacher_logit_scale,
-                  accum_dtype=accum_dtype)
-    check_kd_options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                     ignore_index=ignore_index, hard_weight=hard_weight, softcap=softcap,
-                     reduction=reduction, num_items_in_batch=num_items_in_batch,
-                     has_labels=labels is not None, vocab_mismatch=vocab_mismatch)
+    _check_inputs(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        teacher_logits,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        logit_scale=logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        accum_dtype=accum_dtype,
+    )
+    check_kd_options(
+        divergence=divergence,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        softcap=softcap,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        has_labels=labels is not None,
+        vocab_mismatch=vocab_mismatch,
+    )
     lead = student_hidden.shape[:-1]
     device = student_hidden.device
     vocab_s = student_weight.shape[0]
     vocab_t = teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
     check_labels(labels, lead, device, min(vocab_s, vocab_t), ignore_index, "student_hidden")
-    student_weight, student_bias, vocab_s = match_student_head(student_weight, student_bias,
-                                                               vocab_t, vocab_mismatch)
+    student_weight, student_bias, vocab_s = match_student_head(
+        student_weight, student_bias, vocab_t, vocab_mismatch
+    )
 
     student_hidden, student_weight, student_bias = autocast_operands(
-        [student_hidden, student_weight, student_bias], device.type)
+        [student_hidden, student_weight, student_bias], device.type
+    )
     if teacher_logits is None:
         teacher_hidden, teacher_weight, teacher_bias = autocast_operands(
-            [teacher_hidden, teacher_weight, teacher_bias], device.type)
-    kd_kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                     labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
-                     t2_scale=t2_scale, softcap=softcap, reduction=reduction,
-                     num_items_in_batch=num_items_in_batch)
-    operands = [student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                teacher_bias, teacher_logits]
+            [teacher_hidden, teacher_weight, teacher_bias], device.type
+        )
+    kd_kwargs = dict(
+        divergence=divergence,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        labels=labels,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        t2_scale=t2_scale,
+        softcap=softcap,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )
+    operands = [
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        teacher_logits,
+    ]
     dtypes = tuple(t.dtype for t in operands if t is not None)
     name = resolve_backend("fused_linear_kd_loss", backend, device, dtypes=dtypes)
     if name == "torch":
         return fused_linear_kd_loss_reference(
-            student_hidden, student_weight, teacher_hidden, teacher_weight,
-            teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
-            logit_scale=logit_scale, teacher_logit_scale=teacher_logit_scale, **kd_kwargs)
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            teacher_logits=teacher_logits,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            logit_scale=logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+            **kd_kwargs,
+        )
     if not accepts("fused_linear_kd_loss", name, dtypes=dtypes):
         raise ValueError(
             f"backend {name!r} takes float32/bfloat16/float16 operands; got "
-            f"{[None if t is None else t.dtype for t in operands]}; use backend='torch'")
+            f"{[None if t is None else t.dtype for t in operands]}; use backend='torch'"
+        )
 
     n_rows = lead.numel()
     hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
-    t_hidden = (None if teacher_hidden is None
-                else teacher_hidden.detach().reshape(n_rows, teacher_hidden.shape[-1]))
+    t_hidden = (
+        None
+        if teacher_hidden is None
+        else teacher_hidden.detach().reshape(n_rows, teacher_hidden.shape[-1])
+    )
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     grad_on = torch.is_grad_enabled()
-    need = [grad_on and t is not None and t.requires_grad
-            for t in (hidden, student_weight, student_bias)]
+    need = [
+        grad_on and t is not None and t.requires_grad
+        for t in (hidden, student_weight, student_bias)
+    ]
     reduce = reduction != "none"
     if chunk_size is None:
         low_precision_grad = device.type == "cuda" and student_weight.dtype != torch.float32
         chunk_size = resolve_chunk_size(
-            n_rows, vocab_s, vocab_t if teacher_logits is None else None, low_precision_grad,
-            memory_budget if memory_budget is not None else default_memory_budget(device))
-    cfg = make_kd_config(divergence, temperature=temperature, beta=beta, alpha=alpha,
-                         softcap=softcap, hard_weight=hard_weight, t2_scale=t2_scale,
-                         ignore_index=ignore_index,
-                         grad_scale=mean_grad_scale(n_rows, device, labels, ignore_index,
-                                                    reduction, num_items_in_batch))
+            n_rows,
+            vocab_s,
+            vocab_t if teacher_logits is None else None,
+            low_precision_grad,
+            memory_budget if memory_budget is not None else default_memory_budget(device),
+        )
+    cfg = make_kd_config(
+        divergence,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        softcap=softcap,
+        hard_weight=hard_weight,
+        t2_scale=t2_scale,
+        ignore_index=ignore_index,
+        grad_scale=mean_grad_scale(
+            n_rows, device, labels, ignore_index, reduction, num_items_in_batch
+        ),
+    )
     loss, *_ = fused_linear_kd_loss_fused(
-        hidden, student_weight, student_bias, t_hidden,
+        hidden,
+        student_weight,
+        student_bias,
+        t_hidden,
         None if teacher_weight is None else teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
         None if teacher_logits is None else teacher_logits.detach(),
-        flat_labels, None, cfg.divergence, cfg.temperature, cfg.softcap, cfg.soft_weight,
-        cfg.hard_weight, cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, cfg.grad_scale,
-        float(logit_scale), float(teacher_logit_scale), int(chunk_size),
-        accum_dtype == torch.float32, reduce, name, *(need if reduce else (False,) * 3))
+        flat_labels,
+        None,
+        cfg.divergence,
+        cfg.temperature,
+        cfg.softcap,
+        cfg.soft_weight,
+        cfg.hard_weight,
+        cfg.ignore_index,
+        cfg.log_wp,
+        cfg.log_wq,
+        cfg.coef,
+        cfg.grad_scale,
+        float(logit_scale),
+        float(teacher_logit_scale),
+        int(chunk_size),
+        accum_dtype == torch.float32,
+        reduce,
+        name,
+        *(need if reduce else (False,) * 3),
+    )
     if not reduce:
         return loss.reshape(lead)
     valid = None if labels is None else labels != ignore_index
     return reduce_total(loss, n_rows, valid, reduction, num_items_in_batch)
 
 
-def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                                targets: SparseTargets, *,
-                                student_bias: torch.Tensor | None = None,
-                                chunk_size: int | None = None, memory_budget: int | None = None,
-                                logit_scale: float = 1.0, accum_dtype: torch.dtype | None = None,
-                                temperature: float = 1.0, labels: torch.Tensor | None = None,
-                                ignore_index: int = -100, hard_weight: float = 0.0,
-                                t2_scale: bool = False, reduction: str = "mean",
-                                num_items_in_batch: int | torch.Tensor | None = None,
-                                backend: str = "auto") -> torch.Tensor:
+def fused_linear_sparse_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: SparseTargets,
+    *,
+    student_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    logit_scale: float = 1.0,
+    accum_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    t2_scale: bool = False,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """:func:`fastkd.sparse_kd_loss` of the student's lm_head output, without materializing its
     ``[N, V]`` logits: chunked like :func:`fastkd.fused_linear_kd_loss` (same ``chunk_size``,
     ``memory_budget``, ``logit_scale``, ``accum_dtype``, autocast and reduction behaviour).
@@ -388,53 +719,95 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
     check_head("student", student_hidden, student_weight, student_bias)
     lead, device = student_hidden.shape[:-1], student_hidden.device
     vocab = check_targets(targets, lead, device, student_weight.shape[0], "student_hidden")
-    check_sparse_options(temperature=temperature, ignore_index=ignore_index,
-                         hard_weight=hard_weight, reduction=reduction,
-                         num_items_in_batch=num_items_in_batch, has_labels=labels is not None)
+    check_sparse_options(
+        temperature=temperature,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        has_labels=labels is not None,
+    )
     check_labels(labels, lead, device, vocab, ignore_index, "student_hidden")
     check_chunking(chunk_size, memory_budget, accum_dtype)
     check_scale("logit_scale", logit_scale)
     student_hidden, student_weight, student_bias = autocast_operands(
-        [student_hidden, student_weight, student_bias], device.type)
-    loss_kwargs = dict(temperature=temperature, labels=labels, ignore_index=ignore_index,
-                       hard_weight=hard_weight, t2_scale=t2_scale, reduction=reduction,
-                       num_items_in_batch=num_items_in_batch)
+        [student_hidden, student_weight, student_bias], device.type
+    )
+    loss_kwargs = dict(
+        temperature=temperature,
+        labels=labels,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        t2_scale=t2_scale,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )
     dtypes = (student_hidden.dtype,)
     name = resolve_backend("sparse_kd_loss", backend, device, dtypes=dtypes)
     if name == "torch":
         logits = linear_logits(student_hidden, student_weight, student_bias, logit_scale)
         return sparse_kd_loss_reference(logits, targets, **loss_kwargs)
     if not accepts("sparse_kd_loss", name, dtypes=dtypes):
-        raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 operands; got "
-                         f"{student_hidden.dtype}; use backend='torch'")
+        raise ValueError(
+            f"backend {name!r} takes float32/bfloat16/float16 operands; got "
+            f"{student_hidden.dtype}; use backend='torch'"
+        )
 
     n_rows = lead.numel()
     hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
     k = targets.num_slots
-    ids, weights = merge_duplicate_ids(targets.ids.reshape(n_rows, k),
-                                       targets.weights.detach().reshape(n_rows, k))
+    ids, weights = merge_duplicate_ids(
+        targets.ids.reshape(n_rows, k), targets.weights.detach().reshape(n_rows, k)
+    )
     ids, weights = ids.contiguous(), weights.contiguous()
-    tail = (None if targets.tail_mass is None
-            else targets.tail_mass.detach().reshape(n_rows).contiguous())
+    tail = (
+        None
+        if targets.tail_mass is None
+        else targets.tail_mass.detach().reshape(n_rows).contiguous()
+    )
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     grad_on = torch.is_grad_enabled()
-    need = [grad_on and t is not None and t.requires_grad
-            for t in (hidden, student_weight, student_bias)]
+    need = [
+        grad_on and t is not None and t.requires_grad
+        for t in (hidden, student_weight, student_bias)
+    ]
     reduce = reduction != "none"
     vocab_s = student_weight.shape[0]
     if chunk_size is None:
         low_precision_grad = device.type == "cuda" and student_weight.dtype != torch.float32
         chunk_size = resolve_chunk_size(
-            n_rows, vocab_s, None, low_precision_grad,
-            memory_budget if memory_budget is not None else default_memory_budget(device))
+            n_rows,
+            vocab_s,
+            None,
+            low_precision_grad,
+            memory_budget if memory_budget is not None else default_memory_budget(device),
+        )
     soft_weight = (1.0 - hard_weight) * (temperature * temperature if t2_scale else 1.0)
-    grad_scale = mean_grad_scale(n_rows, device, labels, ignore_index, reduction,
-                                 num_items_in_batch)
+    grad_scale = mean_grad_scale(
+        n_rows, device, labels, ignore_index, reduction, num_items_in_batch
+    )
     loss, *_ = fused_linear_sparse_kd_loss_fused(
-        hidden, student_weight, student_bias, ids, weights, tail, flat_labels, None, vocab,
-        float(temperature), float(soft_weight), float(hard_weight), int(ignore_index),
-        float(grad_scale), float(logit_scale), int(chunk_size), accum_dtype == torch.float32,
-        reduce, name, *(need if reduce else (False,) * 3))
+        hidden,
+        student_weight,
+        student_bias,
+        ids,
+        weights,
+        tail,
+        flat_labels,
+        None,
+        vocab,
+        float(temperature),
+        float(soft_weight),
+        float(hard_weight),
+        int(ignore_index),
+        float(grad_scale),
+        float(logit_scale),
+        int(chunk_size),
+        accum_dtype == torch.float32,
+        reduce,
+        name,
+        *(need if reduce else (False,) * 3),
+    )
     if not reduce:
         return loss.reshape(lead)
     valid = None if labels is None else labels != ignore_index

@@ -23,22 +23,39 @@ from typing import NamedTuple
 import torch
 
 from ..reference.fused_linear_logprobs import fused_linear_logprobs_reference
-from ._chunked_lm_head import (autocast_operands, check_chunking, check_head, check_scale,
-                               default_memory_budget, register_recompute_autograd,
-                               resolve_chunk_size, run_chunks)
+from ._chunked_lm_head import (
+    autocast_operands,
+    check_chunking,
+    check_head,
+    check_scale,
+    default_memory_budget,
+    register_recompute_autograd,
+    resolve_chunk_size,
+    run_chunks,
+)
 from ._checks import check_kernel_float
 from ._launch import launch
-from ._registry import (backend_spec, native_backend, reference_backend, register_op,
-                        resolve_backend, triton_backend)
+from ._registry import (
+    backend_spec,
+    native_backend,
+    reference_backend,
+    register_op,
+    resolve_backend,
+    triton_backend,
+)
 
 __all__ = ["TokenLogProbs", "check_token_targets", "fused_linear_logprobs"]
 
 # The row kernels read fp32 chunk logits. ``torch``: the same chunks with PyTorch row math.
-register_op("fused_linear_logprobs", [
-    reference_backend(),
-    native_backend("cpu", "fused_linear_logprobs_cpu"),
-    triton_backend("fused_linear_logprobs"),
-], auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")})
+register_op(
+    "fused_linear_logprobs",
+    [
+        reference_backend(),
+        native_backend("cpu", "fused_linear_logprobs_cpu"),
+        triton_backend("fused_linear_logprobs"),
+    ],
+    auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+)
 
 # The torch row math holds about four fp32 [C, V] temporaries next to the chunk's logits.
 _TORCH_ROW_TEMPORARIES = 4
@@ -52,34 +69,47 @@ class TokenLogProbs(NamedTuple):
     entropy: torch.Tensor | None
 
 
-def check_token_targets(targets, lead: torch.Size, device: torch.device, vocab: int,
-                        ignore_index: int, what: str = "hidden") -> None:
+def check_token_targets(
+    targets,
+    lead: torch.Size,
+    device: torch.device,
+    vocab: int,
+    ignore_index: int,
+    what: str = "hidden",
+) -> None:
     """``targets`` is an integer tensor of shape ``lead`` on ``device`` with entries in
     [0, vocab) or equal to ``ignore_index`` (range checked on CPU, where it costs no sync)."""
     if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor of token ids; got "
-                        f"{type(targets).__name__}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or \
-            targets.dtype == torch.bool:
+        raise TypeError(
+            f"targets must be a torch.Tensor of token ids; got {type(targets).__name__}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor; got dtype {targets.dtype}")
     if targets.shape != lead:
-        raise ValueError(f"targets must have the leading shape {tuple(lead)} of {what}; got "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have the leading shape {tuple(lead)} of {what}; got "
+            f"{tuple(targets.shape)}"
+        )
     if targets.device != device:
         raise ValueError(f"targets are on {targets.device} but {what} on {device}")
     if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
         bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
         if bool(bad.any()):
-            raise ValueError(f"targets must lie in [0, {vocab}) (the head's rows) or equal "
-                             f"ignore_index={ignore_index}; got {targets[bad][:5].tolist()}")
+            raise ValueError(
+                f"targets must lie in [0, {vocab}) (the head's rows) or equal "
+                f"ignore_index={ignore_index}; got {targets[bad][:5].tolist()}"
+            )
 
 
 def _check_options(temperature, ignore_index, with_entropy) -> None:
     check_kernel_float("temperature", temperature)
     if not float(temperature) > 0.0:
         raise ValueError(f"temperature must be > 0; got {temperature!r}")
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool) or \
-            not -2**63 <= ignore_index < 2**63:
+    if (
+        not isinstance(ignore_index, numbers.Integral)
+        or isinstance(ignore_index, bool)
+        or not -(2**63) <= ignore_index < 2**63
+    ):
         raise ValueError(f"ignore_index must be an int64; got {ignore_index!r}")
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be a bool; got {with_entropy!r}")
@@ -87,8 +117,10 @@ def _check_options(temperature, ignore_index, with_entropy) -> None:
 
 # ---- row kernels ---------------------------------------------------------------------------
 
-def _torch_rows(z, targets, row_grads, logprob, lse, entropy, *, temperature, ignore_index,
-                grad_scale):
+
+def _torch_rows(
+    z, targets, row_grads, logprob, lse, entropy, *, temperature, ignore_index, grad_scale
+):
     """The row math in PyTorch on fp32 chunk logits ``z`` ``[C, V]`` (gradient over ``z``)."""
     a = z / temperature
     row_lse = torch.logsumexp(a, -1)
@@ -113,81 +145,174 @@ def _torch_rows(z, targets, row_grads, logprob, lse, entropy, *, temperature, ig
     z.copy_(grad.mul_(grad_scale / temperature))
 
 
-def _launch_rows(backend, z, targets, row_grads, logprob, lse, entropy, *, temperature,
-                 ignore_index, grad_scale):
+def _launch_rows(
+    backend, z, targets, row_grads, logprob, lse, entropy, *, temperature, ignore_index, grad_scale
+):
     """One row kernel over the chunk's fp32 logits ``z`` ``[C, V]`` (contiguous rows)."""
     if backend_spec("fused_linear_logprobs", backend).is_reference:
-        _torch_rows(z, targets, row_grads, logprob, lse, entropy, temperature=temperature,
-                    ignore_index=ignore_index, grad_scale=grad_scale)
+        _torch_rows(
+            z,
+            targets,
+            row_grads,
+            logprob,
+            lse,
+            entropy,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            grad_scale=grad_scale,
+        )
         return
     if backend == "triton":
         from ..triton.fused_linear_logprobs import logprob_rows
-        logprob_rows(z, targets, row_grads, logprob, lse, entropy, temperature=temperature,
-                     ignore_index=ignore_index, grad_scale=grad_scale)
+
+        logprob_rows(
+            z,
+            targets,
+            row_grads,
+            logprob,
+            lse,
+            entropy,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            grad_scale=grad_scale,
+        )
         return
-    launch("fused_linear_logprobs_cpu", args="LogprobRowsArgs", logits=z,
-           row_stride=z.stride(0), n_rows=z.shape[0], vocab=z.shape[1], targets=targets,
-           row_grads=row_grads, logprob=logprob, lse=lse, entropy=entropy,
-           temperature=temperature, ignore_index=ignore_index, grad_scale=grad_scale,
-           run=dict(num_threads=torch.get_num_threads()))
+    launch(
+        "fused_linear_logprobs_cpu",
+        args="LogprobRowsArgs",
+        logits=z,
+        row_stride=z.stride(0),
+        n_rows=z.shape[0],
+        vocab=z.shape[1],
+        targets=targets,
+        row_grads=row_grads,
+        logprob=logprob,
+        lse=lse,
+        entropy=entropy,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        grad_scale=grad_scale,
+        run=dict(num_threads=torch.get_num_threads()),
+    )
 
 
 # ---- the custom op -------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastkd::fused_linear_logprobs_fused", mutates_args=())
 def fused_linear_logprobs_fused(
-        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-        targets: torch.Tensor, row_grads: torch.Tensor | None, temperature: float,
-        ignore_index: int, logit_scale: float, chunk_size: int, accum_fp32: bool,
-        with_entropy: bool, backend: str, need_hidden: bool, need_weight: bool, need_bias: bool
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                   torch.Tensor]:
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    row_grads: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    logit_scale: float,
+    chunk_size: int,
+    accum_fp32: bool,
+    with_entropy: bool,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprob [N], lse [N], entropy [N] or empty, grad_hidden, grad_weight, grad_bias).
 
     ``hidden`` ``[N, H]``, ``targets`` ``[N]`` int64; ``row_grads`` ``[N, 3]`` fp32, the
     incoming gradients of the three outputs, or None (outputs only; no gradients)."""
     n_rows = hidden.shape[0]
     lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-    entropy = (torch.empty(n_rows, dtype=torch.float32, device=hidden.device) if with_entropy
-               else lse.new_empty(0))
+    entropy = (
+        torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        if with_entropy
+        else lse.new_empty(0)
+    )
 
     def rows(z, begin, end, logprob, need_grad):
-        _launch_rows(backend, z, targets[begin:end],
-                     row_grads[begin:end] if need_grad else None, logprob, lse[begin:end],
-                     entropy[begin:end] if with_entropy else None, temperature=temperature,
-                     ignore_index=ignore_index, grad_scale=logit_scale)
+        _launch_rows(
+            backend,
+            z,
+            targets[begin:end],
+            row_grads[begin:end] if need_grad else None,
+            logprob,
+            lse[begin:end],
+            entropy[begin:end] if with_entropy else None,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            grad_scale=logit_scale,
+        )
 
     with torch.autocast(hidden.device.type, enabled=False):
-        logprob, *grads = run_chunks(hidden, weight, bias, rows, None, logit_scale, chunk_size,
-                                     accum_fp32, need_hidden, need_weight, need_bias)
+        logprob, *grads = run_chunks(
+            hidden,
+            weight,
+            bias,
+            rows,
+            None,
+            logit_scale,
+            chunk_size,
+            accum_fp32,
+            need_hidden,
+            need_weight,
+            need_bias,
+        )
     return logprob, lse, entropy, *grads
 
 
 @fused_linear_logprobs_fused.register_fake
-def _(hidden, weight, bias, targets, row_grads, temperature, ignore_index, logit_scale,
-      chunk_size, accum_fp32, with_entropy, backend, need_hidden, need_weight, need_bias):
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    row_grads,
+    temperature,
+    ignore_index,
+    logit_scale,
+    chunk_size,
+    accum_fp32,
+    with_entropy,
+    backend,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
     n_rows = hidden.shape[0]
     row = hidden.new_empty(n_rows, dtype=torch.float32)
-    return (row, torch.empty_like(row), torch.empty_like(row) if with_entropy
-            else row.new_empty(0),
-            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0),
-            torch.empty_like(bias) if need_bias else weight.new_empty(0))
+    return (
+        row,
+        torch.empty_like(row),
+        torch.empty_like(row) if with_entropy else row.new_empty(0),
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+        torch.empty_like(bias) if need_bias else weight.new_empty(0),
+    )
 
 
-register_recompute_autograd(fused_linear_logprobs_fused, n_args=15, n_row_outputs=3,
-                            row_grads_arg=4)
+register_recompute_autograd(
+    fused_linear_logprobs_fused, n_args=15, n_row_outputs=3, row_grads_arg=4
+)
 
 
 # ---- public entry point --------------------------------------------------------------------
 
-def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                          bias: torch.Tensor | None = None, temperature: float = 1.0,
-                          logit_scale: float = 1.0, ignore_index: int = -100,
-                          with_entropy: bool = False, chunk_size: int | None = None,
-                          memory_budget: int | None = None,
-                          accum_dtype: torch.dtype | None = None,
-                          backend: str = "auto") -> TokenLogProbs:
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    ignore_index: int = -100,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> TokenLogProbs:
     """Log-probabilities of ``targets`` under the lm_head's tempered softmax, without forming
     the ``[N, V]`` logits.
 
@@ -223,11 +348,20 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     spec = backend_spec("fused_linear_logprobs", name)
     if torch.float64 in dtypes:
         if not spec.float64:
-            raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 operands; got "
-                             f"{list(dtypes)}; use backend='torch'")
+            raise ValueError(
+                f"backend {name!r} takes float32/bfloat16/float16 operands; got "
+                f"{list(dtypes)}; use backend='torch'"
+            )
         logprob, lse, entropy = fused_linear_logprobs_reference(
-            hidden, weight, targets, bias, logit_scale=logit_scale, temperature=temperature,
-            ignore_index=ignore_index, with_entropy=with_entropy)
+            hidden,
+            weight,
+            targets,
+            bias,
+            logit_scale=logit_scale,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=with_entropy,
+        )
         return TokenLogProbs(logprob, lse, entropy)
 
     n_rows = lead.numel()
@@ -238,11 +372,24 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         if spec.is_reference:
             budget = max(1, budget // _TORCH_ROW_TEMPORARIES)
         low_precision_grad = device.type == "cuda" and weight.dtype != torch.float32
-        chunk_size = resolve_chunk_size(n_rows, weight.shape[0], None, low_precision_grad,
-                                        budget)
+        chunk_size = resolve_chunk_size(n_rows, weight.shape[0], None, low_precision_grad, budget)
     logprob, lse, entropy, *_ = fused_linear_logprobs_fused(
-        flat_hidden, weight, bias, flat_targets, None, float(temperature), int(ignore_index),
-        float(logit_scale), int(chunk_size), accum_dtype == torch.float32, with_entropy, name,
-        False, False, False)
-    return TokenLogProbs(logprob.reshape(lead), lse.reshape(lead),
-                         entropy.reshape(lead) if with_entropy else None)
+        flat_hidden,
+        weight,
+        bias,
+        flat_targets,
+        None,
+        float(temperature),
+        int(ignore_index),
+        float(logit_scale),
+        int(chunk_size),
+        accum_dtype == torch.float32,
+        with_entropy,
+        name,
+        False,
+        False,
+        False,
+    )
+    return TokenLogProbs(
+        logprob.reshape(lead), lse.reshape(lead), entropy.reshape(lead) if with_entropy else None
+    )

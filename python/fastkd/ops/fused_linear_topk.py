@@ -18,21 +18,31 @@ import torch
 
 from ..reference.fused_linear_logprobs import fused_linear_topk_reference
 from ..sparse.targets import SparseTargets
-from ._chunked_lm_head import (autocast_operands, check_chunking, check_head, check_scale,
-                               default_memory_budget, resolve_chunk_size, run_chunks)
+from ._chunked_lm_head import (
+    autocast_operands,
+    check_chunking,
+    check_head,
+    check_scale,
+    default_memory_budget,
+    resolve_chunk_size,
+    run_chunks,
+)
 from ._checks import check_kernel_float
 from ._launch import launch
-from ._registry import (backend_spec, native_backend, reference_backend, register_op,
-                        resolve_backend)
+from ._registry import backend_spec, native_backend, reference_backend, register_op, resolve_backend
 
 __all__ = ["fused_linear_topk"]
 
 # No GPU kernel: on CUDA the ``torch`` backend runs the same chunks with torch.topk and masked
 # log-sum-exps.
-register_op("fused_linear_topk", [
-    reference_backend(),
-    native_backend("cpu", "fused_linear_topk_cpu"),
-], auto={"cpu": ("cpu", "torch")})
+register_op(
+    "fused_linear_topk",
+    [
+        reference_backend(),
+        native_backend("cpu", "fused_linear_topk_cpu"),
+    ],
+    auto={"cpu": ("cpu", "torch")},
+)
 
 # The torch row math holds about three fp32 [C, V] temporaries next to the chunk's logits.
 _TORCH_ROW_TEMPORARIES = 3
@@ -40,8 +50,9 @@ _TORCH_ROW_TEMPORARIES = 3
 
 def _check_k(k, vocab: int) -> None:
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= vocab:
-        raise ValueError(f"k must be an int in [1, V] = [1, {vocab}] (V: the weight's rows); "
-                         f"got {k!r}")
+        raise ValueError(
+            f"k must be an int in [1, V] = [1, {vocab}] (V: the weight's rows); got {k!r}"
+        )
 
 
 def _torch_rows(z, ids, logprobs, log_tail, lse, *, k, temperature):
@@ -59,17 +70,34 @@ def _launch_rows(backend, z, ids, logprobs, log_tail, lse, *, k, temperature):
     if backend_spec("fused_linear_topk", backend).is_reference:
         _torch_rows(z, ids, logprobs, log_tail, lse, k=k, temperature=temperature)
         return
-    launch("fused_linear_topk_cpu", args="TopkRowsArgs", logits=z, row_stride=z.stride(0),
-           n_rows=z.shape[0], vocab=z.shape[1], k=k, ids=ids, logprobs=logprobs,
-           log_tail=log_tail, lse=lse, temperature=temperature,
-           run=dict(num_threads=torch.get_num_threads()))
+    launch(
+        "fused_linear_topk_cpu",
+        args="TopkRowsArgs",
+        logits=z,
+        row_stride=z.stride(0),
+        n_rows=z.shape[0],
+        vocab=z.shape[1],
+        k=k,
+        ids=ids,
+        logprobs=logprobs,
+        log_tail=log_tail,
+        lse=lse,
+        temperature=temperature,
+        run=dict(num_threads=torch.get_num_threads()),
+    )
 
 
 @torch.library.custom_op("fastkd::fused_linear_topk_fused", mutates_args=())
-def fused_linear_topk_fused(hidden: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor | None, k: int, temperature: float,
-                            logit_scale: float, chunk_size: int, backend: str
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_linear_topk_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    temperature: float,
+    logit_scale: float,
+    chunk_size: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids [N, k] int64, logprobs [N, k] fp32, log_tail [N] fp32, lse [N] fp32) of
     ``hidden`` ``[N, H]``; ids in decreasing log-prob."""
     n_rows = hidden.shape[0]
@@ -78,12 +106,21 @@ def fused_linear_topk_fused(hidden: torch.Tensor, weight: torch.Tensor,
     lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
 
     def rows(z, begin, end, log_tail, need_grad):
-        _launch_rows(backend, z, ids[begin:end], logprobs[begin:end], log_tail, lse[begin:end],
-                     k=k, temperature=temperature)
+        _launch_rows(
+            backend,
+            z,
+            ids[begin:end],
+            logprobs[begin:end],
+            log_tail,
+            lse[begin:end],
+            k=k,
+            temperature=temperature,
+        )
 
     with torch.autocast(hidden.device.type, enabled=False):
-        log_tail, *_ = run_chunks(hidden, weight, bias, rows, None, logit_scale, chunk_size,
-                                  False, False, False, False)
+        log_tail, *_ = run_chunks(
+            hidden, weight, bias, rows, None, logit_scale, chunk_size, False, False, False, False
+        )
     return ids, logprobs, log_tail, lse
 
 
@@ -91,8 +128,12 @@ def fused_linear_topk_fused(hidden: torch.Tensor, weight: torch.Tensor,
 def _(hidden, weight, bias, k, temperature, logit_scale, chunk_size, backend):
     n_rows = hidden.shape[0]
     row = hidden.new_empty(n_rows, dtype=torch.float32)
-    return (hidden.new_empty(n_rows, k, dtype=torch.int64),
-            hidden.new_empty(n_rows, k, dtype=torch.float32), row, torch.empty_like(row))
+    return (
+        hidden.new_empty(n_rows, k, dtype=torch.int64),
+        hidden.new_empty(n_rows, k, dtype=torch.float32),
+        row,
+        torch.empty_like(row),
+    )
 
 
 def _as_targets(ids, logprobs, log_tail, vocab: int, k: int) -> SparseTargets:
@@ -102,15 +143,27 @@ def _as_targets(ids, logprobs, log_tail, vocab: int, k: int) -> SparseTargets:
         ids=torch.where(has_mass, ids, -1).to(torch.int32),
         weights=torch.where(has_mass, logprobs.exp(), 0.0).float(),
         logprobs=torch.where(has_mass, logprobs, 0.0).float(),
-        tail_mass=log_tail.exp().float(), vocab_size=vocab, num_samples=k, method="topk",
-        tail="bucket")
+        tail_mass=log_tail.exp().float(),
+        vocab_size=vocab,
+        num_samples=k,
+        method="topk",
+        tail="bucket",
+    )
 
 
-def fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, *, k: int,
-                      bias: torch.Tensor | None = None, temperature: float = 1.0,
-                      logit_scale: float = 1.0, chunk_size: int | None = None,
-                      memory_budget: int | None = None, return_stats: bool = False,
-                      backend: str = "auto"):
+def fused_linear_topk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    k: int,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    return_stats: bool = False,
+    backend: str = "auto",
+):
     """The k most probable ids per token under the lm_head's tempered softmax, their
     probabilities and the exact mass outside them, as ``tail="bucket"`` ``SparseTargets``.
 
@@ -147,27 +200,37 @@ def fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, *, k: int,
     check_scale("logit_scale", logit_scale)
     lead, device = hidden.shape[:-1], hidden.device
     hidden, weight, bias = autocast_operands(
-        [t if t is None else t.detach() for t in (hidden, weight, bias)], device.type)
+        [t if t is None else t.detach() for t in (hidden, weight, bias)], device.type
+    )
     dtypes = tuple(t.dtype for t in (hidden, weight, bias) if t is not None)
     name = resolve_backend("fused_linear_topk", backend, device, dtypes=dtypes)
     spec = backend_spec("fused_linear_topk", name)
     if torch.float64 in dtypes:
         if not spec.float64:
-            raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 operands; got "
-                             f"{list(dtypes)}; use backend='torch'")
+            raise ValueError(
+                f"backend {name!r} takes float32/bfloat16/float16 operands; got "
+                f"{list(dtypes)}; use backend='torch'"
+            )
         ids, logprobs, log_tail, lse = fused_linear_topk_reference(
-            hidden, weight, bias, k=k, temperature=temperature, logit_scale=logit_scale)
+            hidden, weight, bias, k=k, temperature=temperature, logit_scale=logit_scale
+        )
     else:
         n_rows = lead.numel()
         if chunk_size is None:
-            budget = (memory_budget if memory_budget is not None
-                      else default_memory_budget(device))
+            budget = memory_budget if memory_budget is not None else default_memory_budget(device)
             if spec.is_reference:
                 budget = max(1, budget // _TORCH_ROW_TEMPORARIES)
             chunk_size = resolve_chunk_size(n_rows, vocab, None, False, budget)
         ids, logprobs, log_tail, lse = fused_linear_topk_fused(
-            hidden.reshape(n_rows, hidden.shape[-1]), weight, bias, int(k), float(temperature),
-            float(logit_scale), int(chunk_size), name)
+            hidden.reshape(n_rows, hidden.shape[-1]),
+            weight,
+            bias,
+            int(k),
+            float(temperature),
+            float(logit_scale),
+            int(chunk_size),
+            name,
+        )
     targets = _as_targets(ids, logprobs, log_tail, vocab, k).reshape(*lead)
     if return_stats:
         return targets, log_tail.float().reshape(lead), lse.float().reshape(lead)

@@ -16,8 +16,13 @@ import torch
 
 from ..reference.kd_loss import kd_loss_reference
 from ._checks import check_kd_options, check_labels, check_logits
-from ._fused_rows import (grad_buffer, mean_grad_scale, pick_backend, reduce_rows,
-                          register_stored_grad_autograd)
+from ._fused_rows import (
+    grad_buffer,
+    mean_grad_scale,
+    pick_backend,
+    reduce_rows,
+    register_stored_grad_autograd,
+)
 from ._kd_config import KdConfig, make_kd_config
 from ._kd_rows import launch_kd_rows
 from ._vocab_mismatch import match_student_logits
@@ -25,44 +30,112 @@ from ._vocab_mismatch import match_student_logits
 __all__ = ["kd_loss"]
 
 
-def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels, *, divergence,
-                  temperature, beta, alpha, ignore_index, hard_weight, softcap, reduction,
-                  num_items_in_batch, vocab_mismatch) -> None:
+def _check_inputs(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels,
+    *,
+    divergence,
+    temperature,
+    beta,
+    alpha,
+    ignore_index,
+    hard_weight,
+    softcap,
+    reduction,
+    num_items_in_batch,
+    vocab_mismatch,
+) -> None:
     check_logits("student_logits", student)
     check_logits("teacher_logits", teacher)
     if student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(
             f"student_logits and teacher_logits must have the same leading shape; got "
-            f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     if student.device != teacher.device:
-        raise ValueError(f"student_logits is on {student.device} but teacher_logits on {teacher.device}")
-    check_kd_options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                     ignore_index=ignore_index, hard_weight=hard_weight, softcap=softcap,
-                     reduction=reduction, num_items_in_batch=num_items_in_batch,
-                     has_labels=labels is not None, vocab_mismatch=vocab_mismatch)
-    check_labels(labels, student.shape[:-1], student.device,
-                 min(student.shape[-1], teacher.shape[-1]), ignore_index)
+        raise ValueError(
+            f"student_logits is on {student.device} but teacher_logits on {teacher.device}"
+        )
+    check_kd_options(
+        divergence=divergence,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        softcap=softcap,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        has_labels=labels is not None,
+        vocab_mismatch=vocab_mismatch,
+    )
+    check_labels(
+        labels,
+        student.shape[:-1],
+        student.device,
+        min(student.shape[-1], teacher.shape[-1]),
+        ignore_index,
+    )
 
 
 # ---- the fused op ---------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastkd::kd_loss_fused", mutates_args=())
-def kd_loss_fused(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-                  divergence: int, temperature: float, softcap: float, soft_weight: float,
-                  hard_weight: float, ignore_index: int, log_wp: float, log_wq: float,
-                  coef: float, grad_scale: float, backend: str, need_grad: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def kd_loss_fused(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    divergence: int,
+    temperature: float,
+    softcap: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    log_wp: float,
+    log_wq: float,
+    coef: float,
+    grad_scale: float,
+    backend: str,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
     shape and dtype; empty on CPU when not ``need_grad``). The second output is returned so that
     autograd can save it: the backward rescales it in place and returns it as the gradient."""
-    cfg = KdConfig(divergence, temperature, softcap, soft_weight, hard_weight, ignore_index,
-                   log_wp, log_wq, coef, grad_scale)
+    cfg = KdConfig(
+        divergence,
+        temperature,
+        softcap,
+        soft_weight,
+        hard_weight,
+        ignore_index,
+        log_wp,
+        log_wq,
+        coef,
+        grad_scale,
+    )
     return launch_kd_rows(student, teacher, labels, cfg, backend, need_grad)
 
 
 @kd_loss_fused.register_fake
-def _(student, teacher, labels, divergence, temperature, softcap, soft_weight, hard_weight,
-      ignore_index, log_wp, log_wq, coef, grad_scale, backend, need_grad):
+def _(
+    student,
+    teacher,
+    labels,
+    divergence,
+    temperature,
+    softcap,
+    soft_weight,
+    hard_weight,
+    ignore_index,
+    log_wp,
+    log_wq,
+    coef,
+    grad_scale,
+    backend,
+    need_grad,
+):
     loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
     return loss, grad_buffer(student, need_grad, backend)
 
@@ -72,22 +145,35 @@ register_stored_grad_autograd(kd_loss_fused, n_args=15, grad_scale_arg=12)
 
 # ---- public entry point ---------------------------------------------------------------------
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-            divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
-            alpha: float = 0.1, labels: torch.Tensor | None = None, ignore_index: int = -100,
-            hard_weight: float = 0.0, t2_scale: bool = False, softcap: float | None = None,
-            reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
-            vocab_mismatch: str = "cut", backend: str = "auto") -> torch.Tensor:
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    t2_scale: bool = False,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    vocab_mismatch: str = "cut",
+    backend: str = "auto",
+) -> torch.Tensor:
     """Distillation loss between student and teacher logits, fused with the softmax.
 
     Args:
         student_logits: ``[..., V_s]`` float32/bfloat16/float16 (float64: ``torch`` backend).
         teacher_logits: ``[..., V_t]``, same leading shape; no gradient flows to it through the
-            fused backends. Where V_s != V_t, see ``vocab_mismatch``. ``-inf`` logits mark tokens outside the support
-            (0 log 0 = 0). A counted token where either model has no softmax over the prefix
-            (all ``-inf``, or a NaN / ``+inf`` logit, after ``softcap`` where set: it maps
-            +-inf to +-c) gets loss NaN and gradient NaN, as plain PyTorch gives; an ignored
-            one stays 0.
+            fused backends. Where V_s != V_t, see ``vocab_mismatch``. ``-inf`` logits mark
+            tokens outside the support (0 log 0 = 0). A counted token where either model has
+            no softmax over the prefix (all ``-inf``, or a NaN / ``+inf`` logit, after
+            ``softcap`` where set: it maps +-inf to +-c) gets loss NaN and gradient NaN, as
+            plain PyTorch gives; an ignored one stays 0.
         divergence: a name in ``fastkd.DIVERGENCES``, which describes each (its formula, the
             parameters it reads and the edge cases where it equals another), e.g. ``"fkl"``
             KL(p||q) (the default; Liger-Kernel's fused JSD losses default to JSD instead),
@@ -122,28 +208,69 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         float32 loss (float64 for float64 inputs): a scalar, or the leading shape for
         ``reduction="none"``. Units: nats per token (times T^2 with ``t2_scale``).
     """
-    _check_inputs(student_logits, teacher_logits, labels, divergence=divergence,
-                  temperature=temperature, beta=beta, alpha=alpha, ignore_index=ignore_index,
-                  hard_weight=hard_weight, softcap=softcap, reduction=reduction,
-                  num_items_in_batch=num_items_in_batch, vocab_mismatch=vocab_mismatch)
+    _check_inputs(
+        student_logits,
+        teacher_logits,
+        labels,
+        divergence=divergence,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        softcap=softcap,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        vocab_mismatch=vocab_mismatch,
+    )
     student_logits = match_student_logits(student_logits, teacher_logits.shape[-1], vocab_mismatch)
     device = student_logits.device
     name = pick_backend("kd_loss", backend, student_logits, teacher_logits)
-    kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                  labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
-                  t2_scale=t2_scale, softcap=softcap, reduction=reduction,
-                  num_items_in_batch=num_items_in_batch)
+    kwargs = dict(
+        divergence=divergence,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        labels=labels,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        t2_scale=t2_scale,
+        softcap=softcap,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )
     if name == "torch":
         return kd_loss_reference(student_logits, teacher_logits, **kwargs)
     n_rows = student_logits.numel() // student_logits.shape[-1]
-    cfg = make_kd_config(divergence, temperature=temperature, beta=beta, alpha=alpha,
-                         softcap=softcap, hard_weight=hard_weight, t2_scale=t2_scale,
-                         ignore_index=ignore_index,
-                         grad_scale=mean_grad_scale(n_rows, device, labels, ignore_index,
-                                                    reduction, num_items_in_batch))
-    rows, _ = kd_loss_fused(student_logits, teacher_logits.detach(), labels, cfg.divergence,
-                            cfg.temperature, cfg.softcap, cfg.soft_weight, cfg.hard_weight,
-                            cfg.ignore_index, cfg.log_wp, cfg.log_wq, cfg.coef, cfg.grad_scale,
-                            name, torch.is_grad_enabled() and student_logits.requires_grad)
+    cfg = make_kd_config(
+        divergence,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        softcap=softcap,
+        hard_weight=hard_weight,
+        t2_scale=t2_scale,
+        ignore_index=ignore_index,
+        grad_scale=mean_grad_scale(
+            n_rows, device, labels, ignore_index, reduction, num_items_in_batch
+        ),
+    )
+    rows, _ = kd_loss_fused(
+        student_logits,
+        teacher_logits.detach(),
+        labels,
+        cfg.divergence,
+        cfg.temperature,
+        cfg.softcap,
+        cfg.soft_weight,
+        cfg.hard_weight,
+        cfg.ignore_index,
+        cfg.log_wp,
+        cfg.log_wq,
+        cfg.coef,
+        cfg.grad_scale,
+        name,
+        torch.is_grad_enabled() and student_logits.requires_grad,
+    )
     valid = None if labels is None else labels != ignore_index
     return reduce_rows(rows, valid, reduction, num_items_in_batch)

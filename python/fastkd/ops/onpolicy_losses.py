@@ -30,25 +30,34 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check(student_logprobs, teacher_logprobs, mask, estimator, reduction) -> None:
-    for name, t in (("student_logprobs", student_logprobs),
-                    ("teacher_logprobs", teacher_logprobs)):
+    for name, t in (("student_logprobs", student_logprobs), ("teacher_logprobs", teacher_logprobs)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}")
+            raise TypeError(
+                f"{name} must be a floating-point tensor; got "
+                f"{getattr(t, 'dtype', type(t).__name__)}"
+            )
     if teacher_logprobs.shape != student_logprobs.shape:
-        raise ValueError(f"teacher_logprobs {tuple(teacher_logprobs.shape)} must have the shape "
-                         f"of student_logprobs {tuple(student_logprobs.shape)}")
+        raise ValueError(
+            f"teacher_logprobs {tuple(teacher_logprobs.shape)} must have the shape "
+            f"of student_logprobs {tuple(student_logprobs.shape)}"
+        )
     if teacher_logprobs.device != student_logprobs.device:
-        raise ValueError(f"teacher_logprobs are on {teacher_logprobs.device} but "
-                         f"student_logprobs on {student_logprobs.device}")
+        raise ValueError(
+            f"teacher_logprobs are on {teacher_logprobs.device} but "
+            f"student_logprobs on {student_logprobs.device}"
+        )
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor or None; got "
-                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+            raise TypeError(
+                f"mask must be a bool tensor or None; got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}"
+            )
         if mask.shape != student_logprobs.shape or mask.device != student_logprobs.device:
-            raise ValueError(f"mask {tuple(mask.shape)} on {mask.device} must match "
-                             f"student_logprobs {tuple(student_logprobs.shape)} on "
-                             f"{student_logprobs.device}")
+            raise ValueError(
+                f"mask {tuple(mask.shape)} on {mask.device} must match "
+                f"student_logprobs {tuple(student_logprobs.shape)} on "
+                f"{student_logprobs.device}"
+            )
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}")
     if reduction not in _REDUCTIONS:
@@ -59,18 +68,24 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def sampled_reverse_kl_reward(student_logprobs: torch.Tensor,
-                              teacher_logprobs: torch.Tensor) -> torch.Tensor:
+def sampled_reverse_kl_reward(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor
+) -> torch.Tensor:
     """The per-token reward r = log p(x) - log q(x) of sampled tokens, detached (float32, or
     float64 for float64 inputs). -r is the k1 estimate of the token's reverse KL."""
     _check(student_logprobs, teacher_logprobs, None, "k1", "none")
     dtype = _compute_dtype(student_logprobs)
-    return (teacher_logprobs.detach().to(dtype) - student_logprobs.detach().to(dtype))
+    return teacher_logprobs.detach().to(dtype) - student_logprobs.detach().to(dtype)
 
 
-def sampled_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, *,
-                       estimator: str = "k3", mask: torch.Tensor | None = None,
-                       reduction: str = "mean") -> torch.Tensor:
+def sampled_reverse_kl(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    estimator: str = "k3",
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """A Monte-Carlo estimate of KL(q || p) from tokens sampled from the student q, as a loss.
 
     Args:
@@ -101,8 +116,9 @@ def sampled_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.T
         reward = r.detach()
         per_token = -reward - reward * (log_q - log_q.detach())
     if mask is not None:
-        per_token = torch.where(mask, per_token, torch.zeros((), dtype=dtype,
-                                                             device=per_token.device))
+        per_token = torch.where(
+            mask, per_token, torch.zeros((), dtype=dtype, device=per_token.device)
+        )
     if reduction == "none":
         return per_token
     total = per_token.sum()

@@ -17,45 +17,97 @@ import torch
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
 from ._checks import check_labels, check_logits
-from ._fused_rows import (grad_buffer, mean_grad_scale, reduce_rows,
-                          register_stored_grad_autograd)
+from ._fused_rows import grad_buffer, mean_grad_scale, reduce_rows, register_stored_grad_autograd
 from ._registry import accepts, resolve_backend
-from ._sparse_rows import (check_sparse_options, check_targets, launch_sparse_rows,
-                           merge_duplicate_ids)
+from ._sparse_rows import (
+    check_sparse_options,
+    check_targets,
+    launch_sparse_rows,
+    merge_duplicate_ids,
+)
 
 __all__ = ["sparse_kd_loss"]
 
 
-def _check_inputs(student: torch.Tensor, targets, labels, *, temperature, ignore_index,
-                  hard_weight, reduction, num_items_in_batch) -> None:
+def _check_inputs(
+    student: torch.Tensor,
+    targets,
+    labels,
+    *,
+    temperature,
+    ignore_index,
+    hard_weight,
+    reduction,
+    num_items_in_batch,
+) -> None:
     check_logits("student_logits", student)
     vocab = check_targets(targets, student.shape[:-1], student.device, student.shape[-1])
-    check_sparse_options(temperature=temperature, ignore_index=ignore_index,
-                         hard_weight=hard_weight, reduction=reduction,
-                         num_items_in_batch=num_items_in_batch, has_labels=labels is not None)
+    check_sparse_options(
+        temperature=temperature,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        has_labels=labels is not None,
+    )
     check_labels(labels, student.shape[:-1], student.device, vocab, ignore_index)
 
 
 # ---- the fused op ---------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastkd::sparse_kd_loss_fused", mutates_args=())
-def sparse_kd_loss_fused(student: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                         tail_mass: torch.Tensor | None, labels: torch.Tensor | None, vocab: int,
-                         temperature: float, soft_weight: float, hard_weight: float,
-                         ignore_index: int, grad_scale: float, backend: str, need_grad: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_kd_loss_fused(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    tail_mass: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    vocab: int,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    grad_scale: float,
+    backend: str,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
     shape and dtype; empty on CPU when not ``need_grad``), by one kernel. ``ids``/``weights``
     are the targets' ``[..., K]`` int32/fp32 slots, ``tail_mass`` ``[...]`` fp32 or None."""
-    return launch_sparse_rows(student, ids, weights, tail_mass, labels, vocab=vocab,
-                              temperature=temperature, soft_weight=soft_weight,
-                              hard_weight=hard_weight, ignore_index=ignore_index,
-                              grad_scale=grad_scale, backend=backend, need_grad=need_grad)
+    return launch_sparse_rows(
+        student,
+        ids,
+        weights,
+        tail_mass,
+        labels,
+        vocab=vocab,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        ignore_index=ignore_index,
+        grad_scale=grad_scale,
+        backend=backend,
+        need_grad=need_grad,
+    )
 
 
 @sparse_kd_loss_fused.register_fake
-def _(student, ids, weights, tail_mass, labels, vocab, temperature, soft_weight, hard_weight,
-      ignore_index, grad_scale, backend, need_grad):
+def _(
+    student,
+    ids,
+    weights,
+    tail_mass,
+    labels,
+    vocab,
+    temperature,
+    soft_weight,
+    hard_weight,
+    ignore_index,
+    grad_scale,
+    backend,
+    need_grad,
+):
     loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
     return loss, grad_buffer(student, need_grad, backend, "sparse_kd_loss")
 
@@ -65,11 +117,20 @@ register_stored_grad_autograd(sparse_kd_loss_fused, n_args=13, grad_scale_arg=10
 
 # ---- public entry point ---------------------------------------------------------------------
 
-def sparse_kd_loss(student_logits: torch.Tensor, targets: SparseTargets, *,
-                   temperature: float = 1.0, labels: torch.Tensor | None = None,
-                   ignore_index: int = -100, hard_weight: float = 0.0, t2_scale: bool = False,
-                   reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
-                   backend: str = "auto") -> torch.Tensor:
+
+def sparse_kd_loss(
+    student_logits: torch.Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    t2_scale: bool = False,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Distillation loss against sparse teacher targets, fused with the student's softmax.
 
     With a = z/T over the first V = min(V_s, targets.vocab_size) student columns,
@@ -123,30 +184,55 @@ def sparse_kd_loss(student_logits: torch.Tensor, targets: SparseTargets, *,
         float32 loss (float64 for float64 logits): a scalar, or the leading shape for
         ``reduction="none"``. Units: nats per token (times T^2 with ``t2_scale``).
     """
-    _check_inputs(student_logits, targets, labels, temperature=temperature,
-                  ignore_index=ignore_index, hard_weight=hard_weight, reduction=reduction,
-                  num_items_in_batch=num_items_in_batch)
+    _check_inputs(
+        student_logits,
+        targets,
+        labels,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )
     device = student_logits.device
     dtypes = (student_logits.dtype,)
     name = resolve_backend("sparse_kd_loss", backend, device, dtypes=dtypes)
-    kwargs = dict(temperature=temperature, labels=labels, ignore_index=ignore_index,
-                  hard_weight=hard_weight, t2_scale=t2_scale, reduction=reduction,
-                  num_items_in_batch=num_items_in_batch)
+    kwargs = dict(
+        temperature=temperature,
+        labels=labels,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        t2_scale=t2_scale,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )
     if name == "torch":
         return sparse_kd_loss_reference(student_logits, targets, **kwargs)
     if not accepts("sparse_kd_loss", name, dtypes=dtypes):
-        raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 student logits; got "
-                         f"{student_logits.dtype}; use backend='torch'")
+        raise ValueError(
+            f"backend {name!r} takes float32/bfloat16/float16 student logits; got "
+            f"{student_logits.dtype}; use backend='torch'"
+        )
     n_rows = student_logits.numel() // student_logits.shape[-1]
     soft_weight = (1.0 - hard_weight) * (temperature * temperature if t2_scale else 1.0)
-    grad_scale = mean_grad_scale(n_rows, device, labels, ignore_index, reduction,
-                                 num_items_in_batch)
+    grad_scale = mean_grad_scale(
+        n_rows, device, labels, ignore_index, reduction, num_items_in_batch
+    )
     ids, weights = merge_duplicate_ids(targets.ids, targets.weights.detach())
     rows, _ = sparse_kd_loss_fused(
-        student_logits, ids, weights,
-        None if targets.tail_mass is None else targets.tail_mass.detach(), labels,
-        min(student_logits.shape[-1], targets.vocab_size), float(temperature),
-        float(soft_weight), float(hard_weight), int(ignore_index), float(grad_scale), name,
-        torch.is_grad_enabled() and student_logits.requires_grad)
+        student_logits,
+        ids,
+        weights,
+        None if targets.tail_mass is None else targets.tail_mass.detach(),
+        labels,
+        min(student_logits.shape[-1], targets.vocab_size),
+        float(temperature),
+        float(soft_weight),
+        float(hard_weight),
+        int(ignore_index),
+        float(grad_scale),
+        name,
+        torch.is_grad_enabled() and student_logits.requires_grad,
+    )
     valid = None if labels is None else labels != ignore_index
     return reduce_rows(rows, valid, reduction, num_items_in_batch)

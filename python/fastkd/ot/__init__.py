@@ -14,5 +14,13 @@ from .losses import l1_cost, sequence_ot_loss, sinkd_loss
 from .sinkhorn_loss import sinkhorn_loss
 from .solver import SinkhornResult, sinkhorn
 
-__all__ = ["COSTS", "SinkhornResult", "l1_cost", "pairwise_cost", "sequence_ot_loss",
-           "sinkd_loss", "sinkhorn", "sinkhorn_loss"]
+__all__ = [
+    "COSTS",
+    "SinkhornResult",
+    "l1_cost",
+    "pairwise_cost",
+    "sequence_ot_loss",
+    "sinkd_loss",
+    "sinkhorn",
+    "sinkhorn_loss",
+]

@@ -18,8 +18,14 @@ import torch
 
 from ..reference.sinkhorn import log_weights, plan_from_potentials, run_sinkhorn
 
-__all__ = ["COSTS", "STREAM_BLOCK_BYTES", "StreamedFeatureCost", "pairwise_cost",
-           "solve_streamed", "streamed_ot_value"]
+__all__ = [
+    "COSTS",
+    "STREAM_BLOCK_BYTES",
+    "StreamedFeatureCost",
+    "pairwise_cost",
+    "solve_streamed",
+    "streamed_ot_value",
+]
 
 # Costs computed from features x [B, n, d], y [B, m, d].
 COSTS = ("l1", "l2", "sqeuclidean", "cosine")
@@ -58,8 +64,9 @@ class StreamedFeatureCost:
     outside the sizes (``rows`` ``[B, n]``, ``cols`` ``[B, m]``) read as 0 whatever the
     features hold there."""
 
-    def __init__(self, kind: str, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
-                 cols: torch.Tensor):
+    def __init__(
+        self, kind: str, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ):
         self.kind, self.x, self.y, self.rows, self.cols = kind, x, y, rows, cols
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.dtype = dtype
@@ -79,8 +86,16 @@ class StreamedFeatureCost:
     def max_abs_cost(self) -> torch.Tensor:
         """[B] float32: max |C_ij| inside each problem's sizes (eps-scaling's first e)."""
         n = self.rows.shape[1]
-        return torch.stack([self.rows_cost(r0, min(r0 + self.row_block, n)).abs().amax((1, 2))
-                            for r0 in range(0, n, self.row_block)]).amax(0).float()
+        return (
+            torch.stack(
+                [
+                    self.rows_cost(r0, min(r0 + self.row_block, n)).abs().amax((1, 2))
+                    for r0 in range(0, n, self.row_block)
+                ]
+            )
+            .amax(0)
+            .float()
+        )
 
     def cols_cost(self, c0: int, c1: int) -> torch.Tensor:
         c = pairwise_cost(self.kind, self.x.to(self.dtype), self.y[:, c0:c1].to(self.dtype))
@@ -89,19 +104,33 @@ class StreamedFeatureCost:
 
     def f_update(self, g, lb, ec):
         n = self.rows.shape[1]
-        return torch.cat([
-            -ec[:, :, 0] * torch.logsumexp(
-                (g[:, None, :] - self.rows_cost(r0, min(r0 + self.row_block, n))) / ec
-                + lb[:, None, :], 2)
-            for r0 in range(0, n, self.row_block)], dim=1)
+        return torch.cat(
+            [
+                -ec[:, :, 0]
+                * torch.logsumexp(
+                    (g[:, None, :] - self.rows_cost(r0, min(r0 + self.row_block, n))) / ec
+                    + lb[:, None, :],
+                    2,
+                )
+                for r0 in range(0, n, self.row_block)
+            ],
+            dim=1,
+        )
 
     def g_update(self, f, la, ec):
         m = self.cols.shape[1]
-        return torch.cat([
-            -ec[:, 0, :] * torch.logsumexp(
-                (f[:, :, None] - self.cols_cost(c0, min(c0 + self.col_block, m))) / ec
-                + la[:, :, None], 1)
-            for c0 in range(0, m, self.col_block)], dim=1)
+        return torch.cat(
+            [
+                -ec[:, 0, :]
+                * torch.logsumexp(
+                    (f[:, :, None] - self.cols_cost(c0, min(c0 + self.col_block, m))) / ec
+                    + la[:, :, None],
+                    1,
+                )
+                for c0 in range(0, m, self.col_block)
+            ],
+            dim=1,
+        )
 
     def plan_stats(self, f, g, la, lb, e, return_plan):
         n = self.rows.shape[1]
@@ -129,10 +158,14 @@ class _StreamedOT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, a, b, ops, value, objective_fn, loop):
         with torch.no_grad():
-            s = solve_streamed(ops, log_weights(a), log_weights(b), init_g=None,
-                               return_plan=False, **loop)
-        out = s.transport if value == "transport" else objective_fn(a, b, s.f, s.g, s.mass,
-                                                                   s.eps.to(s.f.dtype))
+            s = solve_streamed(
+                ops, log_weights(a), log_weights(b), init_g=None, return_plan=False, **loop
+            )
+        out = (
+            s.transport
+            if value == "transport"
+            else objective_fn(a, b, s.f, s.g, s.mass, s.eps.to(s.f.dtype))
+        )
         ctx.ops, ctx.value = ops, value
         ctx.save_for_backward(x, y, a, b, s.f, s.g, s.eps.to(s.f.dtype))
         return out
@@ -162,11 +195,13 @@ class _StreamedOT(torch.autograd.Function):
         if ctx.value == "objective":
             # d/da_i = f_i + e (sum b - 1), d/db_j = g_j + e (sum a - 1) (see sinkhorn_loss).
             if ctx.needs_input_grad[2]:
-                grad_a = torch.where(ops.rows, go[:, None] * (f + (e * (b.sum(1) - 1))[:, None]),
-                                     0.0).to(a.dtype)
+                grad_a = torch.where(
+                    ops.rows, go[:, None] * (f + (e * (b.sum(1) - 1))[:, None]), 0.0
+                ).to(a.dtype)
             if ctx.needs_input_grad[3]:
-                grad_b = torch.where(ops.cols, go[:, None] * (g + (e * (a.sum(1) - 1))[:, None]),
-                                     0.0).to(b.dtype)
+                grad_b = torch.where(
+                    ops.cols, go[:, None] * (g + (e * (a.sum(1) - 1))[:, None]), 0.0
+                ).to(b.dtype)
         return grad_x, grad_y, grad_a, grad_b, None, None, None, None
 
 

@@ -36,6 +36,7 @@ L1_TILE_ELEMENTS = 1 << 24
 
 # ---- the L1 cost, with a backward pass in bounded memory -------------------------------------
 
+
 def _tiles(n: int, m: int, d: int, budget: int):
     """(i0, i1, k0, k1) ranges that cover rows [0, n) and features [0, d), each tile holding at
     most max(budget, m) elements of an [i1 - i0, m, k1 - k0] block."""
@@ -71,7 +72,7 @@ class _TiledL1Cost(torch.autograd.Function):
         for b in range(batch):
             for i0, i1, k0, k1 in _tiles(n, m, d, L1_TILE_ELEMENTS):
                 sign = torch.sign(x[b, i0:i1, None, k0:k1] - y[b, None, :, k0:k1])
-                g = grad[b, i0:i1]                                         # [rows, m]
+                g = grad[b, i0:i1]  # [rows, m]
                 if need_x:
                     grad_x[b, i0:i1, k0:k1] = torch.bmm(g[:, None, :], sign)[:, 0]
                 if need_y:
@@ -104,6 +105,7 @@ def _cost(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # ---- the published fixed-round procedure ------------------------------------------------------
 
+
 def _safe_normalize(t: torch.Tensor, dim: int) -> torch.Tensor:
     """t / t.sum(dim), with 0 where the whole sum is 0 (masked rows and columns; the published
     code divides 0 by 0 there and returns NaN). Bitwise the plain division elsewhere."""
@@ -111,8 +113,9 @@ def _safe_normalize(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t / torch.where(total > 0, total, 1.0)
 
 
-def _fixed_rounds_value(cost: torch.Tensor, valid: torch.Tensor, eps: float,
-                        n_iters: int) -> torch.Tensor:
+def _fixed_rounds_value(
+    cost: torch.Tensor, valid: torch.Tensor, eps: float, n_iters: int
+) -> torch.Tensor:
     """SinKD's / MultiLevelOT's Sinkhorn for cost ``[B, n, m]`` restricted to ``valid``:
     P = exp(-C / eps), then ``n_iters`` rounds of (divide every row by its sum, then every
     column by its sum); the value is sum_ij P_ij C_ij. Un-stabilized (a row whose entries all
@@ -128,9 +131,13 @@ def _fixed_rounds_value(cost: torch.Tensor, valid: torch.Tensor, eps: float,
 
 # ---- input checks ---------------------------------------------------------------------------
 
+
 def _check_positive(name: str, value) -> None:
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-            or not (0 < float(value) < math.inf)):
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not (0 < float(value) < math.inf)
+    ):
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
 
 
@@ -143,8 +150,10 @@ def _check_common(*, eps, cost, parity, n_iters, value) -> None:
     if not isinstance(n_iters, numbers.Integral) or isinstance(n_iters, bool) or n_iters < 1:
         raise ValueError(f"n_iters must be an int >= 1; got {n_iters!r}")
     if parity and value != "transport":
-        raise ValueError(f"parity=True reproduces the published value <P, C>; value={value!r} "
-                         f"has no published counterpart (use value='transport')")
+        raise ValueError(
+            f"parity=True reproduces the published value <P, C>; value={value!r} "
+            f"has no published counterpart (use value='transport')"
+        )
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -162,12 +171,25 @@ def _uniform_weights(valid: torch.Tensor, count: torch.Tensor, dtype) -> torch.T
 
 # ---- SinKD ----------------------------------------------------------------------------------
 
-def sinkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-               temperature: float = 1.0, eps: float = 0.1, cost: str = "l1",
-               labels: torch.Tensor | None = None, ignore_index: int = -100,
-               parity: bool = False, n_iters: int = 20, max_iters: int = 1000,
-               tol: float = 1e-6, eps_scaling: float | None = None, check_every: int = 10,
-               value: str = "transport", backend: str = "auto") -> torch.Tensor:
+
+def sinkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    eps: float = 0.1,
+    cost: str = "l1",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    parity: bool = False,
+    n_iters: int = 20,
+    max_iters: int = 1000,
+    tol: float = 1e-6,
+    eps_scaling: float | None = None,
+    check_every: int = 10,
+    value: str = "transport",
+    backend: str = "auto",
+) -> torch.Tensor:
     """SinKD: batch-level optimal transport between student and teacher output distributions.
 
     The N valid rows of the batch (tokens or examples) give two point sets: the student's
@@ -215,11 +237,15 @@ def sinkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     check_logits("teacher_logits", teacher_logits)
     lead = student_logits.shape[:-1]
     if teacher_logits.shape[:-1] != lead:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must have the same leading shape")
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same leading shape"
+        )
     if teacher_logits.device != student_logits.device:
-        raise ValueError(f"student_logits are on {student_logits.device} but teacher_logits "
-                         f"on {teacher_logits.device}")
+        raise ValueError(
+            f"student_logits are on {student_logits.device} but teacher_logits "
+            f"on {teacher_logits.device}"
+        )
     _check_positive("temperature", temperature)
     _check_common(eps=eps, cost=cost, parity=parity, n_iters=n_iters, value=value)
     if not isinstance(ignore_index, numbers.Integral):
@@ -243,12 +269,20 @@ def sinkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         zt = torch.where(valid[:, None], zt, 0.0)
     q = torch.softmax(zs / temperature, dim=-1)
     p = torch.softmax(zt / temperature, dim=-1)
-    c = _cost(cost, q, p)                                                  # [N, N]
+    c = _cost(cost, q, p)  # [N, N]
     if parity:
         inside = (valid[:, None] & valid[None, :])[None]
         return _fixed_rounds_value(c[None], inside, float(eps), int(n_iters))[0]
-    solver = dict(eps=eps, max_iters=max_iters, tol=tol, eps_scaling=eps_scaling,
-                  check_every=check_every, value=value, validate=False, backend=backend)
+    solver = dict(
+        eps=eps,
+        max_iters=max_iters,
+        tol=tol,
+        eps_scaling=eps_scaling,
+        check_every=check_every,
+        value=value,
+        validate=False,
+        backend=backend,
+    )
     if labels is None:
         return sinkhorn_loss(c, **solver)
     count = valid.sum()[None]
@@ -257,6 +291,7 @@ def sinkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
 
 # ---- sequence-level OT ----------------------------------------------------------------------
+
 
 def _apply_mask(name: str, mask, x: torch.Tensor):
     """(x with the vectors at masked positions zeroed, mask [B, T] bool); (x, None) without a
@@ -267,8 +302,9 @@ def _apply_mask(name: str, mask, x: torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None; got {type(mask).__name__}")
     shape = tuple(x.shape[:2])
     if tuple(mask.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} (batch, positions); got "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"{name} must have shape {shape} (batch, positions); got {tuple(mask.shape)}"
+        )
     if mask.device != x.device:
         raise ValueError(f"{name} is on {mask.device} but its vectors on {x.device}")
     mask = mask != 0
@@ -277,14 +313,24 @@ def _apply_mask(name: str, mask, x: torch.Tensor):
     return torch.where(mask[..., None], x, 0.0), mask
 
 
-def sequence_ot_loss(student: torch.Tensor, teacher: torch.Tensor, *,
-                     student_mask: torch.Tensor | None = None,
-                     teacher_mask: torch.Tensor | None = None, cost: str = "cosine",
-                     eps: float = 0.1, parity: bool = False, n_iters: int = 10,
-                     max_iters: int = 1000, tol: float = 1e-6,
-                     eps_scaling: float | None = None, check_every: int = 10,
-                     value: str = "transport", reduction: str = "mean",
-                     backend: str = "auto") -> torch.Tensor:
+def sequence_ot_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    student_mask: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
+    cost: str = "cosine",
+    eps: float = 0.1,
+    parity: bool = False,
+    n_iters: int = 10,
+    max_iters: int = 1000,
+    tol: float = 1e-6,
+    eps_scaling: float | None = None,
+    check_every: int = 10,
+    value: str = "transport",
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
     """Sequence-level OT: per sequence b, optimal transport between the student's positions
     and the teacher's positions (sequences of different lengths and tokenizations).
 
@@ -337,9 +383,11 @@ def sequence_ot_loss(student: torch.Tensor, teacher: torch.Tensor, *,
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape [B, T, D]; got {tuple(t.shape)}")
     if student.shape[0] != teacher.shape[0] or student.shape[2] != teacher.shape[2]:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
-                         f"must have the same batch size B and width D (vectors of different "
-                         f"widths are not comparable: project one side first)")
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
+            f"must have the same batch size B and width D (vectors of different "
+            f"widths are not comparable: project one side first)"
+        )
     if teacher.device != student.device:
         raise ValueError(f"student is on {student.device} but teacher on {teacher.device}")
     _check_common(eps=eps, cost=cost, parity=parity, n_iters=n_iters, value=value)
@@ -355,20 +403,31 @@ def sequence_ot_loss(student: torch.Tensor, teacher: torch.Tensor, *,
     if batch == 0 or t_s == 0 or t_t == 0:
         per_seq = (xs.sum((1, 2)) + xt.sum((1, 2))) * 0.0
     else:
-        c = _cost(cost, xs, xt)                                            # [B, T_s, T_t]
+        c = _cost(cost, xs, xt)  # [B, T_s, T_t]
         if parity:
             # MultiLevelOT calls its Sinkhorn as (teacher, student): the teacher's positions
             # are the rows of its cost, and the order of the normalizations follows that.
             rows = xt.new_ones(batch, t_t, dtype=torch.bool) if tmask is None else tmask
             cols = xs.new_ones(batch, t_s, dtype=torch.bool) if smask is None else smask
-            per_seq = _fixed_rounds_value(c.mT, rows[:, :, None] & cols[:, None, :],
-                                          float(eps), int(n_iters))
+            per_seq = _fixed_rounds_value(
+                c.mT, rows[:, :, None] & cols[:, None, :], float(eps), int(n_iters)
+            )
         else:
             a = None if smask is None else _uniform_weights(smask, count_s, dtype)
             b = None if tmask is None else _uniform_weights(tmask, count_t, dtype)
-            per_seq = sinkhorn_loss(c, a, b, eps=eps, max_iters=max_iters, tol=tol,
-                                    eps_scaling=eps_scaling, check_every=check_every,
-                                    value=value, validate=False, backend=backend)
+            per_seq = sinkhorn_loss(
+                c,
+                a,
+                b,
+                eps=eps,
+                max_iters=max_iters,
+                tol=tol,
+                eps_scaling=eps_scaling,
+                check_every=check_every,
+                value=value,
+                validate=False,
+                backend=backend,
+            )
         per_seq = torch.where(nonempty, per_seq, 0.0)
     if reduction == "none":
         return per_seq

@@ -23,30 +23,59 @@ GRADS = ("envelope", "unrolled")
 
 
 @torch.library.custom_op("fastkd::sinkhorn_loss_envelope", mutates_args=())
-def sinkhorn_loss_envelope(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                           n_sizes: torch.Tensor | None, m_sizes: torch.Tensor | None,
-                           eps_start: torch.Tensor | None, eps: float, kappa: float,
-                           max_iters: int, check_every: int, tol: float, value: str,
-                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                  torch.Tensor]:
+def sinkhorn_loss_envelope(
+    cost: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    n_sizes: torch.Tensor | None,
+    m_sizes: torch.Tensor | None,
+    eps_start: torch.Tensor | None,
+    eps: float,
+    kappa: float,
+    max_iters: int,
+    check_every: int,
+    tol: float,
+    value: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [B], f [B, n], g [B, m], eps_final [B]): the value of every problem and the
     potentials its backward rebuilds the plan from."""
     f, g, _, _, e, transport, mass, _ = launch_sinkhorn(
-        cost, log_weights(a), log_weights(b), n_sizes, m_sizes, eps_start, None, eps=eps,
-        kappa=kappa, max_iters=max_iters, check_every=check_every, tol=tol, return_plan=False,
-        backend=backend)
+        cost,
+        log_weights(a),
+        log_weights(b),
+        n_sizes,
+        m_sizes,
+        eps_start,
+        None,
+        eps=eps,
+        kappa=kappa,
+        max_iters=max_iters,
+        check_every=check_every,
+        tol=tol,
+        return_plan=False,
+        backend=backend,
+    )
     loss = transport if value == "transport" else dual_objective(a, b, f, g, mass, e)
     return loss.to(f.dtype), f, g, e
 
 
 @sinkhorn_loss_envelope.register_fake
-def _(cost, a, b, n_sizes, m_sizes, eps_start, eps, kappa, max_iters, check_every, tol, value,
-      backend):
+def _(
+    cost, a, b, n_sizes, m_sizes, eps_start, eps, kappa, max_iters, check_every, tol, value, backend
+):
     batch, n, m = cost.shape
-    dtype = torch.float64 if (supports("sinkhorn", backend, "float64")
-                              and cost.dtype == torch.float64) else torch.float32
-    return (cost.new_empty(batch, dtype=dtype), cost.new_empty(batch, n, dtype=dtype),
-            cost.new_empty(batch, m, dtype=dtype), cost.new_empty(batch, dtype=dtype))
+    dtype = (
+        torch.float64
+        if (supports("sinkhorn", backend, "float64") and cost.dtype == torch.float64)
+        else torch.float32
+    )
+    return (
+        cost.new_empty(batch, dtype=dtype),
+        cost.new_empty(batch, n, dtype=dtype),
+        cost.new_empty(batch, m, dtype=dtype),
+        cost.new_empty(batch, dtype=dtype),
+    )
 
 
 def _loss_setup_context(ctx, inputs, output):
@@ -71,8 +100,9 @@ def _loss_backward(ctx, grad_loss, grad_f, grad_g, grad_e):
         cols = valid_mask(m_sizes, batch, m, cost.device)
         inside = rows[:, :, None] & cols[:, None, :]
         c = torch.where(inside, cost.to(f.dtype), 0.0)
-        plan = plan_from_potentials(c, f, g, log_weights(a.to(f.dtype)),
-                                    log_weights(b.to(f.dtype)), e)
+        plan = plan_from_potentials(
+            c, f, g, log_weights(a.to(f.dtype)), log_weights(b.to(f.dtype)), e
+        )
         grad_cost = (go[:, None, None] * torch.where(inside, plan, 0.0)).to(cost.dtype)
     if ctx.value == "objective":
         if ctx.needs_input_grad[1]:
@@ -90,25 +120,52 @@ sinkhorn_loss_envelope.register_autograd(_loss_backward, setup_context=_loss_set
 def _unrolled_value(p: Problem, *, eps, max_iters, tol, check_every, eps_start, kappa, value):
     """The value, differentiable through the iterations (the plain-PyTorch loop under
     autograd)."""
-    loop = dict(eps=eps, max_iters=max_iters, tol=tol, check_every=check_every,
-                eps_start=eps_start, kappa=kappa)
+    loop = dict(
+        eps=eps,
+        max_iters=max_iters,
+        tol=tol,
+        check_every=check_every,
+        eps_start=eps_start,
+        kappa=kappa,
+    )
     if p.cost is None:
-        s = solve_streamed(streamed_cost(p), log_weights(p.a), log_weights(p.b), init_g=None,
-                           return_plan=False, **loop)
+        s = solve_streamed(
+            streamed_cost(p),
+            log_weights(p.a),
+            log_weights(p.b),
+            init_g=None,
+            return_plan=False,
+            **loop,
+        )
     else:
-        s = sinkhorn_reference(p.cost, log_weights(p.a), log_weights(p.b), n_sizes=p.n_sizes,
-                               m_sizes=p.m_sizes, **loop)
+        s = sinkhorn_reference(
+            p.cost, log_weights(p.a), log_weights(p.b), n_sizes=p.n_sizes, m_sizes=p.m_sizes, **loop
+        )
     if value == "transport":
         return s.transport
     return dual_objective(p.a, p.b, s.f, s.g, s.mass, s.eps.to(s.f.dtype))
 
 
-def sinkhorn_loss(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
-                  eps: float = 0.1, max_iters: int = 1000, tol: float = 1e-6,
-                  eps_scaling: float | None = None, check_every: int = 10, n_sizes=None,
-                  m_sizes=None, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
-                  value: str = "objective", grad: str = "envelope", validate: bool = True,
-                  stream_cost: bool | None = None, backend: str = "auto") -> torch.Tensor:
+def sinkhorn_loss(
+    cost,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    eps: float = 0.1,
+    max_iters: int = 1000,
+    tol: float = 1e-6,
+    eps_scaling: float | None = None,
+    check_every: int = 10,
+    n_sizes=None,
+    m_sizes=None,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    value: str = "objective",
+    grad: str = "envelope",
+    validate: bool = True,
+    stream_cost: bool | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Entropic OT value of every problem, differentiable w.r.t. the cost (or the features
     ``x``, ``y`` of a named cost) and the marginals.
 
@@ -135,23 +192,41 @@ def sinkhorn_loss(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = 
     check_options(eps, max_iters, tol, check_every, eps_scaling)
     p = prepare_problem(cost, a, b, n_sizes, m_sizes, x, y, validate, stream_cost, backend)
     kappa = 0.5 if eps_scaling is None else float(eps_scaling)
-    loop = dict(eps=float(eps), max_iters=int(max_iters), tol=float(tol),
-                check_every=int(check_every), kappa=kappa)
+    loop = dict(
+        eps=float(eps),
+        max_iters=int(max_iters),
+        tol=float(tol),
+        check_every=int(check_every),
+        kappa=kappa,
+    )
     if p.cost is None:
         ops = streamed_cost(p)
         with torch.no_grad():
             eps_start = None if eps_scaling is None else ops.max_abs_cost()
     else:
-        eps_start = None if eps_scaling is None else max_abs_cost(p.cost.detach(), p.n_sizes,
-                                                               p.m_sizes)
+        eps_start = (
+            None if eps_scaling is None else max_abs_cost(p.cost.detach(), p.n_sizes, p.m_sizes)
+        )
     if grad == "unrolled":
         loss = _unrolled_value(p, eps_start=eps_start, value=value, **loop)
     elif p.cost is None:
-        loss = streamed_ot_value(ops, p.a, p.b, value=value, objective_fn=dual_objective,
-                                 eps_start=eps_start, **loop)
+        loss = streamed_ot_value(
+            ops, p.a, p.b, value=value, objective_fn=dual_objective, eps_start=eps_start, **loop
+        )
     else:
-        loss = sinkhorn_loss_envelope(p.cost, p.a, p.b, p.n_sizes, p.m_sizes, eps_start,
-                                      loop["eps"], kappa, loop["max_iters"],
-                                      loop["check_every"], loop["tol"], value,
-                                      kernel_backend(p, backend))[0]
+        loss = sinkhorn_loss_envelope(
+            p.cost,
+            p.a,
+            p.b,
+            p.n_sizes,
+            p.m_sizes,
+            eps_start,
+            loop["eps"],
+            kappa,
+            loop["max_iters"],
+            loop["check_every"],
+            loop["tol"],
+            value,
+            kernel_backend(p, backend),
+        )[0]
     return loss[0] if p.single else loss

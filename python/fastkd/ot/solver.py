@@ -14,24 +14,47 @@ import torch
 
 from ..ops._launch import launch
 from ..ops._native import DTYPE_CODES
-from ..ops._registry import (accepts, native_backend, reference_backend, register_op,
-                             resolve_backend, supports, triton_backend)
+from ..ops._registry import (
+    accepts,
+    native_backend,
+    reference_backend,
+    register_op,
+    resolve_backend,
+    supports,
+    triton_backend,
+)
 from ..reference.sinkhorn import log_weights, sinkhorn_reference
 from .features import solve_streamed
-from .problem import (Problem, check_init_g, check_options, max_abs_cost, prepare_problem,
-                      streamed_cost)
+from .problem import (
+    Problem,
+    check_init_g,
+    check_options,
+    max_abs_cost,
+    prepare_problem,
+    streamed_cost,
+)
 
-__all__ = ["SinkhornResult", "dual_objective", "kernel_backend", "launch_sinkhorn", "sinkhorn",
-           "sinkhorn_solve"]
+__all__ = [
+    "SinkhornResult",
+    "dual_objective",
+    "kernel_backend",
+    "launch_sinkhorn",
+    "sinkhorn",
+    "sinkhorn_solve",
+]
 
 # Batched Sinkhorn: one thread (CPU) or one CTA (CUDA) per problem. A streamed feature cost is
 # solved by plain PyTorch ops only.
-register_op("sinkhorn", [
-    reference_backend(streams_features=True),
-    native_backend("cpu", "sinkhorn_cpu"),
-    native_backend("cuda", "sinkhorn_cuda"),
-    triton_backend("sinkhorn"),
-], auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")})
+register_op(
+    "sinkhorn",
+    [
+        reference_backend(streams_features=True),
+        native_backend("cpu", "sinkhorn_cpu"),
+        native_backend("cuda", "sinkhorn_cuda"),
+        triton_backend("sinkhorn"),
+    ],
+    auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
+)
 
 # Entries per problem from which backend "auto" hands a batch of few problems on a GPU to the
 # torch backend (see _few_large_problems_on_gpu).
@@ -42,27 +65,53 @@ class SinkhornResult(NamedTuple):
     """Outputs of ``fastkd.sinkhorn``. Leading shape ``[B]`` for a batch of problems, none for a
     single ``[n, m]`` cost. Potentials and values are float32 (float64 for a float64 cost)."""
 
-    f: torch.Tensor                 # [B, n] row potential, cost units (0 beyond n_b)
-    g: torch.Tensor                 # [B, m] column potential
-    transport_cost: torch.Tensor    # [B] <P, C>
-    objective: torch.Tensor         # [B] entropic objective (dual value at the final potentials)
-    iters: torch.Tensor             # [B] int32 iterations run
-    converged: torch.Tensor         # [B] bool: marginal error < tol
-    marginal_error: torch.Tensor    # [B] L1 error of the row marginal at the final potentials
-    plan: torch.Tensor | None       # [B, n, m] when return_plan, else None
-
+    f: torch.Tensor  # [B, n] row potential, cost units (0 beyond n_b)
+    g: torch.Tensor  # [B, m] column potential
+    transport_cost: torch.Tensor  # [B] <P, C>
+    objective: torch.Tensor  # [B] entropic objective (dual value at the final potentials)
+    iters: torch.Tensor  # [B] int32 iterations run
+    converged: torch.Tensor  # [B] bool: marginal error < tol
+    marginal_error: torch.Tensor  # [B] L1 error of the row marginal at the final potentials
+    plan: torch.Tensor | None  # [B, n, m] when return_plan, else None
 
 
 # ---- the solver op --------------------------------------------------------------------------
 
-def launch_sinkhorn(cost, log_a, log_b, n_sizes, m_sizes, eps_start, init_g, *, eps, kappa,
-                    max_iters, check_every, tol, return_plan, backend):
+
+def launch_sinkhorn(
+    cost,
+    log_a,
+    log_b,
+    n_sizes,
+    m_sizes,
+    eps_start,
+    init_g,
+    *,
+    eps,
+    kappa,
+    max_iters,
+    check_every,
+    tol,
+    return_plan,
+    backend,
+):
     """Runs one backend; returns (f, g, iters, err, eps_final, transport, mass, plan)."""
     if backend == "torch":
-        s = sinkhorn_reference(cost, log_a, log_b, eps=eps, max_iters=max_iters, tol=tol,
-                               check_every=check_every, eps_start=eps_start, kappa=kappa,
-                               n_sizes=n_sizes, m_sizes=m_sizes, init_g=init_g,
-                               return_plan=return_plan)
+        s = sinkhorn_reference(
+            cost,
+            log_a,
+            log_b,
+            eps=eps,
+            max_iters=max_iters,
+            tol=tol,
+            check_every=check_every,
+            eps_start=eps_start,
+            kappa=kappa,
+            n_sizes=n_sizes,
+            m_sizes=m_sizes,
+            init_g=init_g,
+            return_plan=return_plan,
+        )
         plan = s.plan if return_plan else s.f.new_empty(0)
         return s.f, s.g, s.iters, s.err, s.eps.to(s.f.dtype), s.transport, s.mass, plan
     batch, n, m = cost.shape
@@ -73,61 +122,171 @@ def launch_sinkhorn(cost, log_a, log_b, n_sizes, m_sizes, eps_start, init_g, *, 
         g.copy_(init_g.expand(batch, m))
     iters = torch.empty(batch, dtype=torch.int32, device=device)
     err, eps_final, transport, mass = (
-        torch.empty(batch, dtype=torch.float32, device=device) for _ in range(4))
+        torch.empty(batch, dtype=torch.float32, device=device) for _ in range(4)
+    )
     plan = torch.empty(batch, n, m, dtype=torch.float32, device=device) if return_plan else None
     log_a = log_a.float().contiguous()
     log_b = log_b.float().contiguous()
     if batch == 0:
-        return f, g, iters, err, eps_final, transport, mass, (plan if return_plan
-                                                              else f.new_empty(0))
+        return (
+            f,
+            g,
+            iters,
+            err,
+            eps_final,
+            transport,
+            mass,
+            (plan if return_plan else f.new_empty(0)),
+        )
     if backend == "triton":
         from ..triton.sinkhorn import sinkhorn_forward
-        sinkhorn_forward(cost, log_a, log_b, n_sizes, m_sizes, eps_start, f, g, iters, err,
-                         transport, mass, eps_final, plan, eps=eps, kappa=kappa,
-                         max_iters=max_iters, check_every=check_every, tol=tol,
-                         warm_start=init_g is not None)
+
+        sinkhorn_forward(
+            cost,
+            log_a,
+            log_b,
+            n_sizes,
+            m_sizes,
+            eps_start,
+            f,
+            g,
+            iters,
+            err,
+            transport,
+            mass,
+            eps_final,
+            plan,
+            eps=eps,
+            kappa=kappa,
+            max_iters=max_iters,
+            check_every=check_every,
+            tol=tol,
+            warm_start=init_g is not None,
+        )
     else:
         fields = dict(
-            cost=cost, cost_dtype=DTYPE_CODES[cost.dtype], stride_b=cost.stride(0),
-            stride_i=cost.stride(1), stride_j=cost.stride(2), log_a=log_a, log_b=log_b,
-            n_sizes=n_sizes, m_sizes=m_sizes, eps_start=eps_start, batch=batch, n=n, m=m,
-            eps=eps, kappa=kappa, max_iters=max_iters, check_every=check_every, tol=tol,
-            warm_start=init_g is not None, f=f, g=g, iters=iters, err=err,
-            transport=transport, mass=mass, eps_final=eps_final, plan=plan)
+            cost=cost,
+            cost_dtype=DTYPE_CODES[cost.dtype],
+            stride_b=cost.stride(0),
+            stride_i=cost.stride(1),
+            stride_j=cost.stride(2),
+            log_a=log_a,
+            log_b=log_b,
+            n_sizes=n_sizes,
+            m_sizes=m_sizes,
+            eps_start=eps_start,
+            batch=batch,
+            n=n,
+            m=m,
+            eps=eps,
+            kappa=kappa,
+            max_iters=max_iters,
+            check_every=check_every,
+            tol=tol,
+            warm_start=init_g is not None,
+            f=f,
+            g=g,
+            iters=iters,
+            err=err,
+            transport=transport,
+            mass=mass,
+            eps_final=eps_final,
+            plan=plan,
+        )
         if backend == "cuda":
             stream = torch.cuda.current_stream(device).cuda_stream
             launch("sinkhorn_cuda", args="SinkhornArgs", **fields, run=dict(stream=stream))
         else:
-            launch("sinkhorn_cpu", args="SinkhornArgs", **fields,
-                   run=dict(num_threads=torch.get_num_threads()))
+            launch(
+                "sinkhorn_cpu",
+                args="SinkhornArgs",
+                **fields,
+                run=dict(num_threads=torch.get_num_threads()),
+            )
     return f, g, iters, err, eps_final, transport, mass, plan if return_plan else f.new_empty(0)
 
 
 @torch.library.custom_op("fastkd::sinkhorn_solve", mutates_args=())
-def sinkhorn_solve(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
-                   n_sizes: torch.Tensor | None, m_sizes: torch.Tensor | None,
-                   eps_start: torch.Tensor | None, init_g: torch.Tensor | None, eps: float,
-                   kappa: float, max_iters: int, check_every: int, tol: float,
-                   return_plan: bool, backend: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sinkhorn_solve(
+    cost: torch.Tensor,
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    n_sizes: torch.Tensor | None,
+    m_sizes: torch.Tensor | None,
+    eps_start: torch.Tensor | None,
+    init_g: torch.Tensor | None,
+    eps: float,
+    kappa: float,
+    max_iters: int,
+    check_every: int,
+    tol: float,
+    return_plan: bool,
+    backend: str,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
     """(f [B, n], g [B, m], iters [B] int32, err [B], eps_final [B], transport [B], mass [B],
     plan [B, n, m] or empty) of every problem of ``cost [B, n, m]``."""
-    return launch_sinkhorn(cost, log_a, log_b, n_sizes, m_sizes, eps_start, init_g, eps=eps,
-                           kappa=kappa, max_iters=max_iters, check_every=check_every, tol=tol,
-                           return_plan=return_plan, backend=backend)
+    return launch_sinkhorn(
+        cost,
+        log_a,
+        log_b,
+        n_sizes,
+        m_sizes,
+        eps_start,
+        init_g,
+        eps=eps,
+        kappa=kappa,
+        max_iters=max_iters,
+        check_every=check_every,
+        tol=tol,
+        return_plan=return_plan,
+        backend=backend,
+    )
 
 
 @sinkhorn_solve.register_fake
-def _(cost, log_a, log_b, n_sizes, m_sizes, eps_start, init_g, eps, kappa, max_iters,
-      check_every, tol, return_plan, backend):
+def _(
+    cost,
+    log_a,
+    log_b,
+    n_sizes,
+    m_sizes,
+    eps_start,
+    init_g,
+    eps,
+    kappa,
+    max_iters,
+    check_every,
+    tol,
+    return_plan,
+    backend,
+):
     batch, n, m = cost.shape
-    dtype = torch.float64 if (supports("sinkhorn", backend, "float64")
-                              and cost.dtype == torch.float64) else torch.float32
+    dtype = (
+        torch.float64
+        if (supports("sinkhorn", backend, "float64") and cost.dtype == torch.float64)
+        else torch.float32
+    )
     vec = [cost.new_empty(batch, dtype=dtype) for _ in range(4)]
     plan = cost.new_empty((batch, n, m) if return_plan else (0,), dtype=dtype)
-    return (cost.new_empty(batch, n, dtype=dtype), cost.new_empty(batch, m, dtype=dtype),
-            cost.new_empty(batch, dtype=torch.int32), vec[0], vec[1], vec[2], vec[3], plan)
+    return (
+        cost.new_empty(batch, n, dtype=dtype),
+        cost.new_empty(batch, m, dtype=dtype),
+        cost.new_empty(batch, dtype=torch.int32),
+        vec[0],
+        vec[1],
+        vec[2],
+        vec[3],
+        plan,
+    )
 
 
 class _Solved(NamedTuple):
@@ -140,7 +299,6 @@ class _Solved(NamedTuple):
     transport: torch.Tensor
     mass: torch.Tensor
     plan: torch.Tensor
-
 
 
 def _few_large_problems_on_gpu(c: torch.Tensor) -> bool:
@@ -163,16 +321,41 @@ def _few_large_problems_on_gpu(c: torch.Tensor) -> bool:
 
 def kernel_backend(p: Problem, backend: str) -> str:
     c = p.cost
-    name = resolve_backend("sinkhorn", backend, c.device, dtypes=(c.dtype,),
-                           prefer_reference=_few_large_problems_on_gpu(c))
+    name = resolve_backend(
+        "sinkhorn",
+        backend,
+        c.device,
+        dtypes=(c.dtype,),
+        prefer_reference=_few_large_problems_on_gpu(c),
+    )
     if not accepts("sinkhorn", name, dtypes=(c.dtype,)):
-        raise ValueError(f"backend {name!r} takes float32/bfloat16/float16 costs; got {c.dtype}; "
-                         f"use backend='torch'")
+        raise ValueError(
+            f"backend {name!r} takes float32/bfloat16/float16 costs; got {c.dtype}; "
+            f"use backend='torch'"
+        )
     return name
 
 
-def _solve(cost, a, b, *, eps, max_iters, tol, eps_scaling, check_every, n_sizes, m_sizes, x, y,
-           init_g, return_plan, validate, stream_cost, backend) -> _Solved:
+def _solve(
+    cost,
+    a,
+    b,
+    *,
+    eps,
+    max_iters,
+    tol,
+    eps_scaling,
+    check_every,
+    n_sizes,
+    m_sizes,
+    x,
+    y,
+    init_g,
+    return_plan,
+    validate,
+    stream_cost,
+    backend,
+) -> _Solved:
     check_options(eps, max_iters, tol, check_every, eps_scaling)
     p = prepare_problem(cost, a, b, n_sizes, m_sizes, x, y, validate, stream_cost, backend)
     batch, m = p.rows.shape[0], p.cols.shape[1]
@@ -182,18 +365,41 @@ def _solve(cost, a, b, *, eps, max_iters, tol, eps_scaling, check_every, n_sizes
         ops = streamed_cost(p)
         with torch.no_grad():
             eps_start = None if eps_scaling is None else ops.max_abs_cost()
-            s = solve_streamed(ops, log_weights(p.a), log_weights(p.b), eps=float(eps),
-                               max_iters=int(max_iters), tol=float(tol),
-                               check_every=int(check_every), eps_start=eps_start, kappa=kappa,
-                               init_g=init_g, return_plan=return_plan)
-        return _Solved(p, s.f, s.g, s.iters, s.err, s.eps.to(s.f.dtype), s.transport, s.mass,
-                       s.plan)
+            s = solve_streamed(
+                ops,
+                log_weights(p.a),
+                log_weights(p.b),
+                eps=float(eps),
+                max_iters=int(max_iters),
+                tol=float(tol),
+                check_every=int(check_every),
+                eps_start=eps_start,
+                kappa=kappa,
+                init_g=init_g,
+                return_plan=return_plan,
+            )
+        return _Solved(
+            p, s.f, s.g, s.iters, s.err, s.eps.to(s.f.dtype), s.transport, s.mass, s.plan
+        )
     name = kernel_backend(p, backend)
     c = p.cost
     eps_start = None if eps_scaling is None else max_abs_cost(c.detach(), p.n_sizes, p.m_sizes)
-    out = sinkhorn_solve(c.detach(), log_weights(p.a.detach()), log_weights(p.b.detach()),
-                         p.n_sizes, p.m_sizes, eps_start, init_g, float(eps), kappa,
-                         int(max_iters), int(check_every), float(tol), bool(return_plan), name)
+    out = sinkhorn_solve(
+        c.detach(),
+        log_weights(p.a.detach()),
+        log_weights(p.b.detach()),
+        p.n_sizes,
+        p.m_sizes,
+        eps_start,
+        init_g,
+        float(eps),
+        kappa,
+        int(max_iters),
+        int(check_every),
+        float(tol),
+        bool(return_plan),
+        name,
+    )
     return _Solved(p, *out)
 
 
@@ -202,21 +408,33 @@ def dual_objective(a, b, f, g, mass, eps_final):
     <P, C> + e KL(P || a b^T) at the optimum, and a lower bound of it elsewhere."""
     a = a.to(f.dtype)
     b = b.to(f.dtype)
-    return ((a * f).sum(1) + (b * g).sum(1)
-            - eps_final * (mass - a.sum(1) * b.sum(1)))
+    return (a * f).sum(1) + (b * g).sum(1) - eps_final * (mass - a.sum(1) * b.sum(1))
 
 
 def _squeeze(single: bool, *tensors):
     return tuple(t[0] if single and t is not None else t for t in tensors)
 
 
-def sinkhorn(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
-             eps: float = 0.1, max_iters: int = 1000, tol: float = 1e-6,
-             eps_scaling: float | None = None, check_every: int = 10,
-             n_sizes=None, m_sizes=None, x: torch.Tensor | None = None,
-             y: torch.Tensor | None = None, init_g: torch.Tensor | None = None,
-             return_plan: bool = False, validate: bool = True,
-             stream_cost: bool | None = None, backend: str = "auto") -> SinkhornResult:
+def sinkhorn(
+    cost,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    eps: float = 0.1,
+    max_iters: int = 1000,
+    tol: float = 1e-6,
+    eps_scaling: float | None = None,
+    check_every: int = 10,
+    n_sizes=None,
+    m_sizes=None,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    init_g: torch.Tensor | None = None,
+    return_plan: bool = False,
+    validate: bool = True,
+    stream_cost: bool | None = None,
+    backend: str = "auto",
+) -> SinkhornResult:
     """Entropic optimal transport for a batch of problems, by log-domain Sinkhorn iterations.
 
     Solves, per problem, min_P <P, C> + eps KL(P || a b^T) over plans P >= 0 with row sums a
@@ -271,13 +489,29 @@ def sinkhorn(cost, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
         ``SinkhornResult`` (f, g, transport_cost, objective, iters, converged,
         marginal_error, plan). No gradient flows through it: use ``sinkhorn_loss``.
     """
-    s = _solve(cost, a, b, eps=eps, max_iters=max_iters, tol=tol, eps_scaling=eps_scaling,
-               check_every=check_every, n_sizes=n_sizes, m_sizes=m_sizes, x=x, y=y,
-               init_g=init_g, return_plan=return_plan, validate=validate,
-               stream_cost=stream_cost, backend=backend)
+    s = _solve(
+        cost,
+        a,
+        b,
+        eps=eps,
+        max_iters=max_iters,
+        tol=tol,
+        eps_scaling=eps_scaling,
+        check_every=check_every,
+        n_sizes=n_sizes,
+        m_sizes=m_sizes,
+        x=x,
+        y=y,
+        init_g=init_g,
+        return_plan=return_plan,
+        validate=validate,
+        stream_cost=stream_cost,
+        backend=backend,
+    )
     p = s.problem
     objective = dual_objective(p.a.detach(), p.b.detach(), s.f, s.g, s.mass, s.eps_final)
     f, g, transport, objective, iters, err = _squeeze(
-        p.single, s.f, s.g, s.transport, objective, s.iters, s.err)
+        p.single, s.f, s.g, s.transport, objective, s.iters, s.err
+    )
     plan = _squeeze(p.single, s.plan)[0] if return_plan else None
     return SinkhornResult(f, g, transport, objective, iters, err < tol, err, plan)

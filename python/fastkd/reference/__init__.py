@@ -9,7 +9,15 @@ from .sinkhorn import sinkhorn_reference
 from .sparse_kd_loss import sparse_kd_loss_reference
 from .uld_loss import uld_loss_reference
 
-__all__ = ["fused_linear_kd_loss_reference", "fused_linear_logprobs_reference",
-           "fused_linear_topk_reference", "kd_loss_reference", "sample_teacher_reference",
-           "sequence_ot_loss_reference", "sinkd_loss_reference", "sinkhorn_reference",
-           "sparse_kd_loss_reference", "uld_loss_reference"]
+__all__ = [
+    "fused_linear_kd_loss_reference",
+    "fused_linear_logprobs_reference",
+    "fused_linear_topk_reference",
+    "kd_loss_reference",
+    "sample_teacher_reference",
+    "sequence_ot_loss_reference",
+    "sinkd_loss_reference",
+    "sinkhorn_reference",
+    "sparse_kd_loss_reference",
+    "uld_loss_reference",
+]

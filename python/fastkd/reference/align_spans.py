@@ -8,8 +8,9 @@ from __future__ import annotations
 __all__ = ["align_spans_two_pointer"]
 
 
-def align_spans_two_pointer(student_spans: list[tuple[int, int]],
-                            teacher_spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+def align_spans_two_pointer(
+    student_spans: list[tuple[int, int]], teacher_spans: list[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
     """Chunk ids of one sequence's student and teacher tokens (-1: empty span, no chunk).
 
     Only tokens with ``end > start`` take part. Walking both sides, the side whose token ends

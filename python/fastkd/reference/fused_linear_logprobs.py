@@ -17,8 +17,12 @@ import torch
 
 from .fused_linear_kd_loss import linear_logits
 
-__all__ = ["fused_linear_logprobs_reference", "fused_linear_topk_reference",
-           "token_logprobs_reference", "topk_tail_reference"]
+__all__ = [
+    "fused_linear_logprobs_reference",
+    "fused_linear_topk_reference",
+    "token_logprobs_reference",
+    "topk_tail_reference",
+]
 
 
 def _compute(logits: torch.Tensor) -> torch.Tensor:
@@ -26,9 +30,14 @@ def _compute(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor, *,
-                             temperature: float = 1.0, ignore_index: int = -100,
-                             with_entropy: bool = False):
+def token_logprobs_reference(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    with_entropy: bool = False,
+):
     """``(logprob, lse, entropy or None)``, each of the leading shape ``[...]`` of ``logits``
     ``[..., V]``; ``targets`` ``[...]`` integer ids in [0, V) or ``ignore_index``."""
     a = _compute(logits) / temperature
@@ -49,10 +58,16 @@ def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor, *,
     return logprob, lse_out, entropy
 
 
-def fused_linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor,
-                                    targets: torch.Tensor, bias: torch.Tensor | None = None, *,
-                                    logit_scale: float = 1.0,
-                                    compute_dtype: torch.dtype | None = None, **kwargs):
+def fused_linear_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    logit_scale: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
+    **kwargs,
+):
     """``token_logprobs_reference`` of the whole logits ``logit_scale * (hidden W^T + bias)``
     computed in ``compute_dtype`` (default: the inputs' dtype)."""
     logits = linear_logits(hidden, weight, bias, logit_scale, compute_dtype)
@@ -70,10 +85,16 @@ def topk_tail_reference(logits: torch.Tensor, k: int, *, temperature: float = 1.
     return ids, values - lse[..., None], log_tail, lse
 
 
-def fused_linear_topk_reference(hidden: torch.Tensor, weight: torch.Tensor,
-                                bias: torch.Tensor | None = None, *, k: int,
-                                temperature: float = 1.0, logit_scale: float = 1.0,
-                                compute_dtype: torch.dtype | None = None):
+def fused_linear_topk_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    k: int,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
+):
     """``topk_tail_reference`` of the whole logits ``logit_scale * (hidden W^T + bias)``."""
     logits = linear_logits(hidden, weight, bias, logit_scale, compute_dtype)
     return topk_tail_reference(logits, k, temperature=temperature)

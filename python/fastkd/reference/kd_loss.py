@@ -2,8 +2,8 @@
 
 Differentiable by autograd (w.r.t. both models' logits), float64-capable, written for clarity
 rather than memory: it materializes log-probabilities of both models. Conventions are those of
-``docs/math.md``: ``p = softmax(cap(z_t) / T)``, ``q = softmax(cap(z_s) / T)``; the per-token loss is
-summed over the vocabulary; -inf logits are outside the support (0 * log 0 = 0).
+``docs/math.md``: ``p = softmax(cap(z_t) / T)``, ``q = softmax(cap(z_s) / T)``; the per-token
+loss is summed over the vocabulary; -inf logits are outside the support (0 * log 0 = 0).
 """
 
 from __future__ import annotations
@@ -12,9 +12,17 @@ import math
 
 import torch
 
-__all__ = ["divergence_rows", "finish_rows", "kd_loss_reference", "mask_ignored_rows",
-           "nan_rows", "nan_where_no_distribution", "reduce_rows", "reduce_total",
-           "xlogy_ratio"]
+__all__ = [
+    "divergence_rows",
+    "finish_rows",
+    "kd_loss_reference",
+    "mask_ignored_rows",
+    "nan_rows",
+    "nan_where_no_distribution",
+    "reduce_rows",
+    "reduce_total",
+    "xlogy_ratio",
+]
 
 
 def xlogy_ratio(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
@@ -48,8 +56,9 @@ def _log_mixture(log_wp: float, lp: torch.Tensor, log_wq: float, lq: torch.Tenso
     return torch.logaddexp(torch.where(empty, zero, terms[0]), torch.where(empty, zero, terms[1]))
 
 
-def divergence_rows(lp: torch.Tensor, lq: torch.Tensor, divergence: str, *, beta: float = 0.5,
-                    alpha: float = 0.1) -> torch.Tensor:
+def divergence_rows(
+    lp: torch.Tensor, lq: torch.Tensor, divergence: str, *, beta: float = 0.5, alpha: float = 0.1
+) -> torch.Tensor:
     """Per-row divergence between teacher log-probs ``lp`` and student log-probs ``lq``.
 
     ``lp``, ``lq``: ``[N, V]`` normalized log-probabilities. Returns ``[N]``.
@@ -81,8 +90,12 @@ def divergence_rows(lp: torch.Tensor, lq: torch.Tensor, divergence: str, *, beta
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
-def reduce_rows(rows: torch.Tensor, valid: torch.Tensor | None, reduction: str,
-                num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+def reduce_rows(
+    rows: torch.Tensor,
+    valid: torch.Tensor | None,
+    reduction: str,
+    num_items_in_batch: int | torch.Tensor | None,
+) -> torch.Tensor:
     """Applies a kd_loss reduction to per-row losses ``rows`` (0 at ignored rows).
 
     ``valid`` marks the rows that count for ``"mean"`` (None: all). A mean over no valid row
@@ -93,8 +106,13 @@ def reduce_rows(rows: torch.Tensor, valid: torch.Tensor | None, reduction: str,
     return reduce_total(rows.sum(), rows.numel(), valid, reduction, num_items_in_batch)
 
 
-def reduce_total(total: torch.Tensor, n_rows: int, valid: torch.Tensor | None, reduction: str,
-                 num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+def reduce_total(
+    total: torch.Tensor,
+    n_rows: int,
+    valid: torch.Tensor | None,
+    reduction: str,
+    num_items_in_batch: int | torch.Tensor | None,
+) -> torch.Tensor:
     """``"sum"`` or ``"mean"`` of ``n_rows`` per-row losses whose sum is ``total`` (0-dim)."""
     if reduction == "sum":
         return total
@@ -109,13 +127,23 @@ def reduce_total(total: torch.Tensor, n_rows: int, valid: torch.Tensor | None, r
     return total / count.clamp(min=1).to(total.dtype)
 
 
-def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-                      divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
-                      alpha: float = 0.1, labels: torch.Tensor | None = None,
-                      ignore_index: int = -100, hard_weight: float = 0.0, t2_scale: bool = False,
-                      softcap: float | None = None, reduction: str = "mean",
-                      num_items_in_batch: int | torch.Tensor | None = None,
-                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    t2_scale: bool = False,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """kd_loss in plain PyTorch; same arguments and result as ``fastkd.kd_loss``.
 
     Shapes: logits ``[..., V_s]`` and ``[..., V_t]`` with equal leading shapes; ``labels`` the
@@ -127,10 +155,12 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if compute_dtype is None:
         compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     compute = compute_dtype
-    zs = mask_ignored_rows(student_logits[..., :vocab].reshape(-1, vocab).to(compute), labels,
-                           ignore_index)
-    zt = mask_ignored_rows(teacher_logits[..., :vocab].reshape(-1, vocab).to(compute), labels,
-                           ignore_index)
+    zs = mask_ignored_rows(
+        student_logits[..., :vocab].reshape(-1, vocab).to(compute), labels, ignore_index
+    )
+    zt = mask_ignored_rows(
+        teacher_logits[..., :vocab].reshape(-1, vocab).to(compute), labels, ignore_index
+    )
     if softcap is not None:
         zs = softcap * torch.tanh(zs / softcap)
         zt = softcap * torch.tanh(zt / softcap)
@@ -140,13 +170,21 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     soft = divergence_rows(lp, lq, divergence, beta=beta, alpha=alpha)
     rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
     rows = nan_where_no_distribution(rows, a, b)
-    return finish_rows(rows, zs, lead, labels=labels, ignore_index=ignore_index,
-                       hard_weight=hard_weight, reduction=reduction,
-                       num_items_in_batch=num_items_in_batch)
+    return finish_rows(
+        rows,
+        zs,
+        lead,
+        labels=labels,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )
 
 
-def mask_ignored_rows(z: torch.Tensor, labels: torch.Tensor | None,
-                      ignore_index: int) -> torch.Tensor:
+def mask_ignored_rows(
+    z: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor:
     """``z`` ``[N, V]`` with the rows of ignored tokens set to 0. Their loss is dropped anyway;
     logits without a softmax there (all -inf, say) would send 0 * NaN into the backward."""
     if labels is None:
@@ -155,8 +193,7 @@ def mask_ignored_rows(z: torch.Tensor, labels: torch.Tensor | None,
     return torch.where(ignored, torch.zeros((), dtype=z.dtype, device=z.device), z)
 
 
-def nan_where_no_distribution(rows: torch.Tensor, a: torch.Tensor,
-                              b: torch.Tensor) -> torch.Tensor:
+def nan_where_no_distribution(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The per-row losses ``rows`` ``[N]``, NaN where the scaled logits ``a`` or ``b`` ``[N, V]``
     of either model have no softmax: a log-sum-exp that is not finite (all -inf, or NaN / +inf
     among them). The formulas above would leave a finite loss there in some divergences, a
@@ -175,9 +212,17 @@ def nan_rows(rows: torch.Tensor, undefined: torch.Tensor, *logits: torch.Tensor)
     return torch.where(undefined, poison, rows)
 
 
-def finish_rows(rows: torch.Tensor, student_logits: torch.Tensor, lead: torch.Size, *, labels,
-                ignore_index: int, hard_weight: float, reduction: str,
-                num_items_in_batch) -> torch.Tensor:
+def finish_rows(
+    rows: torch.Tensor,
+    student_logits: torch.Tensor,
+    lead: torch.Size,
+    *,
+    labels,
+    ignore_index: int,
+    hard_weight: float,
+    reduction: str,
+    num_items_in_batch,
+) -> torch.Tensor:
     """Adds ``hard_weight`` CE(student_logits ``[N, V]`` at T = 1, labels) to the weighted soft
     losses ``rows`` ``[N]``, zeroes ignored rows (float32 unless computed in float64) and
     applies the reduction; ``"none"`` comes back in the leading shape ``lead``."""

@@ -20,8 +20,13 @@ import torch
 
 from .sinkhorn import sinkhorn_reference
 
-__all__ = ["converged_plan", "fixed_rounds_plan", "pairwise_cost_reference",
-           "sequence_ot_loss_reference", "sinkd_loss_reference"]
+__all__ = [
+    "converged_plan",
+    "fixed_rounds_plan",
+    "pairwise_cost_reference",
+    "sequence_ot_loss_reference",
+    "sinkd_loss_reference",
+]
 
 
 def pairwise_cost_reference(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -54,8 +59,7 @@ def fixed_rounds_plan(cost: torch.Tensor, eps: float, n_iters: int) -> torch.Ten
     return plan
 
 
-def converged_plan(cost: torch.Tensor, eps: float, *, max_iters: int,
-                   tol: float) -> torch.Tensor:
+def converged_plan(cost: torch.Tensor, eps: float, *, max_iters: int, tol: float) -> torch.Tensor:
     """The entropic OT plan of one ``[n, m]`` cost between uniform weights 1/n and 1/m (total
     mass 1), by log-domain Sinkhorn run until the L1 row-marginal error is below ``tol``. No
     gradient flows through it."""
@@ -63,13 +67,29 @@ def converged_plan(cost: torch.Tensor, eps: float, *, max_iters: int,
     c = cost.detach()
     log_a = torch.full((1, n), -math.log(n), dtype=c.dtype, device=c.device)
     log_b = torch.full((1, m), -math.log(m), dtype=c.dtype, device=c.device)
-    s = sinkhorn_reference(c[None], log_a, log_b, eps=eps, max_iters=max_iters, tol=tol,
-                           check_every=1, return_plan=True)
+    s = sinkhorn_reference(
+        c[None],
+        log_a,
+        log_b,
+        eps=eps,
+        max_iters=max_iters,
+        tol=tol,
+        check_every=1,
+        return_plan=True,
+    )
     return s.plan[0]
 
 
-def _ot_value(cost: torch.Tensor, *, eps: float, parity: bool, n_iters: int, max_iters: int,
-              tol: float, value: str) -> torch.Tensor:
+def _ot_value(
+    cost: torch.Tensor,
+    *,
+    eps: float,
+    parity: bool,
+    n_iters: int,
+    max_iters: int,
+    tol: float,
+    value: str,
+) -> torch.Tensor:
     if parity:
         return (fixed_rounds_plan(cost, eps, n_iters) * cost).sum()
     plan = converged_plan(cost, eps, max_iters=max_iters, tol=tol)
@@ -81,18 +101,31 @@ def _ot_value(cost: torch.Tensor, *, eps: float, parity: bool, n_iters: int, max
     return transport + eps * (torch.special.xlogy(plan, plan) + plan * math.log(n * m)).sum()
 
 
-def sinkd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-                         temperature: float = 1.0, eps: float = 0.1, cost: str = "l1",
-                         labels: torch.Tensor | None = None, ignore_index: int = -100,
-                         parity: bool = False, n_iters: int = 20, max_iters: int = 1000,
-                         tol: float = 1e-6, value: str = "transport") -> torch.Tensor:
+def sinkd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    eps: float = 0.1,
+    cost: str = "l1",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    parity: bool = False,
+    n_iters: int = 20,
+    max_iters: int = 1000,
+    tol: float = 1e-6,
+    value: str = "transport",
+) -> torch.Tensor:
     """SinKD's loss (see ``fastkd.sinkd_loss``): the rows of ``[..., V]`` logits whose label is
     not ``ignore_index`` give q_i = softmax(z_s,i / T) and p_j = softmax(z_t,j / T) (common
     vocabulary prefix; the teacher detached); C_ij = c(q_i, p_j); the OT value between uniform
     weights. Computes in float64 for float64 inputs, else float32. Returns a scalar."""
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    dtype = (torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype)
-             else torch.float32)
+    dtype = (
+        torch.float64
+        if torch.float64 in (student_logits.dtype, teacher_logits.dtype)
+        else torch.float32
+    )
     zs = student_logits.reshape(-1, student_logits.shape[-1])[:, :vocab].to(dtype)
     zt = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :vocab].to(dtype)
     if labels is not None:
@@ -103,17 +136,26 @@ def sinkd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Ten
     q = torch.softmax(zs / temperature, dim=-1)
     p = torch.softmax(zt / temperature, dim=-1)
     c = pairwise_cost_reference(cost, q, p)
-    return _ot_value(c, eps=eps, parity=parity, n_iters=n_iters, max_iters=max_iters, tol=tol,
-                     value=value)
+    return _ot_value(
+        c, eps=eps, parity=parity, n_iters=n_iters, max_iters=max_iters, tol=tol, value=value
+    )
 
 
-def sequence_ot_loss_reference(student: torch.Tensor, teacher: torch.Tensor, *,
-                               student_mask: torch.Tensor | None = None,
-                               teacher_mask: torch.Tensor | None = None, cost: str = "cosine",
-                               eps: float = 0.1, parity: bool = False, n_iters: int = 10,
-                               max_iters: int = 1000, tol: float = 1e-6,
-                               value: str = "transport", reduction: str = "mean"
-                               ) -> torch.Tensor:
+def sequence_ot_loss_reference(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    student_mask: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
+    cost: str = "cosine",
+    eps: float = 0.1,
+    parity: bool = False,
+    n_iters: int = 10,
+    max_iters: int = 1000,
+    tol: float = 1e-6,
+    value: str = "transport",
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Sequence-level OT (see ``fastkd.sequence_ot_loss``): for each sequence b, the valid
     positions of ``student [B, T_s, D]`` and ``teacher [B, T_t, D]``, C_ij = c(s_i, t_j), and
     the OT value between uniform weights. Parity follows MultiLevelOT, whose cost has the
@@ -134,10 +176,18 @@ def sequence_ot_loss_reference(student: torch.Tensor, teacher: torch.Tensor, *,
         c = pairwise_cost_reference(cost, xs, xt)
         if parity:
             c = c.T
-        losses.append(_ot_value(c, eps=eps, parity=parity, n_iters=n_iters,
-                                max_iters=max_iters, tol=tol, value=value))
-    per_seq = (torch.stack(losses) if losses
-               else torch.zeros(0, dtype=dtype, device=student.device))
+        losses.append(
+            _ot_value(
+                c,
+                eps=eps,
+                parity=parity,
+                n_iters=n_iters,
+                max_iters=max_iters,
+                tol=tol,
+                value=value,
+            )
+        )
+    per_seq = torch.stack(losses) if losses else torch.zeros(0, dtype=dtype, device=student.device)
     if reduction == "none":
         return per_seq
     if reduction == "sum":

@@ -19,8 +19,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["philox4x32_10", "priority_sample_reference", "sample_teacher_reference",
-           "token_uniforms"]
+__all__ = [
+    "philox4x32_10",
+    "priority_sample_reference",
+    "sample_teacher_reference",
+    "token_uniforms",
+]
 
 _MASK = 0xFFFFFFFF
 _MUL = (0xD2511F53, 0xCD9E8D57)
@@ -70,9 +74,15 @@ def token_uniforms(seed: int, tokens: torch.Tensor, n_draws: int, stream: int = 
     return ((word >> 8).to(torch.float32) + 0.5) * 2.0**-24
 
 
-def sample_teacher_reference(teacher_logits: torch.Tensor, *, num_samples: int = 50,
-                             temperature: float = 1.0, seed: int = 0, token_offset: int = 0,
-                             return_logprobs: bool = False):
+def sample_teacher_reference(
+    teacher_logits: torch.Tensor,
+    *,
+    num_samples: int = 50,
+    temperature: float = 1.0,
+    seed: int = 0,
+    token_offset: int = 0,
+    return_logprobs: bool = False,
+):
     """Random-sampling targets of ``teacher_logits [..., V]``: ``(ids, weights, logprobs)``, each
     ``[..., N]`` (ids int32 ascending then -1; weights float32; logprobs float32 or None)."""
     lead, vocab = teacher_logits.shape[:-1], teacher_logits.shape[-1]
@@ -91,8 +101,9 @@ def sample_teacher_reference(teacher_logits: torch.Tensor, *, num_samples: int =
     counts.scatter_add_(1, picks, torch.ones_like(picks))
     counts[~valid] = 0
     # Distinct ids ascending: sort the columns by (no count, id).
-    order = torch.argsort((counts == 0).to(torch.int64) * vocab
-                          + torch.arange(vocab, device=device), dim=-1)[:, :num_samples]
+    order = torch.argsort(
+        (counts == 0).to(torch.int64) * vocab + torch.arange(vocab, device=device), dim=-1
+    )[:, :num_samples]
     kept = counts.gather(1, order)
     ids = torch.where(kept > 0, order, -1).to(torch.int32)
     weights = kept.to(torch.float32) / num_samples
@@ -106,8 +117,11 @@ def sample_teacher_reference(teacher_logits: torch.Tensor, *, num_samples: int =
     ids, weights = F.pad(ids, pad, value=-1), F.pad(weights, pad)
     logprobs = None if logprobs is None else F.pad(logprobs, pad)
     shape = (*lead, num_samples)
-    return (ids.reshape(shape), weights.reshape(shape),
-            None if logprobs is None else logprobs.reshape(shape))
+    return (
+        ids.reshape(shape),
+        weights.reshape(shape),
+        None if logprobs is None else logprobs.reshape(shape),
+    )
 
 
 def _top_keys(key: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,15 +139,22 @@ def _top_keys(key: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, key.gather(1, ids)
 
 
-def priority_sample_reference(teacher_logits: torch.Tensor, *, k: int, seed: int = 0,
-                              token_offset: int = 0, return_logprobs: bool = False):
+def priority_sample_reference(
+    teacher_logits: torch.Tensor,
+    *,
+    k: int,
+    seed: int = 0,
+    token_offset: int = 0,
+    return_logprobs: bool = False,
+):
     """Priority-sampling targets (Duffield, Lund & Thorup, JACM 2007) of ``teacher_logits``.
 
     Per token, with p = softmax(z) over the V ids and uniforms u_i in (0, 1) keyed by
     (seed, token_offset + row, i): priorities q_i = p_i / u_i (ranked in float64, equal ones by
-    id, smaller first), keep the k ids of largest q (never one with p_i = 0), tau = the (k+1)-th largest priority (0 if V = k or fewer than k+1
-    ids have mass) and weight w_i = max(p_i, tau). Then E[sum_kept w_i f(i)] = sum_i p_i f(i)
-    for every f: the expected weight vector is p, with exactly k distinct ids per token.
+    id, smaller first), keep the k ids of largest q (never one with p_i = 0), tau = the (k+1)-th
+    largest priority (0 if V = k or fewer than k+1 ids have mass) and weight
+    w_i = max(p_i, tau). Then E[sum_kept w_i f(i)] = sum_i p_i f(i) for every f: the expected
+    weight vector is p, with exactly k distinct ids per token.
     Rows are processed in chunks of about 2^15 (row, id) pairs on CPU, 2^22 on CUDA (one row at
     least), so the working memory is O(max(V, chunk)) whatever the batch.
 
@@ -161,7 +182,7 @@ def priority_sample_reference(teacher_logits: torch.Tensor, *, k: int, seed: int
     for r0 in range(0, rows, step):
         # Keys in float64, as the native kernel ranks them: float32 keys of neighbouring ids
         # tie or swap within their rounding often enough to change which ids are kept.
-        zc = z[r0:r0 + step].to(torch.float64)
+        zc = z[r0 : r0 + step].to(torch.float64)
         chunk_bad = (torch.isnan(zc) | (zc == math.inf)).any(-1)
         # Rows with NaN or +inf, and rows without mass (log_softmax gives NaN there): no keys.
         no_keys = chunk_bad[:, None] | (zc == -math.inf).all(-1, keepdim=True)
@@ -179,10 +200,14 @@ def priority_sample_reference(teacher_logits: torch.Tensor, *, k: int, seed: int
         top, has_mass = top.gather(1, order), has_mass.gather(1, order)
         lp = log_p.gather(1, top)
         w = torch.maximum(lp.exp(), tau[:, None])
-        ids[r0:r0 + step] = torch.where(has_mass, top, -1).to(torch.int32)
-        weights[r0:r0 + step] = torch.where(has_mass, w, 0.0).to(torch.float32)
-        logprobs[r0:r0 + step] = torch.where(has_mass, lp, 0.0).to(torch.float32)
-        bad[r0:r0 + step] = chunk_bad
+        ids[r0 : r0 + step] = torch.where(has_mass, top, -1).to(torch.int32)
+        weights[r0 : r0 + step] = torch.where(has_mass, w, 0.0).to(torch.float32)
+        logprobs[r0 : r0 + step] = torch.where(has_mass, lp, 0.0).to(torch.float32)
+        bad[r0 : r0 + step] = chunk_bad
     shape = (*lead, k)
-    return (ids.reshape(shape), weights.reshape(shape),
-            logprobs.reshape(shape) if return_logprobs else None, bad.reshape(lead))
+    return (
+        ids.reshape(shape),
+        weights.reshape(shape),
+        logprobs.reshape(shape) if return_logprobs else None,
+        bad.reshape(lead),
+    )

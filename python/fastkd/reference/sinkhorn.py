@@ -21,23 +21,31 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["DenseCost", "SinkhornState", "log_weights", "plan_from_potentials", "run_sinkhorn",
-           "sinkhorn_reference", "valid_mask"]
+__all__ = [
+    "DenseCost",
+    "SinkhornState",
+    "log_weights",
+    "plan_from_potentials",
+    "run_sinkhorn",
+    "sinkhorn_reference",
+    "valid_mask",
+]
 
 
 class SinkhornState(NamedTuple):
-    f: torch.Tensor          # [B, n] potentials (0 beyond n_b)
-    g: torch.Tensor          # [B, m]
-    iters: torch.Tensor      # [B] int32
-    err: torch.Tensor        # [B] last row-marginal error computed
-    eps: torch.Tensor        # [B] the e of the last iteration (eps unless stopped mid-schedule)
+    f: torch.Tensor  # [B, n] potentials (0 beyond n_b)
+    g: torch.Tensor  # [B, m]
+    iters: torch.Tensor  # [B] int32
+    err: torch.Tensor  # [B] last row-marginal error computed
+    eps: torch.Tensor  # [B] the e of the last iteration (eps unless stopped mid-schedule)
     transport: torch.Tensor  # [B] <P, C>
-    mass: torch.Tensor       # [B] sum P
+    mass: torch.Tensor  # [B] sum P
     plan: torch.Tensor | None
 
 
-def valid_mask(sizes: torch.Tensor | None, batch: int, length: int,
-               device: torch.device) -> torch.Tensor:
+def valid_mask(
+    sizes: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
     """[B, length] bool: entry k of problem b lies below sizes[b] (all True without sizes)."""
     if sizes is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -49,9 +57,14 @@ def log_weights(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w > 0, torch.log(w.clamp_min(torch.finfo(w.dtype).tiny)), float("-inf"))
 
 
-def plan_from_potentials(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
-                         log_a: torch.Tensor, log_b: torch.Tensor,
-                         eps: torch.Tensor) -> torch.Tensor:
+def plan_from_potentials(
+    cost: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    eps: torch.Tensor,
+) -> torch.Tensor:
     """P_ij = exp((f_i + g_j - C_ij) / e + log a_i + log b_j), [B, n, m]; 0 where a weight is 0
     (log weight -inf), whatever the cost holds there."""
     e = eps.reshape(-1, 1, 1)
@@ -80,12 +93,22 @@ class DenseCost:
         return (plan * self.c).sum((1, 2)), plan.sum((1, 2)), plan if return_plan else None
 
 
-def sinkhorn_reference(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, *,
-                       eps: float, max_iters: int, tol: float, check_every: int,
-                       eps_start: torch.Tensor | None = None, kappa: float = 0.5,
-                       n_sizes: torch.Tensor | None = None, m_sizes: torch.Tensor | None = None,
-                       init_g: torch.Tensor | None = None,
-                       return_plan: bool = False) -> SinkhornState:
+def sinkhorn_reference(
+    cost: torch.Tensor,
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    *,
+    eps: float,
+    max_iters: int,
+    tol: float,
+    check_every: int,
+    eps_start: torch.Tensor | None = None,
+    kappa: float = 0.5,
+    n_sizes: torch.Tensor | None = None,
+    m_sizes: torch.Tensor | None = None,
+    init_g: torch.Tensor | None = None,
+    return_plan: bool = False,
+) -> SinkhornState:
     """Solves every problem of ``cost [B, n, m]`` with log weights ``log_a [B, n]``,
     ``log_b [B, m]`` (-inf marks a zero weight; entries beyond ``n_sizes``/``m_sizes`` are
     ignored whatever they hold). Computes in ``cost``'s dtype when it is float64, else float32.
@@ -98,16 +121,41 @@ def sinkhorn_reference(cost: torch.Tensor, log_a: torch.Tensor, log_b: torch.Ten
     cols = valid_mask(m_sizes, batch, m, cost.device)
     inside = rows[:, :, None] & cols[:, None, :]
     c = torch.where(inside, cost.to(dtype), 0.0)
-    return run_sinkhorn(DenseCost(c), log_a, log_b, rows, cols, dtype=dtype, eps=eps,
-                        max_iters=max_iters, tol=tol, check_every=check_every,
-                        eps_start=eps_start, kappa=kappa, init_g=init_g,
-                        return_plan=return_plan)
+    return run_sinkhorn(
+        DenseCost(c),
+        log_a,
+        log_b,
+        rows,
+        cols,
+        dtype=dtype,
+        eps=eps,
+        max_iters=max_iters,
+        tol=tol,
+        check_every=check_every,
+        eps_start=eps_start,
+        kappa=kappa,
+        init_g=init_g,
+        return_plan=return_plan,
+    )
 
 
-def run_sinkhorn(cost_ops, log_a: torch.Tensor, log_b: torch.Tensor, rows: torch.Tensor,
-                 cols: torch.Tensor, *, dtype: torch.dtype, eps: float, max_iters: int,
-                 tol: float, check_every: int, eps_start: torch.Tensor | None, kappa: float,
-                 init_g: torch.Tensor | None, return_plan: bool) -> SinkhornState:
+def run_sinkhorn(
+    cost_ops,
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    eps: float,
+    max_iters: int,
+    tol: float,
+    check_every: int,
+    eps_start: torch.Tensor | None,
+    kappa: float,
+    init_g: torch.Tensor | None,
+    return_plan: bool,
+) -> SinkhornState:
     """The loop, on any cost access ``cost_ops`` with DenseCost's three methods; ``rows``
     ``[B, n]`` and ``cols`` ``[B, m]`` mark the entries inside each problem's sizes."""
     batch, n = rows.shape
@@ -136,8 +184,11 @@ def run_sinkhorn(cost_ops, log_a: torch.Tensor, log_b: torch.Tensor, rows: torch
         return torch.where(a > 0, a * (ratio - 1).abs(), 0.0).sum(1)
 
     f = torch.zeros(batch, n, dtype=dtype, device=device)
-    g = (torch.zeros(batch, m, dtype=dtype, device=device) if init_g is None
-         else torch.where(cols, init_g.to(device=device, dtype=dtype), 0.0))
+    g = (
+        torch.zeros(batch, m, dtype=dtype, device=device)
+        if init_g is None
+        else torch.where(cols, init_g.to(device=device, dtype=dtype), 0.0)
+    )
     iters = torch.zeros(batch, dtype=torch.int32, device=device)
     err = torch.zeros(batch, dtype=dtype, device=device)
     done = empty.clone()

@@ -49,12 +49,19 @@ def _log_outside(lq: torch.Tensor, in_ids: torch.Tensor, use: torch.Tensor) -> t
     return torch.where(live, lse, torch.where(has_mass, zero, -math.inf))
 
 
-def sparse_kd_loss_reference(student_logits: torch.Tensor, targets: SparseTargets, *,
-                             temperature: float = 1.0, labels: torch.Tensor | None = None,
-                             ignore_index: int = -100, hard_weight: float = 0.0,
-                             t2_scale: bool = False, reduction: str = "mean",
-                             num_items_in_batch: int | torch.Tensor | None = None,
-                             compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def sparse_kd_loss_reference(
+    student_logits: torch.Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    t2_scale: bool = False,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """sparse_kd_loss in plain PyTorch; same arguments and result as ``fastkd.sparse_kd_loss``.
 
     Shapes: logits ``[..., V_s]``; ``targets`` of the same leading shape; ``labels`` the leading
@@ -63,10 +70,12 @@ def sparse_kd_loss_reference(student_logits: torch.Tensor, targets: SparseTarget
     """
     lead = student_logits.shape[:-1]
     vocab = min(student_logits.shape[-1], targets.vocab_size)
-    compute = compute_dtype or (torch.float64 if student_logits.dtype == torch.float64
-                                else torch.float32)
-    z = mask_ignored_rows(student_logits[..., :vocab].reshape(-1, vocab).to(compute), labels,
-                          ignore_index)
+    compute = compute_dtype or (
+        torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    )
+    z = mask_ignored_rows(
+        student_logits[..., :vocab].reshape(-1, vocab).to(compute), labels, ignore_index
+    )
     a = z / temperature
     lq = torch.log_softmax(a, dim=-1)
     n, k = z.shape[0], targets.num_slots
@@ -79,7 +88,8 @@ def sparse_kd_loss_reference(student_logits: torch.Tensor, targets: SparseTarget
     w = torch.where(inside & (w > 0), w, torch.where(inside & w.isnan(), nan, zero))
     # The target distribution over the V columns: the weights of equal ids add up.
     t = torch.zeros(n, vocab + 1, dtype=compute, device=z.device).scatter_add_(
-        1, torch.where(inside, ids, vocab), w)[:, :vocab]
+        1, torch.where(inside, ids, vocab), w
+    )[:, :vocab]
     soft = xlogy_ratio(t, t.log(), lq).sum(-1)
     undefined = (present & (ids >= vocab)).any(-1) | (t.isnan() | (t == math.inf)).any(-1)
     if targets.tail_mass is not None:
@@ -95,6 +105,13 @@ def sparse_kd_loss_reference(student_logits: torch.Tensor, targets: SparseTarget
         undefined = undefined & (labels.reshape(-1) != ignore_index)
     rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * soft
     rows = nan_rows(rows, undefined, a)
-    return finish_rows(rows, z, lead, labels=labels, ignore_index=ignore_index,
-                       hard_weight=hard_weight, reduction=reduction,
-                       num_items_in_batch=num_items_in_batch)
+    return finish_rows(
+        rows,
+        z,
+        lead,
+        labels=labels,
+        ignore_index=ignore_index,
+        hard_weight=hard_weight,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )

@@ -33,12 +33,18 @@ def sorted_l1_rows(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return (sq - sp).abs().sum(-1)
 
 
-def uld_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-                       temperature: float = 1.0, teacher_temperature: float | None = None,
-                       labels: torch.Tensor | None = None, ignore_index: int = -100,
-                       reduction: str = "mean",
-                       num_items_in_batch: int | torch.Tensor | None = None,
-                       compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def uld_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """uld_loss in plain PyTorch; same arguments and result as ``fastkd.uld_loss``.
 
     Shapes: ``[..., V_s]`` and ``[..., V_t]`` with equal leading shapes; ``labels`` the leading

@@ -12,19 +12,23 @@ import torch.nn.functional as F
 __all__ = ["alm_reference", "chunk_logprobs_reference", "gold_reference"]
 
 
-def chunk_logprobs_reference(token_logprobs: torch.Tensor, chunk_id: torch.Tensor,
-                             width: int) -> torch.Tensor:
+def chunk_logprobs_reference(
+    token_logprobs: torch.Tensor, chunk_id: torch.Tensor, width: int
+) -> torch.Tensor:
     """``[B, width]``: per chunk, the sum of its tokens' log-probabilities (a loop)."""
     rows = []
     for b in range(token_logprobs.shape[0]):
-        rows.append(torch.stack([token_logprobs[b][chunk_id[b] == c].sum()
-                                 for c in range(width)]) if width else
-                    token_logprobs.new_zeros(0))
+        rows.append(
+            torch.stack([token_logprobs[b][chunk_id[b] == c].sum() for c in range(width)])
+            if width
+            else token_logprobs.new_zeros(0)
+        )
     return torch.stack(rows)
 
 
-def alm_reference(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, temperature: float,
-                  divergence: str) -> torch.Tensor:
+def alm_reference(
+    s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, temperature: float, divergence: str
+) -> torch.Tensor:
     """Mean over masked chunks of the binary cross-entropy (or binary KL) of Bernoulli(p)
     against Bernoulli(q), p = exp(t / T), q = exp(s / T), from the probabilities themselves."""
     q = torch.exp(s / temperature)
@@ -61,21 +65,34 @@ def _jsd(q, p, beta):
     if beta == 1:
         return F.kl_div(lp, lq, reduction="sum", log_target=True)
     lm = torch.logsumexp(torch.stack([lq + math.log(1 - beta), lp + math.log(beta)]), dim=0)
-    return (beta * F.kl_div(lm, lp, reduction="sum", log_target=True)
-            + (1 - beta) * F.kl_div(lm, lq, reduction="sum", log_target=True))
+    return beta * F.kl_div(lm, lp, reduction="sum", log_target=True) + (1 - beta) * F.kl_div(
+        lm, lq, reduction="sum", log_target=True
+    )
 
 
-def gold_reference(student_logits, teacher_logits, student_targets, teacher_targets,
-                   student_chunk_id, teacher_chunk_id, *, temperature=1.0,
-                   teacher_temperature=None, matched=None, beta=0.5, weights=None):
+def gold_reference(
+    student_logits,
+    teacher_logits,
+    student_targets,
+    teacher_targets,
+    student_chunk_id,
+    teacher_chunk_id,
+    *,
+    temperature=1.0,
+    teacher_temperature=None,
+    matched=None,
+    beta=0.5,
+    weights=None,
+):
     """Mean over chunks present on both sides of GOLD's loss between the merged rows: sorted L1,
     or with ``matched = (student_ids, teacher_ids)`` the hybrid ``weights[0] * JSD_beta`` over
     the matched columns plus ``weights[1] *`` sorted L1 over the others."""
     t_temp = temperature if teacher_temperature is None else teacher_temperature
     losses = []
     for b in range(student_logits.shape[0]):
-        s_rows = _merged_rows(student_logits[b], student_targets[b], student_chunk_id[b],
-                              temperature)
+        s_rows = _merged_rows(
+            student_logits[b], student_targets[b], student_chunk_id[b], temperature
+        )
         t_rows = _merged_rows(teacher_logits[b], teacher_targets[b], teacher_chunk_id[b], t_temp)
         for c in sorted(set(s_rows) & set(t_rows)):
             q, p = s_rows[c], t_rows[c]

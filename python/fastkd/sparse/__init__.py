@@ -3,5 +3,11 @@
 from .cache import CacheCorruptError, CacheLockedError, TeacherCache
 from .targets import METHODS, TAILS, SparseTargets
 
-__all__ = ["CacheCorruptError", "CacheLockedError", "METHODS", "SparseTargets", "TAILS",
-           "TeacherCache"]
+__all__ = [
+    "CacheCorruptError",
+    "CacheLockedError",
+    "METHODS",
+    "SparseTargets",
+    "TAILS",
+    "TeacherCache",
+]

@@ -62,33 +62,49 @@ class SparseTargets:
     def __post_init__(self):
         ids, weights = self.ids, self.weights
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int32 or ids.dim() < 1:
-            raise TypeError(f"ids must be an int32 tensor [..., K]; got "
-                            f"{getattr(ids, 'dtype', type(ids).__name__)} "
-                            f"{tuple(getattr(ids, 'shape', ()))}")
+            raise TypeError(
+                f"ids must be an int32 tensor [..., K]; got "
+                f"{getattr(ids, 'dtype', type(ids).__name__)} "
+                f"{tuple(getattr(ids, 'shape', ()))}"
+            )
         if not isinstance(weights, torch.Tensor) or weights.dtype != torch.float32:
-            raise TypeError(f"weights must be a float32 tensor; got "
-                            f"{getattr(weights, 'dtype', type(weights).__name__)}")
+            raise TypeError(
+                f"weights must be a float32 tensor; got "
+                f"{getattr(weights, 'dtype', type(weights).__name__)}"
+            )
         if weights.shape != ids.shape or weights.device != ids.device:
-            raise ValueError(f"weights {tuple(weights.shape)} on {weights.device} must match ids "
-                             f"{tuple(ids.shape)} on {ids.device}")
-        if self.logprobs is not None and (self.logprobs.shape != ids.shape
-                                          or self.logprobs.dtype != torch.float32):
-            raise ValueError(f"logprobs must be float32 {tuple(ids.shape)}; got "
-                             f"{self.logprobs.dtype} {tuple(self.logprobs.shape)}")
-        if self.tail_mass is not None and (self.tail_mass.shape != ids.shape[:-1]
-                                           or self.tail_mass.dtype != torch.float32):
-            raise ValueError(f"tail_mass must be float32 {tuple(ids.shape[:-1])}; got "
-                             f"{self.tail_mass.dtype} {tuple(self.tail_mass.shape)}")
+            raise ValueError(
+                f"weights {tuple(weights.shape)} on {weights.device} must match ids "
+                f"{tuple(ids.shape)} on {ids.device}"
+            )
+        if self.logprobs is not None and (
+            self.logprobs.shape != ids.shape or self.logprobs.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"logprobs must be float32 {tuple(ids.shape)}; got "
+                f"{self.logprobs.dtype} {tuple(self.logprobs.shape)}"
+            )
+        if self.tail_mass is not None and (
+            self.tail_mass.shape != ids.shape[:-1] or self.tail_mass.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"tail_mass must be float32 {tuple(ids.shape[:-1])}; got "
+                f"{self.tail_mass.dtype} {tuple(self.tail_mass.shape)}"
+            )
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
         if self.method == "topk" and self.tail not in TAILS:
             raise ValueError(f"topk targets need tail in {TAILS}; got {self.tail!r}")
         if (self.tail == "bucket") != (self.tail_mass is not None):
             raise ValueError("tail_mass is given exactly for tail='bucket' targets")
-        if (not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool)
-                or not 1 <= self.vocab_size <= 2**31):
-            raise ValueError(f"vocab_size must be an int in [1, 2**31] (ids are int32); got "
-                             f"{self.vocab_size!r}")
+        if (
+            not isinstance(self.vocab_size, int)
+            or isinstance(self.vocab_size, bool)
+            or not 1 <= self.vocab_size <= 2**31
+        ):
+            raise ValueError(
+                f"vocab_size must be an int in [1, 2**31] (ids are int32); got {self.vocab_size!r}"
+            )
 
     @property
     def lead_shape(self) -> torch.Size:
@@ -105,9 +121,13 @@ class SparseTargets:
 
     def _map(self, fn, fn_lead=None) -> "SparseTargets":
         fn_lead = fn_lead or fn
-        return replace(self, ids=fn(self.ids), weights=fn(self.weights),
-                       logprobs=None if self.logprobs is None else fn(self.logprobs),
-                       tail_mass=None if self.tail_mass is None else fn_lead(self.tail_mass))
+        return replace(
+            self,
+            ids=fn(self.ids),
+            weights=fn(self.weights),
+            logprobs=None if self.logprobs is None else fn(self.logprobs),
+            tail_mass=None if self.tail_mass is None else fn_lead(self.tail_mass),
+        )
 
     def to(self, device: str | torch.device) -> "SparseTargets":
         return self._map(lambda t: t.to(device))

@@ -12,5 +12,16 @@ from .loop import distill
 from .models import CausalLM, Head, adapt, load_causal_lm
 from .teacher_cache import build_cache
 
-__all__ = ["CausalLM", "Config", "ConfigError", "Head", "adapt", "build_cache", "distill",
-           "evaluate", "evaluate_run", "load_causal_lm", "load_config"]
+__all__ = [
+    "CausalLM",
+    "Config",
+    "ConfigError",
+    "Head",
+    "adapt",
+    "build_cache",
+    "distill",
+    "evaluate",
+    "evaluate_run",
+    "load_causal_lm",
+    "load_config",
+]

@@ -31,8 +31,15 @@ import torch
 
 from .._fsync import fsync_dir, fsync_file
 
-__all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "remove_partial",
-           "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "checkpoint_dirs",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "remove_partial",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -43,10 +50,16 @@ def rng_state() -> dict:
     """This process's RNG states (torch CPU and CUDA, Python, NumPy) as tensors and plain values,
     loadable with ``weights_only=True``."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                       "gauss": float(np_state[4])}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -57,8 +70,9 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -78,8 +92,13 @@ def _save_tensors(state: dict[str, torch.Tensor], path: str) -> None:
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for key, tensor in state.items():
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-                 tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        ident = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
         if tensor.numel() and ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -123,8 +142,9 @@ def latest_checkpoint(root: str) -> str | None:
         name = f.read().strip()
     path = os.path.join(root, name)
     if not _STEP_DIR.fullmatch(name) or not os.path.isdir(path):
-        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a checkpoint folder "
-                                f"under {root}")
+        raise FileNotFoundError(
+            f"{pointer} names {name!r}, which is not a checkpoint folder under {root}"
+        )
     return path
 
 
@@ -141,9 +161,19 @@ def remove_partial(root: str) -> None:
                 os.remove(path)
 
 
-def save_checkpoint(root: str, step: int, *, model_state: dict | None, optimizer_state: dict | None,
-                    trainer_state: dict, rank: int, world_size: int, barrier, keep: int,
-                    rank_state: dict | None = None) -> str:
+def save_checkpoint(
+    root: str,
+    step: int,
+    *,
+    model_state: dict | None,
+    optimizer_state: dict | None,
+    trainer_state: dict,
+    rank: int,
+    world_size: int,
+    barrier,
+    keep: int,
+    rank_state: dict | None = None,
+) -> str:
     """Writes checkpoint ``step`` under ``root``. Every rank calls it (each writes its RNG state);
     rank 0 writes the rest (``model_state``/``optimizer_state`` are the gathered full state
     dicts there, None elsewhere), renames the folder into place, points ``latest`` at it and
@@ -170,8 +200,10 @@ def save_checkpoint(root: str, step: int, *, model_state: dict | None, optimizer
     if rank == 0:
         _save_tensors(model_state, os.path.join(tmp, "model.safetensors"))
         _torch_save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        _torch_save({**trainer_state, "step": step, "world_size": world_size},
-                    os.path.join(tmp, "trainer.pt"))
+        _torch_save(
+            {**trainer_state, "step": step, "world_size": world_size},
+            os.path.join(tmp, "trainer.pt"),
+        )
     barrier()
     if rank == 0:
         fsync_dir(tmp)
@@ -186,7 +218,7 @@ def save_checkpoint(root: str, step: int, *, model_state: dict | None, optimizer
         fsync_dir(root)
         # Older steps only: never the checkpoint just written, whatever else the folder holds.
         older = [n for n in checkpoint_dirs(root) if _step_of(n) < step]
-        for old in older[:max(len(older) - (keep - 1), 0)]:
+        for old in older[: max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
     return final
@@ -206,8 +238,10 @@ def load_checkpoint(path: str, rank: int) -> dict:
     if not os.path.isfile(state_file):
         state_file = os.path.join(path, "state-rank0.pt")
     load = dict(map_location="cpu", weights_only=True)
-    return {"model": _load_tensors(os.path.join(path, "model.safetensors")),
-            "optimizer": torch.load(os.path.join(path, "optimizer.pt"), **load),
-            "trainer": torch.load(os.path.join(path, "trainer.pt"), **load),
-            "rng": torch.load(rng_file, **load),
-            "rank": torch.load(state_file, **load) if os.path.isfile(state_file) else None}
+    return {
+        "model": _load_tensors(os.path.join(path, "model.safetensors")),
+        "optimizer": torch.load(os.path.join(path, "optimizer.pt"), **load),
+        "trainer": torch.load(os.path.join(path, "trainer.pt"), **load),
+        "rng": torch.load(rng_file, **load),
+        "rank": torch.load(state_file, **load) if os.path.isfile(state_file) else None,
+    }

@@ -18,9 +18,20 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["CacheConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
-           "EvalConfig", "ModelConfig", "ObjectiveConfig", "OutputConfig", "TrainConfig",
-           "load_config", "parse_overrides"]
+__all__ = [
+    "CacheConfig",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OutputConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_overrides",
+]
 
 
 class ConfigError(ValueError):
@@ -112,9 +123,9 @@ class OnPolicyConfig:
     """On-policy distillation (GKD) with ``objective.kind = "kd"``: per micro-batch, with
     probability ``student_fraction`` (GKD's lambda) the student generates the completions of its
     prompts (a prompt is a sequence's tokens up to its first predicted one: meant for
-    prompt/completion data, or at least ``prompt_tokens``); otherwise they are the data's, or the teacher's generations with
-    ``teacher_sequences`` (sequence-level KD). Off when ``student_fraction`` is 0 and
-    ``teacher_sequences`` false."""
+    prompt/completion data, or at least ``prompt_tokens``); otherwise they are the data's, or
+    the teacher's generations with ``teacher_sequences`` (sequence-level KD). Off when
+    ``student_fraction`` is 0 and ``teacher_sequences`` false."""
 
     student_fraction: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
     teacher_sequences: bool = False
@@ -141,8 +152,7 @@ class OnPolicyConfig:
 
     @property
     def enabled(self) -> bool:
-        return (self.student_fraction > 0 or self.teacher_sequences
-                or self.schedule == "adaptive")
+        return self.student_fraction > 0 or self.teacher_sequences or self.schedule == "adaptive"
 
 
 @dataclass
@@ -233,65 +243,92 @@ class Config:
         from ..divergences import DIVERGENCES
 
         if self.objective.divergence not in DIVERGENCES:
-            raise ConfigError(_bad("objective.divergence", self.objective.divergence,
-                                   f"one of {sorted(DIVERGENCES)}"))
+            raise ConfigError(
+                _bad(
+                    "objective.divergence",
+                    self.objective.divergence,
+                    f"one of {sorted(DIVERGENCES)}",
+                )
+            )
         if not self.model.student:
-            raise ConfigError("model.student is required: a local model directory or a "
-                              "config.json")
+            raise ConfigError("model.student is required: a local model directory or a config.json")
         if not self.data.train:
             raise ConfigError("data.train is required: text (.txt) or .jsonl files or folders")
         kind = self.objective.kind
         if kind in ONLINE_KINDS and not self.model.teacher:
-            raise ConfigError(f'objective.kind = "{kind}" needs model.teacher (an online '
-                              f'teacher); use kind = "ce" without one, or "sparse" with a cache')
+            raise ConfigError(
+                f'objective.kind = "{kind}" needs model.teacher (an online '
+                f'teacher); use kind = "ce" without one, or "sparse" with a cache'
+            )
         if kind in ("sampled_rkl", "teacher_topk") and self.objective.temperature != 1.0:
-            raise ConfigError(f"objective.temperature = {self.objective.temperature!r}: kind = "
-                              f"\"{kind}\" compares the models at temperature 1")
+            raise ConfigError(
+                f"objective.temperature = {self.objective.temperature!r}: kind = "
+                f'"{kind}" compares the models at temperature 1'
+            )
         if kind == "sampled_rkl":
             if self.objective.hard_weight > 0:
-                raise ConfigError("objective.hard_weight applies to kinds with a cross-entropy "
-                                  "term (kd, sparse, teacher_topk); on the student's own "
-                                  "samples there is no data label to learn")
+                raise ConfigError(
+                    "objective.hard_weight applies to kinds with a cross-entropy "
+                    "term (kd, sparse, teacher_topk); on the student's own "
+                    "samples there is no data label to learn"
+                )
             o = self.onpolicy
             if o.student_fraction != 1.0 or o.schedule != "fixed":
-                raise ConfigError(f"objective.kind = \"sampled_rkl\" estimates KL(student || "
-                                  f"teacher) from the student's own samples: set "
-                                  f"onpolicy.student_fraction = 1 with schedule = \"fixed\" "
-                                  f"(got {o.student_fraction} and \"{o.schedule}\")")
+                raise ConfigError(
+                    f'objective.kind = "sampled_rkl" estimates KL(student || '
+                    f"teacher) from the student's own samples: set "
+                    f'onpolicy.student_fraction = 1 with schedule = "fixed" '
+                    f'(got {o.student_fraction} and "{o.schedule}")'
+                )
             if o.temperature != 1.0 or o.top_p != 1.0:
-                raise ConfigError(f"objective.kind = \"sampled_rkl\" needs samples from the "
-                                  f"student's distribution itself: onpolicy.temperature = 1 and "
-                                  f"top_p = 1 (got {o.temperature} and {o.top_p})")
+                raise ConfigError(
+                    f'objective.kind = "sampled_rkl" needs samples from the '
+                    f"student's distribution itself: onpolicy.temperature = 1 and "
+                    f"top_p = 1 (got {o.temperature} and {o.top_p})"
+                )
         if self.objective.kind == "ce" and self.objective.hard_weight > 0:
-            raise ConfigError('objective.hard_weight applies to kind = "kd" or "sparse"; '
-                              'kind = "ce" is the hard loss alone')
+            raise ConfigError(
+                'objective.hard_weight applies to kind = "kd" or "sparse"; '
+                'kind = "ce" is the hard loss alone'
+            )
         if self.objective.kind in ("ce", "sparse") and self.objective.temperature != 1.0:
-            raise ConfigError(f"objective.temperature = {self.objective.temperature!r} applies to "
-                              f"kind = \"kd\" (both models' softmax); a {self.objective.kind} "
-                              f"run's targets are at temperature 1 (the data's tokens, or the "
-                              f"cache's samples of the teacher's distribution)")
+            raise ConfigError(
+                f"objective.temperature = {self.objective.temperature!r} applies to "
+                f'kind = "kd" (both models\' softmax); a {self.objective.kind} '
+                f"run's targets are at temperature 1 (the data's tokens, or the "
+                f"cache's samples of the teacher's distribution)"
+            )
         if self.objective.kind == "sparse" and not self.cache.path:
-            raise ConfigError('objective.kind = "sparse" needs cache.path (written by '
-                              '`fastkd cache`)')
+            raise ConfigError(
+                'objective.kind = "sparse" needs cache.path (written by `fastkd cache`)'
+            )
         if self.onpolicy.enabled and self.objective.kind not in ONLINE_KINDS:
-            raise ConfigError(f"onpolicy (student_fraction = {self.onpolicy.student_fraction}, "
-                              f"teacher_sequences = {self.onpolicy.teacher_sequences}) needs an "
-                              f"online teacher to score the generated completions: "
-                              f"objective.kind one of {', '.join(ONLINE_KINDS)}; got kind = "
-                              f"\"{self.objective.kind}\"")
+            raise ConfigError(
+                f"onpolicy (student_fraction = {self.onpolicy.student_fraction}, "
+                f"teacher_sequences = {self.onpolicy.teacher_sequences}) needs an "
+                f"online teacher to score the generated completions: "
+                f"objective.kind one of {', '.join(ONLINE_KINDS)}; got kind = "
+                f'"{self.objective.kind}"'
+            )
         if self.onpolicy.schedule == "adaptive":
             if self.onpolicy.buffer_size < self.train.micro_batch_size:
-                raise ConfigError(f"onpolicy.buffer_size = {self.onpolicy.buffer_size} must hold "
-                                  f"a micro-batch (train.micro_batch_size = "
-                                  f"{self.train.micro_batch_size}): a replayed micro-batch is "
-                                  f"drawn from it")
+                raise ConfigError(
+                    f"onpolicy.buffer_size = {self.onpolicy.buffer_size} must hold "
+                    f"a micro-batch (train.micro_batch_size = "
+                    f"{self.train.micro_batch_size}): a replayed micro-batch is "
+                    f"drawn from it"
+                )
             if not self.eval.every:
-                raise ConfigError('onpolicy.schedule = "adaptive" follows the held-out loss: '
-                                  'set eval.every > 0')
+                raise ConfigError(
+                    'onpolicy.schedule = "adaptive" follows the held-out loss: set eval.every > 0'
+                )
         if not check_paths:
             return
-        paths = [("model.student", self.model.student), ("model.teacher", self.model.teacher),
-                 ("model.tokenizer", self.model.tokenizer)]
+        paths = [
+            ("model.student", self.model.student),
+            ("model.teacher", self.model.teacher),
+            ("model.tokenizer", self.model.tokenizer),
+        ]
         paths += [(f"data.train[{i}]", p) for i, p in enumerate(self.data.train)]
         paths += [(f"data.eval[{i}]", p) for i, p in enumerate(self.data.eval)]
         for key, path in paths:
@@ -300,6 +337,7 @@ class Config:
 
 
 # ---- building and checking ---------------------------------------------------------------
+
 
 def _bad(key: str, value, allowed: str) -> str:
     return f"{key} = {value!r} is not allowed: expected {allowed}"
@@ -323,8 +361,9 @@ def _check_value(key: str, value, annotation, meta: dict, base_dir: str):
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(_bad(key, value, "a list"))
-        return [_check_value(f"{key}[{i}]", v, args[0], meta, base_dir)
-                for i, v in enumerate(value)]
+        return [
+            _check_value(f"{key}[{i}]", v, args[0], meta, base_dir) for i, v in enumerate(value)
+        ]
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(_bad(key, value, "true or false"))
@@ -335,8 +374,11 @@ def _check_value(key: str, value, annotation, meta: dict, base_dir: str):
         _check_range(key, value, meta)
         return value
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise ConfigError(_bad(key, value, "a finite number" + _range_text(meta)))
         _check_range(key, float(value), meta)
         return float(value)
@@ -385,8 +427,9 @@ def _closest(key: str, options: list[str]) -> str | None:
 
 def _build(cls, tree, prefix: str, base_dir: str):
     if not isinstance(tree, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a table of keys; "
-                          f"got {tree!r}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'the config'} must be a table of keys; got {tree!r}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
@@ -394,19 +437,24 @@ def _build(cls, tree, prefix: str, base_dir: str):
         full = f"{prefix}{key}"
         if key not in fields:
             close = _closest(str(key), list(fields))
-            hint = f"; did you mean {prefix}{close}?" if close else \
-                f"; valid keys: {', '.join(prefix + f for f in fields)}"
+            hint = (
+                f"; did you mean {prefix}{close}?"
+                if close
+                else f"; valid keys: {', '.join(prefix + f for f in fields)}"
+            )
             raise ConfigError(f"unknown key {full}{hint}")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             values[key] = _build(annotation, value, f"{full}.", base_dir)
         else:
-            values[key] = _check_value(full, value, annotation, dict(fields[key].metadata),
-                                       base_dir)
+            values[key] = _check_value(
+                full, value, annotation, dict(fields[key].metadata), base_dir
+            )
     return cls(**values)
 
 
 # ---- files and overrides ------------------------------------------------------------------
+
 
 def _read_file(path: str) -> dict:
     if not os.path.isfile(path):
@@ -415,8 +463,10 @@ def _read_file(path: str) -> dict:
         try:
             import yaml
         except ImportError as exc:
-            raise ConfigError(f"{path} is YAML, which needs PyYAML (pip install pyyaml); or "
-                              f"write the config as TOML") from exc
+            raise ConfigError(
+                f"{path} is YAML, which needs PyYAML (pip install pyyaml); or "
+                f"write the config as TOML"
+            ) from exc
         with open(path, encoding="utf-8") as f:
             try:
                 tree = yaml.safe_load(f)
@@ -473,8 +523,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(source: str | os.PathLike | dict | Config | None = None,
-                overrides: list[str] | dict | None = None, *, check_paths: bool = True) -> Config:
+def load_config(
+    source: str | os.PathLike | dict | Config | None = None,
+    overrides: list[str] | dict | None = None,
+    *,
+    check_paths: bool = True,
+) -> Config:
     """A checked ``Config`` from a config file (TOML, or YAML by its extension), a nested dict,
     a ``Config`` or None (the defaults), with ``overrides`` (``--set`` strings or a nested dict)
     applied. Relative paths are taken from the config file's folder, those given in

@@ -10,8 +10,7 @@ __all__ = ["stdlib_corpus"]
 # Test suites are large, repetitive and full of deliberately odd text; idlelib and lib2to3 are
 # applications rather than library code; site-packages holds third-party packages, not the
 # standard library (dist-packages is its Debian name).
-_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages",
-                           "dist-packages"})
+_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages"})
 
 
 def _module_paths(root: str) -> list[str]:
@@ -44,8 +43,9 @@ def stdlib_corpus(max_chars: int | None = None) -> list[str]:
     Returns:
         The documents, one string per module file.
     """
-    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int)
-                                  or max_chars < 0):
+    if max_chars is not None and (
+        isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 0
+    ):
         raise ValueError(f"max_chars must be None or an int >= 0; got {max_chars!r}")
     root = sysconfig.get_paths()["stdlib"]
     docs: list[str] = []

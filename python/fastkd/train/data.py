@@ -19,8 +19,16 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["IGNORE_INDEX", "Document", "SequenceDataset", "StepSampler", "collate",
-           "read_documents", "split_documents", "tokenize_documents"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Document",
+    "SequenceDataset",
+    "StepSampler",
+    "collate",
+    "read_documents",
+    "split_documents",
+    "tokenize_documents",
+]
 
 IGNORE_INDEX = -100  # the label of positions with nothing to predict (torch's cross_entropy)
 
@@ -39,10 +47,13 @@ class Document:
     def __post_init__(self):
         fields = (self.text, self.prompt, self.completion)
         if any(f is not None and not isinstance(f, str) for f in fields):
-            raise TypeError(f"Document fields must be str or None; got "
-                            f"{tuple(type(f).__name__ for f in fields)}")
-        if (self.text is None) == (self.prompt is None and self.completion is None) \
-                or (self.prompt is None) != (self.completion is None):
+            raise TypeError(
+                f"Document fields must be str or None; got "
+                f"{tuple(type(f).__name__ for f in fields)}"
+            )
+        if (self.text is None) == (self.prompt is None and self.completion is None) or (
+            self.prompt is None
+        ) != (self.completion is None):
             raise ValueError("a Document has either text, or both prompt and completion")
 
     @property
@@ -56,8 +67,11 @@ def _files_of(path: str, fmt: str) -> list[tuple[str, str]]:
     name) as (file, format) pairs, format ``"txt"`` or ``"jsonl"``."""
     suffixes = _FORMATS[fmt]
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.endswith(suffixes)
-                       and os.path.isfile(os.path.join(path, n)))
+        names = sorted(
+            n
+            for n in os.listdir(path)
+            if n.endswith(suffixes) and os.path.isfile(os.path.join(path, n))
+        )
         if not names:
             raise ValueError(f"directory {path!r} holds no {' or '.join(suffixes)} files")
         return [f for n in names for f in _files_of(os.path.join(path, n), fmt)]
@@ -66,8 +80,10 @@ def _files_of(path: str, fmt: str) -> list[tuple[str, str]]:
     if fmt != "auto":
         return [(path, fmt)]
     if not path.endswith(suffixes):
-        raise ValueError(f"cannot tell the format of {path!r} from its name: expected a .txt or "
-                         f".jsonl file, or format='txt' or 'jsonl'")
+        raise ValueError(
+            f"cannot tell the format of {path!r} from its name: expected a .txt or "
+            f".jsonl file, or format='txt' or 'jsonl'"
+        )
     return [(path, "txt" if path.endswith(".txt") else "jsonl")]
 
 
@@ -79,8 +95,7 @@ def _read_txt(path: str) -> Document:
         raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def _read_jsonl(path: str, text_key: str, prompt_key: str, completion_key: str
-                ) -> list[Document]:
+def _read_jsonl(path: str, text_key: str, prompt_key: str, completion_key: str) -> list[Document]:
     with open(path, "rb") as f:
         data = f.read()
     docs = []
@@ -100,31 +115,46 @@ def _read_jsonl(path: str, text_key: str, prompt_key: str, completion_key: str
         has_text, has_prompt = text_key in record, prompt_key in record
         has_completion = completion_key in record
         if has_text and (has_prompt or has_completion):
-            raise ValueError(f"{where}: a record is either text ({text_key!r}) or a pair "
-                             f"({prompt_key!r}, {completion_key!r}), not both")
+            raise ValueError(
+                f"{where}: a record is either text ({text_key!r}) or a pair "
+                f"({prompt_key!r}, {completion_key!r}), not both"
+            )
         if has_text:
             keys = (text_key,)
         elif has_prompt and has_completion:
             keys = (prompt_key, completion_key)
         elif has_prompt or has_completion:
             missing = completion_key if has_prompt else prompt_key
-            raise ValueError(f"{where}: missing key {missing!r} (a pair needs {prompt_key!r} and "
-                             f"{completion_key!r})")
+            raise ValueError(
+                f"{where}: missing key {missing!r} (a pair needs {prompt_key!r} and "
+                f"{completion_key!r})"
+            )
         else:
-            raise ValueError(f"{where}: expected key {text_key!r}, or keys {prompt_key!r} and "
-                             f"{completion_key!r}; got keys {sorted(record)}")
+            raise ValueError(
+                f"{where}: expected key {text_key!r}, or keys {prompt_key!r} and "
+                f"{completion_key!r}; got keys {sorted(record)}"
+            )
         for key in keys:
             if not isinstance(record[key], str):
-                raise ValueError(f"{where}: {key!r} must be a string; got "
-                                 f"{type(record[key]).__name__}")
-        docs.append(Document(text=record[text_key]) if has_text else
-                    Document(prompt=record[prompt_key], completion=record[completion_key]))
+                raise ValueError(
+                    f"{where}: {key!r} must be a string; got {type(record[key]).__name__}"
+                )
+        docs.append(
+            Document(text=record[text_key])
+            if has_text
+            else Document(prompt=record[prompt_key], completion=record[completion_key])
+        )
     return docs
 
 
-def read_documents(paths: Sequence[str | os.PathLike], *, format: str = "auto",
-                   text_key: str = "text", prompt_key: str = "prompt",
-                   completion_key: str = "completion") -> list[Document]:
+def read_documents(
+    paths: Sequence[str | os.PathLike],
+    *,
+    format: str = "auto",
+    text_key: str = "text",
+    prompt_key: str = "prompt",
+    completion_key: str = "completion",
+) -> list[Document]:
     """Reads documents from ``.txt`` and ``.jsonl`` files, in the order of ``paths``.
 
     A ``.txt`` file is one text document (UTF-8). A ``.jsonl`` file holds one JSON object per
@@ -158,8 +188,9 @@ def read_documents(paths: Sequence[str | os.PathLike], *, format: str = "auto",
     return docs
 
 
-def split_documents(docs: Sequence[Document], *, eval_fraction: float, seed: int
-                    ) -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: Sequence[Document], *, eval_fraction: float, seed: int
+) -> tuple[list[Document], list[Document]]:
     """Splits documents into a training and an evaluation set, deterministically.
 
     Each distinct document gets a key, the sha256 of ``seed`` and its content; the evaluation
@@ -177,8 +208,11 @@ def split_documents(docs: Sequence[Document], *, eval_fraction: float, seed: int
     Returns:
         (train_docs, eval_docs).
     """
-    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) \
-            or not 0.0 <= eval_fraction < 1.0:
+    if (
+        isinstance(eval_fraction, bool)
+        or not isinstance(eval_fraction, (int, float))
+        or not 0.0 <= eval_fraction < 1.0
+    ):
         raise ValueError(f"eval_fraction must be a number in [0, 1); got {eval_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int; got {seed!r}")
@@ -195,8 +229,10 @@ def split_documents(docs: Sequence[Document], *, eval_fraction: float, seed: int
             break
         if len(held_out) + len(copies[key]) < n:
             held_out.update(copies[key])
-    return ([d for i, d in enumerate(docs) if i not in held_out],
-            [d for i, d in enumerate(docs) if i in held_out])
+    return (
+        [d for i, d in enumerate(docs) if i not in held_out],
+        [d for i, d in enumerate(docs) if i in held_out],
+    )
 
 
 class SequenceDataset(torch.utils.data.Dataset):
@@ -211,15 +247,24 @@ class SequenceDataset(torch.utils.data.Dataset):
             the sequences, their tokens and their order are equal.
     """
 
-    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                 attention_mask: torch.Tensor):
-        for name, t in (("input_ids", input_ids), ("labels", labels),
-                        ("attention_mask", attention_mask)):
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2 \
-                    or t.shape != input_ids.shape or t.device.type != "cpu":
-                raise ValueError(f"{name} must be a CPU int64 tensor [N, T] of one shape with "
-                                 f"the others; got {getattr(t, 'dtype', type(t).__name__)} "
-                                 f"{tuple(getattr(t, 'shape', ()))}")
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+        for name, t in (
+            ("input_ids", input_ids),
+            ("labels", labels),
+            ("attention_mask", attention_mask),
+        ):
+            if (
+                not isinstance(t, torch.Tensor)
+                or t.dtype != torch.int64
+                or t.dim() != 2
+                or t.shape != input_ids.shape
+                or t.device.type != "cpu"
+            ):
+                raise ValueError(
+                    f"{name} must be a CPU int64 tensor [N, T] of one shape with "
+                    f"the others; got {getattr(t, 'dtype', type(t).__name__)} "
+                    f"{tuple(getattr(t, 'shape', ()))}"
+                )
         self.input_ids = input_ids.contiguous()
         self.labels = labels.contiguous()
         self.attention_mask = attention_mask.contiguous()
@@ -240,16 +285,18 @@ class SequenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """Sequence ``i``: ``input_ids``, ``labels`` and ``attention_mask``, each ``[T]`` int64
         (copies, so that a worker process sends T tokens rather than the whole dataset)."""
-        return {"input_ids": self.input_ids[i].clone(), "labels": self.labels[i].clone(),
-                "attention_mask": self.attention_mask[i].clone()}
+        return {
+            "input_ids": self.input_ids[i].clone(),
+            "labels": self.labels[i].clone(),
+            "attention_mask": self.attention_mask[i].clone(),
+        }
 
     def num_label_tokens(self) -> int:
         """The number of predicted positions (labels other than -100) over all sequences."""
         return self._num_label_tokens
 
 
-def _encode(backend: Tokenizer, texts: list[str], chunk_chars: int = 1 << 20
-            ) -> list[list[int]]:
+def _encode(backend: Tokenizer, texts: list[str], chunk_chars: int = 1 << 20) -> list[list[int]]:
     """Token ids of each text (no special tokens added), encoded in batches of about
     ``chunk_chars`` characters so that the tokenizer's per-token records stay small."""
     ids: list[list[int]] = []
@@ -259,14 +306,16 @@ def _encode(backend: Tokenizer, texts: list[str], chunk_chars: int = 1 << 20
         while end < len(texts) and (end == start or size + len(texts[end]) <= chunk_chars):
             size += len(texts[end])
             end += 1
-        ids.extend(e.ids for e in backend.encode_batch_fast(texts[start:end],
-                                                            add_special_tokens=False))
+        ids.extend(
+            e.ids for e in backend.encode_batch_fast(texts[start:end], add_special_tokens=False)
+        )
         start = end
     return ids
 
 
-def tokenize_documents(docs: Sequence[Document], tokenizer: PreTrainedTokenizerFast, *,
-                       seq_len: int) -> SequenceDataset:
+def tokenize_documents(
+    docs: Sequence[Document], tokenizer: PreTrainedTokenizerFast, *, seq_len: int
+) -> SequenceDataset:
     """Tokenizes documents into next-token sequences of ``seq_len`` tokens.
 
     Text documents, in order, form one stream: each document's tokens followed by the eos
@@ -300,8 +349,10 @@ def tokenize_documents(docs: Sequence[Document], tokenizer: PreTrainedTokenizerF
         raise ValueError(f"seq_len must be an int >= 1; got {seq_len!r}")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos is None or pad is None:
-        raise ValueError(f"the tokenizer needs an eos and a pad token; got eos_token="
-                         f"{tokenizer.eos_token!r}, pad_token={tokenizer.pad_token!r}")
+        raise ValueError(
+            f"the tokenizer needs an eos and a pad token; got eos_token="
+            f"{tokenizer.eos_token!r}, pad_token={tokenizer.pad_token!r}"
+        )
     # A private copy without truncation or padding: tokenizer.json may carry either, and the
     # caller's tokenizer is left as it was.
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
@@ -321,28 +372,31 @@ def tokenize_documents(docs: Sequence[Document], tokenizer: PreTrainedTokenizerF
     completions = _encode(backend, [d.completion for d in pairs])
     kept = []
     for prompt, completion in zip(prompts, completions):
-        seq = (prompt + completion + [eos])[:seq_len + 1]
+        seq = (prompt + completion + [eos])[: seq_len + 1]
         # The first label predicts seq[max(len(prompt), 1)]: nothing predicts a sequence's
         # first token, even where the prompt is empty.
         if max(len(prompt), 1) < len(seq):
             kept.append((prompt, seq))
     if len(kept) < len(pairs):
-        warnings.warn(f"{len(pairs) - len(kept)} of {len(pairs)} prompt/completion pairs dropped: "
-                      f"nothing to predict within seq_len + 1 = {seq_len + 1} tokens (a prompt "
-                      f"that fills them, or an empty prompt and completion)", stacklevel=2)
+        warnings.warn(
+            f"{len(pairs) - len(kept)} of {len(pairs)} prompt/completion pairs dropped: "
+            f"nothing to predict within seq_len + 1 = {seq_len + 1} tokens (a prompt "
+            f"that fills them, or an empty prompt and completion)",
+            stacklevel=2,
+        )
 
     n = num_full + (rest > 0) + len(kept)
     input_ids = torch.full((n, seq_len), pad, dtype=torch.int64)
     labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.int64)
     attention_mask = torch.zeros((n, seq_len), dtype=torch.int64)
     if num_full:
-        input_ids[:num_full] = tokens[:num_full * seq_len].view(num_full, seq_len)
-        labels[:num_full] = tokens[1:num_full * seq_len + 1].view(num_full, seq_len)
+        input_ids[:num_full] = tokens[: num_full * seq_len].view(num_full, seq_len)
+        labels[:num_full] = tokens[1 : num_full * seq_len + 1].view(num_full, seq_len)
         attention_mask[:num_full] = 1
     if rest:
         start = num_full * seq_len
-        input_ids[num_full, :rest] = tokens[start:start + rest]
-        labels[num_full, :rest] = tokens[start + 1:start + rest + 1]
+        input_ids[num_full, :rest] = tokens[start : start + rest]
+        labels[num_full, :rest] = tokens[start + 1 : start + rest + 1]
         attention_mask[num_full, :rest] = 1
     for row, (prompt, seq) in enumerate(kept, start=num_full + (rest > 0)):
         seq_t = torch.tensor(seq, dtype=torch.int64)
@@ -350,7 +404,7 @@ def tokenize_documents(docs: Sequence[Document], tokenizer: PreTrainedTokenizerF
         input_ids[row, :m] = seq_t[:-1]
         labels[row, :m] = seq_t[1:]
         # Position t predicts seq[t + 1], a prompt token while t + 1 < len(prompt).
-        labels[row, :max(len(prompt) - 1, 0)] = IGNORE_INDEX
+        labels[row, : max(len(prompt) - 1, 0)] = IGNORE_INDEX
         attention_mask[row, :m] = 1
     return SequenceDataset(input_ids, labels, attention_mask)
 
@@ -385,8 +439,17 @@ class StepSampler:
     versions).
     """
 
-    def __init__(self, num_sequences: int, *, micro_batch_size: int, grad_accum: int,
-                 world_size: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        num_sequences: int,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         self.num_sequences = _positive_int("num_sequences", num_sequences)
         self.micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
         self.grad_accum = _positive_int("grad_accum", grad_accum)
@@ -437,8 +500,9 @@ class StepSampler:
         ``micro_batch_size`` sequence indices in [0, N)."""
         self._check_step(step)
         mb, world = self.micro_batch_size, self.world_size
-        offsets = (torch.arange(self.grad_accum)[:, None] * world + self.rank) * mb \
-            + torch.arange(mb)
+        offsets = (torch.arange(self.grad_accum)[:, None] * world + self.rank) * mb + torch.arange(
+            mb
+        )
         positions = step * self.global_batch_size + offsets  # [grad_accum, mb]
         epochs = positions // self.num_sequences
         indices = torch.empty_like(positions)

@@ -17,8 +17,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Distributed", "decoder_layers", "gradient_sync", "init_distributed", "unsharded_root",
-           "wrap_student"]
+__all__ = [
+    "Distributed",
+    "decoder_layers",
+    "gradient_sync",
+    "init_distributed",
+    "unsharded_root",
+    "wrap_student",
+]
 
 
 @dataclass
@@ -27,7 +33,7 @@ class Distributed:
     world_size: int
     local_rank: int
     device: torch.device
-    owns_group: bool            # this object initialized the process group (and destroys it)
+    owns_group: bool  # this object initialized the process group (and destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -70,8 +76,10 @@ class Distributed:
 def _pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device = 'cuda' but CUDA is not available here "
-                               "(torch.cuda.is_available() is False)")
+            raise RuntimeError(
+                "train.device = 'cuda' but CUDA is not available here "
+                "(torch.cuda.is_available() is False)"
+            )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -97,8 +105,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     block's parameters are gathered at a time."""
     best: list[nn.Module] = []
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len(
-                {type(m) for m in module}) == 1:
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > len(best)
+            and len({type(m) for m in module}) == 1
+        ):
             best = list(module)
     return best
 
@@ -124,9 +135,9 @@ def wrap_student(module: nn.Module, dist_info: Distributed, strategy: str) -> nn
 def gradient_sync(module: nn.Module, enabled: bool):
     """A context in which backward passes reduce gradients across ranks (``enabled``) or only
     accumulate them locally (the micro-batches before a step's last)."""
-    if hasattr(module, "no_sync"):                      # DDP
+    if hasattr(module, "no_sync"):  # DDP
         return contextlib.nullcontext() if enabled else module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):   # FSDP2
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
         module.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
 

@@ -23,8 +23,9 @@ class StudentStep(nn.Module):
     ranks.
     """
 
-    def __init__(self, student: CausalLM, objective: Objective,
-                 autocast: torch.dtype | None = None):
+    def __init__(
+        self, student: CausalLM, objective: Objective, autocast: torch.dtype | None = None
+    ):
         super().__init__()
         self.student = student
         self.objective = objective

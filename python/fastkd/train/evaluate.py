@@ -20,10 +20,20 @@ __all__ = ["evaluate", "evaluate_run"]
 
 
 @torch.no_grad()
-def evaluate(student: CausalLM, dataset, *, teacher: CausalLM | None = None, batch_size: int = 8,
-             max_batches: int = 0, ece_bins: int = 15, device: torch.device | str = "cpu",
-             autocast: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
-             all_reduce=None) -> dict | None:
+def evaluate(
+    student: CausalLM,
+    dataset,
+    *,
+    teacher: CausalLM | None = None,
+    batch_size: int = 8,
+    max_batches: int = 0,
+    ece_bins: int = 15,
+    device: torch.device | str = "cpu",
+    autocast: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce=None,
+) -> dict | None:
     """Metrics of ``student`` on ``dataset`` (items with ``input_ids``, ``labels``,
     ``attention_mask`` ``[T]``), over this rank's share of its sequences (every
     ``world_size``-th, from ``rank``); ``all_reduce(tensor)`` sums partial sums of a CPU tensor
@@ -44,7 +54,7 @@ def evaluate(student: CausalLM, dataset, *, teacher: CausalLM | None = None, bat
     device = torch.device(device)
     was_training = student.training
     student.eval()
-    sums = torch.zeros(5, dtype=torch.float64)            # ce, correct, tokens, kl, agree
+    sums = torch.zeros(5, dtype=torch.float64)  # ce, correct, tokens, kl, agree
     bins = torch.zeros(3, ece_bins, dtype=torch.float64)  # count, confidence sum, correct sum
     indices = list(range(rank, len(dataset), world_size))
     passes = math.ceil(math.ceil(len(dataset) / world_size) / batch_size)
@@ -54,13 +64,15 @@ def evaluate(student: CausalLM, dataset, *, teacher: CausalLM | None = None, bat
     t_head = teacher.head().for_float_logits() if teacher is not None else None
     rows = logit_rows(head.weight.shape[0], 1 if teacher is None else 2)
     for p in range(passes):
-        chosen = indices[p * batch_size:(p + 1) * batch_size]
-        batch = {k: v.to(device) for k, v in
-                 collate([dataset[i] for i in (chosen or [0])]).items()}
+        chosen = indices[p * batch_size : (p + 1) * batch_size]
+        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in (chosen or [0])]).items()}
         with autocast_context(device, autocast):
             hidden = student(batch["input_ids"], batch["attention_mask"])
-            t_hidden = (teacher(batch["input_ids"], batch["attention_mask"])
-                        if teacher is not None else None)
+            t_hidden = (
+                teacher(batch["input_ids"], batch["attention_mask"])
+                if teacher is not None
+                else None
+            )
         mask = batch["labels"] != IGNORE_INDEX
         if not chosen:
             mask = torch.zeros_like(mask)
@@ -95,8 +107,13 @@ def evaluate(student: CausalLM, dataset, *, teacher: CausalLM | None = None, bat
         return None
     ce = float(sums[0]) / tokens
     ece = float((bins[1] - bins[2]).abs().sum()) / tokens
-    out = {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "accuracy": float(sums[1]) / tokens,
-           "ece": ece, "tokens": int(tokens)}
+    out = {
+        "ce": ce,
+        "ppl": math.exp(min(ce, 700.0)),
+        "accuracy": float(sums[1]) / tokens,
+        "ece": ece,
+        "tokens": int(tokens),
+    }
     if teacher is not None:
         out["kl"] = float(sums[3]) / tokens
         out["agreement"] = float(sums[4]) / tokens
@@ -118,17 +135,25 @@ def evaluate_run(config, overrides=None, *, model: str | None = None) -> dict:
     try:
         data = load_data(config)
         if len(data.eval) == 0:
-            raise ValueError("the held-out split is empty: give data.eval files, or a "
-                             "data.eval_fraction > 0 over at least two training documents")
+            raise ValueError(
+                "the held-out split is empty: give data.eval files, or a "
+                "data.eval_fraction > 0 over at least two training documents"
+            )
         exported = os.path.join(config.output.dir, "model")
         path = model or (exported if os.path.isdir(exported) else config.model.student)
         student = load_causal_lm(path, seed=config.train.seed).to(dist_info.device)
-        metrics = evaluate(student, data.eval, teacher=load_teacher(config, dist_info.device),
-                           batch_size=config.eval.batch_size,
-                           max_batches=config.eval.max_batches, ece_bins=config.eval.ece_bins,
-                           device=dist_info.device, rank=dist_info.rank,
-                           world_size=dist_info.world_size,
-                           all_reduce=dist_info.all_reduce_sum_cpu)
+        metrics = evaluate(
+            student,
+            data.eval,
+            teacher=load_teacher(config, dist_info.device),
+            batch_size=config.eval.batch_size,
+            max_batches=config.eval.max_batches,
+            ece_bins=config.eval.ece_bins,
+            device=dist_info.device,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            all_reduce=dist_info.all_reduce_sum_cpu,
+        )
         if metrics is None:
             raise ValueError("the held-out split has no labelled token")
         return {**metrics, "model": path}

@@ -37,8 +37,9 @@ __all__ = ["distill"]
 
 def _autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     choice = config.train.precision
-    if choice == "bfloat16" or (choice == "auto" and device.type == "cuda"
-                                and torch.cuda.is_bf16_supported()):
+    if choice == "bfloat16" or (
+        choice == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
         return torch.bfloat16
     return None
 
@@ -53,6 +54,7 @@ def _lr_lambda(config: Config):
             return (step + 1) / warm
         progress = (step - warm) / max(total - warm - 1, 1)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
     return factor
 
 
@@ -63,8 +65,10 @@ def _optimizer(module: torch.nn.Module, config: Config) -> torch.optim.Optimizer
     for param in module.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
 
 
@@ -107,27 +111,40 @@ class _Run:
         self.data = load_data(c)
         self.eval_teacher = bool(c.model.teacher) and c.eval.teacher_metrics
         self.student, self.teacher = load_models(
-            c, device, with_teacher=c.objective.kind in ONLINE_KINDS or self.eval_teacher)
+            c, device, with_teacher=c.objective.kind in ONLINE_KINDS or self.eval_teacher
+        )
         cache = self._open_cache() if c.objective.kind == "sparse" else None
-        self.objective = make_objective(c.objective, teacher=self.teacher, cache=cache,
-                                        autocast=self.autocast)
+        self.objective = make_objective(
+            c.objective, teacher=self.teacher, cache=cache, autocast=self.autocast
+        )
         self.onpolicy = None
         if c.onpolicy.enabled:
             tok = self.data.tokenizer
-            self.onpolicy = OnPolicy(c.onpolicy, student=self.student, teacher=self.teacher,
-                                     seed=c.train.seed, pad_id=tok.pad_token_id,
-                                     eos_id=tok.eos_token_id, synced=dist_info.world_size > 1,
-                                     generate=generate)
+            self.onpolicy = OnPolicy(
+                c.onpolicy,
+                student=self.student,
+                teacher=self.teacher,
+                seed=c.train.seed,
+                pad_id=tok.pad_token_id,
+                eos_id=tok.eos_token_id,
+                synced=dist_info.world_size > 1,
+                generate=generate,
+            )
         self.step_module = StudentStep(self.student, self.objective, self.autocast)
         if c.train.compile:
             self.student.compile()
         self.module = wrap_student(self.step_module, dist_info, c.train.distributed)
         self.optimizer = _optimizer(self.module, c)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(c))
-        self.sampler = StepSampler(len(self.data.train), micro_batch_size=c.train.micro_batch_size,
-                                   grad_accum=c.train.grad_accum,
-                                   world_size=dist_info.world_size, rank=dist_info.rank,
-                                   seed=c.train.seed, shuffle=c.data.shuffle)
+        self.sampler = StepSampler(
+            len(self.data.train),
+            micro_batch_size=c.train.micro_batch_size,
+            grad_accum=c.train.grad_accum,
+            world_size=dist_info.world_size,
+            rank=dist_info.rank,
+            seed=c.train.seed,
+            shuffle=c.data.shuffle,
+        )
         self.step = 0
         self.saved_step = -1
         self.evals: list[dict] = []
@@ -138,26 +155,35 @@ class _Run:
         c = self.config
         vocab = self.student.vocab_size
         if not os.path.isdir(c.cache.path):
-            raise FileNotFoundError(f"cache.path: no teacher cache at {c.cache.path}; write it "
-                                    f"with `fastkd cache` on this config first")
+            raise FileNotFoundError(
+                f"cache.path: no teacher cache at {c.cache.path}; write it "
+                f"with `fastkd cache` on this config first"
+            )
         cache = TeacherCache.open(c.cache.path)
         meta = cache.metadata
         expected = cache_fingerprint(self.data)
         if meta["tokenizer_fingerprint"] != expected:
-            have = dict(p.split("=", 1) for p in meta["tokenizer_fingerprint"].split(";")
-                        if "=" in p)
+            have = dict(
+                p.split("=", 1) for p in meta["tokenizer_fingerprint"].split(";") if "=" in p
+            )
             want = dict(p.split("=", 1) for p in expected.split(";"))
             what = [k for k in want if have.get(k) != want[k]] or ["its fingerprint"]
-            raise ValueError(f"the teacher cache at {c.cache.path} was written for other "
-                             f"{' and '.join(what)} (tokenizer and training sequences in order "
-                             f"must be the ones of this config); rebuild it with `fastkd cache`")
+            raise ValueError(
+                f"the teacher cache at {c.cache.path} was written for other "
+                f"{' and '.join(what)} (tokenizer and training sequences in order "
+                f"must be the ones of this config); rebuild it with `fastkd cache`"
+            )
         if meta["vocab_size"] != vocab:
-            raise ValueError(f"the teacher cache at {c.cache.path} has vocab_size "
-                             f"{meta['vocab_size']}; the student's head has {vocab}")
+            raise ValueError(
+                f"the teacher cache at {c.cache.path} has vocab_size "
+                f"{meta['vocab_size']}; the student's head has {vocab}"
+            )
         if len(cache) < len(self.data.train):
-            raise ValueError(f"the teacher cache at {c.cache.path} holds {len(cache)} of the "
-                             f"{len(self.data.train)} training sequences: finish it with "
-                             f"`fastkd cache` (it resumes)")
+            raise ValueError(
+                f"the teacher cache at {c.cache.path} holds {len(cache)} of the "
+                f"{len(self.data.train)} training sequences: finish it with "
+                f"`fastkd cache` (it resumes)"
+            )
         return cache
 
     # ---- checkpoints --------------------------------------------------------------------
@@ -185,11 +211,18 @@ class _Run:
         if self.onpolicy is not None:
             trainer["onpolicy"] = self.onpolicy.state_dict()
             rank_state = {"replay_buffer": self.onpolicy.buffer.state_dict()}
-        ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state=model if main else None,
-                             optimizer_state=optim if main else None, trainer_state=trainer,
-                             rank=self.dist.rank, world_size=self.dist.world_size,
-                             barrier=self.dist.barrier, keep=self.config.checkpoint.keep,
-                             rank_state=rank_state)
+        ckpt.save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            model_state=model if main else None,
+            optimizer_state=optim if main else None,
+            trainer_state=trainer,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            barrier=self.dist.barrier,
+            keep=self.config.checkpoint.keep,
+            rank_state=rank_state,
+        )
         self.saved_step = self.step
 
     def resume(self) -> bool:
@@ -197,9 +230,11 @@ class _Run:
         if path is None:
             return False
         if self.config.checkpoint.resume == "never":
-            raise FileExistsError(f"{self.out} holds checkpoints of an earlier run and "
-                                  f"checkpoint.resume = \"never\": choose another output.dir, "
-                                  f"or delete {self.ckpt_dir} to start over")
+            raise FileExistsError(
+                f"{self.out} holds checkpoints of an earlier run and "
+                f'checkpoint.resume = "never": choose another output.dir, '
+                f"or delete {self.ckpt_dir} to start over"
+            )
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -209,8 +244,7 @@ class _Run:
         state = ckpt.load_checkpoint(path, self.dist.rank)
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.module, state["model"], options=options)
-        set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
-                                 options=options)
+        set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=options)
         self.scheduler.load_state_dict(state["trainer"]["scheduler"])
         self.step = int(state["trainer"]["step"])
         self.evals = json.loads(state["trainer"]["evals"])
@@ -223,9 +257,11 @@ class _Run:
             else:
                 # Each rank kept its own generations: with another number of ranks there is no
                 # rank's buffer to give each (copies of one would replay the same sequences).
-                warnings.warn(f"the checkpoint was written by {saved_world} ranks and this run "
-                              f"has {self.dist.world_size}: the replay buffers start empty",
-                              stacklevel=2)
+                warnings.warn(
+                    f"the checkpoint was written by {saved_world} ranks and this run "
+                    f"has {self.dist.world_size}: the replay buffers start empty",
+                    stacklevel=2,
+                )
         ckpt.set_rng_state(state["rng"])
         self.saved_step = self.step
         return True
@@ -236,9 +272,13 @@ class _Run:
         c, device = self.config, self.dist.device
         t0 = time.perf_counter()
         micro = self.sampler.step_indices(self.step)
-        batches = [{k: v.to(device, non_blocking=True)
-                    for k, v in collate([self.data.train[i] for i in idx]).items()}
-                   for idx in micro]
+        batches = [
+            {
+                k: v.to(device, non_blocking=True)
+                for k, v in collate([self.data.train[i] for i in idx]).items()
+            }
+            for idx in micro
+        ]
         sources = None
         if self.onpolicy is not None:
             # Before counting: generated completions change the step's number of tokens.
@@ -254,8 +294,11 @@ class _Run:
                     batches[j], source = self.onpolicy.rewrite(batch, self.step, j, c.train.steps)
                     sources[source] += 1
         counted = sum(int((b["labels"] != -100).sum()) for b in batches)
-        num_items = int(self.dist.all_reduce_sum(
-            torch.tensor([counted], dtype=torch.float64, device=device)).item())
+        num_items = int(
+            self.dist.all_reduce_sum(
+                torch.tensor([counted], dtype=torch.float64, device=device)
+            ).item()
+        )
         total = torch.zeros((), dtype=torch.float64, device=device)
         world = self.dist.world_size
         for j, (idx, batch) in enumerate(zip(micro, batches)):
@@ -275,9 +318,14 @@ class _Run:
         self.step += 1
         loss_value = float(self.dist.all_reduce_sum(total))
         seconds = time.perf_counter() - t0
-        record = {"step": self.step, "loss": loss_value, "lr": lr, "tokens": num_items,
-                  "tokens_per_s": num_items / seconds if seconds > 0 else None,
-                  "seconds": seconds}
+        record = {
+            "step": self.step,
+            "loss": loss_value,
+            "lr": lr,
+            "tokens": num_items,
+            "tokens_per_s": num_items / seconds if seconds > 0 else None,
+            "seconds": seconds,
+        }
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         if sources is not None:
@@ -291,13 +339,19 @@ class _Run:
         token)."""
         c = self.config
         with unsharded_root(self.module):
-            metrics = evaluate(self.student, self.data.eval,
-                               teacher=self.teacher if self.eval_teacher else None,
-                               batch_size=c.eval.batch_size, max_batches=c.eval.max_batches,
-                               ece_bins=c.eval.ece_bins, device=self.dist.device,
-                               autocast=self.autocast, rank=self.dist.rank,
-                               world_size=self.dist.world_size,
-                               all_reduce=self.dist.all_reduce_sum_cpu)
+            metrics = evaluate(
+                self.student,
+                self.data.eval,
+                teacher=self.teacher if self.eval_teacher else None,
+                batch_size=c.eval.batch_size,
+                max_batches=c.eval.max_batches,
+                ece_bins=c.eval.ece_bins,
+                device=self.dist.device,
+                autocast=self.autocast,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                all_reduce=self.dist.all_reduce_sum_cpu,
+            )
         if metrics is None:
             return None
         metrics["step"] = self.step
@@ -316,16 +370,25 @@ class _Run:
         if main:
             write_json_atomic(os.path.join(self.out, "config.json"), c.to_dict())
             log.truncate_after(self.step)
-        if (self.onpolicy is not None and c.onpolicy.schedule == "adaptive"
-                and self.onpolicy.reference is None):
+        if (
+            self.onpolicy is not None
+            and c.onpolicy.schedule == "adaptive"
+            and self.onpolicy.reference is None
+        ):
             # The adaptive schedule's first reference: the held-out CE before training.
             metrics = self.run_eval()
             if metrics is None:
-                raise ValueError('onpolicy.schedule = "adaptive" follows the held-out CE, but '
-                                 'the held-out split has no labelled token')
+                raise ValueError(
+                    'onpolicy.schedule = "adaptive" follows the held-out CE, but '
+                    "the held-out split has no labelled token"
+                )
             self.onpolicy.observe_heldout(metrics["ce"])
-        progress = Progress(c.train.steps, start=self.step, enabled=main and c.output.progress,
-                            every=c.output.log_every)
+        progress = Progress(
+            c.train.steps,
+            start=self.step,
+            enabled=main and c.output.progress,
+            every=c.output.log_every,
+        )
         stop = None
         tokens0, seconds0, steps0 = 0, 0.0, self.step
         with _StopSignals() as signals:
@@ -341,8 +404,9 @@ class _Run:
                             self.onpolicy.observe_heldout(metrics["ce"])
                 if main:
                     log.write(record)
-                progress.update(self.step, loss=record["loss"],
-                                tok_s=int(record["tokens_per_s"] or 0))
+                progress.update(
+                    self.step, loss=record["loss"], tok_s=int(record["tokens_per_s"] or 0)
+                )
                 asked = any(cb(self.step, record) for cb in self.callbacks)
                 stop = signals.requested or ("callback" if asked else None)
                 if self.dist.any(stop is not None):
@@ -353,16 +417,20 @@ class _Run:
         self.save()
         # Training tokens/s: the counted tokens over the time of the optimizer steps themselves
         # (teacher forward included; evaluations and checkpoints not).
-        result = {"output_dir": self.out, "step": self.step, "resumed": resumed,
-                  "stopped": stop, "tokens_per_s": tokens0 / seconds0 if seconds0 else None,
-                  "steps_run": self.step - steps0}
+        result = {
+            "output_dir": self.out,
+            "step": self.step,
+            "resumed": resumed,
+            "stopped": stop,
+            "tokens_per_s": tokens0 / seconds0 if seconds0 else None,
+            "steps_run": self.step - steps0,
+        }
         if stop is not None:
             return result
         # The model first: an evaluation that fails must not cost the trained weights.
         state = self._full_states()[0]  # a collective gather under FSDP: every rank calls it
         if main:
-            export_model(self.student, self.data.tokenizer, os.path.join(self.out, "model"),
-                         state)
+            export_model(self.student, self.data.tokenizer, os.path.join(self.out, "model"), state)
         del state
         done = self.evals and self.evals[-1]["step"] == self.step
         result["eval"] = self.evals[-1] if done else self.run_eval()
@@ -374,26 +442,44 @@ class _Run:
         c = self.config
         records = read_jsonl(log_path)
         write_json_atomic(os.path.join(self.out, "results.json"), result)
-        columns = [("step", "step", ""), ("ce", "held-out CE", ".4f"), ("ppl", "ppl", ".2f"),
-                   ("kl", "KL(teacher||student)", ".4f"), ("agreement", "top-1 agreement", ".3f"),
-                   ("ece", "ECE", ".4f"), ("tokens", "eval tokens", "")]
-        table = (markdown_table(self.evals, columns) if self.evals else
-                 "No held-out evaluation: the held-out split has no labelled token.")
+        columns = [
+            ("step", "step", ""),
+            ("ce", "held-out CE", ".4f"),
+            ("ppl", "ppl", ".2f"),
+            ("kl", "KL(teacher||student)", ".4f"),
+            ("agreement", "top-1 agreement", ".3f"),
+            ("ece", "ECE", ".4f"),
+            ("tokens", "eval tokens", ""),
+        ]
+        table = (
+            markdown_table(self.evals, columns)
+            if self.evals
+            else "No held-out evaluation: the held-out split has no labelled token."
+        )
         speed = result["tokens_per_s"]
-        header = (f"# {c.objective.kind} run: {os.path.basename(os.path.abspath(self.out))}\n\n"
-                  f"Training tokens/s: {'-' if speed is None else f'{speed:.0f}'}\n\n")
+        header = (
+            f"# {c.objective.kind} run: {os.path.basename(os.path.abspath(self.out))}\n\n"
+            f"Training tokens/s: {'-' if speed is None else f'{speed:.0f}'}\n\n"
+        )
         with open(os.path.join(self.out, "results.md"), "w", encoding="utf-8") as f:
             f.write(header + table + "\n")
         if c.output.plots:
-            plot_curves({"train loss": [(r["step"], r["loss"]) for r in records]},
-                        os.path.join(self.out, "train_loss.png"), title="training loss",
-                        ylabel="nats per token")
+            plot_curves(
+                {"train loss": [(r["step"], r["loss"]) for r in records]},
+                os.path.join(self.out, "train_loss.png"),
+                title="training loss",
+                ylabel="nats per token",
+            )
             if self.evals:
                 series = {"held-out CE": [(e["step"], e["ce"]) for e in self.evals]}
                 if "kl" in self.evals[0]:
                     series["KL(teacher||student)"] = [(e["step"], e["kl"]) for e in self.evals]
-                plot_curves(series, os.path.join(self.out, "eval.png"), title="held-out",
-                            ylabel="nats per token")
+                plot_curves(
+                    series,
+                    os.path.join(self.out, "eval.png"),
+                    title="held-out",
+                    ylabel="nats per token",
+                )
 
 
 def distill(config, overrides=None, *, callbacks=None, generate=None) -> dict:

@@ -27,13 +27,22 @@ _PROBE_TOKENS = 8
 
 # Files of which one marks a directory as holding saved weights (transformers' names, single
 # or sharded).
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _check_factor(name: str, value, *, positive: bool) -> None:
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
-            or value == 0 or (positive and value < 0)):
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value == 0
+        or (positive and value < 0)
+    ):
         allowed = "a finite number > 0" if positive else "a finite nonzero number"
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
 
@@ -61,14 +70,20 @@ class Head:
     def __post_init__(self):
         if not isinstance(self.weight, torch.Tensor) or self.weight.dim() != 2:
             shape = tuple(self.weight.shape) if isinstance(self.weight, torch.Tensor) else None
-            raise ValueError(f"Head.weight must be a tensor of shape [V, H]; got "
-                             f"{type(self.weight).__name__} of shape {shape}")
-        if self.bias is not None and (not isinstance(self.bias, torch.Tensor)
-                                      or tuple(self.bias.shape) != (self.weight.shape[0],)):
+            raise ValueError(
+                f"Head.weight must be a tensor of shape [V, H]; got "
+                f"{type(self.weight).__name__} of shape {shape}"
+            )
+        if self.bias is not None and (
+            not isinstance(self.bias, torch.Tensor)
+            or tuple(self.bias.shape) != (self.weight.shape[0],)
+        ):
             shape = tuple(self.bias.shape) if isinstance(self.bias, torch.Tensor) else None
-            raise ValueError(f"Head.bias must be None or a tensor of shape [V] = "
-                             f"[{self.weight.shape[0]}]; got {type(self.bias).__name__} of shape "
-                             f"{shape}")
+            raise ValueError(
+                f"Head.bias must be None or a tensor of shape [V] = "
+                f"[{self.weight.shape[0]}]; got {type(self.bias).__name__} of shape "
+                f"{shape}"
+            )
         _check_factor("Head.logit_scale", self.logit_scale, positive=False)
         if self.softcap is not None:
             _check_factor("Head.softcap", self.softcap, positive=True)
@@ -150,8 +165,16 @@ class CausalLM(nn.Module):
     :meth:`head` to a fused loss.
     """
 
-    def __init__(self, model: nn.Module, *, body: str, head: str, logit_scale: float = 1.0,
-                 softcap: float | None = None, hugging_face: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        body: str,
+        head: str,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        hugging_face: bool,
+    ):
         """Internal: use :func:`adapt` or :meth:`from_parts`. ``body`` and ``head`` are the
         qualified names inside ``model`` of the module giving the final hidden states and of the
         module holding the head's ``weight`` (and ``bias``)."""
@@ -169,8 +192,9 @@ class CausalLM(nn.Module):
         self.training = model.training
         self.head()  # validates the head now rather than at the first loss
 
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[B, T]`` token ids (and ``[B, T]`` 1/0 attention mask) -> ``[B, T, H]`` final hidden
         states (after the final norm): the lm_head's input."""
         body = self.model.get_submodule(self._body)
@@ -182,17 +206,18 @@ class CausalLM(nn.Module):
     def head(self) -> Head:
         """The output layer as it is now: its ``weight`` and ``bias`` are the live parameters."""
         module = self.model.get_submodule(self._head)
-        return Head(module.weight, getattr(module, "bias", None), self._logit_scale,
-                    self._softcap)
+        return Head(module.weight, getattr(module, "bias", None), self._logit_scale, self._softcap)
 
-    def model_logits(self, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def model_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[B, T, V]`` logits computed by the wrapped model itself (a Hugging Face model's
         ``model(...).logits``; ``head().logits(forward(...))`` for :meth:`from_parts`), to check
         the split against."""
         if self._hugging_face:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              use_cache=False).logits
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
         return self.head().logits(self(input_ids, attention_mask))
 
     @property
@@ -206,9 +231,15 @@ class CausalLM(nn.Module):
         return self.model.get_submodule(self._head).weight.shape[1]
 
     @classmethod
-    def from_parts(cls, body: nn.Module, head: nn.Linear | torch.Tensor, *,
-                   bias: torch.Tensor | None = None, logit_scale: float = 1.0,
-                   softcap: float | None = None) -> CausalLM:
+    def from_parts(
+        cls,
+        body: nn.Module,
+        head: nn.Linear | torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+    ) -> CausalLM:
         """A CausalLM of any model given as a body and a head.
 
         Args:
@@ -223,23 +254,35 @@ class CausalLM(nn.Module):
         The result's submodule ``model`` holds ``model.body`` and ``model.lm_head``.
         """
         if not isinstance(body, nn.Module):
-            raise TypeError(f"body must be an nn.Module called as body(input_ids, attention_mask);"
-                            f" got {type(body).__name__}")
+            raise TypeError(
+                f"body must be an nn.Module called as body(input_ids, attention_mask);"
+                f" got {type(body).__name__}"
+            )
         if isinstance(head, nn.Linear):
             if bias is not None:
-                raise ValueError("bias must be None when head is an nn.Linear (its own bias is "
-                                 "used); pass the weight tensor as head to give a separate bias")
+                raise ValueError(
+                    "bias must be None when head is an nn.Linear (its own bias is "
+                    "used); pass the weight tensor as head to give a separate bias"
+                )
             lm_head = head
         elif isinstance(head, torch.Tensor):
             lm_head = _Projection(head, bias)
         else:
-            raise TypeError(f"head must be an nn.Linear or a [V, H] weight tensor; got "
-                            f"{type(head).__name__}")
-        return cls(_Parts(body, lm_head), body="body", head="lm_head", logit_scale=logit_scale,
-                   softcap=softcap, hugging_face=False)
+            raise TypeError(
+                f"head must be an nn.Linear or a [V, H] weight tensor; got {type(head).__name__}"
+            )
+        return cls(
+            _Parts(body, lm_head),
+            body="body",
+            head="lm_head",
+            logit_scale=logit_scale,
+            softcap=softcap,
+            hugging_face=False,
+        )
 
 
 # ---- Hugging Face models --------------------------------------------------------------------
+
 
 def _head_transform(config) -> tuple[float, float | None, str]:
     """(logit_scale, softcap, where they came from) of a Hugging Face config: ``logit_scale``
@@ -262,8 +305,11 @@ def _head_transform(config) -> tuple[float, float | None, str]:
         softcap = float(cap)
         sources.append(f"final_logit_softcapping={cap!r}")
     if not sources:
-        return scale, softcap, ("the config sets none of logit_scale, logits_scaling, "
-                                "final_logit_softcapping")
+        return (
+            scale,
+            softcap,
+            ("the config sets none of logit_scale, logits_scaling, final_logit_softcapping"),
+        )
     return scale, softcap, "read from the config's " + ", ".join(sources)
 
 
@@ -271,25 +317,33 @@ def _mismatch(head: Head, hidden: torch.Tensor, got: torch.Tensor) -> str:
     """What ``got`` (the model's logits) does beyond ``head.logits(hidden)``, in words."""
     expected = head.logits(hidden).float()
     if got.shape != expected.shape:
-        return (f"the model returns logits of shape {tuple(got.shape)} where the head gives "
-                f"{tuple(expected.shape)}")
+        return (
+            f"the model returns logits of shape {tuple(got.shape)} where the head gives "
+            f"{tuple(expected.shape)}"
+        )
     # Only names the kind of mismatch (found by _verify), so a loose tolerance suits any dtype.
     tol = 1e-3 * (1.0 + expected.abs().max().item())
     if head.softcap is not None:
         uncapped = replace(head, softcap=None).logits(hidden).float()
         if (got - uncapped).abs().max().item() <= tol:
-            return (f"the model does not cap its logits although its config sets "
-                    f"final_logit_softcapping={head.softcap!r}")
+            return (
+                f"the model does not cap its logits although its config sets "
+                f"final_logit_softcapping={head.softcap!r}"
+            )
     diff = got - expected
     shift = diff.mean().item()
     if (diff - shift).abs().max().item() <= tol:
         return f"the model adds {shift:.6g} to every logit (an additive shift)"
     factor = ((got * expected).sum() / (expected * expected).sum().clamp_min(1e-30)).item()
     if (got - factor * expected).abs().max().item() <= tol:
-        return (f"the model multiplies the logits by a further {factor:.6g} (a logit scale not "
-                f"in its config)")
-    return ("the model transforms the logits in another way than a shift, a scale or a softcap "
-            "(e.g. a custom head, or a body whose output is not the head's input)")
+        return (
+            f"the model multiplies the logits by a further {factor:.6g} (a logit scale not "
+            f"in its config)"
+        )
+    return (
+        "the model transforms the logits in another way than a shift, a scale or a softcap "
+        "(e.g. a custom head, or a body whose output is not the head's input)"
+    )
 
 
 def _verify(lm: CausalLM, model: nn.Module, described: str) -> None:
@@ -320,7 +374,8 @@ def _verify(lm: CausalLM, model: nn.Module, described: str) -> None:
             f"described (logits = softcap(logit_scale * (hidden @ weight.T + bias)) with "
             f"logit_scale={head.logit_scale!r}, softcap={head.softcap!r}; {described}): "
             f"{_mismatch(head, hidden, got)}. adapt does not support this head; describe the "
-            f"model with CausalLM.from_parts")
+            f"model with CausalLM.from_parts"
+        )
 
 
 def adapt(model: nn.Module, *, verify: bool = True) -> CausalLM:
@@ -346,8 +401,10 @@ def adapt(model: nn.Module, *, verify: bool = True) -> CausalLM:
     """
     name = type(model).__name__
     if not isinstance(model, nn.Module):
-        raise TypeError(f"adapt({name}): adapt takes a Hugging Face causal LM (an nn.Module); "
-                        f"describe other models with CausalLM.from_parts")
+        raise TypeError(
+            f"adapt({name}): adapt takes a Hugging Face causal LM (an nn.Module); "
+            f"describe other models with CausalLM.from_parts"
+        )
     get_output = getattr(model, "get_output_embeddings", None)
     config = getattr(model, "config", None)
     lm_head = get_output() if callable(get_output) else None
@@ -355,22 +412,36 @@ def adapt(model: nn.Module, *, verify: bool = True) -> CausalLM:
         raise TypeError(
             f"adapt({name}): not a Hugging Face causal LM with an output head (it needs .config "
             f"and get_output_embeddings() returning the lm_head); describe it with "
-            f"CausalLM.from_parts(body, head, bias=..., logit_scale=..., softcap=...)")
+            f"CausalLM.from_parts(body, head, bias=..., logit_scale=..., softcap=...)"
+        )
     get_decoder = getattr(model, "get_decoder", None)
     body = get_decoder() if callable(get_decoder) else getattr(model, "base_model", model)
     if body is model or not isinstance(body, nn.Module):
-        raise TypeError(f"adapt({name}): found no decoder module separate from the head (tried "
-                        f"get_decoder() and base_model); describe it with CausalLM.from_parts")
+        raise TypeError(
+            f"adapt({name}): found no decoder module separate from the head (tried "
+            f"get_decoder() and base_model); describe it with CausalLM.from_parts"
+        )
     scale, softcap, described = _head_transform(config)
-    lm = CausalLM(model, body=_module_name(model, body), head=_module_name(model, lm_head),
-                  logit_scale=scale, softcap=softcap, hugging_face=True)
+    lm = CausalLM(
+        model,
+        body=_module_name(model, body),
+        head=_module_name(model, lm_head),
+        logit_scale=scale,
+        softcap=softcap,
+        hugging_face=True,
+    )
     if verify:
         _verify(lm, model, described)
     return lm
 
 
-def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                   device: str | torch.device = "cpu", seed: int = 0) -> CausalLM:
+def load_causal_lm(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> CausalLM:
     """A :class:`CausalLM` from a local Hugging Face model (nothing is downloaded).
 
     Args:
@@ -395,21 +466,28 @@ def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"load_causal_lm: path {path!r} does not exist (a local model "
-                                f"directory or a .json config file is needed)")
+        raise FileNotFoundError(
+            f"load_causal_lm: path {path!r} does not exist (a local model "
+            f"directory or a .json config file is needed)"
+        )
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"load_causal_lm: directory {path!r} has no config.json; a "
-                                    f"Hugging Face model directory holds config.json (and weights)")
+            raise FileNotFoundError(
+                f"load_causal_lm: directory {path!r} has no config.json; a "
+                f"Hugging Face model directory holds config.json (and weights)"
+            )
         has_weights = any(os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES)
     elif path.endswith(".json"):
         has_weights = False
     else:
-        raise ValueError(f"load_causal_lm: path {path!r} is a file but not a .json config; give "
-                         f"a model directory or a config .json file")
+        raise ValueError(
+            f"load_causal_lm: path {path!r} is a file but not a .json config; give "
+            f"a model directory or a config .json file"
+        )
     if has_weights:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype is None else dtype,
-                                                     local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto" if dtype is None else dtype, local_files_only=True
+        )
     else:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         # Initialized on the CPU under a forked generator: the weights depend on the seed only.
@@ -424,7 +502,9 @@ def save_causal_lm(model: CausalLM, path: str | os.PathLike) -> None:
     """Save the Hugging Face model wrapped by ``model`` to the directory ``path`` (config.json
     and safetensors weights, as ``save_pretrained`` writes them) for :func:`load_causal_lm`."""
     if not isinstance(model, CausalLM) or not model._hugging_face:
-        raise TypeError(f"save_causal_lm saves a CausalLM made by adapt or load_causal_lm (a "
-                        f"Hugging Face model); got {type(model).__name__}"
-                        + (" from CausalLM.from_parts" if isinstance(model, CausalLM) else ""))
+        raise TypeError(
+            f"save_causal_lm saves a CausalLM made by adapt or load_causal_lm (a "
+            f"Hugging Face model); got {type(model).__name__}"
+            + (" from CausalLM.from_parts" if isinstance(model, CausalLM) else "")
+        )
     model.model.save_pretrained(os.fspath(path))

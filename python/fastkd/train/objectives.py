@@ -23,23 +23,39 @@ from .data import IGNORE_INDEX
 from .models import CausalLM, Head
 from .setup import autocast_context
 
-__all__ = ["CrossEntropy", "OBJECTIVES", "Objective", "OnlineKD", "SampledReverseKL", "SparseKD",
-           "TeacherTopK", "make_objective"]
+__all__ = [
+    "CrossEntropy",
+    "OBJECTIVES",
+    "Objective",
+    "OnlineKD",
+    "SampledReverseKL",
+    "SparseKD",
+    "TeacherTopK",
+    "make_objective",
+]
 
 
 def label_targets(labels: torch.Tensor, vocab_size: int) -> SparseTargets:
     """The one-hot targets of ``labels`` ``[B, T]`` (-100: none): KL(one-hot || q) is exactly the
     cross-entropy -log q(label), so the fused sparse loss computes CE without logits."""
     ids = torch.where(labels == IGNORE_INDEX, -1, labels).to(torch.int32)[..., None]
-    return SparseTargets(ids=ids, weights=(ids >= 0).float(), vocab_size=vocab_size,
-                         num_samples=1, method="topk", tail="renorm")
+    return SparseTargets(
+        ids=ids,
+        weights=(ids >= 0).float(),
+        vocab_size=vocab_size,
+        num_samples=1,
+        method="topk",
+        tail="renorm",
+    )
 
 
 def _student_softcap(head: Head, what: str, whose: str = "student") -> None:
     if head.softcap is not None:
-        raise ValueError(f"{what} has no final-logit softcap option yet; the {whose}'s head "
-                         f"caps logits at {head.softcap} (Gemma-2/3): use objective.kind = "
-                         f"'kd', which applies it")
+        raise ValueError(
+            f"{what} has no final-logit softcap option yet; the {whose}'s head "
+            f"caps logits at {head.softcap} (Gemma-2/3): use objective.kind = "
+            f"'kd', which applies it"
+        )
 
 
 class Objective:
@@ -53,8 +69,14 @@ class Objective:
         self.config = config
 
     @classmethod
-    def create(cls, config: ObjectiveConfig, *, teacher: CausalLM | None, cache,
-               autocast: torch.dtype | None) -> "Objective":
+    def create(
+        cls,
+        config: ObjectiveConfig,
+        *,
+        teacher: CausalLM | None,
+        cache,
+        autocast: torch.dtype | None,
+    ) -> "Objective":
         """The objective of a run: its config and what the run loaded (the teacher, the
         teacher cache, the autocast dtype), each taken where the objective needs it."""
         return cls(config)
@@ -62,8 +84,14 @@ class Objective:
     def prepare(self, batch: dict, indices: list[int]) -> dict:
         return {}
 
-    def loss(self, hidden: torch.Tensor, head: Head, batch: dict, teacher_inputs: dict,
-             num_items: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        hidden: torch.Tensor,
+        head: Head,
+        batch: dict,
+        teacher_inputs: dict,
+        num_items: torch.Tensor,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -76,9 +104,15 @@ class CrossEntropy(Objective):
         _student_softcap(head, "the fused cross-entropy")
         labels = batch["labels"]
         return fused_linear_sparse_kd_loss(
-            hidden, head.weight, label_targets(labels, head.weight.shape[0]),
-            student_bias=head.bias, logit_scale=head.logit_scale, labels=labels,
-            num_items_in_batch=num_items, backend=self.config.backend)
+            hidden,
+            head.weight,
+            label_targets(labels, head.weight.shape[0]),
+            student_bias=head.bias,
+            logit_scale=head.logit_scale,
+            labels=labels,
+            num_items_in_batch=num_items,
+            backend=self.config.backend,
+        )
 
 
 class OnlineKD(Objective):
@@ -108,17 +142,32 @@ class OnlineKD(Objective):
         softcap = c.softcap
         if softcap is None:
             if head.softcap != t_head.softcap:
-                raise ValueError(f"the student's and the teacher's heads cap logits differently "
-                                 f"({head.softcap} and {t_head.softcap}); set objective.softcap "
-                                 f"to apply one cap to both")
+                raise ValueError(
+                    f"the student's and the teacher's heads cap logits differently "
+                    f"({head.softcap} and {t_head.softcap}); set objective.softcap "
+                    f"to apply one cap to both"
+                )
             softcap = head.softcap
         return fused_linear_kd_loss(
-            hidden, head.weight, teacher_inputs["hidden"], t_head.weight,
-            student_bias=head.bias, teacher_bias=t_head.bias, logit_scale=head.logit_scale,
-            teacher_logit_scale=t_head.logit_scale, softcap=softcap, divergence=c.divergence,
-            temperature=c.temperature, beta=c.beta, alpha=c.alpha, t2_scale=c.t2_scale,
-            hard_weight=c.hard_weight, labels=batch["labels"], num_items_in_batch=num_items,
-            backend=c.backend)
+            hidden,
+            head.weight,
+            teacher_inputs["hidden"],
+            t_head.weight,
+            student_bias=head.bias,
+            teacher_bias=t_head.bias,
+            logit_scale=head.logit_scale,
+            teacher_logit_scale=t_head.logit_scale,
+            softcap=softcap,
+            divergence=c.divergence,
+            temperature=c.temperature,
+            beta=c.beta,
+            alpha=c.alpha,
+            t2_scale=c.t2_scale,
+            hard_weight=c.hard_weight,
+            labels=batch["labels"],
+            num_items_in_batch=num_items,
+            backend=c.backend,
+        )
 
 
 class SparseKD(Objective):
@@ -139,17 +188,26 @@ class SparseKD(Objective):
         targets, lengths = self.cache.batch(indices)
         seq_len = batch["labels"].shape[1]
         if targets.ids.shape[1] != seq_len or bool((lengths != seq_len).any()):
-            raise ValueError(f"the cache holds sequences of lengths {lengths.tolist()} where the "
-                             f"data has {seq_len} tokens each: it was written for other data")
+            raise ValueError(
+                f"the cache holds sequences of lengths {lengths.tolist()} where the "
+                f"data has {seq_len} tokens each: it was written for other data"
+            )
         return {"targets": targets.to(batch["labels"].device)}
 
     def loss(self, hidden, head, batch, teacher_inputs, num_items):
         _student_softcap(head, "the fused sparse loss")
         c = self.config
         return fused_linear_sparse_kd_loss(
-            hidden, head.weight, teacher_inputs["targets"], student_bias=head.bias,
-            logit_scale=head.logit_scale, hard_weight=c.hard_weight, labels=batch["labels"],
-            num_items_in_batch=num_items, backend=c.backend)
+            hidden,
+            head.weight,
+            teacher_inputs["targets"],
+            student_bias=head.bias,
+            logit_scale=head.logit_scale,
+            hard_weight=c.hard_weight,
+            labels=batch["labels"],
+            num_items_in_batch=num_items,
+            backend=c.backend,
+        )
 
 
 def _uncapped_heads(head: Head, teacher: CausalLM, kind: str) -> Head:
@@ -159,9 +217,11 @@ def _uncapped_heads(head: Head, teacher: CausalLM, kind: str) -> Head:
     _student_softcap(head, f'objective.kind = "{kind}"')
     _student_softcap(t_head, f'objective.kind = "{kind}"', "teacher")
     if head.weight.shape[0] != t_head.weight.shape[0]:
-        raise ValueError(f"objective.kind = \"{kind}\" compares the models on one vocabulary; "
-                         f"the student's head has {head.weight.shape[0]} rows and the "
-                         f"teacher's {t_head.weight.shape[0]}")
+        raise ValueError(
+            f'objective.kind = "{kind}" compares the models on one vocabulary; '
+            f"the student's head has {head.weight.shape[0]} rows and the "
+            f"teacher's {t_head.weight.shape[0]}"
+        )
     return t_head
 
 
@@ -178,14 +238,30 @@ class SampledReverseKL(OnlineKD):
         c = self.config
         t_head = _uncapped_heads(head, self.teacher, self.kind)
         labels = batch["labels"]
-        student = fused_linear_logprobs(hidden, head.weight, labels, bias=head.bias,
-                                        logit_scale=head.logit_scale, backend=c.backend)
+        student = fused_linear_logprobs(
+            hidden,
+            head.weight,
+            labels,
+            bias=head.bias,
+            logit_scale=head.logit_scale,
+            backend=c.backend,
+        )
         with torch.no_grad():
-            teacher = fused_linear_logprobs(teacher_inputs["hidden"], t_head.weight, labels,
-                                            bias=t_head.bias, logit_scale=t_head.logit_scale,
-                                            backend=c.backend)
-        total = sampled_reverse_kl(student.logprob, teacher.logprob, estimator=c.estimator,
-                                   mask=labels != IGNORE_INDEX, reduction="sum")
+            teacher = fused_linear_logprobs(
+                teacher_inputs["hidden"],
+                t_head.weight,
+                labels,
+                bias=t_head.bias,
+                logit_scale=t_head.logit_scale,
+                backend=c.backend,
+            )
+        total = sampled_reverse_kl(
+            student.logprob,
+            teacher.logprob,
+            estimator=c.estimator,
+            mask=labels != IGNORE_INDEX,
+            reduction="sum",
+        )
         return total / num_items
 
 
@@ -200,21 +276,38 @@ class TeacherTopK(OnlineKD):
         c = self.config
         t_head = _uncapped_heads(head, self.teacher, self.kind)
         with torch.no_grad():
-            targets = fused_linear_topk(teacher_inputs["hidden"], t_head.weight, k=c.topk,
-                                        bias=t_head.bias, logit_scale=t_head.logit_scale,
-                                        backend=c.backend)
+            targets = fused_linear_topk(
+                teacher_inputs["hidden"],
+                t_head.weight,
+                k=c.topk,
+                bias=t_head.bias,
+                logit_scale=t_head.logit_scale,
+                backend=c.backend,
+            )
         return fused_linear_sparse_kd_loss(
-            hidden, head.weight, targets, student_bias=head.bias, logit_scale=head.logit_scale,
-            hard_weight=c.hard_weight, labels=batch["labels"], num_items_in_batch=num_items,
-            backend=c.backend)
+            hidden,
+            head.weight,
+            targets,
+            student_bias=head.bias,
+            logit_scale=head.logit_scale,
+            hard_weight=c.hard_weight,
+            labels=batch["labels"],
+            num_items_in_batch=num_items,
+            backend=c.backend,
+        )
 
 
-OBJECTIVES = {cls.kind: cls for cls in (CrossEntropy, OnlineKD, SparseKD, SampledReverseKL,
-                                         TeacherTopK)}
+OBJECTIVES = {
+    cls.kind: cls for cls in (CrossEntropy, OnlineKD, SparseKD, SampledReverseKL, TeacherTopK)
+}
 
 
-def make_objective(config: ObjectiveConfig, *, teacher: CausalLM | None = None, cache=None,
-                   autocast: torch.dtype | None = None) -> Objective:
+def make_objective(
+    config: ObjectiveConfig,
+    *,
+    teacher: CausalLM | None = None,
+    cache=None,
+    autocast: torch.dtype | None = None,
+) -> Objective:
     """The objective registered under ``config.kind``, built with what it needs."""
-    return OBJECTIVES[config.kind].create(config, teacher=teacher, cache=cache,
-                                          autocast=autocast)
+    return OBJECTIVES[config.kind].create(config, teacher=teacher, cache=cache, autocast=autocast)

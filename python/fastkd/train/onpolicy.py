@@ -41,8 +41,9 @@ __all__ = ["SOURCES", "OnPolicy", "ReplayBuffer", "prompt_lengths", "sequences_b
 SOURCES = ("data", "student", "teacher", "replay")
 
 
-def prompt_lengths(labels: torch.Tensor, min_tokens: int = 1,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def prompt_lengths(
+    labels: torch.Tensor, min_tokens: int = 1, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B]`` int64: the tokens of each sequence up to and including the first position with a
     label (the prompt, for a prompt/completion pair; the first token of a packed block), and at
     least ``min_tokens`` of them, but never more than the row's real tokens (``attention_mask``'s
@@ -61,8 +62,9 @@ def prompt_lengths(labels: torch.Tensor, min_tokens: int = 1,
     return torch.where(has.any(1), lengths, seq_len)
 
 
-def sequences_batch(prompts: list[torch.Tensor], completions: list[torch.Tensor], *,
-                    seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+def sequences_batch(
+    prompts: list[torch.Tensor], completions: list[torch.Tensor], *, seq_len: int, pad_id: int
+) -> dict[str, torch.Tensor]:
     """The batch of sequences ``prompt + completion``, each truncated to ``seq_len + 1`` tokens
     and laid out as the data's pairs are (``data.tokenize_documents``): ``input_ids`` = the
     sequence without its last token, ``labels`` = without its first, -100 on the prompt's
@@ -82,11 +84,11 @@ def sequences_batch(prompts: list[torch.Tensor], completions: list[torch.Tensor]
     labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.int64, device=device)
     attention_mask = torch.zeros((n, seq_len), dtype=torch.int64, device=device)
     for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-        seq = torch.cat([prompt, completion.to(prompt.device)])[:seq_len + 1]
+        seq = torch.cat([prompt, completion.to(prompt.device)])[: seq_len + 1]
         m = len(seq) - 1
         input_ids[row, :m] = seq[:-1]
         labels[row, :m] = seq[1:]
-        labels[row, :len(prompt) - 1] = IGNORE_INDEX
+        labels[row, : len(prompt) - 1] = IGNORE_INDEX
         attention_mask[row, :m] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
@@ -125,7 +127,7 @@ class ReplayBuffer:
         new = {k: batch[k].detach().to("cpu", torch.int64) for k in _KEYS}
         if self.rows is not None:
             new = {k: torch.cat([self.rows[k], new[k]]) for k in _KEYS}
-        self.rows = {k: v[-self.capacity:].clone() for k, v in new.items()}
+        self.rows = {k: v[-self.capacity :].clone() for k, v in new.items()}
 
     def sample(self, n: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
         """``n`` distinct sequences drawn uniformly (by a generator seeded with ``seed``)."""
@@ -168,12 +170,24 @@ class OnPolicy:
             ``distill``); None uses the models' own.
     """
 
-    def __init__(self, config: OnPolicyConfig, *, student: CausalLM, teacher: CausalLM | None,
-                 seed: int, pad_id: int, eos_id: int, synced: bool = False, generate=None):
+    def __init__(
+        self,
+        config: OnPolicyConfig,
+        *,
+        student: CausalLM,
+        teacher: CausalLM | None,
+        seed: int,
+        pad_id: int,
+        eos_id: int,
+        synced: bool = False,
+        generate=None,
+    ):
         for name, model in (("student", student), ("teacher", teacher)):
             if generate is None and model is not None and not hasattr(model.model, "generate"):
-                raise ValueError(f"onpolicy needs a {name} that generates (a Hugging Face "
-                                 f"causal LM); got {type(model.model).__name__}")
+                raise ValueError(
+                    f"onpolicy needs a {name} that generates (a Hugging Face "
+                    f"causal LM); got {type(model.model).__name__}"
+                )
         if config.teacher_sequences and teacher is None:
             raise ValueError("onpolicy.teacher_sequences needs model.teacher")
         self.config, self.student, self.teacher = config, student, teacher
@@ -198,8 +212,9 @@ class OnPolicy:
             return "student"
         return "replay" if r < self.share else fallback
 
-    def rewrite(self, batch: dict[str, torch.Tensor], step: int, micro: int, steps: int = 1
-                ) -> tuple[dict[str, torch.Tensor], str]:
+    def rewrite(
+        self, batch: dict[str, torch.Tensor], step: int, micro: int, steps: int = 1
+    ) -> tuple[dict[str, torch.Tensor], str]:
         """``batch`` (``input_ids``, ``labels``, ``attention_mask`` ``[B, T]``) with its
         completions replaced as ``source`` says, and the source."""
         source = self.source(step, micro, steps)
@@ -210,8 +225,9 @@ class OnPolicy:
             return self.buffer.sample(len(batch["labels"]), seed, batch["labels"].device), source
         model = self.student if source == "student" else self.teacher
         completions, prompts = self.generate(model, batch, source)
-        new = sequences_batch(prompts, completions, seq_len=batch["labels"].shape[1],
-                              pad_id=self.pad_id)
+        new = sequences_batch(
+            prompts, completions, seq_len=batch["labels"].shape[1], pad_id=self.pad_id
+        )
         if source == "student" and self.config.schedule == "adaptive":
             self.buffer.push(new)
         return new, source
@@ -235,8 +251,9 @@ class OnPolicy:
         self.share, self.reference = float(state["share"]), state["reference"]
 
     @torch.no_grad()
-    def generate(self, model: CausalLM, batch: dict[str, torch.Tensor], source: str = "student"
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def generate(
+        self, model: CausalLM, batch: dict[str, torch.Tensor], source: str = "student"
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Samples completions of the batch's prompts (``prompt_lengths``) from ``model`` with a
         KV cache: at most ``max_new_tokens`` each and no more than the sequence length leaves,
         cut after the first end-of-sequence token. Returns (completions, prompts), 1-D int64
@@ -244,45 +261,67 @@ class OnPolicy:
         c = self.config
         input_ids = batch["input_ids"]
         seq_len = input_ids.shape[1]
-        lengths = prompt_lengths(batch["labels"], c.prompt_tokens,
-                                 batch["attention_mask"]).tolist()
+        lengths = prompt_lengths(batch["labels"], c.prompt_tokens, batch["attention_mask"]).tolist()
         prompts = [input_ids[b, :n] for b, n in enumerate(lengths)]
         longest = max(lengths)
         # Left padding: generation appends to the right end of every row at once.
-        padded = torch.full((len(prompts), longest), self.pad_id, dtype=torch.int64,
-                            device=input_ids.device)
+        padded = torch.full(
+            (len(prompts), longest), self.pad_id, dtype=torch.int64, device=input_ids.device
+        )
         mask = torch.zeros_like(padded)
         for b, prompt in enumerate(prompts):
-            padded[b, longest - len(prompt):] = prompt
-            mask[b, longest - len(prompt):] = 1
+            padded[b, longest - len(prompt) :] = prompt
+            mask[b, longest - len(prompt) :] = 1
         room = seq_len + 1 - min(lengths)
         if self.external is not None:
-            new_tokens = self.external(model, prompts, source=source,
-                                       max_new_tokens=min(c.max_new_tokens, room),
-                                       temperature=c.temperature, top_p=c.top_p,
-                                       eos_id=self.eos_id)
+            new_tokens = self.external(
+                model,
+                prompts,
+                source=source,
+                max_new_tokens=min(c.max_new_tokens, room),
+                temperature=c.temperature,
+                top_p=c.top_p,
+                eos_id=self.eos_id,
+            )
             if len(new_tokens) != len(prompts):
-                raise ValueError(f"the generate hook returned {len(new_tokens)} completions for "
-                                 f"{len(prompts)} prompts")
-            return [self._cut(torch.as_tensor(t, dtype=torch.int64, device=input_ids.device)
-                              .reshape(-1)[:min(c.max_new_tokens, seq_len + 1 - n)])
-                    for t, n in zip(new_tokens, lengths)], prompts
+                raise ValueError(
+                    f"the generate hook returned {len(new_tokens)} completions for "
+                    f"{len(prompts)} prompts"
+                )
+            return [
+                self._cut(
+                    torch.as_tensor(t, dtype=torch.int64, device=input_ids.device).reshape(-1)[
+                        : min(c.max_new_tokens, seq_len + 1 - n)
+                    ]
+                )
+                for t, n in zip(new_tokens, lengths)
+            ], prompts
         from transformers import GenerationConfig
 
         # A configuration of our own rather than the model's generation_config.json, whose
         # repetition penalties, n-gram bans or minimum lengths would sample from another
         # distribution than the student's (GKD's samples must be its own).
-        config = GenerationConfig(do_sample=True, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=0, max_new_tokens=min(c.max_new_tokens, room),
-                                  pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                                  use_cache=True)
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=0,
+            max_new_tokens=min(c.max_new_tokens, room),
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            use_cache=True,
+        )
         with _eval_mode(model.model):
-            out = model.model.generate(input_ids=padded, attention_mask=mask,
-                                       generation_config=config, synced_gpus=self.synced)
+            out = model.model.generate(
+                input_ids=padded,
+                attention_mask=mask,
+                generation_config=config,
+                synced_gpus=self.synced,
+            )
         new = out[:, longest:]
-        return [self._cut(new[b, :seq_len + 1 - n]) for b, n in enumerate(lengths)], prompts
+        return [self._cut(new[b, : seq_len + 1 - n]) for b, n in enumerate(lengths)], prompts
 
     def _cut(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` up to and including the first end-of-sequence token."""
         ends = (tokens == self.eos_id).nonzero()
-        return tokens[:int(ends[0]) + 1] if len(ends) else tokens
+        return tokens[: int(ends[0]) + 1] if len(ends) else tokens

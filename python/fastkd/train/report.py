@@ -60,8 +60,16 @@ class Progress:
     """A one-line progress display: step, loss, tokens/s and the time left. Rewrites the line on
     a terminal; elsewhere (a log file, CI) prints a line every ``every`` steps."""
 
-    def __init__(self, total: int, *, start: int = 0, enabled: bool = True, every: int = 1,
-                 stream=None, label: str = ""):
+    def __init__(
+        self,
+        total: int,
+        *,
+        start: int = 0,
+        enabled: bool = True,
+        every: int = 1,
+        stream=None,
+        label: str = "",
+    ):
         self.total, self.start, self.enabled, self.every = total, start, enabled, every
         self.stream = stream or sys.stderr
         self.label = label
@@ -103,8 +111,14 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
     return "\n".join(lines)
 
 
-def plot_curves(series: dict[str, list[tuple[float, float]]], path: str, *, title: str,
-                xlabel: str = "step", ylabel: str = "") -> bool:
+def plot_curves(
+    series: dict[str, list[tuple[float, float]]],
+    path: str,
+    *,
+    title: str,
+    xlabel: str = "step",
+    ylabel: str = "",
+) -> bool:
     """One PNG of named (x, y) curves; False (no file) where matplotlib is not installed."""
     try:
         import matplotlib
@@ -117,8 +131,7 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], path: str, *, titl
     for name, points in series.items():
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, label=name, marker="o" if len(points) < 12 else None,
-                    markersize=3)
+            ax.plot(xs, ys, label=name, marker="o" if len(points) < 12 else None, markersize=3)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -34,8 +34,10 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunLockedError(f"another fastkd run is writing {self.folder} (its .lock is "
-                               f"held); wait for it or choose another output.dir") from None
+            raise RunLockedError(
+                f"another fastkd run is writing {self.folder} (its .lock is "
+                f"held); wait for it or choose another output.dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -62,9 +64,9 @@ def _model_state(full_state: dict) -> dict:
     prefix = "student.model."
     out = {}
     for key, value in full_state.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key[len("module.") :] if key.startswith("module.") else key
         if key.startswith(prefix):
-            out[key[len(prefix):]] = value
+            out[key[len(prefix) :]] = value
     return out
 
 
@@ -85,8 +87,9 @@ def export_model(student, tokenizer, path: str, full_state: dict) -> None:
     else:
         from .checkpoint import _save_tensors
 
-        _save_tensors({k: v.contiguous() for k, v in state.items()},
-                      os.path.join(tmp, "model.safetensors"))
+        _save_tensors(
+            {k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors")
+        )
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)

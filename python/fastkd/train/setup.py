@@ -15,9 +15,18 @@ from .data import SequenceDataset, read_documents, split_documents, tokenize_doc
 from .models import CausalLM, load_causal_lm
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["LOGITS_WORKSPACE_BYTES", "RunData", "as_config", "autocast_context",
-           "cache_fingerprint", "load_data", "load_models", "load_teacher", "logit_rows",
-           "teacher_dtype"]
+__all__ = [
+    "LOGITS_WORKSPACE_BYTES",
+    "RunData",
+    "as_config",
+    "autocast_context",
+    "cache_fingerprint",
+    "load_data",
+    "load_models",
+    "load_teacher",
+    "logit_rows",
+    "teacher_dtype",
+]
 
 # fp32 logits of one chunk of tokens (evaluation, cache writing): the only [rows, V] tensors
 # outside the fused losses, sized like their default CPU budget.
@@ -57,14 +66,19 @@ def load_data(config: Config) -> RunData:
         path = os.path.dirname(path)
     tokenizer = load_tokenizer(path)
     d = config.data
-    keys = dict(format=d.format, text_key=d.text_key, prompt_key=d.prompt_key,
-                completion_key=d.completion_key)
+    keys = dict(
+        format=d.format,
+        text_key=d.text_key,
+        prompt_key=d.prompt_key,
+        completion_key=d.completion_key,
+    )
     docs = read_documents(d.train, **keys)
     if d.eval:
         train_docs, eval_docs = docs, read_documents(d.eval, **keys)
     else:
-        train_docs, eval_docs = split_documents(docs, eval_fraction=d.eval_fraction,
-                                                seed=config.train.seed)
+        train_docs, eval_docs = split_documents(
+            docs, eval_fraction=d.eval_fraction, seed=config.train.seed
+        )
     train = tokenize_documents(train_docs, tokenizer, seq_len=d.seq_len)
     held_out = tokenize_documents(eval_docs, tokenizer, seq_len=d.seq_len)
     if len(train) == 0:
@@ -85,20 +99,23 @@ def load_teacher(config: Config, device: torch.device) -> CausalLM | None:
     ``model.teacher_dtype``."""
     if not config.model.teacher:
         return None
-    teacher = load_causal_lm(config.model.teacher, dtype=teacher_dtype(config, device),
-                             seed=config.train.seed).to(device)
+    teacher = load_causal_lm(
+        config.model.teacher, dtype=teacher_dtype(config, device), seed=config.train.seed
+    ).to(device)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
 
 
-def load_models(config: Config, device: torch.device, *, with_teacher: bool
-                ) -> tuple[CausalLM, CausalLM | None]:
+def load_models(
+    config: Config, device: torch.device, *, with_teacher: bool
+) -> tuple[CausalLM, CausalLM | None]:
     """The student in training mode with float32 master weights (whatever dtype its checkpoint
     holds; bf16 compute comes from autocast) and, when asked for, the teacher
     (``load_teacher``)."""
-    student = load_causal_lm(config.model.student, dtype=torch.float32,
-                             seed=config.train.seed).to(device)
+    student = load_causal_lm(config.model.student, dtype=torch.float32, seed=config.train.seed).to(
+        device
+    )
     student.train()
     return student, load_teacher(config, device) if with_teacher else None
 

@@ -17,9 +17,13 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str, *,
-                        special_tokens: Iterable[str] = (EOS_TOKEN, PAD_TOKEN),
-                        ) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    path: str,
+    *,
+    special_tokens: Iterable[str] = (EOS_TOKEN, PAD_TOKEN),
+) -> PreTrainedTokenizerFast:
     """Trains a byte-level BPE tokenizer on ``texts`` and saves it under ``path``.
 
     GPT-2 style: text is split by the byte-level pre-tokenizer's regex, mapped to bytes, and
@@ -50,20 +54,33 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str, *,
         if token not in special:
             raise ValueError(f"special_tokens must include {token!r}; got {special!r}")
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
-            or vocab_size < len(alphabet) + len(special):
-        raise ValueError(f"vocab_size must be an int >= {len(alphabet) + len(special)} (the 256 "
-                         f"bytes and {len(special)} special tokens); got {vocab_size!r}")
+    if (
+        isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, int)
+        or vocab_size < len(alphabet) + len(special)
+    ):
+        raise ValueError(
+            f"vocab_size must be an int >= {len(alphabet) + len(special)} (the 256 "
+            f"bytes and {len(special)} special tokens); got {vocab_size!r}"
+        )
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
     backend.train_from_iterator(texts, trainer)
     # Saved explicitly: where the default is to clean up tokenization spaces (older
     # transformers), decode drops the space before "." and "," and code no longer round-trips.
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN,
-                                      pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        clean_up_tokenization_spaces=False,
+    )
     wrapped.save_pretrained(path)
     return load_tokenizer(path)
 
@@ -76,13 +93,17 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
         TypeError: the directory holds only a slow (Python) tokenizer.
     """
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise FileNotFoundError(f"no tokenizer at {path!r}: expected a directory with a "
-                                f"tokenizer.json (as train_bpe_tokenizer or save_pretrained "
-                                f"write)")
+        raise FileNotFoundError(
+            f"no tokenizer at {path!r}: expected a directory with a "
+            f"tokenizer.json (as train_bpe_tokenizer or save_pretrained "
+            f"write)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not tokenizer.is_fast:
-        raise TypeError(f"the tokenizer at {path!r} loaded as the slow "
-                        f"{type(tokenizer).__name__}; a fast (tokenizers) one is needed")
+        raise TypeError(
+            f"the tokenizer at {path!r} loaded as the slow "
+            f"{type(tokenizer).__name__}; a fast (tokenizers) one is needed"
+        )
     return tokenizer
 
 
@@ -95,10 +116,13 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
     after any change to the vocabulary, merges or special tokens.
     """
     serialized = json.loads(tokenizer.backend_tokenizer.to_str())
-    parts = {key: serialized.get(key) for key in
-             ("model", "normalizer", "pre_tokenizer", "post_processor", "added_tokens")}
-    parts["special_tokens"] = {name: str(token)
-                               for name, token in tokenizer.special_tokens_map.items()}
+    parts = {
+        key: serialized.get(key)
+        for key in ("model", "normalizer", "pre_tokenizer", "post_processor", "added_tokens")
+    }
+    parts["special_tokens"] = {
+        name: str(token) for name, token in tokenizer.special_tokens_map.items()
+    }
     # sort_keys makes the digest independent of how the json happens to order dict entries.
     canonical = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

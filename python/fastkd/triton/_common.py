@@ -8,9 +8,21 @@ import numpy as np
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_BLOCK_V", "NAN_BITS", "NEG_INF", "POS_INF", "fp32", "inverse_temperature",
-           "loss_grad_weights", "quiet_nan", "row_pointer", "row_warps", "vocab_block",
-           "warps_for", "write_zero_row"]
+__all__ = [
+    "MAX_BLOCK_V",
+    "NAN_BITS",
+    "NEG_INF",
+    "POS_INF",
+    "fp32",
+    "inverse_temperature",
+    "loss_grad_weights",
+    "quiet_nan",
+    "row_pointer",
+    "row_warps",
+    "vocab_block",
+    "warps_for",
+    "write_zero_row",
+]
 
 NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
@@ -74,11 +86,11 @@ def inverse_temperature(temperature: float) -> float:
     return float(np.float32(1.0) / np.float32(temperature))
 
 
-def loss_grad_weights(grad_scale: float, soft_weight: float, hard_weight: float,
-                      temperature: float) -> tuple[float, float]:
+def loss_grad_weights(
+    grad_scale: float, soft_weight: float, hard_weight: float, temperature: float
+) -> tuple[float, float]:
     """(grad_scale soft_weight / T, grad_scale hard_weight) computed in fp32, as the native
     bindings compute them: the weights of the soft and hard terms' gradients."""
     t32 = np.float32(temperature)
     scale = np.float32(grad_scale)
-    return (float(scale * (np.float32(soft_weight) / t32)),
-            float(scale * np.float32(hard_weight)))
+    return (float(scale * (np.float32(soft_weight) / t32)), float(scale * np.float32(hard_weight)))

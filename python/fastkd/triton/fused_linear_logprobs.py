@@ -28,12 +28,20 @@ MAX_BLOCK_V = 2048  # widest vocabulary chunk, as triton/kd_loss.py
 
 @triton.jit
 def _logprob_rows_kernel(
-    z_ptr,          # [n_rows, row_stride] fp32; gradient written over it (GRAD)
-    targets_ptr,    # [n_rows] int64
+    z_ptr,  # [n_rows, row_stride] fp32; gradient written over it (GRAD)
+    targets_ptr,  # [n_rows] int64
     row_grads_ptr,  # [n_rows, 3] fp32 (GRAD)
-    logprob_ptr, lse_ptr, entropy_ptr,  # [n_rows] fp32 (entropy: ENTROPY)
-    row_stride, vocab, inv_t, grad_scale, ignore_index,
-    ENTROPY: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    logprob_ptr,
+    lse_ptr,
+    entropy_ptr,  # [n_rows] fp32 (entropy: ENTROPY)
+    row_stride,
+    vocab,
+    inv_t,
+    grad_scale,
+    ignore_index,
+    ENTROPY: tl.constexpr,
+    GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * row_stride
@@ -56,8 +64,9 @@ def _logprob_rows_kernel(
         s = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, vocab, BLOCK_V):
             cols = start + offs
-            a = tl.where(cols < vocab, tl.load(z_row + cols, mask=cols < vocab, other=0.0)
-                         * inv_t, NEG_INF)
+            a = tl.where(
+                cols < vocab, tl.load(z_row + cols, mask=cols < vocab, other=0.0) * inv_t, NEG_INF
+            )
             m_new = tl.maximum(m, tl.max(a, axis=0))
             f_new = tl.where(m_new == NEG_INF, 0.0, m_new)
             s = s * tl.exp(m - f_new) + tl.exp(a - f_new)
@@ -73,8 +82,11 @@ def _logprob_rows_kernel(
             t = tl.zeros([BLOCK_V], tl.float32)
             for start in range(0, vocab, BLOCK_V):
                 cols = start + offs
-                a = tl.where(cols < vocab, tl.load(z_row + cols, mask=cols < vocab, other=0.0)
-                             * inv_t, NEG_INF)
+                a = tl.where(
+                    cols < vocab,
+                    tl.load(z_row + cols, mask=cols < vocab, other=0.0) * inv_t,
+                    NEG_INF,
+                )
                 e = tl.exp(a - f)
                 t += tl.where(e > 0.0, e * (a - f), 0.0)
             h = log_sum - tl.sum(t, axis=0) / total
@@ -99,8 +111,18 @@ def _logprob_rows_kernel(
                 tl.store(z_row + cols, g, mask=mask)
 
 
-def logprob_rows(z, targets, row_grads, logprob, lse, entropy, *, temperature: float,
-                 ignore_index: int, grad_scale: float) -> None:
+def logprob_rows(
+    z,
+    targets,
+    row_grads,
+    logprob,
+    lse,
+    entropy,
+    *,
+    temperature: float,
+    ignore_index: int,
+    grad_scale: float,
+) -> None:
     """Runs the kernel on fp32 logits ``z`` ``[C, V]`` (unit column stride), ``targets``
     ``[C]`` int64, ``row_grads`` ``[C, 3]`` fp32 or None, outputs ``[C]`` fp32 (``entropy``
     None: not computed, its incoming gradient taken as 0)."""
@@ -109,6 +131,18 @@ def logprob_rows(z, targets, row_grads, logprob, lse, entropy, *, temperature: f
         return
     block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     _logprob_rows_kernel[(n_rows,)](
-        z, targets, row_grads, logprob, lse, entropy, z.stride(0), vocab, 1.0 / temperature,
-        grad_scale, ignore_index, ENTROPY=entropy is not None, GRAD=row_grads is not None,
-        BLOCK_V=block)
+        z,
+        targets,
+        row_grads,
+        logprob,
+        lse,
+        entropy,
+        z.stride(0),
+        vocab,
+        1.0 / temperature,
+        grad_scale,
+        ignore_index,
+        ENTROPY=entropy is not None,
+        GRAD=row_grads is not None,
+        BLOCK_V=block,
+    )

@@ -19,9 +19,19 @@ import triton
 import triton.language as tl
 
 from ..divergences import DIVERGENCES
-from ._common import (MAX_BLOCK_V, NEG_INF, POS_INF, fp32, inverse_temperature,
-                      loss_grad_weights, quiet_nan, row_pointer, row_warps, vocab_block,
-                      write_zero_row)
+from ._common import (
+    MAX_BLOCK_V,
+    NEG_INF,
+    POS_INF,
+    fp32,
+    inverse_temperature,
+    loss_grad_weights,
+    quiet_nan,
+    row_pointer,
+    row_warps,
+    vocab_block,
+    write_zero_row,
+)
 
 __all__ = ["kd_loss_forward"]
 
@@ -38,6 +48,7 @@ HELLINGER = tl.constexpr(DIVERGENCES["hellinger"].code)
 # log-probability against this, never the probability, so that results do not depend on how exp
 # rounds near underflow (CPU polynomial, GPU ex2.approx, numpy).
 LOG_MIN_PROB = tl.constexpr(-87.33654)
+
 
 @triton.jit
 def _load_row(ptr, cols, mask, inv_t, cap, CAP: tl.constexpr, DCAP: tl.constexpr):
@@ -125,8 +136,18 @@ def _mixture(lp, lq, log_wp, log_wq):
     # Where q's term leads, g = -log(1 - u) - u, u = minor_share: below u = 1/8 the series
     # sum_{k>=2} u^k / k to k = 9, which keeps the digits that l1 - u loses as u -> 0.
     u = minor_share
-    series = u * u * (0.5 + u * (1.0 / 3.0 + u * (0.25 + u * (0.2 + u * (
-        1.0 / 6.0 + u * (1.0 / 7.0 + u * (0.125 + u / 9.0)))))))
+    series = (
+        u
+        * u
+        * (
+            0.5
+            + u
+            * (
+                1.0 / 3.0
+                + u * (0.25 + u * (0.2 + u * (1.0 / 6.0 + u * (1.0 / 7.0 + u * (0.125 + u / 9.0)))))
+            )
+        )
+    )
     g = tl.where(p_leads, lam + l1 - lead_share, tl.where(u < 0.125, series, l1 - u))
     return dq, dp, p_share, q_share, g
 
@@ -231,19 +252,33 @@ def _divergence_grad(lp, lq, loss, dot, log_wp, log_wq, w_p, w_q, DIV: tl.conste
 def _kd_loss_fwd_kernel(
     student_ptr,  # logits, row r at (r // inner_rows) * s_outer + (r % inner_rows) * s_inner
     teacher_ptr,  # logits, row r at (r // inner_rows) * t_outer + (r % inner_rows) * t_inner
-    labels_ptr,   # [n_rows] int64, or None
-    grad_ptr,     # [n_rows, grad_vocab] contiguous, student dtype
-    loss_ptr,     # [n_rows] fp32
-    s_outer, s_inner, t_outer, t_inner, inner_rows,
-    vocab,        # min(V_s, V_t): the columns the loss sees
-    grad_vocab,   # V_s
-    temperature, inv_t, cap, soft_weight, soft_grad_scale, hard_weight, hard_grad_weight,
-    ignore_index, log_wp, log_wq, w_p, w_q,  # m = w_p p + w_q q (jsd, skl, srkl)
+    labels_ptr,  # [n_rows] int64, or None
+    grad_ptr,  # [n_rows, grad_vocab] contiguous, student dtype
+    loss_ptr,  # [n_rows] fp32
+    s_outer,
+    s_inner,
+    t_outer,
+    t_inner,
+    inner_rows,
+    vocab,  # min(V_s, V_t): the columns the loss sees
+    grad_vocab,  # V_s
+    temperature,
+    inv_t,
+    cap,
+    soft_weight,
+    soft_grad_scale,
+    hard_weight,
+    hard_grad_weight,
+    ignore_index,
+    log_wp,
+    log_wq,
+    w_p,
+    w_q,  # m = w_p p + w_q q (jsd, skl, srkl)
     DIV: tl.constexpr,
-    CAP: tl.constexpr,         # softcap > 0
+    CAP: tl.constexpr,  # softcap > 0
     HAS_LABELS: tl.constexpr,
-    CE: tl.constexpr,          # labels given and hard_weight > 0
-    TEMPERED: tl.constexpr,    # CE with T != 1: the CE softmax needs its own sum of exp(T a)
+    CE: tl.constexpr,  # labels given and hard_weight > 0
+    TEMPERED: tl.constexpr,  # CE with T != 1: the CE softmax needs its own sum of exp(T a)
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -322,8 +357,7 @@ def _kd_loss_fwd_kernel(
                 mask = cols < vocab
                 a = _load_row(zs_ptr, cols, mask, inv_t, cap, CAP, False)
                 b = _load_row(zt_ptr, cols, mask, inv_t, cap, CAP, False)
-                t_loss, t_dot = _divergence_terms(b - lb, a - la, log_wp, log_wq, w_p, w_q,
-                                                  DIV)
+                t_loss, t_dot = _divergence_terms(b - lb, a - la, log_wp, log_wq, w_p, w_q, DIV)
                 loss_acc += t_loss
                 dot_acc += t_dot
             soft = tl.sum(loss_acc, axis=0)
@@ -343,8 +377,9 @@ def _kd_loss_fwd_kernel(
             else:
                 lz = temperature * ma + tl.log(sum_a)
             label_ok = (label >= 0) & (label < vocab)
-            a_label = _load_row(zs_ptr, tl.where(label_ok, label, 0), label_ok, inv_t, cap, CAP,
-                                False)
+            a_label = _load_row(
+                zs_ptr, tl.where(label_ok, label, 0), label_ok, inv_t, cap, CAP, False
+            )
             loss += tl.where(label_ok, hard_weight * (lz - temperature * a_label), nan)
         tl.store(loss_ptr + row, loss)
 
@@ -355,8 +390,11 @@ def _kd_loss_fwd_kernel(
             mask = cols < vocab
             a, dcap = _load_row(zs_ptr, cols, mask, inv_t, cap, CAP, True)
             b = _load_row(zt_ptr, cols, mask, inv_t, cap, CAP, False)
-            g = soft_grad_scale * _divergence_grad(b - lb, a - la, soft, dot, log_wp, log_wq,
-                                                   w_p, w_q, DIV) + row_nan
+            g = (
+                soft_grad_scale
+                * _divergence_grad(b - lb, a - la, soft, dot, log_wp, log_wq, w_p, w_q, DIV)
+                + row_nan
+            )
             if CE:
                 g += hard_grad_weight * tl.exp(temperature * a - lz)
                 g = tl.where(cols == label, g - hard_grad_weight, g)
@@ -366,8 +404,21 @@ def _kd_loss_fwd_kernel(
             tl.store(g_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < grad_vocab)
 
 
-def kd_loss_forward(student, teacher, labels, grad, loss, *, n_rows, inner_rows, student_layout,
-                    teacher_layout, vocab, grad_vocab, cfg) -> None:
+def kd_loss_forward(
+    student,
+    teacher,
+    labels,
+    grad,
+    loss,
+    *,
+    n_rows,
+    inner_rows,
+    student_layout,
+    teacher_layout,
+    vocab,
+    grad_vocab,
+    cfg,
+) -> None:
     """Writes ``loss[r]`` and ``grad[r, :]`` (``cfg.grad_scale`` dLoss_r/dz_s) for every row
     ``r < n_rows``.
 
@@ -385,15 +436,34 @@ def kd_loss_forward(student, teacher, labels, grad, loss, *, n_rows, inner_rows,
     w_p, w_q = (fp32(w) for w in cfg.mixture_weights)
     log_wp, log_wq = fp32(cfg.log_wp), fp32(cfg.log_wq)
     inv_t = inverse_temperature(cfg.temperature)
-    soft_grad_scale, hard_grad_weight = loss_grad_weights(cfg.grad_scale, cfg.soft_weight,
-                                                          cfg.hard_weight, cfg.temperature)
+    soft_grad_scale, hard_grad_weight = loss_grad_weights(
+        cfg.grad_scale, cfg.soft_weight, cfg.hard_weight, cfg.temperature
+    )
     _kd_loss_fwd_kernel[(n_rows,)](
-        student, teacher, labels, grad, loss,
-        student_layout.outer_stride, student_layout.inner_stride,
-        teacher_layout.outer_stride, teacher_layout.inner_stride, inner_rows,
-        vocab, grad_vocab,
-        cfg.temperature, inv_t, cfg.softcap, cfg.soft_weight, soft_grad_scale, cfg.hard_weight,
-        hard_grad_weight, cfg.ignore_index, log_wp, log_wq, w_p, w_q,
+        student,
+        teacher,
+        labels,
+        grad,
+        loss,
+        student_layout.outer_stride,
+        student_layout.inner_stride,
+        teacher_layout.outer_stride,
+        teacher_layout.inner_stride,
+        inner_rows,
+        vocab,
+        grad_vocab,
+        cfg.temperature,
+        inv_t,
+        cfg.softcap,
+        cfg.soft_weight,
+        soft_grad_scale,
+        cfg.hard_weight,
+        hard_grad_weight,
+        cfg.ignore_index,
+        log_wp,
+        log_wq,
+        w_p,
+        w_q,
         DIV=cfg.divergence,
         CAP=cfg.softcap > 0.0,
         HAS_LABELS=has_labels,

@@ -27,8 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (MAX_BLOCK_V, NEG_INF, POS_INF, inverse_temperature, row_pointer,
-                      vocab_block)
+from ._common import MAX_BLOCK_V, NEG_INF, POS_INF, inverse_temperature, row_pointer, vocab_block
 
 __all__ = ["sample_teacher_forward"]
 
@@ -80,20 +79,25 @@ def _draw_uniforms(seed_lo, seed_hi, token, BLOCK_N: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "token_offset"])
 def _sample_teacher_kernel(
-    logits_ptr,    # row r at (r // inner_rows) * outer + (r % inner_rows) * inner
-    ids_ptr,       # [n_rows, num_samples] int32
-    weights_ptr,   # [n_rows, num_samples] fp32 (holds the counts until the weights pass)
+    logits_ptr,  # row r at (r // inner_rows) * outer + (r % inner_rows) * inner
+    ids_ptr,  # [n_rows, num_samples] int32
+    weights_ptr,  # [n_rows, num_samples] fp32 (holds the counts until the weights pass)
     logprobs_ptr,  # [n_rows, num_samples] fp32, or None
-    invalid_ptr,   # [n_rows] uint8
-    outer, inner, inner_rows, vocab, num_samples,
+    invalid_ptr,  # [n_rows] uint8
+    outer,
+    inner,
+    inner_rows,
+    vocab,
+    num_samples,
     inv_t,
-    seed_lo, seed_hi,  # the seed's 32-bit words as int32 bit patterns
+    seed_lo,
+    seed_hi,  # the seed's 32-bit words as int32 bit patterns
     token_offset,
-    TEMPERED: tl.constexpr,    # T != 1: importance weights, LSE(z) by its own pass
+    TEMPERED: tl.constexpr,  # T != 1: importance weights, LSE(z) by its own pass
     HAS_LOGPROBS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr,     # >= num_samples + 1
+    BLOCK_N: tl.constexpr,  # >= num_samples + 1
 ):
     row = tl.program_id(0).to(tl.int64)
     z_ptr = row_pointer(logits_ptr, row, inner_rows, outer, inner)
@@ -151,8 +155,9 @@ def _sample_teacher_kernel(
                 scan = c + tl.cumsum(e, axis=0).to(tl.float64)
                 col = tl.sum((scan[:, None] <= t[None, :]).to(tl.int32), axis=0)
                 col = tl.where(col < BLOCK_S, col, last)
-                count = tl.sum(((col[None, :] == offs_s[:, None]) & inside[None, :])
-                               .to(tl.int32), axis=1)
+                count = tl.sum(
+                    ((col[None, :] == offs_s[:, None]) & inside[None, :]).to(tl.int32), axis=1
+                )
                 # Slot of a drawn column: kept + its exclusive prefix count of drawn columns.
                 drawn = (count > 0).to(tl.int32)
                 slot = kept + tl.cumsum(drawn, axis=0) - drawn
@@ -209,8 +214,22 @@ def _int32_bits(word: int) -> int:
     return word - (1 << 32) if word >= 1 << 31 else word
 
 
-def sample_teacher_forward(logits, ids, weights, logprobs, invalid, *, n_rows, inner_rows, layout,
-                           vocab, temperature, num_samples, seed, token_offset) -> None:
+def sample_teacher_forward(
+    logits,
+    ids,
+    weights,
+    logprobs,
+    invalid,
+    *,
+    n_rows,
+    inner_rows,
+    layout,
+    vocab,
+    temperature,
+    num_samples,
+    seed,
+    token_offset,
+) -> None:
     """Writes, for every row ``r < n_rows``, the ``num_samples`` slots ``ids[r]`` (int32,
     ascending, then -1), ``weights[r]`` (fp32) and ``logprobs[r]`` (fp32; ``logprobs`` may be
     None), and ``invalid[r]`` (uint8: 1 where the row has NaN or +inf logits, its slots empty).
@@ -223,15 +242,27 @@ def sample_teacher_forward(logits, ids, weights, logprobs, invalid, *, n_rows, i
         return
     block_v = vocab_block(vocab, MAX_BLOCK_V)
     block_n = triton.next_power_of_2(num_samples + 1)
-    block_s = min(max(MERGE_ELEMENTS // block_n, MIN_BLOCK_S), MAX_BLOCK_S,
-                  triton.next_power_of_2(max(vocab, 1)))
+    block_s = min(
+        max(MERGE_ELEMENTS // block_n, MIN_BLOCK_S),
+        MAX_BLOCK_S,
+        triton.next_power_of_2(max(vocab, 1)),
+    )
     # 1/T rounded as the native binding computes it (in fp32).
     inv_t = inverse_temperature(temperature)
     _sample_teacher_kernel[(n_rows,)](
-        logits, ids, weights, logprobs, invalid,
-        layout.outer_stride, layout.inner_stride, inner_rows, vocab, num_samples,
+        logits,
+        ids,
+        weights,
+        logprobs,
+        invalid,
+        layout.outer_stride,
+        layout.inner_stride,
+        inner_rows,
+        vocab,
+        num_samples,
         inv_t,
-        _int32_bits(seed & 0xFFFFFFFF), _int32_bits(seed >> 32),
+        _int32_bits(seed & 0xFFFFFFFF),
+        _int32_bits(seed >> 32),
         token_offset,
         TEMPERED=temperature != 1.0,
         HAS_LOGPROBS=logprobs is not None,

@@ -61,8 +61,18 @@ MAX_WARPS = 32
 
 
 @triton.jit
-def _problem(b, n_sizes_ptr, m_sizes_ptr, eps_start_ptr, n, m, eps,
-             HAS_N_SIZES: tl.constexpr, HAS_M_SIZES: tl.constexpr, SCALING: tl.constexpr):
+def _problem(
+    b,
+    n_sizes_ptr,
+    m_sizes_ptr,
+    eps_start_ptr,
+    n,
+    m,
+    eps,
+    HAS_N_SIZES: tl.constexpr,
+    HAS_M_SIZES: tl.constexpr,
+    SCALING: tl.constexpr,
+):
     # Sizes (n_b, m_b) of problem b, clamped to (n, m), and its first e:
     # eps_start[b] when scaling from above eps, else eps.
     n_b = tl.zeros([], tl.int32) + n
@@ -111,49 +121,64 @@ def _plan_tile(f, g, c, la2, lb2, s):
 @triton.jit
 def _cost_tile(c_base, rows, cols, row_in, col_in, stride_i, stride_j):
     # C[rows, cols] as fp32, 0 outside (row_in, col_in): never read there.
-    return tl.load(c_base + rows.to(tl.int64)[:, None] * stride_i
-                   + cols.to(tl.int64)[None, :] * stride_j,
-                   mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+    return tl.load(
+        c_base + rows.to(tl.int64)[:, None] * stride_i + cols.to(tl.int64)[None, :] * stride_j,
+        mask=row_in[:, None] & col_in[None, :],
+        other=0.0,
+    ).to(tl.float32)
 
 
 @triton.jit
 def _sinkhorn_resident_kernel(
-    cost_ptr,       # C[b, i, j] at b * stride_b + i * stride_i + j * stride_j, fp32/bf16/fp16
-    log_a_ptr,      # [B, n] fp32
-    log_b_ptr,      # [B, m] fp32
-    n_sizes_ptr,    # [B] int32, or None
-    m_sizes_ptr,    # [B] int32, or None
+    cost_ptr,  # C[b, i, j] at b * stride_b + i * stride_i + j * stride_j, fp32/bf16/fp16
+    log_a_ptr,  # [B, n] fp32
+    log_b_ptr,  # [B, m] fp32
+    n_sizes_ptr,  # [B] int32, or None
+    m_sizes_ptr,  # [B] int32, or None
     eps_start_ptr,  # [B] fp32, or None
-    f_ptr,          # [B, n] fp32 out
-    g_ptr,          # [B, m] fp32 out (in: the initial g with WARM_START)
-    iters_ptr,      # [B] int32 out
-    err_ptr,        # [B] fp32 out
+    f_ptr,  # [B, n] fp32 out
+    g_ptr,  # [B, m] fp32 out (in: the initial g with WARM_START)
+    iters_ptr,  # [B] int32 out
+    err_ptr,  # [B] fp32 out
     transport_ptr,  # [B] fp32 out
-    mass_ptr,       # [B] fp32 out
+    mass_ptr,  # [B] fp32 out
     eps_final_ptr,  # [B] fp32 out
-    plan_ptr,       # [B, n, m] fp32 out, or None
-    stride_b, stride_i, stride_j, n, m,
-    eps, kappa, max_iters, check_every, tol,
+    plan_ptr,  # [B, n, m] fp32 out, or None
+    stride_b,
+    stride_i,
+    stride_j,
+    n,
+    m,
+    eps,
+    kappa,
+    max_iters,
+    check_every,
+    tol,
     HAS_N_SIZES: tl.constexpr,
     HAS_M_SIZES: tl.constexpr,
     SCALING: tl.constexpr,
     WARM_START: tl.constexpr,
     HAS_PLAN: tl.constexpr,
-    BLOCK_N: tl.constexpr,      # next_pow2(n)
-    BLOCK_M: tl.constexpr,      # next_pow2(m)
+    BLOCK_N: tl.constexpr,  # next_pow2(n)
+    BLOCK_M: tl.constexpr,  # next_pow2(m)
 ):
     b = tl.program_id(0).to(tl.int64)
-    n_b, m_b, e = _problem(b, n_sizes_ptr, m_sizes_ptr, eps_start_ptr, n, m, eps,
-                           HAS_N_SIZES, HAS_M_SIZES, SCALING)
+    n_b, m_b, e = _problem(
+        b, n_sizes_ptr, m_sizes_ptr, eps_start_ptr, n, m, eps, HAS_N_SIZES, HAS_M_SIZES, SCALING
+    )
     nonempty = (n_b > 0) & (m_b > 0)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_M)
     row_in = rows < n_b
     col_in = cols < m_b
     inside = row_in[:, None] & col_in[None, :]
-    c_ptrs = (cost_ptr + b * stride_b + rows.to(tl.int64)[:, None] * stride_i
-              + cols.to(tl.int64)[None, :] * stride_j)
-    c = tl.load(c_ptrs, mask=inside, other=0.0).to(tl.float32)       # [BLOCK_N, BLOCK_M]
+    c_ptrs = (
+        cost_ptr
+        + b * stride_b
+        + rows.to(tl.int64)[:, None] * stride_i
+        + cols.to(tl.int64)[None, :] * stride_j
+    )
+    c = tl.load(c_ptrs, mask=inside, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_M]
     la2 = tl.load(log_a_ptr + b * n + rows, mask=row_in, other=NEG_INF) * LOG2E  # [BLOCK_N]
     lb2 = tl.load(log_b_ptr + b * m + cols, mask=col_in, other=NEG_INF) * LOG2E  # [BLOCK_M]
     a = tl.exp2(la2)
@@ -164,7 +189,7 @@ def _sinkhorn_resident_kernel(
     # The first F; an empty problem's (unused: it runs no iteration) sees weights 1, as the
     # reference's dummy problem, so that it forms no -inf - -inf.
     s = LOG2E / e
-    f = _resident_update(c, g, tl.where(nonempty, lb2, 0.0), s, 1)   # [BLOCK_N]
+    f = _resident_update(c, g, tl.where(nonempty, lb2, 0.0), s, 1)  # [BLOCK_N]
     it = tl.zeros([], tl.int32)
     err = tl.zeros([], tl.float32)
     run = nonempty
@@ -176,8 +201,9 @@ def _sinkhorn_resident_kernel(
         f_new = _resident_update(c, g, lb2, s_next, 1)
         # E = sum_i a_i |2^((f_i - F(g)_i) s) - 1| over the rows of nonzero weight.
         if check:
-            err = tl.sum(tl.where(a > 0.0, a * tl.abs(tl.exp2((f - f_new) * s_next) - 1.0), 0.0),
-                         axis=0)
+            err = tl.sum(
+                tl.where(a > 0.0, a * tl.abs(tl.exp2((f - f_new) * s_next) - 1.0), 0.0), axis=0
+            )
         stop = check & ((err < tol) | (it >= max_iters))
         f = tl.where(stop, f, f_new)
         e = e_next
@@ -196,8 +222,7 @@ def _sinkhorn_resident_kernel(
     tl.store(transport_ptr + b, tl.sum(tl.sum(p * c, axis=1), axis=0))
     tl.store(mass_ptr + b, tl.sum(tl.sum(p, axis=1), axis=0))
     if HAS_PLAN:
-        plan_ptrs = (plan_ptr + b * n * m + rows.to(tl.int64)[:, None] * m
-                     + cols[None, :])
+        plan_ptrs = plan_ptr + b * n * m + rows.to(tl.int64)[:, None] * m + cols[None, :]
         tl.store(plan_ptrs, p, mask=(rows < n)[:, None] & (cols < m)[None, :])
 
 
@@ -212,8 +237,22 @@ def _online_lse2(mx, sm, x, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _stream_f(c_base, stride_i, stride_j, la_row, lb_row, f_row, g_row, t_row, n_b, m_b, s,
-              check, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _stream_f(
+    c_base,
+    stride_i,
+    stride_j,
+    la_row,
+    lb_row,
+    f_row,
+    g_row,
+    t_row,
+    n_b,
+    m_b,
+    s,
+    check,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     # F(g) at s by row blocks. Unchecked, it overwrites f; checked, it goes to the scratch row
     # t_row and the returned E compares it with f (which the problem keeps if it stops).
     offs_n = tl.arange(0, BLOCK_N)
@@ -242,14 +281,26 @@ def _stream_f(c_base, stride_i, stride_j, la_row, lb_row, f_row, g_row, t_row, n
             # E = sum_i a_i |2^((f_i - F(g)_i) s) - 1| over the rows of nonzero weight.
             f = tl.load(f_row + rows, mask=row_in, other=0.0)
             a = tl.exp2(tl.load(la_row + rows, mask=row_in, other=NEG_INF) * LOG2E)
-            err += tl.sum(tl.where(a > 0.0, a * tl.abs(tl.exp2((f - f_new) * s) - 1.0), 0.0),
-                          axis=0)
+            err += tl.sum(
+                tl.where(a > 0.0, a * tl.abs(tl.exp2((f - f_new) * s) - 1.0), 0.0), axis=0
+            )
     return err
 
 
 @triton.jit
-def _stream_g(c_base, stride_i, stride_j, la_row, f_row, g_row, n_b, m_b, s,
-              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _stream_g(
+    c_base,
+    stride_i,
+    stride_j,
+    la_row,
+    f_row,
+    g_row,
+    n_b,
+    m_b,
+    s,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     # G(f) at s by column blocks, written to g.
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -265,29 +316,36 @@ def _stream_g(c_base, stride_i, stride_j, la_row, f_row, g_row, n_b, m_b, s,
             f = tl.load(f_row + rows, mask=row_in, other=0.0)
             la2 = tl.load(la_row + rows, mask=row_in, other=NEG_INF) * LOG2E
             mx, sm = _online_lse2(mx, sm, (f[:, None] - c) * s + la2[:, None], 0)
-        tl.store(g_row + cols, -(tl.where(mx == NEG_INF, 0.0, mx) + tl.log2(sm)) / s,
-                 mask=col_in)
+        tl.store(g_row + cols, -(tl.where(mx == NEG_INF, 0.0, mx) + tl.log2(sm)) / s, mask=col_in)
 
 
 @triton.jit
 def _sinkhorn_streamed_kernel(
-    cost_ptr,       # C[b, i, j] at b * stride_b + i * stride_i + j * stride_j, fp32/bf16/fp16
-    log_a_ptr,      # [B, n] fp32
-    log_b_ptr,      # [B, m] fp32
-    n_sizes_ptr,    # [B] int32, or None
-    m_sizes_ptr,    # [B] int32, or None
+    cost_ptr,  # C[b, i, j] at b * stride_b + i * stride_i + j * stride_j, fp32/bf16/fp16
+    log_a_ptr,  # [B, n] fp32
+    log_b_ptr,  # [B, m] fp32
+    n_sizes_ptr,  # [B] int32, or None
+    m_sizes_ptr,  # [B] int32, or None
     eps_start_ptr,  # [B] fp32, or None
-    f_ptr,          # [B, n] fp32 out
-    g_ptr,          # [B, m] fp32 out (in: the initial g with WARM_START)
-    iters_ptr,      # [B] int32 out
-    err_ptr,        # [B] fp32 out
+    f_ptr,  # [B, n] fp32 out
+    g_ptr,  # [B, m] fp32 out (in: the initial g with WARM_START)
+    iters_ptr,  # [B] int32 out
+    err_ptr,  # [B] fp32 out
     transport_ptr,  # [B] fp32 out
-    mass_ptr,       # [B] fp32 out
+    mass_ptr,  # [B] fp32 out
     eps_final_ptr,  # [B] fp32 out
-    plan_ptr,       # [B, n, m] fp32 out, or None
-    scratch_ptr,    # [B, n] fp32: the checked F
-    stride_b, stride_i, stride_j, n, m,
-    eps, kappa, max_iters, check_every, tol,
+    plan_ptr,  # [B, n, m] fp32 out, or None
+    scratch_ptr,  # [B, n] fp32: the checked F
+    stride_b,
+    stride_i,
+    stride_j,
+    n,
+    m,
+    eps,
+    kappa,
+    max_iters,
+    check_every,
+    tol,
     HAS_N_SIZES: tl.constexpr,
     HAS_M_SIZES: tl.constexpr,
     SCALING: tl.constexpr,
@@ -297,8 +355,9 @@ def _sinkhorn_streamed_kernel(
     BLOCK_M: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    n_b, m_b, e = _problem(b, n_sizes_ptr, m_sizes_ptr, eps_start_ptr, n, m, eps,
-                           HAS_N_SIZES, HAS_M_SIZES, SCALING)
+    n_b, m_b, e = _problem(
+        b, n_sizes_ptr, m_sizes_ptr, eps_start_ptr, n, m, eps, HAS_N_SIZES, HAS_M_SIZES, SCALING
+    )
     nonempty = (n_b > 0) & (m_b > 0)
     c_base = cost_ptr + b * stride_b
     la_row = log_a_ptr + b * n
@@ -317,21 +376,48 @@ def _sinkhorn_streamed_kernel(
     s = LOG2E / e
     no_check = tl.zeros([], tl.int1)
     if nonempty:
-        _stream_f(c_base, stride_i, stride_j, la_row, lb_row, f_row, g_row, t_row, n_b, m_b, s,
-                  no_check, BLOCK_N, BLOCK_M)
+        _stream_f(
+            c_base,
+            stride_i,
+            stride_j,
+            la_row,
+            lb_row,
+            f_row,
+            g_row,
+            t_row,
+            n_b,
+            m_b,
+            s,
+            no_check,
+            BLOCK_N,
+            BLOCK_M,
+        )
     tl.debug_barrier()
     it = tl.zeros([], tl.int32)
     err = tl.zeros([], tl.float32)
     run = nonempty
     while run:
-        _stream_g(c_base, stride_i, stride_j, la_row, f_row, g_row, n_b, m_b, s,
-                  BLOCK_N, BLOCK_M)
+        _stream_g(c_base, stride_i, stride_j, la_row, f_row, g_row, n_b, m_b, s, BLOCK_N, BLOCK_M)
         tl.debug_barrier()
         it += 1
         check, e_next = _step(e, it, eps, kappa, max_iters, check_every)
         s_next = LOG2E / e_next
-        err_new = _stream_f(c_base, stride_i, stride_j, la_row, lb_row, f_row, g_row, t_row,
-                            n_b, m_b, s_next, check, BLOCK_N, BLOCK_M)
+        err_new = _stream_f(
+            c_base,
+            stride_i,
+            stride_j,
+            la_row,
+            lb_row,
+            f_row,
+            g_row,
+            t_row,
+            n_b,
+            m_b,
+            s_next,
+            check,
+            BLOCK_N,
+            BLOCK_M,
+        )
         tl.debug_barrier()
         err = tl.where(check, err_new, err)
         stop = check & ((err < tol) | (it >= max_iters))
@@ -369,8 +455,11 @@ def _sinkhorn_streamed_kernel(
             transport += tl.sum(tl.sum(p * c, axis=1), axis=0)
             mass += tl.sum(tl.sum(p, axis=1), axis=0)
             if HAS_PLAN:
-                tl.store(plan_ptr + b * n * m + rows.to(tl.int64)[:, None] * m + cols[None, :],
-                         p, mask=(rows < n)[:, None] & (cols < m)[None, :])
+                tl.store(
+                    plan_ptr + b * n * m + rows.to(tl.int64)[:, None] * m + cols[None, :],
+                    p,
+                    mask=(rows < n)[:, None] & (cols < m)[None, :],
+                )
     tl.store(iters_ptr + b, it)
     tl.store(err_ptr + b, err)
     tl.store(eps_final_ptr + b, tl.where(nonempty, e, eps))
@@ -388,9 +477,29 @@ def _sinkhorn_streamed_kernel(
         tl.store(g_row + cols, tl.zeros([BLOCK_M], tl.float32), mask=(cols >= m_keep) & (cols < m))
 
 
-def sinkhorn_forward(cost, log_a, log_b, n_sizes, m_sizes, eps_start, f, g, iters, err,
-                     transport, mass, eps_final, plan, *, eps: float, kappa: float, max_iters: int,
-                     check_every: int, tol: float, warm_start: bool) -> None:
+def sinkhorn_forward(
+    cost,
+    log_a,
+    log_b,
+    n_sizes,
+    m_sizes,
+    eps_start,
+    f,
+    g,
+    iters,
+    err,
+    transport,
+    mass,
+    eps_final,
+    plan,
+    *,
+    eps: float,
+    kappa: float,
+    max_iters: int,
+    check_every: int,
+    tol: float,
+    warm_start: bool,
+) -> None:
     """Solves the ``B`` problems of ``cost [B, n, m]`` (fp32/bf16/fp16, any strides, stride 0
     broadcasting over the batch) from ``log_a [B, n]``, ``log_b [B, m]`` (fp32 contiguous, -inf:
     zero weight), ``n_sizes``/``m_sizes`` (int32 ``[B]`` or None: all n / m) and ``eps_start``
@@ -415,20 +524,39 @@ def sinkhorn_forward(cost, log_a, log_b, n_sizes, m_sizes, eps_start, f, g, iter
     block_n = triton.next_power_of_2(n)
     block_m = triton.next_power_of_2(m)
     scalars = (eps, fp32(kappa), max_iters, check_every, fp32(tol))
-    flags = dict(HAS_N_SIZES=n_sizes is not None, HAS_M_SIZES=m_sizes is not None,
-                 SCALING=eps_start is not None, WARM_START=bool(warm_start),
-                 HAS_PLAN=plan is not None)
+    flags = dict(
+        HAS_N_SIZES=n_sizes is not None,
+        HAS_M_SIZES=m_sizes is not None,
+        SCALING=eps_start is not None,
+        WARM_START=bool(warm_start),
+        HAS_PLAN=plan is not None,
+    )
     outputs = (f, g, iters, err, transport, mass, eps_final, plan)
     inputs = (cost, log_a, log_b, n_sizes, m_sizes, eps_start)
     shape = (cost.stride(0), cost.stride(1), cost.stride(2), n, m)
     if block_n * block_m <= RESIDENT_ELEMENTS:
         _sinkhorn_resident_kernel[(batch,)](
-            *inputs, *outputs, *shape, *scalars, **flags, BLOCK_N=block_n, BLOCK_M=block_m,
-            num_warps=warps_for(block_n * block_m, ELEMENTS_PER_WARP, MAX_WARPS))
+            *inputs,
+            *outputs,
+            *shape,
+            *scalars,
+            **flags,
+            BLOCK_N=block_n,
+            BLOCK_M=block_m,
+            num_warps=warps_for(block_n * block_m, ELEMENTS_PER_WARP, MAX_WARPS),
+        )
     else:
         tile_n = min(STREAM_BLOCK_N, block_n)
         tile_m = min(STREAM_BLOCK_M, block_m)
         scratch = torch.empty_like(f)
         _sinkhorn_streamed_kernel[(batch,)](
-            *inputs, *outputs, scratch, *shape, *scalars, **flags, BLOCK_N=tile_n, BLOCK_M=tile_m,
-            num_warps=warps_for(tile_n * tile_m, STREAM_ELEMENTS_PER_WARP, MAX_WARPS))
+            *inputs,
+            *outputs,
+            scratch,
+            *shape,
+            *scalars,
+            **flags,
+            BLOCK_N=tile_n,
+            BLOCK_M=tile_m,
+            num_warps=warps_for(tile_n * tile_m, STREAM_ELEMENTS_PER_WARP, MAX_WARPS),
+        )

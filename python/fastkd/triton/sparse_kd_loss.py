@@ -28,8 +28,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (MAX_BLOCK_V, NEG_INF, POS_INF, inverse_temperature, loss_grad_weights,
-                      quiet_nan, row_pointer, row_warps, vocab_block, write_zero_row)
+from ._common import (
+    MAX_BLOCK_V,
+    NEG_INF,
+    POS_INF,
+    inverse_temperature,
+    loss_grad_weights,
+    quiet_nan,
+    row_pointer,
+    row_warps,
+    vocab_block,
+    write_zero_row,
+)
 
 __all__ = ["sparse_kd_loss_forward"]
 
@@ -53,22 +63,29 @@ def _log_or_neg_inf(x):
 @triton.jit
 def _sparse_kd_loss_fwd_kernel(
     student_ptr,  # logits, row r at (r // inner_rows) * s_outer + (r % inner_rows) * s_inner
-    ids_ptr,      # [n_rows, num_slots] int32, < 0: padding
+    ids_ptr,  # [n_rows, num_slots] int32, < 0: padding
     weights_ptr,  # [n_rows, num_slots] fp32
-    tail_ptr,     # [n_rows] fp32 (BUCKET), or None
-    labels_ptr,   # [n_rows] int64, or None
-    grad_ptr,     # [n_rows, grad_vocab] contiguous, student dtype
-    loss_ptr,     # [n_rows] fp32
-    s_outer, s_inner, inner_rows,
-    vocab,        # V = min(V_s, targets.vocab_size)
-    grad_vocab,   # V_s
-    num_slots,    # K
-    temperature, inv_t, soft_weight, soft_grad_scale, hard_weight, hard_grad_weight,
+    tail_ptr,  # [n_rows] fp32 (BUCKET), or None
+    labels_ptr,  # [n_rows] int64, or None
+    grad_ptr,  # [n_rows, grad_vocab] contiguous, student dtype
+    loss_ptr,  # [n_rows] fp32
+    s_outer,
+    s_inner,
+    inner_rows,
+    vocab,  # V = min(V_s, targets.vocab_size)
+    grad_vocab,  # V_s
+    num_slots,  # K
+    temperature,
+    inv_t,
+    soft_weight,
+    soft_grad_scale,
+    hard_weight,
+    hard_grad_weight,
     ignore_index,
-    BUCKET: tl.constexpr,      # tail="bucket" targets
+    BUCKET: tl.constexpr,  # tail="bucket" targets
     HAS_LABELS: tl.constexpr,
-    CE: tl.constexpr,          # labels given and hard_weight > 0
-    TEMPERED: tl.constexpr,    # CE with T != 1: the CE softmax needs its own sum of exp(T a)
+    CE: tl.constexpr,  # labels given and hard_weight > 0
+    TEMPERED: tl.constexpr,  # CE with T != 1: the CE softmax needs its own sum of exp(T a)
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -146,8 +163,9 @@ def _sparse_kd_loss_fwd_kernel(
             w_b_in = tl.where(has_b, w_b, 1.0)
             log_qb = tl.where(has_b, _log_or_neg_inf(sum_out) - log_sum, 0.0)
             soft += tl.where(has_b, w_b_in * (tl.log(w_b_in) - log_qb), 0.0)
-            k_bucket = tl.where(has_b & (sum_out > 0.0),
-                                w_b / tl.where(sum_out > 0.0, sum_out, 1.0), 0.0)
+            k_bucket = tl.where(
+                has_b & (sum_out > 0.0), w_b / tl.where(sum_out > 0.0, sum_out, 1.0), 0.0
+            )
         # An id >= V makes every gradient entry NaN through c_in, as it makes the loss NaN.
         c_in = tl.where(n_bad > 0, nan, total_w + w_b)
         inv_sum = 1.0 / sum_all
@@ -194,13 +212,29 @@ def _sparse_kd_loss_fwd_kernel(
             if CE:
                 g += hard_grad_weight * tl.exp(temperature * a_k - lz)
                 g = tl.where(ids == label, g - hard_grad_weight, g)
-            tl.store(g_ptr + tl.where(valid, ids, 0), g.to(grad_ptr.dtype.element_ty),
-                     mask=valid)
+            tl.store(g_ptr + tl.where(valid, ids, 0), g.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def sparse_kd_loss_forward(student, ids, weights, tail_mass, labels, grad, loss, *, n_rows,
-                           inner_rows, layout, vocab, grad_vocab, temperature, soft_weight,
-                           hard_weight, ignore_index, grad_scale) -> None:
+def sparse_kd_loss_forward(
+    student,
+    ids,
+    weights,
+    tail_mass,
+    labels,
+    grad,
+    loss,
+    *,
+    n_rows,
+    inner_rows,
+    layout,
+    vocab,
+    grad_vocab,
+    temperature,
+    soft_weight,
+    hard_weight,
+    ignore_index,
+    grad_scale,
+) -> None:
     """Writes ``loss[r]`` and ``grad[r, :]`` (``grad_scale`` dLoss_r/dz) for every row
     ``r < n_rows``.
 
@@ -217,13 +251,29 @@ def sparse_kd_loss_forward(student, ids, weights, tail_mass, labels, grad, loss,
     ce = has_labels and hard_weight > 0.0
     # 1/T and the gradient weights rounded as the native binding computes them (in fp32).
     inv_t = inverse_temperature(temperature)
-    soft_grad_scale, hard_grad_weight = loss_grad_weights(grad_scale, soft_weight, hard_weight,
-                                                          temperature)
+    soft_grad_scale, hard_grad_weight = loss_grad_weights(
+        grad_scale, soft_weight, hard_weight, temperature
+    )
     _sparse_kd_loss_fwd_kernel[(n_rows,)](
-        student, ids, weights, tail_mass, labels, grad, loss,
-        layout.outer_stride, layout.inner_stride, inner_rows,
-        vocab, grad_vocab, num_slots,
-        temperature, inv_t, soft_weight, soft_grad_scale, hard_weight, hard_grad_weight,
+        student,
+        ids,
+        weights,
+        tail_mass,
+        labels,
+        grad,
+        loss,
+        layout.outer_stride,
+        layout.inner_stride,
+        inner_rows,
+        vocab,
+        grad_vocab,
+        num_slots,
+        temperature,
+        inv_t,
+        soft_weight,
+        soft_grad_scale,
+        hard_weight,
+        hard_grad_weight,
         ignore_index,
         BUCKET=tail_mass is not None,
         HAS_LABELS=has_labels,

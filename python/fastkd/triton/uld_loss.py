@@ -29,13 +29,16 @@ CHUNK_ELEMENTS = 1 << 25
 
 @triton.jit
 def _uld_sorted_rows_kernel(
-    sq_ptr,      # [rows, vs] fp32: each row's student probabilities, descending
-    order_ptr,   # [rows, vs] int64: the column of each sorted student probability
-    sp_ptr,      # [rows, vt] fp32: the teacher's probabilities, descending
+    sq_ptr,  # [rows, vs] fp32: each row's student probabilities, descending
+    order_ptr,  # [rows, vs] int64: the column of each sorted student probability
+    sp_ptr,  # [rows, vt] fp32: the teacher's probabilities, descending
     labels_ptr,  # [rows] int64, or None
-    grad_ptr,    # [rows, vs] contiguous, student dtype
-    loss_ptr,    # [rows] fp32
-    vs, vt, scale, ignore_index,
+    grad_ptr,  # [rows, vs] contiguous, student dtype
+    loss_ptr,  # [rows] fp32
+    vs,
+    vt,
+    scale,
+    ignore_index,
     HAS_LABELS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -78,9 +81,18 @@ def _uld_sorted_rows_kernel(
             tl.store(g_ptr + col, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def uld_loss_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-                     grad: torch.Tensor, loss: torch.Tensor, *, student_temperature: float,
-                     teacher_temperature: float, ignore_index: int, grad_scale: float) -> None:
+def uld_loss_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad: torch.Tensor,
+    loss: torch.Tensor,
+    *,
+    student_temperature: float,
+    teacher_temperature: float,
+    ignore_index: int,
+    grad_scale: float,
+) -> None:
     """Writes ``loss[r]`` and ``grad[r, :]`` (``grad_scale`` dLoss_r/dz_s) for every row.
 
     ``student`` ``[N, V_s]`` and ``teacher`` ``[N, V_t]`` (any strides), ``labels`` ``[N]`` int64
@@ -103,7 +115,17 @@ def uld_loss_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch
         sp = p.sort(dim=-1, descending=True, stable=True).values
         del p
         _uld_sorted_rows_kernel[(end - start,)](
-            sq, order, sp, None if labels is None else labels[start:end], grad[start:end],
-            loss[start:end], vs, vt, scale, ignore_index,
-            HAS_LABELS=labels is not None, BLOCK_V=block_v,
-            num_warps=row_warps(block_v, 8))
+            sq,
+            order,
+            sp,
+            None if labels is None else labels[start:end],
+            grad[start:end],
+            loss[start:end],
+            vs,
+            vt,
+            scale,
+            ignore_index,
+            HAS_LABELS=labels is not None,
+            BLOCK_V=block_v,
+            num_warps=row_warps(block_v, 8),
+        )

@@ -17,6 +17,20 @@ from .gold import gold_loss, merge_chunk_probs
 from .offsets import TokenSpans, byte_offsets
 from .vocab_map import VocabMap, token_bytes, vocab_map
 
-__all__ = ["AlignedBatch", "Alignment", "TokenAligner", "TokenSpans", "VocabMap",
-           "align_spans", "alm_loss", "byte_offsets", "chunk_logprobs", "chunk_mask",
-           "gold_loss", "merge_chunk_probs", "token_bytes", "token_logprobs", "vocab_map"]
+__all__ = [
+    "AlignedBatch",
+    "Alignment",
+    "TokenAligner",
+    "TokenSpans",
+    "VocabMap",
+    "align_spans",
+    "alm_loss",
+    "byte_offsets",
+    "chunk_logprobs",
+    "chunk_mask",
+    "gold_loss",
+    "merge_chunk_probs",
+    "token_bytes",
+    "token_logprobs",
+    "vocab_map",
+]

@@ -16,17 +16,26 @@ import torch
 
 from ..ops._checks import INT32_MAX
 from ..ops._launch import launch
-from ..ops._registry import (check_backend_name, native_backend, reference_backend,
-                             register_op, resolve_backend)
+from ..ops._registry import (
+    check_backend_name,
+    native_backend,
+    reference_backend,
+    register_op,
+    resolve_backend,
+)
 
 __all__ = ["Alignment", "align_spans"]
 
 # The inputs are integer spans, so no dtype is passed to the backend choice; the native backend
 # keeps the registry's default floating-point dtypes, which nothing here consults.
-register_op("align_spans", [
-    reference_backend(),
-    native_backend("cpu", "align_spans_cpu"),
-], auto={"cpu": ("cpu", "torch")})
+register_op(
+    "align_spans",
+    [
+        reference_backend(),
+        native_backend("cpu", "align_spans_cpu"),
+    ],
+    auto={"cpu": ("cpu", "torch")},
+)
 
 # Status codes of csrc/common/align_spans_args.h.
 _BAD_STUDENT, _BAD_TEACHER, _COVERAGE = 1, 2, 3
@@ -49,13 +58,16 @@ class Alignment(NamedTuple):
 
 def _check_spans(name: str, spans) -> torch.Tensor:
     if not isinstance(spans, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [B, T, 2]; got "
-                        f"{type(spans).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape [B, T, 2]; got {type(spans).__name__}"
+        )
     if spans.dtype.is_floating_point or spans.dtype.is_complex or spans.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer byte offsets; got dtype {spans.dtype}")
     if spans.dim() != 3 or spans.shape[-1] != 2:
-        raise ValueError(f"{name} must have shape [B, T, 2] ([start, end) byte offsets per "
-                         f"token); got {tuple(spans.shape)}")
+        raise ValueError(
+            f"{name} must have shape [B, T, 2] ([start, end) byte offsets per "
+            f"token); got {tuple(spans.shape)}"
+        )
     if spans.shape[1] > INT32_MAX:
         raise ValueError(f"{name} has {spans.shape[1]} tokens per sequence; at most {INT32_MAX}")
     return spans.to(torch.int64).contiguous()
@@ -118,39 +130,60 @@ def _align_cpu(student: torch.Tensor, teacher: torch.Tensor):
     count = torch.empty(batch, dtype=torch.int32)
     status = torch.empty(batch, dtype=torch.int32)
     detail = torch.empty(batch, dtype=torch.int64)
-    launch("align_spans_cpu", args="AlignSpansArgs", student_spans=student,
-           teacher_spans=teacher, batch=batch, student_len=ns, teacher_len=nt,
-           student_chunk=s_ids, teacher_chunk=t_ids, num_chunks=count, status=status,
-           detail=detail, run=dict(num_threads=torch.get_num_threads()))
+    launch(
+        "align_spans_cpu",
+        args="AlignSpansArgs",
+        student_spans=student,
+        teacher_spans=teacher,
+        batch=batch,
+        student_len=ns,
+        teacher_len=nt,
+        student_chunk=s_ids,
+        teacher_chunk=t_ids,
+        num_chunks=count,
+        status=status,
+        detail=detail,
+        run=dict(num_threads=torch.get_num_threads()),
+    )
     return s_ids, t_ids, count, status, detail
 
 
-def _raise_on_status(status: torch.Tensor, detail: torch.Tensor, student: torch.Tensor,
-                     teacher: torch.Tensor) -> None:
+def _raise_on_status(
+    status: torch.Tensor, detail: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor
+) -> None:
     failed = (status != 0).nonzero()
     if failed.numel() == 0:
         return
     b = int(failed[0, 0])
     code, token = int(status[b]), int(detail[b])
     if code in (_BAD_STUDENT, _BAD_TEACHER):
-        name, spans = (("student_spans", student) if code == _BAD_STUDENT
-                       else ("teacher_spans", teacher))
-        raise ValueError(f"{name}[{b}, {token}] = {spans[b, token].tolist()}: spans of the "
-                         f"tokens taking part (end > start) must start at >= 0 and end at or "
-                         f"after the previous token's end")
+        name, spans = (
+            ("student_spans", student) if code == _BAD_STUDENT else ("teacher_spans", teacher)
+        )
+        raise ValueError(
+            f"{name}[{b}, {token}] = {spans[b, token].tolist()}: spans of the "
+            f"tokens taking part (end > start) must start at >= 0 and end at or "
+            f"after the previous token's end"
+        )
 
     def cover(spans):
         live = spans[b][spans[b, :, 1] > spans[b, :, 0]]
-        return "nothing" if live.numel() == 0 else \
-            f"bytes [{int(live[:, 0].min())}, {int(live[-1, 1])})"
+        return (
+            "nothing"
+            if live.numel() == 0
+            else f"bytes [{int(live[:, 0].min())}, {int(live[-1, 1])})"
+        )
 
-    raise ValueError(f"student_spans and teacher_spans of sequence {b} do not cover the same "
-                     f"text: the student covers {cover(student)}, the teacher {cover(teacher)}; "
-                     f"both must be spans of one text (same first start and last end)")
+    raise ValueError(
+        f"student_spans and teacher_spans of sequence {b} do not cover the same "
+        f"text: the student covers {cover(student)}, the teacher {cover(teacher)}; "
+        f"both must be spans of one text (same first start and last end)"
+    )
 
 
-def align_spans(student_spans: torch.Tensor, teacher_spans: torch.Tensor, *,
-                backend: str = "auto") -> Alignment:
+def align_spans(
+    student_spans: torch.Tensor, teacher_spans: torch.Tensor, *, backend: str = "auto"
+) -> Alignment:
     """Aligns two tokenizations of the same texts into chunks by their tokens' byte spans.
 
     A chunk closes at every byte where both tokenizations end a token; each token belongs to the
@@ -180,11 +213,14 @@ def align_spans(student_spans: torch.Tensor, teacher_spans: torch.Tensor, *,
     student = _check_spans("student_spans", student_spans)
     teacher = _check_spans("teacher_spans", teacher_spans)
     if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"student_spans {tuple(student.shape)} and teacher_spans "
-                         f"{tuple(teacher.shape)} must have the same batch size")
+        raise ValueError(
+            f"student_spans {tuple(student.shape)} and teacher_spans "
+            f"{tuple(teacher.shape)} must have the same batch size"
+        )
     if student.device != teacher.device:
-        raise ValueError(f"student_spans are on {student.device} but teacher_spans on "
-                         f"{teacher.device}")
+        raise ValueError(
+            f"student_spans are on {student.device} but teacher_spans on {teacher.device}"
+        )
     name = resolve_backend("align_spans", backend, student.device)
     if name == "cpu":
         out = _align_cpu(student, teacher)

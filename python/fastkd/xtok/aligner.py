@@ -25,16 +25,16 @@ class AlignedBatch:
     special tokens, padding) are in no chunk (-1).
     """
 
-    student_input_ids: torch.Tensor        # int64 [B, T_s]
-    student_attention_mask: torch.Tensor   # bool [B, T_s]
-    student_spans: torch.Tensor            # int64 [B, T_s, 2]
-    student_chunk_id: torch.Tensor         # int32 [B, T_s]
-    teacher_input_ids: torch.Tensor        # int64 [B, T_t]
-    teacher_attention_mask: torch.Tensor   # bool [B, T_t]
-    teacher_spans: torch.Tensor            # int64 [B, T_t, 2]
-    teacher_chunk_id: torch.Tensor         # int32 [B, T_t]
-    num_chunks: torch.Tensor               # int32 [B]
-    chunk_mask: torch.Tensor               # bool [B, C]: chunks counted (the completion's)
+    student_input_ids: torch.Tensor  # int64 [B, T_s]
+    student_attention_mask: torch.Tensor  # bool [B, T_s]
+    student_spans: torch.Tensor  # int64 [B, T_s, 2]
+    student_chunk_id: torch.Tensor  # int32 [B, T_s]
+    teacher_input_ids: torch.Tensor  # int64 [B, T_t]
+    teacher_attention_mask: torch.Tensor  # bool [B, T_t]
+    teacher_spans: torch.Tensor  # int64 [B, T_t, 2]
+    teacher_chunk_id: torch.Tensor  # int32 [B, T_t]
+    num_chunks: torch.Tensor  # int32 [B]
+    chunk_mask: torch.Tensor  # bool [B, C]: chunks counted (the completion's)
     student_completion_mask: torch.Tensor  # bool [B, T_s]: tokens of counted chunks
     teacher_completion_mask: torch.Tensor  # bool [B, T_t]
 
@@ -69,16 +69,26 @@ class TokenAligner:
     else every chunk.
     """
 
-    def __init__(self, student_tokenizer, teacher_tokenizer, *, fallback: str | None = None,
-                 add_special_tokens: bool = True):
+    def __init__(
+        self,
+        student_tokenizer,
+        teacher_tokenizer,
+        *,
+        fallback: str | None = None,
+        add_special_tokens: bool = True,
+    ):
         if fallback not in (None, "mined"):
             raise ValueError(f"fallback must be None or 'mined'; got {fallback!r}")
-        for name, tok in (("student_tokenizer", student_tokenizer),
-                          ("teacher_tokenizer", teacher_tokenizer)):
+        for name, tok in (
+            ("student_tokenizer", student_tokenizer),
+            ("teacher_tokenizer", teacher_tokenizer),
+        ):
             if not getattr(tok, "is_fast", False) and fallback is None:
-                raise TypeError(f"{name} ({type(tok).__name__}) gives no character offsets; pass "
-                                f"a fast tokenizer, or fallback='mined' to align by token "
-                                f"strings and edit distance")
+                raise TypeError(
+                    f"{name} ({type(tok).__name__}) gives no character offsets; pass "
+                    f"a fast tokenizer, or fallback='mined' to align by token "
+                    f"strings and edit distance"
+                )
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer
         self.fallback = fallback
@@ -88,8 +98,12 @@ class TokenAligner:
         prefixes = prefixes or [""] * len(texts)
         full = [p + t for p, t in zip(prefixes, texts)]
         if getattr(tokenizer, "is_fast", False):
-            out = byte_offsets(tokenizer, full, add_special_tokens=self.add_special_tokens,
-                               padding_side=padding_side)
+            out = byte_offsets(
+                tokenizer,
+                full,
+                add_special_tokens=self.add_special_tokens,
+                padding_side=padding_side,
+            )
         else:
             out = _mined_offsets(tokenizer, full, self.add_special_tokens, padding_side)
         shift = torch.tensor([len(p.encode("utf-8")) for p in prefixes], dtype=torch.int64)
@@ -97,15 +111,22 @@ class TokenAligner:
         live = spans[..., 1] > spans[..., 0]
         in_text = live & (spans[..., 1] > shift[:, None])
         shifted = (spans - shift[:, None, None]).clamp(min=0)
-        spans = torch.where(in_text.unsqueeze(-1), shifted,
-                            torch.where(live.unsqueeze(-1), 0, spans))
+        spans = torch.where(
+            in_text.unsqueeze(-1), shifted, torch.where(live.unsqueeze(-1), 0, spans)
+        )
         return out._replace(spans=spans)
 
-    def __call__(self, texts: list[str] | None = None, *, prompts: list[str] | None = None,
-                 completions: list[str] | None = None,
-                 student_prefixes: list[str] | None = None,
-                 teacher_prefixes: list[str] | None = None, padding_side: str = "right",
-                 backend: str = "auto") -> AlignedBatch:
+    def __call__(
+        self,
+        texts: list[str] | None = None,
+        *,
+        prompts: list[str] | None = None,
+        completions: list[str] | None = None,
+        student_prefixes: list[str] | None = None,
+        teacher_prefixes: list[str] | None = None,
+        padding_side: str = "right",
+        backend: str = "auto",
+    ) -> AlignedBatch:
         """Tokenizes and aligns a batch (see the class docstring)."""
         if (texts is None) == (completions is None):
             raise ValueError("pass either texts, or completions (with prompts)")
@@ -122,8 +143,9 @@ class TokenAligner:
         s = self._side(self.student_tokenizer, texts, student_prefixes, padding_side)
         t = self._side(self.teacher_tokenizer, texts, teacher_prefixes, padding_side)
         aligned = align_spans(s.spans, t.spans, backend=backend)
-        prompt_bytes = torch.tensor([len(p.encode("utf-8")) for p in (prompts or [])] or
-                                    [0] * len(texts), dtype=torch.int64)
+        prompt_bytes = torch.tensor(
+            [len(p.encode("utf-8")) for p in (prompts or [])] or [0] * len(texts), dtype=torch.int64
+        )
         width = int(aligned.num_chunks.max()) if len(texts) else 0
         chunk_start = _chunk_starts(s.spans, aligned.student_chunk_id, width)
         exists = torch.arange(width) < aligned.num_chunks[:, None]
@@ -132,10 +154,20 @@ class TokenAligner:
         def token_mask(ids):
             return (ids >= 0) & mask.gather(1, ids.clamp(min=0).long()) if width else ids >= 0
 
-        return AlignedBatch(s.input_ids, s.attention_mask, s.spans, aligned.student_chunk_id,
-                            t.input_ids, t.attention_mask, t.spans, aligned.teacher_chunk_id,
-                            aligned.num_chunks, mask, token_mask(aligned.student_chunk_id),
-                            token_mask(aligned.teacher_chunk_id))
+        return AlignedBatch(
+            s.input_ids,
+            s.attention_mask,
+            s.spans,
+            aligned.student_chunk_id,
+            t.input_ids,
+            t.attention_mask,
+            t.spans,
+            aligned.teacher_chunk_id,
+            aligned.num_chunks,
+            mask,
+            token_mask(aligned.student_chunk_id),
+            token_mask(aligned.teacher_chunk_id),
+        )
 
 
 def _chunk_starts(spans: torch.Tensor, chunk_id: torch.Tensor, width: int) -> torch.Tensor:
@@ -147,8 +179,11 @@ def _chunk_starts(spans: torch.Tensor, chunk_id: torch.Tensor, width: int) -> to
     ends.scatter_reduce_(1, ids + 1, spans[..., 1], reduce="amax")
     live = ids >= 0
     big = torch.iinfo(torch.int64).max
-    first = torch.where(live, spans[..., 0], big).amin(dim=1) if spans.shape[1] else \
-        torch.zeros(batch, dtype=torch.int64)
+    first = (
+        torch.where(live, spans[..., 0], big).amin(dim=1)
+        if spans.shape[1]
+        else torch.zeros(batch, dtype=torch.int64)
+    )
     starts = torch.cat([first[:, None], ends[:, 1:width]], dim=1)
     return starts[:, :width]
 
@@ -164,13 +199,20 @@ def _mined_offsets(tokenizer, texts, add_special_tokens, padding_side) -> TokenS
     mask = np.zeros((len(rows), width), dtype=bool)
     special = np.ones((len(rows), width), dtype=bool)
     for b, (text, row) in enumerate(zip(texts, rows)):
-        pieces = [None if i in special_ids else
-                  tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(i)])
-                  for i in row]
+        pieces = [
+            None
+            if i in special_ids
+            else tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(i)])
+            for i in row
+        ]
         cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
         ids[b, cols] = row
         spans[b, cols] = spans_by_edit_distance(pieces, text)
         mask[b, cols] = True
         special[b, cols] = [p is None for p in pieces]
-    return TokenSpans(torch.from_numpy(ids), torch.from_numpy(spans), torch.from_numpy(mask),
-                      torch.from_numpy(special))
+    return TokenSpans(
+        torch.from_numpy(ids),
+        torch.from_numpy(spans),
+        torch.from_numpy(mask),
+        torch.from_numpy(special),
+    )

@@ -22,10 +22,15 @@ _MAX_LOG_Q = -1e-6
 
 
 def _check_int(name: str, x, shape=None) -> None:
-    if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex \
-            or x.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor; got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.dtype.is_floating_point
+        or x.dtype.is_complex
+        or x.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"{name} must be an integer tensor; got {getattr(x, 'dtype', type(x).__name__)}"
+        )
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(x.shape)}")
 
@@ -57,8 +62,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(targets >= 0, picked, 0.0)
 
 
-def chunk_mask(chunk_id: torch.Tensor, num_chunks: torch.Tensor | None = None,
-               width: int | None = None) -> torch.Tensor:
+def chunk_mask(
+    chunk_id: torch.Tensor, num_chunks: torch.Tensor | None = None, width: int | None = None
+) -> torch.Tensor:
     """Bool ``[B, C]``: which chunk slots exist (``c < num_chunks[b]``; without ``num_chunks``,
     the ids present in ``chunk_id``)."""
     if width is None:
@@ -70,8 +76,9 @@ def chunk_mask(chunk_id: torch.Tensor, num_chunks: torch.Tensor | None = None,
     return present[:, 1:]
 
 
-def chunk_logprobs(token_logprobs: torch.Tensor, chunk_id: torch.Tensor, *,
-                   num_chunks: int | None = None) -> torch.Tensor:
+def chunk_logprobs(
+    token_logprobs: torch.Tensor, chunk_id: torch.Tensor, *, num_chunks: int | None = None
+) -> torch.Tensor:
     """Per chunk, the sum of the per-token log-probabilities of the tokens in it.
 
     Args:
@@ -84,18 +91,25 @@ def chunk_logprobs(token_logprobs: torch.Tensor, chunk_id: torch.Tensor, *,
         ``[B, C]`` in ``token_logprobs``' dtype; 0 at slots holding no token (mask them with
         ``chunk_mask``). Differentiable (a segment sum: each token's gradient is its chunk's).
     """
-    if not isinstance(token_logprobs, torch.Tensor) or not token_logprobs.is_floating_point() \
-            or token_logprobs.dim() != 2:
-        raise TypeError("token_logprobs must be a floating-point tensor [B, T]; got "
-                        f"{getattr(token_logprobs, 'shape', type(token_logprobs).__name__)}")
+    if (
+        not isinstance(token_logprobs, torch.Tensor)
+        or not token_logprobs.is_floating_point()
+        or token_logprobs.dim() != 2
+    ):
+        raise TypeError(
+            "token_logprobs must be a floating-point tensor [B, T]; got "
+            f"{getattr(token_logprobs, 'shape', type(token_logprobs).__name__)}"
+        )
     _check_int("chunk_id", chunk_id, token_logprobs.shape)
     ids = chunk_id.to(device=token_logprobs.device, dtype=torch.int64)
     top = int(ids.max()) if ids.numel() else -1
     low = int(ids.min()) if ids.numel() else -1
     width = top + 1 if num_chunks is None else num_chunks
     if low < -1 or top >= width:
-        raise ValueError(f"chunk_id must lie in [-1, {width - 1}] (num_chunks={width}); got "
-                         f"values from {low} to {top}")
+        raise ValueError(
+            f"chunk_id must lie in [-1, {width - 1}] (num_chunks={width}); got "
+            f"values from {low} to {top}"
+        )
     live = ids >= 0
     values = torch.where(live, token_logprobs, 0.0)
     out = token_logprobs.new_zeros(token_logprobs.shape[0], width)
@@ -104,13 +118,18 @@ def chunk_logprobs(token_logprobs: torch.Tensor, chunk_id: torch.Tensor, *,
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler's switch at -log 2)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)),
-                       torch.log1p(-torch.exp(x)))
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def alm_loss(student_chunk_logprobs: torch.Tensor, teacher_chunk_logprobs: torch.Tensor,
-             mask: torch.Tensor | None = None, *, temperature: float = 1.0,
-             divergence: str = "bce", reduction: str = "mean") -> torch.Tensor:
+def alm_loss(
+    student_chunk_logprobs: torch.Tensor,
+    teacher_chunk_logprobs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "bce",
+    reduction: str = "mean",
+) -> torch.Tensor:
     """ALM: the binarised f-divergence between teacher and student chunk likelihoods.
 
     Per chunk, with q = exp(s / T) and p = exp(t / T) the student's and teacher's likelihoods of
@@ -134,22 +153,31 @@ def alm_loss(student_chunk_logprobs: torch.Tensor, teacher_chunk_logprobs: torch
             (``[B, C]``, 0 at uncounted chunks).
     """
     s, t = student_chunk_logprobs, teacher_chunk_logprobs
-    if not isinstance(s, torch.Tensor) or not isinstance(t, torch.Tensor) \
-            or not s.is_floating_point() or not t.is_floating_point():
-        raise TypeError("student_chunk_logprobs and teacher_chunk_logprobs must be "
-                        "floating-point tensors")
+    if (
+        not isinstance(s, torch.Tensor)
+        or not isinstance(t, torch.Tensor)
+        or not s.is_floating_point()
+        or not t.is_floating_point()
+    ):
+        raise TypeError(
+            "student_chunk_logprobs and teacher_chunk_logprobs must be floating-point tensors"
+        )
     if s.shape != t.shape:
-        raise ValueError(f"student_chunk_logprobs {tuple(s.shape)} and teacher_chunk_logprobs "
-                         f"{tuple(t.shape)} must have the same shape")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
+        raise ValueError(
+            f"student_chunk_logprobs {tuple(s.shape)} and teacher_chunk_logprobs "
+            f"{tuple(t.shape)} must have the same shape"
+        )
+    if not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+    ):
         raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
     if divergence not in ("bce", "kl"):
         raise ValueError(f"divergence must be 'bce' or 'kl'; got {divergence!r}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
-                             or mask.shape != s.shape):
+    if mask is not None and (
+        not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != s.shape
+    ):
         raise ValueError(f"mask must be a bool tensor of shape {tuple(s.shape)}")
     work = torch.promote_types(s.dtype, torch.float32)
     log_q = s.to(work) / temperature

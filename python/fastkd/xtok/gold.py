@@ -47,8 +47,14 @@ def _first_positions(chunk_id: torch.Tensor, width: int) -> torch.Tensor:
     return torch.where(out == length, -1, out)
 
 
-def _continuation_logprob(logits: torch.Tensor, targets: torch.Tensor, chunk_id: torch.Tensor,
-                          first: torch.Tensor, temperature: float, width: int) -> torch.Tensor:
+def _continuation_logprob(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_id: torch.Tensor,
+    first: torch.Tensor,
+    temperature: float,
+    width: int,
+) -> torch.Tensor:
     """``[B, width]``: sum over each chunk's tokens after its first of log max(p_k(x_k), 1e-8)
     at temperature T."""
     work = logits.float() if logits.dtype != torch.float64 else logits
@@ -64,8 +70,14 @@ def _continuation_logprob(logits: torch.Tensor, targets: torch.Tensor, chunk_id:
     return out.scatter_add(1, ids.clamp(min=0), torch.where(keep, logp, 0.0))
 
 
-def merge_chunk_probs(logits: torch.Tensor, targets: torch.Tensor, chunk_id: torch.Tensor, *,
-                      num_chunks: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+def merge_chunk_probs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_id: torch.Tensor,
+    *,
+    num_chunks: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """GOLD's chain-rule ("observed") merge: one row per chunk.
 
     Args:
@@ -119,13 +131,15 @@ def _jsd_probs(q: torch.Tensor, p: torch.Tensor, beta: float) -> torch.Tensor:
         return kl(log_p, log_q)
     if beta == 1.0:
         return kl(log_q, log_p)
-    log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]),
-                            dim=0)
+    log_m = torch.logsumexp(
+        torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), dim=0
+    )
     return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
 
 
-def _rows_loss(s_rows, t_rows, s_scale, t_scale, temperature, teacher_temperature, split, beta,
-               weights):
+def _rows_loss(
+    s_rows, t_rows, s_scale, t_scale, temperature, teacher_temperature, split, beta, weights
+):
     q = torch.softmax(s_rows / temperature, dim=-1) * s_scale.exp().unsqueeze(-1)
     p = torch.softmax(t_rows / teacher_temperature, dim=-1) * t_scale.exp().unsqueeze(-1)
     if split is None:
@@ -133,19 +147,32 @@ def _rows_loss(s_rows, t_rows, s_scale, t_scale, temperature, teacher_temperatur
     s_matched, t_matched, s_rest, t_rest = split
     matched = _jsd_probs(q[:, s_matched], p[:, t_matched], beta)
     # As TRL: no sorted term unless both sides have unmatched tokens.
-    rest = (_sorted_l1(q[:, s_rest], p[:, t_rest]) if s_rest.numel() and t_rest.numel()
-            else q.new_zeros(q.shape[0]))
+    rest = (
+        _sorted_l1(q[:, s_rest], p[:, t_rest])
+        if s_rest.numel() and t_rest.numel()
+        else q.new_zeros(q.shape[0])
+    )
     return weights[0] * matched + weights[1] * rest
 
 
-def gold_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-              student_targets: torch.Tensor, teacher_targets: torch.Tensor,
-              student_chunk_id: torch.Tensor, teacher_chunk_id: torch.Tensor, *,
-              chunk_mask: torch.Tensor | None = None, temperature: float = 1.0,
-              teacher_temperature: float | None = None, vocab_map: VocabMap | None = None,
-              beta: float = 0.5, matched_weight: float | None = None,
-              unmatched_weight: float | None = None, block_rows: int = 64,
-              reduction: str = "mean") -> torch.Tensor:
+def gold_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_targets: torch.Tensor,
+    teacher_targets: torch.Tensor,
+    student_chunk_id: torch.Tensor,
+    teacher_chunk_id: torch.Tensor,
+    *,
+    chunk_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    vocab_map: VocabMap | None = None,
+    beta: float = 0.5,
+    matched_weight: float | None = None,
+    unmatched_weight: float | None = None,
+    block_rows: int = 64,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """GOLD's cross-tokenizer distillation loss on chunks: each side's distributions merged per
     chunk by the chain rule (``merge_chunk_probs``), then ULD's sorted L1 between the merged
     rows, or with ``vocab_map`` the hybrid: ``matched_weight`` x JSD_beta over the matched
@@ -175,19 +202,27 @@ def gold_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     for name, x in (("student_logits", s_logits), ("teacher_logits", t_logits)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3:
             raise TypeError(f"{name} must be a floating-point tensor [B, T, V]")
-    for name, ids, like in (("student_targets", student_targets, s_logits),
-                            ("teacher_targets", teacher_targets, t_logits),
-                            ("student_chunk_id", student_chunk_id, s_logits),
-                            ("teacher_chunk_id", teacher_chunk_id, t_logits)):
+    for name, ids, like in (
+        ("student_targets", student_targets, s_logits),
+        ("teacher_targets", teacher_targets, t_logits),
+        ("student_chunk_id", student_chunk_id, s_logits),
+        ("teacher_chunk_id", teacher_chunk_id, t_logits),
+    ):
         _check_int(name, ids, like.shape[:2])
-    for name, ids, vocab in (("student_targets", student_targets, s_logits.shape[-1]),
-                             ("teacher_targets", teacher_targets, t_logits.shape[-1])):
+    for name, ids, vocab in (
+        ("student_targets", student_targets, s_logits.shape[-1]),
+        ("teacher_targets", teacher_targets, t_logits.shape[-1]),
+    ):
         if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < -100):
-            raise ValueError(f"{name} must hold ids in [0, {vocab}); got values from "
-                             f"{int(ids.min())} to {int(ids.max())}")
+            raise ValueError(
+                f"{name} must hold ids in [0, {vocab}); got values from "
+                f"{int(ids.min())} to {int(ids.max())}"
+            )
     if s_logits.shape[0] != t_logits.shape[0]:
-        raise ValueError(f"student_logits {tuple(s_logits.shape)} and teacher_logits "
-                         f"{tuple(t_logits.shape)} must have the same batch size")
+        raise ValueError(
+            f"student_logits {tuple(s_logits.shape)} and teacher_logits "
+            f"{tuple(t_logits.shape)} must have the same batch size"
+        )
     t_temp = temperature if teacher_temperature is None else teacher_temperature
     for name, value in (("temperature", temperature), ("teacher_temperature", t_temp)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -203,10 +238,13 @@ def gold_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     t_first = _first_positions(teacher_chunk_id, width)
     counted = (s_first >= 0) & (t_first >= 0)
     if chunk_mask is not None:
-        if not isinstance(chunk_mask, torch.Tensor) or chunk_mask.dtype != torch.bool \
-                or chunk_mask.dim() != 2 or chunk_mask.shape[0] != counted.shape[0]:
-            raise ValueError(f"chunk_mask must be a bool tensor [B, C] with B = "
-                             f"{counted.shape[0]}")
+        if (
+            not isinstance(chunk_mask, torch.Tensor)
+            or chunk_mask.dtype != torch.bool
+            or chunk_mask.dim() != 2
+            or chunk_mask.shape[0] != counted.shape[0]
+        ):
+            raise ValueError(f"chunk_mask must be a bool tensor [B, C] with B = {counted.shape[0]}")
         mask = torch.zeros_like(counted)
         cols = min(width, chunk_mask.shape[1])
         mask[:, :cols] = chunk_mask[:, :cols].to(counted.device)
@@ -214,12 +252,15 @@ def gold_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     split, weights = None, (1.0, 1.0)
     if vocab_map is not None:
         vocab_map.check(s_logits.shape[-1], t_logits.shape[-1])
-        split, weights = _hybrid_split(vocab_map, s_logits, t_logits, matched_weight,
-                                       unmatched_weight)
-    s_cont = _continuation_logprob(s_logits, student_targets, student_chunk_id, s_first,
-                                   temperature, width)
-    t_cont = _continuation_logprob(t_logits, teacher_targets, teacher_chunk_id, t_first,
-                                   t_temp, width)
+        split, weights = _hybrid_split(
+            vocab_map, s_logits, t_logits, matched_weight, unmatched_weight
+        )
+    s_cont = _continuation_logprob(
+        s_logits, student_targets, student_chunk_id, s_first, temperature, width
+    )
+    t_cont = _continuation_logprob(
+        t_logits, teacher_targets, teacher_chunk_id, t_first, t_temp, width
+    )
     b_idx, c_idx = counted.nonzero(as_tuple=True)
     s_pos, t_pos = s_first[b_idx, c_idx], t_first[b_idx, c_idx]
     per_row = []
@@ -227,8 +268,17 @@ def gold_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         hi = min(lo + block_rows, b_idx.numel())
         s_rows = s_logits[b_idx[lo:hi], s_pos[lo:hi]].to(s_cont.dtype)
         t_rows = t_logits[b_idx[lo:hi], t_pos[lo:hi]].to(t_cont.dtype)
-        args = (s_rows, t_rows, s_cont[b_idx[lo:hi], c_idx[lo:hi]],
-                t_cont[b_idx[lo:hi], c_idx[lo:hi]], temperature, t_temp, split, beta, weights)
+        args = (
+            s_rows,
+            t_rows,
+            s_cont[b_idx[lo:hi], c_idx[lo:hi]],
+            t_cont[b_idx[lo:hi], c_idx[lo:hi]],
+            temperature,
+            t_temp,
+            split,
+            beta,
+            weights,
+        )
         if torch.is_grad_enabled() and s_rows.requires_grad:
             per_row.append(checkpoint(_rows_loss, *args, use_reentrant=False))
         else:

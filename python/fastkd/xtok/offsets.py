@@ -45,8 +45,12 @@ def char_to_byte_table(text: str) -> np.ndarray:
     """int64 ``[len(text) + 1]``: the byte offset of each character offset of ``text`` in its
     UTF-8 encoding (``table[len(text)]`` is the byte length)."""
     code_points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
-    lengths = (1 + (code_points >= 0x80).astype(np.int64) + (code_points >= 0x800)
-               + (code_points >= 0x10000))
+    lengths = (
+        1
+        + (code_points >= 0x80).astype(np.int64)
+        + (code_points >= 0x800)
+        + (code_points >= 0x10000)
+    )
     table = np.zeros(len(code_points) + 1, dtype=np.int64)
     np.cumsum(lengths, out=table[1:])
     return table
@@ -59,13 +63,14 @@ def _split_shared_spans(spans: np.ndarray, live: np.ndarray, own: np.ndarray) ->
     if n < 2:
         return spans
     same = np.zeros(n, dtype=bool)
-    same[1:] = live[1:] & live[:-1] & (spans[1:, 0] == spans[:-1, 0]) \
-        & (spans[1:, 1] == spans[:-1, 1])
+    same[1:] = (
+        live[1:] & live[:-1] & (spans[1:, 0] == spans[:-1, 0]) & (spans[1:, 1] == spans[:-1, 1])
+    )
     if not same.any():
         return spans
     head = np.maximum.accumulate(np.where(same, 0, np.arange(n)))  # first token of each run
     before = np.cumsum(own) - own
-    offset = before - before[head]                 # bytes of the run before this token
+    offset = before - before[head]  # bytes of the run before this token
     run_total = np.zeros(n, dtype=np.int64)
     np.add.at(run_total, head, own)
     in_run = same | np.isin(np.arange(n), head[same])
@@ -85,8 +90,14 @@ def _byte_lengths(tokenizer) -> tuple[np.ndarray, np.ndarray]:
     return lengths, space
 
 
-def byte_offsets(tokenizer, texts: list[str], *, add_special_tokens: bool = True,
-                 padding_side: str = "right", max_length: int | None = None) -> TokenSpans:
+def byte_offsets(
+    tokenizer,
+    texts: list[str],
+    *,
+    add_special_tokens: bool = True,
+    padding_side: str = "right",
+    max_length: int | None = None,
+) -> TokenSpans:
     """Tokenizes ``texts`` and returns each token's byte span in its text.
 
     Args:
@@ -109,12 +120,19 @@ def byte_offsets(tokenizer, texts: list[str], *, add_special_tokens: bool = True
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(f"byte_offsets needs a fast tokenizer (character offsets); "
-                        f"{type(tokenizer).__name__} has none. Use TokenAligner(..., "
-                        f"fallback='mined') to align by token strings instead")
+        raise TypeError(
+            f"byte_offsets needs a fast tokenizer (character offsets); "
+            f"{type(tokenizer).__name__} has none. Use TokenAligner(..., "
+            f"fallback='mined') to align by token strings instead"
+        )
     texts = list(texts)
-    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
-                    truncation=max_length is not None, max_length=max_length)
+    enc = tokenizer(
+        texts,
+        add_special_tokens=add_special_tokens,
+        return_offsets_mapping=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+    )
     rows = enc["input_ids"]
     width = max((len(r) for r in rows), default=0)
     batch = len(rows)
@@ -143,7 +161,15 @@ def byte_offsets(tokenizer, texts: list[str], *, add_special_tokens: bool = True
         text_space = (data[at] == 0x20) if len(data) else np.zeros(n, dtype=bool)
         own = own - (leading_space[known] & ~text_space)
         row_spans = _split_shared_spans(row_spans, live, own)
-        ids[b, cols], spans[b, cols], mask[b, cols], special[b, cols] = \
-            row_ids, row_spans, True, row_special
-    return TokenSpans(torch.from_numpy(ids), torch.from_numpy(spans), torch.from_numpy(mask),
-                      torch.from_numpy(special))
+        ids[b, cols], spans[b, cols], mask[b, cols], special[b, cols] = (
+            row_ids,
+            row_spans,
+            True,
+            row_special,
+        )
+    return TokenSpans(
+        torch.from_numpy(ids),
+        torch.from_numpy(spans),
+        torch.from_numpy(mask),
+        torch.from_numpy(special),
+    )

@@ -25,8 +25,11 @@ _SPACE_MARKER = "\u2581"  # ▁
 def _byte_level_decoder() -> dict[str, int]:
     """The byte-level BPE alphabet: printable characters standing for bytes 0..255 (the GPT-2
     table, also ``tokenizers.pre_tokenizers.ByteLevel.alphabet()``), inverted."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -49,8 +52,10 @@ _MAPS: dict[tuple[str, str], "VocabMap"] = {}
 def _backend_json(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise TypeError(f"a fast (tokenizers-backed) tokenizer is needed to read its vocabulary; "
-                        f"got {type(tokenizer).__name__}")
+        raise TypeError(
+            f"a fast (tokenizers-backed) tokenizer is needed to read its vocabulary; "
+            f"got {type(tokenizer).__name__}"
+        )
     return backend.to_str()
 
 
@@ -130,12 +135,16 @@ class VocabMap(NamedTuple):
 
     def check(self, student_vocab: int, teacher_vocab: int) -> None:
         """Raises ValueError unless every id lies within logits of the given widths."""
-        for name, ids, width in (("student", self.student_ids, student_vocab),
-                                 ("teacher", self.teacher_ids, teacher_vocab)):
+        for name, ids, width in (
+            ("student", self.student_ids, student_vocab),
+            ("teacher", self.teacher_ids, teacher_vocab),
+        ):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= width):
-                raise ValueError(f"the vocabulary map's {name} ids run from {int(ids.min())} to "
-                                 f"{int(ids.max())} but the {name} logits have {width} columns; "
-                                 f"build the map from the tokenizers of these models")
+                raise ValueError(
+                    f"the vocabulary map's {name} ids run from {int(ids.min())} to "
+                    f"{int(ids.max())} but the {name} logits have {width} columns; "
+                    f"build the map from the tokenizers of these models"
+                )
 
 
 def _keys(tokenizer) -> dict:

@@ -80,32 +80,36 @@ TEMP_NAME = re.compile(r"\.(?:shard-\d{6}\.fkd|manifest\.json)(?:\.[0-9a-f]{16})
 HASH_CHUNK = 1 << 24
 
 # What a cache can hold, each bound with what decides it.
-MAX_VOCAB_SIZE = 2**31        # ids are int32 in SparseTargets, so the largest is 2^31 - 1
-MAX_NUM_SAMPLES = 2**31 - 1   # the samplers take N (and k) as a 32-bit int
-MAX_SEED = 2**64              # the samplers' key is a uint64
-MAX_SLOTS = 2**32 - 1         # K, slots per token: the widest slot count is a uint32
+MAX_VOCAB_SIZE = 2**31  # ids are int32 in SparseTargets, so the largest is 2^31 - 1
+MAX_NUM_SAMPLES = 2**31 - 1  # the samplers take N (and k) as a 32-bit int
+MAX_SEED = 2**64  # the samplers' key is a uint64
+MAX_SLOTS = 2**32 - 1  # K, slots per token: the widest slot count is a uint32
 # A shard is written once it reaches shard_tokens (<= 2^31), so with sequences of < 2^31 tokens
 # it holds < 2^32, which a reader checks before opening it.
 MAX_SEQUENCE_TOKENS = 2**31 - 1
 MAX_SHARD_TOKENS = 2**31
 MAX_TOKENS_PER_SHARD = 2**32 - 1
-MAX_COUNT = 2**63 - 1         # any other count: it must fit a uint64 header and numpy int64
-MAX_SHARDS = 10**6            # shard names have six digits
-MAX_NAME_CHARS = 4096         # teacher_name, tokenizer_fingerprint: a model path or a digest
+MAX_COUNT = 2**63 - 1  # any other count: it must fit a uint64 header and numpy int64
+MAX_SHARDS = 10**6  # shard names have six digits
+MAX_NAME_CHARS = 4096  # teacher_name, tokenizer_fingerprint: a model path or a digest
 # 10^6 shard records of at most 330 bytes each (indented JSON, every count at its limit).
 MAX_MANIFEST_BYTES = 512 * 2**20
 
-LIMITS = {"vocab_size": (1, MAX_VOCAB_SIZE), "num_samples": (1, MAX_NUM_SAMPLES),
-          "seed": (0, MAX_SEED - 1), "shard_tokens": (1, MAX_SHARD_TOKENS)}
+LIMITS = {
+    "vocab_size": (1, MAX_VOCAB_SIZE),
+    "num_samples": (1, MAX_NUM_SAMPLES),
+    "seed": (0, MAX_SEED - 1),
+    "shard_tokens": (1, MAX_SHARD_TOKENS),
+}
 
 # Fields that must agree between a cache and every SparseTargets written to it.
 TARGET_FIELDS = ("vocab_size", "num_samples", "method", "temperature", "seed", "tail")
 # Fields that identify a cache: resuming with any of them different is refused.
 IDENTITY_FIELDS = TARGET_FIELDS + ("teacher_name", "tokenizer_fingerprint")
-MANIFEST_KEYS = frozenset(("format", "version", "logprobs", "encoding", "shards")
-                          + IDENTITY_FIELDS)
-RECORD_KEYS = frozenset(("file", "first_sequence", "sequences", "tokens", "entries",
-                         "slot_bytes", "bytes", "sha256"))
+MANIFEST_KEYS = frozenset(("format", "version", "logprobs", "encoding", "shards") + IDENTITY_FIELDS)
+RECORD_KEYS = frozenset(
+    ("file", "first_sequence", "sequences", "tokens", "entries", "slot_bytes", "bytes", "sha256")
+)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -116,8 +120,7 @@ class CacheCorruptError(ValueError):
 
 def check_int(name: str, value, lo: int, hi: int) -> int:
     """``value`` as an int if it is an integer (not a bool) in ``[lo, hi]``, else ValueError."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-            or not lo <= value <= hi):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an int in [{lo}, {hi}]; got {value!r}")
     return int(value)
 
@@ -168,8 +171,10 @@ def validate_metadata(meta: dict) -> None:
         raise ValueError(f"random caches have tail None; got {meta['tail']!r}")
     for key in ("teacher_name", "tokenizer_fingerprint"):
         if not isinstance(meta[key], str) or len(meta[key]) > MAX_NAME_CHARS:
-            raise ValueError(f"{key} must be a str of at most {MAX_NAME_CHARS} characters; got "
-                             f"{type(meta[key]).__name__} {meta[key]!r:.80}")
+            raise ValueError(
+                f"{key} must be a str of at most {MAX_NAME_CHARS} characters; got "
+                f"{type(meta[key]).__name__} {meta[key]!r:.80}"
+            )
 
 
 def pack_words(values: np.ndarray, nbytes: int) -> np.ndarray:
@@ -184,11 +189,22 @@ def unpack_words(raw: np.ndarray, nbytes: int) -> np.ndarray:
     return wide.view("<u8").reshape(-1)
 
 
-def layout(enc: Encoding, slot_bytes: int, sequences: int, tokens: int, entries: int,
-           logprobs: bool, tail_mass: bool) -> tuple[dict[str, tuple[int, int]], int]:
+def layout(
+    enc: Encoding,
+    slot_bytes: int,
+    sequences: int,
+    tokens: int,
+    entries: int,
+    logprobs: bool,
+    tail_mass: bool,
+) -> tuple[dict[str, tuple[int, int]], int]:
     """Section name -> (byte offset, byte size) of a shard, and the shard's total size."""
-    sizes = [("seq_tokens", 8 * (sequences + 1)), ("seq_entries", 8 * (sequences + 1)),
-             ("slots", slot_bytes * tokens), ("entries", enc.word_bytes * entries)]
+    sizes = [
+        ("seq_tokens", 8 * (sequences + 1)),
+        ("seq_entries", 8 * (sequences + 1)),
+        ("slots", slot_bytes * tokens),
+        ("entries", enc.word_bytes * entries),
+    ]
     if enc.kind == "float":
         sizes.append(("weights", 4 * entries))
     if logprobs:
@@ -222,9 +238,11 @@ def encode_sequence(targets: SparseTargets, meta: dict, enc: Encoding) -> dict[s
         exact = valid & (counts.astype(np.float32) / np.float32(n) == weights)
         if not exact.all():
             bad = weights[~exact][0]
-            raise ValueError(f"weight {bad!r} is not count / N for an integer count in "
-                             f"[1, {n}] (N = num_samples); random targets at temperature 1 "
-                             f"are stored as counts")
+            raise ValueError(
+                f"weight {bad!r} is not count / N for an integer count in "
+                f"[1, {n}] (N = num_samples); random targets at temperature 1 "
+                f"are stored as counts"
+            )
         words = (kept_ids << np.uint64(enc.count_bits)) | (counts - np.uint64(1))
         out["entries"] = pack_words(words, enc.word_bytes)
     else:
@@ -241,8 +259,9 @@ def _bytes_view(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
-def pack_shard(pending: list[dict[str, np.ndarray]], enc: Encoding, logprobs: bool,
-               tail_mass: bool) -> tuple[list[np.ndarray], dict]:
+def pack_shard(
+    pending: list[dict[str, np.ndarray]], enc: Encoding, logprobs: bool, tail_mass: bool
+) -> tuple[list[np.ndarray], dict]:
     """The bytes of a shard holding the encoded sequences ``pending`` (as chunks to write in
     order) and its counts: sequences, tokens, entries and slot_bytes."""
     slots = np.concatenate([p["slots"] for p in pending])
@@ -252,8 +271,11 @@ def pack_shard(pending: list[dict[str, np.ndarray]], enc: Encoding, logprobs: bo
     max_slots = int(slots.max(initial=0))
     slot_bytes = 1 if max_slots <= 0xFF else 2 if max_slots <= 0xFFFF else 4
     sections, _ = layout(enc, slot_bytes, s, t, e, logprobs, tail_mass)
-    data = {"seq_tokens": seq_tokens, "seq_entries": seq_entries,
-            "slots": slots.astype(f"<u{slot_bytes}")}
+    data = {
+        "seq_tokens": seq_tokens,
+        "seq_entries": seq_entries,
+        "slots": slots.astype(f"<u{slot_bytes}"),
+    }
     for key in sections.keys() - data.keys():
         data[key] = np.concatenate([p[key] for p in pending])
     chunks = [np.frombuffer(HEADER.pack(MAGIC, SHARD_VERSION, slot_bytes, s, t, e), np.uint8)]
@@ -267,8 +289,9 @@ def pack_shard(pending: list[dict[str, np.ndarray]], enc: Encoding, logprobs: bo
 
 
 def canonical_json(value) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode()
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
 
 
 def manifest_checksum(manifest: dict) -> str:
@@ -313,8 +336,10 @@ def read_manifest(path: str) -> tuple[dict, Encoding, int]:
         # read(n) allocates n bytes up front, so n is the file's size, once it is within the cap.
         raw = f.read(size + 1) if size <= MAX_MANIFEST_BYTES else b""
     if not 0 < len(raw) <= MAX_MANIFEST_BYTES:
-        raise CacheCorruptError(f"{file} has {size} bytes; a manifest has 1 to "
-                                f"{MAX_MANIFEST_BYTES} (that of {MAX_SHARDS} shards)")
+        raise CacheCorruptError(
+            f"{file} has {size} bytes; a manifest has 1 to "
+            f"{MAX_MANIFEST_BYTES} (that of {MAX_SHARDS} shards)"
+        )
     try:
         manifest = json.loads(raw, object_pairs_hook=_unique_keys)
         enc = _validate_manifest(manifest)
@@ -345,19 +370,25 @@ def _validate_manifest(manifest) -> Encoding:
         raise CacheCorruptError(f"not a {FORMAT} manifest")
     version = manifest.get("version")
     if type(version) is not int or version not in READABLE_VERSIONS:
-        raise CacheCorruptError(f"format version {version!r}; this fastkd reads versions "
-                                f"{READABLE_VERSIONS} (was it written by a newer fastkd?)")
+        raise CacheCorruptError(
+            f"format version {version!r}; this fastkd reads versions "
+            f"{READABLE_VERSIONS} (was it written by a newer fastkd?)"
+        )
     keys = MANIFEST_KEYS | {CHECKSUM_KEY} if version >= 2 else MANIFEST_KEYS
     if manifest.keys() != keys:
-        raise CacheCorruptError(f"keys {sorted(keys - manifest.keys())} are missing and "
-                                f"{sorted(manifest.keys() - keys)} unexpected")
+        raise CacheCorruptError(
+            f"keys {sorted(keys - manifest.keys())} are missing and "
+            f"{sorted(manifest.keys() - keys)} unexpected"
+        )
     if version >= 2 and manifest[CHECKSUM_KEY] != manifest_checksum(manifest):
         raise CacheCorruptError("fails its manifest_sha256 checksum (edited or corrupt)")
     validate_metadata(manifest)
     enc = Encoding.for_metadata(manifest)
     if canonical_json(manifest["encoding"]) != canonical_json(enc.to_json()):
-        raise CacheCorruptError(f"encoding {manifest['encoding']} does not follow from its "
-                                f"metadata (expected {enc.to_json()})")
+        raise CacheCorruptError(
+            f"encoding {manifest['encoding']} does not follow from its "
+            f"metadata (expected {enc.to_json()})"
+        )
     logprobs, shards = manifest["logprobs"], manifest["shards"]
     if logprobs is not None and not isinstance(logprobs, bool):
         raise CacheCorruptError(f"logprobs must be true, false or null; got {logprobs!r}")
@@ -372,34 +403,57 @@ def _validate_manifest(manifest) -> Encoding:
     return enc
 
 
-def _validate_record(record, index: int, first: int, enc: Encoding, logprobs: bool,
-                     tail_mass: bool) -> None:
+def _validate_record(
+    record, index: int, first: int, enc: Encoding, logprobs: bool, tail_mass: bool
+) -> None:
     if not isinstance(record, dict) or record.keys() != RECORD_KEYS:
-        raise CacheCorruptError(f"shard record {index} is not an object with keys "
-                                f"{sorted(RECORD_KEYS)}: {record!r:.200}")
+        raise CacheCorruptError(
+            f"shard record {index} is not an object with keys "
+            f"{sorted(RECORD_KEYS)}: {record!r:.200}"
+        )
     # Shard i is named for i, so the names are distinct and every shard is listed once, in order.
     if record["file"] != shard_name(index):
-        raise CacheCorruptError(f"shard record {index} names {record['file']!r}; shard {index} "
-                                f"is {shard_name(index)} (each shard is listed once, in order)")
-    bounds = {"first_sequence": (0, MAX_COUNT), "sequences": (1, MAX_COUNT),
-              "tokens": (0, MAX_TOKENS_PER_SHARD), "entries": (0, MAX_COUNT),
-              "bytes": (0, MAX_COUNT)}
+        raise CacheCorruptError(
+            f"shard record {index} names {record['file']!r}; shard {index} "
+            f"is {shard_name(index)} (each shard is listed once, in order)"
+        )
+    bounds = {
+        "first_sequence": (0, MAX_COUNT),
+        "sequences": (1, MAX_COUNT),
+        "tokens": (0, MAX_TOKENS_PER_SHARD),
+        "entries": (0, MAX_COUNT),
+        "bytes": (0, MAX_COUNT),
+    }
     for key, (lo, hi) in bounds.items():
         check_int(f"{record['file']}: {key}", record[key], lo, hi)
     if record["first_sequence"] != first:
-        raise CacheCorruptError(f"{record['file']} starts at sequence {record['first_sequence']}"
-                                f"; the shards before it hold {first}")
+        raise CacheCorruptError(
+            f"{record['file']} starts at sequence {record['first_sequence']}"
+            f"; the shards before it hold {first}"
+        )
     if type(record["slot_bytes"]) is not int or record["slot_bytes"] not in (1, 2, 4):
-        raise CacheCorruptError(f"{record['file']}: slot_bytes must be 1, 2 or 4; got "
-                                f"{record['slot_bytes']!r}")
+        raise CacheCorruptError(
+            f"{record['file']}: slot_bytes must be 1, 2 or 4; got {record['slot_bytes']!r}"
+        )
     if record["entries"] > record["tokens"] * (256 ** record["slot_bytes"] - 1):
-        raise CacheCorruptError(f"{record['file']}: {record['entries']} entries are more than "
-                                f"{record['tokens']} slot counts of {record['slot_bytes']} "
-                                f"bytes can hold")
+        raise CacheCorruptError(
+            f"{record['file']}: {record['entries']} entries are more than "
+            f"{record['tokens']} slot counts of {record['slot_bytes']} "
+            f"bytes can hold"
+        )
     if not isinstance(record["sha256"], str) or not _SHA256.fullmatch(record["sha256"]):
         raise CacheCorruptError(f"{record['file']}: sha256 must be 64 hex digits")
-    _, size = layout(enc, record["slot_bytes"], record["sequences"], record["tokens"],
-                     record["entries"], logprobs, tail_mass)
+    _, size = layout(
+        enc,
+        record["slot_bytes"],
+        record["sequences"],
+        record["tokens"],
+        record["entries"],
+        logprobs,
+        tail_mass,
+    )
     if record["bytes"] != size:
-        raise CacheCorruptError(f"{record['file']}: the manifest records {record['bytes']} "
-                                f"bytes; its counts imply {size}")
+        raise CacheCorruptError(
+            f"{record['file']}: the manifest records {record['bytes']} "
+            f"bytes; its counts imply {size}"
+        )

@@ -13,9 +13,19 @@ import numpy as np
 import torch
 
 from ..targets import SparseTargets
-from .format import (HASH_CHUNK, HEADER, IDENTITY_FIELDS, MAGIC, SHARD_VERSION,
-                     CacheCorruptError, Encoding, layout, open_regular, read_manifest,
-                     unpack_words)
+from .format import (
+    HASH_CHUNK,
+    HEADER,
+    IDENTITY_FIELDS,
+    MAGIC,
+    SHARD_VERSION,
+    CacheCorruptError,
+    Encoding,
+    layout,
+    open_regular,
+    read_manifest,
+    unpack_words,
+)
 
 if TYPE_CHECKING:
     from .writer import TeacherCacheWriter
@@ -29,17 +39,23 @@ def as_index(value, what: str = "a sequence index") -> int:
     """``value`` as an int if it is an integer: an int, a numpy integer, or a 0-d integer
     array or tensor. TypeError naming its type otherwise (bool and float included)."""
     if isinstance(value, torch.Tensor):
-        ok = (value.dim() == 0 and not value.dtype.is_floating_point
-              and not value.dtype.is_complex and value.dtype != torch.bool)
+        ok = (
+            value.dim() == 0
+            and not value.dtype.is_floating_point
+            and not value.dtype.is_complex
+            and value.dtype != torch.bool
+        )
     elif isinstance(value, np.ndarray):
         ok = value.ndim == 0 and value.dtype.kind in "iu"
     else:
         ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not ok:
         dtype = getattr(value, "dtype", None)
-        raise TypeError(f"{what} must be an integer (int, numpy integer, 0-d integer tensor); "
-                        f"got {type(value).__name__}{f' of {dtype}' if dtype else ''} "
-                        f"{value!r:.80}")
+        raise TypeError(
+            f"{what} must be an integer (int, numpy integer, 0-d integer tensor); "
+            f"got {type(value).__name__}{f' of {dtype}' if dtype else ''} "
+            f"{value!r:.80}"
+        )
     return int(value)
 
 
@@ -47,14 +63,22 @@ class _Shard:
     """One shard file: checked against its manifest record on open, mapped and (with verify)
     checksummed on first access."""
 
-    def __init__(self, directory: str, record: dict, enc: Encoding, logprobs: bool,
-                 tail_mass: bool):
+    def __init__(
+        self, directory: str, record: dict, enc: Encoding, logprobs: bool, tail_mass: bool
+    ):
         self.path = os.path.join(directory, record["file"])
         self.record = record
         self.enc = enc
         # The manifest's checks already tied record["bytes"] to this size.
-        self.sections, size = layout(enc, record["slot_bytes"], record["sequences"],
-                                     record["tokens"], record["entries"], logprobs, tail_mass)
+        self.sections, size = layout(
+            enc,
+            record["slot_bytes"],
+            record["sequences"],
+            record["tokens"],
+            record["entries"],
+            logprobs,
+            tail_mass,
+        )
         try:
             f = open_regular(self.path)
         except FileNotFoundError:
@@ -62,14 +86,23 @@ class _Shard:
         with f:
             actual = os.fstat(f.fileno()).st_size
             if actual != size:
-                raise CacheCorruptError(f"shard {self.path} has {actual} bytes; its manifest "
-                                        f"record says {size} (truncated or overwritten?)")
+                raise CacheCorruptError(
+                    f"shard {self.path} has {actual} bytes; its manifest "
+                    f"record says {size} (truncated or overwritten?)"
+                )
             header = HEADER.unpack(f.read(HEADER.size))
-        expected = (MAGIC, SHARD_VERSION, record["slot_bytes"], record["sequences"],
-                    record["tokens"], record["entries"])
+        expected = (
+            MAGIC,
+            SHARD_VERSION,
+            record["slot_bytes"],
+            record["sequences"],
+            record["tokens"],
+            record["entries"],
+        )
         if header != expected:
-            raise CacheCorruptError(f"shard {self.path}: header {header} does not match its "
-                                    f"manifest record {expected}")
+            raise CacheCorruptError(
+                f"shard {self.path}: header {header} does not match its manifest record {expected}"
+            )
         self.arrays: dict[str, np.ndarray] | None = None
 
     def load(self, verify: bool) -> dict[str, np.ndarray]:
@@ -78,11 +111,19 @@ class _Shard:
                 self.verify_checksum()
             raw = np.memmap(self.path, np.uint8, "r")
             slot_dtype = {1: "<u1", 2: "<u2", 4: "<u4"}[self.record["slot_bytes"]]
-            dtypes = {"seq_tokens": "<u8", "seq_entries": "<u8", "slots": slot_dtype,
-                      "entries": np.uint8, "weights": "<f4", "logprobs": "<f4",
-                      "tail_mass": "<f4"}
-            arrays = {name: raw[off:off + size].view(dtypes[name])
-                      for name, (off, size) in self.sections.items()}
+            dtypes = {
+                "seq_tokens": "<u8",
+                "seq_entries": "<u8",
+                "slots": slot_dtype,
+                "entries": np.uint8,
+                "weights": "<f4",
+                "logprobs": "<f4",
+                "tail_mass": "<f4",
+            }
+            arrays = {
+                name: raw[off : off + size].view(dtypes[name])
+                for name, (off, size) in self.sections.items()
+            }
             self._check_offsets(arrays)
             self.arrays = arrays
         return self.arrays
@@ -101,8 +142,12 @@ class _Shard:
         # start where the slot counts before it add up to.
         tokens, entries, slots = arrays["seq_tokens"], arrays["seq_entries"], arrays["slots"]
         n_tokens = self.record["tokens"]
-        ok = (tokens[0] == 0 and tokens[-1] == n_tokens and not np.any(tokens[1:] < tokens[:-1])
-              and entries[-1] == self.record["entries"])
+        ok = (
+            tokens[0] == 0
+            and tokens[-1] == n_tokens
+            and not np.any(tokens[1:] < tokens[:-1])
+            and entries[-1] == self.record["entries"]
+        )
         if ok:
             starts = np.zeros(tokens.size, np.uint64)  # 8 bytes a sequence: a 16th of the file
             lo, total = int(np.searchsorted(tokens, 0, side="right")), np.uint64(0)
@@ -129,27 +174,39 @@ class TeacherCache:
         num_tokens: tokens over all sequences.
     """
 
-    def __init__(self, path: str, manifest: dict, enc: Encoding, manifest_bytes: int,
-                 verify: bool):
+    def __init__(self, path: str, manifest: dict, enc: Encoding, manifest_bytes: int, verify: bool):
         self.path = path
         self._manifest = manifest
         self._manifest_bytes = manifest_bytes
         self._verify = verify
         self._enc = enc
         records = manifest["shards"]
-        self._shards = [_Shard(path, r, enc, bool(manifest["logprobs"]),
-                               manifest["tail"] == "bucket") for r in records]
+        self._shards = [
+            _Shard(path, r, enc, bool(manifest["logprobs"]), manifest["tail"] == "bucket")
+            for r in records
+        ]
         self._first = np.array([r["first_sequence"] for r in records], np.int64)
         self._len = sum(r["sequences"] for r in records)
         self.num_tokens = sum(r["tokens"] for r in records)
         self.metadata = {k: manifest[k] for k in IDENTITY_FIELDS + ("logprobs",)}
 
     @classmethod
-    def create(cls, path: str | os.PathLike, *, vocab_size: int, num_samples: int,
-               method: str = "random", temperature: float = 1.0, seed: int = 0,
-               tail: str | None = None, teacher_name: str = "",
-               tokenizer_fingerprint: str = "", logprobs: bool | None = None,
-               shard_tokens: int = 1 << 20, resume: bool = False) -> "TeacherCacheWriter":
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        vocab_size: int,
+        num_samples: int,
+        method: str = "random",
+        temperature: float = 1.0,
+        seed: int = 0,
+        tail: str | None = None,
+        teacher_name: str = "",
+        tokenizer_fingerprint: str = "",
+        logprobs: bool | None = None,
+        shard_tokens: int = 1 << 20,
+        resume: bool = False,
+    ) -> "TeacherCacheWriter":
         """Start (or with ``resume``, continue) writing the cache directory ``path``.
 
         The writer holds an exclusive lock on the directory until it is closed: a second writer,
@@ -184,14 +241,30 @@ class TeacherCache:
             raise ValueError(f"temperature must be a finite float > 0; got {temperature!r}")
         return TeacherCacheWriter(
             os.fspath(path),
-            {"vocab_size": vocab_size, "num_samples": num_samples, "method": method,
-             "temperature": float(temperature), "seed": seed, "tail": tail,
-             "teacher_name": teacher_name, "tokenizer_fingerprint": tokenizer_fingerprint},
-            logprobs=logprobs, shard_tokens=shard_tokens, resume=resume)
+            {
+                "vocab_size": vocab_size,
+                "num_samples": num_samples,
+                "method": method,
+                "temperature": float(temperature),
+                "seed": seed,
+                "tail": tail,
+                "teacher_name": teacher_name,
+                "tokenizer_fingerprint": tokenizer_fingerprint,
+            },
+            logprobs=logprobs,
+            shard_tokens=shard_tokens,
+            resume=resume,
+        )
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, vocab_size: int | None = None,
-             tokenizer_fingerprint: str | None = None, verify: bool = True) -> "TeacherCache":
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        vocab_size: int | None = None,
+        tokenizer_fingerprint: str | None = None,
+        verify: bool = True,
+    ) -> "TeacherCache":
         """Open the cache directory ``path`` for reading.
 
         The manifest (with its checksum), every shard's presence, size and header are checked
@@ -209,11 +282,15 @@ class TeacherCache:
         """
         path = os.fspath(path)
         manifest, enc, manifest_bytes = read_manifest(path)
-        for key, wanted in (("vocab_size", vocab_size),
-                            ("tokenizer_fingerprint", tokenizer_fingerprint)):
+        for key, wanted in (
+            ("vocab_size", vocab_size),
+            ("tokenizer_fingerprint", tokenizer_fingerprint),
+        ):
             if wanted is not None and wanted != manifest[key]:
-                raise ValueError(f"{key} mismatch: the cache at {path} was written with "
-                                 f"{key}={manifest[key]!r}, the caller expects {wanted!r}")
+                raise ValueError(
+                    f"{key} mismatch: the cache at {path} was written with "
+                    f"{key}={manifest[key]!r}, the caller expects {wanted!r}"
+                )
         return cls(path, manifest, enc, manifest_bytes, verify)
 
     def __len__(self) -> int:
@@ -256,7 +333,8 @@ class TeacherCache:
         # goes to row (sequence * T_max + position of t) and column (e - first entry of t).
         seq_of_token = np.repeat(np.arange(b, dtype=np.int64), lengths)
         pos_of_token = np.arange(slots.size, dtype=np.int64) - np.repeat(
-            np.cumsum(lengths) - lengths, lengths)
+            np.cumsum(lengths) - lengths, lengths
+        )
         row_of_token = seq_of_token * t_max + pos_of_token
         first_entry = np.cumsum(slots) - slots
         rows = np.repeat(row_of_token, slots)
@@ -271,15 +349,22 @@ class TeacherCache:
         tail_mass = None
         if meta["tail"] == "bucket":
             flat = np.zeros(b * t_max, np.float32)
-            flat[row_of_token] = np.concatenate([p["tail_mass"] for p in pieces]
-                                                + [np.zeros(0, np.float32)])
+            flat[row_of_token] = np.concatenate(
+                [p["tail_mass"] for p in pieces] + [np.zeros(0, np.float32)]
+            )
             tail_mass = torch.from_numpy(flat).reshape(b, t_max)
         targets = SparseTargets(
-            ids=dense("ids", -1, np.int32), weights=dense("weights", 0, np.float32),
+            ids=dense("ids", -1, np.int32),
+            weights=dense("weights", 0, np.float32),
             logprobs=dense("logprobs", 0, np.float32) if meta["logprobs"] else None,
-            tail_mass=tail_mass, vocab_size=meta["vocab_size"],
-            num_samples=meta["num_samples"], temperature=meta["temperature"], seed=meta["seed"],
-            method=meta["method"], tail=meta["tail"])
+            tail_mass=tail_mass,
+            vocab_size=meta["vocab_size"],
+            num_samples=meta["num_samples"],
+            temperature=meta["temperature"],
+            seed=meta["seed"],
+            method=meta["method"],
+            tail=meta["tail"],
+        )
         return targets, torch.from_numpy(lengths)
 
     def _resolve(self, index) -> tuple[_Shard, int]:
@@ -295,11 +380,12 @@ class TeacherCache:
         weights [E] float32, and logprobs [E] / tail_mass [T] float32 when kept."""
         shard, local = where
         arrays = shard.load(self._verify)
-        t0, t1 = (int(x) for x in arrays["seq_tokens"][local:local + 2])
-        e0, e1 = (int(x) for x in arrays["seq_entries"][local:local + 2])
+        t0, t1 = (int(x) for x in arrays["seq_tokens"][local : local + 2])
+        e0, e1 = (int(x) for x in arrays["seq_entries"][local : local + 2])
         enc, meta = self._enc, self._manifest
-        words = unpack_words(arrays["entries"][e0 * enc.word_bytes:e1 * enc.word_bytes],
-                             enc.word_bytes)
+        words = unpack_words(
+            arrays["entries"][e0 * enc.word_bytes : e1 * enc.word_bytes], enc.word_bytes
+        )
         if enc.kind == "count":
             ids = words >> np.uint64(enc.count_bits)
             counts = (words & np.uint64((1 << enc.count_bits) - 1)) + np.uint64(1)
@@ -312,8 +398,11 @@ class TeacherCache:
             weights = np.array(arrays["weights"][e0:e1])
         if ids.size and ids.max() >= meta["vocab_size"]:
             raise CacheCorruptError(f"shard {shard.path}: an id is >= vocab_size (corrupt)")
-        out = {"slots": arrays["slots"][t0:t1].astype(np.int64), "ids": ids.astype(np.int32),
-               "weights": weights}
+        out = {
+            "slots": arrays["slots"][t0:t1].astype(np.int64),
+            "ids": ids.astype(np.int32),
+            "weights": weights,
+        }
         if meta["logprobs"]:
             out["logprobs"] = np.array(arrays["logprobs"][e0:e1])
         if meta["tail"] == "bucket":

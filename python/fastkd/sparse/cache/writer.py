@@ -22,10 +22,27 @@ import numpy as np
 
 from ..._fsync import fsync_dir
 from ..targets import SparseTargets
-from .format import (FORMAT, FORMAT_VERSION, IDENTITY_FIELDS, LIMITS, LOCK, MANIFEST,
-                     MAX_SEQUENCE_TOKENS, MAX_SHARDS, MAX_SLOTS, SHARD_NAME, TARGET_FIELDS,
-                     TEMP_NAME, Encoding, check_int, encode_manifest, encode_sequence,
-                     pack_shard, shard_name, validate_metadata)
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    IDENTITY_FIELDS,
+    LIMITS,
+    LOCK,
+    MANIFEST,
+    MAX_SEQUENCE_TOKENS,
+    MAX_SHARDS,
+    MAX_SLOTS,
+    SHARD_NAME,
+    TARGET_FIELDS,
+    TEMP_NAME,
+    Encoding,
+    check_int,
+    encode_manifest,
+    encode_sequence,
+    pack_shard,
+    shard_name,
+    validate_metadata,
+)
 from .reader import TeacherCache, as_index
 
 
@@ -55,9 +72,11 @@ def _lock(path: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CacheLockedError(f"the teacher cache at {path} is being written by another "
-                               f"TeacherCacheWriter ({lock} is locked, by this process or "
-                               f"another); close that writer first") from None
+        raise CacheLockedError(
+            f"the teacher cache at {path} is being written by another "
+            f"TeacherCacheWriter ({lock} is locked, by this process or "
+            f"another); close that writer first"
+        ) from None
     except BaseException:
         os.close(fd)
         raise
@@ -77,8 +96,7 @@ def _write_temp(directory: str, name: str, chunks) -> tuple[str, int, str]:
     file is removed. O_EXCL | O_NOFOLLOW: an existing file or symlink at the name is an error,
     never a target."""
     tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o666)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         digest, size = hashlib.sha256(), 0
         try:
@@ -87,7 +105,7 @@ def _write_temp(directory: str, name: str, chunks) -> tuple[str, int, str]:
                 digest.update(view)
                 size += view.nbytes
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -128,8 +146,9 @@ class TeacherCacheWriter:
         broken: None, or why the writer refuses further writes.
     """
 
-    def __init__(self, path: str, meta: dict, *, logprobs: bool | None, shard_tokens: int,
-                 resume: bool):
+    def __init__(
+        self, path: str, meta: dict, *, logprobs: bool | None, shard_tokens: int, resume: bool
+    ):
         validate_metadata(meta)
         meta = {**meta, **{k: int(meta[k]) for k in LIMITS if k in meta}}
         if logprobs is not None and not isinstance(logprobs, bool):
@@ -167,29 +186,43 @@ class TeacherCacheWriter:
         names = os.listdir(self.path)
         if MANIFEST in names:
             if not resume:
-                raise FileExistsError(f"{self.path} already holds a teacher cache; pass "
-                                      f"resume=True to continue it")
+                raise FileExistsError(
+                    f"{self.path} already holds a teacher cache; pass resume=True to continue it"
+                )
             manifest = TeacherCache.open(self.path, verify=False)._manifest
-            diffs = [f"{k}: cache has {manifest[k]!r}, create() got {meta[k]!r}"
-                     for k in IDENTITY_FIELDS if manifest[k] != meta[k]]
+            diffs = [
+                f"{k}: cache has {manifest[k]!r}, create() got {meta[k]!r}"
+                for k in IDENTITY_FIELDS
+                if manifest[k] != meta[k]
+            ]
             wanted = self._logprobs_arg
             if wanted is not None and manifest["logprobs"] not in (None, wanted):
-                diffs.append(f"logprobs: cache has {manifest['logprobs']!r}, create() got "
-                             f"{wanted!r}")
+                diffs.append(
+                    f"logprobs: cache has {manifest['logprobs']!r}, create() got {wanted!r}"
+                )
             if diffs:
-                raise ValueError(f"cannot resume {self.path} with different metadata: "
-                                 + "; ".join(diffs))
+                raise ValueError(
+                    f"cannot resume {self.path} with different metadata: " + "; ".join(diffs)
+                )
             # Left by a killed writer: a temporary file, or a shard renamed into place before
             # the manifest that would list it.
             listed = {r["file"] for r in manifest["shards"]}
-            leftovers = [n for n in names if TEMP_NAME.fullmatch(n)
-                         or SHARD_NAME.fullmatch(n) and n not in listed]
+            leftovers = [
+                n
+                for n in names
+                if TEMP_NAME.fullmatch(n) or SHARD_NAME.fullmatch(n) and n not in listed
+            ]
         else:
             if not _may_hold_cache(names):
                 raise FileExistsError(f"{self.path} is neither empty nor a teacher cache")
-            manifest = {"format": FORMAT, "version": FORMAT_VERSION, **meta,
-                        "logprobs": self._logprobs_arg, "encoding": self._enc.to_json(),
-                        "shards": []}
+            manifest = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                **meta,
+                "logprobs": self._logprobs_arg,
+                "encoding": self._enc.to_json(),
+                "shards": [],
+            }
             leftovers = [n for n in names if TEMP_NAME.fullmatch(n)]
         for name in leftovers:
             os.remove(os.path.join(self.path, name))
@@ -219,12 +252,16 @@ class TeacherCacheWriter:
         if not isinstance(targets, SparseTargets):
             raise TypeError(f"append takes SparseTargets; got {type(targets).__name__}")
         if targets.ids.dim() != 2:
-            raise ValueError(f"append takes one sequence [T, K]; got ids "
-                             f"{tuple(targets.ids.shape)} (use extend for [B, T, K])")
+            raise ValueError(
+                f"append takes one sequence [T, K]; got ids "
+                f"{tuple(targets.ids.shape)} (use extend for [B, T, K])"
+            )
         t, k = targets.ids.shape
         if t > MAX_SEQUENCE_TOKENS or k > MAX_SLOTS:
-            raise ValueError(f"a sequence holds at most {MAX_SEQUENCE_TOKENS} tokens of at most "
-                             f"{MAX_SLOTS} slots; got targets [T={t}, K={k}]")
+            raise ValueError(
+                f"a sequence holds at most {MAX_SEQUENCE_TOKENS} tokens of at most "
+                f"{MAX_SLOTS} slots; got targets [T={t}, K={k}]"
+            )
         self._check_metadata(targets)
         pending = self._buffer + [encode_sequence(targets, self._manifest, self._enc)]
         if sum(p["slots"].size for p in pending) >= self._shard_tokens:
@@ -239,8 +276,7 @@ class TeacherCacheWriter:
         if not isinstance(targets, SparseTargets):
             raise TypeError(f"extend takes SparseTargets; got {type(targets).__name__}")
         if targets.ids.dim() != 3:
-            raise ValueError(f"extend takes a batch [B, T, K]; got ids "
-                             f"{tuple(targets.ids.shape)}")
+            raise ValueError(f"extend takes a batch [B, T, K]; got ids {tuple(targets.ids.shape)}")
         b, t = targets.ids.shape[:2]
         lengths = [t] * b if lengths is None else [as_index(n, "a length") for n in lengths]
         if len(lengths) != b or any(not 0 <= n <= t for n in lengths):
@@ -305,9 +341,11 @@ class TeacherCacheWriter:
 
     def _check_not_broken(self) -> None:
         if self.broken is not None:
-            raise RuntimeError(f"the TeacherCacheWriter of {self.path} refuses writes: "
-                               f"{self.broken}. The cache holds its committed shards; continue "
-                               f"it with TeacherCache.create(..., resume=True)")
+            raise RuntimeError(
+                f"the TeacherCacheWriter of {self.path} refuses writes: "
+                f"{self.broken}. The cache holds its committed shards; continue "
+                f"it with TeacherCache.create(..., resume=True)"
+            )
 
     def _kept_logprobs(self) -> bool | None:
         if self._buffer:
@@ -317,12 +355,17 @@ class TeacherCacheWriter:
 
     def _check_metadata(self, targets: SparseTargets) -> None:
         meta = self._manifest
-        diffs = [f"{k}: cache has {meta[k]!r}, targets have {getattr(targets, k)!r}"
-                 for k in TARGET_FIELDS if getattr(targets, k) != meta[k]]
+        diffs = [
+            f"{k}: cache has {meta[k]!r}, targets have {getattr(targets, k)!r}"
+            for k in TARGET_FIELDS
+            if getattr(targets, k) != meta[k]
+        ]
         kept, has_logprobs = self._kept_logprobs(), targets.logprobs is not None
         if kept is not None and kept != has_logprobs:
-            diffs.append(f"logprobs: the cache {'keeps' if kept else 'has no'} logprobs, the "
-                         f"targets {'have' if has_logprobs else 'have none'}")
+            diffs.append(
+                f"logprobs: the cache {'keeps' if kept else 'has no'} logprobs, the "
+                f"targets {'have' if has_logprobs else 'have none'}"
+            )
         if diffs:
             raise ValueError("targets do not match the cache: " + "; ".join(diffs))
 
@@ -331,21 +374,28 @@ class TeacherCacheWriter:
         then, take the new manifest as this writer's and empty the buffer."""
         shards = self._manifest["shards"]
         if len(shards) >= MAX_SHARDS:
-            raise ValueError(f"a cache holds at most {MAX_SHARDS} shards; write it with a "
-                             f"larger shard_tokens (now {self._shard_tokens})")
+            raise ValueError(
+                f"a cache holds at most {MAX_SHARDS} shards; write it with a "
+                f"larger shard_tokens (now {self._shard_tokens})"
+            )
         logprobs = "logprobs" in pending[0]
-        chunks, counts = pack_shard(pending, self._enc, logprobs,
-                                    self._manifest["tail"] == "bucket")
+        chunks, counts = pack_shard(
+            pending, self._enc, logprobs, self._manifest["tail"] == "bucket"
+        )
         name = shard_name(len(shards))
         # Shard `name` is listed nowhere yet, so failing anywhere here changes nothing a reader
         # or a retry sees: a retry writes the same name again.
         tmp, size, sha = _write_temp(self.path, name, chunks)
         _install(tmp, os.path.join(self.path, name))
         fsync_dir(self.path)
-        record = {"file": name, "first_sequence": self.committed_sequences, **counts,
-                  "bytes": size, "sha256": sha}
-        self._write_manifest({**self._manifest, "logprobs": logprobs,
-                              "shards": shards + [record]})
+        record = {
+            "file": name,
+            "first_sequence": self.committed_sequences,
+            **counts,
+            "bytes": size,
+            "sha256": sha,
+        }
+        self._write_manifest({**self._manifest, "logprobs": logprobs, "shards": shards + [record]})
 
     def _write_manifest(self, manifest: dict) -> None:
         """Commit ``manifest``; once it is on disk it is this writer's, with an empty buffer."""
