@@ -28,9 +28,9 @@ AlignSpansArgs make_align_spans_args(uintptr_t student_spans, uintptr_t teacher_
   constexpr int64_t kMaxLen = INT32_MAX;
   if (batch < 0 || student_len < 0 || teacher_len < 0 || student_len > kMaxLen ||
       teacher_len > kMaxLen)
-    throw std::invalid_argument("bad sizes: batch=" + std::to_string(batch) + " student_len=" +
-                                std::to_string(student_len) + " teacher_len=" +
-                                std::to_string(teacher_len));
+    throw std::invalid_argument("bad sizes: batch=" + std::to_string(batch) +
+                                " student_len=" + std::to_string(student_len) +
+                                " teacher_len=" + std::to_string(teacher_len));
   AlignSpansArgs a{};
   a.student_spans = as_ptr<const int64_t>(student_spans);
   a.teacher_spans = as_ptr<const int64_t>(teacher_spans);
@@ -51,10 +51,10 @@ void bind_align_spans(pybind11::module_& m) {
   py::class_<AlignSpansArgs>(m, "AlignSpansArgs",
                              "Pointers and sizes of one batched token alignment "
                              "(csrc/common/align_spans_args.h).")
-      .def(py::init(&make_align_spans_args), py::arg("student_spans"),
-           py::arg("teacher_spans"), py::arg("batch"), py::arg("student_len"),
-           py::arg("teacher_len"), py::arg("student_chunk"), py::arg("teacher_chunk"),
-           py::arg("num_chunks"), py::arg("status"), py::arg("detail"));
+      .def(py::init(&make_align_spans_args), py::arg("student_spans"), py::arg("teacher_spans"),
+           py::arg("batch"), py::arg("student_len"), py::arg("teacher_len"),
+           py::arg("student_chunk"), py::arg("teacher_chunk"), py::arg("num_chunks"),
+           py::arg("status"), py::arg("detail"));
 
   m.def(
       "align_spans_cpu",

@@ -55,9 +55,9 @@ KdLossArgs make_kd_args(uintptr_t student, int student_dtype, int64_t s_outer, i
   check_dtype_code(student_dtype);
   check_dtype_code(teacher_dtype);
   if (inner_rows < 1 || n_rows < 0 || vocab < 1 || grad_vocab < vocab)
-    throw std::invalid_argument("bad sizes: inner_rows=" + std::to_string(inner_rows) +
-                                " n_rows=" + std::to_string(n_rows) + " vocab=" +
-                                std::to_string(vocab) + " grad_vocab=" + std::to_string(grad_vocab));
+    throw std::invalid_argument("bad sizes: inner_rows=" + std::to_string(inner_rows) + " n_rows=" +
+                                std::to_string(n_rows) + " vocab=" + std::to_string(vocab) +
+                                " grad_vocab=" + std::to_string(grad_vocab));
   KdLossArgs a{};
   a.student = as_ptr<const void>(student);
   a.teacher = as_ptr<const void>(teacher);
@@ -123,8 +123,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "scale_rows_cpu",
-      [](uintptr_t data, int dtype, int64_t n_rows, int64_t row_len, uintptr_t factors,
-         float unit, int num_threads) {
+      [](uintptr_t data, int dtype, int64_t n_rows, int64_t row_len, uintptr_t factors, float unit,
+         int num_threads) {
         check_dtype_code(dtype);
         py::gil_scoped_release release;
         cpu::scale_rows(as_ptr<void>(data), dtype, n_rows, row_len, as_ptr<const float>(factors),

@@ -23,12 +23,11 @@ namespace {
 cpu::LogprobRowsArgs make_logprob_args(uintptr_t logits, int64_t row_stride, int64_t n_rows,
                                        int64_t vocab, uintptr_t targets, uintptr_t row_grads,
                                        uintptr_t logprob, uintptr_t lse, uintptr_t entropy,
-                                       float temperature, int64_t ignore_index,
-                                       float grad_scale) {
+                                       float temperature, int64_t ignore_index, float grad_scale) {
   if (n_rows < 0 || vocab < 1 || row_stride < vocab)
-    throw std::invalid_argument("bad sizes: n_rows=" + std::to_string(n_rows) + " vocab=" +
-                                std::to_string(vocab) + " row_stride=" +
-                                std::to_string(row_stride));
+    throw std::invalid_argument("bad sizes: n_rows=" + std::to_string(n_rows) +
+                                " vocab=" + std::to_string(vocab) +
+                                " row_stride=" + std::to_string(row_stride));
   if (!(temperature > 0.0f))
     throw std::invalid_argument("temperature must be > 0; got " + std::to_string(temperature));
   if (n_rows > 0 && (!logits || !targets || !logprob || !lse))

@@ -23,9 +23,9 @@ cpu::TopkRowsArgs make_topk_args(uintptr_t logits, int64_t row_stride, int64_t n
                                  int64_t vocab, int64_t k, uintptr_t ids, uintptr_t logprobs,
                                  uintptr_t log_tail, uintptr_t lse, float temperature) {
   if (n_rows < 0 || vocab < 1 || row_stride < vocab || k < 1 || k > vocab)
-    throw std::invalid_argument("bad sizes: n_rows=" + std::to_string(n_rows) + " vocab=" +
-                                std::to_string(vocab) + " row_stride=" +
-                                std::to_string(row_stride) + " k=" + std::to_string(k));
+    throw std::invalid_argument(
+        "bad sizes: n_rows=" + std::to_string(n_rows) + " vocab=" + std::to_string(vocab) +
+        " row_stride=" + std::to_string(row_stride) + " k=" + std::to_string(k));
   if (!(temperature > 0.0f))
     throw std::invalid_argument("temperature must be > 0; got " + std::to_string(temperature));
   if (n_rows > 0 && (!logits || !ids || !logprobs || !log_tail || !lse))
@@ -49,9 +49,9 @@ cpu::TopkRowsArgs make_topk_args(uintptr_t logits, int64_t row_stride, int64_t n
 void bind_fused_linear_topk(pybind11::module_& m) {
   py::class_<cpu::TopkRowsArgs>(
       m, "TopkRowsArgs", "Pointers, sizes and scalars of one fused_linear_topk row-kernel call.")
-      .def(py::init(&make_topk_args), py::arg("logits"), py::arg("row_stride"),
-           py::arg("n_rows"), py::arg("vocab"), py::arg("k"), py::arg("ids"),
-           py::arg("logprobs"), py::arg("log_tail"), py::arg("lse"), py::arg("temperature"));
+      .def(py::init(&make_topk_args), py::arg("logits"), py::arg("row_stride"), py::arg("n_rows"),
+           py::arg("vocab"), py::arg("k"), py::arg("ids"), py::arg("logprobs"), py::arg("log_tail"),
+           py::arg("lse"), py::arg("temperature"));
 
   m.def(
       "fused_linear_topk_cpu",

@@ -7,9 +7,9 @@
 #include <string>
 
 #include "bindings.h"
-#include "cpu/isa.h"
 #include "common/dtype.h"
 #include "common/sample_teacher_args.h"
+#include "cpu/isa.h"
 #include "cpu/priority_sample_cpu.h"
 #include "cpu/sample_teacher_cpu.h"
 #if defined(FASTKD_WITH_CUDA)
@@ -33,17 +33,16 @@ constexpr const char* kDoc =
     "invalid[r] = 1 marks rows with NaN or +inf logits.";
 
 // The checked arguments of a sampler call as SampleTeacherArgs.
-SampleTeacherArgs make_args(uintptr_t logits, int dtype, int64_t outer_stride,
-                            int64_t inner_stride, int64_t inner_rows, int64_t n_rows,
-                            int64_t vocab, float temperature, int slots, uint64_t seed,
-                            int64_t token_offset, uintptr_t ids, uintptr_t weights,
-                            uintptr_t logprobs, uintptr_t invalid) {
+SampleTeacherArgs make_args(uintptr_t logits, int dtype, int64_t outer_stride, int64_t inner_stride,
+                            int64_t inner_rows, int64_t n_rows, int64_t vocab, float temperature,
+                            int slots, uint64_t seed, int64_t token_offset, uintptr_t ids,
+                            uintptr_t weights, uintptr_t logprobs, uintptr_t invalid) {
   check_dtype_code(dtype);
   if (inner_rows < 1 || n_rows < 0 || vocab < 1 || slots < 1 || !(temperature > 0))
     throw std::invalid_argument(
-        "bad arguments: inner_rows=" + std::to_string(inner_rows) + " n_rows=" +
-        std::to_string(n_rows) + " vocab=" + std::to_string(vocab) + " slots=" +
-        std::to_string(slots) + " temperature=" + std::to_string(temperature));
+        "bad arguments: inner_rows=" + std::to_string(inner_rows) +
+        " n_rows=" + std::to_string(n_rows) + " vocab=" + std::to_string(vocab) +
+        " slots=" + std::to_string(slots) + " temperature=" + std::to_string(temperature));
   SampleTeacherArgs a{};
   a.logits = reinterpret_cast<const void*>(logits);
   a.dtype = dtype;
@@ -103,11 +102,11 @@ void bind_sample_teacher(py::module_& m) {
          int64_t token_offset, uintptr_t ids, uintptr_t weights, uintptr_t logprobs,
          uintptr_t invalid, int num_threads) {
         if (k > vocab)
-          throw std::invalid_argument("k=" + std::to_string(k) + " exceeds vocab=" +
-                                      std::to_string(vocab));
+          throw std::invalid_argument("k=" + std::to_string(k) +
+                                      " exceeds vocab=" + std::to_string(vocab));
         const SampleTeacherArgs a =
-            make_args(logits, dtype, outer_stride, inner_stride, inner_rows, n_rows, vocab, 1.0f,
-                      k, seed, token_offset, ids, weights, logprobs, invalid);
+            make_args(logits, dtype, outer_stride, inner_stride, inner_rows, n_rows, vocab, 1.0f, k,
+                      seed, token_offset, ids, weights, logprobs, invalid);
         py::gil_scoped_release release;
         cpu::priority_sample(a, num_threads);
       },

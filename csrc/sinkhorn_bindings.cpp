@@ -6,9 +6,9 @@
 #include <string>
 
 #include "bindings.h"
-#include "cpu/isa.h"
 #include "common/dtype.h"
 #include "common/sinkhorn_args.h"
+#include "cpu/isa.h"
 #include "cpu/sinkhorn_cpu.h"
 #if defined(FASTKD_WITH_CUDA)
 #include "cuda/sinkhorn_cuda.h"
@@ -24,24 +24,24 @@ FASTKD_CPU_DISPATCH(sinkhorn, SinkhornArgs)
 
 namespace {
 
-SinkhornArgs make_sinkhorn_args(uintptr_t cost, int cost_dtype, int64_t stride_b,
-                                int64_t stride_i, int64_t stride_j, uintptr_t log_a,
-                                uintptr_t log_b, uintptr_t n_sizes, uintptr_t m_sizes,
-                                uintptr_t eps_start, int64_t batch, int64_t n, int64_t m,
-                                float eps, float kappa, int max_iters, int check_every, float tol,
-                                bool warm_start, uintptr_t f, uintptr_t g, uintptr_t iters,
-                                uintptr_t err, uintptr_t transport, uintptr_t mass,
-                                uintptr_t eps_final, uintptr_t plan) {
+SinkhornArgs make_sinkhorn_args(uintptr_t cost, int cost_dtype, int64_t stride_b, int64_t stride_i,
+                                int64_t stride_j, uintptr_t log_a, uintptr_t log_b,
+                                uintptr_t n_sizes, uintptr_t m_sizes, uintptr_t eps_start,
+                                int64_t batch, int64_t n, int64_t m, float eps, float kappa,
+                                int max_iters, int check_every, float tol, bool warm_start,
+                                uintptr_t f, uintptr_t g, uintptr_t iters, uintptr_t err,
+                                uintptr_t transport, uintptr_t mass, uintptr_t eps_final,
+                                uintptr_t plan) {
   check_dtype_code(cost_dtype);
   if (batch < 0 || n < 0 || m < 0)
-    throw std::invalid_argument("bad sizes: batch=" + std::to_string(batch) + " n=" +
-                                std::to_string(n) + " m=" + std::to_string(m));
+    throw std::invalid_argument("bad sizes: batch=" + std::to_string(batch) +
+                                " n=" + std::to_string(n) + " m=" + std::to_string(m));
   if (!(eps > 0.0f) || !(kappa > 0.0f && kappa < 1.0f) || max_iters < 1 || check_every < 1)
-    throw std::invalid_argument("need eps > 0, 0 < kappa < 1, max_iters >= 1, check_every >= 1; "
-                                "got eps=" + std::to_string(eps) + " kappa=" +
-                                std::to_string(kappa) + " max_iters=" +
-                                std::to_string(max_iters) + " check_every=" +
-                                std::to_string(check_every));
+    throw std::invalid_argument(
+        "need eps > 0, 0 < kappa < 1, max_iters >= 1, check_every >= 1; "
+        "got eps=" +
+        std::to_string(eps) + " kappa=" + std::to_string(kappa) +
+        " max_iters=" + std::to_string(max_iters) + " check_every=" + std::to_string(check_every));
   SinkhornArgs a{};
   a.cost = as_ptr<const void>(cost);
   a.cost_dtype = cost_dtype;

@@ -6,8 +6,8 @@
 #include <string>
 
 #include "bindings.h"
-#include "cpu/isa.h"
 #include "common/dtype.h"
+#include "cpu/isa.h"
 #include "cpu/sparse_kd_loss_cpu.h"
 
 namespace py = pybind11;
@@ -29,11 +29,10 @@ cpu::SparseKdLossArgs make_sparse_args(uintptr_t student, int student_dtype, int
                                        float grad_scale, int64_t ignore_index) {
   check_dtype_code(student_dtype);
   if (inner_rows < 1 || n_rows < 0 || vocab < 1 || grad_vocab < vocab || num_slots < 0)
-    throw std::invalid_argument("bad sizes: inner_rows=" + std::to_string(inner_rows) +
-                                " n_rows=" + std::to_string(n_rows) + " vocab=" +
-                                std::to_string(vocab) + " grad_vocab=" +
-                                std::to_string(grad_vocab) + " num_slots=" +
-                                std::to_string(num_slots));
+    throw std::invalid_argument(
+        "bad sizes: inner_rows=" + std::to_string(inner_rows) +
+        " n_rows=" + std::to_string(n_rows) + " vocab=" + std::to_string(vocab) +
+        " grad_vocab=" + std::to_string(grad_vocab) + " num_slots=" + std::to_string(num_slots));
   if (!(temperature > 0.0f))
     throw std::invalid_argument("temperature must be > 0; got " + std::to_string(temperature));
   cpu::SparseKdLossArgs a{};
@@ -71,8 +70,8 @@ void bind_sparse_kd_loss(pybind11::module_& m) {
            py::arg("s_outer"), py::arg("s_inner"), py::arg("inner_rows"), py::arg("n_rows"),
            py::arg("vocab"), py::arg("grad_vocab"), py::arg("ids"), py::arg("weights"),
            py::arg("num_slots"), py::arg("tail_mass"), py::arg("labels"), py::arg("grad"),
-           py::arg("loss"), py::arg("temperature"), py::arg("soft_weight"),
-           py::arg("hard_weight"), py::arg("grad_scale"), py::arg("ignore_index"));
+           py::arg("loss"), py::arg("temperature"), py::arg("soft_weight"), py::arg("hard_weight"),
+           py::arg("grad_scale"), py::arg("ignore_index"));
 
   m.def(
       "sparse_kd_loss_forward_cpu",

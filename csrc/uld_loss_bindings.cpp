@@ -6,8 +6,8 @@
 #include <string>
 
 #include "bindings.h"
-#include "cpu/isa.h"
 #include "common/dtype.h"
+#include "cpu/isa.h"
 #include "cpu/uld_loss_cpu.h"
 
 namespace py = pybind11;
@@ -22,20 +22,20 @@ namespace {
 
 cpu::UldLossArgs make_uld_args(uintptr_t student, int student_dtype, int64_t s_outer,
                                int64_t s_inner, uintptr_t teacher, int teacher_dtype,
-                               int64_t t_outer, int64_t t_inner, int64_t inner_rows,
-                               int64_t n_rows, int64_t student_vocab, int64_t teacher_vocab,
-                               uintptr_t labels, int64_t ignore_index, uintptr_t grad,
-                               uintptr_t loss, float student_temperature,
-                               float teacher_temperature, float grad_scale) {
+                               int64_t t_outer, int64_t t_inner, int64_t inner_rows, int64_t n_rows,
+                               int64_t student_vocab, int64_t teacher_vocab, uintptr_t labels,
+                               int64_t ignore_index, uintptr_t grad, uintptr_t loss,
+                               float student_temperature, float teacher_temperature,
+                               float grad_scale) {
   check_dtype_code(student_dtype);
   check_dtype_code(teacher_dtype);
   // Column indices travel in 32 bits inside the sort's items.
   if (inner_rows < 1 || n_rows < 0 || student_vocab < 1 || teacher_vocab < 1 ||
       student_vocab > INT32_MAX || teacher_vocab > INT32_MAX)
     throw std::invalid_argument("bad sizes: inner_rows=" + std::to_string(inner_rows) +
-                                " n_rows=" + std::to_string(n_rows) + " student_vocab=" +
-                                std::to_string(student_vocab) + " teacher_vocab=" +
-                                std::to_string(teacher_vocab));
+                                " n_rows=" + std::to_string(n_rows) +
+                                " student_vocab=" + std::to_string(student_vocab) +
+                                " teacher_vocab=" + std::to_string(teacher_vocab));
   if (!(student_temperature > 0.0f) || !(teacher_temperature > 0.0f))
     throw std::invalid_argument("temperatures must be > 0; got " +
                                 std::to_string(student_temperature) + " and " +
@@ -71,8 +71,7 @@ void bind_uld_loss(pybind11::module_& m) {
            py::arg("t_outer"), py::arg("t_inner"), py::arg("inner_rows"), py::arg("n_rows"),
            py::arg("student_vocab"), py::arg("teacher_vocab"), py::arg("labels"),
            py::arg("ignore_index"), py::arg("grad"), py::arg("loss"),
-           py::arg("student_temperature"), py::arg("teacher_temperature"),
-           py::arg("grad_scale"));
+           py::arg("student_temperature"), py::arg("teacher_temperature"), py::arg("grad_scale"));
 
   m.def(
       "uld_loss_forward_cpu",

@@ -31,11 +31,11 @@ struct AlignSpansArgs {
   int64_t batch;
   int64_t student_len;
   int64_t teacher_len;
-  int32_t* student_chunk;        // [batch, student_len]
-  int32_t* teacher_chunk;        // [batch, teacher_len]
-  int32_t* num_chunks;           // [batch]
-  int32_t* status;               // [batch] AlignStatus
-  int64_t* detail;               // [batch] first offending token, or -1
+  int32_t* student_chunk;  // [batch, student_len]
+  int32_t* teacher_chunk;  // [batch, teacher_len]
+  int32_t* num_chunks;     // [batch]
+  int32_t* status;         // [batch] AlignStatus
+  int64_t* detail;         // [batch] first offending token, or -1
 };
 
 }  // namespace fastkd

@@ -17,8 +17,12 @@ namespace fastkd {
 // Codes shared with python/fastkd/ops/_native.py (DTYPE_CODES).
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-struct bf16_t { uint16_t bits; };
-struct fp16_t { uint16_t bits; };
+struct bf16_t {
+  uint16_t bits;
+};
+struct fp16_t {
+  uint16_t bits;
+};
 
 template <typename T>
 struct DTypeTag {

@@ -30,12 +30,12 @@ struct KdLossArgs {
   RowLayout teacher_layout;
   int64_t inner_rows;
   int64_t n_rows;
-  int64_t vocab;        // common prefix min(V_s, V_t): the columns the loss sees
-  int64_t grad_vocab;   // V_s: columns of a gradient row; [vocab, grad_vocab) are written as 0
+  int64_t vocab;          // common prefix min(V_s, V_t): the columns the loss sees
+  int64_t grad_vocab;     // V_s: columns of a gradient row; [vocab, grad_vocab) are written as 0
   const int64_t* labels;  // [n_rows] or nullptr
-  void* grad;           // [n_rows, grad_vocab] contiguous, student dtype: grad_scale *
-                        // dLoss_row/dz_s; nullptr (CPU kernel only): loss only, no gradient
-  float* loss;          // [n_rows] per-row loss, 0 at ignored rows
+  void* grad;             // [n_rows, grad_vocab] contiguous, student dtype: grad_scale *
+                          // dLoss_row/dz_s; nullptr (CPU kernel only): loss only, no gradient
+  float* loss;            // [n_rows] per-row loss, 0 at ignored rows
   KdRowConfig config;
 };
 

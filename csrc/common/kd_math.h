@@ -77,7 +77,8 @@ FASTKD_HD float softcap(float z, float cap) {
   const float ax = x < 0.0f ? -x : x;
   const float e = Math::exp(-2.0f * ax);
   const float x2 = x * x;
-  const float series = x * (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f))));
+  const float series =
+      x * (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f))));
   const float t = (1.0f - e) / (1.0f + e);
   const float big = x < 0.0f ? -t : t;
   return cap * (ax < 0.125f ? series : big);
@@ -308,11 +309,11 @@ struct KdRowConfig {
   int divergence;
   float inv_temperature;
   float temperature;
-  float softcap;          // <= 0: no softcap
-  float soft_weight;      // (1 - hard_weight) * (T^2 if t2_scale else 1): scales the soft loss
-  float soft_grad_scale;  // grad_scale * soft_weight / T: dL/dz = soft_grad_scale * dL_soft/da
-  float hard_weight;      // weight of CE(student at T = 1, label) in the loss
-  float hard_grad_weight; // grad_scale * hard_weight: its weight in the written gradient
+  float softcap;           // <= 0: no softcap
+  float soft_weight;       // (1 - hard_weight) * (T^2 if t2_scale else 1): scales the soft loss
+  float soft_grad_scale;   // grad_scale * soft_weight / T: dL/dz = soft_grad_scale * dL_soft/da
+  float hard_weight;       // weight of CE(student at T = 1, label) in the loss
+  float hard_grad_weight;  // grad_scale * hard_weight: its weight in the written gradient
   int64_t ignore_index;
   DivergenceCoefs coefs;
 };

@@ -46,8 +46,8 @@ FASTKD_HD float uniform_open01(uint32_t word) {
 // stream 1 the per-id uniforms of method="priority", so the two never share uniforms.
 FASTKD_HD Philox4 token_draw_block(uint64_t seed, uint64_t token, uint32_t b,
                                    uint32_t stream = 0u) {
-  return philox4x32_10(Philox4{{uint32_t(token), uint32_t(token >> 32), b, stream}},
-                       uint32_t(seed), uint32_t(seed >> 32));
+  return philox4x32_10(Philox4{{uint32_t(token), uint32_t(token >> 32), b, stream}}, uint32_t(seed),
+                       uint32_t(seed >> 32));
 }
 
 }  // namespace fastkd

@@ -27,9 +27,9 @@
 namespace fastkd {
 
 struct SinkhornArgs {
-  const void* cost;        // C[b, i, j] at b cost_stride_b + i cost_stride_i + j cost_stride_j
-  int cost_dtype;          // DType code (fp32, bf16, fp16)
-  int64_t cost_stride_b;   // element strides; 0 broadcasts one cost over the batch
+  const void* cost;       // C[b, i, j] at b cost_stride_b + i cost_stride_i + j cost_stride_j
+  int cost_dtype;         // DType code (fp32, bf16, fp16)
+  int64_t cost_stride_b;  // element strides; 0 broadcasts one cost over the batch
   int64_t cost_stride_i;
   int64_t cost_stride_j;
   const float* log_a;      // [batch, n] contiguous; -inf: zero weight (masked entry)
@@ -40,21 +40,21 @@ struct SinkhornArgs {
   int64_t batch;
   int64_t n;
   int64_t m;
-  float eps;               // final regularization, > 0
-  float kappa;             // eps-scaling factor in (0, 1)
-  int max_iters;           // >= 1
-  int check_every;         // >= 1
+  float eps;        // final regularization, > 0
+  float kappa;      // eps-scaling factor in (0, 1)
+  int max_iters;    // >= 1
+  int check_every;  // >= 1
   float tol;
-  int warm_start;          // nonzero: g holds the initial potential; else the loop starts at g = 0
-  float* f;                // [batch, n] out
-  float* g;                // [batch, m] in (warm start) / out
-  int32_t* iters;          // [batch] out: iterations run
-  float* err;              // [batch] out: the last E computed
-  float* transport;        // [batch] out: <P, C>
-  float* mass;             // [batch] out: sum P
-  float* eps_final;        // [batch] out: the e of the last iteration (eps, unless max_iters
-                           // ended the schedule early)
-  float* plan;             // [batch, n, m] contiguous out, or nullptr
+  int warm_start;    // nonzero: g holds the initial potential; else the loop starts at g = 0
+  float* f;          // [batch, n] out
+  float* g;          // [batch, m] in (warm start) / out
+  int32_t* iters;    // [batch] out: iterations run
+  float* err;        // [batch] out: the last E computed
+  float* transport;  // [batch] out: <P, C>
+  float* mass;       // [batch] out: sum P
+  float* eps_final;  // [batch] out: the e of the last iteration (eps, unless max_iters
+                     // ended the schedule early)
+  float* plan;       // [batch, n, m] contiguous out, or nullptr
 };
 
 }  // namespace fastkd

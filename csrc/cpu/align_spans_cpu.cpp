@@ -21,7 +21,7 @@ namespace {
 struct SideSummary {
   int64_t first_start = -1;  // -1: no token takes part
   int64_t last_end = -1;
-  int64_t bad = -1;          // first offending token, or -1
+  int64_t bad = -1;  // first offending token, or -1
 };
 
 inline bool takes_part(const int64_t* span) { return span[1] > span[0]; }

@@ -24,13 +24,13 @@ const char* isa_level();
 // Used inside namespace fastkd::cpu by the op's bindings file, so that adding an op adds its
 // dispatcher there and edits no central list.
 #if defined(FASTKD_CPU_X86_LEVELS)
-#define FASTKD_CPU_DISPATCH(NAME, ARGS)                                  \
-  void NAME(const ARGS& args, int num_threads) {                         \
-    switch (cached_isa()) {                                              \
-      case Isa::kAvx512: return avx512::NAME(args, num_threads);         \
-      case Isa::kAvx2: return avx2::NAME(args, num_threads);             \
-      default: return base::NAME(args, num_threads);                     \
-    }                                                                    \
+#define FASTKD_CPU_DISPATCH(NAME, ARGS)                          \
+  void NAME(const ARGS& args, int num_threads) {                 \
+    switch (cached_isa()) {                                      \
+      case Isa::kAvx512: return avx512::NAME(args, num_threads); \
+      case Isa::kAvx2: return avx2::NAME(args, num_threads);     \
+      default: return base::NAME(args, num_threads);             \
+    }                                                            \
   }
 #else
 #define FASTKD_CPU_DISPATCH(NAME, ARGS) \

@@ -230,8 +230,10 @@ void kd_row(const KdLossArgs& A, int64_t row, Scratch& s) {
       for (int64_t i = 0; i < A.grad_vocab; ++i) g[i] = from_float<TS>(0.0f);
     return;
   }
-  const TS* zs = static_cast<const TS*>(A.student) + row_offset(A.student_layout, A.inner_rows, row);
-  const TT* zt = static_cast<const TT*>(A.teacher) + row_offset(A.teacher_layout, A.inner_rows, row);
+  const TS* zs =
+      static_cast<const TS*>(A.student) + row_offset(A.student_layout, A.inner_rows, row);
+  const TT* zt =
+      static_cast<const TT*>(A.teacher) + row_offset(A.teacher_layout, A.inner_rows, row);
   const bool cap = cfg.softcap > 0.0f;
   const bool ce = A.labels && cfg.hard_weight > 0.0f;
 
@@ -239,9 +241,14 @@ void kd_row(const KdLossArgs& A, int64_t row, Scratch& s) {
   const float ma = load_row_dispatch(zs, n, cfg.inv_temperature, cfg.softcap, s.a.data(), dcap);
   const float mb = load_row_dispatch(zt, n, cfg.inv_temperature, cfg.softcap, s.b.data(), nullptr);
   const RowStats st = stats_pass<DIV>(s.a.data(), s.b.data(), n, ma, mb, s.ea.data(), s.eb.data());
-  const StatsRow row_stats{s.a.data(), s.b.data(), s.ea.data(), s.eb.data(),
-                           ma + Math::log(st.sum_a), mb + Math::log(st.sum_b),
-                           1.0f / st.sum_a, 1.0f / st.sum_b};
+  const StatsRow row_stats{s.a.data(),
+                           s.b.data(),
+                           s.ea.data(),
+                           s.eb.data(),
+                           ma + Math::log(st.sum_a),
+                           mb + Math::log(st.sum_b),
+                           1.0f / st.sum_a,
+                           1.0f / st.sum_b};
   if (!row_has_distribution(row_stats.la, row_stats.lb)) {
     const float nan = __builtin_nanf("");
     A.loss[row] = nan;
@@ -259,8 +266,8 @@ void kd_row(const KdLossArgs& A, int64_t row, Scratch& s) {
     soft = terms_pass<DIV>(s.a.data(), s.b.data(), s.ea.data(), s.eb.data(), n, row_stats,
                            cfg.coefs, mixture_row(cfg.coefs, st.sum_a, st.sum_b));
 
-  GradRow r{row_stats, soft.loss, soft.dot, cfg.soft_grad_scale, cfg.hard_grad_weight,
-            cfg.temperature, 0.0f, cfg.coefs};
+  GradRow r{row_stats,       soft.loss, soft.dot, cfg.soft_grad_scale, cfg.hard_grad_weight,
+            cfg.temperature, 0.0f,      cfg.coefs};
   float loss = cfg.soft_weight * soft.loss;
   const bool label_ok = label >= 0 && label < n;
   int ce_mode = 0;
@@ -270,8 +277,7 @@ void kd_row(const KdLossArgs& A, int64_t row, Scratch& s) {
     const float sum_z = unit_t ? st.sum_a : tempered_sum(s.a.data(), n, cfg.temperature, ma);
     r.lz = cfg.temperature * ma + Math::log(sum_z);
     ce_mode = unit_t ? 1 : 2;
-    loss += label_ok ? cfg.hard_weight * (r.lz - cfg.temperature * s.a[label])
-                     : __builtin_nanf("");
+    loss += label_ok ? cfg.hard_weight * (r.lz - cfg.temperature * s.a[label]) : __builtin_nanf("");
   }
   A.loss[row] = loss;
   if (!g) return;

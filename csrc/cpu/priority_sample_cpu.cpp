@@ -35,8 +35,8 @@ namespace cpu {
 namespace FASTKD_ISA {
 namespace {
 
-constexpr uint32_t kPriorityStream = 1u;  // counter word 3 of the priority uniforms
-constexpr int64_t kChunk = 64;                 // ids screened together: 16 Philox calls
+constexpr uint32_t kPriorityStream = 1u;        // counter word 3 of the priority uniforms
+constexpr int64_t kChunk = 64;                  // ids screened together: 16 Philox calls
 constexpr float kMinUniform = 2.98023224e-08f;  // 2^-25, the smallest uniform_open01
 constexpr float kNoDraw = 2.0f;                 // the uniform of an id left undrawn
 // Relative slack of the screen u_i <= e_i exp(m - w): e_i is fp32 (a few ulp off), exp(m - w)
@@ -146,8 +146,8 @@ void sample_row(const SampleTeacherArgs& A, int64_t row, Scratch& s) {
     // Candidates, vectorized: ids with mass passing the screen (all of them while the heap
     // fills); the padding past the row has no mass.
     for (int64_t j = 0; j < kChunk; ++j)
-      s.candidate[j] = uint8_t((x[c0 + j] > -INFINITY) &
-                               (!screening | (s.uniforms[j] <= e[c0 + j] * scale)));
+      s.candidate[j] =
+          uint8_t((x[c0 + j] > -INFINITY) & (!screening | (s.uniforms[j] <= e[c0 + j] * scale)));
     for (int64_t j = 0; j < kChunk; ++j)
       if (s.candidate[j])
         offer(double(x[c0 + j]) - std::log(double(s.uniforms[j])), int32_t(c0 + j));

@@ -38,10 +38,10 @@ using Math = CpuMath;
 constexpr int64_t kBlock = 64;
 
 struct Scratch {
-  std::vector<float> e;         // exp(a - m), then reused
-  std::vector<double> block;    // block sums of e
+  std::vector<float> e;            // exp(a - m), then reused
+  std::vector<double> block;       // block sums of e
   std::vector<double> cumulative;  // C_0 .. C_N
-  std::vector<int32_t> counts;  // per kept id, parallel to the ids output
+  std::vector<int32_t> counts;     // per kept id, parallel to the ids output
   Scratch(int64_t vocab, int n)
       : e(vocab), block((vocab + kBlock - 1) / kBlock), cumulative(n + 1), counts(n) {}
 };
@@ -149,7 +149,10 @@ void sample_row(const SampleTeacherArgs& A, int64_t row, Scratch& s) {
     }
     if (s.block[b] > 0.0) {
       for (int64_t i = std::min(b0 + kBlock, n) - 1; i >= b0; --i)
-        if (e[i] > 0.0f) { last_nonzero = i; break; }
+        if (e[i] > 0.0f) {
+          last_nonzero = i;
+          break;
+        }
     }
     mass = block_end;
   }

@@ -40,9 +40,9 @@ using Math = CpuMath;
 // iteration is exactly the one at e' = 1/ie (a relative change of e by < 2^-24): with -e LSE
 // instead, the potentials would be off by that factor, an error of |C| / e ulps in the
 // exponents that no iteration removes.
-void half_update(const float* __restrict c, int64_t rows, int64_t cols,
-                 const float* __restrict pot, const float* __restrict logw, float ie,
-                 float* __restrict out, float* __restrict buf) {
+void half_update(const float* __restrict c, int64_t rows, int64_t cols, const float* __restrict pot,
+                 const float* __restrict logw, float ie, float* __restrict out,
+                 float* __restrict buf) {
   const float ninf = -__builtin_huge_valf();
   for (int64_t i = 0; i < rows; ++i) {
     const float* ci = c + i * cols;
@@ -125,8 +125,7 @@ double ordered_sum(const std::vector<double>& terms, int64_t count) {
 // Problem b, solved by the thread `rank` of `team` (every thread of the team calls it); `buf`
 // holds max(n, m) floats of this thread.
 template <typename T>
-void solve_problem(const SinkhornArgs& a, int64_t b, Shared& s, float* buf, Team& team,
-                   int rank) {
+void solve_problem(const SinkhornArgs& a, int64_t b, Shared& s, float* buf, Team& team, int rank) {
   const int64_t n = a.n, m = a.m;
   const int64_t nb = a.n_sizes ? a.n_sizes[b] : n;
   const int64_t mb = a.m_sizes ? a.m_sizes[b] : m;
@@ -139,7 +138,8 @@ void solve_problem(const SinkhornArgs& a, int64_t b, Shared& s, float* buf, Team
   team.slice(rank, nb, &r0, &r1);
   team.slice(rank, mb, &c0, &c1);
   if (rank == 0) {
-    if (!a.warm_start) for (int64_t j = 0; j < m; ++j) g[j] = 0.0f;
+    if (!a.warm_start)
+      for (int64_t j = 0; j < m; ++j) g[j] = 0.0f;
     for (int64_t i = 0; i < n; ++i) f[i] = 0.0f;
     for (int64_t j = mb; j < m; ++j) g[j] = 0.0f;
   }

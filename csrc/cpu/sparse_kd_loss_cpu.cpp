@@ -50,8 +50,8 @@ struct OffIdGrad {
 };
 
 template <typename TS, int CE>
-void grad_pass(const float* __restrict e, const float* __restrict a, int64_t n,
-               const OffIdGrad& r, TS* __restrict g) {
+void grad_pass(const float* __restrict e, const float* __restrict a, int64_t n, const OffIdGrad& r,
+               TS* __restrict g) {
   for (int64_t i = 0; i < n; ++i) g[i] = from_float<TS>(r.value<CE>(e[i], a[i]));
 }
 
@@ -109,8 +109,7 @@ void sparse_row(const SparseKdLossArgs& A, int64_t row, Scratch& s) {
     return;
   }
 
-  const TS* z = static_cast<const TS*>(A.student) +
-                row_offset(A.student_layout, A.inner_rows, row);
+  const TS* z = static_cast<const TS*>(A.student) + row_offset(A.student_layout, A.inner_rows, row);
   float* a = s.a.data();
   float* e = s.e.data();
   float* a_ids = s.a_ids.data();
@@ -160,8 +159,8 @@ void sparse_row(const SparseKdLossArgs& A, int64_t row, Scratch& s) {
   if (ce) {
     // z = T a: LSE(z) = T m + log sum exp(T (a - m)).
     const bool unit_t = A.temperature == 1.0f;
-    r.lz = unit_t ? m + log_sum
-                  : A.temperature * m + Math::log(tempered_sum(a, n, A.temperature, m));
+    r.lz =
+        unit_t ? m + log_sum : A.temperature * m + Math::log(tempered_sum(a, n, A.temperature, m));
     ce_mode = unit_t ? 1 : 2;
     loss += label_ok ? A.hard_weight * (r.lz - A.temperature * a[label]) : nan;
   }

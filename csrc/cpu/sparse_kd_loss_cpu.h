@@ -11,8 +11,8 @@ namespace fastkd {
 namespace cpu {
 
 struct SparseKdLossArgs {
-  const void* student;     // logits, row r at row_offset(student_layout, inner_rows, r)
-  int student_dtype;       // DType code
+  const void* student;  // logits, row r at row_offset(student_layout, inner_rows, r)
+  int student_dtype;    // DType code
   RowLayout student_layout;
   int64_t inner_rows;
   int64_t n_rows;

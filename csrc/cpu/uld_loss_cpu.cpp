@@ -70,10 +70,10 @@ void uld_row(const UldLossArgs& A, int64_t row, Scratch& s) {
     if (g) fill_row(g, vs, 0.0f);
     return;
   }
-  const TS* zs = static_cast<const TS*>(A.student) +
-                 row_offset(A.student_layout, A.inner_rows, row);
-  const TT* zt = static_cast<const TT*>(A.teacher) +
-                 row_offset(A.teacher_layout, A.inner_rows, row);
+  const TS* zs =
+      static_cast<const TS*>(A.student) + row_offset(A.student_layout, A.inner_rows, row);
+  const TT* zt =
+      static_cast<const TT*>(A.teacher) + row_offset(A.teacher_layout, A.inner_rows, row);
   float* q = s.q.data();
   float* p = s.p.data();
   const ExpRow a = exp_row(zs, vs, A.inv_student_temperature, s.logits.data(), q);
@@ -134,8 +134,7 @@ void uld_loss_forward(const UldLossArgs& A, int num_threads) {
         advise_huge_pages(A.grad, size_t(A.n_rows) * size_t(A.student_vocab) * sizeof(TS));
       const int64_t row_len = A.student_vocab + A.teacher_vocab;
       for_each_row(
-          A.n_rows, row_len, num_threads,
-          [&] { return Scratch(A.student_vocab, A.teacher_vocab); },
+          A.n_rows, row_len, num_threads, [&] { return Scratch(A.student_vocab, A.teacher_vocab); },
           [&](int64_t row, Scratch& s) { uld_row<TS, TT>(A, row, s); });
     });
   });

@@ -11,24 +11,24 @@ namespace fastkd {
 namespace cpu {
 
 struct UldLossArgs {
-  const void* student;      // [n_rows, student_vocab] logits, row r at row_offset(student_layout)
-  const void* teacher;      // [n_rows, teacher_vocab] logits, row r at row_offset(teacher_layout)
-  int student_dtype;        // DType codes
+  const void* student;  // [n_rows, student_vocab] logits, row r at row_offset(student_layout)
+  const void* teacher;  // [n_rows, teacher_vocab] logits, row r at row_offset(teacher_layout)
+  int student_dtype;    // DType codes
   int teacher_dtype;
   RowLayout student_layout;
   RowLayout teacher_layout;
   int64_t inner_rows;
   int64_t n_rows;
-  int64_t student_vocab;    // V_s
-  int64_t teacher_vocab;    // V_t
-  const int64_t* labels;    // [n_rows] or nullptr
+  int64_t student_vocab;  // V_s
+  int64_t teacher_vocab;  // V_t
+  const int64_t* labels;  // [n_rows] or nullptr
   int64_t ignore_index;
-  void* grad;               // [n_rows, V_s] contiguous, student dtype: grad_scale * dLoss_row/dz_s;
-                            // nullptr: loss only
-  float* loss;              // [n_rows] per-row loss, 0 at ignored rows
+  void* grad;   // [n_rows, V_s] contiguous, student dtype: grad_scale * dLoss_row/dz_s;
+                // nullptr: loss only
+  float* loss;  // [n_rows] per-row loss, 0 at ignored rows
   float inv_student_temperature;
   float inv_teacher_temperature;
-  float grad_scale;         // the mean's 1 / #tokens, or 1
+  float grad_scale;  // the mean's 1 / #tokens, or 1
 };
 
 namespace base { void uld_loss_forward(const UldLossArgs& args, int num_threads); }

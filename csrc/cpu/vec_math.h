@@ -18,8 +18,8 @@ struct CpuMath {
   // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2; exp(r) by a degree-7 polynomial
   // (Cephes expf coefficients, ~1 ulp). 2^n is built in two halves so that n = 128 stays finite.
   static inline __attribute__((always_inline)) float exp(float x) {
-    const float hi = 88.72283f;    // log(FLT_MAX)
-    const float lo = -87.33654f;   // log(2^-126)
+    const float hi = 88.72283f;   // log(FLT_MAX)
+    const float lo = -87.33654f;  // log(2^-126)
     float xc = x > hi ? hi : x;
     xc = xc < lo ? lo : xc;
     const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -55,7 +55,7 @@ struct CpuMath {
   // bound by the latency of its exps, and this took 11 % off kd_loss's fkl at V = 32000. With
   // exp, kd_loss's stats pass (two of these per element) took 64 % of an fkl call's kernel time.
   static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
-    const float lo = -87.33654f;   // log(2^-126)
+    const float lo = -87.33654f;        // log(2^-126)
     const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
     const float t = x * 1.44269504088896341f + shifter;
     const float n = t - shifter;

@@ -418,8 +418,8 @@ __device__ __forceinline__ T lane_tree(T v, int width, Merge merge) {
 // it.
 template <class T, class WarpCombine, class Merge>
 __device__ __forceinline__ T group_reduce(T v, bool warp_rows, int ctas, T* warp_slots,
-                                          T* cluster_slot, const T& empty,
-                                          WarpCombine warp_combine, Merge merge) {
+                                          T* cluster_slot, const T& empty, WarpCombine warp_combine,
+                                          Merge merge) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   v = warp_combine(v);
@@ -500,8 +500,8 @@ struct GroupSlots {
 // `count` threads of its CTA (or warp) that share the CTA's chunks.
 template <int DIV, bool STAGED, int SDT, int TDT>
 __device__ __forceinline__ void kd_row(const KdLossArgs& A, const LaunchPlan& plan, int64_t row,
-                                       int rank, int ctas, int index, int count,
-                                       GroupSlots& slots, uint4* stage) {
+                                       int rank, int ctas, int index, int count, GroupSlots& slots,
+                                       uint4* stage) {
   const KdRowConfig& cfg = A.config;
   const int vocab = int(A.vocab);
   // ctas is a power of two: slices of the row are split with shifts, not 64-bit divisions
@@ -620,9 +620,7 @@ __device__ __forceinline__ void kd_row(const KdLossArgs& A, const LaunchPlan& pl
         if (staged) copy_async_wait(mine - 1 - (u - first) / count);
         return fetch(u, false);
       },
-      [&](int, const ChunkLogits& c) {
-        accumulate<DIV>(st, c.zs, c.zt, inv_t, t, tempered);
-      });
+      [&](int, const ChunkLogits& c) { accumulate<DIV>(st, c.zs, c.zt, inv_t, t, tempered); });
   st = group_reduce(
       st, warp_rows, ctas, slots.warp_stats, &slots.cluster_stats, empty_stats(),
       [&](const Stats& x) { return warp_stats<DIV>(x, t, tempered); },
@@ -677,8 +675,7 @@ __device__ __forceinline__ void kd_row(const KdLossArgs& A, const LaunchPlan& pl
   const float row_nan = row_has_distribution(rs.la, rs.lb) ? 0.0f : __int_as_float(0x7fc00000);
   if (rank == 0 && index == 0) {
     float loss = cfg.soft_weight * rs.loss + row_nan;
-    if (ce)
-      loss += label_ok ? cfg.hard_weight * (rs.lz - t * a_label) : __int_as_float(0x7fc00000);
+    if (ce) loss += label_ok ? cfg.hard_weight * (rs.lz - t * a_label) : __int_as_float(0x7fc00000);
     A.loss[row] = loss;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -792,8 +789,8 @@ const char* choose_staging(Kernel kernel, const KdLossArgs& A, const PlanRequest
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return last_error();
   const int64_t stage_limit = int64_t(dev.smem_per_block) - int64_t(attr.sharedSizeBytes);
   if (attr.maxDynamicSharedSizeBytes < stage_limit &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           int(stage_limit)) != cudaSuccess)
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(stage_limit)) !=
+          cudaSuccess)
     return last_error();
   const int64_t bytes_per_chunk =
       kChunk * int64_t(element_bytes(A.student_dtype) + element_bytes(A.teacher_dtype));
@@ -806,8 +803,8 @@ const char* choose_staging(Kernel kernel, const KdLossArgs& A, const PlanRequest
     const int64_t bytes = chunks * bytes_per_chunk;
     if (bytes > stage_limit) continue;
     int resident = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads,
-                                                      size_t(bytes)) != cudaSuccess)
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, size_t(bytes)) !=
+        cudaSuccess)
       return last_error();
     if (ctas > 1 && resident > 0) {
       cudaLaunchAttribute cluster;
@@ -888,7 +885,7 @@ const char* launch_divergence(const KdLossArgs& A, const PlanRequest& request,
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-#define FASTKD_DECLARE_LAUNCHER(id, name, code) \
+#define FASTKD_DECLARE_LAUNCHER(id, name, code)                                            \
   extern template const char* launch_divergence<id>(const KdLossArgs&, const PlanRequest&, \
                                                     cudaStream_t);
 FASTKD_DIVERGENCES(FASTKD_DECLARE_LAUNCHER)

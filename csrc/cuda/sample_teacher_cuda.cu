@@ -292,8 +292,8 @@ __global__ void __launch_bounds__(kThreads, 4)
   __shared__ int int_slots[kWarps];
 
   const int n_draws = A.num_samples;
-  double* const chunk_sum = reinterpret_cast<double*>(smem);           // s_c, then J_c
-  double* const thresholds = chunk_sum + n_chunks;                      // C_j, then t_j
+  double* const chunk_sum = reinterpret_cast<double*>(smem);  // s_c, then J_c
+  double* const thresholds = chunk_sum + n_chunks;            // C_j, then t_j
   float* const chunk_max = reinterpret_cast<float*>(thresholds + n_draws + 1);
   int* const chunk_draws = reinterpret_cast<int*>(chunk_max + n_chunks);  // draws up to chunk c
   int* const run_column = chunk_draws + n_chunks;  // column of the run starting at draw k, or -1

@@ -359,13 +359,12 @@ __global__ void __launch_bounds__(kThreads, 4)
           // err = sum_i a_i |exp((f_i - F(g)_i) / e) - 1| over a_i > 0; F(g) rounded as the F
           // pass rounds it (__fdiv_rn: no contraction into the subtraction).
           float part = 0.0f;
-          lse_pass(by_row, rows_by_line, rows, cols, g, lb, inv_e, partial,
-                   [&](int i, float lse) {
-                     const float fg = __fdiv_rn(-lse, inv_e);
-                     const float a = CudaMath::exp(la[i]);
-                     if (a > 0.0f) part += a * fabsf(CudaMath::exp((f[i] - fg) * inv_e) - 1.0f);
-                     if (f2 != nullptr) f2[i] = fg;
-                   });
+          lse_pass(by_row, rows_by_line, rows, cols, g, lb, inv_e, partial, [&](int i, float lse) {
+            const float fg = __fdiv_rn(-lse, inv_e);
+            const float a = CudaMath::exp(la[i]);
+            if (a > 0.0f) part += a * fabsf(CudaMath::exp((f[i] - fg) * inv_e) - 1.0f);
+            if (f2 != nullptr) f2[i] = fg;
+          });
           err = block_sum(part, err_slots);
           if (err < args.tol || last) break;
           if (f2 != nullptr) {  // not stopped, so stage is false: e stays, f' is the next F
@@ -433,8 +432,7 @@ const char* sinkhorn(const SinkhornArgs& args, void* stream) {
   if (!(args.eps > 0.0f)) return "sinkhorn: eps must be > 0";
   if (args.eps_start != nullptr && !(args.kappa > 0.0f && args.kappa < 1.0f))
     return "sinkhorn: kappa must lie in (0, 1)";
-  if (args.cost_dtype != kFloat32 && args.cost_dtype != kBFloat16 &&
-      args.cost_dtype != kFloat16)
+  if (args.cost_dtype != kFloat32 && args.cost_dtype != kBFloat16 && args.cost_dtype != kFloat16)
     return "sinkhorn: cost dtype must be float32, bfloat16 or float16";
   if (args.batch == 0) return nullptr;
   if (args.iters == nullptr || args.err == nullptr || args.transport == nullptr ||
