@@ -102,8 +102,8 @@ def chunk_logprobs(
         )
     _check_int("chunk_id", chunk_id, token_logprobs.shape)
     ids = chunk_id.to(device=token_logprobs.device, dtype=torch.int64)
-    top = int(ids.max()) if ids.numel() else -1
-    low = int(ids.min()) if ids.numel() else -1
+    # One host sync for both bounds (on a GPU each int() waits for the device).
+    low, top = torch.stack(torch.aminmax(ids)).tolist() if ids.numel() else (-1, -1)
     width = top + 1 if num_chunks is None else num_chunks
     if low < -1 or top >= width:
         raise ValueError(
