@@ -4,14 +4,14 @@
 #   (torch eager, torch.compile, Liger-Kernel when importable), write logs and tables under OUT.
 # Usage: benchmarks/gpu_check.sh [OUT] [STEPS]   (OUT default: $OUT, else ./gpu_check_out)
 #   STEPS: a space-separated subset of
-#   "build tests kd_loss fused_linear sparse sample sinkhorn uld onpolicy distill"
+#   "build tests kd_loss fused_linear sparse sample sinkhorn uld xtok onpolicy distill"
 #   (default: all), so that the story can be split over calls on one machine; steps after
 #   "build" expect fastkd installed. Each benchmark step is cut off after STEP_TIMEOUT seconds.
 # Peer wheels (liger-kernel, geomloss) are installed from ./.whl when that folder holds them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_check_out}}"
-STEPS=" ${2:-build tests kd_loss fused_linear sparse sample sinkhorn uld onpolicy distill} "
+STEPS=" ${2:-build tests kd_loss fused_linear sparse sample sinkhorn uld xtok onpolicy distill} "
 STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -119,6 +119,15 @@ if wanted uld; then
   bench uld_loss --device cuda --dtype bfloat16 --rows 4096 --vocab 151936 \
     --teacher-vocab 128256 --reps 5 --out "$OUT/bench_uld_loss.json" \
     --markdown "$OUT/bench_uld_loss.md" 2>&1 | tee "$OUT/bench_uld_loss.log" || status=1
+fi
+
+# Cross-tokenizer: the byte-offset alignment (align_spans, torch backend on the GPU, against TRL's
+# GOLD aligner and a Python two-pointer loop on the CPU) and GOLD's merged-row losses at
+# V_s = 151936, V_t = 128256 (ULD and the hybrid) against their plain-PyTorch formulation.
+if wanted xtok; then
+  step "xtok benchmark: alignment, GOLD losses at V_s=151936, V_t=128256"
+  bench xtok --device cuda --reps 3 --out "$OUT/bench_xtok.json" \
+    --markdown "$OUT/bench_xtok.md" 2>&1 | tee "$OUT/bench_xtok.log" || status=1
 fi
 
 # On-policy distillation's loss step at a Llama-3-sized head: the sampled tokens' log-probs from

@@ -58,9 +58,18 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, capsys):
         "on-policy sampled rkl",
         "sparse random 50",
         "sparse top-12",
+        "own tokenizer: ce",
+        "own tokenizer: uld + ce",
+        "own tokenizer: gold + ce",
+        "own tokenizer: gold hybrid + ce",
+        "own tokenizer: alm + ce",
+        "own tokenizer: ot + ce",
     ]
-    for row in result["rows"][1:]:
+    for row in result["rows"][1:8]:
         assert row["ce"] > 0 and 0 <= row["agreement"] <= 1 and row["kl"] >= 0
+    # Across tokenizers the teacher's KL and agreement are not defined (two vocabularies).
+    for row in result["rows"][8:]:
+        assert row["ce"] > 0 and row["kl"] is None and row["agreement"] is None
     assert result["rows"][6]["cache_bytes"] > 0 and result["rows"][7]["cache_bytes"] > 0
     # The on-policy run recorded where each of its 4 micro-batches' completions came from.
     gkd_log = read_jsonl(os.path.join(result["dir"], "runs", "gkd-jsd-0.5-0.5", "log.jsonl"))
@@ -68,6 +77,7 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, capsys):
     folder = result["dir"]
     table = open(os.path.join(folder, "results.md")).read()
     assert "| sparse top-12 |" in table and "cross-entropy alone" in table
+    assert "| own tokenizer: ot + ce |" in table and "With its own tokenizer" in table
     assert "held-out CE" in capsys.readouterr().out
     # A second run reuses the teacher, the tokenizer and the caches and gives the same table.
     again = run_demo(out=str(tmp_path), preset=TINY, progress=False)

@@ -109,6 +109,32 @@ def test_two_ranks_train_like_one_process(tiny, tmp_path, strategy):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("strategy, kind", [("ddp", "ot"), ("fsdp", "gold")])
+@pytest.mark.slow
+def test_two_ranks_distill_across_tokenizers_like_one_process(tiny, tmp_path, strategy, kind):
+    """Chunks (gold) and sequences (ot) counted over both ranks; ot's learned projection is
+    trained with the student (DDP reduces its gradient, FSDP shards it with the root)."""
+    from train_setup import build_cross_tokenizer_teacher
+
+    tokenizer, teacher = build_cross_tokenizer_teacher(tiny)
+    objective = {"kind": kind, "hard_weight": 0.3}
+    steps = {"steps": 3, "micro_batch_size": 2}
+
+    def tree(out, **train):
+        t = tiny.config(out, train={**steps, **train}, objective=objective)
+        t["model"].update(teacher=teacher, teacher_tokenizer=tokenizer)
+        return t
+
+    single = str(tmp_path / "single")
+    distill(tree(single, grad_accum=2))
+    multi = str(tmp_path / f"two-{strategy}")
+    _torchrun(tmp_path, tree(multi, grad_accum=1, distributed=strategy), 2)
+    (l1, p1), (l2, p2) = _result(single), _result(multi)
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6)
+    for key in p1:
+        torch.testing.assert_close(p2[key], p1[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.slow
 def test_two_ranks_generate_on_policy(tiny, tmp_path, strategy):

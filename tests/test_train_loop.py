@@ -146,7 +146,7 @@ def test_student_trains_in_training_mode_with_fp32_weights(tiny, tmp_path, monke
     seen = []
     forward = StudentStep.forward
 
-    def spy(self, batch, teacher_inputs, num_items):
+    def spy(self, batch, teacher_inputs, counts):
         seen.append(
             (
                 self.student.training,
@@ -154,7 +154,7 @@ def test_student_trains_in_training_mode_with_fp32_weights(tiny, tmp_path, monke
                 {p.dtype for p in self.student.parameters()},
             )
         )
-        return forward(self, batch, teacher_inputs, num_items)
+        return forward(self, batch, teacher_inputs, counts)
 
     monkeypatch.setattr(StudentStep, "forward", spy)
     distill(

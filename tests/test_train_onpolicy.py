@@ -244,7 +244,7 @@ def test_gkd_loss_equals_trls_generalized_jsd(tiny, pairs, tmp_path):
         new, source = run.onpolicy.rewrite(batch, 0, 0)
         assert source == "student"
         num = (new["labels"] != IGNORE_INDEX).sum()
-        ours = run.step_module(new, run.objective.prepare(new, [0, 1]), num)
+        ours = run.step_module(new, run.objective.prepare(new, [0, 1]), {"tokens": num})
         with torch.no_grad():
             s_logits = run.student.model_logits(new["input_ids"], new["attention_mask"])
             t_logits = run.teacher.model_logits(new["input_ids"], new["attention_mask"])
@@ -406,7 +406,7 @@ def test_sampled_reverse_kl_objective_equals_the_plain_estimator(tiny, pairs, tm
     run, dist_info, batch = _run(tiny, pairs, tmp_path, kind="sampled_rkl", estimator=estimator)
     try:
         num = (batch["labels"] != IGNORE_INDEX).sum()
-        ours = run.step_module(batch, run.objective.prepare(batch, [0, 1, 2]), num)
+        ours = run.step_module(batch, run.objective.prepare(batch, [0, 1, 2]), {"tokens": num})
         ours.backward()
         got = {n: p.grad.clone() for n, p in run.student.named_parameters()}
         run.student.zero_grad()
@@ -441,7 +441,7 @@ def test_teacher_topk_of_the_whole_vocabulary_is_the_forward_kl(tiny, pairs, tmp
     run, dist_info, batch = _run(tiny, pairs, tmp_path, kind="teacher_topk", topk=tiny.vocab_size)
     try:
         num = (batch["labels"] != IGNORE_INDEX).sum()
-        ours = run.step_module(batch, run.objective.prepare(batch, [0, 1, 2]), num)
+        ours = run.step_module(batch, run.objective.prepare(batch, [0, 1, 2]), {"tokens": num})
         from fastkd import kd_loss
 
         with torch.no_grad():

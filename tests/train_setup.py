@@ -65,6 +65,23 @@ def _llama(path: str, vocab: int, hidden: int, layers: int, tokenizer, dropout: 
     return path
 
 
+def build_cross_tokenizer_teacher(tiny: TinySetup) -> tuple[str, str]:
+    """(tokenizer, teacher config) of a teacher with a tokenizer of its own: a byte-level BPE of
+    another size trained on the same corpus (its ids differ from the student's), built once
+    under the tiny setup's folder."""
+    from fastkd.train.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    tok_dir = os.path.join(tiny.root, "teacher-tokenizer")
+    teacher = os.path.join(tiny.root, "teacher-own-tokenizer")
+    if os.path.isfile(os.path.join(teacher, "config.json")):
+        return tok_dir, teacher
+    with open(tiny.corpus, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    tokenizer = train_bpe_tokenizer(docs, 420, tok_dir)
+    _llama(teacher, len(load_tokenizer(tok_dir)), 24, 2, tokenizer)
+    return tok_dir, teacher
+
+
 def build_tiny_setup(root: str) -> TinySetup:
     from fastkd.train.corpus import stdlib_corpus
     from fastkd.train.tokenizer import train_bpe_tokenizer

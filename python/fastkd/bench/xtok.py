@@ -10,7 +10,11 @@
   fastkd's chunks, the count is reported.
 * ``gold``: ``gold_loss`` (ULD on merged rows, and the hybrid) at the given vocabularies against
   the plain-PyTorch formulation (``reference/xtok_losses.py``: per sequence and chunk, full
-  probability rows), forward+backward w.r.t. the student logits.
+  probability rows), forward+backward w.r.t. the student logits; and ``fused_linear_gold_loss``
+  on the same chunks from hidden states and lm_heads (widths ``hidden`` and ``teacher_hidden``),
+  forward+backward w.r.t. the student's hidden states, then w.r.t. its hidden states and head.
+  Its inputs are the hidden states and the heads, so its peak memory (above the inputs) holds no
+  logits but, with the head's gradient, ``[V_s, H_s]`` float32 buffers.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from ..reference.align_spans import align_spans_two_pointer
 from ..reference.xtok_losses import gold_reference
 from ..xtok import VocabMap, align_spans, byte_offsets, gold_loss
+from ..xtok.fused_gold import fused_linear_gold_loss
 from ..ops._registry import available_backends
 from .harness import Result, add_loss_impl, format_table, measure
 
@@ -166,12 +171,16 @@ class XtokGoldCase:
     teacher_vocab: int = 128256
     hybrid: bool = False
     device: str = "cpu"
+    # Hidden widths of the fused rows: Qwen2.5-0.5B's (V = 151936) and a 1024-wide teacher.
+    hidden: int = 896
+    teacher_hidden: int = 1024
 
     def title(self) -> str:
         kind = "hybrid" if self.hybrid else "ULD"
         return (
             f"gold_loss ({kind}) T_s={self.student_tokens} T_t={self.teacher_tokens} "
-            f"V_s={self.vocab} V_t={self.teacher_vocab} float32 on {self.device}"
+            f"V_s={self.vocab} V_t={self.teacher_vocab} (fused: H_s={self.hidden} "
+            f"H_t={self.teacher_hidden}) float32 on {self.device}"
         )
 
 
@@ -216,21 +225,60 @@ def _gold_inputs(case: XtokGoldCase, seed: int):
     return student, teacher, s_tg, t_tg, s_ids, t_ids, vmap, matched, weights
 
 
-def _gold_losses(case: XtokGoldCase, seed: int):
-    """{name: (loss function, is a peer)} on one case's inputs, and the student logits."""
+FUSED_HIDDEN = "fastkd fused_linear_gold_loss (grad: hidden)"
+FUSED_HEAD = "fastkd fused_linear_gold_loss (grad: hidden, head)"
+
+
+def _head_inputs(case: XtokGoldCase, seed: int):
+    """Hidden states and lm_head weights of both models, logits of the same scale as
+    ``_gold_inputs``' (2 randn): hidden ~ N(0, 1), weight ~ N(0, 4 / H)."""
+    device = torch.device(case.device)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def make(rows: int, tokens: int, width: int):
+        hidden = torch.randn(1, tokens, width, generator=gen).to(device)
+        weight = (torch.randn(rows, width, generator=gen) * (2 / width**0.5)).to(device)
+        return hidden, weight
+
+    s_hidden, s_weight = make(case.vocab, case.student_tokens, case.hidden)
+    t_hidden, t_weight = make(case.teacher_vocab, case.teacher_tokens, case.teacher_hidden)
+    return s_hidden.requires_grad_(), s_weight.requires_grad_(), t_hidden, t_weight
+
+
+def _gold_losses(case: XtokGoldCase, seed: int, only: str | None = None):
+    """{name: (loss function, is a peer)} on one case's inputs (``only``: that one's), and the
+    tensors that get gradients. The fused rows' hidden states and heads are built only for
+    them."""
     student, teacher, s_tg, t_tg, s_ids, t_ids, vmap, matched, weights = _gold_inputs(case, seed)
-    return {
+    ids = (s_tg, t_tg, s_ids, t_ids)
+    losses = {
         "fastkd gold_loss": (
-            lambda: gold_loss(student, teacher, s_tg, t_tg, s_ids, t_ids, vocab_map=vmap),
+            lambda: gold_loss(student, teacher, *ids, vocab_map=vmap),
             False,
         ),
         "plain PyTorch (per chunk)": (
-            lambda: gold_reference(
-                student, teacher, s_tg, t_tg, s_ids, t_ids, matched=matched, weights=weights
-            ),
+            lambda: gold_reference(student, teacher, *ids, matched=matched, weights=weights),
             True,
         ),
-    }, student
+    }
+    leaves = [student]
+    if only is None or only in (FUSED_HIDDEN, FUSED_HEAD):
+        s_hidden, s_weight, t_hidden, t_weight = _head_inputs(case, seed)
+        frozen = s_weight.detach()
+        losses[FUSED_HIDDEN] = (
+            lambda: fused_linear_gold_loss(
+                s_hidden, frozen, t_hidden, t_weight, *ids, vocab_map=vmap
+            ),
+            False,
+        )
+        losses[FUSED_HEAD] = (
+            lambda: fused_linear_gold_loss(
+                s_hidden, s_weight, t_hidden, t_weight, *ids, vocab_map=vmap
+            ),
+            False,
+        )
+        leaves += [s_hidden, s_weight]
+    return losses, leaves
 
 
 def gold_peak_child(case_fields: str, name: str, seed: int) -> None:
@@ -241,7 +289,7 @@ def gold_peak_child(case_fields: str, name: str, seed: int) -> None:
 
     from .harness import _rss_kb, _rss_peak_reset
 
-    losses, _ = _gold_losses(XtokGoldCase(**json.loads(case_fields)), seed)
+    losses, _ = _gold_losses(XtokGoldCase(**json.loads(case_fields)), seed, only=name)
     fn = losses[name][0]
     if not _rss_peak_reset():
         print("nan")
@@ -276,13 +324,14 @@ def run_xtok_gold_case(
     """Times each implementation in this process and measures each one's peak memory in a
     fresh one; returns the results and a markdown table."""
     device = torch.device(case.device)
-    losses, student = _gold_losses(case, seed)
+    losses, leaves = _gold_losses(case, seed)
     impls, fwd = [], {}
     for name, (fn, peer) in losses.items():
         add_loss_impl(impls, fwd, name, fn, peer=peer)
 
     def drop_grad():
-        student.grad = None
+        for leaf in leaves:
+            leaf.grad = None
 
     results = measure(
         impls, device, warmup=warmup, reps=reps, forward_only=fwd, before_each=drop_grad

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "CROSS_TOKENIZER_KINDS",
     "CacheConfig",
     "CheckpointConfig",
     "Config",
@@ -45,8 +46,12 @@ class ModelConfig:
 
     student: str = field(default="", metadata={"path": True})
     teacher: str | None = field(default=None, metadata={"path": True})
-    # The tokenizer of both models' data (the student's); default: the student's directory.
+    # The student's tokenizer (and the teacher's, unless teacher_tokenizer); default: the
+    # student's directory.
     tokenizer: str | None = field(default=None, metadata={"path": True})
+    # A teacher with a tokenizer of its own (a cross-tokenizer objective: uld, gold,
+    # gold_hybrid, alm, ot): the data is tokenized by both and aligned by bytes.
+    teacher_tokenizer: str | None = field(default=None, metadata={"path": True})
     # The teacher's weights dtype: "auto" is bfloat16 on a GPU that has it, float32 on CPU.
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -76,9 +81,31 @@ class ObjectiveConfig:
     teacher's log-probabilities of the student's own samples only (``fused_linear_logprobs``),
     a sampled reverse-KL estimator (on-policy: needs ``onpolicy.student_fraction = 1``);
     ``teacher_topk``: the online teacher's top-``topk`` ids with the exact tail mass
-    (``fused_linear_topk``) through ``fused_linear_sparse_kd_loss``."""
+    (``fused_linear_topk``) through ``fused_linear_sparse_kd_loss``.
 
-    kind: Literal["ce", "kd", "sparse", "sampled_rkl", "teacher_topk"] = "kd"
+    Cross-tokenizer kinds (the teacher may have its own ``model.teacher_tokenizer``; the two
+    tokenizations are aligned into chunks of the same bytes): ``uld``: sorted-probability L1
+    between the two models' next-token distributions at each chunk's start; ``gold``: the same
+    between GOLD's chain-rule merged distributions of each chunk; ``gold_hybrid``: GOLD's
+    hybrid, JSD (``beta``) over the tokens both vocabularies hold plus sorted L1 over the rest;
+    ``alm``: approximate likelihood matching of the chunks' log-likelihoods (binary
+    cross-entropy at ``temperature``); ``ot``: optimal transport between the student's and
+    the teacher's positions, hidden states through a learned projection, the chunk alignment
+    as a prior (``ot_prior_weight``, ``ot_eps``). All are averaged over the counted chunks
+    (``ot``: over sequences); ``hard_weight`` mixes in the student's cross-entropy."""
+
+    kind: Literal[
+        "ce",
+        "kd",
+        "sparse",
+        "sampled_rkl",
+        "teacher_topk",
+        "uld",
+        "gold",
+        "gold_hybrid",
+        "alm",
+        "ot",
+    ] = "kd"
     divergence: str = "fkl"
     temperature: float = field(default=1.0, metadata={"range": (2.0**-126, 2.0**126)})
     beta: float = field(default=0.5, metadata={"range": (0.0, 1.0)})
@@ -96,10 +123,17 @@ class ObjectiveConfig:
     estimator: Literal["k1", "k2", "k3", "reward"] = "reward"
     # kind = "teacher_topk": the teacher's top-k ids per token, the rest in an exact tail bucket.
     topk: int = field(default=16, metadata={"range": (1, 2**31 - 1)})
+    # kind = "ot": entropic regularization (in units of the cosine cost, which lies in [0, 2])
+    # and the weight of the chunk prior (a pair of positions costs this much more per chunk
+    # of distance, in units of the sequence's chunks).
+    ot_eps: float = field(default=0.1, metadata={"range": (0.0, 2.0**126), "low_open": True})
+    ot_prior_weight: float = field(default=1.0, metadata={"range": (0.0, 2.0**126)})
 
 
+# Objectives that compare the models across tokenizations (aligned chunks of bytes).
+CROSS_TOKENIZER_KINDS = ("uld", "gold", "gold_hybrid", "alm", "ot")
 # Objectives that run the teacher online beside the student.
-ONLINE_KINDS = ("kd", "sampled_rkl", "teacher_topk")
+ONLINE_KINDS = ("kd", "sampled_rkl", "teacher_topk") + CROSS_TOKENIZER_KINDS
 
 
 @dataclass
@@ -260,6 +294,13 @@ class Config:
                 f'objective.kind = "{kind}" needs model.teacher (an online '
                 f'teacher); use kind = "ce" without one, or "sparse" with a cache'
             )
+        if self.model.teacher_tokenizer and kind not in CROSS_TOKENIZER_KINDS + ("ce",):
+            raise ConfigError(
+                f"model.teacher_tokenizer gives the teacher a tokenizer of its own: "
+                f"objective.kind must be one of {', '.join(CROSS_TOKENIZER_KINDS)} (they align "
+                f'the two tokenizations) or "ce" (the teacher unused); got kind = "{kind}", '
+                f"which compares the models on one vocabulary"
+            )
         if kind in ("sampled_rkl", "teacher_topk") and self.objective.temperature != 1.0:
             raise ConfigError(
                 f"objective.temperature = {self.objective.temperature!r}: kind = "
@@ -302,6 +343,17 @@ class Config:
             raise ConfigError(
                 'objective.kind = "sparse" needs cache.path (written by `fastkd cache`)'
             )
+        if kind in CROSS_TOKENIZER_KINDS and self.onpolicy.enabled:
+            raise ConfigError(
+                f'objective.kind = "{kind}" is offline: the teacher scores the data\'s text '
+                f"under its own tokenizer; on-policy generation (onpolicy.student_fraction, "
+                f"teacher_sequences) is not supported with it"
+            )
+        if kind == "ot" and self.objective.temperature != 1.0:
+            raise ConfigError(
+                f"objective.temperature = {self.objective.temperature!r}: kind = "
+                f'"ot" compares hidden states, not distributions'
+            )
         if self.onpolicy.enabled and self.objective.kind not in ONLINE_KINDS:
             raise ConfigError(
                 f"onpolicy (student_fraction = {self.onpolicy.student_fraction}, "
@@ -328,6 +380,7 @@ class Config:
             ("model.student", self.model.student),
             ("model.teacher", self.model.teacher),
             ("model.tokenizer", self.model.tokenizer),
+            ("model.teacher_tokenizer", self.model.teacher_tokenizer),
         ]
         paths += [(f"data.train[{i}]", p) for i, p in enumerate(self.data.train)]
         paths += [(f"data.eval[{i}]", p) for i, p in enumerate(self.data.eval)]

@@ -24,8 +24,11 @@ __all__ = [
     "Document",
     "SequenceDataset",
     "StepSampler",
+    "Packing",
     "collate",
+    "pack_documents",
     "read_documents",
+    "sequences_of",
     "split_documents",
     "tokenize_documents",
 ]
@@ -243,11 +246,19 @@ class SequenceDataset(torch.utils.data.Dataset):
         labels: ``[N, T]`` int64: ``labels[i, t]`` is the token to predict at position t (the
             one after it), ``IGNORE_INDEX`` (-100) where nothing is predicted.
         attention_mask: ``[N, T]`` int64, 1 on tokens, 0 on padding.
-        fingerprint: sha256 hex digest of the shape and all three tensors: equal exactly when
-            the sequences, their tokens and their order are equal.
+        extra: further per-sequence tensors ``[N, ...]`` that each item carries under its key
+            (the teacher's tokenization and the chunk alignment of a cross-tokenizer run).
+        fingerprint: sha256 hex digest of the shape and all tensors: equal exactly when the
+            sequences, their tokens and their order are equal.
     """
 
-    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        extra: dict[str, torch.Tensor] | None = None,
+    ):
         for name, t in (
             ("input_ids", input_ids),
             ("labels", labels),
@@ -268,9 +279,27 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.input_ids = input_ids.contiguous()
         self.labels = labels.contiguous()
         self.attention_mask = attention_mask.contiguous()
+        self.extra = {}
+        for key, t in (extra or {}).items():
+            if key in ("input_ids", "labels", "attention_mask"):
+                raise ValueError(f"extra tensor {key!r} would replace a main one")
+            if (
+                not isinstance(t, torch.Tensor)
+                or t.device.type != "cpu"
+                or t.dim() == 0
+                or t.shape[0] != input_ids.shape[0]
+            ):
+                raise ValueError(
+                    f"extra[{key!r}] must be a CPU tensor [N, ...] with N = "
+                    f"{input_ids.shape[0]}; got {tuple(getattr(t, 'shape', ()))}"
+                )
+            self.extra[key] = t.contiguous()
         digest = hashlib.sha256(f"{tuple(input_ids.shape)}".encode())
         for t in (self.input_ids, self.labels, self.attention_mask):
             digest.update(t.numpy())
+        for key in sorted(self.extra):
+            digest.update(key.encode())
+            digest.update(self.extra[key].numpy())
         self.fingerprint = digest.hexdigest()
         self._num_label_tokens = int((self.labels != IGNORE_INDEX).sum())
 
@@ -283,13 +312,16 @@ class SequenceDataset(torch.utils.data.Dataset):
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        """Sequence ``i``: ``input_ids``, ``labels`` and ``attention_mask``, each ``[T]`` int64
-        (copies, so that a worker process sends T tokens rather than the whole dataset)."""
-        return {
+        """Sequence ``i``: ``input_ids``, ``labels`` and ``attention_mask``, each ``[T]`` int64,
+        and the ``extra`` tensors' rows (copies, so that a worker process sends one sequence
+        rather than the whole dataset)."""
+        item = {
             "input_ids": self.input_ids[i].clone(),
             "labels": self.labels[i].clone(),
             "attention_mask": self.attention_mask[i].clone(),
         }
+        item.update((key, t[i].clone()) for key, t in self.extra.items())
+        return item
 
     def num_label_tokens(self) -> int:
         """The number of predicted positions (labels other than -100) over all sequences."""
@@ -311,6 +343,66 @@ def _encode(backend: Tokenizer, texts: list[str], chunk_chars: int = 1 << 20) ->
         )
         start = end
     return ids
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How ``tokenize_documents`` lays documents out in sequences.
+
+    Attributes:
+        stream: the text documents' tokens, in order, each document followed by the eos id.
+        doc_lengths: tokens of each text document (its eos not counted).
+        num_full: the stream's full blocks of ``seq_len + 1`` tokens (stride ``seq_len``).
+        rest: labels of the last, partial block (0: none).
+        pairs: the kept prompt/completion pairs as ``(pair index among the pairs, prompt ids,
+            sequence ids)``, the sequence being prompt + completion + eos cut to ``seq_len + 1``.
+    """
+
+    stream: list[int]
+    doc_lengths: list[int]
+    num_full: int
+    rest: int
+    pairs: list[tuple[int, list[int], list[int]]]
+
+
+def pack_documents(
+    docs: Sequence[Document], tokenizer: PreTrainedTokenizerFast, *, seq_len: int
+) -> Packing:
+    """The token layout of ``tokenize_documents`` (see there), before any tensor is built."""
+    eos = tokenizer.eos_token_id
+    # A private copy without truncation or padding: tokenizer.json may carry either, and the
+    # caller's tokenizer is left as it was.
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+
+    stream: list[int] = []
+    doc_lengths: list[int] = []
+    for ids in _encode(backend, [d.text for d in docs if not d.is_pair]):
+        stream.extend(ids)
+        stream.append(eos)
+        doc_lengths.append(len(ids))
+    num_full = max(len(stream) - 1, 0) // seq_len
+    rest = max(len(stream) - 1 - num_full * seq_len, 0)  # the labels of the last, partial block
+
+    pairs = [d for d in docs if d.is_pair]
+    prompts = _encode(backend, [d.prompt for d in pairs])
+    completions = _encode(backend, [d.completion for d in pairs])
+    kept = []
+    for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+        seq = (prompt + completion + [eos])[: seq_len + 1]
+        # The first label predicts seq[max(len(prompt), 1)]: nothing predicts a sequence's
+        # first token, even where the prompt is empty.
+        if max(len(prompt), 1) < len(seq):
+            kept.append((index, prompt, seq))
+    if len(kept) < len(pairs):
+        warnings.warn(
+            f"{len(pairs) - len(kept)} of {len(pairs)} prompt/completion pairs dropped: "
+            f"nothing to predict within seq_len + 1 = {seq_len + 1} tokens (a prompt "
+            f"that fills them, or an empty prompt and completion)",
+            stacklevel=3,
+        )
+    return Packing(stream, doc_lengths, num_full, rest, kept)
 
 
 def tokenize_documents(
@@ -353,37 +445,14 @@ def tokenize_documents(
             f"the tokenizer needs an eos and a pad token; got eos_token="
             f"{tokenizer.eos_token!r}, pad_token={tokenizer.pad_token!r}"
         )
-    # A private copy without truncation or padding: tokenizer.json may carry either, and the
-    # caller's tokenizer is left as it was.
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.no_truncation()
-    backend.no_padding()
+    return sequences_of(pack_documents(docs, tokenizer, seq_len=seq_len), pad, seq_len)
 
-    stream: list[int] = []
-    for ids in _encode(backend, [d.text for d in docs if not d.is_pair]):
-        stream.extend(ids)
-        stream.append(eos)
-    tokens = torch.tensor(stream, dtype=torch.int64)
-    num_full = max(len(stream) - 1, 0) // seq_len
-    rest = max(len(stream) - 1 - num_full * seq_len, 0)  # the labels of the last, partial block
 
-    pairs = [d for d in docs if d.is_pair]
-    prompts = _encode(backend, [d.prompt for d in pairs])
-    completions = _encode(backend, [d.completion for d in pairs])
-    kept = []
-    for prompt, completion in zip(prompts, completions):
-        seq = (prompt + completion + [eos])[: seq_len + 1]
-        # The first label predicts seq[max(len(prompt), 1)]: nothing predicts a sequence's
-        # first token, even where the prompt is empty.
-        if max(len(prompt), 1) < len(seq):
-            kept.append((prompt, seq))
-    if len(kept) < len(pairs):
-        warnings.warn(
-            f"{len(pairs) - len(kept)} of {len(pairs)} prompt/completion pairs dropped: "
-            f"nothing to predict within seq_len + 1 = {seq_len + 1} tokens (a prompt "
-            f"that fills them, or an empty prompt and completion)",
-            stacklevel=2,
-        )
+def sequences_of(packing: Packing, pad: int, seq_len: int) -> SequenceDataset:
+    """The dataset of a ``pack_documents`` layout: blocks, then pairs, padded with ``pad``."""
+    tokens = torch.tensor(packing.stream, dtype=torch.int64)
+    num_full, rest = packing.num_full, packing.rest
+    kept = [(prompt, seq) for _, prompt, seq in packing.pairs]
 
     n = num_full + (rest > 0) + len(kept)
     input_ids = torch.full((n, seq_len), pad, dtype=torch.int64)

@@ -11,7 +11,11 @@
    teacher's log-probabilities of the student's samples only (reverse KL, policy-gradient
    form), offline from a cache of 50 random samples per token, offline from a top-12 cache with
    its tail mass.
-5. One results table (held-out CE, KL to the teacher, top-1 agreement, calibration, training
+5. The same student size with a tokenizer of its own (a byte-level BPE of another size)
+   distilled from the same teacher across tokenizers (ULD at chunk starts, GOLD, GOLD's hybrid,
+   ALM, OT between hidden states; each with half cross-entropy), next to its cross-entropy
+   alone.
+6. One results table (held-out CE, KL to the teacher, top-1 agreement, calibration, training
    tokens/s, cache bytes per token) and plots, in the output folder and on the terminal.
 
 Everything is seeded: a second run with the same seed gives the same table (timings aside).
@@ -148,6 +152,18 @@ _STUDENT_RUNS = [
     ("sparse random 50", {"kind": "sparse"}, "random50", {}),
     ("sparse top-12", {"kind": "sparse"}, "top12", {}),
 ]
+# The cross-tokenizer rows: a student with a byte-level BPE of its own (another size, trained on
+# the same corpus) distilled from the same teacher, each loss mixed half and half with the
+# student's cross-entropy (hidden-state OT alone carries nothing of the vocabulary), next to its
+# cross-entropy alone.
+_CROSS_TOKENIZER_RUNS = [
+    ("own tokenizer: ce", {"kind": "ce"}),
+    ("own tokenizer: uld + ce", {"kind": "uld", "hard_weight": 0.5}),
+    ("own tokenizer: gold + ce", {"kind": "gold", "hard_weight": 0.5}),
+    ("own tokenizer: gold hybrid + ce", {"kind": "gold_hybrid", "hard_weight": 0.5}),
+    ("own tokenizer: alm + ce", {"kind": "alm", "hard_weight": 0.5}),
+    ("own tokenizer: ot + ce", {"kind": "ot", "hard_weight": 0.5}),
+]
 _CACHES = {
     "random50": {"method": "random", "num_samples": 50},
     "top12": {"method": "topk", "k": 12},
@@ -210,6 +226,38 @@ def _base_config(root: str, preset: DemoPreset, seed: int, progress: bool) -> di
         },
         "eval": {"every": preset.eval_every, "batch_size": 32},
         "output": {"progress": progress, "log_every": 10},
+    }
+
+
+def _verdict(ce_row: dict, rows: list[dict], what: str) -> str:
+    best = min(rows, key=lambda r: r["ce"])
+    return (
+        f"{what}: {best['run']} at held-out CE {best['ce']:.4f} against "
+        f"{ce_row['ce']:.4f} for cross-entropy alone "
+        f"({'better' if best['ce'] < ce_row['ce'] else 'not better'})."
+    )
+
+
+def _own_tokenizer_student(root: str, preset: DemoPreset, texts_of: str) -> dict:
+    """The cross-tokenizer rows' model section: a byte-level BPE of another size than the
+    teacher's, trained on the same corpus (the larger of half the teacher's vocabulary and 384
+    ids), and the student's config with that vocabulary; the teacher keeps its tokenizer."""
+    from .tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    tok_dir = os.path.join(root, "student-tokenizer")
+    vocab = max(preset.vocab_size // 2, 384)
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        with open(texts_of, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        train_bpe_tokenizer(texts, vocab, tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    init = os.path.join(root, "init", "student-own-tokenizer")
+    _model_config(init, preset.student, len(tokenizer), preset.seq_len, tokenizer)
+    return {
+        "student": init,
+        "tokenizer": tok_dir,
+        "teacher_tokenizer": os.path.join(root, "tokenizer"),
+        "vocab_size": len(tokenizer),
     }
 
 
@@ -318,13 +366,19 @@ def run_demo(
         }
     ]
     series = {}
-    for name, objective, cache, onpolicy in _STUDENT_RUNS:
+    student_runs = [(n, o, c, p, {}) for n, o, c, p in _STUDENT_RUNS]
+    own = _own_tokenizer_student(root, preset, texts_of=corpus)
+    own_model = {k: v for k, v in own.items() if k != "vocab_size"}
+    student_runs += [(n, o, None, {}, own_model) for n, o in _CROSS_TOKENIZER_RUNS]
+    for name, objective, cache, onpolicy, model in student_runs:
         t = time.perf_counter()
         run_dir = os.path.join(root, "runs", _run_folder(name))
         # Students are trained afresh on every run of the demo (the teacher is what is reused).
         shutil.rmtree(run_dir, ignore_errors=True)
         _say(f"student: {name}")
         extra = {"objective": objective, "output": {"dir": run_dir}}
+        if model:
+            extra["model"] = model
         if cache:
             extra["cache"] = {"path": os.path.join(root, "caches", cache)}
         if onpolicy:
@@ -359,12 +413,15 @@ def run_demo(
         ("cache_bytes", "cache bytes/token", ".1f"),
     ]
     table = markdown_table(rows, columns)
-    ce_row = rows[1]
-    best = min(rows[2:], key=lambda r: r["ce"])
-    verdict = (
-        f"Best distilled student: {best['run']} at held-out CE {best['ce']:.4f} against "
-        f"{ce_row['ce']:.4f} for cross-entropy alone "
-        f"({'better' if best['ce'] < ce_row['ce'] else 'not better'})."
+    cross = len(_CROSS_TOKENIZER_RUNS)
+    verdict = _verdict(rows[1], rows[2:-cross], "Best distilled student") + (
+        "\n\n"
+        + _verdict(
+            rows[-cross],
+            rows[-cross + 1 :],
+            f"With its own tokenizer ({own['vocab_size']} ids; held-out CE per token of that "
+            f"tokenizer, comparable within these rows only), best",
+        )
     )
     timing_lines = "\n".join(f"- {k}: {v:.0f} s" for k, v in timings.items())
     report = (

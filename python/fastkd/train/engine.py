@@ -18,9 +18,10 @@ class StudentStep(nn.Module):
     that a sharded head is gathered while the fused loss reads it and DDP sees every parameter
     used within its forward.
 
-    ``forward(batch, teacher_inputs, num_items)`` -> the micro-batch's loss sum divided by
-    ``num_items`` (a 0-d float32 tensor), the step's counted tokens over all micro-batches and
-    ranks.
+    ``forward(batch, teacher_inputs, counts)`` -> the micro-batch's loss sum divided by the
+    step's count over all micro-batches and ranks (``counts``: see ``objectives``), a 0-d
+    float32 tensor. The objective's own trained modules (``Objective.trainable``) are
+    submodules, so that the optimizer, DDP, FSDP and checkpoints see them with the student.
     """
 
     def __init__(
@@ -29,9 +30,12 @@ class StudentStep(nn.Module):
         super().__init__()
         self.student = student
         self.objective = objective
+        trained = objective.trainable()
+        if trained:
+            self.objective_modules = nn.ModuleDict(trained)
         self.autocast = autocast
 
-    def forward(self, batch: dict, teacher_inputs: dict, num_items: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: dict, teacher_inputs: dict, counts: dict) -> torch.Tensor:
         with autocast_context(batch["input_ids"].device, self.autocast):
             hidden = self.student(batch["input_ids"], batch["attention_mask"])
-        return self.objective.loss(hidden, self.student.head(), batch, teacher_inputs, num_items)
+        return self.objective.loss(hidden, self.student.head(), batch, teacher_inputs, counts)

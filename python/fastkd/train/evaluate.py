@@ -122,7 +122,8 @@ def evaluate(
 
 def evaluate_run(config, overrides=None, *, model: str | None = None) -> dict:
     """``fastkd eval``: the metrics of a trained student on ``config``'s held-out data (with the
-    teacher's KL and agreement when ``model.teacher`` is set). ``model`` defaults to the run's
+    teacher's KL and agreement when ``model.teacher`` is set and shares the student's
+    tokenizer). ``model`` defaults to the run's
     exported ``output.dir/model``, else ``model.student``."""
     import os
 
@@ -142,10 +143,13 @@ def evaluate_run(config, overrides=None, *, model: str | None = None) -> dict:
         exported = os.path.join(config.output.dir, "model")
         path = model or (exported if os.path.isdir(exported) else config.model.student)
         student = load_causal_lm(path, seed=config.train.seed).to(dist_info.device)
+        # KL and agreement compare the models on one vocabulary: not with a teacher that has
+        # a tokenizer of its own.
+        same_vocabulary = not config.model.teacher_tokenizer
         metrics = evaluate(
             student,
             data.eval,
-            teacher=load_teacher(config, dist_info.device),
+            teacher=load_teacher(config, dist_info.device) if same_vocabulary else None,
             batch_size=config.eval.batch_size,
             max_batches=config.eval.max_batches,
             ece_bins=config.eval.ece_bins,

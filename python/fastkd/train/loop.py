@@ -26,7 +26,7 @@ from .data import StepSampler, collate
 from .distributed import Distributed, gradient_sync, init_distributed, unsharded_root, wrap_student
 from .engine import StudentStep
 from .evaluate import evaluate
-from .objectives import make_objective
+from .objectives import COUNTS, batch_counts, make_objective
 from .onpolicy import SOURCES, OnPolicy
 from .report import JsonlLog, Progress, markdown_table, plot_curves, read_jsonl
 from .run_files import RunLock, export_model, write_json_atomic
@@ -109,13 +109,21 @@ class _Run:
         self.autocast = _autocast_dtype(c, device)
         torch.manual_seed(c.train.seed)
         self.data = load_data(c)
-        self.eval_teacher = bool(c.model.teacher) and c.eval.teacher_metrics
+        # KL to the teacher and top-1 agreement compare the models on one vocabulary.
+        self.eval_teacher = (
+            bool(c.model.teacher) and c.eval.teacher_metrics and not c.model.teacher_tokenizer
+        )
         self.student, self.teacher = load_models(
             c, device, with_teacher=c.objective.kind in ONLINE_KINDS or self.eval_teacher
         )
         cache = self._open_cache() if c.objective.kind == "sparse" else None
         self.objective = make_objective(
-            c.objective, teacher=self.teacher, cache=cache, autocast=self.autocast
+            c.objective,
+            teacher=self.teacher,
+            cache=cache,
+            autocast=self.autocast,
+            student=self.student,
+            tokenizers=(self.data.tokenizer, self.data.teacher_tokenizer),
         )
         self.onpolicy = None
         if c.onpolicy.enabled:
@@ -293,18 +301,16 @@ class _Run:
                 for j, batch in enumerate(batches):
                     batches[j], source = self.onpolicy.rewrite(batch, self.step, j, c.train.steps)
                     sources[source] += 1
-        counted = sum(int((b["labels"] != -100).sum()) for b in batches)
-        num_items = int(
-            self.dist.all_reduce_sum(
-                torch.tensor([counted], dtype=torch.float64, device=device)
-            ).item()
-        )
+        counted = sum(batch_counts(b) for b in batches)
+        step_counts = self.dist.all_reduce_sum(counted.to(device)).tolist()
+        counts = {k: max(int(v), 1) for k, v in zip(COUNTS, step_counts)}
+        num_items = int(step_counts[0])
         total = torch.zeros((), dtype=torch.float64, device=device)
         world = self.dist.world_size
         for j, (idx, batch) in enumerate(zip(micro, batches)):
             teacher_inputs = self.objective.prepare(batch, idx)
             with gradient_sync(self.module, j == len(micro) - 1):
-                loss = self.module(batch, teacher_inputs, max(num_items, 1))
+                loss = self.module(batch, teacher_inputs, counts)
                 (loss * world).backward()
             total += loss.detach().double()
         grad_norm = None

@@ -1,12 +1,15 @@
 """Training objectives: what a micro-batch's loss is, from the student's final hidden states and
 head, without a tokens x vocab tensor.
 
-Every objective returns the micro-batch's summed per-token loss divided by ``num_items``, the
-number of counted tokens of the whole optimizer step (all micro-batches, all ranks), so that the
-gradients summed over the step equal those of one big batch's mean. A new objective subclasses
-``Objective``, builds itself from the run in ``create`` and is listed in ``OBJECTIVES`` under its
-``kind`` (and in ``ObjectiveConfig.kind``); the trainer gives it the batch, the student and
-whatever ``teacher_inputs`` its ``prepare`` returned outside the student's forward.
+Every objective returns the micro-batch's summed loss divided by the whole optimizer step's
+count (all micro-batches, all ranks) of what it averages over, so that the gradients summed over
+the step equal those of one big batch's mean. ``counts`` (``step_counts``) holds the step's
+``tokens`` (labels other than -100), ``chunks`` (counted chunks of a cross-tokenizer batch) and
+``sequences`` (a cross-tokenizer batch's sequences with a counted chunk; else all), each at
+least 1. A new objective subclasses ``Objective``, builds itself from the run in ``create`` and
+is listed in ``OBJECTIVES`` under its ``kind`` (and in ``ObjectiveConfig.kind``); the trainer
+gives it the batch, the student and whatever ``teacher_inputs`` its ``prepare`` returned outside
+the student's forward.
 """
 
 from __future__ import annotations
@@ -33,6 +36,21 @@ __all__ = [
     "TeacherTopK",
     "make_objective",
 ]
+
+
+COUNTS = ("tokens", "chunks", "sequences")
+
+
+def batch_counts(batch: dict) -> torch.Tensor:
+    """float64 ``[3]``: the micro-batch's ``COUNTS`` (see the module docstring)."""
+    tokens = (batch["labels"] != IGNORE_INDEX).sum()
+    chunks = batch.get("chunk_count")
+    if chunks is None:
+        sequences = torch.tensor(batch["labels"].shape[0], device=tokens.device)
+        chunks = torch.zeros((), dtype=tokens.dtype, device=tokens.device)
+    else:
+        sequences, chunks = (chunks > 0).sum(), chunks.sum()
+    return torch.stack([tokens, chunks, sequences]).double()
 
 
 def label_targets(labels: torch.Tensor, vocab_size: int) -> SparseTargets:
@@ -76,9 +94,11 @@ class Objective:
         teacher: CausalLM | None,
         cache,
         autocast: torch.dtype | None,
+        **run,
     ) -> "Objective":
         """The objective of a run: its config and what the run loaded (the teacher, the
-        teacher cache, the autocast dtype), each taken where the objective needs it."""
+        teacher cache, the autocast dtype; in ``run``, the ``student`` and both
+        ``tokenizers``), each taken where the objective needs it."""
         return cls(config)
 
     def prepare(self, batch: dict, indices: list[int]) -> dict:
@@ -90,9 +110,14 @@ class Objective:
         head: Head,
         batch: dict,
         teacher_inputs: dict,
-        num_items: torch.Tensor,
+        counts: dict[str, int],
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        """Modules of the objective trained with the student (a learned projection), by
+        name; the trainer optimizes, synchronizes and checkpoints them with it."""
+        return {}
 
 
 class CrossEntropy(Objective):
@@ -100,7 +125,7 @@ class CrossEntropy(Objective):
 
     kind = "ce"
 
-    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+    def loss(self, hidden, head, batch, teacher_inputs, counts):
         _student_softcap(head, "the fused cross-entropy")
         labels = batch["labels"]
         return fused_linear_sparse_kd_loss(
@@ -110,7 +135,7 @@ class CrossEntropy(Objective):
             student_bias=head.bias,
             logit_scale=head.logit_scale,
             labels=labels,
-            num_items_in_batch=num_items,
+            num_items_in_batch=counts["tokens"],
             backend=self.config.backend,
         )
 
@@ -127,7 +152,7 @@ class OnlineKD(Objective):
         self.autocast = autocast
 
     @classmethod
-    def create(cls, config, *, teacher, cache, autocast):
+    def create(cls, config, *, teacher, cache, autocast, **run):
         return cls(config, teacher, autocast)
 
     def prepare(self, batch, indices):
@@ -136,7 +161,7 @@ class OnlineKD(Objective):
                 hidden = self.teacher(batch["input_ids"], batch["attention_mask"])
         return {"hidden": hidden}
 
-    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+    def loss(self, hidden, head, batch, teacher_inputs, counts):
         c = self.config
         t_head = self.teacher.head()
         softcap = c.softcap
@@ -165,7 +190,7 @@ class OnlineKD(Objective):
             t2_scale=c.t2_scale,
             hard_weight=c.hard_weight,
             labels=batch["labels"],
-            num_items_in_batch=num_items,
+            num_items_in_batch=counts["tokens"],
             backend=c.backend,
         )
 
@@ -181,7 +206,7 @@ class SparseKD(Objective):
         self.cache = cache
 
     @classmethod
-    def create(cls, config, *, teacher, cache, autocast):
+    def create(cls, config, *, teacher, cache, autocast, **run):
         return cls(config, cache)
 
     def prepare(self, batch, indices):
@@ -194,7 +219,7 @@ class SparseKD(Objective):
             )
         return {"targets": targets.to(batch["labels"].device)}
 
-    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+    def loss(self, hidden, head, batch, teacher_inputs, counts):
         _student_softcap(head, "the fused sparse loss")
         c = self.config
         return fused_linear_sparse_kd_loss(
@@ -205,7 +230,7 @@ class SparseKD(Objective):
             logit_scale=head.logit_scale,
             hard_weight=c.hard_weight,
             labels=batch["labels"],
-            num_items_in_batch=num_items,
+            num_items_in_batch=counts["tokens"],
             backend=c.backend,
         )
 
@@ -234,7 +259,7 @@ class SampledReverseKL(OnlineKD):
 
     kind = "sampled_rkl"
 
-    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+    def loss(self, hidden, head, batch, teacher_inputs, counts):
         c = self.config
         t_head = _uncapped_heads(head, self.teacher, self.kind)
         labels = batch["labels"]
@@ -262,7 +287,7 @@ class SampledReverseKL(OnlineKD):
             mask=labels != IGNORE_INDEX,
             reduction="sum",
         )
-        return total / num_items
+        return total / counts["tokens"]
 
 
 class TeacherTopK(OnlineKD):
@@ -272,7 +297,7 @@ class TeacherTopK(OnlineKD):
 
     kind = "teacher_topk"
 
-    def loss(self, hidden, head, batch, teacher_inputs, num_items):
+    def loss(self, hidden, head, batch, teacher_inputs, counts):
         c = self.config
         t_head = _uncapped_heads(head, self.teacher, self.kind)
         with torch.no_grad():
@@ -292,7 +317,7 @@ class TeacherTopK(OnlineKD):
             logit_scale=head.logit_scale,
             hard_weight=c.hard_weight,
             labels=batch["labels"],
-            num_items_in_batch=num_items,
+            num_items_in_batch=counts["tokens"],
             backend=c.backend,
         )
 
@@ -308,6 +333,22 @@ def make_objective(
     teacher: CausalLM | None = None,
     cache=None,
     autocast: torch.dtype | None = None,
+    student: CausalLM | None = None,
+    tokenizers: tuple | None = None,
 ) -> Objective:
-    """The objective registered under ``config.kind``, built with what it needs."""
-    return OBJECTIVES[config.kind].create(config, teacher=teacher, cache=cache, autocast=autocast)
+    """The objective registered under ``config.kind``, built with what it needs
+    (``tokenizers``: the student's and the teacher's, for cross-tokenizer kinds)."""
+    return OBJECTIVES[config.kind].create(
+        config,
+        teacher=teacher,
+        cache=cache,
+        autocast=autocast,
+        student=student,
+        tokenizers=tokenizers,
+    )
+
+
+# The cross-tokenizer objectives subclass the ones above (registered here, after them).
+from .xtok_objectives import CROSS_TOKENIZER_OBJECTIVES  # noqa: E402
+
+OBJECTIVES.update((cls.kind, cls) for cls in CROSS_TOKENIZER_OBJECTIVES)

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, load_config
+from .config import CROSS_TOKENIZER_KINDS, Config, load_config
 from .data import SequenceDataset, read_documents, split_documents, tokenize_documents
 from .models import CausalLM, load_causal_lm
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
+from .xtok_data import tokenize_aligned
 
 __all__ = [
     "LOGITS_WORKSPACE_BYTES",
@@ -57,14 +58,20 @@ class RunData:
     train: SequenceDataset
     eval: SequenceDataset
     tokenizer_fingerprint: str
+    # A cross-tokenizer run's teacher tokenizer (the student's when it has none of its own);
+    # its training sequences then carry the teacher's tokens and the chunk alignment.
+    teacher_tokenizer: object | None = None
+
+
+def _tokenizer_at(path: str):
+    return load_tokenizer(os.path.dirname(path) if os.path.isfile(path) else path)
 
 
 def load_data(config: Config) -> RunData:
-    """The tokenizer and the tokenized training and held-out sequences of ``config``."""
-    path = config.model.tokenizer or config.model.student
-    if os.path.isfile(path):
-        path = os.path.dirname(path)
-    tokenizer = load_tokenizer(path)
+    """The tokenizer and the tokenized training and held-out sequences of ``config``; for a
+    cross-tokenizer objective, the training sequences aligned with the teacher's tokenization
+    (``tokenize_aligned``)."""
+    tokenizer = _tokenizer_at(config.model.tokenizer or config.model.student)
     d = config.data
     keys = dict(
         format=d.format,
@@ -79,11 +86,17 @@ def load_data(config: Config) -> RunData:
         train_docs, eval_docs = split_documents(
             docs, eval_fraction=d.eval_fraction, seed=config.train.seed
         )
-    train = tokenize_documents(train_docs, tokenizer, seq_len=d.seq_len)
+    teacher_tokenizer = None
+    if config.objective.kind in CROSS_TOKENIZER_KINDS:
+        path = config.model.teacher_tokenizer
+        teacher_tokenizer = _tokenizer_at(path) if path else tokenizer
+        train = tokenize_aligned(train_docs, tokenizer, teacher_tokenizer, seq_len=d.seq_len)
+    else:
+        train = tokenize_documents(train_docs, tokenizer, seq_len=d.seq_len)
     held_out = tokenize_documents(eval_docs, tokenizer, seq_len=d.seq_len)
     if len(train) == 0:
         raise ValueError(f"data.train yields no training sequence of {d.seq_len} tokens")
-    return RunData(tokenizer, train, held_out, tokenizer_fingerprint(tokenizer))
+    return RunData(tokenizer, train, held_out, tokenizer_fingerprint(tokenizer), teacher_tokenizer)
 
 
 def teacher_dtype(config: Config, device: torch.device) -> torch.dtype:

@@ -7,14 +7,19 @@ compare the models on the aligned chunks.
   edit-distance fallback for tokenizers without offsets;
 * ``vocab_map``: the tokens both vocabularies hold (same bytes);
 * losses: ``chunk_logprobs`` and ``alm_loss`` (approximate likelihood matching),
-  ``merge_chunk_probs`` and ``gold_loss`` (GOLD's chain-rule merge, ULD and the hybrid).
+  ``merge_chunk_probs`` and ``gold_loss`` (GOLD's chain-rule merge, ULD and the hybrid), and
+  ``fused_linear_gold_loss`` (GOLD from hidden states and lm_heads, no logits);
+* ``xtok_ot_loss``: entropic OT between the two tokenizations' positions with the chunk
+  alignment as a prior (MultiLevelOT / CoT2Align); ``sorted_topk_probs``: sorted top-k rows.
 """
 
 from .align import Alignment, align_spans
 from .aligner import AlignedBatch, TokenAligner
 from .chunk_losses import alm_loss, chunk_logprobs, chunk_mask, token_logprobs
+from .fused_gold import fused_linear_gold_loss
 from .gold import gold_loss, merge_chunk_probs
 from .offsets import TokenSpans, byte_offsets
+from .ot import sorted_topk_probs, xtok_ot_loss
 from .vocab_map import VocabMap, token_bytes, vocab_map
 
 __all__ = [
@@ -28,9 +33,12 @@ __all__ = [
     "byte_offsets",
     "chunk_logprobs",
     "chunk_mask",
+    "fused_linear_gold_loss",
     "gold_loss",
     "merge_chunk_probs",
+    "sorted_topk_probs",
     "token_bytes",
     "token_logprobs",
     "vocab_map",
+    "xtok_ot_loss",
 ]

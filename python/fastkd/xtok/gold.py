@@ -16,16 +16,20 @@ The rules follow TRL's GOLD trainer (``trl.experimental.gold``, ``ULDLoss``):
   of the teacher's vocabulary that is matched and the rest (TRL's ``uld_hybrid_matched_weight``
   and ``uld_hybrid_unmatched_weight`` left at None).
 
-Rows are processed in blocks under activation checkpointing, so no merged ``[rows, V]`` tensor
-beyond one block is kept for the backward.
+Memory: ``gold_loss`` is one autograd function over blocks of rows. The forward computes the
+continuation log-probabilities (blocks of positions) and the per-chunk losses (blocks of merged
+rows) and keeps only per-token and per-chunk vectors; the backward recomputes each block and
+writes the gradient into one ``[B, T, V]`` buffer, the gradient itself. Beyond it and the inputs,
+a few ``block_rows x V`` tensors are alive at a time. The same blocks serve
+``fused_linear_gold_loss``, which forms each block's rows from hidden states and the lm_head.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .chunk_losses import _check_int
 from .vocab_map import VocabMap
@@ -34,6 +38,7 @@ __all__ = ["gold_loss", "merge_chunk_probs"]
 
 # TRL's floor on each continuation probability in the merge and on probabilities under a log.
 PROB_FLOOR = 1e-8
+LOG_PROB_FLOOR = math.log(PROB_FLOOR)
 
 
 def _first_positions(chunk_id: torch.Tensor, width: int) -> torch.Tensor:
@@ -107,14 +112,48 @@ def _width(chunk_id: torch.Tensor, num_chunks: int | None) -> int:
     return top if num_chunks is None else max(num_chunks, top)
 
 
-def _sorted_l1(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Per row, sum |sort(q) - sort(p)|, both descending, the narrower zero-padded."""
-    qs = q.sort(dim=-1, descending=True).values
-    ps = p.sort(dim=-1, descending=True).values
-    width = max(qs.shape[-1], ps.shape[-1])
-    qs = torch.nn.functional.pad(qs, (0, width - qs.shape[-1]))
-    ps = torch.nn.functional.pad(ps, (0, width - ps.shape[-1]))
-    return (qs - ps).abs().sum(-1)
+def _sort_desc(p: torch.Tensor) -> torch.Tensor:
+    return p.sort(dim=-1, descending=True).values
+
+
+class _SortedL1(torch.autograd.Function):
+    """Per row, sum |sort(q) - p_sorted|, ``p_sorted`` a row sorted in descending order (no
+    gradient; overwritten), the narrower zero-padded. The gradient over q is the sign of each
+    sorted difference, put back at q's unsorted positions: it is kept as int8 (a quarter of a
+    float32 row) in place of the sort's int64 indices and the differences that autograd would
+    keep."""
+
+    @staticmethod
+    def forward(ctx, q, p_sorted):
+        common = torch.promote_types(q.dtype, p_sorted.dtype)
+        need_grad = ctx.needs_input_grad[0]
+        # q's sort indices (int64, twice a float32 row) are kept only for the gradient.
+        if need_grad:
+            qs, order = q.sort(dim=-1, descending=True)
+        else:
+            qs, order = _sort_desc(q), None
+        qs, ps = qs.to(common), p_sorted.to(common)
+        # The difference is formed in place in the wider of the two sorted rows: its columns past
+        # the narrower width are the difference with zero padding as they stand.
+        if qs.shape[-1] >= ps.shape[-1]:
+            diff, flip = qs, False
+            diff[:, : ps.shape[-1]].sub_(ps)
+        else:
+            diff, flip = ps, True  # holds sort(p) - sort(q), the negated difference
+            diff[:, : qs.shape[-1]].sub_(qs)
+        if need_grad:
+            head = diff[:, : q.shape[-1]]
+            sign = (head > 0).to(torch.int8) - (head < 0).to(torch.int8)
+            unsorted = torch.zeros(q.shape, dtype=torch.int8, device=q.device)
+            ctx.save_for_backward(unsorted.scatter_(-1, order, sign.neg_() if flip else sign))
+            del order, head, sign
+        return diff.abs_().sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (sign,) = ctx.saved_tensors
+        return sign.to(grad.dtype) * grad.unsqueeze(-1), None
 
 
 def _jsd_probs(q: torch.Tensor, p: torch.Tensor, beta: float) -> torch.Tensor:
@@ -137,22 +176,356 @@ def _jsd_probs(q: torch.Tensor, p: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
 
 
-def _rows_loss(
-    s_rows, t_rows, s_scale, t_scale, temperature, teacher_temperature, split, beta, weights
-):
-    q = torch.softmax(s_rows / temperature, dim=-1) * s_scale.exp().unsqueeze(-1)
-    p = torch.softmax(t_rows / teacher_temperature, dim=-1) * t_scale.exp().unsqueeze(-1)
+def _merged(rows: torch.Tensor, log_scale: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(rows / T) * exp(log_scale)`` per row, no gradient: the merged rows of a block,
+    the scale applied in place."""
+    probs = torch.softmax(rows if temperature == 1.0 else rows / temperature, dim=-1)
+    return probs.mul_(log_scale.exp().unsqueeze(-1))
+
+
+def _teacher_terms(p: torch.Tensor, split) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the loss reads of the teacher's merged rows, formed before the student's block:
+    (the matched columns, or None for ULD; the other columns sorted in descending order, or
+    None when the hybrid has no sorted term)."""
     if split is None:
-        return _sorted_l1(q, p)
-    s_matched, t_matched, s_rest, t_rest = split
-    matched = _jsd_probs(q[:, s_matched], p[:, t_matched], beta)
+        return None, _sort_desc(p)
+    _, t_matched, s_rest, t_rest = split
     # As TRL: no sorted term unless both sides have unmatched tokens.
-    rest = (
-        _sorted_l1(q[:, s_rest], p[:, t_rest])
-        if s_rest.numel() and t_rest.numel()
-        else q.new_zeros(q.shape[0])
-    )
+    rest = _sort_desc(p[:, t_rest]) if s_rest.numel() and t_rest.numel() else None
+    return p[:, t_matched], rest
+
+
+def _rows_loss(q, teacher_terms, split, beta, weights):
+    """Per row, GOLD's loss between the student's merged rows ``q`` and the teacher's
+    (``_teacher_terms``, no gradient; the sorted part is overwritten): ULD's sorted L1, or the
+    hybrid with ``split``."""
+    p_matched, p_sorted = teacher_terms
+    if split is None:
+        return _SortedL1.apply(q, p_sorted)
+    s_matched, _, s_rest, _ = split
+    matched = _jsd_probs(q[:, s_matched], p_matched, beta)
+    rest = q.new_zeros(q.shape[0]) if p_sorted is None else _SortedL1.apply(q[:, s_rest], p_sorted)
     return weights[0] * matched + weights[1] * rest
+
+
+class _RowRule(NamedTuple):
+    """What the loss of a block of merged rows needs besides the rows (``_rows_loss``)."""
+
+    temperature: float
+    teacher_temperature: float
+    split: tuple | None  # the hybrid's (s_matched, t_matched, s_rest, t_rest) ids, or None: ULD
+    beta: float
+    weights: tuple[float, float]
+
+
+class _Side(NamedTuple):
+    """One side's positions: each counted chunk's first position, and the counted chunks' later
+    positions (their continuation tokens), all int64 on the model's device."""
+
+    first_batch: torch.Tensor  # [R]
+    first_pos: torch.Tensor  # [R]
+    cont_batch: torch.Tensor  # [M]
+    cont_pos: torch.Tensor  # [M]
+    cont_row: torch.Tensor  # [M], the counted chunk (row 0..R-1) each belongs to
+    cont_targets: torch.Tensor  # [M], the token each predicts
+
+
+class _Layout(NamedTuple):
+    """The counted chunks, in (batch, chunk) order: row r is chunk ``chunk[r]`` of sequence
+    ``batch[r]``; ``shape`` is (B, C) of the per-chunk output."""
+
+    batch: torch.Tensor
+    chunk: torch.Tensor
+    shape: tuple[int, int]
+    student: _Side
+    teacher: _Side
+
+
+def _check_options(temperature, teacher_temperature, beta, block_rows, reduction) -> float:
+    """Validates the options shared by the GOLD losses; returns the teacher's temperature."""
+    t_temp = temperature if teacher_temperature is None else teacher_temperature
+    for name, value in (("temperature", temperature), ("teacher_temperature", t_temp)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must be a number in [0, 1]; got {beta!r}")
+    if not isinstance(block_rows, int) or block_rows < 1:
+        raise ValueError(f"block_rows must be an int >= 1; got {block_rows!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    return t_temp
+
+
+def _check_chunk_ids(name: str, ids: torch.Tensor) -> None:
+    if ids.numel() and int(ids.min()) < -1:
+        raise ValueError(f"{name} must hold ids >= 0, or -1 outside chunks; got {int(ids.min())}")
+
+
+def _side(chunk_id, targets, first, row_of, device) -> _Side:
+    ids = chunk_id.to(torch.int64)
+    slot = ids.clamp(min=0)
+    row = torch.where(ids >= 0, row_of.gather(1, slot), -1)
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    is_first = pos == first.gather(1, slot)
+    first_batch, first_chunk = (row_of >= 0).nonzero(as_tuple=True)
+    cont_batch, cont_pos = ((row >= 0) & ~is_first).nonzero(as_tuple=True)
+    # Negative ids (-100) read as token 0, as merge_chunk_probs reads them.
+    cont_targets = targets.to(device=ids.device, dtype=torch.int64)[cont_batch, cont_pos]
+    parts = (
+        first_batch,
+        first[first_batch, first_chunk],
+        cont_batch,
+        cont_pos,
+        row[cont_batch, cont_pos],
+        cont_targets.clamp(min=0),
+    )
+    return _Side(*(t.to(device) for t in parts))
+
+
+def _gold_layout(
+    student_chunk_id, teacher_chunk_id, student_targets, teacher_targets, chunk_mask, device
+) -> _Layout:
+    """The counted chunks (present on both sides and in ``chunk_mask``) and their positions."""
+    _check_chunk_ids("student_chunk_id", student_chunk_id)
+    _check_chunk_ids("teacher_chunk_id", teacher_chunk_id)
+    width = max(_width(student_chunk_id, None), _width(teacher_chunk_id, None))
+    s_first = _first_positions(student_chunk_id, width)
+    t_first = _first_positions(teacher_chunk_id.to(s_first.device), width)
+    counted = (s_first >= 0) & (t_first >= 0)
+    if chunk_mask is not None:
+        if (
+            not isinstance(chunk_mask, torch.Tensor)
+            or chunk_mask.dtype != torch.bool
+            or chunk_mask.dim() != 2
+            or chunk_mask.shape[0] != counted.shape[0]
+        ):
+            raise ValueError(f"chunk_mask must be a bool tensor [B, C] with B = {counted.shape[0]}")
+        mask = torch.zeros_like(counted)
+        cols = min(width, chunk_mask.shape[1])
+        mask[:, :cols] = chunk_mask[:, :cols].to(counted.device)
+        counted &= mask
+    batch, chunk = counted.nonzero(as_tuple=True)
+    row_of = torch.full(counted.shape, -1, dtype=torch.int64, device=counted.device)
+    row_of[batch, chunk] = torch.arange(batch.numel(), device=counted.device)
+    return _Layout(
+        batch.to(device),
+        chunk.to(device),
+        tuple(counted.shape),
+        _side(student_chunk_id, student_targets, s_first, row_of, device),
+        _side(teacher_chunk_id.to(s_first.device), teacher_targets, t_first, row_of, device),
+    )
+
+
+def _hybrid_rule(vmap: VocabMap | None, vocab_s: int, vocab_t: int, device, mw, uw):
+    """(split, weights) of ``_RowRule``: the hybrid's column sets and weights, or ULD's."""
+    if vmap is None:
+        return None, (1.0, 1.0)
+    vmap.check(vocab_s, vocab_t)
+    s_matched = vmap.student_ids.to(device)
+    t_matched = vmap.teacher_ids.to(device)
+    s_rest = torch.ones(vocab_s, dtype=torch.bool, device=device)
+    s_rest[s_matched] = False
+    t_rest = torch.ones(vocab_t, dtype=torch.bool, device=device)
+    t_rest[t_matched] = False
+    if mw is None:
+        mw = s_matched.numel() / max(1, vocab_t)
+    if uw is None:
+        uw = 1.0 - mw
+    split = (s_matched, t_matched, s_rest.nonzero().squeeze(1), t_rest.nonzero().squeeze(1))
+    return split, (mw, uw)
+
+
+def _blocks(n: int, block_rows: int):
+    return ((lo, min(lo + block_rows, n)) for lo in range(0, n, block_rows))
+
+
+def _chunk_sums(token_logprob: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``[R]``: per counted chunk, the sum of its continuation log-probabilities, each taken at
+    >= log 1e-8 (TRL's floor on each probability)."""
+    floored = token_logprob.clamp(min=LOG_PROB_FLOOR)
+    return floored.new_zeros(n_rows).index_add(0, row, floored)
+
+
+_RowsFn = Callable[[int, int], torch.Tensor]
+
+
+def _row_losses(
+    rule: _RowRule, block_rows, student_rows: _RowsFn, teacher_rows: _RowsFn, s_cont, t_cont
+):
+    """``[R]`` losses of the counted chunks, ``block_rows`` merged rows at a time.
+    ``student_rows(lo, hi)`` / ``teacher_rows(lo, hi)``: the logits rows ``[hi - lo, V]`` of
+    chunks lo..hi at their first positions; ``s_cont``, ``t_cont``: ``[R]`` continuation
+    log-probabilities."""
+    out = []
+    for lo, hi in _blocks(s_cont.numel(), block_rows):
+        # Each side's logits rows are dropped as soon as what the loss reads of them is formed.
+        p = _merged(teacher_rows(lo, hi), t_cont[lo:hi], rule.teacher_temperature)
+        teacher = _teacher_terms(p, rule.split)
+        del p
+        q = _merged(student_rows(lo, hi), s_cont[lo:hi], rule.temperature)
+        out.append(_rows_loss(q, teacher, rule.split, rule.beta, rule.weights))
+    if out:
+        return torch.cat(out)
+    return s_cont.new_zeros(0, dtype=torch.promote_types(s_cont.dtype, t_cont.dtype))
+
+
+def _row_loss_grads(
+    rule: _RowRule,
+    block_rows,
+    student_rows: _RowsFn,
+    teacher_rows: _RowsFn,
+    s_cont,
+    t_cont,
+    grad_rows,
+    put_row_grad: Callable[[int, int, torch.Tensor], None],
+) -> torch.Tensor:
+    """The backward of ``_row_losses`` block by block: each block's rows are formed again and
+    ``put_row_grad(lo, hi, g)`` receives the gradient ``[hi - lo, V]`` over its student rows;
+    returns the gradient ``[R]`` over ``s_cont``."""
+    grad_cont = torch.empty_like(s_cont)
+    temperature = rule.temperature
+    for lo, hi in _blocks(s_cont.numel(), block_rows):
+        with torch.no_grad():
+            p = _merged(teacher_rows(lo, hi), t_cont[lo:hi], rule.teacher_temperature)
+            teacher = _teacher_terms(p, rule.split)
+            del p
+            rows = student_rows(lo, hi)
+            probs = torch.softmax(rows if temperature == 1.0 else rows / temperature, dim=-1)
+            del rows
+        # Autograd from the softmax on: the logits rows need not be kept for it, and the
+        # softmax's backward below is the kernel autograd would run.
+        probs.requires_grad_()
+        cont = s_cont[lo:hi].detach().requires_grad_()
+        with torch.enable_grad():
+            q = probs * cont.exp().unsqueeze(-1)
+            loss = _rows_loss(q, teacher, rule.split, rule.beta, rule.weights)
+            del q, teacher
+            g_probs, g_cont = torch.autograd.grad(
+                loss, (probs, cont), grad_rows[lo:hi].to(loss.dtype)
+            )
+        del loss
+        g_rows = torch._softmax_backward_data(g_probs, probs.detach(), -1, probs.dtype)
+        del g_probs, probs
+        put_row_grad(lo, hi, g_rows if temperature == 1.0 else g_rows.div_(temperature))
+        grad_cont[lo:hi] = g_cont
+    return grad_cont
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logit_rows(logits, batch, pos, work, temperature=1.0):
+    """``logits[batch, pos]`` as ``work`` (a copy), divided by ``temperature``."""
+    rows = logits[batch, pos].to(work)
+    return rows if temperature == 1.0 else rows.div_(temperature)
+
+
+def _target_logprobs(logits, side: _Side, temperature, work, block_rows):
+    """(log-prob, log-sum-exp) ``[M]`` of each continuation token at temperature T, from blocks
+    of ``block_rows`` rows (no ``[B, T, V]`` temporary)."""
+    n = side.cont_batch.numel()
+    logprob = torch.empty(n, dtype=work, device=logits.device)
+    lse = torch.empty(n, dtype=work, device=logits.device)
+    for lo, hi in _blocks(n, block_rows):
+        a = _logit_rows(logits, side.cont_batch[lo:hi], side.cont_pos[lo:hi], work, temperature)
+        lse[lo:hi] = torch.logsumexp(a, dim=-1)
+        logprob[lo:hi] = a.gather(1, side.cont_targets[lo:hi, None])[:, 0] - lse[lo:hi]
+    return logprob, lse
+
+
+def _target_logprob_grads(
+    logits, side: _Side, lse, grad_logprob, temperature, work, block_rows, grad
+):
+    """Writes into ``grad`` ``[B, T, V]`` the gradient of sum(grad_logprob * log-prob) over the
+    continuation rows: ``g (onehot(x) - softmax(z / T)) / T``."""
+    for lo, hi in _blocks(side.cont_batch.numel(), block_rows):
+        batch, pos = side.cont_batch[lo:hi], side.cont_pos[lo:hi]
+        g = grad_logprob[lo:hi, None]
+        probs = _logit_rows(logits, batch, pos, work, temperature).sub_(lse[lo:hi, None]).exp_()
+        rows = probs.mul_(-g).scatter_add_(1, side.cont_targets[lo:hi, None], g)
+        if temperature != 1.0:
+            rows.div_(temperature)
+        grad.index_put_((batch, pos), rows.to(grad.dtype))
+
+
+class _GoldFromLogits(torch.autograd.Function):
+    """``[R]`` GOLD losses of the counted chunks from both models' logits; the gradient reaches
+    the student's logits through one ``[B, T, V]`` buffer (see the module's note on memory)."""
+
+    @staticmethod
+    def forward(ctx, s_logits, t_logits, layout: _Layout, rule: _RowRule, block_rows: int):
+        s_work, t_work = _work_dtype(s_logits.dtype), _work_dtype(t_logits.dtype)
+        n_rows = layout.batch.numel()
+        s_logprob, s_lse = _target_logprobs(
+            s_logits, layout.student, rule.temperature, s_work, block_rows
+        )
+        t_logprob, _ = _target_logprobs(
+            t_logits, layout.teacher, rule.teacher_temperature, t_work, block_rows
+        )
+        s_cont = _chunk_sums(s_logprob, layout.student.cont_row, n_rows)
+        t_cont = _chunk_sums(t_logprob, layout.teacher.cont_row, n_rows)
+        losses = _row_losses(
+            rule, block_rows, *_logits_row_fns(s_logits, t_logits, layout), s_cont, t_cont
+        )
+        ctx.layout, ctx.rule, ctx.block_rows = layout, rule, block_rows
+        ctx.save_for_backward(s_logits, t_logits, s_logprob, s_lse, s_cont, t_cont)
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        s_logits, t_logits, s_logprob, s_lse, s_cont, t_cont = ctx.saved_tensors
+        layout, rule, side = ctx.layout, ctx.rule, ctx.layout.student
+        # Allocated at the first block's gradient, after that block's temporaries are freed.
+        grad = None
+
+        def put_row_grad(lo, hi, g):
+            nonlocal grad
+            if grad is None:
+                grad = s_logits.new_zeros(s_logits.shape)
+            grad.index_put_((side.first_batch[lo:hi], side.first_pos[lo:hi]), g.to(grad.dtype))
+
+        grad_cont = _row_loss_grads(
+            rule,
+            ctx.block_rows,
+            *_logits_row_fns(s_logits, t_logits, layout),
+            s_cont,
+            t_cont,
+            grad_rows,
+            put_row_grad,
+        )
+        if grad is None:  # no counted chunk
+            grad = s_logits.new_zeros(s_logits.shape)
+        # The floor's clamp passes the gradient where log p >= log 1e-8 (torch.clamp's rule).
+        grad_logprob = torch.where(s_logprob >= LOG_PROB_FLOOR, grad_cont[side.cont_row], 0.0)
+        _target_logprob_grads(
+            s_logits,
+            side,
+            s_lse,
+            grad_logprob,
+            rule.temperature,
+            s_lse.dtype,
+            ctx.block_rows,
+            grad,
+        )
+        return grad, None, None, None, None
+
+
+def _logits_row_fns(s_logits, t_logits, layout: _Layout):
+    s_work, t_work = _work_dtype(s_logits.dtype), _work_dtype(t_logits.dtype)
+    s, t = layout.student, layout.teacher
+    return (
+        lambda lo, hi: _logit_rows(s_logits, s.first_batch[lo:hi], s.first_pos[lo:hi], s_work),
+        lambda lo, hi: _logit_rows(t_logits, t.first_batch[lo:hi], t.first_pos[lo:hi], t_work),
+    )
+
+
+def _reduce(rows: torch.Tensor, layout: _Layout, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows.new_zeros(layout.shape).index_put((layout.batch, layout.chunk), rows)
+    total = rows.sum()
+    return total if reduction == "sum" else total / max(rows.numel(), 1)
 
 
 def gold_loss(
@@ -193,8 +566,9 @@ def gold_loss(
         beta: the JSD's beta in [0, 1] (hybrid; TRL's GOLD ``beta``, default 0.5).
         matched_weight, unmatched_weight: the hybrid's weights; None: the share of the
             teacher's vocabulary that is matched, and one minus it (TRL's default).
-        block_rows: merged rows per checkpointed block (memory: a few ``block_rows x V``
-            float32 tensors).
+        block_rows: rows per block, merged rows and continuation positions alike (memory: the
+            student's gradient ``[B, T_s, V_s]`` plus a few ``block_rows x V`` float32
+            tensors; the backward forms each block's rows again).
         reduction: ``"mean"`` over counted chunks (0 when none), ``"sum"``, or ``"none"``
             (``[B, C]``, 0 at uncounted chunks).
     """
@@ -223,85 +597,23 @@ def gold_loss(
             f"student_logits {tuple(s_logits.shape)} and teacher_logits "
             f"{tuple(t_logits.shape)} must have the same batch size"
         )
-    t_temp = temperature if teacher_temperature is None else teacher_temperature
-    for name, value in (("temperature", temperature), ("teacher_temperature", t_temp)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
-        raise ValueError(f"beta must be a number in [0, 1]; got {beta!r}")
-    if not isinstance(block_rows, int) or block_rows < 1:
-        raise ValueError(f"block_rows must be an int >= 1; got {block_rows!r}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
-    width = max(_width(student_chunk_id, None), _width(teacher_chunk_id, None))
-    s_first = _first_positions(student_chunk_id, width)
-    t_first = _first_positions(teacher_chunk_id, width)
-    counted = (s_first >= 0) & (t_first >= 0)
-    if chunk_mask is not None:
-        if (
-            not isinstance(chunk_mask, torch.Tensor)
-            or chunk_mask.dtype != torch.bool
-            or chunk_mask.dim() != 2
-            or chunk_mask.shape[0] != counted.shape[0]
-        ):
-            raise ValueError(f"chunk_mask must be a bool tensor [B, C] with B = {counted.shape[0]}")
-        mask = torch.zeros_like(counted)
-        cols = min(width, chunk_mask.shape[1])
-        mask[:, :cols] = chunk_mask[:, :cols].to(counted.device)
-        counted &= mask
-    split, weights = None, (1.0, 1.0)
-    if vocab_map is not None:
-        vocab_map.check(s_logits.shape[-1], t_logits.shape[-1])
-        split, weights = _hybrid_split(
-            vocab_map, s_logits, t_logits, matched_weight, unmatched_weight
-        )
-    s_cont = _continuation_logprob(
-        s_logits, student_targets, student_chunk_id, s_first, temperature, width
+    t_temp = _check_options(temperature, teacher_temperature, beta, block_rows, reduction)
+    split, weights = _hybrid_rule(
+        vocab_map,
+        s_logits.shape[-1],
+        t_logits.shape[-1],
+        s_logits.device,
+        matched_weight,
+        unmatched_weight,
     )
-    t_cont = _continuation_logprob(
-        t_logits, teacher_targets, teacher_chunk_id, t_first, t_temp, width
+    layout = _gold_layout(
+        student_chunk_id,
+        teacher_chunk_id,
+        student_targets,
+        teacher_targets,
+        chunk_mask,
+        s_logits.device,
     )
-    b_idx, c_idx = counted.nonzero(as_tuple=True)
-    s_pos, t_pos = s_first[b_idx, c_idx], t_first[b_idx, c_idx]
-    per_row = []
-    for lo in range(0, b_idx.numel(), block_rows):
-        hi = min(lo + block_rows, b_idx.numel())
-        s_rows = s_logits[b_idx[lo:hi], s_pos[lo:hi]].to(s_cont.dtype)
-        t_rows = t_logits[b_idx[lo:hi], t_pos[lo:hi]].to(t_cont.dtype)
-        args = (
-            s_rows,
-            t_rows,
-            s_cont[b_idx[lo:hi], c_idx[lo:hi]],
-            t_cont[b_idx[lo:hi], c_idx[lo:hi]],
-            temperature,
-            t_temp,
-            split,
-            beta,
-            weights,
-        )
-        if torch.is_grad_enabled() and s_rows.requires_grad:
-            per_row.append(checkpoint(_rows_loss, *args, use_reentrant=False))
-        else:
-            per_row.append(_rows_loss(*args))
-    rows = torch.cat(per_row) if per_row else s_cont.new_zeros(0)
-    if reduction == "none":
-        out = s_cont.new_zeros(counted.shape)
-        return out.index_put((b_idx, c_idx), rows)
-    total = rows.sum()
-    return total if reduction == "sum" else total / max(rows.numel(), 1)
-
-
-def _hybrid_split(vmap: VocabMap, s_logits, t_logits, matched_weight, unmatched_weight):
-    device = s_logits.device
-    s_matched = vmap.student_ids.to(device)
-    t_matched = vmap.teacher_ids.to(device)
-    s_rest = torch.ones(s_logits.shape[-1], dtype=torch.bool, device=device)
-    s_rest[s_matched] = False
-    t_rest = torch.ones(t_logits.shape[-1], dtype=torch.bool, device=device)
-    t_rest[t_matched] = False
-    if matched_weight is None:
-        matched_weight = s_matched.numel() / max(1, t_logits.shape[-1])
-    if unmatched_weight is None:
-        unmatched_weight = 1.0 - matched_weight
-    split = (s_matched, t_matched, s_rest.nonzero().squeeze(1), t_rest.nonzero().squeeze(1))
-    return split, (matched_weight, unmatched_weight)
+    rule = _RowRule(float(temperature), float(t_temp), split, float(beta), weights)
+    rows = _GoldFromLogits.apply(s_logits, t_logits, layout, rule, block_rows)
+    return _reduce(rows, layout, reduction)
