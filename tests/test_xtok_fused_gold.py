@@ -268,6 +268,32 @@ def test_reductions_and_no_counted_chunk():
         assert all(g is None or not g.any() for g in grads)
 
 
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
+def test_ignore_index_drops_its_chunk_and_num_items_divides(side, fused):
+    """A target equal to ignore_index inside a chunk leaves that chunk out (as a chunk_mask
+    would), on either side; num_items_in_batch replaces the mean's count."""
+    inputs = _inputs(9, torch.float64, bias=False)
+    ids = inputs[f"{side}_chunk_id"]
+    position = int((ids[1] == 2).nonzero()[-1])  # the last token of chunk 2 of sequence 1
+    masked = {**inputs, f"{side}_targets": inputs[f"{side}_targets"].clone()}
+    masked[f"{side}_targets"][1, position] = -100
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[1, 2] = False
+
+    def loss(data, **options):
+        if fused:
+            return _fused(data, _leaves(data), True, (1.0, 1.0), **options)
+        return _explicit(data, _leaves(data), True, (1.0, 1.0), **options)
+
+    torch.testing.assert_close(loss(masked), loss(inputs, chunk_mask=keep), rtol=1e-12, atol=0)
+    total = loss(masked, reduction="sum")
+    torch.testing.assert_close(loss(masked, num_items_in_batch=7), total / 7, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        loss(masked, num_items_in_batch=torch.tensor(2.5)), total / 2.5, rtol=1e-12, atol=0
+    )
+
+
 def test_same_model_on_both_sides_is_zero():
     inputs = _inputs(6, torch.float64, bias=True)
     for side in ("hidden", "weight", "bias"):
@@ -379,12 +405,13 @@ BAD_INPUTS = [
     (
         dict(student_targets=torch.full((3, 9), V_S)),
         ValueError,
-        r"student_targets must hold ids in \[0, 13\) at positions in a chunk",
+        r"student_targets must hold ids in \[0, 13\) or ignore_index=-100 at positions in a "
+        r"chunk; got 13",
     ),
     (
-        dict(teacher_targets=torch.full((3, 7), -100)),
+        dict(teacher_targets=torch.full((3, 7), -5)),
         ValueError,
-        r"teacher_targets must hold ids in \[0, 11\)",
+        r"teacher_targets must hold ids in \[0, 11\) or ignore_index=-100 .* got -5",
     ),
     (
         dict(student_chunk_id=torch.full((3, 9), -2)),

@@ -64,10 +64,15 @@ def test_alm_reductions_and_errors():
     assert none.shape == (2, 3)
     assert alm_loss(s, t, reduction="sum").item() == pytest.approx(none.sum().item(), rel=1e-6)
     assert alm_loss(s, t, torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    expected = none[mask].sum() / 4
+    assert alm_loss(s, t, mask, num_items_in_batch=4).item() == pytest.approx(expected.item())
+    assert alm_loss(s, t, mask).item() == pytest.approx((none[mask].sum() / 3).item())
     for kwargs, match in [
         ({"temperature": 0.0}, "temperature"),
         ({"divergence": "js"}, "bce"),
         ({"reduction": "avg"}, "reduction"),
+        ({"num_items_in_batch": -1}, "num_items_in_batch"),
     ]:
         with pytest.raises(ValueError, match=match):
             alm_loss(s, t, **kwargs)

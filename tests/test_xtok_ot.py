@@ -295,6 +295,11 @@ def test_reductions():
     mean = xtok_ot_loss(xs, xt, STUDENT_IDS, TEACHER_IDS, **opts)
     torch.testing.assert_close(total, per_seq.sum())
     torch.testing.assert_close(mean, per_seq.sum() / 2)  # the empty sequence is left out
+    for count in (5, torch.tensor(0.5, dtype=torch.float64)):
+        scaled = xtok_ot_loss(xs, xt, STUDENT_IDS, TEACHER_IDS, num_items_in_batch=count, **opts)
+        torch.testing.assert_close(scaled, per_seq.sum() / count)
+    with pytest.raises(ValueError, match="num_items_in_batch must be a number"):
+        xtok_ot_loss(xs, xt, STUDENT_IDS, TEACHER_IDS, num_items_in_batch=0, **opts)
 
 
 @pytest.mark.parametrize(

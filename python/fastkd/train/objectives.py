@@ -27,6 +27,7 @@ from .models import CausalLM, Head
 from .setup import autocast_context
 
 __all__ = [
+    "COUNTS",
     "CrossEntropy",
     "OBJECTIVES",
     "Objective",
@@ -34,6 +35,8 @@ __all__ = [
     "SampledReverseKL",
     "SparseKD",
     "TeacherTopK",
+    "batch_counts",
+    "cross_entropy",
     "make_objective",
 ]
 
@@ -64,6 +67,23 @@ def label_targets(labels: torch.Tensor, vocab_size: int) -> SparseTargets:
         num_samples=1,
         method="topk",
         tail="renorm",
+    )
+
+
+def cross_entropy(
+    hidden: torch.Tensor, head: Head, labels: torch.Tensor, num_items: int, backend: str
+) -> torch.Tensor:
+    """The student's cross-entropy on ``labels`` summed and divided by ``num_items``, from its
+    hidden states and head (the fused sparse loss against one-hot targets, no logits)."""
+    return fused_linear_sparse_kd_loss(
+        hidden,
+        head.weight,
+        label_targets(labels, head.weight.shape[0]),
+        student_bias=head.bias,
+        logit_scale=head.logit_scale,
+        labels=labels,
+        num_items_in_batch=num_items,
+        backend=backend,
     )
 
 
@@ -127,17 +147,7 @@ class CrossEntropy(Objective):
 
     def loss(self, hidden, head, batch, teacher_inputs, counts):
         _student_softcap(head, "the fused cross-entropy")
-        labels = batch["labels"]
-        return fused_linear_sparse_kd_loss(
-            hidden,
-            head.weight,
-            label_targets(labels, head.weight.shape[0]),
-            student_bias=head.bias,
-            logit_scale=head.logit_scale,
-            labels=labels,
-            num_items_in_batch=counts["tokens"],
-            backend=self.config.backend,
-        )
+        return cross_entropy(hidden, head, batch["labels"], counts["tokens"], self.config.backend)
 
 
 class OnlineKD(Objective):

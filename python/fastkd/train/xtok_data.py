@@ -14,7 +14,8 @@ Per student sequence (T + 1 tokens of the packed stream, or a prompt/completion 
    common byte range between two bytes where both end a token, so that both cover the same text
    (``align_spans`` requires it); tokens outside it are in no chunk;
 4. ``align_spans`` on the whole dataset at once; chunks holding a token the student does not
-   predict (a prompt's) are dropped on both sides.
+   predict (a prompt's) are dropped on both sides, and the rest renumbered 0, 1, ... per
+   sequence.
 
 Each sequence then carries, besides the student's ``input_ids``, ``labels`` and
 ``attention_mask`` ``[T]``: ``teacher_input_ids``, ``teacher_labels`` (the teacher's next

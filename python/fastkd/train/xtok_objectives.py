@@ -15,13 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.fused_linear_kd_loss import fused_linear_sparse_kd_loss
 from ..ops.fused_linear_logprobs import fused_linear_logprobs
 from ..xtok.chunk_losses import alm_loss, chunk_logprobs
 from ..xtok.fused_gold import fused_linear_gold_loss
 from ..xtok.ot import xtok_ot_loss
 from ..xtok.vocab_map import vocab_map
-from .objectives import OnlineKD, _student_softcap, label_targets
+from .objectives import OnlineKD, _student_softcap, cross_entropy
 from .setup import autocast_context
 
 __all__ = [
@@ -63,17 +62,7 @@ class CrossTokenizer(OnlineKD):
         total = self.chunk_loss(hidden, head, batch, teacher_inputs) / counts[self.per]
         if h == 0:
             return total
-        labels = batch["labels"]
-        ce = fused_linear_sparse_kd_loss(
-            hidden,
-            head.weight,
-            label_targets(labels, head.weight.shape[0]),
-            student_bias=head.bias,
-            logit_scale=head.logit_scale,
-            labels=labels,
-            num_items_in_batch=counts["tokens"],
-            backend=self.config.backend,
-        )
+        ce = cross_entropy(hidden, head, batch["labels"], counts["tokens"], self.config.backend)
         return (1.0 - h) * total + h * ce
 
 

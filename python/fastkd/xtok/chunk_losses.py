@@ -14,6 +14,9 @@ import math
 
 import torch
 
+from ..ops._checks import check_num_items
+from ..ops._fused_rows import reduce_total
+
 __all__ = ["alm_loss", "chunk_logprobs", "chunk_mask", "token_logprobs"]
 
 # Chunk log-likelihoods enter log(1 - q) no higher than this: a chunk the student is certain of
@@ -129,6 +132,7 @@ def alm_loss(
     temperature: float = 1.0,
     divergence: str = "bce",
     reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ALM: the binarised f-divergence between teacher and student chunk likelihoods.
 
@@ -149,6 +153,8 @@ def alm_loss(
             chunks); None counts every slot.
         temperature: T > 0 dividing both log-likelihoods.
         divergence: ``"bce"`` (default) or ``"kl"``.
+        num_items_in_batch: the count the mean divides by instead of the counted chunks
+            (gradient accumulation), a number or one-element tensor as in ``kd_loss``.
         reduction: ``"mean"`` over counted chunks (0 when none), ``"sum"`` or ``"none"``
             (``[B, C]``, 0 at uncounted chunks).
     """
@@ -175,6 +181,7 @@ def alm_loss(
         raise ValueError(f"divergence must be 'bce' or 'kl'; got {divergence!r}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    check_num_items(num_items_in_batch)
     if mask is not None and (
         not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != s.shape
     ):
@@ -193,8 +200,4 @@ def alm_loss(
         loss = torch.where(mask, loss, 0.0)
     if reduction == "none":
         return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    count = mask.sum() if mask is not None else torch.tensor(loss.numel(), device=loss.device)
-    return total / count.clamp(min=1)
+    return reduce_total(loss.sum(), loss.numel(), mask, reduction, num_items_in_batch)

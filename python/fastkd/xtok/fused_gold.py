@@ -23,6 +23,7 @@ import torch
 
 from ..ops._chunked_lm_head import autocast_operands, check_head, check_scale, chunk_logits
 from ..ops._chunked_lm_head import gemm_operand
+from ..ops._checks import INT64_MAX, check_int, check_num_items
 from ..ops._registry import resolve_backend
 from ..ops.fused_linear_logprobs import fused_linear_logprobs
 from .chunk_losses import _check_int
@@ -37,6 +38,7 @@ from .gold import (
     _row_losses,
     _RowRule,
     _Side,
+    check_targets,
 )
 from .vocab_map import VocabMap
 
@@ -169,16 +171,6 @@ def _continuation(hidden, weight, bias, side: _Side, n_rows, temperature, logit_
     return _chunk_sums(logprob, side.cont_row, n_rows)
 
 
-def _check_targets(name: str, targets, chunk_id, vocab: int) -> None:
-    """Ids in [0, vocab) wherever the position is in a chunk (any value elsewhere)."""
-    inside = targets[chunk_id.to(targets.device) >= 0]
-    if inside.numel() and (int(inside.min()) < 0 or int(inside.max()) >= vocab):
-        raise ValueError(
-            f"{name} must hold ids in [0, {vocab}) at positions in a chunk; got values from "
-            f"{int(inside.min())} to {int(inside.max())} there"
-        )
-
-
 def fused_linear_gold_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -203,6 +195,8 @@ def fused_linear_gold_loss(
     unmatched_weight: float | None = None,
     block_rows: int = 64,
     reduction: str = "mean",
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """GOLD's cross-tokenizer loss (``gold_loss``) from both models' final hidden states and
@@ -225,13 +219,14 @@ def fused_linear_gold_loss(
         teacher_hidden, teacher_weight, teacher_bias: ``[B, T_t, H_t]``, ``[V_t, H_t]``,
             ``[V_t]`` or None; no gradient.
         student_targets, teacher_targets: integer ``[B, T_s]``, ``[B, T_t]``, the token each
-            position predicts: ids in ``[0, V)`` at positions in a chunk, any value elsewhere.
+            position predicts: ids in ``[0, V)`` or ``ignore_index`` (its chunk is then not
+            counted) at positions in a chunk, any value elsewhere.
         student_chunk_id, teacher_chunk_id: integer ``[B, T_s]``, ``[B, T_t]`` (``align_spans``
             of the targets' spans), -1 outside chunks.
         logit_scale, teacher_logit_scale: multipliers of each head's output (before T).
         merge: True: GOLD's chain-rule merge; False: each chunk's first position only.
         chunk_mask, temperature, teacher_temperature, vocab_map, beta, matched_weight,
-            unmatched_weight, reduction: as in ``gold_loss``.
+            unmatched_weight, reduction, ignore_index, num_items_in_batch: as in ``gold_loss``.
         block_rows: counted chunks per block of first-position rows (memory: a few
             ``block_rows x V`` float32 tensors).
         backend: ``fused_linear_logprobs``' backend for the continuation tokens (``"auto"``,
@@ -268,8 +263,10 @@ def fused_linear_gold_loss(
         ("teacher_chunk_id", teacher_chunk_id, teacher_hidden),
     ):
         _check_int(name, ids, hidden.shape[:2])
-    _check_targets("student_targets", student_targets, student_chunk_id, vocab_s)
-    _check_targets("teacher_targets", teacher_targets, teacher_chunk_id, vocab_t)
+    check_int("ignore_index", ignore_index, -INT64_MAX - 1, INT64_MAX)
+    check_num_items(num_items_in_batch)
+    check_targets("student_targets", student_targets, student_chunk_id, vocab_s, ignore_index)
+    check_targets("teacher_targets", teacher_targets, teacher_chunk_id, vocab_t, ignore_index)
     t_temp = _check_options(temperature, teacher_temperature, beta, block_rows, reduction)
     if not isinstance(merge, bool):
         raise TypeError(f"merge must be a bool; got {merge!r}")
@@ -280,7 +277,13 @@ def fused_linear_gold_loss(
         vocab_map, vocab_s, vocab_t, device, matched_weight, unmatched_weight
     )
     layout = _gold_layout(
-        student_chunk_id, teacher_chunk_id, student_targets, teacher_targets, chunk_mask, device
+        student_chunk_id,
+        teacher_chunk_id,
+        student_targets,
+        teacher_targets,
+        chunk_mask,
+        device,
+        ignore_index,
     )
     student = autocast_operands([student_hidden, student_weight, student_bias], device.type)
     teacher = [
@@ -316,4 +319,4 @@ def fused_linear_gold_loss(
         block_rows,
         (float(logit_scale), float(teacher_logit_scale)),
     )
-    return _reduce(rows, layout, reduction)
+    return _reduce(rows, layout, reduction, num_items_in_batch)

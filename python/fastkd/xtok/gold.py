@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..ops._checks import INT64_MAX, check_int, check_num_items
+from ..ops._fused_rows import reduce_total
 from .chunk_losses import _check_int
 from .vocab_map import VocabMap
 
@@ -282,16 +284,36 @@ def _side(chunk_id, targets, first, row_of, device) -> _Side:
     return _Side(*(t.to(device) for t in parts))
 
 
+def _ignored_chunks(chunk_id, targets, ignore_index, shape) -> torch.Tensor:
+    """Bool ``shape`` [B, C]: the chunks holding a position whose target is ``ignore_index``."""
+    ids = chunk_id.to(torch.int64)
+    hit = (targets.to(ids.device) == ignore_index) & (ids >= 0)
+    out = torch.zeros(shape[0], shape[1] + 1, dtype=torch.bool, device=ids.device)
+    out.scatter_(1, torch.where(hit, ids + 1, 0), True)
+    return out[:, 1:]
+
+
 def _gold_layout(
-    student_chunk_id, teacher_chunk_id, student_targets, teacher_targets, chunk_mask, device
+    student_chunk_id,
+    teacher_chunk_id,
+    student_targets,
+    teacher_targets,
+    chunk_mask,
+    device,
+    ignore_index: int = -100,
 ) -> _Layout:
-    """The counted chunks (present on both sides and in ``chunk_mask``) and their positions."""
+    """The counted chunks (present on both sides, in ``chunk_mask``, and holding no target
+    equal to ``ignore_index`` on either side) and their positions."""
     _check_chunk_ids("student_chunk_id", student_chunk_id)
     _check_chunk_ids("teacher_chunk_id", teacher_chunk_id)
     width = max(_width(student_chunk_id, None), _width(teacher_chunk_id, None))
     s_first = _first_positions(student_chunk_id, width)
     t_first = _first_positions(teacher_chunk_id.to(s_first.device), width)
     counted = (s_first >= 0) & (t_first >= 0)
+    counted &= ~_ignored_chunks(student_chunk_id, student_targets, ignore_index, counted.shape)
+    counted &= ~_ignored_chunks(
+        teacher_chunk_id.to(counted.device), teacher_targets, ignore_index, counted.shape
+    )
     if chunk_mask is not None:
         if (
             not isinstance(chunk_mask, torch.Tensor)
@@ -521,11 +543,22 @@ def _logits_row_fns(s_logits, t_logits, layout: _Layout):
     )
 
 
-def _reduce(rows: torch.Tensor, layout: _Layout, reduction: str) -> torch.Tensor:
+def _reduce(rows: torch.Tensor, layout: _Layout, reduction: str, num_items_in_batch=None):
     if reduction == "none":
         return rows.new_zeros(layout.shape).index_put((layout.batch, layout.chunk), rows)
-    total = rows.sum()
-    return total if reduction == "sum" else total / max(rows.numel(), 1)
+    return reduce_total(rows.sum(), rows.numel(), None, reduction, num_items_in_batch)
+
+
+def check_targets(name: str, targets, chunk_id, vocab: int, ignore_index: int) -> None:
+    """Ids in [0, vocab) or equal to ``ignore_index`` wherever the position is in a chunk (any
+    value elsewhere)."""
+    inside = targets[chunk_id.to(targets.device) >= 0]
+    bad = (inside != ignore_index) & ((inside < 0) | (inside >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must hold ids in [0, {vocab}) or ignore_index={ignore_index} at positions "
+            f"in a chunk; got {int(inside[bad][0])} there"
+        )
 
 
 def gold_loss(
@@ -545,6 +578,8 @@ def gold_loss(
     unmatched_weight: float | None = None,
     block_rows: int = 64,
     reduction: str = "mean",
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GOLD's cross-tokenizer distillation loss on chunks: each side's distributions merged per
     chunk by the chain rule (``merge_chunk_probs``), then ULD's sorted L1 between the merged
@@ -569,8 +604,13 @@ def gold_loss(
         block_rows: rows per block, merged rows and continuation positions alike (memory: the
             student's gradient ``[B, T_s, V_s]`` plus a few ``block_rows x V`` float32
             tensors; the backward forms each block's rows again).
-        reduction: ``"mean"`` over counted chunks (0 when none), ``"sum"``, or ``"none"``
-            (``[B, C]``, 0 at uncounted chunks).
+        reduction: ``"mean"`` over counted chunks (0 when none; divided by
+            ``num_items_in_batch`` instead when given), ``"sum"``, or ``"none"`` (``[B, C]``, 0
+            at uncounted chunks).
+        ignore_index: a target equal to it (labels' -100) leaves its chunk uncounted (a
+            prompt's, say); on either side.
+        num_items_in_batch: the count the mean divides by (gradient accumulation: the counted
+            chunks of the whole step), a number or one-element tensor as in ``kd_loss``.
     """
     s_logits, t_logits = student_logits, teacher_logits.detach()
     for name, x in (("student_logits", s_logits), ("teacher_logits", t_logits)):
@@ -583,15 +623,14 @@ def gold_loss(
         ("teacher_chunk_id", teacher_chunk_id, t_logits),
     ):
         _check_int(name, ids, like.shape[:2])
-    for name, ids, vocab in (
-        ("student_targets", student_targets, s_logits.shape[-1]),
-        ("teacher_targets", teacher_targets, t_logits.shape[-1]),
-    ):
-        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < -100):
-            raise ValueError(
-                f"{name} must hold ids in [0, {vocab}); got values from "
-                f"{int(ids.min())} to {int(ids.max())}"
-            )
+    check_int("ignore_index", ignore_index, -INT64_MAX - 1, INT64_MAX)
+    check_num_items(num_items_in_batch)
+    check_targets(
+        "student_targets", student_targets, student_chunk_id, s_logits.shape[-1], ignore_index
+    )
+    check_targets(
+        "teacher_targets", teacher_targets, teacher_chunk_id, t_logits.shape[-1], ignore_index
+    )
     if s_logits.shape[0] != t_logits.shape[0]:
         raise ValueError(
             f"student_logits {tuple(s_logits.shape)} and teacher_logits "
@@ -613,7 +652,8 @@ def gold_loss(
         teacher_targets,
         chunk_mask,
         s_logits.device,
+        ignore_index,
     )
     rule = _RowRule(float(temperature), float(t_temp), split, float(beta), weights)
     rows = _GoldFromLogits.apply(s_logits, t_logits, layout, rule, block_rows)
-    return _reduce(rows, layout, reduction)
+    return _reduce(rows, layout, reduction, num_items_in_batch)

@@ -31,7 +31,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..ops._checks import REDUCTIONS
+from ..ops._checks import REDUCTIONS, check_num_items
+from ..ops._fused_rows import reduce_total
 from ..ot.features import pairwise_cost
 from ..ot.losses import l1_cost
 from ..ot.problem import check_options
@@ -268,6 +269,7 @@ def xtok_ot_loss(
     tol: float = 1e-6,
     reduction: str = "mean",
     marginals: str = "positions",
+    num_items_in_batch: int | torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Optimal transport between the student's and the teacher's positions of each text, which
@@ -320,7 +322,10 @@ def xtok_ot_loss(
         max_iters, tol: the solver's iteration cap and stopping threshold on the L1 error of
             its row marginal (see ``fastkd.sinkhorn``).
         reduction: ``"mean"`` over the sequences with counted positions on both sides (0 when
-            none), ``"sum"``, or ``"none"`` (``[B]``, 0 for a sequence without them).
+            none; divided by ``num_items_in_batch`` instead when given), ``"sum"``, or
+            ``"none"`` (``[B]``, 0 for a sequence without them).
+        num_items_in_batch: the count the mean divides by (gradient accumulation: the
+            sequences of the whole step), a number or one-element tensor as in ``kd_loss``.
         marginals: ``"positions"`` (default): uniform weights over the counted positions of
             each side (``sequence_ot_loss``'s). ``"chunks"``: every chunk counted on both
             sides gets the same mass, split evenly over its counted positions on each side;
@@ -349,6 +354,7 @@ def xtok_ot_loss(
         if ids.device != x.device:
             raise ValueError(f"{name} is on {ids.device} but its features on {x.device}")
     _check_options(cost, projection, topk, prior_weight, band, eps, max_iters, tol, reduction)
+    check_num_items(num_items_in_batch)
     if marginals not in MARGINALS:
         raise ValueError(f"marginals must be one of {MARGINALS}; got {marginals!r}")
     d_s, d_t = student.shape[2], teacher.shape[2]
@@ -385,6 +391,4 @@ def xtok_ot_loss(
         )
     if reduction == "none":
         return per_seq
-    if reduction == "sum":
-        return per_seq.sum()
-    return per_seq.sum() / nonempty.sum().clamp_min(1).to(per_seq.dtype)
+    return reduce_total(per_seq.sum(), per_seq.numel(), nonempty, reduction, num_items_in_batch)
