@@ -108,7 +108,7 @@ def run_distill_step_case(
         return recording_step(first, name, loss_fn)
 
     def fastkd_step():
-        return module(batch, objective.prepare(batch, []), num_items)
+        return module(batch, objective.prepare(batch, []), {"tokens": num_items})
 
     def logits():
         with torch.no_grad():
