@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..ops.fused_linear_logprobs import fused_linear_logprobs
-from ..xtok.chunk_losses import alm_loss, chunk_logprobs
+from ..xtok.chunk_losses import alm_loss, chunk_logprobs, chunk_mask
 from ..xtok.fused_gold import fused_linear_gold_loss
 from ..xtok.ot import xtok_ot_loss
 from ..xtok.vocab_map import vocab_map
@@ -166,26 +166,13 @@ class ApproximateLikelihoodMatching(CrossTokenizer):
             ).logprob
         s_chunks = chunk_logprobs(student, s_ids, num_chunks=width)
         t_chunks = chunk_logprobs(teacher, t_ids, num_chunks=width)
-        present = torch.zeros(s_ids.shape[0], width + 1, dtype=torch.bool, device=s_ids.device)
-        present.scatter_(1, s_ids.long() + 1, True)
         return alm_loss(
             s_chunks,
             t_chunks,
-            present[:, 1:],
+            chunk_mask(s_ids, width=width),
             temperature=c.temperature,
             reduction="sum",
         )
-
-
-class _Projection(nn.Module):
-    """The student's hidden states mapped to the teacher's width (a learned linear map)."""
-
-    def __init__(self, student_width: int, teacher_width: int):
-        super().__init__()
-        self.linear = nn.Linear(student_width, teacher_width)
-
-    def forward(self, x):
-        return self.linear(x)
 
 
 class ChunkOT(CrossTokenizer):
@@ -200,7 +187,8 @@ class ChunkOT(CrossTokenizer):
     def __init__(self, config, teacher, autocast, student_width: int, device=None):
         super().__init__(config, teacher, autocast)
         teacher_width = teacher.head().weight.shape[1]
-        self.projection = _Projection(student_width, teacher_width).to(device)
+        # The student's hidden states mapped to the teacher's width, trained with the student.
+        self.projection = nn.Linear(student_width, teacher_width, device=device)
 
     @classmethod
     def create(cls, config, *, teacher, cache, autocast, student=None, **run):
