@@ -4,6 +4,7 @@ synthetic wheels that break each rule) and the Triton versions a wheel accepts."
 import importlib.util
 import os
 import shutil
+import struct
 import subprocess
 import zipfile
 
@@ -104,6 +105,45 @@ def test_a_clean_wheel_passes_and_the_size_and_cuda_gates_fail(tmp_path):
     assert any(
         "over the 1.0 MB limit" in p for p in tool.check(big, max_mb=1.0, require_cuda=False)
     )
+
+
+def _fatbin(entries) -> bytes:
+    """A fat binary section: two containers, the first preceded by 8 bytes of padding, holding
+    ``(kind, sm, flags)`` entries with payloads of 5 bytes padded to 8."""
+    containers = []
+    for part in (entries[:1], entries[1:]):
+        body = b"".join(
+            struct.pack("<HHIQ", kind, 0x101, 64, 8)
+            + bytes(12)
+            + struct.pack("<I", sm)
+            + bytes(8)
+            + struct.pack("<Q", flags)
+            + bytes(16)
+            + b"code\0\0\0\0"
+            for kind, sm, flags in part
+        )
+        containers.append(struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body)
+    return bytes(8) + b"".join(containers)
+
+
+def test_fat_binary_targets_are_read_with_their_suffixes():
+    tool = _tool()
+    blob = _fatbin([(2, 80, 0x11), (2, 90, 0x100011), (2, 100, 0x1200011), (1, 120, 0x8011)])
+    assert tool.fatbin_targets(blob) == {"sm_80", "sm_90a", "sm_100f", "compute_120"}
+    assert tool.fatbin_targets(b"") == set()
+
+
+@_TOOLS
+def test_the_built_extension_holds_the_cuda_targets_it_reports():
+    from fastkd.ops._native import native
+
+    info = fastkd.build_info()
+    if native() is None or not info["cuda_kernels"] or not shutil.which("objcopy"):
+        pytest.skip("the extension is built without CUDA kernels (or objcopy is missing)")
+    archs = info["cuda_archs"]
+    # SASS for every architecture, PTX for the last one listed (CMakeLists.txt).
+    expected = {f"sm_{a}" for a in archs} | {f"compute_{archs[-1].rstrip('af')}"}
+    assert _tool().cuda_targets(native().__file__) == expected
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's CPU interpreter")

@@ -1,6 +1,7 @@
 """Checks a built fastkd wheel before it is published.
 
     python tools/check_wheel.py dist/fastkd-*.whl [--max-mb 100] [--require-cuda]
+        [--require-targets sm_80,sm_90a,compute_120]
 
 What it checks, failing with a message naming the file and the entry:
 
@@ -10,10 +11,12 @@ What it checks, failing with a message naming the file and the entry:
   runtime (linked statically); the driver, ``libcuda.so.1``, is not needed either: the runtime
   loads it on first use;
 - the wheel is under ``--max-mb`` megabytes;
-- with ``--require-cuda``, the extension holds CUDA code (a ``.nv_fatbin`` section).
+- with ``--require-cuda``, the extension holds CUDA code (a ``.nv_fatbin`` section);
+- with ``--require-targets``, its fat binary holds SASS for each ``sm_XY`` listed (``a``/``f``
+  suffixes are part of the name: ``sm_90a`` is not ``sm_90``) and PTX for each ``compute_XY``.
 
-It prints the wheel's tags, its size, every shared object's ``DT_NEEDED`` list, and
-``auditwheel show``'s summary when auditwheel is installed.
+It prints the wheel's tags, its size, every shared object's ``DT_NEEDED`` list and CUDA targets,
+and ``auditwheel show``'s summary when auditwheel is installed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,7 +54,55 @@ def wheel_tags(whl: zipfile.ZipFile) -> list[str]:
     return re.findall(r"^Tag: (.+)$", text, flags=re.M)
 
 
-def check(path: str, *, max_mb: float, require_cuda: bool) -> list[str]:
+# The fat binary nvcc embeds (section .nv_fatbin): containers that start with this magic, each a
+# header (u32 magic, u16 version, u16 header size, u64 size of its entries) and entries (u16
+# kind: 1 PTX, 2 SASS; u16 version; u32 header size; u64 padded payload size; ...; u32 SM
+# version at byte 28; u64 flags at byte 40). In the flags, 0x100000 marks an arch-specific
+# target (sm_90a) and 0x200000 a family target (sm_100f): read off nvcc 13.0's output for
+# sm_90 / sm_90a / sm_100a / sm_100f of one kernel, as no public document specifies them.
+FATBIN_MAGIC = 0xBA55ED50
+FATBIN_SUFFIX = {0x100000: "a", 0x200000: "f"}
+
+
+def fatbin_targets(blob: bytes) -> set[str]:
+    """The targets of the fat binary section ``blob``: ``sm_XY`` (SASS) and ``compute_XY``
+    (PTX) names."""
+    targets, offset = set(), 0
+    while offset + 16 <= len(blob):
+        magic, _, header, size = struct.unpack_from("<IHHQ", blob, offset)
+        if magic != FATBIN_MAGIC:
+            offset += 8  # containers are 8-byte aligned
+            continue
+        entry, end = offset + header, offset + header + size
+        while entry + 48 <= end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", blob, entry)
+            (sm,) = struct.unpack_from("<I", blob, entry + 28)
+            (flags,) = struct.unpack_from("<Q", blob, entry + 40)
+            suffix = "".join(v for bit, v in FATBIN_SUFFIX.items() if flags & bit)
+            prefix = {1: "compute", 2: "sm"}.get(kind)
+            if prefix:
+                targets.add(f"{prefix}_{sm}{suffix}")
+            entry += entry_header + payload
+        offset = end
+    return targets
+
+
+def cuda_targets(path: str) -> set[str]:
+    """The CUDA targets (``fatbin_targets``) of the ELF file ``path``; empty without CUDA."""
+    if not _has_cuda(path):
+        return set()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "fatbin")
+        subprocess.run(
+            ["objcopy", "-O", "binary", "--only-section=.nv_fatbin", path, out], check=True
+        )
+        with open(out, "rb") as f:
+            return fatbin_targets(f.read())
+
+
+def check(
+    path: str, *, max_mb: float, require_cuda: bool, require_targets: tuple[str, ...] = ()
+) -> list[str]:
     """The problems found in the wheel at ``path`` (empty when it passes); prints a report."""
     problems = []
     size_mb = os.path.getsize(path) / 2**20
@@ -72,8 +124,15 @@ def check(path: str, *, max_mb: float, require_cuda: bool) -> list[str]:
                 for what, pattern in FORBIDDEN.items():
                     if pattern.search(lib):
                         problems.append(f"{name} needs {lib} ({what} must not be a dependency)")
-            if require_cuda and os.path.basename(name).startswith("_C.") and not _has_cuda(local):
+            is_extension = os.path.basename(name).startswith("_C.")
+            if require_cuda and is_extension and not _has_cuda(local):
                 problems.append(f"{name} holds no CUDA kernels")
+            if is_extension and (require_targets or require_cuda):
+                targets = cuda_targets(local)
+                print(f"{name}: CUDA {', '.join(sorted(targets)) or '(none)'}")
+                missing = sorted(set(require_targets) - targets)
+                if missing:
+                    problems.append(f"{name} lacks the CUDA targets {', '.join(missing)}")
     if shutil.which("auditwheel"):
         show = subprocess.run(["auditwheel", "show", path], capture_output=True, text=True)
         print(show.stdout.strip() or show.stderr.strip())
@@ -91,10 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("wheels", nargs="+")
     parser.add_argument("--max-mb", type=float, default=100.0)
     parser.add_argument("--require-cuda", action="store_true")
+    parser.add_argument(
+        "--require-targets",
+        default="",
+        help="comma-separated sm_XY (SASS) and compute_XY (PTX) targets the kernels must have",
+    )
     args = parser.parse_args(argv)
+    targets = tuple(t for t in args.require_targets.split(",") if t)
     problems = []
     for path in args.wheels:
-        problems += check(path, max_mb=args.max_mb, require_cuda=args.require_cuda)
+        problems += check(
+            path, max_mb=args.max_mb, require_cuda=args.require_cuda, require_targets=targets
+        )
     for problem in problems:
         print(f"FAIL: {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -22,9 +22,11 @@ or, on a trainer that already exists (Liger's ``apply_liger_kernel_to_*`` style)
     from fastkd.integrations.trl import apply_fastkd_to_gkd_trainer
     apply_fastkd_to_gkd_trainer(trainer)
 
-TRL's ``DistillationTrainer`` already computes its loss from hidden states in chunks, and
-GOLD's ULD loss aligns tokenizers that fastkd's ``uld_loss`` does not align yet: neither is
-replaced here.
+TRL's GOLD trainer (``trl.experimental.gold``, distillation across tokenizers) likewise:
+``FastKDGOLDTrainer`` or ``apply_fastkd_to_gold_trainer(trainer)``, its ULD, hybrid ULD and
+generalized JSD losses computed from hidden states (``fastkd/integrations/_trl_gold.py`` lists
+the conventions kept). TRL's ``DistillationTrainer`` already computes its loss from hidden
+states in chunks and is not replaced.
 """
 
 from __future__ import annotations
@@ -35,12 +37,22 @@ import torch
 
 from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
 from ._models import hidden_and_head, refuse_distributed, require, shared_softcap
+from ._trl_gold import (
+    apply_fastkd_to_gold_trainer,
+    gold_compute_loss,
+    gold_trainer_class,
+    gold_trainer_subclass,
+)
 
 __all__ = [
     "FastKDGKDTrainer",  # noqa: F822 (module __getattr__)
+    "FastKDGOLDTrainer",  # noqa: F822 (module __getattr__)
     "apply_fastkd_to_gkd_trainer",
+    "apply_fastkd_to_gold_trainer",
     "gkd_compute_loss",
     "gkd_trainer_class",
+    "gold_compute_loss",
+    "gold_trainer_class",
 ]
 
 # TRL's generalized_jsd_loss masks labels equal to -100 (it takes no ignore_index).
@@ -114,14 +126,17 @@ def _subclass():
 
         compute_loss = gkd_compute_loss
 
-    FastKDGKDTrainer.__module__ = __name__
     return FastKDGKDTrainer
 
 
+_SUBCLASSES = {"FastKDGKDTrainer": _subclass, "FastKDGOLDTrainer": gold_trainer_subclass}
+
+
 def __getattr__(name):
-    # The subclass needs trl, imported only when the class is asked for.
-    if name == "FastKDGKDTrainer":
-        cls = _subclass()
+    # The subclasses need trl, imported only when a class is asked for.
+    if name in _SUBCLASSES:
+        cls = _SUBCLASSES[name]()
+        cls.__module__, cls.__qualname__ = __name__, name
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -534,7 +534,11 @@ def _read_file(path: str) -> dict:
 
 
 def _toml():
-    import tomllib
+    # tomllib is in the standard library from Python 3.11; tomli is the same parser for 3.10.
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
 
     return tomllib
 
