@@ -440,3 +440,23 @@ def test_unknown_op_and_backend():
         resolve_backend("kd_loss", "nope", torch.device("cpu"))
     with pytest.raises(RuntimeError, match="no Triton kernel for priority_sample"):
         resolve_backend("priority_sample", "triton", torch.device("cpu"))
+
+
+def test_registrations_name_the_arguments_they_need():
+    """Autograd and fake registrations find an op's arguments by name in its schema: a name
+    that is not an argument, or a chunked op whose arguments are not (hidden, weight, bias,
+    ..., need_hidden, need_weight, need_bias), fails when the op is registered."""
+    from fastkd.ops._chunked_lm_head import register_chunked_autograd
+    from fastkd.ops._fused_rows import register_stored_grad_autograd
+    from fastkd.ops._op_args import OpArgs
+    from fastkd.ops.kd_loss import kd_loss_fused
+
+    args = OpArgs(kd_loss_fused)
+    assert args.names[:3] == ("student", "teacher", "labels") and len(args) == 15
+    assert args.bind(range(15)).grad_scale == args.index("grad_scale")
+    with pytest.raises(ValueError, match=r"fastkd::kd_loss_fused has no argument 'scale'; its"):
+        args.index("scale")
+    with pytest.raises(ValueError, match="has no argument 'gradient_scale'"):
+        register_stored_grad_autograd(kd_loss_fused, grad_scale="gradient_scale")
+    with pytest.raises(ValueError, match=r"must start with \('hidden', 'weight', 'bias'\)"):
+        register_chunked_autograd(kd_loss_fused)

@@ -21,6 +21,7 @@ import numbers
 import torch
 
 from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN
+from ._op_args import OpArgs
 
 __all__ = [
     "autocast_operands",
@@ -287,13 +288,15 @@ def run_chunks(
     return loss, grad_hidden, grad_weight, grad_bias
 
 
-def fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias):
-    loss = hidden.new_empty(() if reduce else hidden.shape[:1], dtype=torch.float32)
+def fake_outputs(a):
+    """The fake outputs of a chunked loss op (``register_named_fake``): the loss (a scalar
+    with ``reduce``, else a row per token) and the three requested gradients."""
+    loss = a.hidden.new_empty(() if a.reduce else a.hidden.shape[:1], dtype=torch.float32)
     return (
         loss,
-        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if need_weight else weight.new_empty(0),
-        torch.empty_like(bias) if need_bias else weight.new_empty(0),
+        torch.empty_like(a.hidden) if a.need_hidden else a.hidden.new_empty(0),
+        torch.empty_like(a.weight) if a.need_weight else a.weight.new_empty(0),
+        torch.empty_like(a.bias) if a.need_bias else a.weight.new_empty(0),
     )
 
 
@@ -314,14 +317,36 @@ def _scale_in_place(grads, factor: torch.Tensor, unit: float):
     return scaled
 
 
+# The arguments every chunked op has: the operands that get gradients first, the flags saying
+# which gradients to compute last (the backward sets them to what autograd needs).
+_OPERANDS = ("hidden", "weight", "bias")
+_NEED_FLAGS = ("need_hidden", "need_weight", "need_bias")
+
+
+def _chunked_op_args(op) -> OpArgs:
+    """``OpArgs(op)``, checked to start with ``_OPERANDS`` and end with ``_NEED_FLAGS``."""
+    args = OpArgs(op)
+    if args.names[:3] != _OPERANDS or args.names[-3:] != _NEED_FLAGS:
+        raise ValueError(
+            f"{args.op_name}: a chunked op's arguments must start with {_OPERANDS} and end with "
+            f"{_NEED_FLAGS}; got {list(args.names)}"
+        )
+    return args
+
+
 def register_chunked_autograd(
-    op, *, n_args: int, row_scale_arg: int, grad_scale_arg: int, reduce_arg: int
+    op, *, row_scale: str = "row_scale", grad_scale: str = "grad_scale", reduce: str = "reduce"
 ):
-    """Autograd of a chunked op whose first three inputs are (hidden, weight, bias), whose
+    """Autograd of a chunked op whose first three arguments are (hidden, weight, bias), whose
     last three are the need_hidden/need_weight/need_bias flags, and whose outputs are (loss,
-    grad_hidden, grad_weight, grad_bias). Reduced losses: the backward scales the gradients
-    made in the forward. reduction="none": it reruns the op with each row's gradient weighted
-    by its incoming gradient (``row_scale``)."""
+    grad_hidden, grad_weight, grad_bias); the other arguments are named by ``row_scale``,
+    ``grad_scale`` and ``reduce``. Reduced losses: the backward scales the gradients made in
+    the forward. reduction="none": it reruns the op with each row's gradient weighted by its
+    incoming gradient (the ``row_scale`` argument)."""
+    args = _chunked_op_args(op)
+    row_scale_arg, grad_scale_arg = args.index(row_scale), args.index(grad_scale)
+    reduce_arg = args.index(reduce)
+    n_args = len(args)
     no_grads = (None,) * (n_args - 3)
 
     def setup_context(ctx, inputs, output):
@@ -359,13 +384,17 @@ def register_chunked_autograd(
     op.register_autograd(backward, setup_context=setup_context)
 
 
-def register_recompute_autograd(op, *, n_args: int, n_row_outputs: int, row_grads_arg: int):
-    """Autograd of a chunked op with per-row outputs: its first three inputs are (hidden,
+def register_recompute_autograd(op, *, n_row_outputs: int, row_grads: str = "row_grads"):
+    """Autograd of a chunked op with per-row outputs: its first three arguments are (hidden,
     weight, bias), its last three the need_hidden/need_weight/need_bias flags, and its outputs
     ``n_row_outputs`` per-row tensors ``[N]`` (an empty one for an output not computed)
     followed by (grad_hidden, grad_weight, grad_bias). The forward computes the outputs only;
     the backward runs the op again with the outputs' incoming gradients stacked as a
-    ``[N, n_row_outputs]`` fp32 input at ``row_grads_arg`` (zeros for outputs with none)."""
+    ``[N, n_row_outputs]`` fp32 input, the argument named ``row_grads`` (zeros for outputs with
+    none)."""
+    args = _chunked_op_args(op)
+    row_grads_arg = args.index(row_grads)
+    n_args = len(args)
     no_grads = (None,) * (n_args - 3)
 
     def setup_context(ctx, inputs, output):

@@ -20,6 +20,7 @@ import torch
 
 from ._launch import launch
 from ._native import DTYPE_CODES, native
+from ._op_args import OpArgs
 from ._registry import AUTO, accepts, backend_spec, resolve_backend
 
 __all__ = [
@@ -118,12 +119,14 @@ def rescale_grad_rows(
     return grad
 
 
-def register_stored_grad_autograd(op, *, n_args: int, grad_scale_arg: int) -> None:
+def register_stored_grad_autograd(op, *, grad_scale: str = "grad_scale") -> None:
     """Autograd of a fused loss op whose outputs are (per-row loss, ``grad_scale`` times
-    dLoss_row/d(first argument)), ``grad_scale`` being its argument number ``grad_scale_arg``:
-    the backward rescales the stored gradient by the incoming one (``rescale_grad_rows``) and
-    returns it for the first argument, None for the other ``n_args - 1``."""
-    no_grads = (None,) * (n_args - 1)
+    dLoss_row/d(first argument)), ``grad_scale`` being the name of the op's argument holding
+    that factor: the backward rescales the stored gradient by the incoming one
+    (``rescale_grad_rows``) and returns it for the first argument, None for the others."""
+    args = OpArgs(op)
+    grad_scale_arg = args.index(grad_scale)
+    no_grads = (None,) * (len(args) - 1)
 
     def setup_context(ctx, inputs, output):
         ctx.grad_scale = inputs[grad_scale_arg]

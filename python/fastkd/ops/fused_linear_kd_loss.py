@@ -29,6 +29,7 @@ import torch
 from ..reference.fused_linear_kd_loss import fused_linear_kd_loss_reference, linear_logits
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
+from ._op_args import register_named_fake
 from ._checks import check_kd_options, check_labels
 from ._chunked_lm_head import (
     autocast_operands,
@@ -326,43 +327,10 @@ def fused_linear_kd_loss_fused(
     return (loss.sum() if reduce else loss), *grads
 
 
-@fused_linear_kd_loss_fused.register_fake
-def _(
-    hidden,
-    weight,
-    bias,
-    teacher_hidden,
-    teacher_weight,
-    teacher_bias,
-    teacher_logits,
-    labels,
-    row_scale,
-    divergence,
-    temperature,
-    softcap,
-    soft_weight,
-    hard_weight,
-    ignore_index,
-    log_wp,
-    log_wq,
-    coef,
-    grad_scale,
-    logit_scale,
-    teacher_logit_scale,
-    chunk_size,
-    accum_fp32,
-    reduce,
-    backend,
-    need_hidden,
-    need_weight,
-    need_bias,
-):
-    return fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
+register_named_fake(fused_linear_kd_loss_fused, fake_outputs)
 
 
-register_chunked_autograd(
-    fused_linear_kd_loss_fused, n_args=28, row_scale_arg=8, grad_scale_arg=18, reduce_arg=23
-)
+register_chunked_autograd(fused_linear_kd_loss_fused)
 
 
 @torch.library.custom_op("fastkd::fused_linear_sparse_kd_loss_fused", mutates_args=())
@@ -422,37 +390,10 @@ def fused_linear_sparse_kd_loss_fused(
     return (loss.sum() if reduce else loss), *grads
 
 
-@fused_linear_sparse_kd_loss_fused.register_fake
-def _(
-    hidden,
-    weight,
-    bias,
-    ids,
-    weights,
-    tail_mass,
-    labels,
-    row_scale,
-    vocab,
-    temperature,
-    soft_weight,
-    hard_weight,
-    ignore_index,
-    grad_scale,
-    logit_scale,
-    chunk_size,
-    accum_fp32,
-    reduce,
-    backend,
-    need_hidden,
-    need_weight,
-    need_bias,
-):
-    return fake_outputs(hidden, weight, bias, reduce, need_hidden, need_weight, need_bias)
+register_named_fake(fused_linear_sparse_kd_loss_fused, fake_outputs)
 
 
-register_chunked_autograd(
-    fused_linear_sparse_kd_loss_fused, n_args=22, row_scale_arg=7, grad_scale_arg=13, reduce_arg=17
-)
+register_chunked_autograd(fused_linear_sparse_kd_loss_fused)
 
 
 # ---- public entry points -------------------------------------------------------------------

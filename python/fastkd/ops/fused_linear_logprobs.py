@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ..reference.fused_linear_logprobs import fused_linear_logprobs_reference
+from ._op_args import register_named_fake
 from ._chunked_lm_head import (
     autocast_operands,
     check_chunking,
@@ -260,39 +261,21 @@ def fused_linear_logprobs_fused(
     return logprob, lse, entropy, *grads
 
 
-@fused_linear_logprobs_fused.register_fake
-def _(
-    hidden,
-    weight,
-    bias,
-    targets,
-    row_grads,
-    temperature,
-    ignore_index,
-    logit_scale,
-    chunk_size,
-    accum_fp32,
-    with_entropy,
-    backend,
-    need_hidden,
-    need_weight,
-    need_bias,
-):
-    n_rows = hidden.shape[0]
-    row = hidden.new_empty(n_rows, dtype=torch.float32)
+def _fake_logprobs(a):
+    n_rows = a.hidden.shape[0]
+    row = a.hidden.new_empty(n_rows, dtype=torch.float32)
     return (
         row,
         torch.empty_like(row),
-        torch.empty_like(row) if with_entropy else row.new_empty(0),
-        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if need_weight else weight.new_empty(0),
-        torch.empty_like(bias) if need_bias else weight.new_empty(0),
+        torch.empty_like(row) if a.with_entropy else row.new_empty(0),
+        torch.empty_like(a.hidden) if a.need_hidden else a.hidden.new_empty(0),
+        torch.empty_like(a.weight) if a.need_weight else a.weight.new_empty(0),
+        torch.empty_like(a.bias) if a.need_bias else a.weight.new_empty(0),
     )
 
 
-register_recompute_autograd(
-    fused_linear_logprobs_fused, n_args=15, n_row_outputs=3, row_grads_arg=4
-)
+register_named_fake(fused_linear_logprobs_fused, _fake_logprobs)
+register_recompute_autograd(fused_linear_logprobs_fused, n_row_outputs=3)
 
 
 # ---- public entry point --------------------------------------------------------------------

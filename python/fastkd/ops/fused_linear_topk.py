@@ -18,6 +18,7 @@ import torch
 
 from ..reference.fused_linear_logprobs import fused_linear_topk_reference
 from ..sparse.targets import SparseTargets
+from ._op_args import register_named_fake
 from ._chunked_lm_head import (
     autocast_operands,
     check_chunking,
@@ -124,16 +125,18 @@ def fused_linear_topk_fused(
     return ids, logprobs, log_tail, lse
 
 
-@fused_linear_topk_fused.register_fake
-def _(hidden, weight, bias, k, temperature, logit_scale, chunk_size, backend):
-    n_rows = hidden.shape[0]
-    row = hidden.new_empty(n_rows, dtype=torch.float32)
+def _fake_topk(a):
+    n_rows = a.hidden.shape[0]
+    row = a.hidden.new_empty(n_rows, dtype=torch.float32)
     return (
-        hidden.new_empty(n_rows, k, dtype=torch.int64),
-        hidden.new_empty(n_rows, k, dtype=torch.float32),
+        a.hidden.new_empty(n_rows, a.k, dtype=torch.int64),
+        a.hidden.new_empty(n_rows, a.k, dtype=torch.float32),
         row,
         torch.empty_like(row),
     )
+
+
+register_named_fake(fused_linear_topk_fused, _fake_topk)
 
 
 def _as_targets(ids, logprobs, log_tail, vocab: int, k: int) -> SparseTargets:

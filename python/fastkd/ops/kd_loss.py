@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.kd_loss import kd_loss_reference
+from ._op_args import register_named_fake
 from ._checks import check_kd_options, check_labels, check_logits
 from ._fused_rows import (
     grad_buffer,
@@ -118,29 +119,15 @@ def kd_loss_fused(
     return launch_kd_rows(student, teacher, labels, cfg, backend, need_grad)
 
 
-@kd_loss_fused.register_fake
-def _(
-    student,
-    teacher,
-    labels,
-    divergence,
-    temperature,
-    softcap,
-    soft_weight,
-    hard_weight,
-    ignore_index,
-    log_wp,
-    log_wq,
-    coef,
-    grad_scale,
-    backend,
-    need_grad,
-):
-    loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
-    return loss, grad_buffer(student, need_grad, backend)
+def _fake_kd_loss(a):
+    loss = a.student.new_empty(a.student.shape[:-1], dtype=torch.float32)
+    return loss, grad_buffer(a.student, a.need_grad, a.backend)
 
 
-register_stored_grad_autograd(kd_loss_fused, n_args=15, grad_scale_arg=12)
+register_named_fake(kd_loss_fused, _fake_kd_loss)
+
+
+register_stored_grad_autograd(kd_loss_fused)
 
 
 # ---- public entry point ---------------------------------------------------------------------

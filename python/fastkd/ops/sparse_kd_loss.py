@@ -16,6 +16,7 @@ import torch
 
 from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
+from ._op_args import register_named_fake
 from ._checks import check_labels, check_logits
 from ._fused_rows import grad_buffer, mean_grad_scale, reduce_rows, register_stored_grad_autograd
 from ._registry import accepts, resolve_backend
@@ -92,27 +93,15 @@ def sparse_kd_loss_fused(
     )
 
 
-@sparse_kd_loss_fused.register_fake
-def _(
-    student,
-    ids,
-    weights,
-    tail_mass,
-    labels,
-    vocab,
-    temperature,
-    soft_weight,
-    hard_weight,
-    ignore_index,
-    grad_scale,
-    backend,
-    need_grad,
-):
-    loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
-    return loss, grad_buffer(student, need_grad, backend, "sparse_kd_loss")
+def _fake_sparse_kd_loss(a):
+    loss = a.student.new_empty(a.student.shape[:-1], dtype=torch.float32)
+    return loss, grad_buffer(a.student, a.need_grad, a.backend, "sparse_kd_loss")
 
 
-register_stored_grad_autograd(sparse_kd_loss_fused, n_args=13, grad_scale_arg=10)
+register_named_fake(sparse_kd_loss_fused, _fake_sparse_kd_loss)
+
+
+register_stored_grad_autograd(sparse_kd_loss_fused)
 
 
 # ---- public entry point ---------------------------------------------------------------------

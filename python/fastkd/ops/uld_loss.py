@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.uld_loss import uld_loss_reference
+from ._op_args import register_named_fake
 from ._checks import check_kd_options, check_kernel_float, check_labels, check_logits
 from ._layout import row_layout
 from ._launch import launch
@@ -188,23 +189,15 @@ def uld_loss_fused(
     )
 
 
-@uld_loss_fused.register_fake
-def _(
-    student,
-    teacher,
-    labels,
-    temperature,
-    teacher_temperature,
-    ignore_index,
-    grad_scale,
-    backend,
-    need_grad,
-):
-    loss = student.new_empty(student.shape[:-1], dtype=torch.float32)
-    return loss, grad_buffer(student, need_grad, backend, "uld_loss")
+def _fake_uld_loss(a):
+    loss = a.student.new_empty(a.student.shape[:-1], dtype=torch.float32)
+    return loss, grad_buffer(a.student, a.need_grad, a.backend, "uld_loss")
 
 
-register_stored_grad_autograd(uld_loss_fused, n_args=9, grad_scale_arg=6)
+register_named_fake(uld_loss_fused, _fake_uld_loss)
+
+
+register_stored_grad_autograd(uld_loss_fused)
 
 
 # ---- public entry point ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._op_args import OpArgs, register_named_fake
 from ..ops._registry import supports
 from ..reference.sinkhorn import log_weights, plan_from_potentials, sinkhorn_reference, valid_mask
 from .features import solve_streamed, streamed_ot_value
@@ -60,27 +61,29 @@ def sinkhorn_loss_envelope(
     return loss.to(f.dtype), f, g, e
 
 
-@sinkhorn_loss_envelope.register_fake
-def _(
-    cost, a, b, n_sizes, m_sizes, eps_start, eps, kappa, max_iters, check_every, tol, value, backend
-):
-    batch, n, m = cost.shape
+def _fake_envelope(a):
+    batch, n, m = a.cost.shape
     dtype = (
         torch.float64
-        if (supports("sinkhorn", backend, "float64") and cost.dtype == torch.float64)
+        if (supports("sinkhorn", a.backend, "float64") and a.cost.dtype == torch.float64)
         else torch.float32
     )
     return (
-        cost.new_empty(batch, dtype=dtype),
-        cost.new_empty(batch, n, dtype=dtype),
-        cost.new_empty(batch, m, dtype=dtype),
-        cost.new_empty(batch, dtype=dtype),
+        a.cost.new_empty(batch, dtype=dtype),
+        a.cost.new_empty(batch, n, dtype=dtype),
+        a.cost.new_empty(batch, m, dtype=dtype),
+        a.cost.new_empty(batch, dtype=dtype),
     )
 
 
+register_named_fake(sinkhorn_loss_envelope, _fake_envelope)
+_ENVELOPE_ARGS = OpArgs(sinkhorn_loss_envelope)
+
+
 def _loss_setup_context(ctx, inputs, output):
-    cost, a, b, n_sizes, m_sizes = inputs[:5]
-    ctx.value = inputs[11]
+    args = _ENVELOPE_ARGS.bind(inputs)
+    cost, a, b, n_sizes, m_sizes = args.cost, args.a, args.b, args.n_sizes, args.m_sizes
+    ctx.value = args.value
     _, f, g, e = output
     ctx.save_for_backward(cost, a, b, n_sizes, m_sizes, f, g, e)
     ctx.mark_non_differentiable(f, g, e)
@@ -111,7 +114,7 @@ def _loss_backward(ctx, grad_loss, grad_f, grad_g, grad_e):
         if ctx.needs_input_grad[2]:
             grad_b = (go[:, None] * (g + (e * (a.to(f.dtype).sum(1) - 1))[:, None])).to(b.dtype)
             grad_b = torch.where(valid_mask(m_sizes, batch, m, b.device), grad_b, 0.0)
-    return grad_cost, grad_a, grad_b, *(None,) * 10
+    return grad_cost, grad_a, grad_b, *(None,) * (len(_ENVELOPE_ARGS) - 3)
 
 
 sinkhorn_loss_envelope.register_autograd(_loss_backward, setup_context=_loss_setup_context)

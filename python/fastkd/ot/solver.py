@@ -14,6 +14,7 @@ import torch
 
 from ..ops._launch import launch
 from ..ops._native import DTYPE_CODES
+from ..ops._op_args import register_named_fake
 from ..ops._registry import (
     accepts,
     native_backend,
@@ -252,41 +253,28 @@ def sinkhorn_solve(
     )
 
 
-@sinkhorn_solve.register_fake
-def _(
-    cost,
-    log_a,
-    log_b,
-    n_sizes,
-    m_sizes,
-    eps_start,
-    init_g,
-    eps,
-    kappa,
-    max_iters,
-    check_every,
-    tol,
-    return_plan,
-    backend,
-):
-    batch, n, m = cost.shape
+def _fake_solve(a):
+    batch, n, m = a.cost.shape
     dtype = (
         torch.float64
-        if (supports("sinkhorn", backend, "float64") and cost.dtype == torch.float64)
+        if (supports("sinkhorn", a.backend, "float64") and a.cost.dtype == torch.float64)
         else torch.float32
     )
-    vec = [cost.new_empty(batch, dtype=dtype) for _ in range(4)]
-    plan = cost.new_empty((batch, n, m) if return_plan else (0,), dtype=dtype)
+    vec = [a.cost.new_empty(batch, dtype=dtype) for _ in range(4)]
+    plan = a.cost.new_empty((batch, n, m) if a.return_plan else (0,), dtype=dtype)
     return (
-        cost.new_empty(batch, n, dtype=dtype),
-        cost.new_empty(batch, m, dtype=dtype),
-        cost.new_empty(batch, dtype=torch.int32),
+        a.cost.new_empty(batch, n, dtype=dtype),
+        a.cost.new_empty(batch, m, dtype=dtype),
+        a.cost.new_empty(batch, dtype=torch.int32),
         vec[0],
         vec[1],
         vec[2],
         vec[3],
         plan,
     )
+
+
+register_named_fake(sinkhorn_solve, _fake_solve)
 
 
 class _Solved(NamedTuple):
