@@ -11,14 +11,24 @@ namespace cuda {
 
 struct CudaMath {
   static __device__ __forceinline__ float exp(float x) {
+#if defined(FASTKD_CUDA_ON_CPU)
+    // CPU execution of the kernels (tools/cuda_on_cpu): libm's exp2, flushed below 2^-126.
+    const float y = exp2f(x * 1.4426950408889634f);
+    return y < 1.17549435e-38f ? 0.0f : y;
+#else
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
     return y;
+#endif
   }
   static __device__ __forceinline__ float log(float x) {
+#if defined(FASTKD_CUDA_ON_CPU)
+    return log2f(x) * 0.6931471805599453f;
+#else
     float y;
     asm("lg2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y * 0.6931471805599453f;
+#endif
   }
 };
 

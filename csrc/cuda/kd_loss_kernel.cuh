@@ -137,14 +137,27 @@ __device__ __forceinline__ RawChunk stage_load(const uint4* stage, int stride, i
 // Each thread closes a group of copies per chunk and later waits until at most `pending` of its
 // groups are incomplete (PTX takes the count as an immediate, hence the switch; counts above 7
 // wait for more than needed, which is only later than necessary).
+// CPU execution of the kernels (tools/cuda_on_cpu): a copy lands when its thread waits for its
+// group, as the latest a GPU may deliver it.
 __device__ __forceinline__ void copy_async_16(uint4* dst, const char* src) {
+#if defined(FASTKD_CUDA_ON_CPU)
+  cuda_on_cpu::copy_async_16(dst, src);
+#else
   const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(src) : "memory");
+#endif
 }
 __device__ __forceinline__ void copy_async_close_group() {
+#if defined(FASTKD_CUDA_ON_CPU)
+  cuda_on_cpu::copy_async_commit();
+#else
   asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
 }
 __device__ __forceinline__ void copy_async_wait(int pending) {
+#if defined(FASTKD_CUDA_ON_CPU)
+  cuda_on_cpu::copy_async_wait(pending < 7 ? pending : 7);
+#else
   switch (pending) {
     case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
     case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
@@ -155,6 +168,7 @@ __device__ __forceinline__ void copy_async_wait(int pending) {
     case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
     default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
   }
+#endif
 }
 
 // One chunk as fp32, passed by value (registers) to the helpers below.
