@@ -71,12 +71,19 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, capsys):
     for row in result["rows"][8:]:
         assert row["ce"] > 0 and row["kl"] is None and row["agreement"] is None
     assert result["rows"][6]["cache_bytes"] > 0 and result["rows"][7]["cache_bytes"] > 0
+    # Every student run reports its peak memory above the process's when it began (Linux RSS):
+    # at least its own models' parameters.
+    for row in result["rows"][1:]:
+        assert row["peak_mb"] is None or row["peak_mb"] > 0, row
+    assert all(row["peak_mb"] is not None for row in result["rows"][1:]) or not os.path.exists(
+        "/proc/self/clear_refs"
+    )
     # The on-policy run recorded where each of its 4 micro-batches' completions came from.
     gkd_log = read_jsonl(os.path.join(result["dir"], "runs", "gkd-jsd-0.5-0.5", "log.jsonl"))
     assert sum(r["completions"]["student"] + r["completions"]["data"] for r in gkd_log) == 4
     folder = result["dir"]
     table = open(os.path.join(folder, "results.md")).read()
-    assert "| sparse top-12 |" in table and "cross-entropy alone" in table
+    assert "| sparse top-12 |" in table and "cross-entropy alone" in table and "peak MB" in table
     assert "| own tokenizer: ot + ce |" in table and "With its own tokenizer" in table
     assert "held-out CE" in capsys.readouterr().out
     # A second run reuses the teacher, the tokenizer and the caches and gives the same table.

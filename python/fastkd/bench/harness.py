@@ -180,24 +180,60 @@ def _time_cuda(
     return _quartiles(times)
 
 
+class PeakMemory:
+    """Context manager measuring the peak memory of its block above what was in use when it
+    began, in MiB (``.mb`` after the block): the CUDA caching allocator's peak of allocated
+    bytes on a CUDA ``device``, else the process's peak resident set (Linux ``VmHWM``, reset at
+    the start; ``.mb`` stays None where the kernel cannot reset it)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.mb: float | None = None
+        self._base = None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            _release_free_heap()
+            if _rss_peak_reset():
+                self._base = _rss_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._base is None:
+            return False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            self.mb = max(_rss_kb("VmHWM") - self._base, 0) / 1024
+        return False
+
+
+def _release_free_heap() -> None:
+    """Returns glibc's free heap pages to the system (best effort): pages that an earlier block
+    freed but glibc kept resident would be reused by the next one without raising its peak,
+    understating it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_mb(
     step: Callable[[], object], device: torch.device, before_each: Callable[[], None]
 ) -> float | None:
     before_each()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+    with PeakMemory(device) as peak:
         step()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not _rss_peak_reset():
-        return None
-    base = _rss_kb("VmRSS")
-    step()
-    return max(_rss_kb("VmHWM") - base, 0) / 1024
+    return peak.mb
 
 
 def measure(

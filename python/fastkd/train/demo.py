@@ -16,7 +16,8 @@
    ALM, OT between hidden states; each with half cross-entropy), next to its cross-entropy
    alone.
 6. One results table (held-out CE, KL to the teacher, top-1 agreement, calibration, training
-   tokens/s, cache bytes per token) and plots, in the output folder and on the terminal.
+   tokens/s, each run's peak memory above what the process held when it began, cache bytes per
+   token) and plots, in the output folder and on the terminal.
 
 Everything is seeded: a second run with the same seed gives the same table (timings aside).
 """
@@ -278,8 +279,10 @@ def run_demo(
     results table's rows and the seconds of each phase. A teacher, tokenizer or cache already
     in ``out`` (from an earlier run of the same size and seed) is reused. ``preset`` replaces
     the named size's (its folder is then named ``custom``)."""
+    import torch
     from transformers.utils import logging as hf_logging
 
+    from ..bench.harness import PeakMemory
     from .loop import distill
     from .teacher_cache import build_cache
     from .tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -366,6 +369,8 @@ def run_demo(
         }
     ]
     series = {}
+    # train.device "auto", as the runs resolve it: peak memory is measured on that device.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     student_runs = [(n, o, c, p, {}) for n, o, c, p in _STUDENT_RUNS]
     own = _own_tokenizer_student(root, preset, texts_of=corpus)
     own_model = {k: v for k, v in own.items() if k != "vocab_size"}
@@ -385,7 +390,8 @@ def run_demo(
             extra["onpolicy"] = {
                 k: preset.seq_len // 2 if v == "half" else v for k, v in onpolicy.items()
             }
-        result = distill(student_base, extra)
+        with PeakMemory(device) as peak:
+            result = distill(student_base, extra)
         ev = result["eval"]
         rows.append(
             {
@@ -396,6 +402,7 @@ def run_demo(
                 "agreement": ev.get("agreement"),
                 "ece": ev["ece"],
                 "tokens_per_s": result["tokens_per_s"],
+                "peak_mb": peak.mb,
                 "cache_bytes": cache_bytes.get(cache),
             }
         )
@@ -410,6 +417,7 @@ def run_demo(
         ("agreement", "top-1 agreement", ".3f"),
         ("ece", "ECE", ".4f"),
         ("tokens_per_s", "train tokens/s", ".0f"),
+        ("peak_mb", "peak MB", ".0f"),
         ("cache_bytes", "cache bytes/token", ".1f"),
     ]
     table = markdown_table(rows, columns)
