@@ -240,6 +240,79 @@ def _fused_linear_topk_fused(backend):
     ]
 
 
+def _sparse_reverse_targets(rows, k, vocab, seed):
+    """Ids, log-probabilities and tail masses of support targets (p_k and p_b summing to 1)."""
+    ids, weights = _sparse_targets(rows, k, vocab, seed)
+    return ids, (0.75 * weights).log(), torch.full((rows,), 0.25)
+
+
+def _sparse_kd_loss_reverse_fused(backend):
+    ids, logprobs, tail = _sparse_reverse_targets(4, 3, 9, seed=3)
+    return [
+        (
+            (
+                _rand(4, 11, seed=0, requires_grad=need_grad),
+                ids,
+                logprobs,
+                tail,
+                _labels(4, 9, 2),
+                9,
+                1.5,
+                0.75,
+                0.25,
+                -100,
+                0.25,
+                backend,
+                need_grad,
+            ),
+            need_grad,
+        )
+        for need_grad in (True, False)
+    ]
+
+
+def _fused_linear_sparse_kd_loss_reverse_fused(backend):
+    ids, logprobs, tail = _sparse_reverse_targets(6, 3, 9, seed=3)
+    return [
+        (
+            (
+                _rand(6, 5, seed=0, requires_grad=True),
+                _rand(11, 5, seed=1, requires_grad=True),
+                None,
+                ids,
+                logprobs,
+                tail,
+                _labels(6, 9, 2),
+                None,
+                9,
+                1.5,
+                0.75,
+                0.25,
+                -100,
+                0.25,
+                1.0,
+                4,
+                True,
+                reduce,
+                backend,
+                reduce,
+                reduce,
+                False,
+            ),
+            reduce,
+        )
+        for reduce in (True, False)
+    ]
+
+
+def _fused_linear_support_fused(backend):
+    ids = torch.tensor([[0, 4, -1], [10, 2, 3], [5, -1, -1], [1, 7, 9], [6, 8, 0], [3, 2, 1]])
+    return [
+        ((_rand(6, 5, seed=0), _rand(11, 5, seed=1), bias, ids, 0.5, 1.0, 4, backend), False)
+        for bias in (_rand(11, seed=2), None)
+    ]
+
+
 def _sinkhorn_problem():
     cost = _rand(2, 4, 5, seed=0).abs()
     a = torch.full((2, 4), 0.25)
@@ -313,6 +386,17 @@ SAMPLES = {
     ),
     "fused_linear_logprobs_fused": ("fused_linear_logprobs", "all", _fused_linear_logprobs_fused),
     "fused_linear_topk_fused": ("fused_linear_topk", "all", _fused_linear_topk_fused),
+    "sparse_kd_loss_reverse_fused": (
+        "sparse_kd_loss_reverse",
+        "kernels",
+        _sparse_kd_loss_reverse_fused,
+    ),
+    "fused_linear_sparse_kd_loss_reverse_fused": (
+        "sparse_kd_loss_reverse",
+        "kernels",
+        _fused_linear_sparse_kd_loss_reverse_fused,
+    ),
+    "fused_linear_support_fused": ("fused_linear_support", "all", _fused_linear_support_fused),
     "sinkhorn_solve": ("sinkhorn", "all", _sinkhorn_solve),
     "sinkhorn_loss_envelope": ("sinkhorn", "all", _sinkhorn_loss_envelope),
 }

@@ -1,6 +1,7 @@
 // sparse_kd_loss on CPU: the distillation loss against sparse teacher targets (K (id, weight)
-// pairs per token, optionally a tail bucket), fused with the student's softmax. Arguments as
-// passed from Python: raw pointers, sizes, element strides, dtype codes.
+// pairs per token, optionally a tail bucket), fused with the student's softmax; with the
+// targets' log-probabilities instead of their weights, the reverse KL over the ids and the
+// bucket. Arguments as passed from Python: raw pointers, sizes, element strides, dtype codes.
 #pragma once
 
 #include <cstdint>
@@ -19,7 +20,9 @@ struct SparseKdLossArgs {
   int64_t vocab;           // V = min(V_s, targets.vocab_size): the columns the loss sees
   int64_t grad_vocab;      // V_s: columns of a gradient row; [vocab, grad_vocab) are written as 0
   const int32_t* ids;      // [n_rows, num_slots] contiguous; < 0: padding; >= vocab: NaN loss
-  const float* weights;    // [n_rows, num_slots] contiguous; <= 0 counts as 0
+  const float* weights;    // [n_rows, num_slots] contiguous; <= 0 counts as 0 (forward only)
+  const float* logprobs;   // [n_rows, num_slots] contiguous log p_k: the reverse direction (then
+                           // tail_mass is set); nullptr: the forward direction
   int64_t num_slots;       // K
   const float* tail_mass;  // [n_rows] teacher mass outside the ids (tail="bucket"), or nullptr
   const int64_t* labels;   // [n_rows] or nullptr

@@ -12,6 +12,7 @@ from .ops import (
     fused_linear_kd_loss,
     fused_linear_logprobs,
     fused_linear_sparse_kd_loss,
+    fused_linear_support,
     fused_linear_topk,
     kd_loss,
     sample_teacher,
@@ -22,6 +23,7 @@ from .ops import (
     sinkhorn,
     sinkhorn_loss,
     sparse_kd_loss,
+    student_support_targets,
     uld_loss,
 )
 from .sparse import CacheCorruptError, SparseTargets, TeacherCache
@@ -42,6 +44,7 @@ __all__ = [
     "fused_linear_kd_loss",
     "fused_linear_logprobs",
     "fused_linear_sparse_kd_loss",
+    "fused_linear_support",
     "fused_linear_topk",
     "kd_loss",
     "sample_teacher",
@@ -52,6 +55,7 @@ __all__ = [
     "sinkhorn",
     "sinkhorn_loss",
     "sparse_kd_loss",
+    "student_support_targets",
     "uld_loss",
     "xtok",
     "__version__",

@@ -1,6 +1,6 @@
-"""sparse_kd_loss's row kernel: its backends' registration, the checks and preparation of the
-targets, and the launcher, which sparse_kd_loss and the chunked lm_head loss
-(fused_linear_sparse_kd_loss, on each chunk's logits) share."""
+"""sparse_kd_loss's row kernel: its backends' registration (the forward and the reverse
+direction), the checks and preparation of the targets, and the launcher, which sparse_kd_loss and
+the chunked lm_head loss (fused_linear_sparse_kd_loss, on each chunk's logits) share."""
 
 from __future__ import annotations
 
@@ -14,7 +14,18 @@ from ._layout import row_layout
 from ._native import DTYPE_CODES
 from ._registry import native_backend, reference_backend, register_op, triton_backend
 
-__all__ = ["check_sparse_options", "check_targets", "launch_sparse_rows", "merge_duplicate_ids"]
+__all__ = [
+    "DIRECTIONS",
+    "check_direction",
+    "check_sparse_options",
+    "check_targets",
+    "keep_first_of_equal_ids",
+    "launch_sparse_rows",
+    "merge_duplicate_ids",
+    "row_op",
+]
+
+DIRECTIONS = ("forward", "reverse")
 
 # No CUDA kernel: Triton on GPUs. The CPU kernel reads a row into scratch before it writes the
 # row's gradient; the Triton kernel re-reads the ids' logits after writing it.
@@ -29,6 +40,45 @@ register_op(
     ],
     auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
 )
+# The reverse direction (direction="reverse") of the same kernels, declared on its own so that
+# the registry says which backends have it.
+register_op(
+    "sparse_kd_loss_reverse",
+    [
+        reference_backend(),
+        native_backend(
+            "cpu", "sparse_kd_loss_forward_cpu", skips_unneeded_grad=True, grad_may_alias_input=True
+        ),
+        triton_backend("sparse_kd_loss"),
+    ],
+    auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+)
+
+
+def row_op(direction: str) -> str:
+    """The registered op whose backends run the sparse rows in ``direction``."""
+    return "sparse_kd_loss_reverse" if direction == "reverse" else "sparse_kd_loss"
+
+
+def check_direction(direction, targets: SparseTargets) -> None:
+    """``direction`` is one of ``DIRECTIONS``; ``"reverse"`` needs the targets' log-probabilities
+    and their tail mass (``tail="bucket"``)."""
+    if not isinstance(direction, str) or direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+    if direction != "reverse":
+        return
+    if targets.logprobs is None:
+        raise ValueError(
+            "direction='reverse' needs targets.logprobs (the log-probabilities log p_k at the "
+            f"ids); these {targets.method!r} targets have none: make them with "
+            "fastkd.fused_linear_support, fastkd.student_support_targets or "
+            "fastkd.fused_linear_topk"
+        )
+    if targets.tail_mass is None:
+        raise ValueError(
+            "direction='reverse' needs tail='bucket' targets (targets.tail_mass, the mass "
+            f"outside the ids); got tail={targets.tail!r}"
+        )
 
 
 def check_targets(
@@ -92,6 +142,25 @@ def merge_duplicate_ids(
     return torch.where(keep, ids, -1), torch.where(keep, merged, 0.0)
 
 
+def keep_first_of_equal_ids(
+    ids: torch.Tensor, logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets ``ids``/``logprobs`` ``[..., K]`` of the reverse direction with every id at
+    most once per row: of equal ids the first slot is kept (with its log-probability), the
+    others become padding (id -1, log-prob 0). Slots come back in ascending id order, as
+    ``merge_duplicate_ids`` gives them."""
+    k = ids.shape[-1]
+    if k < 2:
+        return ids, logprobs
+    ids, order = ids.sort(dim=-1, stable=True)
+    logprobs = logprobs.gather(-1, order)
+    repeat = (ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)
+    if not torch.compiler.is_compiling() and ids.device.type == "cpu" and not bool(repeat.any()):
+        return ids, logprobs
+    keep = torch.cat([torch.ones_like(repeat[..., :1]), ~repeat], -1)
+    return torch.where(keep, ids, -1), torch.where(keep, logprobs, 0.0)
+
+
 def check_sparse_options(
     *, temperature, ignore_index, hard_weight, reduction, num_items_in_batch, has_labels: bool
 ) -> None:
@@ -113,7 +182,7 @@ def check_sparse_options(
 def launch_sparse_rows(
     student: torch.Tensor,
     ids: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | None,
     tail_mass: torch.Tensor | None,
     labels: torch.Tensor | None,
     *,
@@ -127,8 +196,12 @@ def launch_sparse_rows(
     need_grad: bool,
     loss: torch.Tensor | None = None,
     grad: torch.Tensor | None = None,
+    logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs one fused kernel; returns (per-row loss fp32 [lead], grad like student).
+
+    The forward direction reads the targets' ``weights``; with ``logprobs`` (``[..., K]`` fp32
+    log p_k; ``weights`` then None) the kernel computes the reverse direction.
 
     ``loss`` (contiguous fp32, the leading shape) and ``grad`` (contiguous, the student's
     shape) may be given to write into. On ``cpu``, ``grad`` may be ``student`` itself when that
@@ -139,14 +212,16 @@ def launch_sparse_rows(
     if loss is None:
         loss = torch.empty(lead, dtype=torch.float32, device=student.device)
     if grad is None:
-        grad = grad_buffer(student, need_grad, backend, "sparse_kd_loss")
+        op = row_op("reverse" if logprobs is not None else "forward")
+        grad = grad_buffer(student, need_grad, backend, op)
     n_rows = loss.numel()
     if n_rows == 0:
         return loss, grad
     s, inner_rows, layout = row_layout(student)
     k = ids.shape[-1]
     flat_ids = ids.reshape(n_rows, k).contiguous()
-    flat_weights = weights.reshape(n_rows, k).contiguous()
+    flat_weights = None if weights is None else weights.reshape(n_rows, k).contiguous()
+    flat_logprobs = None if logprobs is None else logprobs.reshape(n_rows, k).contiguous()
     flat_tail = None if tail_mass is None else tail_mass.reshape(-1).contiguous()
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     if backend == "triton":
@@ -170,6 +245,7 @@ def launch_sparse_rows(
             hard_weight=hard_weight,
             ignore_index=ignore_index,
             grad_scale=grad_scale,
+            logprobs=flat_logprobs,
         )
         return loss, grad
     launch(
@@ -186,6 +262,7 @@ def launch_sparse_rows(
         ids=flat_ids,
         weights=flat_weights,
         num_slots=k,
+        logprobs=flat_logprobs,
         tail_mass=flat_tail,
         labels=flat_labels,
         grad=grad,

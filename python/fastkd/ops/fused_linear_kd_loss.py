@@ -51,10 +51,13 @@ from ._kd_config import KdConfig, make_kd_config
 from ._kd_rows import KD_LOSS, launch_kd_rows
 from ._registry import accepts, backend_spec, register_op, resolve_backend
 from ._sparse_rows import (
+    check_direction,
     check_sparse_options,
     check_targets,
+    keep_first_of_equal_ids,
     launch_sparse_rows,
     merge_duplicate_ids,
+    row_op,
 )
 from ._vocab_mismatch import match_student_head
 
@@ -217,18 +220,21 @@ def _sparse_teacher_rows(
     ignore_index,
     grad_scale,
     backend,
+    logprobs=None,
 ):
-    """The row kernel of sparse targets ``ids``/``weights`` ``[N, K]``: sparse_kd_loss's.
+    """The row kernel of sparse targets ``ids``/``weights`` ``[N, K]``: sparse_kd_loss's (the
+    reverse direction with ``logprobs`` ``[N, K]`` in place of ``weights``).
 
     The Triton kernel reads the ids' logits after it has written the row's gradient, so there
     the gradient goes to its own buffer and is copied over the logits."""
-    in_place = backend_spec("sparse_kd_loss", backend).grad_may_alias_input
+    op = row_op("reverse" if logprobs is not None else "forward")
+    in_place = backend_spec(op, backend).grad_may_alias_input
 
     def run(zs, begin, end, loss, need_grad):
         _, grad = launch_sparse_rows(
             zs,
             ids[begin:end],
-            weights[begin:end],
+            None if weights is None else weights[begin:end],
             None if tail_mass is None else tail_mass[begin:end],
             None if labels is None else labels[begin:end],
             vocab=vocab,
@@ -241,6 +247,7 @@ def _sparse_teacher_rows(
             need_grad=need_grad,
             loss=loss,
             grad=zs if in_place and need_grad else None,
+            logprobs=None if logprobs is None else logprobs[begin:end],
         )
         if need_grad and not in_place:
             zs.copy_(grad)
@@ -333,6 +340,65 @@ register_named_fake(fused_linear_kd_loss_fused, fake_outputs)
 register_chunked_autograd(fused_linear_kd_loss_fused)
 
 
+def _sparse_chunks(
+    hidden,
+    weight,
+    bias,
+    ids,
+    weights,
+    logprobs,
+    tail_mass,
+    labels,
+    row_scale,
+    *,
+    vocab,
+    temperature,
+    soft_weight,
+    hard_weight,
+    ignore_index,
+    grad_scale,
+    logit_scale,
+    chunk_size,
+    accum_fp32,
+    reduce,
+    backend,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
+    """The body of the sparse chunked ops: the forward direction with ``weights``, the reverse
+    with ``logprobs``."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        rows = _sparse_teacher_rows(
+            ids,
+            weights,
+            tail_mass,
+            labels,
+            vocab=vocab,
+            temperature=temperature,
+            soft_weight=soft_weight,
+            hard_weight=hard_weight,
+            ignore_index=ignore_index,
+            grad_scale=grad_scale * logit_scale,
+            backend=backend,
+            logprobs=logprobs,
+        )
+        loss, *grads = run_chunks(
+            hidden,
+            weight,
+            bias,
+            rows,
+            row_scale,
+            logit_scale,
+            chunk_size,
+            accum_fp32,
+            need_hidden,
+            need_weight,
+            need_bias,
+        )
+    return (loss.sum() if reduce else loss), *grads
+
+
 @torch.library.custom_op("fastkd::fused_linear_sparse_kd_loss_fused", mutates_args=())
 def fused_linear_sparse_kd_loss_fused(
     hidden: torch.Tensor,
@@ -360,40 +426,97 @@ def fused_linear_sparse_kd_loss_fused(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """As fused_linear_kd_loss_fused, against sparse targets ``ids``/``weights`` ``[N, K]``
     (``tail_mass`` ``[N]`` or None) by sparse_kd_loss's row kernel."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        rows = _sparse_teacher_rows(
-            ids,
-            weights,
-            tail_mass,
-            labels,
-            vocab=vocab,
-            temperature=temperature,
-            soft_weight=soft_weight,
-            hard_weight=hard_weight,
-            ignore_index=ignore_index,
-            grad_scale=grad_scale * logit_scale,
-            backend=backend,
-        )
-        loss, *grads = run_chunks(
-            hidden,
-            weight,
-            bias,
-            rows,
-            row_scale,
-            logit_scale,
-            chunk_size,
-            accum_fp32,
-            need_hidden,
-            need_weight,
-            need_bias,
-        )
-    return (loss.sum() if reduce else loss), *grads
+    return _sparse_chunks(
+        hidden,
+        weight,
+        bias,
+        ids,
+        weights,
+        None,
+        tail_mass,
+        labels,
+        row_scale,
+        vocab=vocab,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        ignore_index=ignore_index,
+        grad_scale=grad_scale,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
+        accum_fp32=accum_fp32,
+        reduce=reduce,
+        backend=backend,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias,
+    )
 
 
 register_named_fake(fused_linear_sparse_kd_loss_fused, fake_outputs)
 
 
 register_chunked_autograd(fused_linear_sparse_kd_loss_fused)
+
+
+@torch.library.custom_op("fastkd::fused_linear_sparse_kd_loss_reverse_fused", mutates_args=())
+def fused_linear_sparse_kd_loss_reverse_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail_mass: torch.Tensor,
+    labels: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    vocab: int,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    grad_scale: float,
+    logit_scale: float,
+    chunk_size: int,
+    accum_fp32: bool,
+    reduce: bool,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_linear_sparse_kd_loss_fused in the reverse direction: ``logprobs`` ``[N, K]`` are
+    the targets' log p_k at ``ids``, ``tail_mass`` ``[N]`` their mass outside the ids."""
+    return _sparse_chunks(
+        hidden,
+        weight,
+        bias,
+        ids,
+        None,
+        logprobs,
+        tail_mass,
+        labels,
+        row_scale,
+        vocab=vocab,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        ignore_index=ignore_index,
+        grad_scale=grad_scale,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
+        accum_fp32=accum_fp32,
+        reduce=reduce,
+        backend=backend,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias,
+    )
+
+
+register_named_fake(fused_linear_sparse_kd_loss_reverse_fused, fake_outputs)
+
+
+register_chunked_autograd(fused_linear_sparse_kd_loss_reverse_fused)
 
 
 # ---- public entry points -------------------------------------------------------------------
@@ -640,6 +763,7 @@ def fused_linear_sparse_kd_loss(
     t2_scale: bool = False,
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
+    direction: str = "forward",
     backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`fastkd.sparse_kd_loss` of the student's lm_head output, without materializing its
@@ -650,7 +774,8 @@ def fused_linear_sparse_kd_loss(
         student_hidden: ``[..., H]`` float32/bfloat16/float16 (float64: ``torch`` backend).
         student_weight: ``[V_s, H]``; ``student_bias``: ``[V_s]`` or None.
         targets: ``SparseTargets`` of leading shape ``[...]`` on the same device.
-        temperature ... num_items_in_batch: as in :func:`fastkd.sparse_kd_loss`.
+        temperature ... num_items_in_batch, direction: as in :func:`fastkd.sparse_kd_loss`
+            (``"reverse"``: the reverse KL over the targets' support).
         backend: row kernel, ``"auto"``, ``"cpu"``, ``"triton"``, or ``"torch"`` (the plain
             path: whole logits, then the sparse loss reference).
 
@@ -660,6 +785,7 @@ def fused_linear_sparse_kd_loss(
     check_head("student", student_hidden, student_weight, student_bias)
     lead, device = student_hidden.shape[:-1], student_hidden.device
     vocab = check_targets(targets, lead, device, student_weight.shape[0], "student_hidden")
+    check_direction(direction, targets)
     check_sparse_options(
         temperature=temperature,
         ignore_index=ignore_index,
@@ -684,11 +810,12 @@ def fused_linear_sparse_kd_loss(
         num_items_in_batch=num_items_in_batch,
     )
     dtypes = (student_hidden.dtype,)
-    name = resolve_backend("sparse_kd_loss", backend, device, dtypes=dtypes)
+    op = row_op(direction)
+    name = resolve_backend(op, backend, device, dtypes=dtypes)
     if name == "torch":
         logits = linear_logits(student_hidden, student_weight, student_bias, logit_scale)
-        return sparse_kd_loss_reference(logits, targets, **loss_kwargs)
-    if not accepts("sparse_kd_loss", name, dtypes=dtypes):
+        return sparse_kd_loss_reference(logits, targets, direction=direction, **loss_kwargs)
+    if not accepts(op, name, dtypes=dtypes):
         raise ValueError(
             f"backend {name!r} takes float32/bfloat16/float16 operands; got "
             f"{student_hidden.dtype}; use backend='torch'"
@@ -697,10 +824,17 @@ def fused_linear_sparse_kd_loss(
     n_rows = lead.numel()
     hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
     k = targets.num_slots
-    ids, weights = merge_duplicate_ids(
-        targets.ids.reshape(n_rows, k), targets.weights.detach().reshape(n_rows, k)
-    )
-    ids, weights = ids.contiguous(), weights.contiguous()
+    if direction == "reverse":
+        ids, values = keep_first_of_equal_ids(
+            targets.ids.reshape(n_rows, k), targets.logprobs.detach().reshape(n_rows, k)
+        )
+        fused = fused_linear_sparse_kd_loss_reverse_fused
+    else:
+        ids, values = merge_duplicate_ids(
+            targets.ids.reshape(n_rows, k), targets.weights.detach().reshape(n_rows, k)
+        )
+        fused = fused_linear_sparse_kd_loss_fused
+    ids, values = ids.contiguous(), values.contiguous()
     tail = (
         None
         if targets.tail_mass is None
@@ -727,12 +861,12 @@ def fused_linear_sparse_kd_loss(
     grad_scale = mean_grad_scale(
         n_rows, device, labels, ignore_index, reduction, num_items_in_batch
     )
-    loss, *_ = fused_linear_sparse_kd_loss_fused(
+    loss, *_ = fused(
         hidden,
         student_weight,
         student_bias,
         ids,
-        weights,
+        values,
         tail,
         flat_labels,
         None,

@@ -7,7 +7,8 @@ Input checks, the fused custom op with its fake kernel and autograd, backend dis
 1/#tokens where it is known without a device sync; the backward is the fused-row framework's
 (``_fused_rows``), which rescales that stored gradient (in place in eager mode). The ``torch``
 backend is the plain-PyTorch reference. The row kernel's registration and launcher, shared
-with fused_linear_sparse_kd_loss, are in ``_sparse_rows``.
+with fused_linear_sparse_kd_loss, are in ``_sparse_rows``. The reverse direction has a custom op
+of its own (the targets' log-probabilities in place of their weights) on the same kernels.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from ._checks import check_labels, check_logits
 from ._fused_rows import grad_buffer, mean_grad_scale, reduce_rows, register_stored_grad_autograd
 from ._registry import accepts, resolve_backend
 from ._sparse_rows import (
+    check_direction,
     check_sparse_options,
     check_targets,
+    keep_first_of_equal_ids,
     launch_sparse_rows,
     merge_duplicate_ids,
+    row_op,
 )
 
 __all__ = ["sparse_kd_loss"]
@@ -40,9 +44,11 @@ def _check_inputs(
     hard_weight,
     reduction,
     num_items_in_batch,
+    direction,
 ) -> None:
     check_logits("student_logits", student)
     vocab = check_targets(targets, student.shape[:-1], student.device, student.shape[-1])
+    check_direction(direction, targets)
     check_sparse_options(
         temperature=temperature,
         ignore_index=ignore_index,
@@ -104,6 +110,53 @@ register_named_fake(sparse_kd_loss_fused, _fake_sparse_kd_loss)
 register_stored_grad_autograd(sparse_kd_loss_fused)
 
 
+@torch.library.custom_op("fastkd::sparse_kd_loss_reverse_fused", mutates_args=())
+def sparse_kd_loss_reverse_fused(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail_mass: torch.Tensor,
+    labels: torch.Tensor | None,
+    vocab: int,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    grad_scale: float,
+    backend: str,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As sparse_kd_loss_fused in the reverse direction: ``logprobs`` ``[..., K]`` fp32 are the
+    targets' log p_k at ``ids``, ``tail_mass`` ``[...]`` fp32 their mass outside the ids."""
+    return launch_sparse_rows(
+        student,
+        ids,
+        None,
+        tail_mass,
+        labels,
+        vocab=vocab,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        ignore_index=ignore_index,
+        grad_scale=grad_scale,
+        backend=backend,
+        need_grad=need_grad,
+        logprobs=logprobs,
+    )
+
+
+def _fake_sparse_kd_loss_reverse(a):
+    loss = a.student.new_empty(a.student.shape[:-1], dtype=torch.float32)
+    return loss, grad_buffer(a.student, a.need_grad, a.backend, "sparse_kd_loss_reverse")
+
+
+register_named_fake(sparse_kd_loss_reverse_fused, _fake_sparse_kd_loss_reverse)
+
+
+register_stored_grad_autograd(sparse_kd_loss_reverse_fused)
+
+
 # ---- public entry point ---------------------------------------------------------------------
 
 
@@ -118,6 +171,7 @@ def sparse_kd_loss(
     t2_scale: bool = False,
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
+    direction: str = "forward",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Distillation loss against sparse teacher targets, fused with the student's softmax.
@@ -145,6 +199,23 @@ def sparse_kd_loss(
     ``(W + w_b) q_j - w_j`` at the ids and ``(W + w_b - w_b / q_b) q_j`` elsewhere (the last
     term taken as 0 where q_b = 0).
 
+    ``direction="reverse"`` is the reverse KL over the support S = the ids plus the bucket,
+    against the targets' probabilities p_k = exp(``targets.logprobs``) and tail mass
+    p_b = ``targets.tail_mass`` (both required; weights are not read):
+
+        L = sum_k q_{s_k} (log q_{s_k} - log p_k) + q_b (log q_b - log p_b)
+
+    with q_b summed over its own columns (``torch``, ``cpu``; ``triton`` as above). Its gradient
+    w.r.t. a is q_j (c_j - L), c_j = log q_j - log p_j at the ids and log q_b - log p_b
+    elsewhere. Terms with q = 0 are 0; a term with p = 0 < q (log p_k = -inf, or a tail mass
+    <= 0 with student mass outside the ids) makes L +inf, and its gradient then follows the
+    formula as ``kd_loss(divergence="rkl")``'s does (-inf or NaN). Where the ids cover all V
+    columns the bucket is empty (q_b = 0). Equal ids in a row are one id, with the
+    log-probability of its first slot. It is meant for student-side supports
+    (:func:`fastkd.student_support_targets`): where the p_k and p_b sum to 1, L is KL(q_S ||
+    p_S) of the two distributions coarsened to S (each id a class, the bucket one): >= 0, and 0
+    where q and p agree on S.
+
     Args:
         student_logits: ``[..., V_s]`` float32/bfloat16/float16 (float64: ``torch`` backend).
             Columns from V on get zero gradient. -inf logits are allowed (a target id at one
@@ -166,6 +237,8 @@ def sparse_kd_loss(
             A token whose targets are all padding (and which has no CE term) has loss 0 and no
             gradient but still counts in the mean; mark such tokens in ``labels`` with
             ``ignore_index`` to leave them out.
+        direction: ``"forward"`` (KL(targets || student), above) or ``"reverse"``
+            (KL(student || targets) over the support).
         backend: ``"auto"`` (cpu on CPU, triton on CUDA, torch for float64), ``"torch"``,
             ``"cpu"`` or ``"triton"``.
 
@@ -182,10 +255,12 @@ def sparse_kd_loss(
         hard_weight=hard_weight,
         reduction=reduction,
         num_items_in_batch=num_items_in_batch,
+        direction=direction,
     )
     device = student_logits.device
     dtypes = (student_logits.dtype,)
-    name = resolve_backend("sparse_kd_loss", backend, device, dtypes=dtypes)
+    op = row_op(direction)
+    name = resolve_backend(op, backend, device, dtypes=dtypes)
     kwargs = dict(
         temperature=temperature,
         labels=labels,
@@ -196,8 +271,8 @@ def sparse_kd_loss(
         num_items_in_batch=num_items_in_batch,
     )
     if name == "torch":
-        return sparse_kd_loss_reference(student_logits, targets, **kwargs)
-    if not accepts("sparse_kd_loss", name, dtypes=dtypes):
+        return sparse_kd_loss_reference(student_logits, targets, direction=direction, **kwargs)
+    if not accepts(op, name, dtypes=dtypes):
         raise ValueError(
             f"backend {name!r} takes float32/bfloat16/float16 student logits; got "
             f"{student_logits.dtype}; use backend='torch'"
@@ -207,11 +282,16 @@ def sparse_kd_loss(
     grad_scale = mean_grad_scale(
         n_rows, device, labels, ignore_index, reduction, num_items_in_batch
     )
-    ids, weights = merge_duplicate_ids(targets.ids, targets.weights.detach())
-    rows, _ = sparse_kd_loss_fused(
+    if direction == "reverse":
+        ids, values = keep_first_of_equal_ids(targets.ids, targets.logprobs.detach())
+        fused = sparse_kd_loss_reverse_fused
+    else:
+        ids, values = merge_duplicate_ids(targets.ids, targets.weights.detach())
+        fused = sparse_kd_loss_fused
+    rows, _ = fused(
         student_logits,
         ids,
-        weights,
+        values,
         None if targets.tail_mass is None else targets.tail_mass.detach(),
         labels,
         min(student_logits.shape[-1], targets.vocab_size),

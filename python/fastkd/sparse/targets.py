@@ -15,6 +15,9 @@ id (``-1`` = padding) and ``weights[r, k]`` its target weight (0 at padding). Me
   ``"renorm"`` (top-k renormalized to sum 1), ``"bucket"`` (weights are p at the ids and
   ``tail_mass`` holds 1 - sum of them, matched against the student's mass outside the ids), or
   ``"label"`` (the rest is added to the gold label's slot, which may be an extra one).
+- ``"support"``: given ids (e.g. the student's own top-k, ``fastkd.student_support_targets``)
+  with the teacher's probabilities at them and, always ``tail="bucket"``, its exact mass
+  outside them (``fastkd.fused_linear_support``): the targets of the reverse direction.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 __all__ = ["METHODS", "SparseTargets", "TAILS"]
 
-METHODS = ("random", "priority", "topk")
+METHODS = ("random", "priority", "topk", "support")
 TAILS = ("renorm", "bucket", "label")
 
 
@@ -41,11 +44,13 @@ class SparseTargets:
             temperature 1), 0 at padding; None when not kept.
         tail_mass: ``[...]`` float32 teacher mass outside ``ids`` (``tail="bucket"``), else None.
         vocab_size: the teacher's vocabulary size V (every id is < V).
-        num_samples: draws N (``"random"``) or k (``"priority"``, ``"topk"``).
+        num_samples: draws N (``"random"``) or k (``"priority"``, ``"topk"``; the slots K of
+            ``"support"``).
         temperature: the proposal temperature T of ``"random"`` (1 otherwise).
         seed: the sampler's seed (``"random"``, ``"priority"``).
-        method: ``"random"``, ``"priority"`` or ``"topk"``.
-        tail: ``"renorm"``, ``"bucket"`` or ``"label"`` for ``"topk"``; None otherwise.
+        method: ``"random"``, ``"priority"``, ``"topk"`` or ``"support"``.
+        tail: ``"renorm"``, ``"bucket"`` or ``"label"`` for ``"topk"``; ``"bucket"`` for
+            ``"support"``; None otherwise.
     """
 
     ids: torch.Tensor
@@ -95,6 +100,8 @@ class SparseTargets:
             raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
         if self.method == "topk" and self.tail not in TAILS:
             raise ValueError(f"topk targets need tail in {TAILS}; got {self.tail!r}")
+        if self.method == "support" and self.tail != "bucket":
+            raise ValueError(f"support targets need tail='bucket'; got {self.tail!r}")
         if (self.tail == "bucket") != (self.tail_mass is not None):
             raise ValueError("tail_mass is given exactly for tail='bucket' targets")
         if (

@@ -19,6 +19,13 @@ One program per row:
           zeros past V; then, after a barrier, the K id columns overwritten with c_in q - w_k
           (+ CE). The same program writes both, so no column is written concurrently, and each
           value is computed in fp32 and rounded once.
+REVERSE (the targets' log p_k in place of their weights, p_b = tail mass) computes the reverse KL
+over the ids and the bucket, with the same passes and the same S_out:
+
+    L = sum_k q_k (log q_k - log p_k) + q_b (log q_b - log p_b),   dL/da_j = q_j (c_j - L)
+
+c_j = log q_j - log p_j at the ids and log q_b - log p_b elsewhere; terms and gradients are 0
+where q counts as 0 (log q <= LOG_MIN_PROB, kd_math.h's kLogMinProb), as kd_loss's rkl elements.
 All arithmetic is fp32. Guards are tl.where selects on the inputs of guarded expressions, so that
 -inf logits and zero weights form no inf - inf, 0 * inf or log 0 (as in triton/kd_loss.py).
 """
@@ -46,6 +53,9 @@ __all__ = ["sparse_kd_loss_forward"]
 # Widest chunk of target slots (the vocabulary's is _common.MAX_BLOCK_V).
 MAX_BLOCK_K = 128
 
+# Probabilities below 2^-126 count as 0: kd_math.h's kLogMinProb.
+LOG_MIN_PROB = tl.constexpr(-87.33654)
+
 
 @triton.jit
 def _load_scaled(ptr, cols, mask, inv_t):
@@ -64,7 +74,7 @@ def _log_or_neg_inf(x):
 def _sparse_kd_loss_fwd_kernel(
     student_ptr,  # logits, row r at (r // inner_rows) * s_outer + (r % inner_rows) * s_inner
     ids_ptr,  # [n_rows, num_slots] int32, < 0: padding
-    weights_ptr,  # [n_rows, num_slots] fp32
+    weights_ptr,  # [n_rows, num_slots] fp32: w_k, or with REVERSE log p_k
     tail_ptr,  # [n_rows] fp32 (BUCKET), or None
     labels_ptr,  # [n_rows] int64, or None
     grad_ptr,  # [n_rows, grad_vocab] contiguous, student dtype
@@ -83,6 +93,7 @@ def _sparse_kd_loss_fwd_kernel(
     hard_grad_weight,
     ignore_index,
     BUCKET: tl.constexpr,  # tail="bucket" targets
+    REVERSE: tl.constexpr,  # the reverse direction (BUCKET too)
     HAS_LABELS: tl.constexpr,
     CE: tl.constexpr,  # labels given and hard_weight > 0
     TEMPERED: tl.constexpr,  # CE with T != 1: the CE softmax needs its own sum of exp(T a)
@@ -143,16 +154,43 @@ def _sparse_kd_loss_fwd_kernel(
             n_bad += tl.sum((ids >= vocab).to(tl.int32), axis=0)
             a_k = _load_scaled(zs_ptr, tl.where(valid, ids, 0), valid, inv_t)
             sum_in += tl.sum(tl.exp(a_k - f), axis=0)
-            # Weights <= 0 count as 0; NaN and +inf ones make the row NaN (the NaN rule).
-            w = tl.where(w < POS_INF, w, nan)
-            pos = valid & ~(w <= 0.0)
-            w_in = tl.where(pos, w, 1.0)
-            lq_in = tl.where(pos, (a_k - f) - log_sum, 0.0)
-            soft += tl.sum(tl.where(pos, w_in * (tl.log(w_in) - lq_in), 0.0), axis=0)
-            total_w += tl.sum(tl.where(pos, w, 0.0), axis=0)
+            if REVERSE:
+                # q_k (log q_k - log p_k), 0 where q_k counts as 0; a NaN or +inf log p_k makes
+                # the row NaN (counted in n_bad).
+                n_bad += tl.sum((valid & ~(w < POS_INF)).to(tl.int32), axis=0)
+                lq_k = (a_k - f) - log_sum
+                keep = valid & (lq_k > LOG_MIN_PROB)
+                lq_in = tl.where(keep, lq_k, 0.0)
+                lp_in = tl.where(keep, w, 0.0)
+                soft += tl.sum(tl.where(keep, tl.exp(lq_in) * (lq_in - lp_in), 0.0), axis=0)
+            else:
+                # Weights <= 0 count as 0; NaN and +inf ones make the row NaN (the NaN rule).
+                w = tl.where(w < POS_INF, w, nan)
+                pos = valid & ~(w <= 0.0)
+                w_in = tl.where(pos, w, 1.0)
+                lq_in = tl.where(pos, (a_k - f) - log_sum, 0.0)
+                soft += tl.sum(tl.where(pos, w_in * (tl.log(w_in) - lq_in), 0.0), axis=0)
+                total_w += tl.sum(tl.where(pos, w, 0.0), axis=0)
         w_b = 0.0
         k_bucket = 0.0
-        if BUCKET:
+        k_rev = 0.0
+        if REVERSE:
+            # The bucket q_b = S_out / S against p_b (<= 0: 0), empty where the ids cover all V
+            # columns; c_b = log q_b - log p_b where q_b > 0 (elsewhere every e_j outside is 0).
+            tail = tl.load(tail_ptr + row)
+            has_b = n_ids < vocab
+            n_bad += (has_b & ~(tail < POS_INF)).to(tl.int32)
+            sum_out = tl.maximum(sum_all - sum_in, 0.0)
+            lq_b = _log_or_neg_inf(sum_out) - log_sum
+            lp_b = _log_or_neg_inf(tl.where(tail > 0.0, tail, 0.0))
+            keep_b = has_b & (lq_b > LOG_MIN_PROB)
+            lq_b_in = tl.where(keep_b, lq_b, 0.0)
+            soft += tl.where(keep_b, tl.exp(lq_b_in) * (lq_b_in - lp_b), 0.0)
+            soft = tl.where(n_bad > 0, nan, soft)
+            c_b = tl.where(has_b & (sum_out > 0.0), lq_b - lp_b, 0.0)
+            # dL/da_j = e_j (c_b - L) / S outside the ids; NaN everywhere in a NaN row.
+            k_rev = tl.where((has_b & (sum_out > 0.0)) | (n_bad > 0), c_b - soft, 0.0)
+        elif BUCKET:
             # q_b = S_out / S, S_out = S - S_in clamped at 0; q_j / q_b = e_j / S_out. Where the
             # (distinct) ids cover all V columns the bucket is empty and w_b is dropped.
             tail = tl.load(tail_ptr + row)
@@ -185,7 +223,10 @@ def _sparse_kd_loss_fwd_kernel(
 
         # Grad pass, every column as one outside the ids: soft_grad_scale (c_in / S - w_b / S_out)
         # e_j (+ hard_grad_weight (softmax(z)_j - [j == label])); zeros past V.
-        k_off = soft_grad_scale * (c_in * inv_sum - k_bucket)
+        if REVERSE:
+            k_off = soft_grad_scale * k_rev * inv_sum
+        else:
+            k_off = soft_grad_scale * (c_in * inv_sum - k_bucket)
         for start in range(0, grad_vocab, BLOCK_V):
             cols = start + offs
             mask = cols < vocab
@@ -208,7 +249,14 @@ def _sparse_kd_loss_fwd_kernel(
             valid = (ids >= 0) & (ids < vocab)
             a_k = _load_scaled(zs_ptr, tl.where(valid, ids, 0), valid, inv_t)
             q_k = tl.exp(a_k - f) * inv_sum
-            g = soft_grad_scale * (c_in * q_k - tl.where(valid & (w > 0.0), w, 0.0))
+            if REVERSE:
+                # q_k (log q_k - log p_k - L), 0 where q_k counts as 0; NaN in a NaN row.
+                lq_k = (a_k - f) - log_sum
+                keep = valid & (lq_k > LOG_MIN_PROB)
+                c_k = tl.where(keep, lq_k - w, 0.0) - soft
+                g = tl.where(n_bad > 0, nan, soft_grad_scale * tl.where(keep, q_k * c_k, 0.0))
+            else:
+                g = soft_grad_scale * (c_in * q_k - tl.where(valid & (w > 0.0), w, 0.0))
             if CE:
                 g += hard_grad_weight * tl.exp(temperature * a_k - lz)
                 g = tl.where(ids == label, g - hard_grad_weight, g)
@@ -234,9 +282,11 @@ def sparse_kd_loss_forward(
     hard_weight,
     ignore_index,
     grad_scale,
+    logprobs=None,
 ) -> None:
     """Writes ``loss[r]`` and ``grad[r, :]`` (``grad_scale`` dLoss_r/dz) for every row
-    ``r < n_rows``.
+    ``r < n_rows``; with ``logprobs`` (contiguous ``[n_rows, K]`` fp32 log p_k, ``weights``
+    None, ``tail_mass`` given) in the reverse direction.
 
     ``student`` is addressed through ``layout`` (see ``fastkd.ops._layout``); ``ids``/``weights``
     are contiguous ``[n_rows, K]`` int32/fp32, ``tail_mass`` ``[n_rows]`` fp32 or None,
@@ -257,7 +307,7 @@ def sparse_kd_loss_forward(
     _sparse_kd_loss_fwd_kernel[(n_rows,)](
         student,
         ids,
-        weights,
+        weights if logprobs is None else logprobs,
         tail_mass,
         labels,
         grad,
@@ -276,6 +326,7 @@ def sparse_kd_loss_forward(
         hard_grad_weight,
         ignore_index,
         BUCKET=tail_mass is not None,
+        REVERSE=logprobs is not None,
         HAS_LABELS=has_labels,
         CE=ce,
         TEMPERED=ce and temperature != 1.0,
