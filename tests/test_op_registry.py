@@ -437,6 +437,7 @@ def _samples():
 
 
 def _opcheck_cases():
+    # The AOT-dispatch check compiles the op (1 to 8 s a case here, 60 s in all): slow.
     return [
         pytest.param(
             name,
@@ -444,6 +445,7 @@ def _opcheck_cases():
             check,
             id=f"{case}-{check}",
             marks=marks
+            + ([pytest.mark.slow] if check == "test_aot_dispatch_dynamic" else [])
             + ([_RESCALED_IN_PLACE] if rescaled and check == "test_aot_dispatch_dynamic" else []),
         )
         for name, case, args, rescaled, marks in _samples()
@@ -469,6 +471,7 @@ def test_opcheck(name, args, check):
         if rescaled
     ],
 )
+@pytest.mark.slow  # torch.compile of each op: 14 s in all
 def test_rescaled_gradients_match_compiled(name, args):
     op = getattr(torch.ops.fastkd, name).default
     inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]

@@ -521,6 +521,7 @@ def test_feature_costs(kind):
 # ---- registration, compile ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # opcheck's AOT dispatch compiles the op: 4.5 s
 def test_opcheck():
     cost, a, b = _problem(3, 6, 5, seed=36, dtype=torch.float32)
     from fastkd.ot.sinkhorn_loss import sinkhorn_loss_envelope

@@ -475,6 +475,7 @@ def test_no_gradient_buffer_when_no_gradient_is_wanted():
     torch.testing.assert_close(loss, run(s, t, "cpu", reduction="none")[0])
 
 
+@pytest.mark.slow  # torch.compile: 4 s
 def test_torch_compile_of_a_model_calling_the_loss():
     torch.manual_seed(0)
     student = torch.nn.Linear(16, 50)

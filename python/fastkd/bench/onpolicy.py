@@ -77,7 +77,7 @@ def _inputs(case: OnpolicyCase, seed: int):
 
 
 def _loss_impls(case: OnpolicyCase, inputs, first: dict) -> list[Impl]:
-    from ..ops.fused_linear_kd_loss import fused_linear_sparse_kd_loss
+    from ..ops.fused_linear_sparse_kd_loss import fused_linear_sparse_kd_loss
     from ..ops.fused_linear_logprobs import fused_linear_logprobs
     from ..ops.fused_linear_topk import fused_linear_topk
     from ..ops.onpolicy_losses import sampled_reverse_kl

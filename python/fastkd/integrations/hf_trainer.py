@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
+from ..ops.fused_linear_sparse_kd_loss import fused_linear_sparse_kd_loss
 from ._models import hidden_and_head, refuse_distributed, require, shared_softcap
 
 __all__ = ["DistillationTrainer", "distillation_loss"]  # noqa: F822 (module __getattr__)

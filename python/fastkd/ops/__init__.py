@@ -2,7 +2,8 @@
 
 from ..ot import SinkhornResult, sequence_ot_loss, sinkd_loss, sinkhorn, sinkhorn_loss
 from ._registry import available_backends
-from .fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from .fused_linear_kd_loss import fused_linear_kd_loss
+from .fused_linear_sparse_kd_loss import fused_linear_sparse_kd_loss
 from .fused_linear_logprobs import TokenLogProbs, fused_linear_logprobs
 from .fused_linear_support import fused_linear_support, student_support_targets
 from .fused_linear_topk import fused_linear_topk

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.fused_linear_kd_loss import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
+from ..ops.fused_linear_sparse_kd_loss import fused_linear_sparse_kd_loss
 from ..ops.fused_linear_logprobs import fused_linear_logprobs
 from ..ops.fused_linear_topk import fused_linear_topk
 from ..ops.onpolicy_losses import sampled_reverse_kl
