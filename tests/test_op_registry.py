@@ -87,6 +87,12 @@ def _sparse_targets(rows, k, vocab, seed):
     return ids, weights / weights.sum(-1, keepdim=True)
 
 
+def _sparse_reverse_targets(rows, k, vocab, seed):
+    """Ids, log-probabilities and tail masses of support targets (p_k and p_b summing to 1)."""
+    ids, weights = _sparse_targets(rows, k, vocab, seed)
+    return ids, (0.75 * weights).log(), torch.full((rows,), 0.25)
+
+
 # Each sample function gives (arguments, whether the eager backward rescales outputs in place)
 # per case. The fused ops are called with need_grad (need_hidden, ...) True exactly when the
 # student's input requires grad, and so are they here.
@@ -110,14 +116,16 @@ def _kd_loss_fused(backend):
 
 
 def _sparse_kd_loss_fused(backend):
+    """Forward targets (weights, no bucket) and reverse ones (log-probabilities and a bucket)."""
     ids, weights = _sparse_targets(4, 3, 9, seed=3)
+    _, logprobs, tail = _sparse_reverse_targets(4, 3, 9, seed=3)
     return [
         (
             (
                 _rand(4, 11, seed=0, requires_grad=need_grad),
                 ids,
-                weights,
-                None,
+                logprobs if reverse else weights,
+                tail if reverse else None,
                 _labels(4, 9, 2),
                 9,
                 1.5,
@@ -125,12 +133,14 @@ def _sparse_kd_loss_fused(backend):
                 0.25,
                 -100,
                 0.25,
+                reverse,
                 backend,
                 need_grad,
             ),
             need_grad,
         )
         for need_grad in (True, False)
+        for reverse in (False, True)
     ]
 
 
@@ -170,6 +180,7 @@ def _fused_linear_kd_loss_fused(backend):
 
 def _fused_linear_sparse_kd_loss_fused(backend):
     ids, weights = _sparse_targets(6, 3, 9, seed=3)
+    _, logprobs, tail = _sparse_reverse_targets(6, 3, 9, seed=3)
     return [
         (
             (
@@ -177,8 +188,8 @@ def _fused_linear_sparse_kd_loss_fused(backend):
                 _rand(11, 5, seed=1, requires_grad=True),
                 None,
                 ids,
-                weights,
-                None,
+                logprobs if reverse else weights,
+                tail if reverse else None,
                 _labels(6, 9, 2),
                 None,
                 9,
@@ -191,6 +202,7 @@ def _fused_linear_sparse_kd_loss_fused(backend):
                 4,
                 True,
                 reduce,
+                reverse,
                 backend,
                 reduce,
                 reduce,
@@ -199,6 +211,7 @@ def _fused_linear_sparse_kd_loss_fused(backend):
             reduce,
         )
         for reduce in (True, False)
+        for reverse in (False, True)
     ]
 
 
@@ -237,71 +250,6 @@ def _fused_linear_topk_fused(backend):
     return [
         ((_rand(6, 5, seed=0), _rand(11, 5, seed=1), bias, k, 0.5, 1.0, 4, backend), False)
         for bias, k in ((_rand(11, seed=2), 3), (None, 11))
-    ]
-
-
-def _sparse_reverse_targets(rows, k, vocab, seed):
-    """Ids, log-probabilities and tail masses of support targets (p_k and p_b summing to 1)."""
-    ids, weights = _sparse_targets(rows, k, vocab, seed)
-    return ids, (0.75 * weights).log(), torch.full((rows,), 0.25)
-
-
-def _sparse_kd_loss_reverse_fused(backend):
-    ids, logprobs, tail = _sparse_reverse_targets(4, 3, 9, seed=3)
-    return [
-        (
-            (
-                _rand(4, 11, seed=0, requires_grad=need_grad),
-                ids,
-                logprobs,
-                tail,
-                _labels(4, 9, 2),
-                9,
-                1.5,
-                0.75,
-                0.25,
-                -100,
-                0.25,
-                backend,
-                need_grad,
-            ),
-            need_grad,
-        )
-        for need_grad in (True, False)
-    ]
-
-
-def _fused_linear_sparse_kd_loss_reverse_fused(backend):
-    ids, logprobs, tail = _sparse_reverse_targets(6, 3, 9, seed=3)
-    return [
-        (
-            (
-                _rand(6, 5, seed=0, requires_grad=True),
-                _rand(11, 5, seed=1, requires_grad=True),
-                None,
-                ids,
-                logprobs,
-                tail,
-                _labels(6, 9, 2),
-                None,
-                9,
-                1.5,
-                0.75,
-                0.25,
-                -100,
-                0.25,
-                1.0,
-                4,
-                True,
-                reduce,
-                backend,
-                reduce,
-                reduce,
-                False,
-            ),
-            reduce,
-        )
-        for reduce in (True, False)
     ]
 
 
@@ -386,16 +334,6 @@ SAMPLES = {
     ),
     "fused_linear_logprobs_fused": ("fused_linear_logprobs", "all", _fused_linear_logprobs_fused),
     "fused_linear_topk_fused": ("fused_linear_topk", "all", _fused_linear_topk_fused),
-    "sparse_kd_loss_reverse_fused": (
-        "sparse_kd_loss_reverse",
-        "kernels",
-        _sparse_kd_loss_reverse_fused,
-    ),
-    "fused_linear_sparse_kd_loss_reverse_fused": (
-        "sparse_kd_loss_reverse",
-        "kernels",
-        _fused_linear_sparse_kd_loss_reverse_fused,
-    ),
     "fused_linear_support_fused": ("fused_linear_support", "all", _fused_linear_support_fused),
     "sinkhorn_solve": ("sinkhorn", "all", _sinkhorn_solve),
     "sinkhorn_loss_envelope": ("sinkhorn", "all", _sinkhorn_loss_envelope),

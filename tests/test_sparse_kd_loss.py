@@ -449,6 +449,7 @@ def test_opcheck(bucket):
         0.5,
         -100,
         1.0,
+        False,
         "cpu",
         True,
     )
@@ -471,6 +472,7 @@ def test_no_gradient_buffer_when_no_gradient_is_wanted():
         0.0,
         -100,
         1.0,
+        False,
         "cpu",
         False,
     )
@@ -502,6 +504,7 @@ def test_kernels_give_nan_for_an_id_past_the_vocabulary(backend):
         0.0,
         -100,
         1.0,
+        False,
         backend,
         True,
     )

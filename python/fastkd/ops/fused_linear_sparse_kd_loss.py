@@ -3,8 +3,7 @@
 The student's logits are made chunk by chunk by the lm_head engine (``_chunked_lm_head``), as in
 ``fused_linear_kd_loss``; each chunk's rows go through sparse_kd_loss's row kernels
 (``_sparse_rows``), which write the chunk's gradient over its logits. The forward direction
-takes the targets' weights, the reverse one their log-probabilities: one custom op each (their
-arguments differ), sharing one body.
+takes the targets' weights, the reverse one their log-probabilities, through the same custom op.
 """
 
 from __future__ import annotations
@@ -93,41 +92,42 @@ def _sparse_teacher_rows(
     return run
 
 
-# ---- the custom ops ------------------------------------------------------------------------
+# ---- the custom op --------------------------------------------------------------------------
 
 
-def _sparse_chunks(
-    hidden,
-    weight,
-    bias,
-    ids,
-    weights,
-    logprobs,
-    tail_mass,
-    labels,
-    row_scale,
-    *,
-    vocab,
-    temperature,
-    soft_weight,
-    hard_weight,
-    ignore_index,
-    grad_scale,
-    logit_scale,
-    chunk_size,
-    accum_fp32,
-    reduce,
-    backend,
-    need_hidden,
-    need_weight,
-    need_bias,
-):
-    """The body of the sparse chunked ops: the forward direction with ``weights``, the reverse
-    with ``logprobs``."""
+@torch.library.custom_op("fastkd::fused_linear_sparse_kd_loss_fused", mutates_args=())
+def fused_linear_sparse_kd_loss_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    values: torch.Tensor,
+    tail_mass: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    vocab: int,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    grad_scale: float,
+    logit_scale: float,
+    chunk_size: int,
+    accum_fp32: bool,
+    reduce: bool,
+    reverse: bool,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As fused_linear_kd_loss_fused, against sparse targets by sparse_kd_loss's row kernel:
+    ``ids`` ``[N, K]`` with ``values`` ``[N, K]``, their weights (forward) or log p_k
+    (``reverse``), and ``tail_mass`` ``[N]`` or None (required by ``reverse``)."""
     with torch.autocast(hidden.device.type, enabled=False):
         rows = _sparse_teacher_rows(
             ids,
-            weights,
+            None if reverse else values,
             tail_mass,
             labels,
             vocab=vocab,
@@ -137,7 +137,7 @@ def _sparse_chunks(
             ignore_index=ignore_index,
             grad_scale=grad_scale * logit_scale,
             backend=backend,
-            logprobs=logprobs,
+            logprobs=values if reverse else None,
         )
         loss, *grads = run_chunks(
             hidden,
@@ -155,124 +155,10 @@ def _sparse_chunks(
     return (loss.sum() if reduce else loss), *grads
 
 
-@torch.library.custom_op("fastkd::fused_linear_sparse_kd_loss_fused", mutates_args=())
-def fused_linear_sparse_kd_loss_fused(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    tail_mass: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    row_scale: torch.Tensor | None,
-    vocab: int,
-    temperature: float,
-    soft_weight: float,
-    hard_weight: float,
-    ignore_index: int,
-    grad_scale: float,
-    logit_scale: float,
-    chunk_size: int,
-    accum_fp32: bool,
-    reduce: bool,
-    backend: str,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As fused_linear_kd_loss_fused, against sparse targets ``ids``/``weights`` ``[N, K]``
-    (``tail_mass`` ``[N]`` or None) by sparse_kd_loss's row kernel."""
-    return _sparse_chunks(
-        hidden,
-        weight,
-        bias,
-        ids,
-        weights,
-        None,
-        tail_mass,
-        labels,
-        row_scale,
-        vocab=vocab,
-        temperature=temperature,
-        soft_weight=soft_weight,
-        hard_weight=hard_weight,
-        ignore_index=ignore_index,
-        grad_scale=grad_scale,
-        logit_scale=logit_scale,
-        chunk_size=chunk_size,
-        accum_fp32=accum_fp32,
-        reduce=reduce,
-        backend=backend,
-        need_hidden=need_hidden,
-        need_weight=need_weight,
-        need_bias=need_bias,
-    )
-
-
 register_named_fake(fused_linear_sparse_kd_loss_fused, fake_outputs)
 
 
 register_chunked_autograd(fused_linear_sparse_kd_loss_fused)
-
-
-@torch.library.custom_op("fastkd::fused_linear_sparse_kd_loss_reverse_fused", mutates_args=())
-def fused_linear_sparse_kd_loss_reverse_fused(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    ids: torch.Tensor,
-    logprobs: torch.Tensor,
-    tail_mass: torch.Tensor,
-    labels: torch.Tensor | None,
-    row_scale: torch.Tensor | None,
-    vocab: int,
-    temperature: float,
-    soft_weight: float,
-    hard_weight: float,
-    ignore_index: int,
-    grad_scale: float,
-    logit_scale: float,
-    chunk_size: int,
-    accum_fp32: bool,
-    reduce: bool,
-    backend: str,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fused_linear_sparse_kd_loss_fused in the reverse direction: ``logprobs`` ``[N, K]`` are
-    the targets' log p_k at ``ids``, ``tail_mass`` ``[N]`` their mass outside the ids."""
-    return _sparse_chunks(
-        hidden,
-        weight,
-        bias,
-        ids,
-        None,
-        logprobs,
-        tail_mass,
-        labels,
-        row_scale,
-        vocab=vocab,
-        temperature=temperature,
-        soft_weight=soft_weight,
-        hard_weight=hard_weight,
-        ignore_index=ignore_index,
-        grad_scale=grad_scale,
-        logit_scale=logit_scale,
-        chunk_size=chunk_size,
-        accum_fp32=accum_fp32,
-        reduce=reduce,
-        backend=backend,
-        need_hidden=need_hidden,
-        need_weight=need_weight,
-        need_bias=need_bias,
-    )
-
-
-register_named_fake(fused_linear_sparse_kd_loss_reverse_fused, fake_outputs)
-
-
-register_chunked_autograd(fused_linear_sparse_kd_loss_reverse_fused)
 
 
 # ---- public entry point --------------------------------------------------------------------
@@ -356,16 +242,15 @@ def fused_linear_sparse_kd_loss(
     n_rows = lead.numel()
     hidden = student_hidden.reshape(n_rows, student_hidden.shape[-1])
     k = targets.num_slots
-    if direction == "reverse":
+    reverse = direction == "reverse"
+    if reverse:
         ids, values = keep_first_of_equal_ids(
             targets.ids.reshape(n_rows, k), targets.logprobs.detach().reshape(n_rows, k)
         )
-        fused = fused_linear_sparse_kd_loss_reverse_fused
     else:
         ids, values = merge_duplicate_ids(
             targets.ids.reshape(n_rows, k), targets.weights.detach().reshape(n_rows, k)
         )
-        fused = fused_linear_sparse_kd_loss_fused
     ids, values = ids.contiguous(), values.contiguous()
     tail = (
         None
@@ -393,7 +278,7 @@ def fused_linear_sparse_kd_loss(
     grad_scale = mean_grad_scale(
         n_rows, device, labels, ignore_index, reduction, num_items_in_batch
     )
-    loss, *_ = fused(
+    loss, *_ = fused_linear_sparse_kd_loss_fused(
         hidden,
         student_weight,
         student_bias,
@@ -412,6 +297,7 @@ def fused_linear_sparse_kd_loss(
         int(chunk_size),
         accum_dtype == torch.float32,
         reduce,
+        reverse,
         name,
         *(need if reduce else (False,) * 3),
     )

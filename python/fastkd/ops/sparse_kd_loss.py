@@ -7,8 +7,8 @@ Input checks, the fused custom op with its fake kernel and autograd, backend dis
 1/#tokens where it is known without a device sync; the backward is the fused-row framework's
 (``_fused_rows``), which rescales that stored gradient (in place in eager mode). The ``torch``
 backend is the plain-PyTorch reference. The row kernel's registration and launcher, shared
-with fused_linear_sparse_kd_loss, are in ``_sparse_rows``. The reverse direction has a custom op
-of its own (the targets' log-probabilities in place of their weights) on the same kernels.
+with fused_linear_sparse_kd_loss, are in ``_sparse_rows``. The reverse direction runs the same
+custom op and kernels with the targets' log-probabilities in place of their weights.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _check_inputs(
 def sparse_kd_loss_fused(
     student: torch.Tensor,
     ids: torch.Tensor,
-    weights: torch.Tensor,
+    values: torch.Tensor,
     tail_mass: torch.Tensor | None,
     labels: torch.Tensor | None,
     vocab: int,
@@ -76,16 +76,18 @@ def sparse_kd_loss_fused(
     hard_weight: float,
     ignore_index: int,
     grad_scale: float,
+    reverse: bool,
     backend: str,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss (fp32, leading shape) and grad_scale * dLoss_token/dstudent (student's
-    shape and dtype; empty on CPU when not ``need_grad``), by one kernel. ``ids``/``weights``
-    are the targets' ``[..., K]`` int32/fp32 slots, ``tail_mass`` ``[...]`` fp32 or None."""
+    shape and dtype; empty on CPU when not ``need_grad``), by one kernel. ``ids`` are the
+    targets' ``[..., K]`` int32 slots, ``values`` their fp32 weights (forward) or log p_k
+    (``reverse``), ``tail_mass`` ``[...]`` fp32 or None (required by ``reverse``)."""
     return launch_sparse_rows(
         student,
         ids,
-        weights,
+        None if reverse else values,
         tail_mass,
         labels,
         vocab=vocab,
@@ -96,65 +98,20 @@ def sparse_kd_loss_fused(
         grad_scale=grad_scale,
         backend=backend,
         need_grad=need_grad,
+        logprobs=values if reverse else None,
     )
 
 
 def _fake_sparse_kd_loss(a):
     loss = a.student.new_empty(a.student.shape[:-1], dtype=torch.float32)
-    return loss, grad_buffer(a.student, a.need_grad, a.backend, "sparse_kd_loss")
+    op = row_op("reverse" if a.reverse else "forward")
+    return loss, grad_buffer(a.student, a.need_grad, a.backend, op)
 
 
 register_named_fake(sparse_kd_loss_fused, _fake_sparse_kd_loss)
 
 
 register_stored_grad_autograd(sparse_kd_loss_fused)
-
-
-@torch.library.custom_op("fastkd::sparse_kd_loss_reverse_fused", mutates_args=())
-def sparse_kd_loss_reverse_fused(
-    student: torch.Tensor,
-    ids: torch.Tensor,
-    logprobs: torch.Tensor,
-    tail_mass: torch.Tensor,
-    labels: torch.Tensor | None,
-    vocab: int,
-    temperature: float,
-    soft_weight: float,
-    hard_weight: float,
-    ignore_index: int,
-    grad_scale: float,
-    backend: str,
-    need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """As sparse_kd_loss_fused in the reverse direction: ``logprobs`` ``[..., K]`` fp32 are the
-    targets' log p_k at ``ids``, ``tail_mass`` ``[...]`` fp32 their mass outside the ids."""
-    return launch_sparse_rows(
-        student,
-        ids,
-        None,
-        tail_mass,
-        labels,
-        vocab=vocab,
-        temperature=temperature,
-        soft_weight=soft_weight,
-        hard_weight=hard_weight,
-        ignore_index=ignore_index,
-        grad_scale=grad_scale,
-        backend=backend,
-        need_grad=need_grad,
-        logprobs=logprobs,
-    )
-
-
-def _fake_sparse_kd_loss_reverse(a):
-    loss = a.student.new_empty(a.student.shape[:-1], dtype=torch.float32)
-    return loss, grad_buffer(a.student, a.need_grad, a.backend, "sparse_kd_loss_reverse")
-
-
-register_named_fake(sparse_kd_loss_reverse_fused, _fake_sparse_kd_loss_reverse)
-
-
-register_stored_grad_autograd(sparse_kd_loss_reverse_fused)
 
 
 # ---- public entry point ---------------------------------------------------------------------
@@ -282,13 +239,12 @@ def sparse_kd_loss(
     grad_scale = mean_grad_scale(
         n_rows, device, labels, ignore_index, reduction, num_items_in_batch
     )
-    if direction == "reverse":
+    reverse = direction == "reverse"
+    if reverse:
         ids, values = keep_first_of_equal_ids(targets.ids, targets.logprobs.detach())
-        fused = sparse_kd_loss_reverse_fused
     else:
         ids, values = merge_duplicate_ids(targets.ids, targets.weights.detach())
-        fused = sparse_kd_loss_fused
-    rows, _ = fused(
+    rows, _ = sparse_kd_loss_fused(
         student_logits,
         ids,
         values,
@@ -300,6 +256,7 @@ def sparse_kd_loss(
         float(hard_weight),
         int(ignore_index),
         float(grad_scale),
+        reverse,
         name,
         torch.is_grad_enabled() and student_logits.requires_grad,
     )
