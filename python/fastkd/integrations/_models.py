@@ -5,13 +5,14 @@ the loss is computed from the hidden states through the fused lm_head, so neithe
 from __future__ import annotations
 
 import importlib
+import types
 
 import torch
 from torch import nn
 
 from ..train.models import CausalLM, Head, adapt
 
-__all__ = ["hidden_and_head", "require", "shared_softcap"]
+__all__ = ["hidden_and_head", "patch_compute_loss", "require", "shared_softcap"]
 
 
 def require(module: str, extra: str, what: str):
@@ -77,3 +78,14 @@ def refuse_distributed(accelerator, what: str) -> None:
             f"would bypass the distributed wrapper's gradient synchronization; use fastkd "
             f"distill (DDP/FSDP2) for multi-process distillation"
         )
+
+
+def patch_compute_loss(trainer, trainer_class, compute_loss, what: str):
+    """``trainer`` (an instance of ``trainer_class``) with ``compute_loss`` bound as its
+    ``compute_loss``; TypeError naming ``what`` (the patch function) for another object."""
+    if not isinstance(trainer, trainer_class):
+        raise TypeError(
+            f"{what} takes a trl {trainer_class.__name__}; got {type(trainer).__name__}"
+        )
+    trainer.compute_loss = types.MethodType(compute_loss, trainer)
+    return trainer

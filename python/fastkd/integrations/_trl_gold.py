@@ -31,15 +31,19 @@ and more than one process.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
 from ..ops.fused_linear_logprobs import fused_linear_logprobs
 from ..xtok.fused_gold import fused_linear_gold_loss
 from ..xtok.vocab_map import VocabMap
-from ._models import hidden_and_head, refuse_distributed, require, shared_softcap
+from ._models import (
+    hidden_and_head,
+    patch_compute_loss,
+    refuse_distributed,
+    require,
+    shared_softcap,
+)
 
 __all__ = [
     "apply_fastkd_to_gold_trainer",
@@ -253,13 +257,9 @@ def gold_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in
 def apply_fastkd_to_gold_trainer(trainer):
     """Replaces ``trainer.compute_loss`` (a TRL ``GOLDTrainer``) by :func:`gold_compute_loss`;
     returns the trainer. Generation, buffering and logging are untouched."""
-    gold = gold_trainer_class()
-    if not isinstance(trainer, gold):
-        raise TypeError(
-            f"apply_fastkd_to_gold_trainer takes a trl GOLDTrainer; got {type(trainer).__name__}"
-        )
-    trainer.compute_loss = types.MethodType(gold_compute_loss, trainer)
-    return trainer
+    return patch_compute_loss(
+        trainer, gold_trainer_class(), gold_compute_loss, "apply_fastkd_to_gold_trainer"
+    )
 
 
 def gold_trainer_subclass():

@@ -31,12 +31,16 @@ states in chunks and is not replaced.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
-from ._models import hidden_and_head, refuse_distributed, require, shared_softcap
+from ._models import (
+    hidden_and_head,
+    patch_compute_loss,
+    refuse_distributed,
+    require,
+    shared_softcap,
+)
 from ._trl_gold import (
     apply_fastkd_to_gold_trainer,
     gold_compute_loss,
@@ -108,13 +112,9 @@ def gkd_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_
 def apply_fastkd_to_gkd_trainer(trainer):
     """Replaces ``trainer.compute_loss`` (a TRL ``GKDTrainer``) by :func:`gkd_compute_loss`;
     returns the trainer. Generation (``lmbda``, ``seq_kd``) is untouched."""
-    gkd = gkd_trainer_class()
-    if not isinstance(trainer, gkd):
-        raise TypeError(
-            f"apply_fastkd_to_gkd_trainer takes a trl GKDTrainer; got {type(trainer).__name__}"
-        )
-    trainer.compute_loss = types.MethodType(gkd_compute_loss, trainer)
-    return trainer
+    return patch_compute_loss(
+        trainer, gkd_trainer_class(), gkd_compute_loss, "apply_fastkd_to_gkd_trainer"
+    )
 
 
 def _subclass():
