@@ -23,20 +23,23 @@ namespace {
 cpu::SparseKdLossArgs make_sparse_args(uintptr_t student, int student_dtype, int64_t s_outer,
                                        int64_t s_inner, int64_t inner_rows, int64_t n_rows,
                                        int64_t vocab, int64_t grad_vocab, uintptr_t ids,
-                                       uintptr_t weights, uintptr_t logprobs, int64_t num_slots,
-                                       uintptr_t tail_mass, uintptr_t labels, uintptr_t grad,
-                                       uintptr_t loss, float temperature, float soft_weight,
-                                       float hard_weight, float grad_scale, int64_t ignore_index) {
+                                       uintptr_t weights, uintptr_t logprobs, bool reverse,
+                                       int64_t num_slots, uintptr_t tail_mass, uintptr_t labels,
+                                       uintptr_t grad, uintptr_t loss, float temperature,
+                                       float soft_weight, float hard_weight, float grad_scale,
+                                       int64_t ignore_index) {
   check_dtype_code(student_dtype);
   if (inner_rows < 1 || n_rows < 0 || vocab < 1 || grad_vocab < vocab || num_slots < 0)
     throw std::invalid_argument(
         "bad sizes: inner_rows=" + std::to_string(inner_rows) +
         " n_rows=" + std::to_string(n_rows) + " vocab=" + std::to_string(vocab) +
         " grad_vocab=" + std::to_string(grad_vocab) + " num_slots=" + std::to_string(num_slots));
-  if (logprobs != 0 && tail_mass == 0)
-    throw std::invalid_argument("the reverse direction (logprobs set) needs tail_mass");
-  if (logprobs == 0 && weights == 0 && num_slots > 0 && n_rows > 0)
-    throw std::invalid_argument("the forward direction (no logprobs) needs weights");
+  if (reverse && n_rows > 0 && tail_mass == 0)
+    throw std::invalid_argument("the reverse direction needs tail_mass");
+  if (reverse && n_rows > 0 && num_slots > 0 && logprobs == 0)
+    throw std::invalid_argument("the reverse direction needs logprobs");
+  if (!reverse && n_rows > 0 && num_slots > 0 && weights == 0)
+    throw std::invalid_argument("the forward direction needs weights");
   if (!(temperature > 0.0f))
     throw std::invalid_argument("temperature must be > 0; got " + std::to_string(temperature));
   cpu::SparseKdLossArgs a{};
@@ -50,6 +53,7 @@ cpu::SparseKdLossArgs make_sparse_args(uintptr_t student, int student_dtype, int
   a.ids = as_ptr<const int32_t>(ids);
   a.weights = as_ptr<const float>(weights);
   a.logprobs = as_ptr<const float>(logprobs);
+  a.reverse = reverse;
   a.num_slots = num_slots;
   a.tail_mass = as_ptr<const float>(tail_mass);
   a.labels = as_ptr<const int64_t>(labels);
@@ -74,9 +78,10 @@ void bind_sparse_kd_loss(pybind11::module_& m) {
       .def(py::init(&make_sparse_args), py::arg("student"), py::arg("student_dtype"),
            py::arg("s_outer"), py::arg("s_inner"), py::arg("inner_rows"), py::arg("n_rows"),
            py::arg("vocab"), py::arg("grad_vocab"), py::arg("ids"), py::arg("weights"),
-           py::arg("logprobs"), py::arg("num_slots"), py::arg("tail_mass"), py::arg("labels"),
-           py::arg("grad"), py::arg("loss"), py::arg("temperature"), py::arg("soft_weight"),
-           py::arg("hard_weight"), py::arg("grad_scale"), py::arg("ignore_index"));
+           py::arg("logprobs"), py::arg("reverse"), py::arg("num_slots"), py::arg("tail_mass"),
+           py::arg("labels"), py::arg("grad"), py::arg("loss"), py::arg("temperature"),
+           py::arg("soft_weight"), py::arg("hard_weight"), py::arg("grad_scale"),
+           py::arg("ignore_index"));
 
   m.def(
       "sparse_kd_loss_forward_cpu",

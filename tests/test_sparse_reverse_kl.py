@@ -466,3 +466,47 @@ def test_triton_on_cuda_matches_cpu_backend_on_large_rows():
     loss, grad = run(s.cuda(), targets, "triton", **kw)
     torch.testing.assert_close(loss.cpu(), ref_loss, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad.cpu().float(), ref_grad.float(), atol=1e-8, rtol=8e-3)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+def test_targets_without_slots_are_the_bucket_alone(backend):
+    """K = 0: the support is the bucket alone (q_b = 1), so L = -log p_b and the gradient is 0;
+    the direction must not depend on a logprobs tensor being non-empty."""
+    s = make_logits((2,), 9, seed=3)
+    empty = torch.zeros(2, 0)
+    targets = SparseTargets(
+        ids=torch.zeros(2, 0, dtype=torch.int32),
+        weights=empty,
+        logprobs=empty,
+        tail_mass=torch.tensor([0.5, 0.25]),
+        vocab_size=9,
+        method="support",
+        tail="bucket",
+    )
+    loss, grad = run(s, targets, backend, reduction="none")
+    torch.testing.assert_close(loss, torch.tensor([math.log(2.0), math.log(4.0)]))
+    # c_b - L, a difference of fp32 logs of size log 4, is 0 to a few ulps of 1.4: 2e-7 seen.
+    torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, fused_only=True))
+def test_a_bucket_below_the_smallest_probability_counts_as_empty(backend):
+    """p_b = 0 with a bucket whose student mass is below 2^-126: the kernels take q_b as 0 (as
+    kd_loss's rkl takes such an element), so its term and its columns' gradient are 0, never
+    0 * inf."""
+    s = torch.full((1, 66), 0.0)
+    s[0, 64], s[0, 65] = -87.0, -150.0
+    ids = torch.arange(64, dtype=torch.int32).reshape(1, 64)
+    logprobs = torch.full((1, 64), -math.log(64.0))
+    targets = SparseTargets(
+        ids=ids,
+        weights=logprobs.exp(),
+        logprobs=logprobs,
+        tail_mass=torch.zeros(1),
+        vocab_size=66,
+        method="support",
+        tail="bucket",
+    )
+    loss, grad = run(s, targets, backend, reduction="none")
+    assert loss.isfinite().all() and grad.isfinite().all(), (loss, grad)
+    assert (grad[0, 64:] == 0).all()

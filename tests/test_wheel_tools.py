@@ -131,6 +131,14 @@ def test_fat_binary_targets_are_read_with_their_suffixes():
     blob = _fatbin([(2, 80, 0x11), (2, 90, 0x100011), (2, 100, 0x1200011), (1, 120, 0x8011)])
     assert tool.fatbin_targets(blob) == {"sm_80", "sm_90a", "sm_100f", "compute_120"}
     assert tool.fatbin_targets(b"") == set()
+    # Sizes that do not fit the section are refused, never looped over.
+    empty_container = struct.pack("<IHHQ", 0xBA55ED50, 1, 16, 0)
+    with pytest.raises(ValueError, match="malformed fat binary container at byte 0"):
+        tool.fatbin_targets(empty_container)
+    with pytest.raises(ValueError, match="malformed fat binary entry at byte 16"):
+        tool.fatbin_targets(struct.pack("<IHHQ", 0xBA55ED50, 1, 16, 64) + bytes(64))
+    with pytest.raises(ValueError, match="malformed fat binary container at byte 96"):
+        tool.fatbin_targets(blob[:-8])
 
 
 @_TOOLS

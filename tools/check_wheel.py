@@ -66,7 +66,7 @@ FATBIN_SUFFIX = {0x100000: "a", 0x200000: "f"}
 
 def fatbin_targets(blob: bytes) -> set[str]:
     """The targets of the fat binary section ``blob``: ``sm_XY`` (SASS) and ``compute_XY``
-    (PTX) names."""
+    (PTX) names. ValueError for a container or entry whose sizes do not fit the section."""
     targets, offset = set(), 0
     while offset + 16 <= len(blob):
         magic, _, header, size = struct.unpack_from("<IHHQ", blob, offset)
@@ -74,8 +74,12 @@ def fatbin_targets(blob: bytes) -> set[str]:
             offset += 8  # containers are 8-byte aligned
             continue
         entry, end = offset + header, offset + header + size
+        if header < 16 or size == 0 or end > len(blob):
+            raise ValueError(f"malformed fat binary container at byte {offset}")
         while entry + 48 <= end:
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", blob, entry)
+            if entry_header < 48 or entry + entry_header + payload > end:
+                raise ValueError(f"malformed fat binary entry at byte {entry}")
             (sm,) = struct.unpack_from("<I", blob, entry + 28)
             (flags,) = struct.unpack_from("<Q", blob, entry + 40)
             suffix = "".join(v for bit, v in FATBIN_SUFFIX.items() if flags & bit)
@@ -128,7 +132,11 @@ def check(
             if require_cuda and is_extension and not _has_cuda(local):
                 problems.append(f"{name} holds no CUDA kernels")
             if is_extension and (require_targets or require_cuda):
-                targets = cuda_targets(local)
+                try:
+                    targets = cuda_targets(local)
+                except ValueError as err:
+                    problems.append(f"{name}: {err}")
+                    targets = set()
                 print(f"{name}: CUDA {', '.join(sorted(targets)) or '(none)'}")
                 missing = sorted(set(require_targets) - targets)
                 if missing:

@@ -272,20 +272,24 @@ void reverse_row(const SparseKdLossArgs& A, int64_t row, Scratch& s) {
     const float lq = (a_ids[k] - rs.m) - rs.log_sum;
     soft += plain_terms<kRKL, Math>(lp[k], lq, 0.0f, Math::exp(lq)).loss;
   }
-  // The bucket, empty where the ids cover all V columns.
+  // The bucket, empty where the ids cover all V columns. Its term, like the ids', is 0 where
+  // q_b counts as 0 (below 2^-126: plain_terms); its columns' gradient is then 0 too, so that a
+  // p_b of 0 (c_b = +inf) never meets such a q_b.
   float c_b = 0.0f;
+  bool bucket_counts = false;
   if (c.n_ids < n) {
     const float tail = A.tail_mass[row];
     bad = bad || !(tail < kPosInf);
     const float lp_b = tail > 0.0f ? Math::log(tail) : kNegInf;
     const float lq_b = Math::log(rs.sum_out) - rs.log_sum;
     soft += plain_terms<kRKL, Math>(lp_b, lq_b, 0.0f, Math::exp(lq_b)).loss;
-    if (rs.sum_out > 0.0f) c_b = lq_b - lp_b;
+    bucket_counts = rs.sum_out > 0.0f && lq_b > kLogMinProb;
+    if (bucket_counts) c_b = lq_b - lp_b;
   }
   if (bad) soft = nan;
   const float inv_sum = 1.0f / rs.sum;
   float loss = A.soft_weight * soft;
-  const float k_off = rs.sum_out > 0.0f || bad ? (c_b - soft) * inv_sum : 0.0f;
+  const float k_off = bucket_counts || bad ? (c_b - soft) * inv_sum : 0.0f;
   OffIdGrad r{A.soft_grad_scale * k_off, A.hard_grad_weight, inv_sum, A.temperature, 0.0f};
   const int ce_mode = ce ? ce_setup(A, s.a.data(), label, rs, r, &loss) : 0;
   A.loss[row] = loss;
@@ -303,7 +307,7 @@ void sparse_kd_loss_forward(const SparseKdLossArgs& A, int num_threads) {
     using TS = typename decltype(tag)::type;
     if (A.grad) advise_huge_pages(A.grad, size_t(A.n_rows) * size_t(A.grad_vocab) * sizeof(TS));
     const auto scratch = [&] { return Scratch(A.vocab, A.num_slots); };
-    if (A.logprobs)
+    if (A.reverse)
       for_each_row(A.n_rows, A.vocab, num_threads, scratch,
                    [&](int64_t row, Scratch& s) { reverse_row<TS>(A, row, s); });
     else

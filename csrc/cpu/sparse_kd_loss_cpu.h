@@ -21,8 +21,9 @@ struct SparseKdLossArgs {
   int64_t grad_vocab;      // V_s: columns of a gradient row; [vocab, grad_vocab) are written as 0
   const int32_t* ids;      // [n_rows, num_slots] contiguous; < 0: padding; >= vocab: NaN loss
   const float* weights;    // [n_rows, num_slots] contiguous; <= 0 counts as 0 (forward only)
-  const float* logprobs;   // [n_rows, num_slots] contiguous log p_k: the reverse direction (then
-                           // tail_mass is set); nullptr: the forward direction
+  const float* logprobs;   // [n_rows, num_slots] contiguous log p_k (reverse), or nullptr
+  bool reverse;            // the reverse direction (logprobs and tail_mass), else the forward
+                           // one (weights); explicit because K = 0 makes logprobs nullptr
   int64_t num_slots;       // K
   const float* tail_mass;  // [n_rows] teacher mass outside the ids (tail="bucket"), or nullptr
   const int64_t* labels;   // [n_rows] or nullptr

@@ -263,6 +263,7 @@ def launch_sparse_rows(
         weights=flat_weights,
         num_slots=k,
         logprobs=flat_logprobs,
+        reverse=logprobs is not None,
         tail_mass=flat_tail,
         labels=flat_labels,
         grad=grad,

@@ -39,7 +39,8 @@ __all__ = ["fused_linear_support", "student_support_targets"]
 # device (the GEMM dominates it).
 register_op("fused_linear_support", [reference_backend()], auto={})
 
-# The row math holds about two fp32 [C, V] temporaries next to the chunk's logits.
+# The row math holds about two fp32 [C, V] temporaries next to the chunk's logits: three
+# logits-sized tensors per chunk against the budget.
 _ROW_TEMPORARIES = 2
 
 
@@ -203,9 +204,7 @@ def fused_linear_support(
     vocab = weight.shape[0]
     lead, device = hidden.shape[:-1], hidden.device
     _check_ids(ids, lead, device, vocab)
-    check_kernel_float("temperature", temperature)
-    if not float(temperature) > 0.0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    _check_temperature(temperature)
     check_chunking(chunk_size, None, None)
     check_scale("logit_scale", logit_scale)
     hidden, weight, bias = autocast_operands([hidden, weight, bias], device.type)
@@ -214,7 +213,7 @@ def fused_linear_support(
     n_rows, k = lead.numel(), ids.shape[-1]
     flat_ids = _drop_repeated_ids(ids.reshape(n_rows, k).to(torch.int64)).contiguous()
     if chunk_size is None:
-        budget = max(1, default_memory_budget(device) // _ROW_TEMPORARIES)
+        budget = max(1, default_memory_budget(device) // (1 + _ROW_TEMPORARIES))
         chunk_size = resolve_chunk_size(n_rows, vocab, None, False, budget)
     flat_hidden = hidden.reshape(n_rows, hidden.shape[-1])
     if torch.float64 in dtypes:
@@ -249,6 +248,12 @@ def fused_linear_support(
         method="support",
         tail="bucket",
     ).reshape(*lead)
+
+
+def _check_temperature(temperature) -> None:
+    check_kernel_float("temperature", temperature)
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0; got {temperature!r}")
 
 
 def _check_same_lead(student_hidden, teacher_hidden) -> None:
@@ -330,11 +335,7 @@ def student_support_targets(
     """
     check_head("student_", student_hidden, student_weight, student_bias)
     check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(
-            f"student_hidden [..., H_s] and teacher_hidden [..., H_t] must have one leading "
-            f"shape; got {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
-        )
+    _check_same_lead(student_hidden, teacher_hidden)
     if teacher_hidden.device != student_hidden.device:
         raise ValueError(
             f"teacher_hidden is on {teacher_hidden.device} but student_hidden on "
@@ -348,12 +349,17 @@ def student_support_targets(
         )
     check_chunking(chunk_size, None, None)
     check_scale("student_logit_scale", student_logit_scale)
+    # The teacher's options are checked again by fused_linear_support; here before the
+    # student's pass, so that a bad one costs no work.
+    check_scale("teacher_logit_scale", teacher_logit_scale)
+    _check_temperature(temperature)
     lead, device = student_hidden.shape[:-1], student_hidden.device
     bias = None if student_bias is None else student_bias[:vocab]
     hidden, weight, bias = autocast_operands(
         [student_hidden, student_weight[:vocab], bias], device.type
     )
     n_rows = lead.numel()
+    requested_chunk_size = chunk_size
     if chunk_size is None:
         chunk_size = resolve_chunk_size(n_rows, vocab, None, False, default_memory_budget(device))
     ids = _student_top_ids(
@@ -364,6 +370,8 @@ def student_support_targets(
         logit_scale=float(student_logit_scale),
         chunk_size=int(chunk_size),
     )
+    # The teacher's pass sizes its own chunks (its vocabulary and row temporaries differ) unless
+    # the caller fixed them.
     return fused_linear_support(
         teacher_hidden,
         teacher_weight,
@@ -371,5 +379,5 @@ def student_support_targets(
         bias=teacher_bias,
         temperature=temperature,
         logit_scale=teacher_logit_scale,
-        chunk_size=chunk_size,
+        chunk_size=requested_chunk_size,
     )

@@ -61,18 +61,18 @@ def sinkhorn_loss_envelope(
     return loss.to(f.dtype), f, g, e
 
 
-def _fake_envelope(a):
-    batch, n, m = a.cost.shape
+def _fake_envelope(args):
+    batch, n, m = args.cost.shape
     dtype = (
         torch.float64
-        if (supports("sinkhorn", a.backend, "float64") and a.cost.dtype == torch.float64)
+        if (supports("sinkhorn", args.backend, "float64") and args.cost.dtype == torch.float64)
         else torch.float32
     )
     return (
-        a.cost.new_empty(batch, dtype=dtype),
-        a.cost.new_empty(batch, n, dtype=dtype),
-        a.cost.new_empty(batch, m, dtype=dtype),
-        a.cost.new_empty(batch, dtype=dtype),
+        args.cost.new_empty(batch, dtype=dtype),
+        args.cost.new_empty(batch, n, dtype=dtype),
+        args.cost.new_empty(batch, m, dtype=dtype),
+        args.cost.new_empty(batch, dtype=dtype),
     )
 
 

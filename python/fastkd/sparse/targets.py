@@ -96,6 +96,12 @@ class SparseTargets:
                 f"tail_mass must be float32 {tuple(ids.shape[:-1])}; got "
                 f"{self.tail_mass.dtype} {tuple(self.tail_mass.shape)}"
             )
+        # The kernels read every field through the ids' device: a field elsewhere would be a
+        # host pointer to device memory (or the reverse).
+        for name in ("logprobs", "tail_mass"):
+            field = getattr(self, name)
+            if field is not None and field.device != ids.device:
+                raise ValueError(f"{name} is on {field.device} but ids on {ids.device}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
         if self.method == "topk" and self.tail not in TAILS:

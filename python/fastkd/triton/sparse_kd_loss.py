@@ -187,9 +187,11 @@ def _sparse_kd_loss_fwd_kernel(
             lq_b_in = tl.where(keep_b, lq_b, 0.0)
             soft += tl.where(keep_b, tl.exp(lq_b_in) * (lq_b_in - lp_b), 0.0)
             soft = tl.where(n_bad > 0, nan, soft)
-            c_b = tl.where(has_b & (sum_out > 0.0), lq_b - lp_b, 0.0)
+            # Where q_b counts as 0 (below 2^-126) its columns' gradient is 0 as its term is, so
+            # that a p_b of 0 (c_b = +inf) never meets such a q_b.
+            c_b = tl.where(keep_b, lq_b_in - lp_b, 0.0)
             # dL/da_j = e_j (c_b - L) / S outside the ids; NaN everywhere in a NaN row.
-            k_rev = tl.where((has_b & (sum_out > 0.0)) | (n_bad > 0), c_b - soft, 0.0)
+            k_rev = tl.where(keep_b | (n_bad > 0), c_b - soft, 0.0)
         elif BUCKET:
             # q_b = S_out / S, S_out = S - S_in clamped at 0; q_j / q_b = e_j / S_out. Where the
             # (distinct) ids cover all V columns the bucket is empty and w_b is dropped.
