@@ -104,7 +104,7 @@ def check_tensor(name: str, t, *, dim: int | None = None) -> None:
 def check_head(prefix: str, hidden, weight, bias) -> None:
     """hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` or None, on one device; the
     messages name them ``<prefix>_hidden`` etc. (``hidden`` etc. for an empty prefix)."""
-    prefix = f"{prefix}" if prefix else ""
+    prefix = f"{prefix}_" if prefix else ""
     check_tensor(f"{prefix}hidden", hidden)
     check_tensor(f"{prefix}weight", weight, dim=2)
     if hidden.dim() < 1:

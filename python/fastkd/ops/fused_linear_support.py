@@ -333,8 +333,8 @@ def student_support_targets(
     Returns:
         ``SparseTargets`` ``[..., k]`` (``method="support"``, ``tail="bucket"``, vocab_size V_t).
     """
-    check_head("student_", student_hidden, student_weight, student_bias)
-    check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+    check_head("student", student_hidden, student_weight, student_bias)
+    check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     _check_same_lead(student_hidden, teacher_hidden)
     if teacher_hidden.device != student_hidden.device:
         raise ValueError(

@@ -240,7 +240,7 @@ def fused_linear_gold_loss(
         ("student", student_hidden, student_weight, student_bias),
         ("teacher", teacher_hidden, teacher_weight, teacher_bias),
     ):
-        check_head(f"{side_name}_", hidden, weight, bias)
+        check_head(side_name, hidden, weight, bias)
         if hidden.dim() != 3:
             raise ValueError(
                 f"{side_name}_hidden must have shape [B, T, H]; got {tuple(hidden.shape)}"
