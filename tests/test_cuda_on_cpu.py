@@ -238,9 +238,18 @@ def _kd_reference(student, teacher, labels, dtype, **kw):
     return loss.detach(), s.grad
 
 
+# The low-precision loads are the same code at every vocabulary; they run at the two that span
+# several chunks per thread (1000, 4099), fp32 at all four (168 of 504 cases left out).
+VOCAB_DTYPES = [
+    pytest.param(vocab, dtype, id=f"{vocab}-{dtype}")
+    for vocab in (1, 31, 1000, 4099)
+    for dtype in DTYPES
+    if dtype == torch.float32 or vocab >= 1000
+]
+
+
 @pytest.mark.parametrize("plan", PLANS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("vocab", [1, 31, 1000, 4099])
+@pytest.mark.parametrize("vocab,dtype", VOCAB_DTYPES)
 @pytest.mark.parametrize("divergence", list(fastkd.DIVERGENCES))
 def test_kd_loss_every_divergence_plan_dtype_vocab(
     on_cuda_kernels, monkeypatch, divergence, vocab, dtype, plan
