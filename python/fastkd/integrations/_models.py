@@ -10,9 +10,16 @@ import types
 import torch
 from torch import nn
 
+from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
 from ..train.models import CausalLM, Head, adapt
 
-__all__ = ["hidden_and_head", "patch_compute_loss", "require", "shared_softcap"]
+__all__ = [
+    "hidden_and_head",
+    "next_token_jsd",
+    "patch_compute_loss",
+    "require",
+    "shared_softcap",
+]
 
 
 def require(module: str, extra: str, what: str):
@@ -89,3 +96,43 @@ def patch_compute_loss(trainer, trainer_class, compute_loss, what: str):
         )
     trainer.compute_loss = types.MethodType(compute_loss, trainer)
     return trainer
+
+
+# TRL's generalized_jsd_loss masks labels equal to -100 (it takes no ignore_index).
+IGNORE_INDEX = -100
+
+
+def next_token_jsd(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: dict,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    num_items_in_batch=None,
+) -> torch.Tensor:
+    """TRL's ``generalized_jsd_loss`` of both models' next-token distributions on one batch
+    (``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``; position p predicts token p + 1,
+    labels -100 left out), computed from their hidden states by ``fused_linear_kd_loss``: no
+    ``[B, T, V]`` logits. The teacher runs under no_grad."""
+    input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+    hidden, head = hidden_and_head(student, input_ids, attention_mask)
+    with torch.no_grad():
+        t_hidden, t_head = hidden_and_head(teacher, input_ids, attention_mask)
+    return fused_linear_kd_loss(
+        hidden[:, :-1],
+        head.weight,
+        t_hidden[:, :-1],
+        t_head.weight,
+        student_bias=head.bias,
+        teacher_bias=t_head.bias,
+        logit_scale=head.logit_scale,
+        teacher_logit_scale=t_head.logit_scale,
+        softcap=shared_softcap(head, t_head, None),
+        divergence="jsd",
+        beta=float(beta),
+        temperature=float(temperature),
+        labels=inputs["labels"][:, 1:],
+        ignore_index=IGNORE_INDEX,
+        num_items_in_batch=num_items_in_batch,
+    )

@@ -33,16 +33,16 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
 from ..ops.fused_linear_logprobs import fused_linear_logprobs
 from ..xtok.fused_gold import fused_linear_gold_loss
 from ..xtok.vocab_map import VocabMap
 from ._models import (
+    IGNORE_INDEX,
     hidden_and_head,
+    next_token_jsd,
     patch_compute_loss,
     refuse_distributed,
     require,
-    shared_softcap,
 )
 
 __all__ = [
@@ -51,8 +51,6 @@ __all__ = [
     "gold_trainer_class",
     "gold_trainer_subclass",
 ]
-
-IGNORE_INDEX = -100  # TRL's ULDLoss.ignore_index and generalized_jsd_loss's mask
 
 
 def gold_trainer_class():
@@ -208,31 +206,6 @@ def _uld_loss(trainer, student, teacher, inputs) -> torch.Tensor:
     return loss
 
 
-def _jsd_loss(trainer, student, teacher, inputs, num_items_in_batch) -> torch.Tensor:
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    hidden, head = hidden_and_head(student, input_ids, attention_mask)
-    with torch.no_grad():
-        t_hidden, t_head = hidden_and_head(teacher, input_ids, attention_mask)
-    # Position p predicts token p + 1, as in GOLDTrainer.compute_loss.
-    return fused_linear_kd_loss(
-        hidden[:, :-1],
-        head.weight,
-        t_hidden[:, :-1],
-        t_head.weight,
-        student_bias=head.bias,
-        teacher_bias=t_head.bias,
-        logit_scale=head.logit_scale,
-        teacher_logit_scale=t_head.logit_scale,
-        softcap=shared_softcap(head, t_head, None),
-        divergence="jsd",
-        beta=float(trainer.beta),
-        temperature=float(trainer.temperature),
-        labels=inputs["labels"][:, 1:],
-        ignore_index=IGNORE_INDEX,
-        num_items_in_batch=num_items_in_batch,
-    )
-
-
 def gold_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
     """``GOLDTrainer.compute_loss`` with fastkd's fused losses: the same value (to fp32
     rounding) without either model's logits. ``trainer`` is a GOLDTrainer (it needs
@@ -250,7 +223,14 @@ def gold_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in
     if trainer.use_uld_loss and trainer.teacher_tokenizer is not None:
         loss = _uld_loss(trainer, student, teacher, inputs)
     else:
-        loss = _jsd_loss(trainer, student, teacher, inputs, num_items_in_batch)
+        loss = next_token_jsd(
+            student,
+            teacher,
+            inputs,
+            beta=trainer.beta,
+            temperature=trainer.temperature,
+            num_items_in_batch=num_items_in_batch,
+        )
     return (loss, {}) if return_outputs else loss
 
 

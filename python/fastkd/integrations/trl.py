@@ -31,16 +31,8 @@ states in chunks and is not replaced.
 
 from __future__ import annotations
 
-import torch
 
-from ..ops.fused_linear_kd_loss import fused_linear_kd_loss
-from ._models import (
-    hidden_and_head,
-    patch_compute_loss,
-    refuse_distributed,
-    require,
-    shared_softcap,
-)
+from ._models import next_token_jsd, patch_compute_loss, refuse_distributed, require
 from ._trl_gold import (
     apply_fastkd_to_gold_trainer,
     gold_compute_loss,
@@ -58,9 +50,6 @@ __all__ = [
     "gold_compute_loss",
     "gold_trainer_class",
 ]
-
-# TRL's generalized_jsd_loss masks labels equal to -100 (it takes no ignore_index).
-IGNORE_INDEX = -100
 
 
 def gkd_trainer_class():
@@ -84,27 +73,10 @@ def gkd_compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_
     student = accelerator.unwrap_model(model) if accelerator is not None else model
     teacher = trainer.teacher_model
     teacher = accelerator.unwrap_model(teacher) if accelerator is not None else teacher
-    input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-    hidden, head = hidden_and_head(student, input_ids, attention_mask)
     teacher.eval()
-    with torch.no_grad():
-        t_hidden, t_head = hidden_and_head(teacher, input_ids, attention_mask)
-    # Logits at position i predict token i + 1, as in GKDTrainer.compute_loss.
-    loss = fused_linear_kd_loss(
-        hidden[:, :-1],
-        head.weight,
-        t_hidden[:, :-1],
-        t_head.weight,
-        student_bias=head.bias,
-        teacher_bias=t_head.bias,
-        logit_scale=head.logit_scale,
-        teacher_logit_scale=t_head.logit_scale,
-        softcap=shared_softcap(head, t_head, None),
-        divergence="jsd",
-        beta=float(trainer.beta),
-        labels=inputs["labels"][:, 1:],
-        ignore_index=IGNORE_INDEX,
-        num_items_in_batch=num_items_in_batch,
+    # TRL's compute_loss passes no temperature: the loss is at T = 1.
+    loss = next_token_jsd(
+        student, teacher, inputs, beta=trainer.beta, num_items_in_batch=num_items_in_batch
     )
     return (loss, {}) if return_outputs else loss
 
