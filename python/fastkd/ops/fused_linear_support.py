@@ -82,7 +82,8 @@ def _support_rows(z, ids, logprobs, log_tail, lse, *, temperature):
     """The row math on chunk logits ``z`` ``[C, V]`` (overwritten) at ``ids`` ``[C, K]`` (distinct
     per row, -1 = padding): ``logprobs`` ``[C, K]`` (0 at padding), ``log_tail`` and ``lse``
     ``[C]`` written in place."""
-    a = z.div_(temperature)
+    # At T = 1 the logits themselves: no pass over the chunk for a division by 1.
+    a = z if temperature == 1.0 else z.div_(temperature)
     row_lse = torch.logsumexp(a, -1)
     present = ids >= 0
     safe = torch.where(present, ids, 0)
