@@ -1,7 +1,8 @@
 """fastkd's CUDA kernels executed on the CPU (tools/cuda_on_cpu): the harness itself (warp
 collectives, barriers, clusters, shared memory, cp.async, fp16/bf16 conversions, and misuse
-reported instead of hanging), then the kd_loss, sample_teacher and Sinkhorn kernels against the
-CPU kernels and the float64 reference, through fastkd's public functions.
+reported instead of hanging), then the kd_loss, sample_teacher and Sinkhorn kernels and the row
+kernels of fused_linear_logprobs and fused_linear_topk against the CPU kernels and the float64
+reference, through fastkd's public functions.
 
 The CUDA kernels run in place of the CPU kernels: ``fastkd.ops._launch.native`` is pointed at a
 stand-in for ``fastkd._C`` whose ``*_cpu`` entries call the CUDA launchers, so every field reaches
@@ -56,8 +57,8 @@ def harness():
 
 @pytest.fixture
 def on_cuda_kernels(harness, monkeypatch):
-    """Runs fastkd's ``backend="cpu"`` kernels of kd_loss, sample_teacher and sinkhorn as the
-    CUDA kernels; fails the test if none was launched."""
+    """Runs fastkd's ``backend="cpu"`` kernels (kd_loss, sample_teacher, sinkhorn and the lm_head
+    ops' row kernels) as the CUDA kernels; fails the test if none was launched."""
     monkeypatch.setattr(launch_module, "native", lambda: harness.native_module(native()))
     before = harness.launch_count()
     yield harness
@@ -452,3 +453,218 @@ def test_sinkhorn_converges_like_cpu_kernel_with_warm_start(on_cuda_kernels):
     assert (warm.iters <= 2).all()
     torch.testing.assert_close(cold.plan, want.plan, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(cold.transport_cost, want.transport_cost, rtol=1e-4, atol=1e-6)
+
+
+# ---- stage 4: the row kernels of the chunked lm_head ops ----------------------------------------
+# The CUDA row kernels read the chunk logits the engine forms; they are checked through the public
+# functions (several chunks per call) against the float64 reference with the checks of the ops'
+# own test files, and against the CPU kernels on the rows that have no softmax.
+
+
+@pytest.mark.parametrize(
+    "vocab,dtype",
+    [(1, torch.float32), (7, torch.float32), (300, torch.float32), (4099, torch.float32)]
+    + [(1000, torch.float32), (1000, torch.bfloat16)],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"neg_inf": True, "temperature": 0.5},
+        {"temperature": 3.0, "logit_scale": 0.5, "with_entropy": False},
+    ],
+    ids=["plain", "neg-inf-cold", "hot-scaled-no-entropy"],
+)
+def test_fused_linear_logprobs_matches_reference(on_cuda_kernels, vocab, dtype, options):
+    from test_fused_linear_logprobs import assert_matches, make_problem
+
+    options = dict(options)
+    neg_inf = options.pop("neg_inf", False)
+    head, targets, grads = make_problem(vocab=vocab, seed=vocab, neg_inf=neg_inf and vocab > 5)
+    assert_matches(head, targets, grads, "cpu", dtype=dtype, chunk_size=8, **options)
+
+
+def _identity_head_logprobs(logits, targets, **kw):
+    vocab = logits.shape[-1]
+    return fastkd.fused_linear_logprobs(
+        logits, torch.eye(vocab), targets, backend="cpu", with_entropy=True, chunk_size=3, **kw
+    )
+
+
+@pytest.mark.parametrize("vocab", [5, 700])
+def test_fused_linear_logprobs_rows_without_softmax(on_cuda_kernels, vocab):
+    """A NaN logit makes a row's outputs NaN; a row of -inf logits has lse = -inf (the bias puts
+    -inf in every row); as the CPU kernel."""
+    logits = make_logits(4, vocab, seed=vocab)
+    logits[1, vocab // 2] = math.nan  # the identity head spreads it over the row
+    targets = torch.tensor([0, 1, -100, vocab - 1])
+    got = _identity_head_logprobs(logits, targets)
+    want = real_cpu(lambda: _identity_head_logprobs(logits, targets))
+    for name, a, b in zip(("logprob", "lse", "entropy"), got, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, equal_nan=True, msg=name)
+    assert got.lse[1].isnan() and got.lse[2] == 0 and got.lse[[0, 3]].isfinite().all()
+    bias = torch.full((vocab,), -math.inf)
+    dead = fastkd.fused_linear_logprobs(
+        logits[[0, 3]],
+        torch.eye(vocab),
+        targets[[0, 3]],
+        bias=bias,
+        backend="cpu",
+        with_entropy=True,
+    )
+    assert torch.isneginf(dead.lse).all() and dead.logprob.isnan().all()
+    assert dead.entropy.isnan().all()
+
+
+@pytest.mark.parametrize(
+    "vocab,k",
+    [(1, 1), (7, 3), (57, 1), (57, 5), (57, 56), (57, 57), (300, 40), (1000, 7), (4099, 64)],
+)
+@pytest.mark.parametrize(
+    "options", [{}, {"temperature": 0.25, "logit_scale": 2.0}], ids=["plain", "cold-scaled"]
+)
+def test_fused_linear_topk_matches_reference(on_cuda_kernels, vocab, k, options):
+    from test_fused_linear_topk import assert_matches, make_head
+
+    assert_matches(*make_head(vocab=vocab, seed=vocab), "cpu", k=k, chunk_size=8, **options)
+
+
+def _identity_head_topk(logits, k, **kw):
+    return fastkd.fused_linear_topk(
+        logits,
+        torch.eye(logits.shape[-1]),
+        k=k,
+        return_stats=True,
+        backend="cpu",
+        chunk_size=5,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("vocab,k", [(9, 4), (300, 1), (300, 77), (1000, 500), (1000, 1000)])
+def test_fused_linear_topk_ties_and_rows_without_softmax(on_cuda_kernels, vocab, k):
+    """Integer logits tie in every row, so the kernel must rank the ties at the k-th value by id
+    (its tiled pass); ids equal the CPU kernel's, and so do the sums, including a row with a
+    NaN (all NaN) and a row of -inf (padding ids, as the CPU kernel)."""
+    g = torch.Generator().manual_seed(vocab + k)
+    logits = torch.randint(-3, 4, (12, vocab), generator=g).float()
+    logits[2, 1] = math.nan
+    got_targets, got_tail, got_lse = _identity_head_topk(logits, k)
+    want_targets, want_tail, want_lse = real_cpu(lambda: _identity_head_topk(logits, k))
+    assert torch.equal(got_targets.ids, want_targets.ids)
+    for name in ("logprobs", "weights", "tail_mass"):
+        torch.testing.assert_close(
+            getattr(got_targets, name),
+            getattr(want_targets, name),
+            rtol=2e-6,
+            atol=2e-6,
+            equal_nan=True,
+            msg=name,
+        )
+    torch.testing.assert_close(got_tail, want_tail, rtol=2e-6, atol=2e-6, equal_nan=True)
+    torch.testing.assert_close(got_lse, want_lse, rtol=2e-6, atol=2e-6, equal_nan=True)
+    assert got_lse[2].isnan() and got_lse[[0, 1]].isfinite().all()
+    bias = torch.full((vocab,), -math.inf)
+    dead = fastkd.fused_linear_topk(
+        logits[:2], torch.eye(vocab), bias=bias, k=k, return_stats=True, backend="cpu"
+    )
+    want_dead = real_cpu(
+        lambda: fastkd.fused_linear_topk(
+            logits[:2], torch.eye(vocab), bias=bias, k=k, return_stats=True, backend="cpu"
+        )
+    )
+    assert torch.equal(dead[0].ids, want_dead[0].ids) and (dead[0].ids == -1).all()
+    assert dead[1].isnan().all() and want_dead[1].isnan().all()
+
+
+@pytest.mark.parametrize("log_tail", [-1.0, -16.0, -60.0])
+def test_fused_linear_topk_tail_exact_near_kept_mass_one(on_cuda_kernels, log_tail):
+    from test_fused_linear_topk import test_tail_exact_where_kept_mass_is_near_one
+
+    test_tail_exact_where_kept_mass_is_near_one("cpu", "cpu", log_tail)
+
+
+def test_row_kernels_write_only_their_outputs_and_ignore_scheduling(harness):
+    """Both row kernels at the argument level: nothing written outside the outputs, identical
+    bits under every run order (the top-k slots as a set: the op orders them), and the 32-bit
+    column limit refused before any launch."""
+    from kernel_harness import CudaKernelError
+
+    rows, vocab, k, guard = 3, 523, 37, 64
+    logits = make_logits(rows, vocab, seed=12)
+    logits[1, ::3] = torch.randint(
+        -2, 2, (175,), generator=torch.Generator().manual_seed(0)
+    ).float()
+    targets = torch.tensor([5, -100, 522])
+    row_grads = torch.randn(rows, 3, generator=torch.Generator().manual_seed(1))
+
+    def stores(*sizes):
+        return [torch.full((n + 2 * guard,), 1234.5) for n in sizes]
+
+    def inner(store):
+        return store[guard:].data_ptr()
+
+    results = []
+    for order in (0, 1, 2):
+        z = logits.clone()
+        logprob, lse, entropy = stores(rows, rows, rows)
+        lp_args = harness.logprob_rows_args(
+            logits=z.data_ptr(), row_stride=vocab, n_rows=rows, vocab=vocab,
+            targets=targets.data_ptr(), row_grads=row_grads.data_ptr(), logprob=inner(logprob),
+            lse=inner(lse), entropy=inner(entropy), temperature=0.7, ignore_index=-100,
+            grad_scale=1.5,
+        )  # fmt: skip
+        ids = torch.full((rows * k + 2 * guard,), -7, dtype=torch.int64)
+        values, log_tail, top_lse = stores(rows * k, rows, rows)
+        topk_args = harness.topk_rows_args(
+            logits=logits.data_ptr(), row_stride=vocab, n_rows=rows, vocab=vocab, k=k,
+            ids=inner(ids), logprobs=inner(values), log_tail=inner(log_tail), lse=inner(top_lse),
+            temperature=0.7,
+        )  # fmt: skip
+        with harness.settings(order=order, seed=order + 3):
+            harness.fused_linear_topk(topk_args)
+            harness.fused_linear_logprobs(lp_args)
+        for store, n in ((logprob, rows), (lse, rows), (entropy, rows), (values, rows * k)):
+            assert (store[:guard] == 1234.5).all() and (store[guard + n :] == 1234.5).all()
+        assert (ids[:guard] == -7).all() and (ids[guard + rows * k :] == -7).all()
+        slot_ids, slot_order = ids[guard : guard + rows * k].view(rows, k).sort(-1)
+        slot_values = values[guard : guard + rows * k].view(rows, k).gather(-1, slot_order)
+        results.append((z, logprob, lse, entropy, slot_ids, slot_values, log_tail, top_lse))
+    for result in results[1:]:
+        for got, want in zip(result, results[0]):
+            assert torch.equal(got, want)
+    z, logprob, lse = results[0][:3]
+    assert logprob[guard + 1] == 0 and lse[guard + 1] == 0 and (z[1] == 0).all()  # ignored row
+    with pytest.raises(CudaKernelError, match="vocabulary too large for CUDA"):
+        harness.fused_linear_topk(
+            harness.topk_rows_args(
+                logits=0,
+                row_stride=2**31,
+                n_rows=0,
+                vocab=2**31,
+                k=1,
+                ids=0,
+                logprobs=0,
+                log_tail=0,
+                lse=0,
+                temperature=1.0,
+            )
+        )
+    with pytest.raises(CudaKernelError, match="vocabulary too large for CUDA"):
+        harness.fused_linear_logprobs(
+            harness.logprob_rows_args(
+                logits=0,
+                row_stride=2**31,
+                n_rows=0,
+                vocab=2**31,
+                targets=0,
+                row_grads=0,
+                logprob=0,
+                lse=0,
+                entropy=0,
+                temperature=1.0,
+                ignore_index=-100,
+                grad_scale=1.0,
+            )
+        )

@@ -4,7 +4,8 @@
 //            lanes; lse = m + log S, logprob = a_t - lse, H = log S - W / S;
 //   grad   : with the row's incoming gradients, dL/dz_j from token_logprob_math.h written over
 //            the row (its logits are in the scratch row by then).
-// A row whose logits are all -inf has no softmax: lse = -inf and the other outputs NaN.
+// A row whose logits are all -inf has no softmax: lse = -inf and the other outputs NaN (a NaN
+// anywhere in the row makes every output NaN).
 //
 // Compiled once per instruction-set level with FASTKD_ISA naming the namespace (see
 // CMakeLists.txt); the bindings' dispatcher picks one at run time.
@@ -81,8 +82,10 @@ void logprob_row(const LogprobRowsArgs& A, int64_t row, Scratch& s) {
   float* e = s.e.data();
   const float m = load_scaled_row(z, n, A.inv_temperature, a);
   const float nan = __builtin_nanf("");
-  if (!(m > kNegInf)) {  // all -inf (or NaN): no softmax
-    A.lse[row] = m == m ? kNegInf : nan;
+  if (!(m > kNegInf)) {  // all -inf or NaN (row_max drops NaN): no softmax
+    bool has_nan = false;
+    for (int64_t i = 0; i < n; ++i) has_nan |= a[i] != a[i];
+    A.lse[row] = has_nan ? nan : kNegInf;
     A.logprob[row] = nan;
     if (A.entropy) A.entropy[row] = nan;
     if (A.row_grads)

@@ -5,21 +5,10 @@
 
 #include <cstdint>
 
+#include "../common/token_rows_args.h"
+
 namespace fastkd {
 namespace cpu {
-
-struct TopkRowsArgs {
-  const float* logits;  // [n_rows, row_stride] fp32, read only
-  int64_t row_stride;   // elements between rows (>= vocab)
-  int64_t n_rows;
-  int64_t vocab;
-  int64_t k;        // 1 <= k <= vocab
-  int64_t* ids;     // [n_rows, k], decreasing a; among equal a, the lower id first
-  float* logprobs;  // [n_rows, k] a_id - lse
-  float* log_tail;  // [n_rows] LSE(a outside ids) - lse; -inf where k = vocab
-  float* lse;       // [n_rows] LSE(a)
-  float inv_temperature;
-};
 
 namespace base { void fused_linear_topk_rows(const TopkRowsArgs& args, int num_threads); }
 #if defined(FASTKD_CPU_X86_LEVELS)

@@ -1,16 +1,21 @@
 // C entry points (ctypes) into fastkd's CUDA launchers compiled for the CPU: the argument structs
 // built from the same fields, in the same order and with the same derived values as the pybind11
 // bindings build them (csrc/bindings.cpp make_kd_args, csrc/sinkhorn_bindings.cpp
-// make_sinkhorn_args, csrc/sample_teacher_bindings.cpp make_args), then the CUDA entry point.
-// Device pointers are host pointers here.
+// make_sinkhorn_args, csrc/sample_teacher_bindings.cpp make_args; the row kernels of the chunked
+// lm_head ops through the very constructors of csrc/common/token_rows_args.h), then the CUDA entry
+// point. Device pointers are host pointers here.
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 
 #include "common/kd_loss_args.h"
 #include "common/sample_teacher_args.h"
 #include "common/sinkhorn_args.h"
+#include "common/token_rows_args.h"
+#include "cuda/fused_linear_logprobs_cuda.h"
+#include "cuda/fused_linear_topk_cuda.h"
 #include "cuda/kd_loss_cuda.h"
 #include "cuda/sample_teacher_cuda.h"
 #include "cuda/sinkhorn_cuda.h"
@@ -26,6 +31,18 @@ T* as_ptr(uintptr_t p) {
 
 bool dtype_ok(int code) { return code >= kFloat32 && code <= kFloat16; }
 
+// *out = make(), or -1 with the exception's message in err.
+template <typename Args, typename Make>
+int make_checked(Args* out, char* err, size_t err_size, Make make) {
+  try {
+    *out = make();
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(err, err_size, "%s", e.what());
+    return -1;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -34,6 +51,8 @@ size_t fastkd_args_size(const char* name) {
   if (std::strcmp(name, "KdLossArgs") == 0) return sizeof(KdLossArgs);
   if (std::strcmp(name, "SinkhornArgs") == 0) return sizeof(SinkhornArgs);
   if (std::strcmp(name, "SampleTeacherArgs") == 0) return sizeof(SampleTeacherArgs);
+  if (std::strcmp(name, "LogprobRowsArgs") == 0) return sizeof(LogprobRowsArgs);
+  if (std::strcmp(name, "TopkRowsArgs") == 0) return sizeof(TopkRowsArgs);
   return 0;
 }
 
@@ -168,6 +187,27 @@ int fastkd_make_sample_teacher_args(SampleTeacherArgs* out, uintptr_t logits, in
   return 0;
 }
 
+int fastkd_make_logprob_rows_args(LogprobRowsArgs* out, uintptr_t logits, int64_t row_stride,
+                                  int64_t n_rows, int64_t vocab, uintptr_t targets,
+                                  uintptr_t row_grads, uintptr_t logprob, uintptr_t lse,
+                                  uintptr_t entropy, float temperature, int64_t ignore_index,
+                                  float grad_scale, char* err, size_t err_size) {
+  return make_checked(out, err, err_size, [&] {
+    return make_logprob_rows_args(logits, row_stride, n_rows, vocab, targets, row_grads, logprob,
+                                  lse, entropy, temperature, ignore_index, grad_scale);
+  });
+}
+
+int fastkd_make_topk_rows_args(TopkRowsArgs* out, uintptr_t logits, int64_t row_stride,
+                               int64_t n_rows, int64_t vocab, int64_t k, uintptr_t ids,
+                               uintptr_t logprobs, uintptr_t log_tail, uintptr_t lse,
+                               float temperature, char* err, size_t err_size) {
+  return make_checked(out, err, err_size, [&] {
+    return make_topk_rows_args(logits, row_stride, n_rows, vocab, k, ids, logprobs, log_tail, lse,
+                               temperature);
+  });
+}
+
 // The CUDA entry points; each returns nullptr or the launcher's error message.
 const char* fastkd_kd_loss_forward_cuda(const KdLossArgs* args) {
   return cuda::kd_loss_forward(*args, nullptr);
@@ -177,6 +217,12 @@ const char* fastkd_sinkhorn_cuda(const SinkhornArgs* args) {
 }
 const char* fastkd_sample_teacher_cuda(const SampleTeacherArgs* args) {
   return cuda::sample_teacher(*args, nullptr);
+}
+const char* fastkd_fused_linear_logprobs_cuda(const LogprobRowsArgs* args) {
+  return cuda::fused_linear_logprobs_rows(*args, nullptr);
+}
+const char* fastkd_fused_linear_topk_cuda(const TopkRowsArgs* args) {
+  return cuda::fused_linear_topk_rows(*args, nullptr);
 }
 
 }  // extern "C"

@@ -3,7 +3,8 @@
 
 ``Harness.native_module(real)`` returns a stand-in for the extension module ``fastkd._C`` whose
 CPU kernel entries (``kd_loss_forward_cpu``, ``sample_teacher_cpu``, ``sinkhorn_cpu`` and their
-argument structs) run the CUDA launchers instead, with the same fields; everything else is the
+argument structs; the row kernels of fused_linear_logprobs and fused_linear_topk) run the CUDA
+launchers instead, with the same fields; everything else is the
 real module's. Installed as what ``fastkd.ops._launch`` calls (``native``), it makes fastkd's
 public functions with ``backend="cpu"`` execute the CUDA kernels, so that they are checked through
 the very code paths that feed them on a GPU.
@@ -111,6 +112,32 @@ SAMPLE_TEACHER_FIELDS = [
     ("logprobs", _P),
     ("invalid", _P),
 ]
+LOGPROB_ROWS_FIELDS = [
+    ("logits", _P),
+    ("row_stride", _I64),
+    ("n_rows", _I64),
+    ("vocab", _I64),
+    ("targets", _P),
+    ("row_grads", _P),
+    ("logprob", _P),
+    ("lse", _P),
+    ("entropy", _P),
+    ("temperature", _F32),
+    ("ignore_index", _I64),
+    ("grad_scale", _F32),
+]
+TOPK_ROWS_FIELDS = [
+    ("logits", _P),
+    ("row_stride", _I64),
+    ("n_rows", _I64),
+    ("vocab", _I64),
+    ("k", _I64),
+    ("ids", _P),
+    ("logprobs", _P),
+    ("log_tail", _P),
+    ("lse", _P),
+    ("temperature", _F32),
+]
 
 
 class Harness:
@@ -133,12 +160,16 @@ class Harness:
             ("fastkd_make_kd_args", KD_FIELDS),
             ("fastkd_make_sinkhorn_args", SINKHORN_FIELDS),
             ("fastkd_make_sample_teacher_args", SAMPLE_TEACHER_FIELDS),
+            ("fastkd_make_logprob_rows_args", LOGPROB_ROWS_FIELDS),
+            ("fastkd_make_topk_rows_args", TOPK_ROWS_FIELDS),
         ):
             getattr(lib, maker).argtypes = [_P, *(t for _, t in fields), *_BUF]
         entries = (
             "fastkd_kd_loss_forward_cuda",
             "fastkd_sinkhorn_cuda",
             "fastkd_sample_teacher_cuda",
+            "fastkd_fused_linear_logprobs_cuda",
+            "fastkd_fused_linear_topk_cuda",
         )
         for entry in entries:
             getattr(lib, entry).argtypes = [_P]
@@ -250,6 +281,14 @@ class Harness:
             "fastkd_make_sample_teacher_args", "SampleTeacherArgs", SAMPLE_TEACHER_FIELDS, fields
         )
 
+    def logprob_rows_args(self, **fields) -> ctypes.Array:
+        return self._args(
+            "fastkd_make_logprob_rows_args", "LogprobRowsArgs", LOGPROB_ROWS_FIELDS, fields
+        )
+
+    def topk_rows_args(self, **fields) -> ctypes.Array:
+        return self._args("fastkd_make_topk_rows_args", "TopkRowsArgs", TOPK_ROWS_FIELDS, fields)
+
     def kd_loss_forward(self, args: ctypes.Array) -> None:
         self.take_failure()
         self._check(self._lib.fastkd_kd_loss_forward_cuda(args), "fastkd CUDA kd_loss")
@@ -262,9 +301,19 @@ class Harness:
         self.take_failure()
         self._check(self._lib.fastkd_sample_teacher_cuda(args), "fastkd CUDA sample_teacher")
 
+    def fused_linear_logprobs(self, args: ctypes.Array) -> None:
+        self.take_failure()
+        self._check(
+            self._lib.fastkd_fused_linear_logprobs_cuda(args), "fastkd CUDA fused_linear_logprobs"
+        )
+
+    def fused_linear_topk(self, args: ctypes.Array) -> None:
+        self.take_failure()
+        self._check(self._lib.fastkd_fused_linear_topk_cuda(args), "fastkd CUDA fused_linear_topk")
+
     def native_module(self, real):
-        """A stand-in for ``fastkd._C`` (``real``) whose CPU kernels of kd_loss, sample_teacher and
-        sinkhorn run the CUDA kernels here."""
+        """A stand-in for ``fastkd._C`` (``real``) whose CPU kernels of kd_loss, sample_teacher,
+        sinkhorn, fused_linear_logprobs and fused_linear_topk run the CUDA kernels here."""
         return _EmulatedNative(self, real)
 
 
@@ -287,6 +336,18 @@ class _EmulatedNative:
 
     def sample_teacher_cpu(self, *, num_threads, **fields):
         self._harness.sample_teacher(self._harness.sample_teacher_args(**fields))
+
+    def LogprobRowsArgs(self, **fields):  # noqa: N802
+        return self._harness.logprob_rows_args(**fields)
+
+    def TopkRowsArgs(self, **fields):  # noqa: N802
+        return self._harness.topk_rows_args(**fields)
+
+    def fused_linear_logprobs_cpu(self, args, num_threads):
+        self._harness.fused_linear_logprobs(args)
+
+    def fused_linear_topk_cpu(self, args, num_threads):
+        self._harness.fused_linear_topk(args)
 
     def __getattr__(self, name):
         return getattr(self._real, name)

@@ -143,13 +143,16 @@ def _topk_impls(case: OnpolicyCase, inputs, first: dict) -> list[Impl]:
 
     _, _, t_hidden, t_weight, _ = inputs
 
-    def fused():
-        def step():
-            targets = fused_linear_topk(t_hidden, t_weight, k=case.k)
-            first.setdefault("fastkd fused_linear_topk", float(targets.tail_mass.sum()))
-            return targets.tail_mass
+    def fused(name: str, backend: str):
+        def make():
+            def step():
+                targets = fused_linear_topk(t_hidden, t_weight, k=case.k, backend=backend)
+                first.setdefault(name, float(targets.tail_mass.sum()))
+                return targets.tail_mass
 
-        return step
+            return step
+
+        return Impl(name, make)
 
     def plain():
         def step():
@@ -163,10 +166,10 @@ def _topk_impls(case: OnpolicyCase, inputs, first: dict) -> list[Impl]:
 
         return step
 
-    return [
-        Impl("fastkd fused_linear_topk", fused),
-        Impl("F.linear + topk + logsumexp", plain, peer=True),
-    ]
+    impls = [fused("fastkd fused_linear_topk", "auto")]
+    if t_hidden.device.type == "cuda":  # the CUDA row kernel against the same chunks' torch.topk
+        impls.append(fused("fastkd fused_linear_topk [torch rows]", "torch"))
+    return [*impls, Impl("F.linear + topk + logsumexp", plain, peer=True)]
 
 
 def run_onpolicy_case(

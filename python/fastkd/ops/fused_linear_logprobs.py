@@ -53,9 +53,10 @@ register_op(
     [
         reference_backend(),
         native_backend("cpu", "fused_linear_logprobs_cpu"),
+        native_backend("cuda", "fused_linear_logprobs_cuda"),
         triton_backend("fused_linear_logprobs"),
     ],
-    auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+    auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
 )
 
 # The torch row math holds about four fp32 [C, V] temporaries next to the chunk's logits.
@@ -178,9 +179,7 @@ def _launch_rows(
             grad_scale=grad_scale,
         )
         return
-    launch(
-        "fused_linear_logprobs_cpu",
-        args="LogprobRowsArgs",
+    fields = dict(
         logits=z,
         row_stride=z.stride(0),
         n_rows=z.shape[0],
@@ -193,7 +192,22 @@ def _launch_rows(
         temperature=temperature,
         ignore_index=ignore_index,
         grad_scale=grad_scale,
+    )
+    if backend == "cuda":
+        with torch.cuda.device(z.device):
+            stream = torch.cuda.current_stream(z.device).cuda_stream
+            launch(
+                "fused_linear_logprobs_cuda",
+                args="LogprobRowsArgs",
+                run=dict(stream=stream),
+                **fields,
+            )
+        return
+    launch(
+        "fused_linear_logprobs_cpu",
+        args="LogprobRowsArgs",
         run=dict(num_threads=torch.get_num_threads()),
+        **fields,
     )
 
 
@@ -311,8 +325,9 @@ def fused_linear_logprobs(
         targets: ``[...]`` integer token ids in [0, V), or ``ignore_index``.
         temperature: T > 0. logit_scale: multiplier of the head's output (before T).
         chunk_size, memory_budget, accum_dtype: as in :func:`fastkd.fused_linear_kd_loss`.
-        backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"torch"`` (the same chunks with
-            PyTorch row math; float64 inputs there run the whole-logits reference).
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (the same
+            chunks with PyTorch row math; float64 inputs there run the whole-logits
+            reference).
 
     Returns:
         ``TokenLogProbs(logprob, lse, entropy)``, float32 tensors of the leading shape

@@ -34,15 +34,15 @@ from ._registry import backend_spec, native_backend, reference_backend, register
 
 __all__ = ["fused_linear_topk"]
 
-# No GPU kernel: on CUDA the ``torch`` backend runs the same chunks with torch.topk and masked
-# log-sum-exps.
+# ``torch``: the same chunks with torch.topk and masked log-sum-exps.
 register_op(
     "fused_linear_topk",
     [
         reference_backend(),
         native_backend("cpu", "fused_linear_topk_cpu"),
+        native_backend("cuda", "fused_linear_topk_cuda"),
     ],
-    auto={"cpu": ("cpu", "torch")},
+    auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")},
 )
 
 # The torch row math holds about three fp32 [C, V] temporaries next to the chunk's logits.
@@ -71,9 +71,7 @@ def _launch_rows(backend, z, ids, logprobs, log_tail, lse, *, k, temperature):
     if backend_spec("fused_linear_topk", backend).is_reference:
         _torch_rows(z, ids, logprobs, log_tail, lse, k=k, temperature=temperature)
         return
-    launch(
-        "fused_linear_topk_cpu",
-        args="TopkRowsArgs",
+    fields = dict(
         logits=z,
         row_stride=z.stride(0),
         n_rows=z.shape[0],
@@ -84,8 +82,29 @@ def _launch_rows(backend, z, ids, logprobs, log_tail, lse, *, k, temperature):
         log_tail=log_tail,
         lse=lse,
         temperature=temperature,
-        run=dict(num_threads=torch.get_num_threads()),
     )
+    if backend == "cuda":
+        with torch.cuda.device(z.device):
+            stream = torch.cuda.current_stream(z.device).cuda_stream
+            launch("fused_linear_topk_cuda", args="TopkRowsArgs", run=dict(stream=stream), **fields)
+        return
+    launch(
+        "fused_linear_topk_cpu",
+        args="TopkRowsArgs",
+        run=dict(num_threads=torch.get_num_threads()),
+        **fields,
+    )
+
+
+def _order_slots(ids, logprobs):
+    """Each row's k slots in decreasing log-prob, the lower id first among equal log-probs (NaN
+    ranks as -inf). The row kernels leave the order to this: the CUDA kernel fills its slots in
+    no particular order, and torch.topk does not order ties."""
+    ids, by_id = ids.sort(dim=-1)
+    logprobs = logprobs.gather(-1, by_id)
+    rank = torch.where(logprobs.isnan(), -math.inf, logprobs)
+    order = rank.sort(dim=-1, descending=True, stable=True).indices
+    return ids.gather(-1, order), logprobs.gather(-1, order)
 
 
 @torch.library.custom_op("fastkd::fused_linear_topk_fused", mutates_args=())
@@ -100,7 +119,7 @@ def fused_linear_topk_fused(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids [N, k] int64, logprobs [N, k] fp32, log_tail [N] fp32, lse [N] fp32) of
-    ``hidden`` ``[N, H]``; ids in decreasing log-prob."""
+    ``hidden`` ``[N, H]``; ids in decreasing log-prob, the lower id first among equal ones."""
     n_rows = hidden.shape[0]
     ids = torch.empty(n_rows, k, dtype=torch.int64, device=hidden.device)
     logprobs = torch.empty(n_rows, k, dtype=torch.float32, device=hidden.device)
@@ -122,7 +141,7 @@ def fused_linear_topk_fused(
         log_tail, *_ = run_chunks(
             hidden, weight, bias, rows, None, logit_scale, chunk_size, False, False, False, False
         )
-    return ids, logprobs, log_tail, lse
+    return *_order_slots(ids, logprobs), log_tail, lse
 
 
 def _fake_topk(a):
@@ -168,7 +187,8 @@ def fused_linear_topk(
     backend: str = "auto",
 ):
     """The k most probable ids per token under the lm_head's tempered softmax, their
-    probabilities and the exact mass outside them, as ``tail="bucket"`` ``SparseTargets``.
+    probabilities and the exact mass outside them, as ``tail="bucket"`` ``SparseTargets``:
+    ids in decreasing probability, the lower id first among equal ones.
 
     With a = logit_scale * (hidden @ weight.T + bias) / temperature per token: ids of the k
     largest a_j in decreasing order, weights p_j = exp(a_j - lse(a)), logprobs a_j - lse(a), and
@@ -186,8 +206,9 @@ def fused_linear_topk(
         temperature: T > 0 (the targets are of softmax(z / T), ``logprobs`` included).
         logit_scale, chunk_size, memory_budget: as in :func:`fastkd.fused_linear_kd_loss`.
         return_stats: also return ``log_tail`` and ``lse`` ``[...]`` fp32.
-        backend: ``"auto"``, ``"cpu"`` or ``"torch"`` (the same chunks with torch.topk and
-            masked log-sum-exps; float64 inputs there run the whole-logits reference).
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"torch"`` (the same chunks with
+            torch.topk and masked log-sum-exps; float64 inputs there run the whole-logits
+            reference).
 
     Returns:
         ``SparseTargets`` (``[..., k]`` slots), or ``(targets, log_tail, lse)`` with
