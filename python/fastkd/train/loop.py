@@ -4,16 +4,16 @@ A step takes ``micro_batch_size * grad_accum * world_size`` sequences (``data.St
 Its loss is normalized by the number of counted tokens of the whole step, summed over its
 micro-batches and all-reduced over ranks before the first backward, so that the step's gradient
 is that of one big batch's mean whatever the split: each micro-batch's loss is its token sum
-divided by that count, times the world size (DDP and FSDP average gradients over ranks).
+divided by that count, times the world size (DDP and FSDP average gradients over ranks). The
+optimizer and its schedule are in ``optimizer``, the stop on a signal in ``stop_signals``, the
+result files in ``run_results``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import signal
 import time
 import warnings
 
@@ -28,9 +28,12 @@ from .engine import StudentStep
 from .evaluate import evaluate
 from .objectives import COUNTS, batch_counts, make_objective
 from .onpolicy import SOURCES, OnPolicy
-from .report import JsonlLog, Progress, markdown_table, plot_curves, read_jsonl
+from .optimizer import _lr_lambda, _optimizer
+from .report import JsonlLog, Progress
 from .run_files import RunLock, export_model, write_json_atomic
+from .run_results import _write_report
 from .setup import as_config, autocast_context, cache_fingerprint, load_data, load_models
+from .stop_signals import _StopSignals
 
 __all__ = ["distill"]
 
@@ -42,61 +45,6 @@ def _autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     ):
         return torch.bfloat16
     return None
-
-
-def _lr_lambda(config: Config):
-    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio``."""
-    t = config.train
-    total, warm, floor = t.steps, t.warmup_steps, t.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(total - warm - 1, 1)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-def _optimizer(module: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases and other vectors)."""
-    t = config.train
-    decay, no_decay = [], []
-    for param in module.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM ask the run to stop after the current step (with a checkpoint); a second
-    SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.requested = None
-        self._old = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        return False
 
 
 class _Run:
@@ -441,51 +389,8 @@ class _Run:
         done = self.evals and self.evals[-1]["step"] == self.step
         result["eval"] = self.evals[-1] if done else self.run_eval()
         if main:
-            self._write_report(log.path, result)
+            _write_report(c, self.out, self.evals, log.path, result)
         return result
-
-    def _write_report(self, log_path: str, result: dict) -> None:
-        c = self.config
-        records = read_jsonl(log_path)
-        write_json_atomic(os.path.join(self.out, "results.json"), result)
-        columns = [
-            ("step", "step", ""),
-            ("ce", "held-out CE", ".4f"),
-            ("ppl", "ppl", ".2f"),
-            ("kl", "KL(teacher||student)", ".4f"),
-            ("agreement", "top-1 agreement", ".3f"),
-            ("ece", "ECE", ".4f"),
-            ("tokens", "eval tokens", ""),
-        ]
-        table = (
-            markdown_table(self.evals, columns)
-            if self.evals
-            else "No held-out evaluation: the held-out split has no labelled token."
-        )
-        speed = result["tokens_per_s"]
-        header = (
-            f"# {c.objective.kind} run: {os.path.basename(os.path.abspath(self.out))}\n\n"
-            f"Training tokens/s: {'-' if speed is None else f'{speed:.0f}'}\n\n"
-        )
-        with open(os.path.join(self.out, "results.md"), "w", encoding="utf-8") as f:
-            f.write(header + table + "\n")
-        if c.output.plots:
-            plot_curves(
-                {"train loss": [(r["step"], r["loss"]) for r in records]},
-                os.path.join(self.out, "train_loss.png"),
-                title="training loss",
-                ylabel="nats per token",
-            )
-            if self.evals:
-                series = {"held-out CE": [(e["step"], e["ce"]) for e in self.evals]}
-                if "kl" in self.evals[0]:
-                    series["KL(teacher||student)"] = [(e["step"], e["kl"]) for e in self.evals]
-                plot_curves(
-                    series,
-                    os.path.join(self.out, "eval.png"),
-                    title="held-out",
-                    ylabel="nats per token",
-                )
 
 
 def distill(config, overrides=None, *, callbacks=None, generate=None) -> dict:
