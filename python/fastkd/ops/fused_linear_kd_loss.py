@@ -18,11 +18,13 @@ grad_W accumulates in fp32: [V, H] fp32 buffers outside that budget.
 ``reduction="none"`` gets a per-token incoming gradient, which cannot rescale grad_W after the
 fact: there the forward computes the loss only and the backward runs the chunks again with each
 row's gradient weighted by its incoming value (one more pass of the two logits GEMMs).
+
+This module holds the custom op and the public function; the input checks are in
+``_fused_linear_checks.py`` and the row kernel (each chunk's teacher logits, then kd_loss's
+kernel) in ``_fused_linear_kd_rows.py``.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 
@@ -31,23 +33,18 @@ from ._op_args import register_named_fake
 from ._checks import check_kd_options, check_labels
 from ._chunked_lm_head import (
     autocast_operands,
-    check_chunking,
-    check_head,
-    check_scale,
-    check_tensor,
-    chunk_logits,
     default_memory_budget,
     fake_outputs,
-    gemm_operand,
-    logits_buffer,
     register_chunked_autograd,
     resolve_chunk_size,
     run_chunks,
 )
+from ._fused_linear_checks import _check_inputs, check_fused_linear_options
+from ._fused_linear_kd_rows import _dense_teacher_rows
 from ._fused_rows import mean_grad_scale, reduce_total
 from ._kd_config import KdConfig, make_kd_config
-from ._kd_rows import KD_LOSS, launch_kd_rows
-from ._registry import accepts, backend_spec, register_op, resolve_backend
+from ._kd_rows import KD_LOSS
+from ._registry import accepts, register_op, resolve_backend
 from ._vocab_mismatch import match_student_head
 
 __all__ = ["check_fused_linear_options", "fused_linear_kd_loss"]
@@ -55,145 +52,6 @@ __all__ = ["check_fused_linear_options", "fused_linear_kd_loss"]
 # The row kernel of the chunked lm_head + loss: the same kernels as kd_loss, each writing a
 # chunk's gradient over its logits (fused_linear_sparse_kd_loss.py runs sparse_kd_loss's).
 register_op("fused_linear_kd_loss", list(KD_LOSS.backends.values()), auto=KD_LOSS.auto)
-
-
-# ---- input checks ---------------------------------------------------------------------------
-
-
-def _check_inputs(
-    student_hidden,
-    student_weight,
-    student_bias,
-    teacher_hidden,
-    teacher_weight,
-    teacher_bias,
-    teacher_logits,
-    *,
-    chunk_size,
-    memory_budget,
-    logit_scale,
-    teacher_logit_scale,
-    accum_dtype,
-) -> None:
-    check_head("student", student_hidden, student_weight, student_bias)
-    lead = student_hidden.shape[:-1]
-    device = student_hidden.device
-    if teacher_logits is not None:
-        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
-            raise ValueError(
-                "give the teacher either as teacher_logits or as teacher_hidden and "
-                "teacher_weight (and teacher_bias), not both"
-            )
-        check_tensor("teacher_logits", teacher_logits)
-        if (
-            teacher_logits.dim() < 1
-            or teacher_logits.shape[:-1] != lead
-            or teacher_logits.shape[-1] < 1
-        ):
-            raise ValueError(
-                f"teacher_logits must have shape [..., V_t] with the leading shape "
-                f"{tuple(lead)} of student_hidden; got {tuple(teacher_logits.shape)}"
-            )
-        if teacher_logits.device != device:
-            raise ValueError(
-                f"teacher_logits is on {teacher_logits.device} but student_hidden on {device}"
-            )
-        if teacher_logit_scale != 1.0:
-            raise ValueError(
-                f"teacher_logit_scale={teacher_logit_scale!r} applies to logits "
-                f"computed from teacher_hidden; scale dense teacher_logits yourself"
-            )
-    else:
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError(
-                "the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits"
-            )
-        check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
-        if teacher_hidden.shape[:-1] != lead:
-            raise ValueError(
-                f"teacher_hidden must have the leading shape {tuple(lead)} of "
-                f"student_hidden; got {tuple(teacher_hidden.shape)}"
-            )
-        if teacher_hidden.device != device:
-            raise ValueError(
-                f"teacher_hidden is on {teacher_hidden.device} but student_hidden on {device}"
-            )
-    check_chunking(chunk_size, memory_budget, accum_dtype)
-    check_scale("logit_scale", logit_scale)
-    check_scale("teacher_logit_scale", teacher_logit_scale)
-
-
-def check_fused_linear_options(
-    *, chunk_size, memory_budget, accum_dtype, logit_scale, teacher_logit_scale
-) -> None:
-    """The options ``fused_linear_kd_loss`` adds to ``kd_loss``'s (checked by ``FusedLinearKDLoss``
-    when it is built)."""
-    check_chunking(chunk_size, memory_budget, accum_dtype)
-    check_scale("logit_scale", logit_scale)
-    check_scale("teacher_logit_scale", teacher_logit_scale)
-
-
-# ---- row kernels ---------------------------------------------------------------------------
-
-
-def _teacher_rows(teacher_logits: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-    """Rows [begin, end) of dense teacher logits ``[..., V_t]`` flattened to ``[N, V_t]``: a view
-    where the layout allows one, else a gather of just those rows (never a copy of all N)."""
-    vocab = teacher_logits.shape[-1]
-    try:
-        return teacher_logits.view(-1, vocab)[begin:end]
-    except RuntimeError:
-        index = torch.unravel_index(
-            torch.arange(begin, end, device=teacher_logits.device), teacher_logits.shape[:-1]
-        )
-        return teacher_logits[index]
-
-
-def _dense_teacher_rows(
-    teacher_hidden,
-    teacher_weight,
-    teacher_bias,
-    teacher_logits,
-    labels,
-    cfg: KdConfig,
-    logit_scale: float,
-    teacher_logit_scale: float,
-    chunk_size: int,
-    backend: str,
-):
-    """The row kernel of a dense teacher: its logits per chunk (computed from its hidden states
-    and head, or rows of the offline logits), then kd_loss's fused kernel, whose gradient
-    carries the student's ``logit_scale``."""
-    cfg = replace(cfg, grad_scale=cfg.grad_scale * logit_scale)
-    tw_mm = gemm_operand(teacher_weight)
-    n_rows = (teacher_hidden if teacher_logits is None else teacher_logits).shape[0]
-    zt_buf = logits_buffer(min(chunk_size, n_rows), tw_mm)
-
-    def run(zs, begin, end, loss, need_grad):
-        if teacher_logits is None:
-            zt = chunk_logits(
-                teacher_hidden[begin:end],
-                tw_mm,
-                teacher_bias,
-                teacher_logit_scale,
-                None if zt_buf is None else zt_buf[: end - begin],
-            )
-        else:
-            zt = _teacher_rows(teacher_logits, begin, end)
-        launch_kd_rows(
-            zs,
-            zt,
-            None if labels is None else labels[begin:end],
-            cfg,
-            backend,
-            need_grad,
-            loss=loss,
-            grad=zs
-            if need_grad or not backend_spec("fused_linear_kd_loss", backend).skips_unneeded_grad
-            else None,
-        )
-
-    return run
 
 
 # ---- the custom op --------------------------------------------------------------------------

@@ -22,36 +22,35 @@ rows) and keeps only per-token and per-chunk vectors; the backward recomputes ea
 writes the gradient into one ``[B, T, V]`` buffer, the gradient itself. Beyond it and the inputs,
 a few ``block_rows x V`` tensors are alive at a time. The same blocks serve
 ``fused_linear_gold_loss``, which forms each block's rows from hidden states and the lm_head.
+
+This module holds ``merge_chunk_probs`` and ``gold_loss`` with its autograd function; the
+counted chunks and their positions are laid out in ``_gold_chunks.py``, and the loss of a block
+of merged rows, forward and backward, is computed in ``_gold_rows.py``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
 
 import torch
 
 from ..ops._checks import INT64_MAX, check_int, check_num_items
 from ..ops._fused_rows import reduce_total
+from ._gold_chunks import _first_positions, _gold_layout, _Layout, _Side, _width
+from ._gold_rows import (
+    LOG_PROB_FLOOR,
+    PROB_FLOOR,
+    _blocks,
+    _chunk_sums,
+    _hybrid_rule,
+    _row_loss_grads,
+    _row_losses,
+    _RowRule,
+)
 from .chunk_losses import _check_int
 from .vocab_map import VocabMap
 
 __all__ = ["gold_loss", "merge_chunk_probs"]
-
-# TRL's floor on each continuation probability in the merge and on probabilities under a log.
-PROB_FLOOR = 1e-8
-LOG_PROB_FLOOR = math.log(PROB_FLOOR)
-
-
-def _first_positions(chunk_id: torch.Tensor, width: int) -> torch.Tensor:
-    """int64 ``[B, width]``: the first position of each chunk, -1 where the chunk is absent."""
-    batch, length = chunk_id.shape
-    ids = chunk_id.to(torch.int64)
-    pos = torch.arange(length, device=ids.device).expand(batch, length)
-    out = torch.full((batch, width + 1), length, dtype=torch.int64, device=ids.device)
-    out.scatter_reduce_(1, ids + 1, pos, reduce="amin")
-    out = out[:, 1:]
-    return torch.where(out == length, -1, out)
 
 
 def _continuation_logprob(
@@ -109,140 +108,6 @@ def merge_chunk_probs(
     return torch.where((first >= 0).unsqueeze(-1), merged, 0.0)
 
 
-def _width(chunk_id: torch.Tensor, num_chunks: int | None) -> int:
-    top = int(chunk_id.max()) + 1 if chunk_id.numel() else 0
-    return top if num_chunks is None else max(num_chunks, top)
-
-
-def _sort_desc(p: torch.Tensor) -> torch.Tensor:
-    return p.sort(dim=-1, descending=True).values
-
-
-class _SortedL1(torch.autograd.Function):
-    """Per row, sum |sort(q) - p_sorted|, ``p_sorted`` a row sorted in descending order (no
-    gradient; overwritten), the narrower zero-padded. The gradient over q is the sign of each
-    sorted difference, put back at q's unsorted positions: it is kept as int8 (a quarter of a
-    float32 row) in place of the sort's int64 indices and the differences that autograd would
-    keep."""
-
-    @staticmethod
-    def forward(ctx, q, p_sorted):
-        common = torch.promote_types(q.dtype, p_sorted.dtype)
-        need_grad = ctx.needs_input_grad[0]
-        # q's sort indices (int64, twice a float32 row) are kept only for the gradient.
-        if need_grad:
-            qs, order = q.sort(dim=-1, descending=True)
-        else:
-            qs, order = _sort_desc(q), None
-        qs, ps = qs.to(common), p_sorted.to(common)
-        # The difference is formed in place in the wider of the two sorted rows: its columns past
-        # the narrower width are the difference with zero padding as they stand.
-        if qs.shape[-1] >= ps.shape[-1]:
-            diff, flip = qs, False
-            diff[:, : ps.shape[-1]].sub_(ps)
-        else:
-            diff, flip = ps, True  # holds sort(p) - sort(q), the negated difference
-            diff[:, : qs.shape[-1]].sub_(qs)
-        if need_grad:
-            head = diff[:, : q.shape[-1]]
-            sign = (head > 0).to(torch.int8) - (head < 0).to(torch.int8)
-            unsorted = torch.zeros(q.shape, dtype=torch.int8, device=q.device)
-            ctx.save_for_backward(unsorted.scatter_(-1, order, sign.neg_() if flip else sign))
-            del order, head, sign
-        return diff.abs_().sum(-1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (sign,) = ctx.saved_tensors
-        return sign.to(grad.dtype) * grad.unsqueeze(-1), None
-
-
-def _jsd_probs(q: torch.Tensor, p: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per row, TRL's generalized JSD_beta of probability rows (logs at >= 1e-8): beta = 0 is
-    KL(p || q), beta = 1 is KL(q || p), between them beta KL(p || m) + (1 - beta) KL(q || m)
-    with log m = logsumexp(log q + log(1 - beta), log p + log beta)."""
-    log_q = q.clamp(min=PROB_FLOOR).log()
-    log_p = p.clamp(min=PROB_FLOOR).log()
-
-    def kl(log_a, log_b):  # sum exp(log_a) (log_a - log_b), F.kl_div's pointwise rule
-        return (log_a.exp() * (log_a - log_b)).sum(-1)
-
-    if beta == 0.0:
-        return kl(log_p, log_q)
-    if beta == 1.0:
-        return kl(log_q, log_p)
-    log_m = torch.logsumexp(
-        torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), dim=0
-    )
-    return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
-
-
-def _merged(rows: torch.Tensor, log_scale: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``softmax(rows / T) * exp(log_scale)`` per row, no gradient: the merged rows of a block,
-    the scale applied in place."""
-    probs = torch.softmax(rows if temperature == 1.0 else rows / temperature, dim=-1)
-    return probs.mul_(log_scale.exp().unsqueeze(-1))
-
-
-def _teacher_terms(p: torch.Tensor, split) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """What the loss reads of the teacher's merged rows, formed before the student's block:
-    (the matched columns, or None for ULD; the other columns sorted in descending order, or
-    None when the hybrid has no sorted term)."""
-    if split is None:
-        return None, _sort_desc(p)
-    _, t_matched, s_rest, t_rest = split
-    # As TRL: no sorted term unless both sides have unmatched tokens.
-    rest = _sort_desc(p[:, t_rest]) if s_rest.numel() and t_rest.numel() else None
-    return p[:, t_matched], rest
-
-
-def _rows_loss(q, teacher_terms, split, beta, weights):
-    """Per row, GOLD's loss between the student's merged rows ``q`` and the teacher's
-    (``_teacher_terms``, no gradient; the sorted part is overwritten): ULD's sorted L1, or the
-    hybrid with ``split``."""
-    p_matched, p_sorted = teacher_terms
-    if split is None:
-        return _SortedL1.apply(q, p_sorted)
-    s_matched, _, s_rest, _ = split
-    matched = _jsd_probs(q[:, s_matched], p_matched, beta)
-    rest = q.new_zeros(q.shape[0]) if p_sorted is None else _SortedL1.apply(q[:, s_rest], p_sorted)
-    return weights[0] * matched + weights[1] * rest
-
-
-class _RowRule(NamedTuple):
-    """What the loss of a block of merged rows needs besides the rows (``_rows_loss``)."""
-
-    temperature: float
-    teacher_temperature: float
-    split: tuple | None  # the hybrid's (s_matched, t_matched, s_rest, t_rest) ids, or None: ULD
-    beta: float
-    weights: tuple[float, float]
-
-
-class _Side(NamedTuple):
-    """One side's positions: each counted chunk's first position, and the counted chunks' later
-    positions (their continuation tokens), all int64 on the model's device."""
-
-    first_batch: torch.Tensor  # [R]
-    first_pos: torch.Tensor  # [R]
-    cont_batch: torch.Tensor  # [M]
-    cont_pos: torch.Tensor  # [M]
-    cont_row: torch.Tensor  # [M], the counted chunk (row 0..R-1) each belongs to
-    cont_targets: torch.Tensor  # [M], the token each predicts
-
-
-class _Layout(NamedTuple):
-    """The counted chunks, in (batch, chunk) order: row r is chunk ``chunk[r]`` of sequence
-    ``batch[r]``; ``shape`` is (B, C) of the per-chunk output."""
-
-    batch: torch.Tensor
-    chunk: torch.Tensor
-    shape: tuple[int, int]
-    student: _Side
-    teacher: _Side
-
-
 def _check_options(temperature, teacher_temperature, beta, block_rows, reduction) -> float:
     """Validates the options shared by the GOLD losses; returns the teacher's temperature."""
     t_temp = temperature if teacher_temperature is None else teacher_temperature
@@ -256,181 +121,6 @@ def _check_options(temperature, teacher_temperature, beta, block_rows, reduction
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
     return t_temp
-
-
-def _check_chunk_ids(name: str, ids: torch.Tensor) -> None:
-    if ids.numel() and int(ids.min()) < -1:
-        raise ValueError(f"{name} must hold ids >= 0, or -1 outside chunks; got {int(ids.min())}")
-
-
-def _side(chunk_id, targets, first, row_of, device) -> _Side:
-    ids = chunk_id.to(torch.int64)
-    slot = ids.clamp(min=0)
-    row = torch.where(ids >= 0, row_of.gather(1, slot), -1)
-    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    is_first = pos == first.gather(1, slot)
-    first_batch, first_chunk = (row_of >= 0).nonzero(as_tuple=True)
-    cont_batch, cont_pos = ((row >= 0) & ~is_first).nonzero(as_tuple=True)
-    # Negative ids (-100) read as token 0, as merge_chunk_probs reads them.
-    cont_targets = targets.to(device=ids.device, dtype=torch.int64)[cont_batch, cont_pos]
-    parts = (
-        first_batch,
-        first[first_batch, first_chunk],
-        cont_batch,
-        cont_pos,
-        row[cont_batch, cont_pos],
-        cont_targets.clamp(min=0),
-    )
-    return _Side(*(t.to(device) for t in parts))
-
-
-def _ignored_chunks(chunk_id, targets, ignore_index, shape) -> torch.Tensor:
-    """Bool ``shape`` [B, C]: the chunks holding a position whose target is ``ignore_index``."""
-    ids = chunk_id.to(torch.int64)
-    hit = (targets.to(ids.device) == ignore_index) & (ids >= 0)
-    out = torch.zeros(shape[0], shape[1] + 1, dtype=torch.bool, device=ids.device)
-    out.scatter_(1, torch.where(hit, ids + 1, 0), True)
-    return out[:, 1:]
-
-
-def _gold_layout(
-    student_chunk_id,
-    teacher_chunk_id,
-    student_targets,
-    teacher_targets,
-    chunk_mask,
-    device,
-    ignore_index: int = -100,
-) -> _Layout:
-    """The counted chunks (present on both sides, in ``chunk_mask``, and holding no target
-    equal to ``ignore_index`` on either side) and their positions."""
-    _check_chunk_ids("student_chunk_id", student_chunk_id)
-    _check_chunk_ids("teacher_chunk_id", teacher_chunk_id)
-    width = max(_width(student_chunk_id, None), _width(teacher_chunk_id, None))
-    s_first = _first_positions(student_chunk_id, width)
-    t_first = _first_positions(teacher_chunk_id.to(s_first.device), width)
-    counted = (s_first >= 0) & (t_first >= 0)
-    counted &= ~_ignored_chunks(student_chunk_id, student_targets, ignore_index, counted.shape)
-    counted &= ~_ignored_chunks(
-        teacher_chunk_id.to(counted.device), teacher_targets, ignore_index, counted.shape
-    )
-    if chunk_mask is not None:
-        if (
-            not isinstance(chunk_mask, torch.Tensor)
-            or chunk_mask.dtype != torch.bool
-            or chunk_mask.dim() != 2
-            or chunk_mask.shape[0] != counted.shape[0]
-        ):
-            raise ValueError(f"chunk_mask must be a bool tensor [B, C] with B = {counted.shape[0]}")
-        mask = torch.zeros_like(counted)
-        cols = min(width, chunk_mask.shape[1])
-        mask[:, :cols] = chunk_mask[:, :cols].to(counted.device)
-        counted &= mask
-    batch, chunk = counted.nonzero(as_tuple=True)
-    row_of = torch.full(counted.shape, -1, dtype=torch.int64, device=counted.device)
-    row_of[batch, chunk] = torch.arange(batch.numel(), device=counted.device)
-    return _Layout(
-        batch.to(device),
-        chunk.to(device),
-        tuple(counted.shape),
-        _side(student_chunk_id, student_targets, s_first, row_of, device),
-        _side(teacher_chunk_id.to(s_first.device), teacher_targets, t_first, row_of, device),
-    )
-
-
-def _hybrid_rule(vmap: VocabMap | None, vocab_s: int, vocab_t: int, device, mw, uw):
-    """(split, weights) of ``_RowRule``: the hybrid's column sets and weights, or ULD's."""
-    if vmap is None:
-        return None, (1.0, 1.0)
-    vmap.check(vocab_s, vocab_t)
-    s_matched = vmap.student_ids.to(device)
-    t_matched = vmap.teacher_ids.to(device)
-    s_rest = torch.ones(vocab_s, dtype=torch.bool, device=device)
-    s_rest[s_matched] = False
-    t_rest = torch.ones(vocab_t, dtype=torch.bool, device=device)
-    t_rest[t_matched] = False
-    if mw is None:
-        mw = s_matched.numel() / max(1, vocab_t)
-    if uw is None:
-        uw = 1.0 - mw
-    split = (s_matched, t_matched, s_rest.nonzero().squeeze(1), t_rest.nonzero().squeeze(1))
-    return split, (mw, uw)
-
-
-def _blocks(n: int, block_rows: int):
-    return ((lo, min(lo + block_rows, n)) for lo in range(0, n, block_rows))
-
-
-def _chunk_sums(token_logprob: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """``[R]``: per counted chunk, the sum of its continuation log-probabilities, each taken at
-    >= log 1e-8 (TRL's floor on each probability)."""
-    floored = token_logprob.clamp(min=LOG_PROB_FLOOR)
-    return floored.new_zeros(n_rows).index_add(0, row, floored)
-
-
-_RowsFn = Callable[[int, int], torch.Tensor]
-
-
-def _row_losses(
-    rule: _RowRule, block_rows, student_rows: _RowsFn, teacher_rows: _RowsFn, s_cont, t_cont
-):
-    """``[R]`` losses of the counted chunks, ``block_rows`` merged rows at a time.
-    ``student_rows(lo, hi)`` / ``teacher_rows(lo, hi)``: the logits rows ``[hi - lo, V]`` of
-    chunks lo..hi at their first positions; ``s_cont``, ``t_cont``: ``[R]`` continuation
-    log-probabilities."""
-    out = []
-    for lo, hi in _blocks(s_cont.numel(), block_rows):
-        # Each side's logits rows are dropped as soon as what the loss reads of them is formed.
-        p = _merged(teacher_rows(lo, hi), t_cont[lo:hi], rule.teacher_temperature)
-        teacher = _teacher_terms(p, rule.split)
-        del p
-        q = _merged(student_rows(lo, hi), s_cont[lo:hi], rule.temperature)
-        out.append(_rows_loss(q, teacher, rule.split, rule.beta, rule.weights))
-    if out:
-        return torch.cat(out)
-    return s_cont.new_zeros(0, dtype=torch.promote_types(s_cont.dtype, t_cont.dtype))
-
-
-def _row_loss_grads(
-    rule: _RowRule,
-    block_rows,
-    student_rows: _RowsFn,
-    teacher_rows: _RowsFn,
-    s_cont,
-    t_cont,
-    grad_rows,
-    put_row_grad: Callable[[int, int, torch.Tensor], None],
-) -> torch.Tensor:
-    """The backward of ``_row_losses`` block by block: each block's rows are formed again and
-    ``put_row_grad(lo, hi, g)`` receives the gradient ``[hi - lo, V]`` over its student rows;
-    returns the gradient ``[R]`` over ``s_cont``."""
-    grad_cont = torch.empty_like(s_cont)
-    temperature = rule.temperature
-    for lo, hi in _blocks(s_cont.numel(), block_rows):
-        with torch.no_grad():
-            p = _merged(teacher_rows(lo, hi), t_cont[lo:hi], rule.teacher_temperature)
-            teacher = _teacher_terms(p, rule.split)
-            del p
-            rows = student_rows(lo, hi)
-            probs = torch.softmax(rows if temperature == 1.0 else rows / temperature, dim=-1)
-            del rows
-        # Autograd from the softmax on: the logits rows need not be kept for it, and the
-        # softmax's backward below is the kernel autograd would run.
-        probs.requires_grad_()
-        cont = s_cont[lo:hi].detach().requires_grad_()
-        with torch.enable_grad():
-            q = probs * cont.exp().unsqueeze(-1)
-            loss = _rows_loss(q, teacher, rule.split, rule.beta, rule.weights)
-            del q, teacher
-            g_probs, g_cont = torch.autograd.grad(
-                loss, (probs, cont), grad_rows[lo:hi].to(loss.dtype)
-            )
-        del loss
-        g_rows = torch._softmax_backward_data(g_probs, probs.detach(), -1, probs.dtype)
-        del g_probs, probs
-        put_row_grad(lo, hi, g_rows if temperature == 1.0 else g_rows.div_(temperature))
-        grad_cont[lo:hi] = g_cont
-    return grad_cont
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
