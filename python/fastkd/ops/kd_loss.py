@@ -19,6 +19,7 @@ from ._op_args import register_named_fake
 from ._checks import check_kd_options, check_labels, check_logits
 from ._fused_rows import (
     grad_buffer,
+    may_skip_dispatcher,
     mean_grad_scale,
     pick_backend,
     reduce_rows,
@@ -242,22 +243,27 @@ def kd_loss(
             n_rows, device, labels, ignore_index, reduction, num_items_in_batch
         ),
     )
-    rows, _ = kd_loss_fused(
-        student_logits,
-        teacher_logits.detach(),
-        labels,
-        cfg.divergence,
-        cfg.temperature,
-        cfg.softcap,
-        cfg.soft_weight,
-        cfg.hard_weight,
-        cfg.ignore_index,
-        cfg.log_wp,
-        cfg.log_wq,
-        cfg.coef,
-        cfg.grad_scale,
-        name,
-        torch.is_grad_enabled() and student_logits.requires_grad,
-    )
+    teacher = teacher_logits.detach()
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if not need_grad and may_skip_dispatcher(student_logits, teacher, labels):
+        rows, _ = launch_kd_rows(student_logits, teacher, labels, cfg, name, need_grad)
+    else:
+        rows, _ = kd_loss_fused(
+            student_logits,
+            teacher,
+            labels,
+            cfg.divergence,
+            cfg.temperature,
+            cfg.softcap,
+            cfg.soft_weight,
+            cfg.hard_weight,
+            cfg.ignore_index,
+            cfg.log_wp,
+            cfg.log_wq,
+            cfg.coef,
+            cfg.grad_scale,
+            name,
+            need_grad,
+        )
     valid = None if labels is None else labels != ignore_index
     return reduce_rows(rows, valid, reduction, num_items_in_batch)
