@@ -1,5 +1,6 @@
-// What the bindings files of the op families share: pointer and dtype-code conversion, and the
-// registration through which PYBIND11_MODULE in bindings.cpp binds each family once.
+// What the bindings files of the op families share: pointer and dtype-code conversion
+// (common/checked_args.h), and the registration through which PYBIND11_MODULE in bindings.cpp binds
+// each family once.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -8,18 +9,9 @@
 #include <stdexcept>
 #include <string>
 
-#include "common/dtype.h"
+#include "common/checked_args.h"
 
 namespace fastkd {
-
-// A data pointer passed from Python as an integer (tensor.data_ptr()); 0 is nullptr.
-template <typename T> T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
-// Raises std::invalid_argument (ValueError in Python) unless `code` is a DType code.
-inline void check_dtype_code(int code) {
-  if (code < kFloat32 || code > kFloat16)
-    throw std::invalid_argument("unknown dtype code " + std::to_string(code));
-}
 
 // Adds one op family's functions and classes to the module.
 using BindFamily = void (*)(pybind11::module_& m);

@@ -32,35 +32,6 @@ constexpr const char* kDoc =
     "with weights (count / N, importance-weighted towards softmax(z) when T != 1); "
     "invalid[r] = 1 marks rows with NaN or +inf logits.";
 
-// The checked arguments of a sampler call as SampleTeacherArgs.
-SampleTeacherArgs make_args(uintptr_t logits, int dtype, int64_t outer_stride, int64_t inner_stride,
-                            int64_t inner_rows, int64_t n_rows, int64_t vocab, float temperature,
-                            int slots, uint64_t seed, int64_t token_offset, uintptr_t ids,
-                            uintptr_t weights, uintptr_t logprobs, uintptr_t invalid) {
-  check_dtype_code(dtype);
-  if (inner_rows < 1 || n_rows < 0 || vocab < 1 || slots < 1 || !(temperature > 0))
-    throw std::invalid_argument(
-        "bad arguments: inner_rows=" + std::to_string(inner_rows) +
-        " n_rows=" + std::to_string(n_rows) + " vocab=" + std::to_string(vocab) +
-        " slots=" + std::to_string(slots) + " temperature=" + std::to_string(temperature));
-  SampleTeacherArgs a{};
-  a.logits = reinterpret_cast<const void*>(logits);
-  a.dtype = dtype;
-  a.layout = {outer_stride, inner_stride};
-  a.inner_rows = inner_rows;
-  a.n_rows = n_rows;
-  a.vocab = vocab;
-  a.inv_temperature = 1.0f / temperature;
-  a.num_samples = slots;
-  a.seed = seed;
-  a.token_offset = token_offset;
-  a.ids = reinterpret_cast<int32_t*>(ids);
-  a.weights = reinterpret_cast<float*>(weights);
-  a.logprobs = reinterpret_cast<float*>(logprobs);
-  a.invalid = reinterpret_cast<uint8_t*>(invalid);
-  return a;
-}
-
 // Defines `name` with the Python arguments shared by the CPU and CUDA kernels, followed by one
 // more, `last` (of type Last: the CPU's thread count, the CUDA stream); the arguments are checked
 // and gathered into SampleTeacherArgs, then run(args, last) launches.
@@ -73,9 +44,9 @@ void def_sample_teacher(py::module_& m, const char* name, const char* last, Run 
             int64_t inner_rows, int64_t n_rows, int64_t vocab, float temperature, int num_samples,
             uint64_t seed, int64_t token_offset, uintptr_t ids, uintptr_t weights,
             uintptr_t logprobs, uintptr_t invalid, Last last_value) {
-        run(make_args(logits, dtype, outer_stride, inner_stride, inner_rows, n_rows, vocab,
-                      temperature, num_samples, seed, token_offset, ids, weights, logprobs,
-                      invalid),
+        run(make_sample_teacher_args(logits, dtype, outer_stride, inner_stride, inner_rows, n_rows,
+                                     vocab, temperature, num_samples, seed, token_offset, ids,
+                                     weights, logprobs, invalid),
             last_value);
       },
       py::arg("logits"), py::arg("dtype"), py::arg("outer_stride"), py::arg("inner_stride"),
@@ -104,9 +75,9 @@ void bind_sample_teacher(py::module_& m) {
         if (k > vocab)
           throw std::invalid_argument("k=" + std::to_string(k) +
                                       " exceeds vocab=" + std::to_string(vocab));
-        const SampleTeacherArgs a =
-            make_args(logits, dtype, outer_stride, inner_stride, inner_rows, n_rows, vocab, 1.0f, k,
-                      seed, token_offset, ids, weights, logprobs, invalid);
+        const SampleTeacherArgs a = make_sample_teacher_args(
+            logits, dtype, outer_stride, inner_stride, inner_rows, n_rows, vocab, 1.0f, k, seed,
+            token_offset, ids, weights, logprobs, invalid);
         py::gil_scoped_release release;
         cpu::priority_sample(a, num_threads);
       },

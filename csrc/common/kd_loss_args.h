@@ -3,7 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
+#include "checked_args.h"
 #include "kd_math.h"
 
 namespace fastkd {
@@ -38,5 +41,46 @@ struct KdLossArgs {
   float* loss;            // [n_rows] per-row loss, 0 at ignored rows
   KdRowConfig config;
 };
+
+inline KdLossArgs make_kd_loss_args(
+    uintptr_t student, int student_dtype, int64_t s_outer, int64_t s_inner, uintptr_t teacher,
+    int teacher_dtype, int64_t t_outer, int64_t t_inner, int64_t inner_rows, int64_t n_rows,
+    int64_t vocab, int64_t grad_vocab, uintptr_t labels, uintptr_t grad, uintptr_t loss,
+    int divergence, float temperature, float softcap, float soft_weight, float hard_weight,
+    float grad_scale, int64_t ignore_index, float log_wp, float log_wq, float w_p, float w_q) {
+  if (!is_divergence_code(divergence))
+    throw std::invalid_argument("unknown divergence code " + std::to_string(divergence));
+  check_dtype_code(student_dtype);
+  check_dtype_code(teacher_dtype);
+  if (inner_rows < 1 || n_rows < 0 || vocab < 1 || grad_vocab < vocab)
+    throw std::invalid_argument("bad sizes: inner_rows=" + std::to_string(inner_rows) + " n_rows=" +
+                                std::to_string(n_rows) + " vocab=" + std::to_string(vocab) +
+                                " grad_vocab=" + std::to_string(grad_vocab));
+  KdLossArgs a{};
+  a.student = as_ptr<const void>(student);
+  a.teacher = as_ptr<const void>(teacher);
+  a.student_dtype = student_dtype;
+  a.teacher_dtype = teacher_dtype;
+  a.student_layout = {s_outer, s_inner};
+  a.teacher_layout = {t_outer, t_inner};
+  a.inner_rows = inner_rows;
+  a.n_rows = n_rows;
+  a.vocab = vocab;
+  a.grad_vocab = grad_vocab;
+  a.labels = as_ptr<const int64_t>(labels);
+  a.grad = as_ptr<void>(grad);
+  a.loss = as_ptr<float>(loss);
+  a.config.divergence = divergence;
+  a.config.temperature = temperature;
+  a.config.inv_temperature = 1.0f / temperature;
+  a.config.softcap = softcap;
+  a.config.soft_weight = soft_weight;
+  a.config.soft_grad_scale = grad_scale * (soft_weight / temperature);
+  a.config.hard_weight = hard_weight;
+  a.config.hard_grad_weight = grad_scale * hard_weight;
+  a.config.ignore_index = ignore_index;
+  a.config.coefs = {log_wp, log_wq, w_p, w_q};
+  return a;
+}
 
 }  // namespace fastkd

@@ -1,12 +1,14 @@
 // Arguments of the row kernels of the chunked lm_head ops fused_linear_logprobs and
 // fused_linear_topk, shared by their CPU and CUDA launchers, and the checked constructors that the
-// pybind11 bindings and the CPU execution of the CUDA kernels (tools/cuda_on_cpu) both call.
-// No pybind11 or CUDA headers: a bad argument throws std::invalid_argument (ValueError in Python).
+// pybind11 bindings and the CPU execution of the CUDA kernels (tools/cuda_on_cpu) both call
+// (see checked_args.h).
 #pragma once
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+
+#include "checked_args.h"
 
 namespace fastkd {
 
@@ -39,8 +41,6 @@ struct TopkRowsArgs {
   float inv_temperature;
 };
 
-template <typename T> T* row_args_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
 inline LogprobRowsArgs make_logprob_rows_args(uintptr_t logits, int64_t row_stride, int64_t n_rows,
                                               int64_t vocab, uintptr_t targets, uintptr_t row_grads,
                                               uintptr_t logprob, uintptr_t lse, uintptr_t entropy,
@@ -55,15 +55,15 @@ inline LogprobRowsArgs make_logprob_rows_args(uintptr_t logits, int64_t row_stri
   if (n_rows > 0 && (!logits || !targets || !logprob || !lse))
     throw std::invalid_argument("logits, targets, logprob and lse must be given");
   LogprobRowsArgs a{};
-  a.logits = row_args_ptr<float>(logits);
+  a.logits = as_ptr<float>(logits);
   a.row_stride = row_stride;
   a.n_rows = n_rows;
   a.vocab = vocab;
-  a.targets = row_args_ptr<const int64_t>(targets);
-  a.row_grads = row_args_ptr<const float>(row_grads);
-  a.logprob = row_args_ptr<float>(logprob);
-  a.lse = row_args_ptr<float>(lse);
-  a.entropy = row_args_ptr<float>(entropy);
+  a.targets = as_ptr<const int64_t>(targets);
+  a.row_grads = as_ptr<const float>(row_grads);
+  a.logprob = as_ptr<float>(logprob);
+  a.lse = as_ptr<float>(lse);
+  a.entropy = as_ptr<float>(entropy);
   a.inv_temperature = 1.0f / temperature;
   a.grad_scale = grad_scale;
   a.ignore_index = ignore_index;
@@ -82,15 +82,15 @@ inline TopkRowsArgs make_topk_rows_args(uintptr_t logits, int64_t row_stride, in
   if (n_rows > 0 && (!logits || !ids || !logprobs || !log_tail || !lse))
     throw std::invalid_argument("logits, ids, logprobs, log_tail and lse must be given");
   TopkRowsArgs a{};
-  a.logits = row_args_ptr<const float>(logits);
+  a.logits = as_ptr<const float>(logits);
   a.row_stride = row_stride;
   a.n_rows = n_rows;
   a.vocab = vocab;
   a.k = k;
-  a.ids = row_args_ptr<int64_t>(ids);
-  a.logprobs = row_args_ptr<float>(logprobs);
-  a.log_tail = row_args_ptr<float>(log_tail);
-  a.lse = row_args_ptr<float>(lse);
+  a.ids = as_ptr<int64_t>(ids);
+  a.logprobs = as_ptr<float>(logprobs);
+  a.log_tail = as_ptr<float>(log_tail);
+  a.lse = as_ptr<float>(lse);
   a.inv_temperature = 1.0f / temperature;
   return a;
 }
