@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import fcntl
 import hashlib
 import os
 import re
@@ -231,6 +232,17 @@ def build(out: Path | None = None, *, jobs: int | None = None, cxx: str | None =
     library = work / LIBRARY_NAME
     if library.exists():
         return library
+    work.mkdir(parents=True, exist_ok=True)
+    # Test processes running side by side (pytest -n) build into the same directory: one builds,
+    # the others wait for its library.
+    with open(work / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not library.exists():
+            _compile(cxx, files, tus, flags, work, library, jobs)
+    return library
+
+
+def _compile(cxx, files, tus, flags, work: Path, library: Path, jobs: int | None) -> None:
     src = work / "src"
     for rel, text in files.items():
         path = src / rel
@@ -252,7 +264,6 @@ def build(out: Path | None = None, *, jobs: int | None = None, cxx: str | None =
     tmp = work / (LIBRARY_NAME + ".tmp")
     _run([cxx, "-shared", "-pthread", "-o", str(tmp), *objects, "-ldl"], work)
     tmp.replace(library)
-    return library
 
 
 def main(argv: list[str] | None = None) -> int:
