@@ -1,6 +1,7 @@
 """pytest's hooks and fixtures: Triton runs under its CPU interpreter when no GPU is present (which
 must be decided before anything imports triton), each worker of ``pytest -n`` takes its share of
-torch's threads, GPU tests skip without one, and the trainer tests' tiny setup. What the tests share otherwise lives in helpers.py."""
+torch's threads, GPU tests skip without one, and the trainer tests' tiny setup. What the tests
+share otherwise lives in helpers.py."""
 
 import os
 
