@@ -9,19 +9,19 @@ Tokens are processed in chunks of C rows. Per chunk:
     grad_W      += s * g^T x                 [V, H]     grad_b += s * sum_rows g
 
 This module holds what does not depend on the row kernel: chunk sizing from a memory budget, the
-GEMM helpers (fp32 logits from any head dtype), the chunk loop, the autograd of an op built on it,
-autocast, and the checks of a head and of the chunking options.
+GEMM helpers (fp32 logits from any head dtype), the chunk loop, its ops' fake outputs, and
+autocast. The autograd of an op built on it is in ``_chunked_autograd`` and the checks of a head
+and of the chunking options in ``_lm_head_checks``; their names are importable from here too.
 """
 
 from __future__ import annotations
 
 import functools
-import numbers
 
 import torch
 
-from ._checks import KERNEL_FLOAT_MAX, KERNEL_FLOAT_MIN
-from ._op_args import OpArgs
+from ._chunked_autograd import register_chunked_autograd, register_recompute_autograd
+from ._lm_head_checks import check_chunking, check_head, check_scale, check_tensor
 
 __all__ = [
     "autocast_operands",
@@ -75,93 +75,6 @@ def resolve_chunk_size(
     rows = -(-n_rows // n_chunks)
     aligned = -(-rows // _CHUNK_ALIGN) * _CHUNK_ALIGN  # GEMM-friendly row counts
     return aligned if aligned <= max_rows else rows
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
-
-
-def check_tensor(name: str, t, *, dim: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if _is_dtensor(t):
-        raise TypeError(
-            f"{name} is a DTensor (placements {tuple(t.placements)}); the fused lm_head ops need "
-            f"the full tensor on every rank. Call it inside the FSDP-wrapped module's forward "
-            f"(FSDP2's fully_shard unshards parameters there; FSDP1: under "
-            f"FSDP.summon_full_params), or pass {name}.full_tensor()"
-        )
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be floating point; got dtype {t.dtype}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{name} must have {dim} dimension(s); got shape {tuple(t.shape)}")
-
-
-def check_head(prefix: str, hidden, weight, bias) -> None:
-    """hidden ``[..., H]``, weight ``[V, H]``, bias ``[V]`` or None, on one device; the
-    messages name them ``<prefix>_hidden`` etc. (``hidden`` etc. for an empty prefix)."""
-    prefix = f"{prefix}_" if prefix else ""
-    check_tensor(f"{prefix}hidden", hidden)
-    check_tensor(f"{prefix}weight", weight, dim=2)
-    if hidden.dim() < 1:
-        raise ValueError(f"{prefix}hidden must have shape [..., H]; got a scalar")
-    if weight.shape[0] < 1:
-        raise ValueError(
-            f"{prefix}weight must have shape [V, H] with V >= 1; got {tuple(weight.shape)}"
-        )
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{prefix}hidden [..., H] and {prefix}weight [V, H] must agree on H; "
-            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if bias is not None:
-        check_tensor(f"{prefix}bias", bias, dim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"{prefix}bias must have shape [V] = [{weight.shape[0]}] like "
-                f"{prefix}weight's rows; got {tuple(bias.shape)}"
-            )
-    for name, t in ((f"{prefix}weight", weight), (f"{prefix}bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but {prefix}hidden on {hidden.device}")
-        if t is not None and t.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name} and {prefix}hidden must have one dtype (as F.linear "
-                f"needs); got {t.dtype} and {hidden.dtype}"
-            )
-
-
-def check_scale(name: str, value) -> None:
-    # The scale enters the row kernels' float32 gradient weight: its magnitude must survive the
-    # cast as the other kernel floats do (_checks.check_kernel_float).
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or not KERNEL_FLOAT_MIN <= abs(float(value)) <= KERNEL_FLOAT_MAX
-    ):
-        raise ValueError(
-            f"{name} must be a nonzero number of magnitude in [2**-126, 2**126] "
-            f"(the kernels take it as a float32); got {value!r}"
-        )
-
-
-def check_chunking(chunk_size, memory_budget, accum_dtype) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
-    if memory_budget is not None and (
-        not isinstance(memory_budget, numbers.Integral) or memory_budget < 1
-    ):
-        raise ValueError(
-            f"memory_budget must be None or a number of bytes >= 1; got {memory_budget!r}"
-        )
-    if accum_dtype not in (None, torch.float32):
-        raise ValueError(
-            f"accum_dtype must be None (the weight's dtype) or torch.float32; got {accum_dtype!r}"
-        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -298,133 +211,6 @@ def fake_outputs(a):
         torch.empty_like(a.weight) if a.need_weight else a.weight.new_empty(0),
         torch.empty_like(a.bias) if a.need_bias else a.weight.new_empty(0),
     )
-
-
-def _scale_in_place(grads, factor: torch.Tensor, unit: float):
-    """``grads * factor / unit``; in place in eager mode, skipped on CPU where that is 1."""
-    if torch.compiler.is_compiling() or any(type(g) is not torch.Tensor for g in grads):
-        return [g * (factor / unit) for g in grads]
-    # unit is compared as the incoming gradient's float32 would carry it (e.g. 1/#tokens).
-    unit_as_factor = float(torch.tensor(unit, dtype=factor.dtype))
-    if factor.device.type == "cpu" and float(factor) == unit_as_factor:
-        scaled = grads
-    else:
-        scaled = [g.mul_(factor / unit) for g in grads]
-    # Bump the versions even where nothing changed, so that a second backward through the
-    # same graph raises instead of scaling twice.
-    for g in scaled:
-        torch.autograd.graph.increment_version(g)
-    return scaled
-
-
-# The arguments every chunked op has: the operands that get gradients first, the flags saying
-# which gradients to compute last (the backward sets them to what autograd needs).
-_OPERANDS = ("hidden", "weight", "bias")
-_NEED_FLAGS = ("need_hidden", "need_weight", "need_bias")
-
-
-def _chunked_op_args(op) -> OpArgs:
-    """``OpArgs(op)``, checked to start with ``_OPERANDS`` and end with ``_NEED_FLAGS``."""
-    args = OpArgs(op)
-    if args.names[:3] != _OPERANDS or args.names[-3:] != _NEED_FLAGS:
-        raise ValueError(
-            f"{args.op_name}: a chunked op's arguments must start with {_OPERANDS} and end with "
-            f"{_NEED_FLAGS}; got {list(args.names)}"
-        )
-    return args
-
-
-def register_chunked_autograd(
-    op, *, row_scale: str = "row_scale", grad_scale: str = "grad_scale", reduce: str = "reduce"
-):
-    """Autograd of a chunked op whose first three arguments are (hidden, weight, bias), whose
-    last three are the need_hidden/need_weight/need_bias flags, and whose outputs are (loss,
-    grad_hidden, grad_weight, grad_bias); the other arguments are named by ``row_scale``,
-    ``grad_scale`` and ``reduce``. Reduced losses: the backward scales the gradients made in
-    the forward. reduction="none": it reruns the op with each row's gradient weighted by its
-    incoming gradient (the ``row_scale`` argument)."""
-    args = _chunked_op_args(op)
-    row_scale_arg, grad_scale_arg = args.index(row_scale), args.index(grad_scale)
-    reduce_arg = args.index(reduce)
-    n_args = len(args)
-    no_grads = (None,) * (n_args - 3)
-
-    def setup_context(ctx, inputs, output):
-        ctx.reduce = inputs[reduce_arg]
-        ctx.grad_scale = inputs[grad_scale_arg]
-        grads = output[1:]
-        # No gradient flows into the gradient outputs (this also spares autograd materializing
-        # zero tensors as their incoming gradients).
-        ctx.mark_non_differentiable(*grads)
-        ctx.set_materialize_grads(False)
-        if ctx.reduce:
-            ctx.save_for_backward(*grads)
-        else:
-            is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
-            ctx.inputs = [None if tensor else t for t, tensor in zip(inputs, is_tensor)]
-            ctx.tensor_positions = [i for i, tensor in enumerate(is_tensor) if tensor]
-            ctx.save_for_backward(*(t for t, tensor in zip(inputs, is_tensor) if tensor))
-
-    def backward(ctx, grad_loss, *unused):
-        needs = ctx.needs_input_grad[:3]
-        if grad_loss is None or not any(needs):
-            return (None, None, None, *no_grads)
-        if ctx.reduce:
-            present = [g for g, need in zip(ctx.saved_tensors, needs) if need]
-            scaled = iter(_scale_in_place(present, grad_loss.to(torch.float32), ctx.grad_scale))
-            return (*(next(scaled) if need else None for need in needs), *no_grads)
-        inputs = list(ctx.inputs)
-        for position, t in zip(ctx.tensor_positions, ctx.saved_tensors):
-            inputs[position] = t
-        inputs[row_scale_arg] = grad_loss.to(torch.float32).contiguous()
-        inputs[n_args - 3 :] = needs
-        _, *grads = op(*inputs)
-        return (*(g if need else None for g, need in zip(grads, needs)), *no_grads)
-
-    op.register_autograd(backward, setup_context=setup_context)
-
-
-def register_recompute_autograd(op, *, n_row_outputs: int, row_grads: str = "row_grads"):
-    """Autograd of a chunked op with per-row outputs: its first three arguments are (hidden,
-    weight, bias), its last three the need_hidden/need_weight/need_bias flags, and its outputs
-    ``n_row_outputs`` per-row tensors ``[N]`` (an empty one for an output not computed)
-    followed by (grad_hidden, grad_weight, grad_bias). The forward computes the outputs only;
-    the backward runs the op again with the outputs' incoming gradients stacked as a
-    ``[N, n_row_outputs]`` fp32 input, the argument named ``row_grads`` (zeros for outputs with
-    none)."""
-    args = _chunked_op_args(op)
-    row_grads_arg = args.index(row_grads)
-    n_args = len(args)
-    no_grads = (None,) * (n_args - 3)
-
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[n_row_outputs:])
-        ctx.set_materialize_grads(False)
-        is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
-        ctx.inputs = [None if tensor else t for t, tensor in zip(inputs, is_tensor)]
-        ctx.tensor_positions = [i for i, tensor in enumerate(is_tensor) if tensor]
-        ctx.save_for_backward(*(t for t, tensor in zip(inputs, is_tensor) if tensor))
-
-    def backward(ctx, *grad_outputs):
-        needs = ctx.needs_input_grad[:3]
-        incoming = [
-            g if g is not None and g.numel() else None for g in grad_outputs[:n_row_outputs]
-        ]
-        if not any(needs) or all(g is None for g in incoming):
-            return (None, None, None, *no_grads)
-        inputs = list(ctx.inputs)
-        for position, t in zip(ctx.tensor_positions, ctx.saved_tensors):
-            inputs[position] = t
-        n_rows = inputs[0].shape[0]
-        zeros = inputs[0].new_zeros(n_rows, dtype=torch.float32)
-        inputs[row_grads_arg] = torch.stack(
-            [zeros if g is None else g.to(torch.float32) for g in incoming], 1
-        ).contiguous()
-        inputs[n_args - 3 :] = needs
-        grads = op(*inputs)[n_row_outputs:]
-        return (*(g if need else None for g, need in zip(grads, needs)), *no_grads)
-
-    op.register_autograd(backward, setup_context=setup_context)
 
 
 def autocast_operands(tensors, device_type: str):

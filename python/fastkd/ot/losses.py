@@ -15,18 +15,28 @@ normalization rounds of K = exp(-C / eps), differentiated through by autograd. M
 (ignored labels, padding) carry zero weight, so no host synchronization is needed to drop them;
 their inputs are replaced by zeros before any arithmetic, so garbage (NaN) there never leaks.
 The plain-PyTorch statement of both losses is ``reference/ot_losses.py``.
+
+This module holds the two losses and the L1 cost; the fixed-round procedure of ``parity=True``
+is in ``fixed_rounds``, the checks, masks and weights of their inputs in ``loss_inputs``.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
 from ..ops._checks import REDUCTIONS, check_labels, check_logits
-from .features import COSTS, pairwise_cost
-from .sinkhorn_loss import VALUES, sinkhorn_loss
+from .features import pairwise_cost
+from .fixed_rounds import _fixed_rounds_value
+from .loss_inputs import (
+    _apply_mask,
+    _check_common,
+    _check_positive,
+    _compute_dtype,
+    _uniform_weights,
+)
+from .sinkhorn_loss import sinkhorn_loss
 
 __all__ = ["l1_cost", "sequence_ot_loss", "sinkd_loss"]
 
@@ -101,72 +111,6 @@ def l1_cost(x: torch.Tensor, y: torch.Tensor, *, tiled: bool | None = None) -> t
 
 def _cost(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return l1_cost(x, y) if kind == "l1" else pairwise_cost(kind, x, y)
-
-
-# ---- the published fixed-round procedure ------------------------------------------------------
-
-
-def _safe_normalize(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """t / t.sum(dim), with 0 where the whole sum is 0 (masked rows and columns; the published
-    code divides 0 by 0 there and returns NaN). Bitwise the plain division elsewhere."""
-    total = t.sum(dim, keepdim=True)
-    return t / torch.where(total > 0, total, 1.0)
-
-
-def _fixed_rounds_value(
-    cost: torch.Tensor, valid: torch.Tensor, eps: float, n_iters: int
-) -> torch.Tensor:
-    """SinKD's / MultiLevelOT's Sinkhorn for cost ``[B, n, m]`` restricted to ``valid``:
-    P = exp(-C / eps), then ``n_iters`` rounds of (divide every row by its sum, then every
-    column by its sum); the value is sum_ij P_ij C_ij. Un-stabilized (a row whose entries all
-    underflow contributes 0) and differentiated through by autograd, as published. Every
-    column of P sums to 1 after a round, so the plan's mass is the number of valid columns,
-    not 1. Returns ``[B]``."""
-    plan = torch.where(valid, torch.exp(-cost / eps), 0.0)
-    for _ in range(n_iters):
-        plan = _safe_normalize(plan, 2)
-        plan = _safe_normalize(plan, 1)
-    return (plan * cost).sum((1, 2))
-
-
-# ---- input checks ---------------------------------------------------------------------------
-
-
-def _check_positive(name: str, value) -> None:
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or not (0 < float(value) < math.inf)
-    ):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-
-
-def _check_common(*, eps, cost, parity, n_iters, value) -> None:
-    _check_positive("eps", eps)
-    if cost not in COSTS:
-        raise ValueError(f"unknown cost {cost!r}; choose from {COSTS}")
-    if value not in VALUES:
-        raise ValueError(f"value must be one of {VALUES}; got {value!r}")
-    if not isinstance(n_iters, numbers.Integral) or isinstance(n_iters, bool) or n_iters < 1:
-        raise ValueError(f"n_iters must be an int >= 1; got {n_iters!r}")
-    if parity and value != "transport":
-        raise ValueError(
-            f"parity=True reproduces the published value <P, C>; value={value!r} "
-            f"has no published counterpart (use value='transport')"
-        )
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _uniform_weights(valid: torch.Tensor, count: torch.Tensor, dtype) -> torch.Tensor:
-    """[B, n] weights 1/count on the valid points, 0 elsewhere; a problem without valid points
-    gets uniform dummy weights (its value is zeroed by the caller), since an all-zero marginal
-    has no plan."""
-    n = valid.shape[1]
-    w = torch.where(valid, 1.0 / count.clamp_min(1).to(dtype)[:, None], 0.0)
-    return torch.where((count > 0)[:, None], w, 1.0 / max(n, 1)).to(dtype)
 
 
 # ---- SinKD ----------------------------------------------------------------------------------
@@ -291,26 +235,6 @@ def sinkd_loss(
 
 
 # ---- sequence-level OT ----------------------------------------------------------------------
-
-
-def _apply_mask(name: str, mask, x: torch.Tensor):
-    """(x with the vectors at masked positions zeroed, mask [B, T] bool); (x, None) without a
-    mask. ``mask`` is bool or numbers, nonzero = valid."""
-    if mask is None:
-        return x, None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None; got {type(mask).__name__}")
-    shape = tuple(x.shape[:2])
-    if tuple(mask.shape) != shape:
-        raise ValueError(
-            f"{name} must have shape {shape} (batch, positions); got {tuple(mask.shape)}"
-        )
-    if mask.device != x.device:
-        raise ValueError(f"{name} is on {mask.device} but its vectors on {x.device}")
-    mask = mask != 0
-    # Garbage at masked positions never enters the arithmetic; torch.where sends it an exact
-    # zero gradient.
-    return torch.where(mask[..., None], x, 0.0), mask
 
 
 def sequence_ot_loss(
