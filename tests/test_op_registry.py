@@ -511,3 +511,74 @@ def test_import_does_not_load_the_compiler():
     code = "import sys, fastkd; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _no_grad_cases():
+    def kd(s, t, labels, reduction):
+        hard_weight = 0.0 if labels is None else 0.2
+        return fastkd.kd_loss(
+            s, t, divergence="jsd", labels=labels, hard_weight=hard_weight, reduction=reduction
+        )
+
+    targets = fastkd.sample_teacher(make_logits((3, 5), 40, seed=1), num_samples=16, seed=3)
+
+    def sparse(s, t, labels, reduction):
+        return fastkd.sparse_kd_loss(s, targets, labels=labels, reduction=reduction)
+
+    def uld(s, t, labels, reduction):
+        return fastkd.uld_loss(s, t[..., :30], labels=labels, reduction=reduction)
+
+    return [
+        ("kd_loss", "kd_loss_fused", kd),
+        ("sparse_kd_loss", "sparse_kd_loss_fused", sparse),
+        ("uld_loss", "uld_loss_fused", uld),
+    ]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    "module,op,run", _no_grad_cases(), ids=lambda c: c if isinstance(c, str) else ""
+)
+def test_no_grad_calls_skip_the_custom_op_only_in_plain_eager_mode(
+    monkeypatch, module, op, run, reduction
+):
+    """Without autograd, plain eager calls of the loss ops run their kernel directly (the custom
+    op's Python layers cost more than the kernel at small sizes) and give the op's very bits;
+    under a FakeTensor or torch-function mode the call goes through the custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+
+    class PassThrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    op_module = importlib.import_module(f"fastkd.ops.{module}")  # fastkd.ops.<name> is the function
+    s, t = make_logits((3, 5), 40, seed=0), make_logits((3, 5), 40, seed=1)
+    labels = torch.tensor([[1, -100, 3, 4, 5]] * 3)
+    through_op = run(s.clone().requires_grad_(), t, labels, reduction).detach()
+    calls = []
+    real_op = getattr(op_module, op)
+    monkeypatch.setattr(op_module, op, lambda *a: calls.append(1) or real_op(*a))
+    with torch.no_grad():
+        direct = run(s, t, labels, reduction)
+    assert not calls and torch.equal(direct, through_op)
+    with PassThrough(), torch.no_grad():
+        run(s, t, labels, reduction)
+    assert len(calls) == 1
+    if module == "sparse_kd_loss":  # its targets' checks read values: no FakeTensorMode
+        return
+    with FakeTensorMode() as mode, torch.no_grad():
+        fake = run(mode.from_tensor(s), mode.from_tensor(t), None, reduction)
+    assert len(calls) == 2 and type(fake) is not torch.Tensor
+
+
+def test_kernels_refuse_fake_tensors():
+    """A launch on a FakeTensor raises instead of sending the kernel to address 0 (it segfaulted);
+    sample_teacher has no custom op, so it reaches the launch under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    logits = make_logits(3, 40)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(logits)
+        with pytest.raises(RuntimeError, match="fake tensor: it has no data"):
+            fastkd.sample_teacher(fake, num_samples=8, backend="cpu")

@@ -28,6 +28,7 @@ __all__ = [
     "grad_buffer",
     "mean_grad_scale",
     "pick_backend",
+    "call_fused",
     "may_skip_dispatcher",
     "reduce_rows",
     "reduce_total",
@@ -52,6 +53,14 @@ def may_skip_dispatcher(*tensors: torch.Tensor | None) -> bool:
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def call_fused(op, impl, args: tuple, *, need_grad: bool):
+    """``op(*args)``, or ``impl(*args)`` (the function ``op`` was made from) where the call wants
+    no gradient and ``may_skip_dispatcher`` allows it: the same kernel, the same outputs."""
+    if not need_grad and may_skip_dispatcher(*(a for a in args if isinstance(a, torch.Tensor))):
+        return impl(*args)
+    return op(*args)
 
 
 # ---- backend and scale ----------------------------------------------------------------------

@@ -22,6 +22,20 @@ from ._native import native
 __all__ = ["launch"]
 
 
+def _check_real(kernel: str, name: str, value: torch.Tensor) -> None:
+    """Raises where ``value`` is a FakeTensor (under FakeTensorMode or while torch.compile
+    traces): it reports a real device but has no memory, and its data pointer would send the
+    kernel to address 0."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(value):
+        raise RuntimeError(
+            f"fastkd's kernel {kernel} cannot run on {name}, a fake tensor: it has no data. Call "
+            f"it on real tensors (functions with a custom op, such as the losses, trace under "
+            f"FakeTensorMode and torch.compile through their fake kernels)"
+        )
+
+
 def launch(kernel: str, *, args: str | None = None, run: dict | None = None, **fields) -> None:
     """Calls ``fastkd._C.<kernel>`` with the tensors in ``fields`` passed as data pointers.
 
@@ -41,6 +55,8 @@ def launch(kernel: str, *, args: str | None = None, run: dict | None = None, **f
     # are. One loop without a call per field: a kd_loss launch has 26 of them.
     for name, value in fields.items():
         if isinstance(value, torch.Tensor):
+            if type(value) is not torch.Tensor:
+                _check_real(kernel, name, value)
             held.append(value)
             value = value.data_ptr() if value.numel() else 0
         elif value is None:

@@ -18,8 +18,8 @@ from ..reference.kd_loss import kd_loss_reference
 from ._op_args import register_named_fake
 from ._checks import check_kd_options, check_labels, check_logits
 from ._fused_rows import (
+    call_fused,
     grad_buffer,
-    may_skip_dispatcher,
     mean_grad_scale,
     pick_backend,
     reduce_rows,
@@ -84,8 +84,7 @@ def _check_inputs(
 # ---- the fused op ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastkd::kd_loss_fused", mutates_args=())
-def kd_loss_fused(
+def _kd_loss_rows(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: torch.Tensor | None,
@@ -118,6 +117,9 @@ def kd_loss_fused(
         grad_scale,
     )
     return launch_kd_rows(student, teacher, labels, cfg, backend, need_grad)
+
+
+kd_loss_fused = torch.library.custom_op("fastkd::kd_loss_fused", mutates_args=())(_kd_loss_rows)
 
 
 def _fake_kd_loss(a):
@@ -243,27 +245,24 @@ def kd_loss(
             n_rows, device, labels, ignore_index, reduction, num_items_in_batch
         ),
     )
-    teacher = teacher_logits.detach()
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    if not need_grad and may_skip_dispatcher(student_logits, teacher, labels):
-        rows, _ = launch_kd_rows(student_logits, teacher, labels, cfg, name, need_grad)
-    else:
-        rows, _ = kd_loss_fused(
-            student_logits,
-            teacher,
-            labels,
-            cfg.divergence,
-            cfg.temperature,
-            cfg.softcap,
-            cfg.soft_weight,
-            cfg.hard_weight,
-            cfg.ignore_index,
-            cfg.log_wp,
-            cfg.log_wq,
-            cfg.coef,
-            cfg.grad_scale,
-            name,
-            need_grad,
-        )
+    args = (
+        student_logits,
+        teacher_logits.detach(),
+        labels,
+        cfg.divergence,
+        cfg.temperature,
+        cfg.softcap,
+        cfg.soft_weight,
+        cfg.hard_weight,
+        cfg.ignore_index,
+        cfg.log_wp,
+        cfg.log_wq,
+        cfg.coef,
+        cfg.grad_scale,
+        name,
+        need_grad,
+    )
+    rows, _ = call_fused(kd_loss_fused, _kd_loss_rows, args, need_grad=need_grad)
     valid = None if labels is None else labels != ignore_index
     return reduce_rows(rows, valid, reduction, num_items_in_batch)

@@ -19,7 +19,13 @@ from ..reference.sparse_kd_loss import sparse_kd_loss_reference
 from ..sparse.targets import SparseTargets
 from ._op_args import register_named_fake
 from ._checks import check_labels, check_logits
-from ._fused_rows import grad_buffer, mean_grad_scale, reduce_rows, register_stored_grad_autograd
+from ._fused_rows import (
+    call_fused,
+    grad_buffer,
+    mean_grad_scale,
+    reduce_rows,
+    register_stored_grad_autograd,
+)
 from ._registry import accepts, resolve_backend
 from ._sparse_rows import (
     check_direction,
@@ -63,8 +69,7 @@ def _check_inputs(
 # ---- the fused op ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastkd::sparse_kd_loss_fused", mutates_args=())
-def sparse_kd_loss_fused(
+def _sparse_kd_loss_rows(
     student: torch.Tensor,
     ids: torch.Tensor,
     values: torch.Tensor,
@@ -100,6 +105,11 @@ def sparse_kd_loss_fused(
         need_grad=need_grad,
         logprobs=values if reverse else None,
     )
+
+
+sparse_kd_loss_fused = torch.library.custom_op("fastkd::sparse_kd_loss_fused", mutates_args=())(
+    _sparse_kd_loss_rows
+)
 
 
 def _fake_sparse_kd_loss(a):
@@ -244,7 +254,8 @@ def sparse_kd_loss(
         ids, values = keep_first_of_equal_ids(targets.ids, targets.logprobs.detach())
     else:
         ids, values = merge_duplicate_ids(targets.ids, targets.weights.detach())
-    rows, _ = sparse_kd_loss_fused(
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    args = (
         student_logits,
         ids,
         values,
@@ -258,7 +269,8 @@ def sparse_kd_loss(
         float(grad_scale),
         reverse,
         name,
-        torch.is_grad_enabled() and student_logits.requires_grad,
+        need_grad,
     )
+    rows, _ = call_fused(sparse_kd_loss_fused, _sparse_kd_loss_rows, args, need_grad=need_grad)
     valid = None if labels is None else labels != ignore_index
     return reduce_rows(rows, valid, reduction, num_items_in_batch)

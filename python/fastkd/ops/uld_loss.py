@@ -22,6 +22,7 @@ from ._launch import launch
 from ._native import DTYPE_CODES
 from ._registry import native_backend, reference_backend, register_op, triton_backend
 from ._fused_rows import (
+    call_fused,
     grad_buffer,
     mean_grad_scale,
     pick_backend,
@@ -161,8 +162,7 @@ def launch_uld_rows(
     return loss, grad
 
 
-@torch.library.custom_op("fastkd::uld_loss_fused", mutates_args=())
-def uld_loss_fused(
+def _uld_loss_rows(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: torch.Tensor | None,
@@ -187,6 +187,9 @@ def uld_loss_fused(
         backend=backend,
         need_grad=need_grad,
     )
+
+
+uld_loss_fused = torch.library.custom_op("fastkd::uld_loss_fused", mutates_args=())(_uld_loss_rows)
 
 
 def _fake_uld_loss(a):
@@ -290,7 +293,8 @@ def uld_loss(
         n_rows, device, labels, ignore_index, reduction, num_items_in_batch
     )
     t_teacher = temperature if teacher_temperature is None else teacher_temperature
-    rows, _ = uld_loss_fused(
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    args = (
         student_logits,
         teacher_logits.detach(),
         labels,
@@ -299,7 +303,8 @@ def uld_loss(
         int(ignore_index),
         float(grad_scale),
         name,
-        torch.is_grad_enabled() and student_logits.requires_grad,
+        need_grad,
     )
+    rows, _ = call_fused(uld_loss_fused, _uld_loss_rows, args, need_grad=need_grad)
     valid = None if labels is None else labels != ignore_index
     return reduce_rows(rows, valid, reduction, num_items_in_batch)
