@@ -544,12 +544,18 @@ def test_no_grad_calls_skip_the_custom_op_only_in_plain_eager_mode(
 ):
     """Without autograd, plain eager calls of the loss ops run their kernel directly (the custom
     op's Python layers cost more than the kernel at small sizes) and give the op's very bits;
-    under a FakeTensor or torch-function mode the call goes through the custom op."""
+    under a FakeTensor, torch-function or dispatch mode, and under torch.jit.trace, the call goes
+    through the custom op."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class PassThrough(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class DispatchPassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     op_module = importlib.import_module(f"fastkd.ops.{module}")  # fastkd.ops.<name> is the function
@@ -564,12 +570,17 @@ def test_no_grad_calls_skip_the_custom_op_only_in_plain_eager_mode(
     assert not calls and torch.equal(direct, through_op)
     with PassThrough(), torch.no_grad():
         run(s, t, labels, reduction)
-    assert len(calls) == 1
+    with DispatchPassThrough(), torch.no_grad():
+        run(s, t, labels, reduction)
+    with torch.no_grad():  # under tracing, sizes taken from shapes are tensors
+        traced = torch.jit.trace(lambda s, t: run(s, t, None, reduction), (s, t), check_trace=False)
+        torch.testing.assert_close(traced(s, t), run(s, t, None, reduction), rtol=0, atol=0)
+    assert len(calls) == 3
     if module == "sparse_kd_loss":  # its targets' checks read values: no FakeTensorMode
         return
     with FakeTensorMode() as mode, torch.no_grad():
         fake = run(mode.from_tensor(s), mode.from_tensor(t), None, reduction)
-    assert len(calls) == 2 and type(fake) is not torch.Tensor
+    assert len(calls) == 4 and type(fake) is not torch.Tensor
 
 
 def test_kernels_refuse_fake_tensors():

@@ -1,6 +1,6 @@
 """Every C++ CPU kernel gives the same bits whatever the thread count: rows are split among
 threads, never a row's sums. The tests run one thread per process under ``pytest -n``, so the
-split is exercised here explicitly (1 thread against 3, more than the rows of some calls)."""
+split is exercised here explicitly (1 thread against 3)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from helpers import make_labels, make_logits
 
 pytestmark = pytest.mark.skipif(native() is None, reason="needs the native CPU kernels")
 
-ROWS, VOCAB = 37, 1031
+# csrc/cpu/parallel.h gives a thread at least ceil(65536 / row length) rows (64 at V = 1031): 200
+# rows of every call below (one chunk of the lm_head ops at the default budget) reach 3 threads.
+ROWS, VOCAB = 200, 1031
+MIN_ELEMENTS_PER_THREAD = 65536
+assert ROWS >= 3 * -(-MIN_ELEMENTS_PER_THREAD // VOCAB)
 
 
 def _student():
@@ -62,7 +66,7 @@ def uld():
 def logprobs():
     hidden, weight = _head()
     out = fastkd.fused_linear_logprobs(
-        hidden, weight, make_labels(ROWS, VOCAB), with_entropy=True, chunk_size=16, backend="cpu"
+        hidden, weight, make_labels(ROWS, VOCAB), with_entropy=True, backend="cpu"
     )
     sum(o.sum() for o in out).backward()
     return (*out, hidden.grad)
@@ -71,7 +75,7 @@ def logprobs():
 def topk():
     hidden, weight = _head()
     targets, log_tail, lse = fastkd.fused_linear_topk(
-        hidden, weight, k=9, return_stats=True, chunk_size=16, backend="cpu"
+        hidden, weight, k=9, return_stats=True, backend="cpu"
     )
     return targets.ids, targets.logprobs, log_tail, lse
 

@@ -38,8 +38,12 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 256;  // 8 bits of the key per selection pass
 constexpr int64_t kMaxVocab = INT_MAX - kThreads;
 
-// a with NaN as -inf and -0 as +0: the value ranked, and stored for the kept columns.
-__device__ __forceinline__ float ranked_value(float a) { return a == a ? a + 0.0f : kNegInf; }
+// a with NaN as -inf and -0 as +0: the value ranked, and stored for the kept columns. __fadd_rn:
+// nvcc contracts z * (1 / T) + 0 into one FMA by default, which keeps the -0 of a product that
+// underflows.
+__device__ __forceinline__ float ranked_value(float a) {
+  return a == a ? __fadd_rn(a, 0.0f) : kNegInf;
+}
 
 // Unsigned order of the key = order of the float (sign-magnitude to offset binary).
 __device__ __forceinline__ uint32_t order_key(float v) {

@@ -42,11 +42,14 @@ __all__ = [
 
 def may_skip_dispatcher(*tensors: torch.Tensor | None) -> bool:
     """Whether an op whose outputs need no autograd may run its implementation directly instead
-    of through its custom op: in eager mode, on plain tensors (no FakeTensor, DTensor or other
-    subclass), with no dispatch or torch-function mode and no functorch transform (vmap, grad)
-    active. The dispatcher's Python layers cost about 40 % of a small call (kd_loss on 8 x 64
-    under no_grad); everything they would do for such a call is the implementation itself."""
+    of through its custom op: in eager mode (not compiling, not under torch.jit.trace), on plain
+    tensors (no FakeTensor, DTensor or other subclass), with no dispatch or torch-function mode
+    and no functorch transform (vmap, grad) active. The dispatcher's Python layers cost about 40 %
+    of a small call (kd_loss on 8 x 64 under no_grad); everything they would do for such a call
+    is the implementation itself."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch.jit.is_tracing():  # sizes taken from shapes are 0-dim tensors there, not ints
         return False
     if _get_current_dispatch_mode() is not None:
         return False
@@ -192,8 +195,10 @@ def reduce_total(
     if reduction == "sum":
         return total
     if num_items_in_batch is None:
-        if valid is None:  # a Python divisor: no tensor made and copied for it
+        if valid is None and total.device.type == "cpu":  # no tensor made for the divisor
             return total / max(n_rows, 1)
+        if valid is None:  # CUDA multiplies by the reciprocal of a Python divisor: a tensor
+            return total / torch.tensor(max(n_rows, 1), dtype=total.dtype, device=total.device)
         return total / valid.sum().clamp(min=1).to(total.dtype)
     if not isinstance(num_items_in_batch, torch.Tensor):
         return total / num_items_in_batch

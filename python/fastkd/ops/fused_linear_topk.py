@@ -188,10 +188,12 @@ def fused_linear_topk(
 ):
     """The k most probable ids per token under the lm_head's tempered softmax, their
     probabilities and the exact mass outside them, as ``tail="bucket"`` ``SparseTargets``:
-    ids in decreasing probability, the lower id first among equal ones.
+    ids in decreasing probability, the lower id first among equal ones (on every backend). Where
+    equal values straddle the k-th place, ``cpu`` and ``cuda`` keep the lowest of those ids,
+    ``torch`` the ones torch.topk picks.
 
     With a = logit_scale * (hidden @ weight.T + bias) / temperature per token: ids of the k
-    largest a_j in decreasing order, weights p_j = exp(a_j - lse(a)), logprobs a_j - lse(a), and
+    largest a_j, weights p_j = exp(a_j - lse(a)), logprobs a_j - lse(a), and
     ``tail_mass`` = exp(lse_rest - lse(a)), lse_rest the log-sum-exp of the columns outside the
     ids, summed in the same pass (not 1 - sum p_j, which is all rounding where the kept mass is
     within ~1e-7 of 1). Feed the result to :func:`fastkd.sparse_kd_loss` (or its fused-lm_head
@@ -238,6 +240,7 @@ def fused_linear_topk(
         ids, logprobs, log_tail, lse = fused_linear_topk_reference(
             hidden, weight, bias, k=k, temperature=temperature, logit_scale=logit_scale
         )
+        ids, logprobs = _order_slots(ids, logprobs)
     else:
         n_rows = lead.numel()
         if chunk_size is None:
