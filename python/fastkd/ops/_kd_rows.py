@@ -7,7 +7,7 @@ import torch
 
 from ._fused_rows import grad_buffer
 from ._kd_config import KdConfig
-from ._launch import launch
+from ._launch import launch_native
 from ._layout import row_layout
 from ._native import DTYPE_CODES
 from ._registry import native_backend, reference_backend, register_op, triton_backend
@@ -109,15 +109,5 @@ def launch_kd_rows(
         w_p=w_p,
         w_q=w_q,
     )
-    if backend == "cpu":
-        launch(
-            "kd_loss_forward_cpu",
-            args="KdLossArgs",
-            **fields,
-            run=dict(num_threads=torch.get_num_threads()),
-        )
-    else:
-        with torch.cuda.device(student.device):
-            stream = torch.cuda.current_stream(student.device).cuda_stream
-            launch("kd_loss_forward_cuda", args="KdLossArgs", **fields, run=dict(stream=stream))
+    launch_native("kd_loss", backend, student.device, args="KdLossArgs", **fields)
     return loss, grad

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from ._native import native
+from ._registry import backend_spec
 
-__all__ = ["launch"]
+__all__ = ["launch", "launch_native"]
 
 
 def _check_real(kernel: str, name: str, value: torch.Tensor) -> None:
@@ -70,3 +71,17 @@ def launch(kernel: str, *, args: str | None = None, run: dict | None = None, **f
     # `held` references every tensor whose pointer reached the kernel until this point, after it
     # returned.
     del held
+
+
+def launch_native(
+    op: str, backend: str, device: torch.device, *, args: str | None = None, **fields
+) -> None:
+    """``launch`` of the native kernel ``op`` registered for ``backend`` (its ``native_symbol``):
+    on CPU with torch's thread count, on CUDA on ``device``'s current stream."""
+    symbol = backend_spec(op, backend).native_symbol
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            launch(symbol, args=args, run=dict(stream=stream), **fields)
+    else:
+        launch(symbol, args=args, run=dict(num_threads=torch.get_num_threads()), **fields)

@@ -12,7 +12,7 @@ import torch
 
 from ..reference.sample_teacher import priority_sample_reference
 from ._layout import row_layout
-from ._launch import launch
+from ._launch import launch_native
 from ._native import DTYPE_CODES
 from ._registry import accepts, backend_spec, resolve_backend
 
@@ -118,23 +118,14 @@ def _sample_fused(
         fields = _kernel_fields(
             logits, ids, weights, logprobs, invalid, seed=seed, token_offset=token_offset
         )
-        if backend == "cuda":
-            with torch.cuda.device(logits.device):
-                launch(
-                    "sample_teacher_cuda",
-                    **fields,
-                    temperature=temperature,
-                    num_samples=num_samples,
-                    run=dict(stream=torch.cuda.current_stream(logits.device).cuda_stream),
-                )
-        else:
-            launch(
-                "sample_teacher_cpu",
-                **fields,
-                temperature=temperature,
-                num_samples=num_samples,
-                run=dict(num_threads=torch.get_num_threads()),
-            )
+        launch_native(
+            "sample_teacher",
+            backend,
+            logits.device,
+            **fields,
+            temperature=temperature,
+            num_samples=num_samples,
+        )
     _raise_on_invalid_rows(invalid, logits, temperature)
     return ids, weights, logprobs
 
@@ -158,13 +149,14 @@ def _priority_sample(
             )
         ids, weights, logprobs, invalid = _empty_targets(logits, k, return_logprobs)
         if invalid.numel():
-            launch(
-                "priority_sample_cpu",
+            launch_native(
+                "priority_sample",
+                name,
+                logits.device,
                 **_kernel_fields(
                     logits, ids, weights, logprobs, invalid, seed=seed, token_offset=token_offset
                 ),
                 k=k,
-                run=dict(num_threads=torch.get_num_threads()),
             )
     _raise_on_invalid_rows(invalid)
     return ids, weights, logprobs

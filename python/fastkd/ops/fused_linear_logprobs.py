@@ -35,7 +35,7 @@ from ._chunked_lm_head import (
     run_chunks,
 )
 from ._checks import check_kernel_float
-from ._launch import launch
+from ._launch import launch_native
 from ._registry import (
     backend_spec,
     native_backend,
@@ -59,8 +59,9 @@ register_op(
     auto={"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
 )
 
-# The torch row math holds about four fp32 [C, V] temporaries next to the chunk's logits.
-_TORCH_ROW_TEMPORARIES = 4
+# The torch row math holds three fp32 [C, V] temporaries (p, p log p, the gradient) next to the
+# chunk's logits, which it works on in place.
+_TORCH_ROW_TEMPORARIES = 3
 
 
 class TokenLogProbs(NamedTuple):
@@ -123,8 +124,10 @@ def _check_options(temperature, ignore_index, with_entropy) -> None:
 def _torch_rows(
     z, targets, row_grads, logprob, lse, entropy, *, temperature, ignore_index, grad_scale
 ):
-    """The row math in PyTorch on fp32 chunk logits ``z`` ``[C, V]`` (gradient over ``z``)."""
-    a = z / temperature
+    """The row math in PyTorch on fp32 chunk logits ``z`` ``[C, V]`` (overwritten: the gradient,
+    or scratch)."""
+    # In place, and at T = 1 no pass over the chunk for a division by 1.
+    a = z if temperature == 1.0 else z.div_(temperature)
     row_lse = torch.logsumexp(a, -1)
     ignored = targets == ignore_index
     index = torch.where(ignored, 0, targets)[:, None]
@@ -193,22 +196,7 @@ def _launch_rows(
         ignore_index=ignore_index,
         grad_scale=grad_scale,
     )
-    if backend == "cuda":
-        with torch.cuda.device(z.device):
-            stream = torch.cuda.current_stream(z.device).cuda_stream
-            launch(
-                "fused_linear_logprobs_cuda",
-                args="LogprobRowsArgs",
-                run=dict(stream=stream),
-                **fields,
-            )
-        return
-    launch(
-        "fused_linear_logprobs_cpu",
-        args="LogprobRowsArgs",
-        run=dict(num_threads=torch.get_num_threads()),
-        **fields,
-    )
+    launch_native("fused_linear_logprobs", backend, z.device, args="LogprobRowsArgs", **fields)
 
 
 # ---- the custom op -------------------------------------------------------------------------

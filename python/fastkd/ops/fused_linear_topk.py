@@ -29,7 +29,7 @@ from ._chunked_lm_head import (
     run_chunks,
 )
 from ._checks import check_kernel_float
-from ._launch import launch
+from ._launch import launch_native
 from ._registry import backend_spec, native_backend, reference_backend, register_op, resolve_backend
 
 __all__ = ["fused_linear_topk"]
@@ -58,7 +58,7 @@ def _check_k(k, vocab: int) -> None:
 
 def _torch_rows(z, ids, logprobs, log_tail, lse, *, k, temperature):
     """The row math in PyTorch on fp32 chunk logits ``z`` ``[C, V]``."""
-    a = z.div_(temperature)
+    a = z if temperature == 1.0 else z.div_(temperature)  # no pass dividing by 1
     row_lse = torch.logsumexp(a, -1)
     values, top = torch.topk(a, k, dim=-1)
     ids.copy_(top)
@@ -83,17 +83,7 @@ def _launch_rows(backend, z, ids, logprobs, log_tail, lse, *, k, temperature):
         lse=lse,
         temperature=temperature,
     )
-    if backend == "cuda":
-        with torch.cuda.device(z.device):
-            stream = torch.cuda.current_stream(z.device).cuda_stream
-            launch("fused_linear_topk_cuda", args="TopkRowsArgs", run=dict(stream=stream), **fields)
-        return
-    launch(
-        "fused_linear_topk_cpu",
-        args="TopkRowsArgs",
-        run=dict(num_threads=torch.get_num_threads()),
-        **fields,
-    )
+    launch_native("fused_linear_topk", backend, z.device, args="TopkRowsArgs", **fields)
 
 
 def _order_slots(ids, logprobs):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._launch import launch
+from ..ops._launch import launch_native
 from ..ops._native import DTYPE_CODES
 from ..ops._op_args import register_named_fake
 from ..ops._registry import (
@@ -161,16 +161,7 @@ def launch_sinkhorn(
             eps_final=eps_final,
             plan=plan,
         )
-        if backend == "cuda":
-            stream = torch.cuda.current_stream(device).cuda_stream
-            launch("sinkhorn_cuda", args="SinkhornArgs", **fields, run=dict(stream=stream))
-        else:
-            launch(
-                "sinkhorn_cpu",
-                args="SinkhornArgs",
-                **fields,
-                run=dict(num_threads=torch.get_num_threads()),
-            )
+        launch_native("sinkhorn", backend, device, args="SinkhornArgs", **fields)
     return f, g, iters, err, eps_final, transport, mass, plan if return_plan else f.new_empty(0)
 
 
